@@ -1,0 +1,65 @@
+# pgwarden: every target sets up what it needs itself (virtualenv, PostgreSQL binaries).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo serve test lint typecheck check bench bench-analysis bench-audit loadtest sysdeps clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
+	@$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+# PostgreSQL server, client tools, pgbench, PgBouncer and Redis: installed through apt when
+# we are root, otherwise we say exactly what is missing.
+sysdeps:
+	@missing=""; \
+	ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || command -v postgres >/dev/null || missing="$$missing postgresql"; \
+	command -v psql >/dev/null || missing="$$missing postgresql-client"; \
+	command -v pgbench >/dev/null || ls /usr/lib/postgresql/*/bin/pgbench >/dev/null 2>&1 || missing="$$missing postgresql-contrib"; \
+	command -v pgbouncer >/dev/null || test -x /usr/sbin/pgbouncer || missing="$$missing pgbouncer"; \
+	command -v redis-server >/dev/null || test -x /usr/bin/redis-server || missing="$$missing redis-server"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing system packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else \
+	    echo "missing system packages:$$missing"; \
+	    echo "install them with: sudo apt-get install$$missing"; exit 1; \
+	  fi; \
+	fi
+
+demo: $(STAMP) sysdeps
+	@$(BIN)/pgwarden demo
+
+serve: $(STAMP) sysdeps
+	@$(BIN)/pgwarden demo --serve
+
+test: $(STAMP) sysdeps
+	@$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	@$(BIN)/ruff check proxy policy audit loadtests tests
+	@$(BIN)/ruff format --check proxy policy audit loadtests tests
+
+typecheck: $(STAMP)
+	@$(BIN)/mypy
+
+check: lint typecheck test
+
+bench: $(STAMP) sysdeps
+	@$(BIN)/python -m loadtests.bench_proxy
+
+bench-analysis: $(STAMP)
+	@$(BIN)/python -m loadtests.bench_analysis
+
+bench-audit: $(STAMP)
+	@$(BIN)/python -m loadtests.bench_audit
+
+loadtest: $(STAMP) sysdeps
+	@$(BIN)/python -m loadtests.support_load
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
