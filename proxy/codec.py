@@ -22,8 +22,8 @@ import struct
 
 from proxy.messages import ClientProtocolError, ProtocolError, ServerProtocolError
 
-_HEADER = struct.Struct("!BI")  # type byte, length (which counts itself)
-_LEN = struct.Struct("!I")
+_HEADER = struct.Struct("!Bi")  # type byte, length (which counts itself)
+_LEN = struct.Struct("!i")
 
 # PostgreSQL itself refuses start-up packets over 10000 bytes (MAX_STARTUP_PACKET_LENGTH).
 MAX_STARTUP_PACKET = 10_000
