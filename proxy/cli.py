@@ -12,6 +12,7 @@ import click
 from audit.cli import audit_group
 from policy.cli import policy_group
 from proxy.config import ConfigError, ProxyConfig, load_config
+from proxy.demo import demo_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,6 +23,7 @@ def main() -> None:
 
 main.add_command(policy_group)
 main.add_command(audit_group)
+main.add_command(demo_command)
 
 
 def _overrides(**flags: Any) -> dict[str, Any]:

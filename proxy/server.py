@@ -18,6 +18,7 @@ import signal
 import socket
 import ssl
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, cast
 
 import structlog
@@ -42,6 +43,18 @@ def _client_ssl_context(config: ProxyConfig) -> ssl.SSLContext | None:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(str(tls.cert), str(tls.key))
     return ctx
+
+
+def _certificate_der(path: Path | None) -> bytes | None:
+    """The DER bytes of the first certificate in a PEM file (the one a client is shown)."""
+    if path is None:
+        return None
+    pem = path.read_text()
+    begin = pem.find("-----BEGIN CERTIFICATE-----")
+    end = pem.find("-----END CERTIFICATE-----", begin)
+    if begin < 0 or end < 0:
+        return None
+    return ssl.PEM_cert_to_DER_cert(pem[begin : end + len("-----END CERTIFICATE-----")])
 
 
 def _upstream_ssl_context(config: ProxyConfig) -> ssl.SSLContext | None:
@@ -74,6 +87,7 @@ class Proxy:
         """Take a new config; it applies to sessions that start from now on."""
         self.config = config
         self.client_ssl = _client_ssl_context(config)
+        self.client_cert_der = _certificate_der(config.client_tls.cert)
         self.upstream_ssl = _upstream_ssl_context(config)
         self.settings = SessionSettings(
             tls_available=self.client_ssl is not None,
@@ -325,8 +339,14 @@ class ClientConnection(asyncio.Protocol):
             return
         self.upstream = proto
         proto.negotiating = None
+        ssl_object = transport.get_extra_info("ssl_object")
+        same_cert = False
+        if ssl_object is not None and self.proxy.client_cert_der is not None:
+            same_cert = ssl_object.getpeercert(binary_form=True) == self.proxy.client_cert_der
         try:
-            commands = self.session.upstream_ready(startup)
+            commands = self.session.upstream_ready(
+                startup, tls=ssl_object is not None, same_certificate=same_cert
+            )
         except ProtocolError as exc:
             commands = self.session.protocol_error(exc)
         self.run(commands)

@@ -31,6 +31,7 @@ from proxy.messages import (
     GSSENCRequest,
     ParameterStatus,
     ProtocolError,
+    SASLInitialResponse,
     ServerProtocolError,
     SSLRequest,
     StartupMessage,
@@ -119,6 +120,9 @@ class Session:
     # One entry per client message that PostgreSQL will answer with ReadyForQuery.
     _cycles: deque[float] = field(default_factory=deque)
     _early_client_bytes: bytes = b""
+    _expect_sasl_initial: bool = False
+    upstream_tls: bool = False
+    channel_binding_passes: bool = False
     _server_sent_fatal: bool = False
 
     def __post_init__(self) -> None:
@@ -262,8 +266,16 @@ class Session:
             cmd.OpenUpstream(msg),
         ]
 
-    def upstream_ready(self, startup: StartupMessage) -> list[cmd.Command]:
-        """The upstream connection is open (and TLS set up as configured)."""
+    def upstream_ready(
+        self, startup: StartupMessage, *, tls: bool = False, same_certificate: bool = False
+    ) -> list[cmd.Command]:
+        """The upstream connection is open (and TLS set up as configured).
+
+        ``same_certificate`` says pgwarden showed the client the very certificate
+        PostgreSQL showed pgwarden, so SCRAM channel binding holds end to end.
+        """
+        self.upstream_tls = tls
+        self.channel_binding_passes = same_certificate
         self._set_phase(Phase.AUTH)
         out: list[cmd.Command] = [cmd.SendToServer(startup.encode())]
         if self._early_client_bytes:
@@ -280,8 +292,14 @@ class Session:
     def _auth_client(self, data: bytes) -> list[cmd.Command]:
         assert self._client_reader is not None
         raw, frames = self._client_reader.feed(data)
-        for t, _start, _end in frames:
-            # Password, SASL and GSS responses all travel as 'p'; pgwarden never reads them.
+        for t, start, end in frames:
+            # Password, SASL and GSS responses all travel as 'p'; pgwarden never reads them,
+            # except for the channel-binding flag at the very start of a SCRAM exchange.
+            if t == _p and self._expect_sasl_initial:
+                self._expect_sasl_initial = False
+                refusal = self._check_gs2_header(raw[start:end])
+                if refusal:
+                    return refusal
             if t == _X:
                 self.phase = Phase.CLOSED
                 return [cmd.SendToServer(raw), cmd.CloseServer(), cmd.CloseClient()]
@@ -349,9 +367,11 @@ class Session:
             if t == _R:
                 auth = Authentication.decode(body)
                 if auth.code == AUTH_SASL:
-                    whole, refusal = self._filter_sasl(auth)
-                    if refusal:
-                        return refusal
+                    self._expect_sasl_initial = True
+                    if not self.channel_binding_passes:
+                        whole, refusal = self._filter_sasl(auth)
+                        if refusal:
+                            return refusal
                 pieces.append(whole)
                 if auth.code == AUTH_OK:
                     out.append(cmd.Log("authenticated"))
@@ -413,6 +433,28 @@ class Session:
                 "which cannot work through a proxy that terminates TLS",
             )
         return Authentication.sasl(kept).encode(), []
+
+    def _check_gs2_header(self, body: bytes) -> list[cmd.Command]:
+        # A TLS client that is not offered -PLUS answers "y": "I can bind, I think you
+        # cannot".  PostgreSQL on a TLS connection *can*, so it must refuse that as a
+        # possible downgrade attack, with a message that blames the client.  Say what is
+        # really going on instead, and how to fix it.
+        if not (self.subject.tls and self.upstream_tls):
+            return []
+        try:
+            first = SASLInitialResponse.decode(body)
+        except ProtocolError:
+            return []
+        if first.data is None or not first.data.startswith(b"y,"):
+            return []
+        self.stats.refused_connections += 1
+        return self._close_with(
+            "28000",
+            "pgwarden: SCRAM channel binding cannot pass through pgwarden: it terminates "
+            "the client's TLS and opens its own TLS connection to PostgreSQL",
+            hint="connect with channel_binding=disable, or give pgwarden the same "
+            "certificate and key as the PostgreSQL server so channel binding holds end to end",
+        )
 
     def _parameter(self, name: str, value: str) -> None:
         self.server_params[name] = value

@@ -331,3 +331,44 @@ def test_idle_sessions_end_at_once_on_shutdown() -> None:
     (err,) = client_messages(to_client(out))
     assert isinstance(err, m.ErrorResponse) and err.sqlstate == "57P01"
     assert to_server(out) == m.Terminate().encode()
+
+
+def _sasl_session(
+    *, client_tls: bool, upstream_tls: bool, same_certificate: bool = False
+) -> tuple[Session, bytes]:
+    s = new_session(tls_available=True)
+    if client_tls:
+        s.client_data(m.SSLRequest().encode())
+        s.tls_established()
+    s.client_data(STARTUP.encode())
+    s.upstream_ready(STARTUP, tls=upstream_tls, same_certificate=same_certificate)
+    out = s.server_data(m.Authentication.sasl(("SCRAM-SHA-256-PLUS", "SCRAM-SHA-256")).encode())
+    return s, to_client(out)
+
+
+def test_scram_downgrade_flag_over_tls_both_ways_gets_an_explanation_not_a_riddle() -> None:
+    s, _ = _sasl_session(client_tls=True, upstream_tls=True)
+    first = m.SASLInitialResponse("SCRAM-SHA-256", b"y,,n=,r=abcdef").encode()
+    out = s.client_data(first)
+    assert to_server(out) == b""  # never reaches PostgreSQL, which would blame the client
+    (err,) = client_messages(to_client(out))
+    assert isinstance(err, m.ErrorResponse)
+    assert err.sqlstate == "28000"
+    assert "channel binding cannot pass through pgwarden" in err.message
+    assert "channel_binding=disable" in (err.get("H") or "")
+
+
+@pytest.mark.parametrize(("client_tls", "upstream_tls"), [(True, False), (False, True)])
+def test_scram_passes_when_only_one_side_uses_tls(client_tls: bool, upstream_tls: bool) -> None:
+    s, _ = _sasl_session(client_tls=client_tls, upstream_tls=upstream_tls)
+    first = m.SASLInitialResponse("SCRAM-SHA-256", b"y,,n=,r=abcdef").encode()
+    assert to_server(s.client_data(first)) == first
+
+
+def test_channel_binding_is_offered_when_pgwarden_shows_the_servers_own_certificate() -> None:
+    s, offered = _sasl_session(client_tls=True, upstream_tls=True, same_certificate=True)
+    (auth,) = client_messages(offered)
+    assert isinstance(auth, m.Authentication)
+    assert auth.mechanisms == ("SCRAM-SHA-256-PLUS", "SCRAM-SHA-256")
+    first = m.SASLInitialResponse("SCRAM-SHA-256-PLUS", b"p=tls-server-end-point,,n=,r=x").encode()
+    assert to_server(s.client_data(first)) == first
