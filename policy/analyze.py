@@ -2,7 +2,8 @@
 
 Public API (what the proxy calls)::
 
-    analyzer = Analyzer(catalog: Catalog | CatalogSnapshot, label_rules: LabelRules, cache_size=10000)
+    analyzer = Analyzer(catalog: Catalog | CatalogSnapshot, label_rules: LabelRules,
+                        cache_size=10000)
     facts: tuple[QueryFacts, ...] = analyzer.analyze(sql, search_path=("public",), user=None)
     analyzer.column_at(table_oid, attnum) -> CatalogColumn | None   # labels included
     analyzer.snapshot                                                # labelled snapshot in use
@@ -21,14 +22,13 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 from pglast import parser as _pg
 
 from policy.catalog import Catalog, CatalogColumn, CatalogSnapshot
-from policy.facts import OutputColumn, QueryFacts, SourceColumn
+from policy.facts import OutputColumn, QueryFacts
 from policy.labels import LabelRules
 from policy.lineage import (
     Columns,
@@ -36,9 +36,9 @@ from policy.lineage import (
     Shared,
     StatementWalker,
     Unanalysable,
-    _iter_nodes,
     const_int,
     const_str,
+    iter_nodes,
     names,
     node_type,
 )
@@ -92,9 +92,7 @@ class Analyzer:
         self.misses = 0
 
     def _current(self) -> Shared:
-        snap = (
-            self._catalog.snapshot if isinstance(self._catalog, Catalog) else self._catalog
-        )
+        snap = self._catalog.snapshot if isinstance(self._catalog, Catalog) else self._catalog
         shared = self._shared
         if shared is None or snap is not self._source:
             # A new snapshot: labels, views and every cached answer may have changed.
@@ -164,14 +162,17 @@ def analyze_text(
     except _pg.ParseError as exc:
         norm = normalize(sql)
         pos = exc.args[1] if len(exc.args) > 1 else None
-        where = f" at offset {pos}" if isinstance(pos, int) else ""
+        if not isinstance(pos, int):
+            pos = len(sql)  # "at end of input"
+        where = f" at offset {pos}"
+        message = _redact_error(str(exc.args[0]) if exc.args else str(exc))
         return (
             QueryFacts(
                 kind="unknown",
                 normalized=norm,
                 fingerprint=fingerprint(sql, norm),
-                unanalysable=f"parse error{where}: {exc.args[0] if exc.args else exc}",
-                error_position=pos if isinstance(pos, int) else None,
+                unanalysable=f"parse error{where}: {message}",
+                error_position=pos,
             ),
         )
     stmts = tree.get("stmts") or []
@@ -199,6 +200,14 @@ def analyze_text(
     return tuple(out)
 
 
+_NEAR_RE = re.compile(r'at or near "(.*)"$', re.DOTALL)
+
+
+def _redact_error(message: str) -> str:
+    """PostgreSQL quotes the offending text in parse errors; it may be a literal."""
+    return _NEAR_RE.sub(lambda m: f'at or near "{normalize(m.group(1))}"', message)
+
+
 def analyze_statement(
     stmt: Node, text: str, search_path: tuple[str, ...], shared: Shared
 ) -> QueryFacts:
@@ -224,7 +233,9 @@ def analyze_statement(
             f["is_ddl"] = True
             qk, _q = node_type(n["query"])
             if qk == "ExecuteStmt":
-                raise Unanalysable("CREATE TABLE AS EXECUTE: the prepared statement is not known here")
+                raise Unanalysable(
+                    "CREATE TABLE AS EXECUTE: the prepared statement is not known here"
+                )
             cols = w.query(n["query"], None, {})
             w.write_copy(n["into"]["rel"], cols)
         elif kind == "PrepareStmt":
@@ -369,9 +380,12 @@ def _copy(w: StatementWalker, n: Node, f: dict[str, Any]) -> Columns:
 def _variable_set(n: Node, f: dict[str, Any]) -> None:
     name = n.get("name")
     vkind = n.get("kind")
-    if vkind == "VAR_RESET_ALL" or (name == "search_path" and vkind in ("VAR_RESET", "VAR_SET_DEFAULT")):
+    if vkind == "VAR_RESET_ALL" or (
+        name == "search_path" and vkind in ("VAR_RESET", "VAR_SET_DEFAULT")
+    ):
         f["search_path"] = DEFAULT_SEARCH_PATH
         f["search_path_local"] = bool(n.get("is_local"))
+        f["search_path_reset"] = True
         return
     if name != "search_path" or vkind != "VAR_SET_VALUE":
         return
@@ -387,7 +401,7 @@ def _variable_set(n: Node, f: dict[str, Any]) -> None:
 
 
 def _set_config_calls(n: Node, f: dict[str, Any]) -> None:
-    for call in _iter_nodes(n, "FuncCall"):
+    for call in iter_nodes(n, "FuncCall"):
         fname = names(call.get("funcname"))
         if not fname or fname[-1] != "set_config":
             continue
@@ -419,17 +433,3 @@ def _after_keyword(text: str, keyword: str) -> str | None:
         elif depth == 0 and t.name == keyword:
             return text[t.end + 1 :].strip().rstrip(";").strip()
     return None
-
-
-def labels_of(snapshot: CatalogSnapshot, sources: frozenset[SourceColumn]) -> frozenset[str]:
-    """Labels of source columns in a (labelled) snapshot."""
-    out: set[str] = set()
-    for s in sources:
-        rel = snapshot.relation(s.schema, s.table)
-        col = rel.column(s.column) if rel else None
-        if col is not None:
-            out |= col.labels
-    return frozenset(out)
-
-
-LabelLookup = Callable[[str, str, str], frozenset[str]]

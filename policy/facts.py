@@ -42,7 +42,7 @@ class PackingCall:
 
 @dataclass(frozen=True, slots=True)
 class DataCopy:
-    """Data written into ``target`` derives from ``sources`` (CREATE TABLE AS, INSERT ... SELECT)."""
+    """Data written into ``target`` derives from ``sources`` (CREATE TABLE AS, INSERT SELECT)."""
 
     target: str
     sources: frozenset[SourceColumn]
@@ -87,6 +87,7 @@ class QueryFacts:
     fetch_count: int | None = None  # FETCH n; None = ALL or unknown
     search_path: tuple[str, ...] | None = None  # new search_path, when the statement sets one
     search_path_local: bool = False
+    search_path_reset: bool = False  # RESET / SET ... TO DEFAULT: back to the session default
     is_ddl: bool = False  # the catalog may have changed: invalidate it
     user_functions: frozenset[str] = frozenset()
     unresolved: tuple[str, ...] = ()  # names not in the catalog (followed by name only)

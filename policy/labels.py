@@ -100,9 +100,9 @@ class LabelRules:
     def from_mapping(cls, data: Mapping[str, Any]) -> LabelRules:
         """Build rules from the labels file layout::
 
-            labels:
-              - column: public.customers.email     # glob allowed
-                label: pii.email                   # or labels: [a, b]
+        labels:
+          - column: public.customers.email     # glob allowed
+            label: pii.email                   # or labels: [a, b]
         """
         pairs: list[tuple[str, str]] = []
         for i, entry in enumerate(data.get("labels") or ()):

@@ -94,6 +94,7 @@ TABLE_TEXT_FUNCTIONS = frozenset(
     {"table_to_xml", "table_to_xmlschema", "table_to_xml_and_xmlschema"}
 )
 
+
 def node_type(node: Node) -> tuple[str, Node]:
     for k, v in node.items():
         return k, v
@@ -420,9 +421,7 @@ class StatementWalker:
             pass  # the caller marks star reads; joins reuse this without a star
         return r.columns
 
-    def join(
-        self, n: Node, scope: Scope, ctes: dict[str, Columns]
-    ) -> tuple[list[Rel], Columns]:
+    def join(self, n: Node, scope: Scope, ctes: dict[str, Columns]) -> tuple[list[Rel], Columns]:
         lrels, lstar = self.from_item(n["larg"], scope, ctes)
         inner = Scope(scope.rels + lrels, scope.star, scope.parent, scope.ctes)
         rrels, rstar = self.from_item(n["rarg"], inner, ctes)
@@ -474,9 +473,7 @@ class StatementWalker:
         colnames = names(alias_node.get("colnames")) if alias_node else []
         if not colnames:
             colnames = [
-                cd["ColumnDef"]["colname"]
-                for cd in n.get("coldeflist") or ()
-                if "ColumnDef" in cd
+                cd["ColumnDef"]["colname"] for cd in n.get("coldeflist") or () if "ColumnDef" in cd
             ]
         if not colnames:
             colnames = fnames[:1] or ["?column?"]
@@ -507,8 +504,8 @@ class StatementWalker:
         if not wc:
             return ctes
         ctes = dict(ctes)
-        recursive = bool(wc["WithClause"].get("recursive") if "WithClause" in wc else wc.get("recursive"))
-        body = wc["WithClause"] if "WithClause" in wc else wc
+        body = wc.get("WithClause", wc)
+        recursive = bool(body.get("recursive"))
         for item in body.get("ctes") or ():
             cte = item["CommonTableExpr"]
             name = cte["ctename"]
@@ -623,10 +620,11 @@ class StatementWalker:
                 self._mark_star(r)
             return list(scope.star)
         qual = [sval(f) for f in fields[:-1]]
-        r = self.find_rel(qual, scope)
-        if r is None:
+        found = self.find_rel(qual, scope)
+        if found is None:
             self.unresolved.append(f"{'.'.join(qual)}.*")
             return []
+        r = found
         self._mark_star(r)
         if r.schema is not None and not r.columns:
             self.unresolved.append(f"{'.'.join(qual)}.* over {r.relation}")
@@ -673,17 +671,13 @@ class StatementWalker:
             self.record_copy(target, [("", assigned)])
         return self.returning(n, own, [], scope, ctes)
 
-    def _target_rel(
-        self, rv: Node, schema: str, name: str, assigned: dict[str, Lineage]
-    ) -> Rel:
+    def _target_rel(self, rv: Node, schema: str, name: str, assigned: dict[str, Lineage]) -> Rel:
         rel = self.snapshot.relation(schema, name)
         alias_node = rv.get("alias")
         alias = alias_node["aliasname"] if alias_node else name
         if rel is None:
             return Rel(alias, [], relation=f"{schema}.{name}", schema=schema, table=name)
-        cols = [
-            (c, lin | assigned.get(c, EMPTY)) for c, lin in self.relation_columns(rel)
-        ]
+        cols = [(c, lin | assigned.get(c, EMPTY)) for c, lin in self.relation_columns(rel)]
         labelled = any(self.shared.lineage_labels(lin) for _n, lin in cols)
         return Rel(alias, cols, relation=rel.qualified, labelled=labelled)
 
@@ -783,9 +777,7 @@ class StatementWalker:
         # Moving a table's data within itself is not a copy out of it.
         src = {s for s in src if f"{s.schema}.{s.table}" != target}
         if src:
-            self.copies.append(
-                DataCopy(target, frozenset(src), self.shared.lineage_labels(src))
-            )
+            self.copies.append(DataCopy(target, frozenset(src), self.shared.lineage_labels(src)))
 
     # --- expressions ---------------------------------------------------------------------
 
@@ -807,8 +799,12 @@ class StatementWalker:
             while s is not None:
                 hits = [lin for r in s.rels if (lin := r.colmap.get(name)) is not None]
                 if not hits:
-                    hits = [lin for r in s.rels if r.opaque is not None or r.schema is not None
-                            if (lin := r.lookup(name)) is not None]
+                    hits = [
+                        lin
+                        for r in s.rels
+                        if r.opaque is not None or r.schema is not None
+                        if (lin := r.lookup(name)) is not None
+                    ]
                 if hits:
                     return frozenset().union(*hits)
                 s = s.parent
@@ -1017,9 +1013,7 @@ def _rename(r: Rel, alias_node: Node | None) -> Rel:
     if not colnames:
         return r
     cols = _apply_colnames(r.columns, colnames)
-    return Rel(
-        r.alias, cols, r.relation, r.labelled, r.opaque, r.schema, r.table
-    )
+    return Rel(r.alias, cols, r.relation, r.labelled, r.opaque, r.schema, r.table)
 
 
 def _apply_colnames(cols: Columns, colnames: list[str]) -> Columns:
@@ -1039,22 +1033,22 @@ def _merge_positional(left: Columns, right: Columns) -> Columns:
 
 
 def _refers_to(node: Any, name: str) -> bool:
-    for rv in _iter_nodes(node, "RangeVar"):
+    for rv in iter_nodes(node, "RangeVar"):
         if rv.get("relname") == name and "schemaname" not in rv:
             return True
     return False
 
 
-def _iter_nodes(node: Any, kind: str) -> Iterator[Node]:
+def iter_nodes(node: Any, kind: str) -> Iterator[Node]:
     if isinstance(node, list):
         for x in node:
-            yield from _iter_nodes(x, kind)
+            yield from iter_nodes(x, kind)
     elif isinstance(node, dict):
         for k, v in node.items():
             if k == kind and isinstance(v, dict):
                 yield v
             if isinstance(v, (dict, list)):
-                yield from _iter_nodes(v, kind)
+                yield from iter_nodes(v, kind)
 
 
 def _column_names_of(n: Node) -> list[str]:

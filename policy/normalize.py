@@ -11,6 +11,7 @@ takes over: it errs on the side of removing too much.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 
@@ -45,10 +46,8 @@ def normalize(sql: str) -> str:
     next_param = 1
     for t in tokens:
         if t.name == "PARAM":
-            try:
+            with contextlib.suppress(ValueError):
                 next_param = max(next_param, int(sql[t.start + 1 : t.end + 1]) + 1)
-            except ValueError:
-                pass
     out: list[str] = []
     prev_end = -1
     for t in tokens:

@@ -68,9 +68,13 @@ def snapshot_from_sql(sql: str, search_path: tuple[str, ...] = ("public",)) -> C
                     tname = ".".join(names(e.get("typeName", {}).get("names")))
                     cols.append(
                         CatalogColumn(
-                            schema, name, e["colname"], len(cols) + 1,
-                            tname.removeprefix("pg_catalog."), rel_oid,
-                        )  # fmt: skip
+                            schema,
+                            name,
+                            e["colname"],
+                            len(cols) + 1,
+                            tname.removeprefix("pg_catalog."),
+                            rel_oid,
+                        )
                     )
                     for c in e.get("constraints") or ():
                         if c.get("Constraint", {}).get("contype") == "CONSTR_PRIMARY":
@@ -92,7 +96,9 @@ def snapshot_from_sql(sql: str, search_path: tuple[str, ...] = ("public",)) -> C
             aliases = names(n.get("aliases"))
             rel_oid = oid()
             vcols = tuple(
-                CatalogColumn(schema, name, aliases[i] if i < len(aliases) else c, i + 1, "", rel_oid)
+                CatalogColumn(
+                    schema, name, aliases[i] if i < len(aliases) else c, i + 1, "", rel_oid
+                )
                 for i, (c, _lin) in enumerate(out)
             )
             rels[(schema, name)] = CatalogRelation(

@@ -95,9 +95,7 @@ def search_path_from_options(options: str | None) -> tuple[str, ...] | None:
         if w == "-c" and k + 1 < len(words):
             setting = words[k + 1]
             k += 1
-        elif w.startswith("-c"):
-            setting = w[2:]
-        elif w.startswith("--"):
+        elif w.startswith("-c") or w.startswith("--"):
             setting = w[2:]
         if setting is not None and "=" in setting:
             name, _, val = setting.partition("=")

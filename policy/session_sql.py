@@ -67,7 +67,7 @@ class SqlSession:
     def _apply(self, f: QueryFacts) -> QueryFacts:
         if f.search_path is not None:
             path = f.search_path
-            if f.kind == "variable_set" and path == DEFAULT_SEARCH_PATH and "RESET" in f.normalized.upper():
+            if f.search_path_reset:
                 path = self.default_search_path
             if f.search_path_local:
                 self._local_path = path
