@@ -28,7 +28,9 @@ def load_corpus() -> list[tuple[str, tuple[str, ...]]]:
     return [(c["sql"], parse_search_path(c.get("path", "public"))) for c in cases]
 
 
-def per_statement_median(analyzer: Analyzer, sql: str, path: tuple[str, ...], cached: bool, n: int) -> float:
+def per_statement_median(
+    analyzer: Analyzer, sql: str, path: tuple[str, ...], cached: bool, n: int
+) -> float:
     times = []
     if cached:
         analyzer.analyze(sql, path)
@@ -52,13 +54,17 @@ def main() -> None:
     cached = [per_statement_median(analyzer, s, p, True, 200) for s, p in corpus]
     worst = sorted(zip(uncached, (s for s, _p in corpus), strict=True), reverse=True)[:5]
     print(f"statements: {len(corpus)}")
-    print(f"uncached: median {statistics.median(uncached):.1f} us, p90 "
-          f"{statistics.quantiles(uncached, n=10)[-1]:.1f} us, max {max(uncached):.1f} us")
+    print(
+        f"uncached: median {statistics.median(uncached):.1f} us, p90 "
+        f"{statistics.quantiles(uncached, n=10)[-1]:.1f} us, max {max(uncached):.1f} us"
+    )
     print(f"cached:   median {statistics.median(cached):.2f} us, max {max(cached):.2f} us")
     print("slowest uncached:")
     for us, sql in worst:
         print(f"  {us:8.1f} us  {sql[:80]}")
-    print(f"cached_us={statistics.median(cached):.2f} uncached_us={statistics.median(uncached):.1f}")
+    print(
+        f"cached_us={statistics.median(cached):.2f} uncached_us={statistics.median(uncached):.1f}"
+    )
 
 
 if __name__ == "__main__":

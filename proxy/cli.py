@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from audit.cli import audit_group
-from policy.cli import policy_group
+from policy.cli import classify_command, policy_group
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -16,3 +16,4 @@ def main() -> None:
 
 main.add_command(policy_group)
 main.add_command(audit_group)
+main.add_command(classify_command)

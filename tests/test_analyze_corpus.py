@@ -101,7 +101,10 @@ def test_corpus_case_against_schema_file(case: dict[str, Any], file_analyzer: An
 @pytest.fixture(scope="module")
 def corpus_db(pg: Cluster) -> Iterator[str]:
     """A database of its own (the shared 'support' database stays as the schema file has it)."""
-    pg.psql(f"DROP DATABASE IF EXISTS {ANALYSIS_DB}; CREATE DATABASE {ANALYSIS_DB};", database="postgres")
+    pg.psql(
+        f"DROP DATABASE IF EXISTS {ANALYSIS_DB}; CREATE DATABASE {ANALYSIS_DB};",
+        database="postgres",
+    )
     pg.psql(schema_sql() + "\n" + EXTRA_SQL, database=ANALYSIS_DB)
     yield pg.dsn(database=ANALYSIS_DB)
 
