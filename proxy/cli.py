@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from audit.cli import audit_group
-from policy.cli import policy_group
+from policy.cli import classify_command, policy_group
 from proxy.config import ConfigError, ProxyConfig, load_config
 from proxy.demo import demo_command
 
@@ -23,6 +23,7 @@ def main() -> None:
 
 main.add_command(policy_group)
 main.add_command(audit_group)
+main.add_command(classify_command)
 main.add_command(demo_command)
 
 
