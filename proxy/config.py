@@ -94,6 +94,8 @@ class ProxyConfig(BaseModel):
     client_tls: ClientTLS = ClientTLS()
     upstream_tls: UpstreamTLS = UpstreamTLS()
     allow_replication: bool = False
+    policy_file: Path | None = Field(None, description="policy YAML to enforce")
+    catalog_user: str | None = Field(None, description="role for pgwarden's catalog connection")
     max_message_bytes: int = Field(default=256 * 1024 * 1024, ge=1024, le=2**30)
     connect_timeout: float = Field(default=10.0, gt=0)
     shutdown_timeout: float = Field(default=30.0, ge=0)

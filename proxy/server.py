@@ -19,7 +19,7 @@ import socket
 import ssl
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 
@@ -27,7 +27,10 @@ from proxy import commands as cmd
 from proxy.config import ProxyConfig, UpstreamTLSMode
 from proxy.messages import CancelRequest, ProtocolError, SSLRequest, StartupMessage
 from proxy.metrics import Stats
-from proxy.session import Session, SessionSettings
+from proxy.session import Session, SessionSettings, error_bytes
+
+if TYPE_CHECKING:
+    from proxy.policyrt import PolicyRuntime
 
 log = structlog.get_logger("pgwarden")
 
@@ -75,8 +78,11 @@ def _upstream_ssl_context(config: ProxyConfig) -> ssl.SSLContext | None:
 class Proxy:
     """Everything shared by the sessions of one process."""
 
-    def __init__(self, config: ProxyConfig, stats: Stats | None = None) -> None:
+    def __init__(
+        self, config: ProxyConfig, stats: Stats | None = None, runtime: PolicyRuntime | None = None
+    ) -> None:
         self.stats = stats or Stats()
+        self.runtime = runtime
         self.connections: set[ClientConnection] = set()
         self.by_cancel_pid: dict[int, ClientConnection] = {}
         self.shutting_down = False
@@ -187,7 +193,10 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.upstream: UpstreamConnection | None = None
         self.session = Session(
-            proxy.settings, proxy.stats, lambda n: proxy.issue_cancel_key(self, n)
+            proxy.settings,
+            proxy.stats,
+            lambda n: proxy.issue_cancel_key(self, n),
+            make_guard=proxy.runtime.make_guard if proxy.runtime is not None else None,
         )
         self.session_id = next(_session_ids)
         self.log: Any = log
@@ -273,8 +282,25 @@ class ClientConnection(asyncio.Protocol):
                 self._spawn(self.proxy.forward_cancel(c.pid, c.secret))
             elif type(c) is cmd.CancelUpstream:
                 self._spawn(self.cancel_upstream())
+            elif type(c) is cmd.StatementDone:
+                self._statement_done(c)
+            elif type(c) is cmd.EndSession:
+                self.log.warning("session_ended_by_policy", reason=c.message)
+                if self.transport is not None:
+                    self.transport.write(error_bytes("42501", c.message, fatal=True))
+                    self.transport.close()
+                if self.upstream is not None:
+                    self.upstream.close()
             elif type(c) is cmd.Log:
                 getattr(self.log, c.level)(c.event, **(c.fields or {}))
+            elif self.proxy.runtime is not None:
+                self._spawn(self.proxy.runtime.handle(c, self.log))
+
+    def _statement_done(self, c: cmd.StatementDone) -> None:
+        facts = c.facts
+        if facts is not None and facts.is_ddl and self.proxy.runtime is not None:
+            # The catalog may have changed under the analysis: reload it soon.
+            self.proxy.runtime.invalidate(self.session.subject.database)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -339,6 +365,21 @@ class ClientConnection(asyncio.Protocol):
             return
         self.upstream = proto
         proto.negotiating = None
+        runtime = self.proxy.runtime
+        if runtime is not None:
+            try:
+                await runtime.ensure_catalog(self.session.subject.database)
+            except Exception as exc:
+                self.log.error("catalog_unavailable", error=str(exc))
+                transport.close()
+                self.upstream = None
+                self.run(
+                    self.session.upstream_failed(
+                        f"policy cannot be enforced: the catalog of database "
+                        f"{self.session.subject.database!r} could not be loaded ({exc})"
+                    )
+                )
+                return
         ssl_object = transport.get_extra_info("ssl_object")
         same_cert = False
         if ssl_object is not None and self.proxy.client_cert_der is not None:
@@ -473,7 +514,20 @@ async def serve(
     from proxy.admin import AdminServer
     from proxy.logs import configure_logging
 
-    proxy = Proxy(config)
+    runtime = None
+    if config.policy_file is not None:
+        from policy.model import load_policy
+        from proxy.policyrt import PolicyRuntime
+
+        stats = Stats()
+        runtime = PolicyRuntime(
+            load_policy(config.policy_file), config.policy_file,
+            (config.upstream.host, config.upstream.port), stats,
+            ssl=_upstream_ssl_context(config), catalog_user=config.catalog_user,
+        )  # fmt: skip
+        proxy = Proxy(config, stats, runtime)
+    else:
+        proxy = Proxy(config)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     addresses = await proxy.start()
@@ -492,6 +546,12 @@ async def serve(
             return
         if new.listen != proxy.config.listen:
             log.warning("config_listen_changed", note="a new listen address needs a restart")
+        if runtime is not None:
+            try:
+                runtime.reload()
+                log.info("policy_reloaded", file=str(runtime.source))
+            except Exception as exc:
+                log.error("policy_reload_failed", error=str(exc), kept="previous policy")
         configure_logging(new.log_level, new.log_format)
         proxy.apply_config(new)
         log.info("config_reloaded")
@@ -511,5 +571,7 @@ async def serve(
         ready(addresses)
     await stop.wait()
     await proxy.shutdown()
+    if runtime is not None:
+        await runtime.close()
     if admin is not None:
         await admin.stop()

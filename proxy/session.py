@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from proxy import commands as cmd
 from proxy.codec import FrameReader, FrameScanner, StartupReader
@@ -38,6 +39,10 @@ from proxy.messages import (
     decode_startup,
 )
 from proxy.metrics import Stats
+from proxy.tracker import Tracker
+
+if TYPE_CHECKING:
+    from proxy.guard import Guard
 
 
 class Phase(enum.Enum):
@@ -124,6 +129,9 @@ class Session:
     upstream_tls: bool = False
     channel_binding_passes: bool = False
     _server_sent_fatal: bool = False
+    # With a policy in force, the READY phase is relayed by a Tracker built from a Guard.
+    make_guard: Callable[[Subject], Guard | None] | None = None
+    tracker: Tracker | None = None
 
     def __post_init__(self) -> None:
         limit = self.settings.max_message
@@ -141,7 +149,14 @@ class Session:
     @property
     def busy(self) -> bool:
         """True while PostgreSQL owes the client a ReadyForQuery."""
+        if self.tracker is not None:
+            return self.tracker.busy
         return bool(self._cycles)
+
+    @property
+    def _idle(self) -> bool:
+        status = self.tracker.transaction_status if self.tracker else self.transaction_status
+        return not self.busy and status == "I"
 
     def _close_with(
         self, sqlstate: str, message: str, *, hint: str | None = None
@@ -173,6 +188,12 @@ class Session:
 
     def client_data(self, data: bytes) -> list[cmd.Command]:
         if self.phase is Phase.READY:
+            if self.tracker is not None:
+                self.stats.bytes_from_client += len(data)
+                out = self.tracker.client_data(data)
+                if self.tracker.closed:
+                    self.phase = Phase.CLOSED
+                return out
             return self._relay_client(data)
         self.stats.bytes_from_client += len(data)
         if self.phase is Phase.STARTUP:
@@ -348,6 +369,8 @@ class Session:
 
     def server_data(self, data: bytes) -> list[cmd.Command]:
         if self.phase is Phase.READY:
+            if self.tracker is not None:
+                return self._relay_tracked_server(data)
             return self._relay_server(data)
         self.stats.bytes_from_server += len(data)
         if self.phase is Phase.AUTH:
@@ -405,10 +428,11 @@ class Session:
                 self._set_phase(Phase.READY)
                 out.insert(0, cmd.SendToClient(b"".join(pieces)))
                 out.append(cmd.Log("session_ready"))
+                self._start_tracking()
                 # Anything after ReadyForQuery belongs to the relay (e.g. a NOTIFY).
                 leftover = raw[end:] + self._server_reader.take_pending()
                 if leftover:
-                    out += self._relay_server(leftover)
+                    out += self.server_data(leftover)
                 return out
             elif t in (_N, _v):
                 pieces.append(whole)
@@ -460,6 +484,30 @@ class Session:
         self.server_params[name] = value
         if name == "application_name":
             self.subject.application_name = value
+            if self.tracker is not None:
+                self.tracker.guard.set_application(value)
+
+    def _start_tracking(self) -> None:
+        if self.make_guard is None:
+            return
+        guard = self.make_guard(self.subject)
+        if guard is None:
+            return
+        assert self._client_reader is not None
+        tracker = Tracker(guard, self.stats, self.settings.max_message, self._parameter)
+        # Bytes the client sent early continue in the tracker's reader.
+        tracker.client_reader = self._client_reader
+        self.tracker = tracker
+
+    def _relay_tracked_server(self, data: bytes) -> list[cmd.Command]:
+        assert self.tracker is not None
+        self.stats.bytes_from_server += len(data)
+        out = self.tracker.server_data(data)
+        if self.tracker.server_sent_fatal:
+            self._server_sent_fatal = True
+        if self.shutting_down and self._idle:
+            out += self._shutdown_now()
+        return out
 
     def _relay_server(self, data: bytes) -> list[cmd.Command]:
         self.stats.bytes_from_server += len(data)
@@ -478,7 +526,7 @@ class Session:
                 err = ErrorResponse.decode(body)
                 if err.get("V") in ("FATAL", "PANIC") or err.get("S") in ("FATAL", "PANIC"):
                     self._server_sent_fatal = True
-        if self.shutting_down and not self._cycles and self.transaction_status == "I":
+        if self.shutting_down and self._idle:
             out += self._shutdown_now()
         return out
 
@@ -522,7 +570,7 @@ class Session:
             return self._close_with(
                 "57P01", "pgwarden: terminating connection: proxy is shutting down"
             )
-        if not self._cycles and self.transaction_status == "I":
+        if self._idle:
             return self._shutdown_now()
         return []
 
