@@ -118,7 +118,7 @@ class Guard:
     def columns(
         self, decision: Decision | None, fields: tuple[Field, ...] | None
     ) -> list[ColumnInfo]:
-        """Labels (analysis ∪ catalog) and format of each result column."""
+        """Labels (analysis and catalog together) and format of each result column."""
         out: list[ColumnInfo] = []
         outputs = decision.facts.output if decision is not None else ()
         snapshot = self.analyzer.snapshot

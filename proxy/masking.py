@@ -24,8 +24,5 @@ def mask_value(value: bytes, style: str, key: bytes) -> bytes:
     local, at, domain = text.partition("@")
     if not at:
         local, domain = text, ""
-    if len(local) <= 2:
-        masked = "*" * len(local)
-    else:
-        masked = local[0] + "*" * (len(local) - 2) + local[-1]
+    masked = "*" * len(local) if len(local) <= 2 else local[0] + "*" * (len(local) - 2) + local[-1]
     return (masked + (at + domain if at else "")).encode()

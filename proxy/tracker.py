@@ -301,7 +301,7 @@ class Tracker:
                 if t == _E:
                     self._skip_to_sync()
                 continue
-            if t == _D or t == _d:
+            if t in (_D, _d):
                 entry = fifo[0] if fifo else None
                 if entry is None or entry.kind not in (EXECUTE, QUERY):
                     continue
@@ -597,7 +597,7 @@ class Tracker:
                 sqlstate=sqlstate,
                 cut=cut,
                 records={k: frozenset(v) for k, v in running.records.items()},
-            )  # fmt: skip
+            )
         )
         return out
 
