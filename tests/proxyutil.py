@@ -154,7 +154,9 @@ class ProxyProcess:
                 continue
         return events
 
-    def wait_for_log_event(self, event: str, after: int = 0, timeout: float = 10.0) -> dict[str, Any]:
+    def wait_for_log_event(
+        self, event: str, after: int = 0, timeout: float = 10.0
+    ) -> dict[str, Any]:
         """The first log event named ``event`` among the events from index ``after`` on."""
 
         def find() -> dict[str, Any] | None:

@@ -92,7 +92,9 @@ def test_psycopg_simple_queries(proxy: ProxyProcess) -> None:
         cur.execute("select %s::int + %s", [40, 2])
         assert cur.fetchone() == (42,)
         # Several statements in one simple Query: one result each.
-        cur.execute("create temp table t(x int); insert into t values (1), (2); select sum(x) from t")
+        cur.execute(
+            "create temp table t(x int); insert into t values (1), (2); select sum(x) from t"
+        )
         assert cur.statusmessage == "CREATE TABLE"
         assert cur.nextset() and cur.rowcount == 2
         assert cur.nextset() and cur.fetchone() == (3,)
@@ -220,7 +222,9 @@ def test_asyncpg_listen_notify_between_two_connections(proxy: ProxyProcess) -> N
         sender = await asyncpg.connect(proxy.url(user="trust_user"), ssl=False)
         try:
             got: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
-            await listener.add_listener("tickets", lambda _c, _pid, ch, payload: got.put_nowait((ch, payload)))
+            await listener.add_listener(
+                "tickets", lambda _c, _pid, ch, payload: got.put_nowait((ch, payload))
+            )
             await sender.execute("notify tickets, 'ticket 42 updated'")
             await sender.execute("select pg_notify('tickets', 'second')")
             first = await asyncio.wait_for(got.get(), 10)
@@ -286,7 +290,9 @@ def test_psycopg_cancel_through_proxy(proxy: ProxyProcess, pg: Cluster, method: 
 
 def test_asyncpg_timeout_cancels_through_proxy(proxy: ProxyProcess, pg: Cluster) -> None:
     async def run() -> None:
-        conn = await asyncpg.connect(proxy.url(), ssl=False, server_settings={"application_name": "apg-timeout"})
+        conn = await asyncpg.connect(
+            proxy.url(), ssl=False, server_settings={"application_name": "apg-timeout"}
+        )
         try:
             with pytest.raises(asyncio.TimeoutError):
                 await conn.fetchval("select pg_sleep(30)", timeout=1.5)
@@ -326,7 +332,8 @@ def test_metrics_health_and_readiness(proxy: ProxyProcess) -> None:
         for i in range(5):
             conn.execute("select %s::int", [i])
     after = wait_until(
-        lambda: (v := proxy.metric("pgwarden_statements_total")) >= before + 5 and v, 5,
+        lambda: (v := proxy.metric("pgwarden_statements_total")) >= before + 5 and v,
+        5,
         what="statements_total to grow",
     )
     assert after >= before + 5
