@@ -216,7 +216,8 @@ class RedisWindowStore:
     ``url``: a redis-py URL (``redis://host:6379/0``, ``rediss://``, ``unix://``).
     ``prefix``: put before every key, so several deployments can share one Redis.
     ``resolution``: seconds; stamps are rounded up to it (0 = exact times), see
-    ``policy.state``. ``timeout``: seconds to wait for Redis before ``StoreUnavailable``.
+    ``policy.state``. ``timeout``: seconds to wait for Redis (or for a free pooled
+    connection) before ``StoreUnavailable``. ``max_connections``: pool size per process.
 
     Any Redis failure surfaces as ``StoreUnavailable``. After Redis comes back, the next call
     reconnects by itself. A connection that breaks is retried once: the command cannot have
@@ -231,6 +232,7 @@ class RedisWindowStore:
         *,
         resolution: float = 1.0,
         timeout: float = 2.0,
+        max_connections: int = 32,
         cache_size: int = 100_000,
     ) -> None:
         if resolution < 0:
@@ -238,13 +240,19 @@ class RedisWindowStore:
         self.prefix = prefix
         self.resolution = resolution
         self._where = _redact(url)
-        # Timeouts are *not* retried: the script may have run, and retrying would count twice.
-        self._redis: aioredis.Redis = aioredis.Redis.from_url(
+        # A blocking pool makes a burst of concurrent statements wait briefly for a connection
+        # instead of failing with "too many connections" (which would fail closed for
+        # nothing). Timeouts are *not* retried: the script may have run, and a retry would
+        # count twice.
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=max_connections,
+            timeout=timeout,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
+        self._redis: aioredis.Redis = aioredis.Redis.from_pool(pool)
         self._record = self._redis.register_script(_LUA_RECORD)
         self._totals = self._redis.register_script(_LUA_TOTALS)
         self._block = self._redis.register_script(_LUA_BLOCK)
