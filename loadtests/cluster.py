@@ -27,6 +27,9 @@ ROLES = {
     "trust_user": (None, "trust"),
     "md5_user": ("md5-secret", "md5"),
     "scram_user": ("scram-secret", "scram-sha-256"),
+    # The customer-support deployment's roles (config/policy.yaml names them).
+    "support_app": (None, "trust"),
+    "analyst": (None, "trust"),
 }
 SUPERUSER = "postgres"
 DATABASE = "support"
