@@ -31,6 +31,8 @@ from proxy.session import Session, SessionSettings
 log = structlog.get_logger("pgwarden")
 
 WRITE_HIGH_WATER = 256 * 1024
+# How long a closing client connection keeps reading after our FIN (see _close_client).
+CLOSE_LINGER_SECONDS = 2.0
 _session_ids = itertools.count(1)
 
 
@@ -152,10 +154,16 @@ class Proxy:
         for conn in list(self.connections):
             conn.run(conn.session.begin_shutdown())
         deadline = asyncio.get_running_loop().time() + timeout
-        while self.connections and asyncio.get_running_loop().time() < deadline:
+        # Sessions whose backend is gone only wait to tell their client; they do not hold
+        # the shutdown up.
+        while (
+            any(c.session.working for c in self.connections)
+            and asyncio.get_running_loop().time() < deadline
+        ):
             await asyncio.sleep(0.05)
         for conn in list(self.connections):
             conn.run(conn.session.force_close())
+            conn.close_now()
         for _ in range(40):
             if not self.connections:
                 break
@@ -179,6 +187,7 @@ class ClientConnection(asyncio.Protocol):
         self.log: Any = log
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._linger: asyncio.TimerHandle | None = None
 
     # --- asyncio.Protocol ------------------------------------------------------------------
 
@@ -214,6 +223,8 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        if self._linger is not None:
+            self._linger.cancel()
         self.run(self.session.client_closed())
         self.proxy.connections.discard(self)
         self.proxy.stats.connections_active -= 1
@@ -246,8 +257,7 @@ class ClientConnection(asyncio.Protocol):
                 if self.transport is not None and not self._closed:
                     self.transport.write(c.data)
             elif type(c) is cmd.CloseClient:
-                if self.transport is not None:
-                    self.transport.close()
+                self._close_client()
             elif type(c) is cmd.CloseServer:
                 if self.upstream is not None:
                     self.upstream.close()
@@ -261,6 +271,33 @@ class ClientConnection(asyncio.Protocol):
                 self._spawn(self.cancel_upstream())
             elif type(c) is cmd.Log:
                 getattr(self.log, c.level)(c.event, **(c.fields or {}))
+
+    def _close_client(self) -> None:
+        """Flush, send FIN, and keep reading (and discarding) until the client closes.
+
+        Closing a socket that still holds unread client bytes makes the kernel answer with
+        RST, and a client that receives RST throws away what it had not read yet: the FATAL
+        error saying why the session ended.  That happens whenever the client is still
+        sending (the rest of an oversized message) or writes its next query into a session
+        we ended while it sat idle (shutdown).
+        """
+        t = self.transport
+        if t is None or self._closed or self._linger is not None:
+            return
+        if not t.can_write_eof():  # TLS: close_notify is the best we can do
+            t.close()
+            return
+        t.write_eof()
+        if not t.is_reading():
+            t.resume_reading()
+        self._linger = asyncio.get_running_loop().call_later(CLOSE_LINGER_SECONDS, t.close)
+
+    def close_now(self) -> None:
+        """Close the client connection without waiting for the client."""
+        if self._linger is not None:
+            self._linger.cancel()
+        if self.transport is not None:
+            self.transport.close()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

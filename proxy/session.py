@@ -45,6 +45,7 @@ class Phase(enum.Enum):
     CONNECTING = "connecting"  # StartupMessage received, upstream connection being opened
     AUTH = "auth"  # relaying the authentication exchange PostgreSQL drives
     READY = "ready"  # authenticated: relaying queries and results
+    ENDING = "ending"  # shutting down: upstream ended; the client is told at its next message
     CLOSED = "closed"
 
 
@@ -53,7 +54,8 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     Phase.TLS: frozenset({Phase.STARTUP, Phase.CLOSED}),
     Phase.CONNECTING: frozenset({Phase.AUTH, Phase.CLOSED}),
     Phase.AUTH: frozenset({Phase.READY, Phase.CLOSED}),
-    Phase.READY: frozenset({Phase.CLOSED}),
+    Phase.READY: frozenset({Phase.ENDING, Phase.CLOSED}),
+    Phase.ENDING: frozenset({Phase.CLOSED}),
     Phase.CLOSED: frozenset(),
 }
 
@@ -69,6 +71,8 @@ _CYCLE_TYPES = frozenset((_Q, _S, _F))
 _SERVER_WANTED = frozenset((_Z, _S, _E))
 
 _REPLICATION_ON = frozenset({"true", "on", "yes", "1", "database"})
+
+_SHUTTING_DOWN = "pgwarden: terminating connection: proxy is shutting down"
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +189,8 @@ class Session:
             return []
         if self.phase is Phase.TLS:
             raise ClientProtocolError("client sent data during the TLS handshake")
+        if self.phase is Phase.ENDING:
+            return self._close_with("57P01", _SHUTTING_DOWN)
         return []
 
     def _read_startup(self) -> list[cmd.Command]:
@@ -334,7 +340,7 @@ class Session:
         self.stats.bytes_from_server += len(data)
         if self.phase is Phase.AUTH:
             return self._auth_server(data)
-        if self.phase is Phase.CLOSED:
+        if self.phase in (Phase.ENDING, Phase.CLOSED):
             return []
         raise ServerProtocolError(f"server sent data while the session is {self.phase.value}")
 
@@ -437,7 +443,7 @@ class Session:
                 if err.get("V") in ("FATAL", "PANIC") or err.get("S") in ("FATAL", "PANIC"):
                     self._server_sent_fatal = True
         if self.shutting_down and not self._cycles and self.transaction_status == "I":
-            out += self._shutdown_now()
+            out += self._end_upstream()
         return out
 
     def _ready_for_query(self, body: bytes) -> None:
@@ -452,6 +458,8 @@ class Session:
         """PostgreSQL closed the connection (terminated backend, crash, network)."""
         if self.phase is Phase.CLOSED:
             return [cmd.CloseClient()]
+        if self.phase is Phase.ENDING:
+            return []  # we ended it; the client hears why at its next message
         self.phase = Phase.CLOSED
         if self._server_sent_fatal:
             # PostgreSQL already told the client why (e.g. authentication failed).
@@ -475,32 +483,36 @@ class Session:
         statement (and transaction) completes."""
         self.shutting_down = True
         if self.phase is not Phase.READY:
-            if self.phase is Phase.CLOSED:
+            if self.phase in (Phase.ENDING, Phase.CLOSED):
                 return []
-            return self._close_with(
-                "57P01", "pgwarden: terminating connection: proxy is shutting down"
-            )
+            return self._close_with("57P01", _SHUTTING_DOWN)
         if not self._cycles and self.transaction_status == "I":
-            return self._shutdown_now()
+            return self._end_upstream() + self._close_with("57P01", _SHUTTING_DOWN)
         return []
 
-    def _shutdown_now(self) -> list[cmd.Command]:
-        self.phase = Phase.CLOSED
-        return [
-            cmd.SendToClient(
-                error_bytes(
-                    "57P01", "pgwarden: terminating connection: proxy is shutting down", fatal=True
-                )
-            ),
-            cmd.SendToServer(b"X\x00\x00\x00\x04"),
-            cmd.CloseServer(),
-            cmd.CloseClient(),
-        ]
+    def _end_upstream(self) -> list[cmd.Command]:
+        """The last statement of a shutting-down session is done: end the backend, and keep
+        the client connection until the client sends its next message.
+
+        A FATAL sent right behind the ReadyForQuery reaches libpq while it is idle, and
+        libpq then shows it only as a notice; the client's next query meets a closed
+        connection with no reason given.  Sent as the answer to that query, it is an error
+        the client sees (57P01, as PostgreSQL's own shutdown gives).
+        """
+        self._set_phase(Phase.ENDING)
+        return [cmd.SendToServer(b"X\x00\x00\x00\x04"), cmd.CloseServer()]
+
+    @property
+    def working(self) -> bool:
+        """True while shutdown must wait for this session (it still has a backend)."""
+        return self.phase not in (Phase.ENDING, Phase.CLOSED)
 
     def force_close(self) -> list[cmd.Command]:
         """Shutdown timeout reached: end the session whatever it is doing."""
         if self.phase is Phase.CLOSED:
             return [cmd.CloseClient(), cmd.CloseServer()]
+        if self.phase is Phase.ENDING:
+            return self._close_with("57P01", _SHUTTING_DOWN)
         out: list[cmd.Command] = [cmd.CancelUpstream()] if self.busy else []
         return out + self._close_with(
             "57P01", "pgwarden: terminating connection: proxy shutdown timeout reached"

@@ -75,6 +75,7 @@ class ProxyProcess:
         self.admin_port = free_port() if admin else None
         self.log_path = workdir / "pgwarden.log"
         self.config_path: Path | None = None
+        self._terminated = False
         cmd = [
             *pgwarden_command(), "serve",
             "--listen", f"{self.host}:{self.port}",
@@ -115,12 +116,15 @@ class ProxyProcess:
             time.sleep(0.05)
 
     def signal(self, sig: int) -> None:
+        if sig == signal.SIGTERM:
+            self._terminated = True
         self.proc.send_signal(sig)
 
     def stop(self, timeout: float = 45.0) -> int:
         """SIGTERM, wait for the exit, and return the exit code (killing it if it hangs)."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            if not self._terminated:  # a second SIGTERM while exiting would kill it
+                self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -1,0 +1,293 @@
+"""Sessions and the proxy process coming and going: killed clients, killed backends,
+SIGTERM, SIGHUP, bad configuration."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import errors
+
+from loadtests.cluster import Cluster
+from proxy.messages import Query
+from tests.conftest import ProxyFactory
+from tests.proxyutil import (
+    ProxyProcess,
+    RawClient,
+    error_of,
+    pgwarden_command,
+    wait_until,
+)
+
+
+def backend_count(pg: Cluster, app: str, active: bool = False) -> int:
+    cond = " and state = 'active'" if active else ""
+    return int(
+        pg.psql(f"select count(*) from pg_stat_activity where application_name = '{app}'{cond}")
+    )
+
+
+# --- 8. client killed mid-statement ---------------------------------------------------------
+
+_SLEEPER = """
+import sys, psycopg
+conn = psycopg.connect(sys.argv[1], autocommit=True)
+print("connected", flush=True)
+conn.execute("select pg_sleep(60)")
+"""
+
+_STREAMER = """
+import sys, psycopg
+conn = psycopg.connect(sys.argv[1], autocommit=True)
+n = 0
+# generate_series in the target list streams; in FROM it would be materialised first.
+for row in conn.cursor().stream("select repeat('x', 1000), generate_series(1, 50000000)"):
+    n += 1
+    if n == 2000:
+        print("streaming", flush=True)
+"""
+
+
+@pytest.mark.parametrize("script", [_SLEEPER, _STREAMER], ids=["sleeping", "streaming"])
+def test_killed_client_frees_its_backend(proxy: ProxyProcess, pg: Cluster, script: str) -> None:
+    app = "killed-" + ("sleeper" if script is _SLEEPER else "streamer")
+    child = subprocess.Popen(
+        [sys.executable, "-c", script, proxy.dsn(application_name=app)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert child.stdout is not None
+        if script is _STREAMER:
+            assert child.stdout.readline().strip() == "streaming"
+        wait_until(lambda: backend_count(pg, app, active=True) == 1, 15, what="the statement")
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    wait_until(lambda: backend_count(pg, app) == 0, 10, what="the backend to be freed")
+    with psycopg.connect(proxy.dsn()) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+
+
+# --- 9. backend killed mid-statement --------------------------------------------------------
+
+
+def test_terminated_backend_gives_client_an_error(proxy: ProxyProcess, pg: Cluster) -> None:
+    app = "terminated-backend"
+    with psycopg.connect(proxy.dsn(application_name=app), autocommit=True) as conn:
+
+        def terminate() -> None:
+            wait_until(lambda: backend_count(pg, app, active=True) == 1, 15, what="pg_sleep")
+            pg.psql(
+                f"select pg_terminate_backend(pid) from pg_stat_activity where application_name = '{app}'"
+            )
+
+        t = threading.Thread(target=terminate)
+        t.start()
+        try:
+            with pytest.raises(psycopg.OperationalError) as info:
+                conn.execute("select pg_sleep(30)")
+        finally:
+            t.join()
+        assert isinstance(info.value, errors.AdminShutdown), repr(info.value)
+        assert "terminating connection due to administrator command" in str(info.value)
+        assert conn.closed or conn.info.status == psycopg.pq.ConnStatus.BAD
+    with psycopg.connect(proxy.dsn()) as conn:
+        assert conn.execute("select 'new session'").fetchone() == ("new session",)
+
+
+# --- 14. graceful shutdown ------------------------------------------------------------------
+
+
+def test_sigterm_drains_sessions_then_exits(proxy_factory: ProxyFactory, pg: Cluster) -> None:
+    proxy = proxy_factory(config={"shutdown_timeout": 30})
+    busy = psycopg.connect(proxy.dsn(application_name="shutdown-busy"), autocommit=True)
+    idle = psycopg.connect(proxy.dsn(application_name="shutdown-idle"), autocommit=True)
+    in_tx = psycopg.connect(proxy.dsn(application_name="shutdown-tx"))
+    try:
+        in_tx.execute("create temp table kept(x int)")  # opens a transaction
+        result: list[object] = []
+
+        def run() -> None:
+            try:
+                result.append(busy.execute("select pg_sleep(1), 'finished'").fetchone())
+            except Exception as exc:
+                result.append(exc)
+
+        t = threading.Thread(target=run)
+        t.start()
+        wait_until(lambda: backend_count(pg, "shutdown-busy", active=True) == 1, 15, what="sleep")
+        proxy.signal(signal.SIGTERM)
+        t.join(30)
+        # The running statement completes and its result arrives.
+        assert result == [("", "finished")], result
+        with pytest.raises(errors.AdminShutdown, match="proxy is shutting down"):
+            busy.execute("select 1")
+        # The idle session was ended at once.
+        with pytest.raises(errors.AdminShutdown, match="proxy is shutting down"):
+            idle.execute("select 1")
+
+        # An open transaction keeps the process alive; meanwhile nobody new gets in.
+        assert proxy.proc.poll() is None
+        assert proxy.http_get("/readyz")[0] == 503
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((proxy.host, proxy.port), timeout=5).close()
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(proxy.dsn())
+
+        # The transaction may finish; then its session ends too.
+        in_tx.execute("insert into kept values (1)")
+        in_tx.commit()
+        with pytest.raises(errors.AdminShutdown, match="proxy is shutting down"):
+            in_tx.execute("select 1")
+        assert proxy.proc.wait(20) == 0
+    finally:
+        for c in (busy, idle, in_tx):
+            c.close()
+    events = [e["event"] for e in proxy.log_events()]
+    assert "shutdown_started" in events and "shutdown_complete" in events
+
+
+def test_sigterm_timeout_ends_stuck_sessions(proxy_factory: ProxyFactory, pg: Cluster) -> None:
+    proxy = proxy_factory(config={"shutdown_timeout": 1})
+    with psycopg.connect(proxy.dsn(application_name="shutdown-stuck"), autocommit=True) as conn:
+        result: list[object] = []
+
+        def run() -> None:
+            try:
+                result.append(conn.execute("select pg_sleep(30)").fetchone())
+            except Exception as exc:
+                result.append(exc)
+
+        t = threading.Thread(target=run)
+        t.start()
+        wait_until(lambda: backend_count(pg, "shutdown-stuck", active=True) == 1, 15, what="sleep")
+        proxy.signal(signal.SIGTERM)
+        assert proxy.proc.wait(20) == 0
+        t.join(20)
+        assert len(result) == 1 and isinstance(result[0], errors.AdminShutdown), result
+    # The statement the proxy cut off does not keep running on the server.
+    wait_until(lambda: backend_count(pg, "shutdown-stuck") == 0, 10, what="the backend to go")
+
+
+# --- 15. SIGHUP reload ----------------------------------------------------------------------
+
+
+def _big_query_error(proxy: ProxyProcess) -> str | None:
+    """Send a 100 KB query on a new session: None if it ran, else the error's SQLSTATE."""
+    with RawClient(proxy.host, proxy.port) as c:
+        c.startup()
+        c.send(Query("select length('" + "x" * 100_000 + "')").encode())
+        msgs = []
+        while True:
+            try:
+                msg = c.read_message()
+            except EOFError:
+                break
+            msgs.append(msg)
+            if msg[0] == "Z":
+                break
+        if any(t == "E" for t, _ in msgs):
+            return error_of(msgs).sqlstate
+        assert ("D", b"\0\x01\0\0\0\x06100000") in msgs, msgs
+        return None
+
+
+def test_sighup_reloads_config(proxy_factory: ProxyFactory) -> None:
+    proxy = proxy_factory(config={"max_message_bytes": 1 << 20, "shutdown_timeout": 10})
+    assert _big_query_error(proxy) is None
+    kept = psycopg.connect(proxy.dsn())
+    try:
+        mark = len(proxy.log_events())
+        proxy.write_config({"max_message_bytes": 65536, "shutdown_timeout": 10})
+        proxy.signal(signal.SIGHUP)
+        proxy.wait_for_log_event("config_reloaded", after=mark)
+        assert _big_query_error(proxy) == "08P01"
+
+        # An invalid file is refused and the running config stays.
+        mark = len(proxy.log_events())
+        proxy.write_config("max_message_bytes: 1048576\nno_such_setting: true\n")
+        proxy.signal(signal.SIGHUP)
+        failed = proxy.wait_for_log_event("config_reload_failed", after=mark)
+        assert "no_such_setting" in failed["error"], failed
+        assert _big_query_error(proxy) == "08P01"
+        mark = len(proxy.log_events())
+        proxy.write_config("max_message_bytes: [not, a, number\n")
+        proxy.signal(signal.SIGHUP)
+        proxy.wait_for_log_event("config_reload_failed", after=mark)
+        assert _big_query_error(proxy) == "08P01"
+        # Sessions from before the reloads were never disturbed.
+        assert kept.execute("select 'kept'").fetchone() == ("kept",)
+    finally:
+        kept.close()
+    assert proxy.proc.poll() is None
+
+
+def test_sighup_can_require_tls(proxy_factory: ProxyFactory, pg: Cluster) -> None:
+    certs = pg.root / "certs"
+    tls = {"cert": str(certs / "proxy.crt"), "key": str(certs / "proxy.key")}
+    proxy = proxy_factory(config={"client_tls": tls, "shutdown_timeout": 10})
+    with psycopg.connect(proxy.dsn(sslmode="disable")) as conn:
+        assert not conn.info.pgconn.ssl_in_use
+    mark = len(proxy.log_events())
+    proxy.write_config({"client_tls": {**tls, "required": True}, "shutdown_timeout": 10})
+    proxy.signal(signal.SIGHUP)
+    proxy.wait_for_log_event("config_reloaded", after=mark)
+    with pytest.raises(psycopg.OperationalError, match="accepts only TLS"):
+        psycopg.connect(proxy.dsn(sslmode="disable"))
+    with psycopg.connect(proxy.dsn(sslmode="verify-full", sslrootcert=str(pg.ca_cert))) as conn:
+        assert conn.info.pgconn.ssl_in_use
+
+
+# --- 16. configuration errors ---------------------------------------------------------------
+
+
+def _serve(
+    tmp_path: Path, pg: Cluster, config: str | None, *args: str
+) -> subprocess.CompletedProcess[str]:
+    cmd = [*pgwarden_command(), "serve", "--upstream", f"{pg.host}:{pg.port}", "--admin", "off",
+           "--listen", "127.0.0.1:0", *args]  # fmt: skip
+    if config is not None:
+        path = tmp_path / "bad.yaml"
+        path.write_text(textwrap.dedent(config))
+        cmd += ["-c", str(path)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("config", "named"),
+    [
+        ("listen: 127.0.0.1:0\nmax_conections: 5\n", "max_conections"),
+        ("upstream_tls:\n  mode: sometimes\n", "upstream_tls.mode"),
+        ("client_tls:\n  cert: /nonexistent.crt\n  key: /nonexistent.key\n", "client_tls"),
+        ("max_message_bytes: lots\n", "max_message_bytes"),
+        ("- just\n- a list\n", "mapping"),
+    ],
+    ids=["unknown-key", "bad-tls-mode", "missing-cert", "bad-number", "not-a-mapping"],
+)
+def test_config_errors_exit_2_naming_the_key(
+    tmp_path: Path, pg: Cluster, config: str, named: str
+) -> None:
+    out = _serve(tmp_path, pg, config)
+    assert out.returncode == 2, out.stderr
+    assert named in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_bad_flag_value_exits_2(tmp_path: Path, pg: Cluster) -> None:
+    out = _serve(tmp_path, pg, None, "--upstream-tls", "sometimes")
+    assert out.returncode == 2
+    assert "--upstream-tls" in out.stderr
+
+
+def test_no_config_file_needed(proxy: ProxyProcess) -> None:
+    assert proxy.config_path is None
+    assert "-c" not in proxy.cmd
+    with psycopg.connect(proxy.dsn()) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
