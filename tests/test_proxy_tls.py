@@ -1,0 +1,223 @@
+"""TLS on both sides of the proxy, SCRAM through a TLS-terminating proxy, and replication
+connections."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+
+import psycopg
+import pytest
+
+from loadtests.cluster import Cluster
+from proxy.messages import PROTOCOL_3_0, SSLRequest, StartupMessage
+from tests.conftest import ProxyFactory
+from tests.proxyutil import ProxyProcess, RawClient, error_of, messages_until_eof, wait_until
+
+SSL_OF_SESSION = "select ssl from pg_stat_ssl where pid = pg_backend_pid()"
+
+
+def tls_flags(pg: Cluster) -> list[str]:
+    certs = pg.root / "certs"
+    return ["--tls-cert", str(certs / "proxy.crt"), "--tls-key", str(certs / "proxy.key")]
+
+
+@pytest.fixture(scope="module")
+def tls_proxy(pg: Cluster, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    p = ProxyProcess(pg, tmp_path_factory.mktemp("pgwarden-tls"), tls_flags(pg))
+    yield p
+    assert p.stop() == 0, p.log()
+
+
+def verified(pg: Cluster) -> dict[str, str]:
+    return {"sslmode": "verify-full", "sslrootcert": str(pg.ca_cert)}
+
+
+# --- 11. client-facing TLS ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("user", ["trust_user", "md5_user"])
+def test_verify_full_through_tls_proxy(tls_proxy: ProxyProcess, pg: Cluster, user: str) -> None:
+    with psycopg.connect(tls_proxy.dsn(user=user, **verified(pg))) as conn:
+        assert conn.info.pgconn.ssl_in_use
+        assert conn.execute("select current_user").fetchone() == (user,)
+
+
+def test_scram_through_tls_proxy_default_channel_binding(
+    proxy_factory: ProxyFactory, pg: Cluster
+) -> None:
+    # channel_binding=prefer is libpq's default: with the -PLUS mechanism filtered out the
+    # client falls back to plain SCRAM-SHA-256.
+    proxy = proxy_factory(*tls_flags(pg), "--upstream-tls", "disable")
+    with psycopg.connect(proxy.dsn(user="scram_user", **verified(pg))) as conn:
+        assert conn.info.pgconn.ssl_in_use
+        assert conn.execute("select current_user").fetchone() == ("scram_user",)
+
+
+SCRAM_Y_FLAG_LIMIT = (
+    "SCRAM through a TLS-terminating proxy cannot work when the proxy-to-server link is TLS "
+    "too: libpq on TLS that is not offered SCRAM-SHA-256-PLUS sends the gs2 flag 'y' "
+    "('I support channel binding, the server does not'), and PostgreSQL on a TLS connection "
+    "rejects that as a downgrade (SCRAM channel binding negotiation error).  The flag is "
+    "covered by the client's proof, so the proxy cannot rewrite it."
+)
+
+
+@pytest.mark.parametrize(
+    "upstream", [[], ["--upstream-tls", "verify-full"]], ids=["prefer", "verify-full"]
+)
+def test_scram_through_tls_proxy_with_tls_upstream(
+    proxy_factory: ProxyFactory, pg: Cluster, upstream: list[str]
+) -> None:
+    if upstream:
+        upstream = [*upstream, "--upstream-ca", str(pg.ca_cert)]
+    proxy = proxy_factory(*tls_flags(pg), *upstream)
+    try:
+        conn = psycopg.connect(proxy.dsn(user="scram_user", **verified(pg)))
+    except psycopg.OperationalError as exc:
+        if "SCRAM channel binding negotiation error" in str(exc):
+            pytest.skip(SCRAM_Y_FLAG_LIMIT)
+        raise
+    with conn:
+        assert conn.info.pgconn.ssl_in_use
+        assert conn.execute(SSL_OF_SESSION).fetchone() == (True,)
+
+
+def test_scram_channel_binding_required_fails_clearly(tls_proxy: ProxyProcess, pg: Cluster) -> None:
+    dsn = tls_proxy.dsn(user="scram_user", channel_binding="require", **verified(pg))
+    with pytest.raises(psycopg.OperationalError, match="channel binding"):
+        psycopg.connect(dsn)
+    # ... and the proxy is fine afterwards.
+    with psycopg.connect(tls_proxy.dsn(**verified(pg))) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+
+
+def test_plaintext_still_allowed_when_tls_not_required(tls_proxy: ProxyProcess) -> None:
+    with psycopg.connect(tls_proxy.dsn(sslmode="disable")) as conn:
+        assert not conn.info.pgconn.ssl_in_use
+
+
+def test_cancel_through_tls_proxy(tls_proxy: ProxyProcess, pg: Cluster) -> None:
+    app = "tls-cancel"
+    with psycopg.connect(
+        tls_proxy.dsn(application_name=app, **verified(pg)), autocommit=True
+    ) as conn:
+
+        def cancel() -> None:
+            wait_until(
+                lambda: (
+                    pg.psql(
+                        "select count(*) from pg_stat_activity where application_name = "
+                        f"'{app}' and state = 'active'"
+                    ).strip()
+                    == "1"
+                ),
+                15,
+            )
+            conn.cancel_safe()
+
+        t = threading.Thread(target=cancel)
+        t.start()
+        try:
+            with pytest.raises(psycopg.errors.QueryCanceled):
+                conn.execute("select pg_sleep(30)")
+        finally:
+            t.join()
+        assert conn.execute("select 1").fetchone() == (1,)
+
+
+def test_require_tls_refuses_plaintext(proxy_factory: ProxyFactory, pg: Cluster) -> None:
+    proxy = proxy_factory(*tls_flags(pg), "--require-tls")
+    with pytest.raises(psycopg.OperationalError, match="accepts only TLS"):
+        psycopg.connect(proxy.dsn(sslmode="disable"))
+    # On the wire: a FATAL with SQLSTATE 28000 and a readable sentence.
+    with RawClient(proxy.host, proxy.port) as c:
+        c.send(
+            StartupMessage(PROTOCOL_3_0, (("user", "postgres"), ("database", "support"))).encode()
+        )
+        err = error_of(messages_until_eof(c))
+        assert err.sqlstate == "28000"
+        assert err.get("S") == "FATAL"
+        assert "only TLS" in err.message
+    # The SSLRequest is answered 'S'.
+    with RawClient(proxy.host, proxy.port) as c:
+        c.send(SSLRequest().encode())
+        assert c.read_exact(1) == b"S"
+    with psycopg.connect(proxy.dsn(**verified(pg))) as conn:
+        assert conn.info.pgconn.ssl_in_use
+
+
+def test_ssl_request_answered_n_without_certificate(proxy: ProxyProcess) -> None:
+    with RawClient(proxy.host, proxy.port) as c:
+        c.send(SSLRequest().encode())
+        assert c.read_exact(1) == b"N"
+        c.startup()
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(proxy.dsn(sslmode="require"))
+
+
+# --- 11. upstream TLS -----------------------------------------------------------------------
+
+
+def test_upstream_verify_full(proxy_factory: ProxyFactory, pg: Cluster) -> None:
+    proxy = proxy_factory("--upstream-tls", "verify-full", "--upstream-ca", str(pg.ca_cert))
+    with psycopg.connect(proxy.dsn(user="scram_user")) as conn:
+        assert not conn.info.pgconn.ssl_in_use  # client to proxy: plain
+        assert conn.execute(SSL_OF_SESSION).fetchone() == (True,)  # proxy to server: TLS
+
+
+def test_upstream_verify_full_rejects_unknown_ca(proxy_factory: ProxyFactory, pg: Cluster) -> None:
+    # The system CA store does not know the test CA: the proxy must refuse, not connect.
+    proxy = proxy_factory("--upstream-tls", "verify-full")
+    with pytest.raises(
+        psycopg.OperationalError, match="could not connect to the PostgreSQL server"
+    ):
+        psycopg.connect(proxy.dsn())
+
+
+def test_upstream_tls_disable(proxy_factory: ProxyFactory, pg: Cluster) -> None:
+    proxy = proxy_factory("--upstream-tls", "disable")
+    with psycopg.connect(proxy.dsn(user="md5_user")) as conn:
+        assert conn.execute(SSL_OF_SESSION).fetchone() == (False,)
+
+
+def test_tls_on_both_sides(proxy_factory: ProxyFactory, pg: Cluster) -> None:
+    proxy = proxy_factory(
+        *tls_flags(pg), "--upstream-tls", "verify-full", "--upstream-ca", str(pg.ca_cert)
+    )
+    for user in ("trust_user", "md5_user"):
+        with psycopg.connect(proxy.dsn(user=user, **verified(pg))) as conn:
+            assert conn.info.pgconn.ssl_in_use
+            assert conn.execute(SSL_OF_SESSION).fetchone() == (True,)
+    # A client that does not offer channel binding can use SCRAM over both links.
+    dsn = proxy.dsn(user="scram_user", channel_binding="disable", **verified(pg))
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute(SSL_OF_SESSION).fetchone() == (True,)
+
+
+# --- 12. replication connections ------------------------------------------------------------
+
+
+def _psql_replication(proxy: ProxyProcess) -> subprocess.CompletedProcess[str]:
+    dsn = f"host={proxy.host} port={proxy.port} user=postgres dbname=support replication=database sslmode=disable"
+    return subprocess.run(
+        ["psql", "-X", "-At", dsn, "-c", "IDENTIFY_SYSTEM"],
+        capture_output=True, text=True, timeout=30, env=dict(os.environ),
+    )  # fmt: skip
+
+
+def test_replication_refused_by_default(proxy: ProxyProcess) -> None:
+    with pytest.raises(psycopg.OperationalError, match="replication connections are not allowed"):
+        psycopg.connect(proxy.dsn(replication="database"))
+    out = _psql_replication(proxy)
+    assert out.returncode != 0
+    assert "replication connections are not allowed through this proxy" in out.stderr
+
+
+def test_replication_allowed_with_flag(proxy_factory: ProxyFactory, pg: Cluster) -> None:
+    proxy = proxy_factory("--allow-replication")
+    out = _psql_replication(proxy)
+    assert out.returncode == 0, out.stderr
+    system_id = pg.psql("select system_identifier from pg_control_system()").strip()
+    assert out.stdout.split("|")[0] == system_id
