@@ -18,6 +18,7 @@ import signal
 import socket
 import ssl
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, cast
 
 import structlog
@@ -34,6 +35,18 @@ WRITE_HIGH_WATER = 256 * 1024
 # How long a closing client connection keeps reading after our FIN (see _close_client).
 CLOSE_LINGER_SECONDS = 2.0
 _session_ids = itertools.count(1)
+
+
+def _certificate_der(path: str) -> bytes | None:
+    """The first certificate of a PEM file, DER-encoded (what TLS puts on the wire)."""
+    try:
+        text = Path(path).read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+    end = text.find("-----END CERTIFICATE-----")
+    if end < 0:
+        return None
+    return ssl.PEM_cert_to_DER_cert(text[: end + len("-----END CERTIFICATE-----")])
 
 
 def _client_ssl_context(config: ProxyConfig) -> ssl.SSLContext | None:
@@ -76,6 +89,8 @@ class Proxy:
         """Take a new config; it applies to sessions that start from now on."""
         self.config = config
         self.client_ssl = _client_ssl_context(config)
+        cert = config.client_tls.cert
+        self.client_cert_der = _certificate_der(str(cert)) if cert is not None else None
         self.upstream_ssl = _upstream_ssl_context(config)
         self.settings = SessionSettings(
             tls_available=self.client_ssl is not None,
@@ -362,8 +377,11 @@ class ClientConnection(asyncio.Protocol):
             return
         self.upstream = proto
         proto.negotiating = None
+        ssl_object = transport.get_extra_info("ssl_object")
+        server_der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+        same = server_der is not None and server_der == self.proxy.client_cert_der
         try:
-            commands = self.session.upstream_ready(startup)
+            commands = self.session.upstream_ready(startup, same_certificate=same)
         except ProtocolError as exc:
             commands = self.session.protocol_error(exc)
         self.run(commands)

@@ -124,6 +124,9 @@ class Session:
     _cycles: deque[float] = field(default_factory=deque)
     _early_client_bytes: bytes = b""
     _server_sent_fatal: bool = False
+    # The client's TLS and ours to PostgreSQL present the same certificate, so SCRAM channel
+    # binding (tls-server-end-point) means the same thing on both links.
+    _same_certificate: bool = False
 
     def __post_init__(self) -> None:
         limit = self.settings.max_message
@@ -268,8 +271,15 @@ class Session:
             cmd.OpenUpstream(msg),
         ]
 
-    def upstream_ready(self, startup: StartupMessage) -> list[cmd.Command]:
-        """The upstream connection is open (and TLS set up as configured)."""
+    def upstream_ready(
+        self, startup: StartupMessage, same_certificate: bool = False
+    ) -> list[cmd.Command]:
+        """The upstream connection is open (and TLS set up as configured).
+
+        ``same_certificate``: PostgreSQL presented the very certificate this client got
+        from pgwarden.
+        """
+        self._same_certificate = same_certificate and self.subject.tls
         self._set_phase(Phase.AUTH)
         out: list[cmd.Command] = [cmd.SendToServer(startup.encode())]
         if self._early_client_bytes:
@@ -410,7 +420,12 @@ class Session:
         # With TLS terminated here, channel binding would bind the client to pgwarden's
         # certificate and the server to its own: SCRAM-SHA-256-PLUS can never succeed, so
         # offer only what survives.  A client that requires channel binding then fails
-        # with libpq's own clear message.
+        # with libpq's own clear message.  The exception: when pgwarden presents the same
+        # certificate as PostgreSQL, both ends compute the same binding and -PLUS works.
+        # (Without -PLUS, libpq on TLS sends the gs2 flag 'y', which PostgreSQL on a TLS
+        # link refuses as a downgrade: plain SCRAM then needs a non-TLS upstream link.)
+        if self._same_certificate:
+            return Authentication.sasl(auth.mechanisms).encode(), []
         kept = tuple(m for m in auth.mechanisms if not m.endswith("-PLUS"))
         if not kept:
             return b"", self._close_with(

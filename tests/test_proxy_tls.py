@@ -4,8 +4,10 @@ connections."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import threading
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -60,7 +62,9 @@ SCRAM_Y_FLAG_LIMIT = (
     "too: libpq on TLS that is not offered SCRAM-SHA-256-PLUS sends the gs2 flag 'y' "
     "('I support channel binding, the server does not'), and PostgreSQL on a TLS connection "
     "rejects that as a downgrade (SCRAM channel binding negotiation error).  The flag is "
-    "covered by the client's proof, so the proxy cannot rewrite it."
+    "covered by the client's proof, so the proxy cannot rewrite it.  Works: a plain upstream "
+    "link, channel_binding=disable, or pgwarden presenting PostgreSQL's own certificate "
+    "(then SCRAM-SHA-256-PLUS passes through)."
 )
 
 
@@ -221,3 +225,26 @@ def test_replication_allowed_with_flag(proxy_factory: ProxyFactory, pg: Cluster)
     assert out.returncode == 0, out.stderr
     system_id = pg.psql("select system_identifier from pg_control_system()").strip()
     assert out.stdout.split("|")[0] == system_id
+
+
+# --- 11. SCRAM channel binding end to end ----------------------------------------------------
+
+
+@pytest.mark.parametrize("channel_binding", ["prefer", "require"])
+def test_scram_channel_binding_when_proxy_presents_the_server_certificate(
+    proxy_factory: ProxyFactory, pg: Cluster, tmp_path: Path, channel_binding: str
+) -> None:
+    # With PostgreSQL's own certificate and key, the client's tls-server-end-point binding
+    # matches the server's, so SCRAM-SHA-256-PLUS is passed through and works.
+    cert, key = tmp_path / "server.crt", tmp_path / "server.key"
+    shutil.copy(pg.datadir / "server.crt", cert)
+    shutil.copy(pg.datadir / "server.key", key)
+    proxy = proxy_factory(
+        "--tls-cert", str(cert), "--tls-key", str(key),
+        "--upstream-tls", "verify-full", "--upstream-ca", str(pg.ca_cert),
+    )  # fmt: skip
+    dsn = proxy.dsn(user="scram_user", channel_binding=channel_binding, **verified(pg))
+    with psycopg.connect(dsn) as conn:
+        assert conn.info.pgconn.ssl_in_use
+        assert conn.execute(SSL_OF_SESSION).fetchone() == (True,)
+        assert conn.execute("select current_user").fetchone() == ("scram_user",)
