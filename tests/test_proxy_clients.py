@@ -105,26 +105,56 @@ def test_psycopg_pipeline_with_an_error_in_the_middle(proxy: ProxyProcess) -> No
     with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
         with conn.pipeline() as p:
             c1 = conn.execute("select 1")
-            c2 = conn.execute("select 2")
+            c2 = conn.execute("select %s::int", [2])
             p.sync()
             assert c1.fetchone() == (1,)
             assert c2.fetchone() == (2,)
 
-        with pytest.raises(errors.DivisionByZero), conn.pipeline() as p:
-            good = conn.cursor()
-            good.execute("select 'before'")
-            bad = conn.cursor()
-            bad.execute("select 1 / (%s - 1)", [1])
-            after = conn.cursor()
-            with pytest.raises(errors.PipelineAborted):
-                after.execute("select 'after'")
-                p.sync()
-            assert good.fetchone() == ("before",)
-        # The connection works after the aborted pipeline.
+        with pytest.raises(errors.DivisionByZero), conn.pipeline():
+            conn.execute("select 'before'")
+            conn.execute("select 1 / (%s - 1)", [1])
+            conn.execute("select 'after'")
+        # The connection works after the aborted pipeline, in and out of pipeline mode.
         assert conn.execute("select 'still here'").fetchone() == ("still here",)
         with conn.pipeline():
             cur = conn.execute("select 4")
         assert cur.fetchone() == (4,)
+
+
+def test_libpq_pipeline_results_after_an_error_are_aborted(proxy: ProxyProcess) -> None:
+    # At libpq level, exactly: a result, the error, PIPELINE_ABORTED for every statement
+    # after it up to the Sync, then the sync point; and the session is usable after.
+    status = psycopg.pq.ExecStatus
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        pgconn = conn.pgconn
+        pgconn.enter_pipeline_mode()
+        for sql in (b"select 1", b"select 1 / ($1::int - 1)", b"select 3", b"select 4"):
+            params = [b"1"] if b"$1" in sql else None
+            pgconn.send_query_params(sql, params)
+        pgconn.pipeline_sync()
+        pgconn.send_query_params(b"select 'next'", None)
+        pgconn.pipeline_sync()
+        seen = []
+        while len([s for s in seen if s == status.PIPELINE_SYNC]) < 2:
+            res = pgconn.get_result()
+            if res is None:
+                continue
+            seen.append(status(res.status))
+            if res.status == status.FATAL_ERROR:
+                assert res.error_field(psycopg.pq.DiagnosticField.SQLSTATE) == b"22012"
+            if res.status == status.TUPLES_OK:
+                assert res.ntuples == 1
+        pgconn.exit_pipeline_mode()
+        assert seen == [
+            status.TUPLES_OK,
+            status.FATAL_ERROR,
+            status.PIPELINE_ABORTED,
+            status.PIPELINE_ABORTED,
+            status.PIPELINE_SYNC,
+            status.TUPLES_OK,
+            status.PIPELINE_SYNC,
+        ]
+        assert conn.execute("select 'usable'").fetchone() == ("usable",)
 
 
 def test_psycopg_server_side_cursor(proxy: ProxyProcess) -> None:
