@@ -78,6 +78,16 @@ def test_wrong_password_gets_postgresqls_own_error(proxy: ProxyProcess, user: st
         assert conn.execute("select 1").fetchone() == (1,)
 
 
+def test_protocol_version_negotiation_passes_through(proxy: ProxyProcess) -> None:
+    # libpq 18 can ask for protocol 3.2; PostgreSQL 15 answers NegotiateProtocolVersion
+    # and the session continues in 3.0.
+    if psycopg.pq.version() < 180000:
+        pytest.skip("max_protocol_version needs libpq 18")
+    with psycopg.connect(proxy.dsn(max_protocol_version="latest")) as conn:
+        assert conn.info.pgconn.protocol_version == 3
+        assert conn.execute("select 'negotiated'").fetchone() == ("negotiated",)
+
+
 # --- 2. psycopg 3 ---------------------------------------------------------------------------
 
 

@@ -3,13 +3,16 @@ purpose, compared where possible with what PostgreSQL itself sends."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import socket
 import struct
 import threading
 import time
+from collections.abc import AsyncIterator
 
+import asyncpg
 import psycopg
 import pytest
 
@@ -36,6 +39,11 @@ def backend_count(pg: Cluster, app: str) -> int:
     return int(pg.psql(f"select count(*) from pg_stat_activity where application_name = '{app}'"))
 
 
+def active(pg: Cluster) -> bool:
+    sql = "select count(*) from pg_stat_activity where query like 'select pg_sleep(2)%'"
+    return pg.psql(sql).strip() == "1"
+
+
 def assert_proxy_serves(proxy: ProxyProcess) -> None:
     with psycopg.connect(proxy.dsn()) as conn:
         assert conn.execute("select 'alive'").fetchone() == ("alive",)
@@ -51,7 +59,7 @@ def fatal_protocol_violation(msgs: list[tuple[str, bytes]]) -> ErrorResponse:
 # --- 6. forged and unknown cancel keys --------------------------------------------------------
 
 
-def test_forged_and_unknown_cancel_keys_are_dropped(proxy: ProxyProcess) -> None:
+def test_forged_and_unknown_cancel_keys_are_dropped(proxy: ProxyProcess, pg: Cluster) -> None:
     dropped_before = proxy.metric("pgwarden_cancels_dropped_total")
     with psycopg.connect(proxy.dsn(application_name="forged-cancel"), autocommit=True) as conn:
         handed_out = conn.info.backend_pid
@@ -69,7 +77,7 @@ def test_forged_and_unknown_cancel_keys_are_dropped(proxy: ProxyProcess) -> None
 
         t = threading.Thread(target=sleep)
         t.start()
-        time.sleep(0.3)
+        wait_until(lambda: backend_count(pg, "forged-cancel") == 1 and active(pg), 10)
         forged = [
             CancelRequest(handed_out, secrets.token_bytes(4)),  # right pid, wrong secret
             CancelRequest(real[0], secrets.token_bytes(4)),  # the real backend pid
@@ -282,3 +290,41 @@ def test_startup_parameters_relayed(proxy: ProxyProcess) -> None:
         msgs = c.read_until_ready()
         params = [body for t, body in msgs if t == "S"]
         assert b"application_name\0raw-app\0" in params
+
+
+def test_fast_copy_in_keeps_proxy_memory_bounded(proxy_factory: ProxyFactory, pg: Cluster) -> None:
+    # The other direction: a client pushing COPY data faster than PostgreSQL stores it.
+    proxy = proxy_factory()
+    pg.psql("drop table if exists copy_flood; create unlogged table copy_flood(body text)")
+    rss_before = proxy.rss_kib()
+    peak = [rss_before]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], proxy.rss_kib())
+            time.sleep(0.05)
+
+    line = b"y" * 1023 + b"\n"
+    chunks = 100  # 100 MB
+
+    async def run() -> None:
+        async def source() -> AsyncIterator[bytes]:
+            for _ in range(chunks):
+                yield line * 1024
+
+        conn = await asyncpg.connect(proxy.url(), ssl=False)
+        try:
+            await conn.copy_to_table("copy_flood", source=source())
+        finally:
+            await conn.close()
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        asyncio.run(run())
+    finally:
+        stop.set()
+        sampler.join()
+    assert pg.psql("select count(*) from copy_flood").strip() == str(chunks * 1024)
+    assert peak[0] - rss_before < 64 * 1024, f"RSS grew by {(peak[0] - rss_before) // 1024} MB"

@@ -3,12 +3,15 @@ connections."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+import ssl
 import subprocess
 import threading
 from pathlib import Path
 
+import asyncpg
 import psycopg
 import pytest
 
@@ -248,3 +251,26 @@ def test_scram_channel_binding_when_proxy_presents_the_server_certificate(
         assert conn.info.pgconn.ssl_in_use
         assert conn.execute(SSL_OF_SESSION).fetchone() == (True,)
         assert conn.execute("select current_user").fetchone() == ("scram_user",)
+
+
+def test_psql_and_asyncpg_over_tls(tls_proxy: ProxyProcess, pg: Cluster) -> None:
+    dsn = tls_proxy.dsn(user="md5_user", **verified(pg))
+    out = subprocess.run(
+        ["psql", "-X", "-At", dsn, "-c", "select current_user"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "md5_user"
+
+    async def run() -> None:
+        ctx = ssl.create_default_context(cafile=str(pg.ca_cert))
+        conn = await asyncpg.connect(
+            host=tls_proxy.host, port=tls_proxy.port, user="md5_user", password="md5-secret",
+            database="support", ssl=ctx,
+        )  # fmt: skip
+        try:
+            assert await conn.fetchval("select current_user") == "md5_user"
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
