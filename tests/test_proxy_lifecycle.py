@@ -215,6 +215,7 @@ def test_sighup_reloads_config(proxy_factory: ProxyFactory) -> None:
         proxy.write_config("max_message_bytes: 1048576\nno_such_setting: true\n")
         proxy.signal(signal.SIGHUP)
         failed = proxy.wait_for_log_event("config_reload_failed", after=mark)
+        assert failed["level"] == "error"
         assert "no_such_setting" in failed["error"], failed
         assert _big_query_error(proxy) == "08P01"
         mark = len(proxy.log_events())
