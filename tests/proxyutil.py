@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from typing import Any
 import yaml
 
 from loadtests.cluster import Cluster, free_port
-from proxy.messages import PROTOCOL_3_0, ErrorResponse, StartupMessage
+from proxy.messages import PROTOCOL_3_0, ErrorResponse, SSLRequest, StartupMessage
 
 _HEADER = struct.Struct("!BI")
 
@@ -228,6 +229,14 @@ class RawClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def start_tls(self, cafile: str) -> None:
+        """SSLRequest, then a verified TLS handshake on the same socket."""
+        self.send(SSLRequest().encode())
+        answer = self.read_exact(1)
+        assert answer == b"S", f"TLS refused: {answer!r}"
+        ctx = ssl.create_default_context(cafile=cafile)
+        self.sock = ctx.wrap_socket(self.sock, server_hostname="127.0.0.1")
 
     def send(self, *chunks: bytes) -> None:
         self.sock.sendall(b"".join(chunks))

@@ -232,11 +232,21 @@ def test_oversized_message_is_refused(proxy_factory: ProxyFactory, pg: Cluster) 
 # --- 13. backpressure ---------------------------------------------------------------------------
 
 
-def test_slow_reader_keeps_proxy_memory_bounded(proxy_factory: ProxyFactory) -> None:
-    proxy = proxy_factory()
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls-both-sides"])
+def test_slow_reader_keeps_proxy_memory_bounded(
+    proxy_factory: ProxyFactory, pg: Cluster, tls: bool
+) -> None:
+    certs = pg.root / "certs"
+    flags = [
+        "--tls-cert", str(certs / "proxy.crt"), "--tls-key", str(certs / "proxy.key"),
+        "--upstream-tls", "verify-full", "--upstream-ca", str(pg.ca_cert),
+    ]  # fmt: skip
+    proxy = proxy_factory(*(flags if tls else ["--upstream-tls", "disable"]))
     rows = 200_000  # 1000-byte values: ~200 MB of DataRows
     with RawClient(proxy.host, proxy.port, timeout=60) as c:
         c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        if tls:
+            c.start_tls(str(pg.ca_cert))
         c.startup()
         rss_before = proxy.rss_kib()
         c.send(Query(f"select repeat('x', 1000) from generate_series(1, {rows})").encode())

@@ -35,6 +35,14 @@ def tls_proxy(pg: Cluster, tmp_path_factory: pytest.TempPathFactory):  # type: i
     assert p.stop() == 0, p.log()
 
 
+def sleeping(pg: Cluster, app: str) -> bool:
+    sql = (
+        "select count(*) from pg_stat_activity where state = 'active' "
+        f"and application_name = '{app}' and query like 'select pg_sleep%'"
+    )
+    return pg.psql(sql).strip() == "1"
+
+
 def verified(pg: Cluster) -> dict[str, str]:
     return {"sslmode": "verify-full", "sslrootcert": str(pg.ca_cert)}
 
@@ -112,16 +120,7 @@ def test_cancel_through_tls_proxy(tls_proxy: ProxyProcess, pg: Cluster) -> None:
     ) as conn:
 
         def cancel() -> None:
-            wait_until(
-                lambda: (
-                    pg.psql(
-                        "select count(*) from pg_stat_activity where application_name = "
-                        f"'{app}' and state = 'active'"
-                    ).strip()
-                    == "1"
-                ),
-                15,
-            )
+            wait_until(lambda: sleeping(pg, app), 15, what="pg_sleep")
             conn.cancel_safe()
 
         t = threading.Thread(target=cancel)
@@ -172,6 +171,21 @@ def test_upstream_verify_full(proxy_factory: ProxyFactory, pg: Cluster) -> None:
     with psycopg.connect(proxy.dsn(user="scram_user")) as conn:
         assert not conn.info.pgconn.ssl_in_use  # client to proxy: plain
         assert conn.execute(SSL_OF_SESSION).fetchone() == (True,)  # proxy to server: TLS
+    # The proxy's own cancel connection to PostgreSQL goes over TLS too.
+    app = "upstream-tls-cancel"
+    with psycopg.connect(proxy.dsn(application_name=app), autocommit=True) as conn:
+
+        def cancel() -> None:
+            wait_until(lambda: sleeping(pg, app), 15, what="pg_sleep")
+            conn.cancel_safe()
+
+        t = threading.Thread(target=cancel)
+        t.start()
+        try:
+            with pytest.raises(psycopg.errors.QueryCanceled):
+                conn.execute("select pg_sleep(30)")
+        finally:
+            t.join()
 
 
 def test_upstream_verify_full_rejects_unknown_ca(proxy_factory: ProxyFactory, pg: Cluster) -> None:
