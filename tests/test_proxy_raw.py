@@ -227,6 +227,9 @@ def test_oversized_message_is_refused(proxy_factory: ProxyFactory, pg: Cluster) 
     with psycopg.connect(proxy.dsn()) as conn:
         # Below the limit is fine.
         assert conn.execute("select length(%s)", ["y" * 50_000]).fetchone() == (50_000,)
+        # The limit is for what clients send: a large value in a result still arrives.
+        row = conn.execute("select repeat('z', 200000)").fetchone()
+        assert row is not None and len(row[0]) == 200_000
 
 
 # --- 13. backpressure ---------------------------------------------------------------------------
