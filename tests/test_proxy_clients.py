@@ -52,6 +52,7 @@ def test_psql_logs_in_by_each_method(proxy: ProxyProcess, user: str) -> None:
 
 @pytest.mark.parametrize("user", ["md5_user", "scram_user"])
 def test_wrong_password_gets_postgresqls_own_error(proxy: ProxyProcess, user: str) -> None:
+    failures_before = proxy.metric("pgwarden_auth_failures_total")
     with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
         psycopg.connect(proxy.dsn(user=user, password="wrong"))
 
@@ -76,6 +77,7 @@ def test_wrong_password_gets_postgresqls_own_error(proxy: ProxyProcess, user: st
     # ... and the proxy keeps serving.
     with psycopg.connect(proxy.dsn(user=user)) as conn:
         assert conn.execute("select 1").fetchone() == (1,)
+    assert proxy.metric("pgwarden_auth_failures_total") == failures_before + 3
 
 
 def test_protocol_version_negotiation_passes_through(proxy: ProxyProcess) -> None:
@@ -377,7 +379,12 @@ def test_metrics_health_and_readiness(proxy: ProxyProcess) -> None:
         what="statements_total to grow",
     )
     assert after >= before + 5
-    assert proxy.metric("pgwarden_connections_active") >= 0
+    with psycopg.connect(proxy.dsn()), psycopg.connect(proxy.dsn()):
+        assert proxy.metric("pgwarden_connections_active") >= 2
+    # Every connection this module opened (and killed, and cancelled) is accounted for.
+    wait_until(
+        lambda: proxy.metric("pgwarden_connections_active") == 0, 10, what="no active connections"
+    )
     status, text = proxy.http_get("/metrics")
     assert status == 200
     assert "pgwarden_statement_latency_seconds_bucket" in text

@@ -292,3 +292,10 @@ def test_no_config_file_needed(proxy: ProxyProcess) -> None:
     assert "-c" not in proxy.cmd
     with psycopg.connect(proxy.dsn()) as conn:
         assert conn.execute("select 1").fetchone() == (1,)
+
+
+def test_no_connections_left_behind(proxy: ProxyProcess) -> None:
+    # Runs last in this module: killed clients and terminated backends left nothing open.
+    wait_until(
+        lambda: proxy.metric("pgwarden_connections_active") == 0, 10, what="no active connections"
+    )
