@@ -152,6 +152,35 @@ def test_require_tls_refuses_plaintext(proxy_factory: ProxyFactory, pg: Cluster)
         assert c.read_exact(1) == b"S"
     with psycopg.connect(proxy.dsn(**verified(pg))) as conn:
         assert conn.info.pgconn.ssl_in_use
+    # libpq's classic cancel travels in clear even when the session is TLS; as with
+    # PostgreSQL, it must still work through a TLS-only proxy.
+    app = "require-tls-cancel"
+    with psycopg.connect(proxy.dsn(application_name=app, **verified(pg)), autocommit=True) as conn:
+
+        def cancel() -> None:
+            wait_until(lambda: sleeping(pg, app), 15, what="pg_sleep")
+            conn.cancel()
+
+        t = threading.Thread(target=cancel)
+        t.start()
+        try:
+            with pytest.raises(psycopg.errors.QueryCanceled):
+                conn.execute("select pg_sleep(30)")
+        finally:
+            t.join()
+
+
+def test_direct_tls_negotiation_fails_fast(tls_proxy: ProxyProcess, pg: Cluster) -> None:
+    # PostgreSQL 17+ clients can open with a TLS ClientHello (sslnegotiation=direct).
+    # pgwarden does not support that yet: the client must get an error, not a hang.  (Its
+    # readable 08P01 reply cannot be read by a client that expects TLS: libpq reports an
+    # SSL error.)
+    if psycopg.pq.version() < 170000:
+        pytest.skip("sslnegotiation=direct needs libpq 17")
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(tls_proxy.dsn(sslnegotiation="direct", **verified(pg)))
+    with psycopg.connect(tls_proxy.dsn(**verified(pg))) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
 
 
 def test_ssl_request_answered_n_without_certificate(proxy: ProxyProcess) -> None:
