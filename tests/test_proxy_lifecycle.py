@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from psycopg import errors
 
-from loadtests.cluster import Cluster
+from loadtests.cluster import Cluster, free_port
 from proxy.messages import Query
 from tests.conftest import ProxyFactory
 from tests.proxyutil import (
@@ -285,6 +285,22 @@ def test_bad_flag_value_exits_2(tmp_path: Path, pg: Cluster) -> None:
     out = _serve(tmp_path, pg, None, "--upstream-tls", "sometimes")
     assert out.returncode == 2
     assert "--upstream-tls" in out.stderr
+
+
+@pytest.mark.parametrize("busy", ["listen", "admin"])
+def test_busy_port_exits_1_naming_it(tmp_path: Path, pg: Cluster, busy: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        listen = f"127.0.0.1:{port}" if busy == "listen" else f"127.0.0.1:{free_port()}"
+        admin = f"127.0.0.1:{port}" if busy == "admin" else "off"
+        cmd = [*pgwarden_command(), "serve", "--upstream", f"{pg.host}:{pg.port}",
+               "--listen", listen, "--admin", admin]  # fmt: skip
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1
+    assert str(port) in out.stderr and "address already in use" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_no_config_file_needed(proxy: ProxyProcess) -> None:
