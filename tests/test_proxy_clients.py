@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import threading
+from pathlib import Path
 
 import asyncpg
 import psycopg
@@ -111,6 +112,33 @@ def test_psycopg_simple_queries(proxy: ProxyProcess) -> None:
         assert cur.nextset() and cur.rowcount == 2
         assert cur.nextset() and cur.fetchone() == (3,)
         assert not cur.nextset()
+
+
+def test_notices_pass_through(proxy: ProxyProcess) -> None:
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        notices: list[str] = []
+        conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+        conn.execute("do $$ begin raise notice 'ticket % escalated', 42; end $$")
+        assert notices == ["ticket 42 escalated"]
+
+
+def test_large_objects_through_the_function_call_protocol(
+    proxy: ProxyProcess, tmp_path: Path
+) -> None:
+    # psql's \lo_import / \lo_export use libpq's lo_* calls: FunctionCall ('F') messages.
+    src, dst = tmp_path / "in.bin", tmp_path / "out.bin"
+    src.write_bytes(os.urandom(300_000))
+    script = f"""\\lo_import {src}
+\\set oid :LASTOID
+\\lo_export :oid {dst}
+\\lo_unlink :oid
+"""
+    out = subprocess.run(
+        ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", proxy.dsn()],
+        input=script, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert dst.read_bytes() == src.read_bytes()
 
 
 def test_psycopg_pipeline_with_an_error_in_the_middle(proxy: ProxyProcess) -> None:
@@ -252,6 +280,26 @@ def test_asyncpg_prepared_statements_and_copy(proxy: ProxyProcess) -> None:
             assert [tuple(r) for r in src] == [tuple(r) for r in dst]
             got = await conn.fetch("select * from recs order by id")
             assert [tuple(r) for r in got] == records
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+def test_asyncpg_cursor_fetches_in_portal_chunks(proxy: ProxyProcess) -> None:
+    # asyncpg cursors Execute the portal with a row limit: PortalSuspended, then again.
+    async def run() -> None:
+        conn = await asyncpg.connect(proxy.url(), ssl=False)
+        try:
+            async with conn.transaction():
+                got = [
+                    r[0] async for r in conn.cursor("select generate_series(1, 1000)", prefetch=37)
+                ]
+                assert got == list(range(1, 1001))
+                cur = await conn.cursor("select generate_series(1, 100)")
+                assert [r[0] for r in await cur.fetch(5)] == [1, 2, 3, 4, 5]
+                await cur.forward(10)
+                assert await cur.fetchrow() is not None
         finally:
             await conn.close()
 

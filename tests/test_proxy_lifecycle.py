@@ -303,6 +303,17 @@ def test_busy_port_exits_1_naming_it(tmp_path: Path, pg: Cluster, busy: str) -> 
     assert "Traceback" not in out.stderr
 
 
+def test_unreachable_upstream_gives_a_readable_error(
+    proxy_factory: ProxyFactory, pg: Cluster
+) -> None:
+    proxy = proxy_factory("--upstream", f"127.0.0.1:{free_port()}")
+    with pytest.raises(
+        psycopg.OperationalError, match="could not connect to the PostgreSQL server"
+    ):
+        psycopg.connect(proxy.dsn())
+    assert proxy.http_get("/healthz")[0] == 200
+
+
 def test_no_config_file_needed(proxy: ProxyProcess) -> None:
     assert proxy.config_path is None
     assert "-c" not in proxy.cmd
