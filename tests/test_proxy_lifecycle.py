@@ -105,11 +105,20 @@ def test_terminated_backend_gives_client_an_error(proxy: ProxyProcess, pg: Clust
 # --- 14. graceful shutdown ------------------------------------------------------------------
 
 
-def test_sigterm_drains_sessions_then_exits(proxy_factory: ProxyFactory, pg: Cluster) -> None:
-    proxy = proxy_factory(config={"shutdown_timeout": 30})
-    busy = psycopg.connect(proxy.dsn(application_name="shutdown-busy"), autocommit=True)
-    idle = psycopg.connect(proxy.dsn(application_name="shutdown-idle"), autocommit=True)
-    in_tx = psycopg.connect(proxy.dsn(application_name="shutdown-tx"))
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_sigterm_drains_sessions_then_exits(
+    proxy_factory: ProxyFactory, pg: Cluster, tls: bool
+) -> None:
+    config: dict[str, object] = {"shutdown_timeout": 30}
+    extra = {"sslmode": "disable"}
+    if tls:
+        certs = pg.root / "certs"
+        config["client_tls"] = {"cert": str(certs / "proxy.crt"), "key": str(certs / "proxy.key")}
+        extra = {"sslmode": "verify-full", "sslrootcert": str(pg.ca_cert)}
+    proxy = proxy_factory(config=config)
+    busy = psycopg.connect(proxy.dsn(application_name="shutdown-busy", **extra), autocommit=True)
+    idle = psycopg.connect(proxy.dsn(application_name="shutdown-idle", **extra), autocommit=True)
+    in_tx = psycopg.connect(proxy.dsn(application_name="shutdown-tx", **extra))
     try:
         in_tx.execute("create temp table kept(x int)")  # opens a transaction
         result: list[object] = []
