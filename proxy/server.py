@@ -86,18 +86,26 @@ class Proxy:
         self.apply_config(config)
 
     def apply_config(self, config: ProxyConfig) -> None:
-        """Take a new config; it applies to sessions that start from now on."""
-        self.config = config
-        self.client_ssl = _client_ssl_context(config)
+        """Take a new config; it applies to sessions that start from now on.
+
+        Everything is built before anything is replaced: if a part fails (a certificate
+        changed on disk since validation), the running config stays whole.
+        """
+        client_ssl = _client_ssl_context(config)
         cert = config.client_tls.cert
-        self.client_cert_der = _certificate_der(str(cert)) if cert is not None else None
-        self.upstream_ssl = _upstream_ssl_context(config)
-        self.settings = SessionSettings(
-            tls_available=self.client_ssl is not None,
+        client_cert_der = _certificate_der(str(cert)) if cert is not None else None
+        upstream_ssl = _upstream_ssl_context(config)
+        settings = SessionSettings(
+            tls_available=client_ssl is not None,
             tls_required=config.client_tls.required,
             allow_replication=config.allow_replication,
             max_message=config.max_message_bytes,
         )
+        self.config = config
+        self.client_ssl = client_ssl
+        self.client_cert_der = client_cert_der
+        self.upstream_ssl = upstream_ssl
+        self.settings = settings
 
     async def start(self) -> list[tuple[str, int]]:
         loop = asyncio.get_running_loop()
@@ -520,15 +528,16 @@ async def serve(
     def on_hup() -> None:
         if reload is None:
             return
+        old_listen = proxy.config.listen
         try:
             new = reload()
+            proxy.apply_config(new)
         except Exception as exc:
             log.error("config_reload_failed", error=str(exc), kept="previous configuration")
             return
-        if new.listen != proxy.config.listen:
+        if new.listen != old_listen:
             log.warning("config_listen_changed", note="a new listen address needs a restart")
         configure_logging(new.log_level, new.log_format)
-        proxy.apply_config(new)
         log.info("config_reloaded")
 
     loop.add_signal_handler(signal.SIGTERM, stop.set)

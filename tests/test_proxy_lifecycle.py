@@ -239,6 +239,30 @@ def test_sighup_reloads_config(proxy_factory: ProxyFactory) -> None:
     assert proxy.proc.poll() is None
 
 
+def test_sighup_with_unloadable_certificate_keeps_old_config(
+    proxy_factory: ProxyFactory, pg: Cluster, tmp_path: Path
+) -> None:
+    certs = pg.root / "certs"
+    tls = {"cert": str(certs / "proxy.crt"), "key": str(certs / "proxy.key")}
+    proxy = proxy_factory(config={"client_tls": tls, "shutdown_timeout": 10})
+    bad = tmp_path / "garbage.crt"
+    bad.write_text("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
+    mark = len(proxy.log_events())
+    proxy.write_config(
+        {
+            "client_tls": {"cert": str(bad), "key": tls["key"], "required": True},
+            "max_message_bytes": 65536,
+        }
+    )
+    proxy.signal(signal.SIGHUP)
+    failed = proxy.wait_for_log_event("config_reload_failed", after=mark)
+    assert "client_tls" in failed["error"] and "garbage.crt" in failed["error"], failed
+    # Nothing of the new file was applied: plaintext is still allowed, the limit unchanged.
+    assert _big_query_error(proxy) is None
+    with psycopg.connect(proxy.dsn(sslmode="verify-full", sslrootcert=str(pg.ca_cert))) as conn:
+        assert conn.info.pgconn.ssl_in_use
+
+
 def test_sighup_can_require_tls(proxy_factory: ProxyFactory, pg: Cluster) -> None:
     certs = pg.root / "certs"
     tls = {"cert": str(certs / "proxy.crt"), "key": str(certs / "proxy.key")}
@@ -278,13 +302,25 @@ def _serve(
         ("client_tls:\n  cert: /nonexistent.crt\n  key: /nonexistent.key\n", "client_tls"),
         ("max_message_bytes: lots\n", "max_message_bytes"),
         ("- just\n- a list\n", "mapping"),
+        ("client_tls:\n  cert: {garbage}\n  key: {garbage}\n", "client_tls: cannot load"),
+        ("upstream_tls:\n  mode: verify-full\n  ca: {garbage}\n", "upstream_tls.ca"),
     ],
-    ids=["unknown-key", "bad-tls-mode", "missing-cert", "bad-number", "not-a-mapping"],
+    ids=[
+        "unknown-key",
+        "bad-tls-mode",
+        "missing-cert",
+        "bad-number",
+        "not-a-mapping",
+        "unloadable-cert",
+        "unloadable-ca",
+    ],
 )
 def test_config_errors_exit_2_naming_the_key(
     tmp_path: Path, pg: Cluster, config: str, named: str
 ) -> None:
-    out = _serve(tmp_path, pg, config)
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("this is not PEM\n")
+    out = _serve(tmp_path, pg, config.format(garbage=garbage))
     assert out.returncode == 2, out.stderr
     assert named in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
