@@ -139,6 +139,26 @@ def test_pipelined_batch_with_error_matches_postgresql(
     assert through_proxy[-1][1] == (b"E" if in_transaction else b"I")
 
 
+def _run_simple(host: str, port: int) -> list[tuple[str, bytes]]:
+    with RawClient(host, port) as c:
+        c.startup()
+        c.send(Query("select 1; select 1/0; select 3; ; select 4").encode())
+        msgs = c.read_until_ready()
+        c.send(Query("").encode())
+        assert [t for t, _ in c.read_until_ready()] == ["I", "Z"]  # EmptyQueryResponse
+        return msgs
+
+
+def test_simple_query_string_with_error_matches_postgresql(
+    proxy: ProxyProcess, pg: Cluster
+) -> None:
+    through_proxy = _run_simple(proxy.host, proxy.port)
+    assert through_proxy == _run_simple(pg.host, pg.port)
+    # One result, the error, nothing of the rest of the string, one ReadyForQuery.
+    assert [t for t, _ in through_proxy] == ["T", "D", "C", "E", "Z"]
+    assert error_of(through_proxy).sqlstate == "22012"
+
+
 # --- 10. start-up corners -----------------------------------------------------------------------
 
 

@@ -249,8 +249,13 @@ def test_tls_on_both_sides(proxy_factory: ProxyFactory, pg: Cluster) -> None:
 # --- 12. replication connections ------------------------------------------------------------
 
 
-def _psql_replication(proxy: ProxyProcess) -> subprocess.CompletedProcess[str]:
-    dsn = f"host={proxy.host} port={proxy.port} user=postgres dbname=support replication=database sslmode=disable"
+def _psql_replication(
+    proxy: ProxyProcess, mode: str = "database"
+) -> subprocess.CompletedProcess[str]:
+    dsn = (
+        f"host={proxy.host} port={proxy.port} user=postgres dbname=support "
+        f"replication={mode} sslmode=disable"
+    )
     return subprocess.run(
         ["psql", "-X", "-At", dsn, "-c", "IDENTIFY_SYSTEM"],
         capture_output=True, text=True, timeout=30, env=dict(os.environ),
@@ -260,17 +265,19 @@ def _psql_replication(proxy: ProxyProcess) -> subprocess.CompletedProcess[str]:
 def test_replication_refused_by_default(proxy: ProxyProcess) -> None:
     with pytest.raises(psycopg.OperationalError, match="replication connections are not allowed"):
         psycopg.connect(proxy.dsn(replication="database"))
-    out = _psql_replication(proxy)
-    assert out.returncode != 0
-    assert "replication connections are not allowed through this proxy" in out.stderr
+    for mode in ("database", "true"):
+        out = _psql_replication(proxy, mode)
+        assert out.returncode != 0
+        assert "replication connections are not allowed through this proxy" in out.stderr
 
 
 def test_replication_allowed_with_flag(proxy_factory: ProxyFactory, pg: Cluster) -> None:
     proxy = proxy_factory("--allow-replication")
-    out = _psql_replication(proxy)
-    assert out.returncode == 0, out.stderr
     system_id = pg.psql("select system_identifier from pg_control_system()").strip()
-    assert out.stdout.split("|")[0] == system_id
+    for mode in ("database", "true"):
+        out = _psql_replication(proxy, mode)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split("|")[0] == system_id
 
 
 # --- 11. SCRAM channel binding end to end ----------------------------------------------------
