@@ -324,3 +324,20 @@ def test_psql_and_asyncpg_over_tls(tls_proxy: ProxyProcess, pg: Cluster) -> None
             await conn.close()
 
     asyncio.run(run())
+
+
+def test_base_backup_streams_through_proxy(
+    proxy_factory: ProxyFactory, pg: Cluster, tmp_path: Path
+) -> None:
+    # BASE_BACKUP (COPY out) and START_REPLICATION (CopyBoth, the WAL stream) on a second
+    # connection: the whole physical replication protocol through the proxy.
+    proxy = proxy_factory("--allow-replication")
+    target = tmp_path / "backup"
+    out = subprocess.run(
+        [str(pg.bindir / "pg_basebackup"), "-h", proxy.host, "-p", str(proxy.port),
+         "-U", "postgres", "-D", str(target), "-X", "stream", "-c", "fast", "--no-sync"],
+        capture_output=True, text=True, timeout=120, env=dict(os.environ, PGSSLMODE="disable"),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert (target / "PG_VERSION").read_text().strip() == "15"
+    assert (target / "backup_label").exists()
