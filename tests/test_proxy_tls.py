@@ -1,10 +1,8 @@
-"""TLS on both sides of the proxy, SCRAM through a TLS-terminating proxy, and replication
-connections."""
+"""TLS on both sides of the proxy, and SCRAM through a TLS-terminating proxy."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import ssl
 import subprocess
@@ -246,40 +244,6 @@ def test_tls_on_both_sides(proxy_factory: ProxyFactory, pg: Cluster) -> None:
         assert conn.execute(SSL_OF_SESSION).fetchone() == (True,)
 
 
-# --- 12. replication connections ------------------------------------------------------------
-
-
-def _psql_replication(
-    proxy: ProxyProcess, mode: str = "database"
-) -> subprocess.CompletedProcess[str]:
-    dsn = (
-        f"host={proxy.host} port={proxy.port} user=postgres dbname=support "
-        f"replication={mode} sslmode=disable"
-    )
-    return subprocess.run(
-        ["psql", "-X", "-At", dsn, "-c", "IDENTIFY_SYSTEM"],
-        capture_output=True, text=True, timeout=30, env=dict(os.environ),
-    )  # fmt: skip
-
-
-def test_replication_refused_by_default(proxy: ProxyProcess) -> None:
-    with pytest.raises(psycopg.OperationalError, match="replication connections are not allowed"):
-        psycopg.connect(proxy.dsn(replication="database"))
-    for mode in ("database", "true"):
-        out = _psql_replication(proxy, mode)
-        assert out.returncode != 0
-        assert "replication connections are not allowed through this proxy" in out.stderr
-
-
-def test_replication_allowed_with_flag(proxy_factory: ProxyFactory, pg: Cluster) -> None:
-    proxy = proxy_factory("--allow-replication")
-    system_id = pg.psql("select system_identifier from pg_control_system()").strip()
-    for mode in ("database", "true"):
-        out = _psql_replication(proxy, mode)
-        assert out.returncode == 0, out.stderr
-        assert out.stdout.split("|")[0] == system_id
-
-
 # --- 11. SCRAM channel binding end to end ----------------------------------------------------
 
 
@@ -324,20 +288,3 @@ def test_psql_and_asyncpg_over_tls(tls_proxy: ProxyProcess, pg: Cluster) -> None
             await conn.close()
 
     asyncio.run(run())
-
-
-def test_base_backup_streams_through_proxy(
-    proxy_factory: ProxyFactory, pg: Cluster, tmp_path: Path
-) -> None:
-    # BASE_BACKUP (COPY out) and START_REPLICATION (CopyBoth, the WAL stream) on a second
-    # connection: the whole physical replication protocol through the proxy.
-    proxy = proxy_factory("--allow-replication")
-    target = tmp_path / "backup"
-    out = subprocess.run(
-        [str(pg.bindir / "pg_basebackup"), "-h", proxy.host, "-p", str(proxy.port),
-         "-U", "postgres", "-D", str(target), "-X", "stream", "-c", "fast", "--no-sync"],
-        capture_output=True, text=True, timeout=120, env=dict(os.environ, PGSSLMODE="disable"),
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    assert (target / "PG_VERSION").read_text().strip() == "15"
-    assert (target / "backup_label").exists()
