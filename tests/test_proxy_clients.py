@@ -306,6 +306,23 @@ def test_asyncpg_cursor_fetches_in_portal_chunks(proxy: ProxyProcess) -> None:
     asyncio.run(run())
 
 
+def test_many_concurrent_sessions(proxy: ProxyProcess) -> None:
+    async def one(i: int) -> int:
+        conn = await asyncpg.connect(proxy.url(user="md5_user"), ssl=False)
+        try:
+            total = 0
+            for j in range(20):
+                total += await conn.fetchval("select $1::int + $2::int", i, j)
+            return total
+        finally:
+            await conn.close()
+
+    async def run() -> list[int]:
+        return await asyncio.gather(*(one(i) for i in range(60)))
+
+    assert asyncio.run(run()) == [20 * i + 190 for i in range(60)]
+
+
 def test_asyncpg_listen_notify_between_two_connections(proxy: ProxyProcess) -> None:
     async def run() -> None:
         listener = await asyncpg.connect(proxy.url(), ssl=False)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import psycopg
@@ -100,6 +101,19 @@ def test_terminated_backend_gives_client_an_error(proxy: ProxyProcess, pg: Clust
         assert conn.closed or conn.info.status == psycopg.pq.ConnStatus.BAD
     with psycopg.connect(proxy.dsn()) as conn:
         assert conn.execute("select 'new session'").fetchone() == ("new session",)
+
+
+def test_server_side_timeout_fatal_reaches_the_client(proxy: ProxyProcess) -> None:
+    # PostgreSQL ends an idle transaction with FATAL 25P03 while the client is not looking;
+    # the client must see that reason on its next query, as it would directly.
+    dsn = proxy.dsn(options="'-c idle_in_transaction_session_timeout=300'")
+    with psycopg.connect(dsn) as conn:
+        conn.execute("select 1")  # opens a transaction
+        time.sleep(1.5)
+        with pytest.raises(errors.IdleInTransactionSessionTimeout):
+            conn.execute("select 1")
+    with psycopg.connect(proxy.dsn()) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
 
 
 # --- 14. graceful shutdown ------------------------------------------------------------------
