@@ -98,7 +98,8 @@ def serve(config_file: str | None, **flags: Any) -> None:
     try:
         asyncio.run(run_server(config, reload=load))
     except OSError as exc:
-        click.echo(f"pgwarden: cannot listen on {config.listen}: {exc.strerror or exc}", err=True)
+        # asyncio's bind error names the address itself, which may be the admin one.
+        click.echo(f"pgwarden: cannot listen: {exc.strerror or exc}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         pass

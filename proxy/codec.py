@@ -144,6 +144,10 @@ class FrameScanner:
     ``scan(chunk)`` returns ``(type, end, body)`` for each message that *ends* in this chunk,
     ``end`` being the offset just past it in ``chunk``.  ``body`` is the message body for the
     types in ``wanted`` and None for all others, whose bytes are only skipped.
+
+    ``max_message`` bounds only the wanted types, the bodies it copies: a skipped body costs
+    no memory, and a legal 100 MB DataRow must not end the session because the limit was
+    set low to stop huge client messages.
     """
 
     __slots__ = ("_body", "_from_client", "_header", "_remaining", "_type", "max_message", "wanted")
@@ -199,7 +203,7 @@ class FrameScanner:
                 self._header = chunk[pos:]
                 break
             t, length = _HEADER.unpack_from(chunk, pos)
-            if length < 4 or length > limit:
+            if length < 4 or (length > limit and t in wanted):
                 raise self._bad_length(t, length)
             end = pos + 1 + length
             if end <= n:
@@ -216,7 +220,7 @@ class FrameScanner:
         self, t: int, length: int, chunk: bytes, pos: int, out: list[tuple[int, int, bytes | None]]
     ) -> int:
         """Begin a message whose header straddled the previous chunk; returns the new pos."""
-        if length < 4 or length > self.max_message:
+        if length < 4 or (length > self.max_message and t in self.wanted):
             raise self._bad_length(t, length)
         body_len = length - 4
         avail = len(chunk) - pos

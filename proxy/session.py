@@ -51,6 +51,7 @@ class Phase(enum.Enum):
     CONNECTING = "connecting"  # StartupMessage received, upstream connection being opened
     AUTH = "auth"  # relaying the authentication exchange PostgreSQL drives
     READY = "ready"  # authenticated: relaying queries and results
+    ENDING = "ending"  # shutting down: upstream ended; the client is told at its next message
     CLOSED = "closed"
 
 
@@ -59,7 +60,8 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     Phase.TLS: frozenset({Phase.STARTUP, Phase.CLOSED}),
     Phase.CONNECTING: frozenset({Phase.AUTH, Phase.CLOSED}),
     Phase.AUTH: frozenset({Phase.READY, Phase.CLOSED}),
-    Phase.READY: frozenset({Phase.CLOSED}),
+    Phase.READY: frozenset({Phase.ENDING, Phase.CLOSED}),
+    Phase.ENDING: frozenset({Phase.CLOSED}),
     Phase.CLOSED: frozenset(),
 }
 
@@ -75,6 +77,8 @@ _CYCLE_TYPES = frozenset((_Q, _S, _F))
 _SERVER_WANTED = frozenset((_Z, _S, _E))
 
 _REPLICATION_ON = frozenset({"true", "on", "yes", "1", "database"})
+
+_SHUTTING_DOWN = "pgwarden: terminating connection: proxy is shutting down"
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +214,8 @@ class Session:
             return []
         if self.phase is Phase.TLS:
             raise ClientProtocolError("client sent data during the TLS handshake")
+        if self.phase is Phase.ENDING:
+            return self._close_with("57P01", _SHUTTING_DOWN)
         return []
 
     def _read_startup(self) -> list[cmd.Command]:
@@ -296,7 +302,7 @@ class Session:
         PostgreSQL showed pgwarden, so SCRAM channel binding holds end to end.
         """
         self.upstream_tls = tls
-        self.channel_binding_passes = same_certificate
+        self.channel_binding_passes = same_certificate and self.subject.tls
         self._set_phase(Phase.AUTH)
         out: list[cmd.Command] = [cmd.SendToServer(startup.encode())]
         if self._early_client_bytes:
@@ -375,7 +381,7 @@ class Session:
         self.stats.bytes_from_server += len(data)
         if self.phase is Phase.AUTH:
             return self._auth_server(data)
-        if self.phase is Phase.CLOSED:
+        if self.phase in (Phase.ENDING, Phase.CLOSED):
             return []
         raise ServerProtocolError(f"server sent data while the session is {self.phase.value}")
 
@@ -391,10 +397,9 @@ class Session:
                 auth = Authentication.decode(body)
                 if auth.code == AUTH_SASL:
                     self._expect_sasl_initial = True
-                    if not self.channel_binding_passes:
-                        whole, refusal = self._filter_sasl(auth)
-                        if refusal:
-                            return refusal
+                    whole, refusal = self._filter_sasl(auth)
+                    if refusal:
+                        return refusal
                 pieces.append(whole)
                 if auth.code == AUTH_OK:
                     out.append(cmd.Log("authenticated"))
@@ -448,7 +453,12 @@ class Session:
         # With TLS terminated here, channel binding would bind the client to pgwarden's
         # certificate and the server to its own: SCRAM-SHA-256-PLUS can never succeed, so
         # offer only what survives.  A client that requires channel binding then fails
-        # with libpq's own clear message.
+        # with libpq's own clear message.  The exception: when pgwarden presents the same
+        # certificate as PostgreSQL, both ends compute the same binding and -PLUS works.
+        # (Without -PLUS, libpq on TLS sends the gs2 flag 'y', which PostgreSQL on a TLS
+        # link refuses as a downgrade: plain SCRAM then needs a non-TLS upstream link.)
+        if self.channel_binding_passes:
+            return Authentication.sasl(auth.mechanisms).encode(), []
         kept = tuple(m for m in auth.mechanisms if not m.endswith("-PLUS"))
         if not kept:
             return b"", self._close_with(
@@ -506,7 +516,7 @@ class Session:
         if self.tracker.server_sent_fatal:
             self._server_sent_fatal = True
         if self.shutting_down and self._idle:
-            out += self._shutdown_now()
+            out += self._end_upstream()
         return out
 
     def _relay_server(self, data: bytes) -> list[cmd.Command]:
@@ -526,8 +536,8 @@ class Session:
                 err = ErrorResponse.decode(body)
                 if err.get("V") in ("FATAL", "PANIC") or err.get("S") in ("FATAL", "PANIC"):
                     self._server_sent_fatal = True
-        if self.shutting_down and self._idle:
-            out += self._shutdown_now()
+        if self.shutting_down and not self._cycles and self.transaction_status == "I":
+            out += self._end_upstream()
         return out
 
     def _ready_for_query(self, body: bytes) -> None:
@@ -542,6 +552,8 @@ class Session:
         """PostgreSQL closed the connection (terminated backend, crash, network)."""
         if self.phase is Phase.CLOSED:
             return [cmd.CloseClient()]
+        if self.phase is Phase.ENDING:
+            return []  # we ended it; the client hears why at its next message
         self.phase = Phase.CLOSED
         if self._server_sent_fatal:
             # PostgreSQL already told the client why (e.g. authentication failed).
@@ -565,32 +577,36 @@ class Session:
         statement (and transaction) completes."""
         self.shutting_down = True
         if self.phase is not Phase.READY:
-            if self.phase is Phase.CLOSED:
+            if self.phase in (Phase.ENDING, Phase.CLOSED):
                 return []
-            return self._close_with(
-                "57P01", "pgwarden: terminating connection: proxy is shutting down"
-            )
+            return self._close_with("57P01", _SHUTTING_DOWN)
         if self._idle:
-            return self._shutdown_now()
+            return self._end_upstream() + self._close_with("57P01", _SHUTTING_DOWN)
         return []
 
-    def _shutdown_now(self) -> list[cmd.Command]:
-        self.phase = Phase.CLOSED
-        return [
-            cmd.SendToClient(
-                error_bytes(
-                    "57P01", "pgwarden: terminating connection: proxy is shutting down", fatal=True
-                )
-            ),
-            cmd.SendToServer(b"X\x00\x00\x00\x04"),
-            cmd.CloseServer(),
-            cmd.CloseClient(),
-        ]
+    def _end_upstream(self) -> list[cmd.Command]:
+        """The last statement of a shutting-down session is done: end the backend, and keep
+        the client connection until the client sends its next message.
+
+        A FATAL sent right behind the ReadyForQuery reaches libpq while it is idle, and
+        libpq then shows it only as a notice; the client's next query meets a closed
+        connection with no reason given.  Sent as the answer to that query, it is an error
+        the client sees (57P01, as PostgreSQL's own shutdown gives).
+        """
+        self._set_phase(Phase.ENDING)
+        return [cmd.SendToServer(b"X\x00\x00\x00\x04"), cmd.CloseServer()]
+
+    @property
+    def working(self) -> bool:
+        """True while shutdown must wait for this session (it still has a backend)."""
+        return self.phase not in (Phase.ENDING, Phase.CLOSED)
 
     def force_close(self) -> list[cmd.Command]:
         """Shutdown timeout reached: end the session whatever it is doing."""
         if self.phase is Phase.CLOSED:
             return [cmd.CloseClient(), cmd.CloseServer()]
+        if self.phase is Phase.ENDING:
+            return self._close_with("57P01", _SHUTTING_DOWN)
         out: list[cmd.Command] = [cmd.CancelUpstream()] if self.busy else []
         return out + self._close_with(
             "57P01", "pgwarden: terminating connection: proxy shutdown timeout reached"

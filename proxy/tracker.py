@@ -57,6 +57,8 @@ _COPY_OUT = ord("H")
 _PS = ord("S")  # from the server, 'S' is ParameterStatus  # from the server, 'H' is CopyOutResponse
 _FRONTEND = frozenset((_Q, _P, _B, _D, _E, _C, _S, _H, _F, _X, _d, _c, _f))
 
+SERVER_MESSAGE_LIMIT = 2**30 + 2**20
+
 # What a FIFO entry waits for.
 PARSE, BIND, DESCRIBE, EXECUTE, CLOSE, SYNC, QUERY, FUNC, FIXUP = range(9)
 _SYNC_POINTS = (SYNC, QUERY, FUNC, FIXUP)  # entries answered by ReadyForQuery
@@ -111,7 +113,9 @@ class Tracker:
         self.stats = stats
         self.max_message = max_message
         self.client_reader = FrameReader(max_message, from_client=True)
-        self.server_reader = FrameReader(max_message, from_client=False)
+        # Server messages are whole-buffered here (a row may have to be cut or rewritten),
+        # so their bound is PostgreSQL's own (1 GB fields), not the client-message limit.
+        self.server_reader = FrameReader(SERVER_MESSAGE_LIMIT, from_client=False)
         self.fifo: deque[Entry] = deque()
         self.prepared: dict[str, Decision | None] = {}
         self.statement_fields: dict[str, tuple[Field, ...]] = {}

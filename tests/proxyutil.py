@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from typing import Any
 import yaml
 
 from loadtests.cluster import Cluster, free_port
-from proxy.messages import PROTOCOL_3_0, ErrorResponse, StartupMessage
+from proxy.messages import PROTOCOL_3_0, ErrorResponse, SSLRequest, StartupMessage
 
 _HEADER = struct.Struct("!BI")
 
@@ -75,6 +76,7 @@ class ProxyProcess:
         self.admin_port = free_port() if admin else None
         self.log_path = workdir / "pgwarden.log"
         self.config_path: Path | None = None
+        self._terminated = False
         cmd = [
             *pgwarden_command(), "serve",
             "--listen", f"{self.host}:{self.port}",
@@ -115,12 +117,15 @@ class ProxyProcess:
             time.sleep(0.05)
 
     def signal(self, sig: int) -> None:
+        if sig == signal.SIGTERM:
+            self._terminated = True
         self.proc.send_signal(sig)
 
     def stop(self, timeout: float = 45.0) -> int:
         """SIGTERM, wait for the exit, and return the exit code (killing it if it hangs)."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            if not self._terminated:  # a second SIGTERM while exiting would kill it
+                self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -224,6 +229,14 @@ class RawClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def start_tls(self, cafile: str) -> None:
+        """SSLRequest, then a verified TLS handshake on the same socket."""
+        self.send(SSLRequest().encode())
+        answer = self.read_exact(1)
+        assert answer == b"S", f"TLS refused: {answer!r}"
+        ctx = ssl.create_default_context(cafile=cafile)
+        self.sock = ctx.wrap_socket(self.sock, server_hostname="127.0.0.1")
 
     def send(self, *chunks: bytes) -> None:
         self.sock.sendall(b"".join(chunks))

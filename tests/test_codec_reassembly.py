@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import random
 
-from proxy.codec import FrameReader
-from proxy.messages import Bind, Query, Sync
+import pytest
+
+from proxy.codec import FrameReader, FrameScanner
+from proxy.messages import Bind, DataRow, ErrorResponse, ProtocolError, Query, ReadyForQuery, Sync
 
 
 def test_frames_split_anywhere_are_reassembled() -> None:
@@ -30,3 +32,17 @@ def test_frames_split_anywhere_are_reassembled() -> None:
         assert whole == msgs
         assert raw_all == stream
         assert reader.buffered == 0
+
+
+def test_scanner_limit_applies_to_the_bodies_it_keeps() -> None:
+    big_row = DataRow((b"x" * 100_000,)).encode()
+    rfq = ReadyForQuery("I").encode()
+    scanner = FrameScanner(frozenset({ord("Z"), ord("E")}), max_message=65536)
+    stream = big_row + rfq
+    seen = []
+    for i in range(0, len(stream), 4096):
+        seen += scanner.scan(stream[i : i + 4096])
+    assert [(chr(t), body) for t, _end, body in seen] == [("D", None), ("Z", b"I")]
+    big_error = ErrorResponse.make("XX000", "e" * 100_000).encode()
+    with pytest.raises(ProtocolError, match="over the limit"):
+        FrameScanner(frozenset({ord("E")}), max_message=65536).scan(big_error)

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import threading
+from pathlib import Path
 
 import asyncpg
 import psycopg
@@ -52,6 +53,7 @@ def test_psql_logs_in_by_each_method(proxy: ProxyProcess, user: str) -> None:
 
 @pytest.mark.parametrize("user", ["md5_user", "scram_user"])
 def test_wrong_password_gets_postgresqls_own_error(proxy: ProxyProcess, user: str) -> None:
+    failures_before = proxy.metric("pgwarden_auth_failures_total")
     with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
         psycopg.connect(proxy.dsn(user=user, password="wrong"))
 
@@ -76,6 +78,17 @@ def test_wrong_password_gets_postgresqls_own_error(proxy: ProxyProcess, user: st
     # ... and the proxy keeps serving.
     with psycopg.connect(proxy.dsn(user=user)) as conn:
         assert conn.execute("select 1").fetchone() == (1,)
+    assert proxy.metric("pgwarden_auth_failures_total") == failures_before + 3
+
+
+def test_protocol_version_negotiation_passes_through(proxy: ProxyProcess) -> None:
+    # libpq 18 can ask for protocol 3.2; PostgreSQL 15 answers NegotiateProtocolVersion
+    # and the session continues in 3.0.
+    if psycopg.pq.version() < 180000:
+        pytest.skip("max_protocol_version needs libpq 18")
+    with psycopg.connect(proxy.dsn(max_protocol_version="latest")) as conn:
+        assert conn.info.pgconn.protocol_version == 3
+        assert conn.execute("select 'negotiated'").fetchone() == ("negotiated",)
 
 
 # --- 2. psycopg 3 ---------------------------------------------------------------------------
@@ -101,30 +114,87 @@ def test_psycopg_simple_queries(proxy: ProxyProcess) -> None:
         assert not cur.nextset()
 
 
+def test_notices_pass_through(proxy: ProxyProcess) -> None:
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        notices: list[str] = []
+        conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+        conn.execute("do $$ begin raise notice 'ticket % escalated', 42; end $$")
+        assert notices == ["ticket 42 escalated"]
+
+
+def test_large_objects_through_the_function_call_protocol(
+    proxy: ProxyProcess, tmp_path: Path
+) -> None:
+    # psql's \lo_import / \lo_export use libpq's lo_* calls: FunctionCall ('F') messages.
+    src, dst = tmp_path / "in.bin", tmp_path / "out.bin"
+    src.write_bytes(os.urandom(300_000))
+    script = f"""\\lo_import {src}
+\\set oid :LASTOID
+\\lo_export :oid {dst}
+\\lo_unlink :oid
+"""
+    out = subprocess.run(
+        ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", proxy.dsn()],
+        input=script, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert dst.read_bytes() == src.read_bytes()
+
+
 def test_psycopg_pipeline_with_an_error_in_the_middle(proxy: ProxyProcess) -> None:
     with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
         with conn.pipeline() as p:
             c1 = conn.execute("select 1")
-            c2 = conn.execute("select 2")
+            c2 = conn.execute("select %s::int", [2])
             p.sync()
             assert c1.fetchone() == (1,)
             assert c2.fetchone() == (2,)
 
-        with pytest.raises(errors.DivisionByZero), conn.pipeline() as p:
-            good = conn.cursor()
-            good.execute("select 'before'")
-            bad = conn.cursor()
-            bad.execute("select 1 / (%s - 1)", [1])
-            after = conn.cursor()
-            with pytest.raises(errors.PipelineAborted):
-                after.execute("select 'after'")
-                p.sync()
-            assert good.fetchone() == ("before",)
-        # The connection works after the aborted pipeline.
+        with pytest.raises(errors.DivisionByZero), conn.pipeline():
+            conn.execute("select 'before'")
+            conn.execute("select 1 / (%s - 1)", [1])
+            conn.execute("select 'after'")
+        # The connection works after the aborted pipeline, in and out of pipeline mode.
         assert conn.execute("select 'still here'").fetchone() == ("still here",)
         with conn.pipeline():
             cur = conn.execute("select 4")
         assert cur.fetchone() == (4,)
+
+
+def test_libpq_pipeline_results_after_an_error_are_aborted(proxy: ProxyProcess) -> None:
+    # At libpq level, exactly: a result, the error, PIPELINE_ABORTED for every statement
+    # after it up to the Sync, then the sync point; and the session is usable after.
+    status = psycopg.pq.ExecStatus
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        pgconn = conn.pgconn
+        pgconn.enter_pipeline_mode()
+        for sql in (b"select 1", b"select 1 / ($1::int - 1)", b"select 3", b"select 4"):
+            params = [b"1"] if b"$1" in sql else None
+            pgconn.send_query_params(sql, params)
+        pgconn.pipeline_sync()
+        pgconn.send_query_params(b"select 'next'", None)
+        pgconn.pipeline_sync()
+        seen = []
+        while len([s for s in seen if s == status.PIPELINE_SYNC]) < 2:
+            res = pgconn.get_result()
+            if res is None:
+                continue
+            seen.append(status(res.status))
+            if res.status == status.FATAL_ERROR:
+                assert res.error_field(psycopg.pq.DiagnosticField.SQLSTATE) == b"22012"
+            if res.status == status.TUPLES_OK:
+                assert res.ntuples == 1
+        pgconn.exit_pipeline_mode()
+        assert seen == [
+            status.TUPLES_OK,
+            status.FATAL_ERROR,
+            status.PIPELINE_ABORTED,
+            status.PIPELINE_ABORTED,
+            status.PIPELINE_SYNC,
+            status.TUPLES_OK,
+            status.PIPELINE_SYNC,
+        ]
+        assert conn.execute("select 'usable'").fetchone() == ("usable",)
 
 
 def test_psycopg_server_side_cursor(proxy: ProxyProcess) -> None:
@@ -214,6 +284,43 @@ def test_asyncpg_prepared_statements_and_copy(proxy: ProxyProcess) -> None:
             await conn.close()
 
     asyncio.run(run())
+
+
+def test_asyncpg_cursor_fetches_in_portal_chunks(proxy: ProxyProcess) -> None:
+    # asyncpg cursors Execute the portal with a row limit: PortalSuspended, then again.
+    async def run() -> None:
+        conn = await asyncpg.connect(proxy.url(), ssl=False)
+        try:
+            async with conn.transaction():
+                got = [
+                    r[0] async for r in conn.cursor("select generate_series(1, 1000)", prefetch=37)
+                ]
+                assert got == list(range(1, 1001))
+                cur = await conn.cursor("select generate_series(1, 100)")
+                assert [r[0] for r in await cur.fetch(5)] == [1, 2, 3, 4, 5]
+                await cur.forward(10)
+                assert await cur.fetchrow() is not None
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+def test_many_concurrent_sessions(proxy: ProxyProcess) -> None:
+    async def one(i: int) -> int:
+        conn = await asyncpg.connect(proxy.url(user="md5_user"), ssl=False)
+        try:
+            total = 0
+            for j in range(20):
+                total += await conn.fetchval("select $1::int + $2::int", i, j)
+            return total
+        finally:
+            await conn.close()
+
+    async def run() -> list[int]:
+        return await asyncio.gather(*(one(i) for i in range(60)))
+
+    assert asyncio.run(run()) == [20 * i + 190 for i in range(60)]
 
 
 def test_asyncpg_listen_notify_between_two_connections(proxy: ProxyProcess) -> None:
@@ -337,7 +444,12 @@ def test_metrics_health_and_readiness(proxy: ProxyProcess) -> None:
         what="statements_total to grow",
     )
     assert after >= before + 5
-    assert proxy.metric("pgwarden_connections_active") >= 0
+    with psycopg.connect(proxy.dsn()), psycopg.connect(proxy.dsn()):
+        assert proxy.metric("pgwarden_connections_active") >= 2
+    # Every connection this module opened (and killed, and cancelled) is accounted for.
+    wait_until(
+        lambda: proxy.metric("pgwarden_connections_active") == 0, 10, what="no active connections"
+    )
     status, text = proxy.http_get("/metrics")
     assert status == 200
     assert "pgwarden_statement_latency_seconds_bucket" in text

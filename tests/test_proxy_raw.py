@@ -3,13 +3,16 @@ purpose, compared where possible with what PostgreSQL itself sends."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import socket
 import struct
 import threading
 import time
+from collections.abc import AsyncIterator
 
+import asyncpg
 import psycopg
 import pytest
 
@@ -36,6 +39,11 @@ def backend_count(pg: Cluster, app: str) -> int:
     return int(pg.psql(f"select count(*) from pg_stat_activity where application_name = '{app}'"))
 
 
+def active(pg: Cluster) -> bool:
+    sql = "select count(*) from pg_stat_activity where query like 'select pg_sleep(2)%'"
+    return pg.psql(sql).strip() == "1"
+
+
 def assert_proxy_serves(proxy: ProxyProcess) -> None:
     with psycopg.connect(proxy.dsn()) as conn:
         assert conn.execute("select 'alive'").fetchone() == ("alive",)
@@ -51,7 +59,7 @@ def fatal_protocol_violation(msgs: list[tuple[str, bytes]]) -> ErrorResponse:
 # --- 6. forged and unknown cancel keys --------------------------------------------------------
 
 
-def test_forged_and_unknown_cancel_keys_are_dropped(proxy: ProxyProcess) -> None:
+def test_forged_and_unknown_cancel_keys_are_dropped(proxy: ProxyProcess, pg: Cluster) -> None:
     dropped_before = proxy.metric("pgwarden_cancels_dropped_total")
     with psycopg.connect(proxy.dsn(application_name="forged-cancel"), autocommit=True) as conn:
         handed_out = conn.info.backend_pid
@@ -69,7 +77,7 @@ def test_forged_and_unknown_cancel_keys_are_dropped(proxy: ProxyProcess) -> None
 
         t = threading.Thread(target=sleep)
         t.start()
-        time.sleep(0.3)
+        wait_until(lambda: backend_count(pg, "forged-cancel") == 1 and active(pg), 10)
         forged = [
             CancelRequest(handed_out, secrets.token_bytes(4)),  # right pid, wrong secret
             CancelRequest(real[0], secrets.token_bytes(4)),  # the real backend pid
@@ -129,6 +137,26 @@ def test_pipelined_batch_with_error_matches_postgresql(
     assert types.count("D") == 1 and types.count("C") == 1 and types.count("Z") == 1
     assert types[-2:] == ["E", "Z"]
     assert through_proxy[-1][1] == (b"E" if in_transaction else b"I")
+
+
+def _run_simple(host: str, port: int) -> list[tuple[str, bytes]]:
+    with RawClient(host, port) as c:
+        c.startup()
+        c.send(Query("select 1; select 1/0; select 3; ; select 4").encode())
+        msgs = c.read_until_ready()
+        c.send(Query("").encode())
+        assert [t for t, _ in c.read_until_ready()] == ["I", "Z"]  # EmptyQueryResponse
+        return msgs
+
+
+def test_simple_query_string_with_error_matches_postgresql(
+    proxy: ProxyProcess, pg: Cluster
+) -> None:
+    through_proxy = _run_simple(proxy.host, proxy.port)
+    assert through_proxy == _run_simple(pg.host, pg.port)
+    # One result, the error, nothing of the rest of the string, one ReadyForQuery.
+    assert [t for t, _ in through_proxy] == ["T", "D", "C", "E", "Z"]
+    assert error_of(through_proxy).sqlstate == "22012"
 
 
 # --- 10. start-up corners -----------------------------------------------------------------------
@@ -219,16 +247,29 @@ def test_oversized_message_is_refused(proxy_factory: ProxyFactory, pg: Cluster) 
     with psycopg.connect(proxy.dsn()) as conn:
         # Below the limit is fine.
         assert conn.execute("select length(%s)", ["y" * 50_000]).fetchone() == (50_000,)
+        # The limit is for what clients send: a large value in a result still arrives.
+        row = conn.execute("select repeat('z', 200000)").fetchone()
+        assert row is not None and len(row[0]) == 200_000
 
 
 # --- 13. backpressure ---------------------------------------------------------------------------
 
 
-def test_slow_reader_keeps_proxy_memory_bounded(proxy_factory: ProxyFactory) -> None:
-    proxy = proxy_factory()
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls-both-sides"])
+def test_slow_reader_keeps_proxy_memory_bounded(
+    proxy_factory: ProxyFactory, pg: Cluster, tls: bool
+) -> None:
+    certs = pg.root / "certs"
+    flags = [
+        "--tls-cert", str(certs / "proxy.crt"), "--tls-key", str(certs / "proxy.key"),
+        "--upstream-tls", "verify-full", "--upstream-ca", str(pg.ca_cert),
+    ]  # fmt: skip
+    proxy = proxy_factory(*(flags if tls else ["--upstream-tls", "disable"]))
     rows = 200_000  # 1000-byte values: ~200 MB of DataRows
     with RawClient(proxy.host, proxy.port, timeout=60) as c:
         c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        if tls:
+            c.start_tls(str(pg.ca_cert))
         c.startup()
         rss_before = proxy.rss_kib()
         c.send(Query(f"select repeat('x', 1000) from generate_series(1, {rows})").encode())
@@ -282,3 +323,41 @@ def test_startup_parameters_relayed(proxy: ProxyProcess) -> None:
         msgs = c.read_until_ready()
         params = [body for t, body in msgs if t == "S"]
         assert b"application_name\0raw-app\0" in params
+
+
+def test_fast_copy_in_keeps_proxy_memory_bounded(proxy_factory: ProxyFactory, pg: Cluster) -> None:
+    # The other direction: a client pushing COPY data faster than PostgreSQL stores it.
+    proxy = proxy_factory()
+    pg.psql("drop table if exists copy_flood; create unlogged table copy_flood(body text)")
+    rss_before = proxy.rss_kib()
+    peak = [rss_before]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], proxy.rss_kib())
+            time.sleep(0.05)
+
+    line = b"y" * 1023 + b"\n"
+    chunks = 100  # 100 MB
+
+    async def run() -> None:
+        async def source() -> AsyncIterator[bytes]:
+            for _ in range(chunks):
+                yield line * 1024
+
+        conn = await asyncpg.connect(proxy.url(), ssl=False)
+        try:
+            await conn.copy_to_table("copy_flood", source=source())
+        finally:
+            await conn.close()
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        asyncio.run(run())
+    finally:
+        stop.set()
+        sampler.join()
+    assert pg.psql("select count(*) from copy_flood").strip() == str(chunks * 1024)
+    assert peak[0] - rss_before < 64 * 1024, f"RSS grew by {(peak[0] - rss_before) // 1024} MB"
