@@ -280,6 +280,7 @@ def analyze_statement(
                 copies=inner.copies if analyse_run else (),
             )
         elif kind == "ViewStmt":
+            f["kind"] = "create_view"
             f["is_ddl"] = True
             schema, name = w.qualify_target(n["view"])
             f["relations_written"] = frozenset({f"{schema}.{name}"})

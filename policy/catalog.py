@@ -78,6 +78,7 @@ class CatalogRelation:
     view_sql: str | None = None  # fully schema-qualified definition (see load_catalog)
     view_search_path: tuple[str, ...] = ("pg_catalog",)
     primary_key: tuple[str, ...] = ()
+    parents: tuple[int, ...] = ()  # OIDs this table inherits from (partitions included)
 
     @property
     def qualified(self) -> str:
@@ -157,7 +158,7 @@ class CatalogSnapshot:
         functions: Iterable[CatalogFunction] = (),
     ) -> CatalogSnapshot:
         """A snapshot from Python values (unit tests, schema files)."""
-        rels = {(r.schema, r.name): r for r in relations}
+        rels = inherit_labels({(r.schema, r.name): r for r in relations})
         funcs: dict[tuple[str, str], list[CatalogFunction]] = {}
         for f in functions:
             funcs.setdefault((f.schema, f.name), []).append(f)
@@ -210,11 +211,48 @@ class CatalogSnapshot:
             )
             rels[key] = replace(rel, columns=cols)
         return CatalogSnapshot(
-            relations=MappingProxyType(rels),
+            relations=MappingProxyType(inherit_labels(rels)),
             schemas=self.schemas,
             functions=self.functions,
             version=self.version,
         )
+
+
+def inherit_labels(
+    rels: dict[tuple[str, str], CatalogRelation],
+) -> dict[tuple[str, str], CatalogRelation]:
+    """Give partitions and inheritance children their parents' column labels.
+
+    Comments are not inherited in PostgreSQL, so without this ``SELECT * FROM
+    customers_2024`` (a partition) would read labelled data unlabelled.
+    """
+    by_oid = {r.oid: key for key, r in rels.items()}
+    done: dict[int, CatalogRelation] = {}
+
+    def resolve(key: tuple[str, str], depth: int = 0) -> CatalogRelation:
+        rel = rels[key]
+        if rel.oid in done:
+            return done[rel.oid]
+        if not rel.parents or depth > 64:
+            done[rel.oid] = rel
+            return rel
+        inherited: dict[str, frozenset[str]] = {}
+        for p in rel.parents:
+            pkey = by_oid.get(p)
+            if pkey is None:
+                continue
+            for c in resolve(pkey, depth + 1).columns:
+                inherited[c.name] = inherited.get(c.name, frozenset()) | c.labels
+        cols = tuple(
+            replace(c, labels=c.labels | inherited.get(c.name, frozenset())) for c in rel.columns
+        )
+        out = replace(rel, columns=cols)
+        done[rel.oid] = out
+        return out
+
+    if not any(r.parents for r in rels.values()):
+        return rels
+    return {key: resolve(key) for key in rels}
 
 
 # --- loading from PostgreSQL -------------------------------------------------------------
@@ -269,12 +307,16 @@ async def load_catalog(conn: Any) -> CatalogSnapshot:
         rel_rows = await conn.fetch(_RELATIONS_SQL)
         col_rows = await conn.fetch(_COLUMNS_SQL)
         pk_rows = await conn.fetch(_PKEYS_SQL)
+        inh_rows = await conn.fetch(
+            "SELECT inhrelid::int8 AS child, inhparent::int8 AS parent FROM pg_catalog.pg_inherits"
+        )
         fn_rows = await conn.fetch(_FUNCTIONS_SQL)
         schema_rows = await conn.fetch("SELECT nspname FROM pg_catalog.pg_namespace")
     return snapshot_from_rows(
         [dict(r) for r in rel_rows],
         [dict(r) for r in col_rows],
         [dict(r) for r in pk_rows],
+        [dict(r) for r in inh_rows],
         [dict(r) for r in fn_rows],
         [str(r["nspname"]) for r in schema_rows],
     )
@@ -284,6 +326,7 @@ def snapshot_from_rows(
     rel_rows: Iterable[Mapping[str, Any]],
     col_rows: Iterable[Mapping[str, Any]],
     pk_rows: Iterable[Mapping[str, Any]] = (),
+    inh_rows: Iterable[Mapping[str, Any]] = (),
     fn_rows: Iterable[Mapping[str, Any]] = (),
     schemas: Iterable[str] = (),
 ) -> CatalogSnapshot:
@@ -308,6 +351,9 @@ def snapshot_from_rows(
             )
         )
     pkeys = {int(r["oid"]): tuple(r["columns"]) for r in pk_rows}
+    parents: dict[int, list[int]] = {}
+    for r in inh_rows:
+        parents.setdefault(int(r["child"]), []).append(int(r["parent"]))
     relations = [
         CatalogRelation(
             oid=oid,
@@ -317,6 +363,7 @@ def snapshot_from_rows(
             columns=tuple(cols.get(oid, ())),
             view_sql=m["view_sql"],
             primary_key=pkeys.get(oid, ()),
+            parents=tuple(parents.get(oid, ())),
         )
         for oid, m in rel_meta.items()
     ]

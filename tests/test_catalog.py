@@ -30,6 +30,10 @@ def catalog_db(pg: Cluster) -> Iterator[str]:
         CREATE FUNCTION sneaky(t text) RETURNS SETOF record LANGUAGE plpgsql AS $$
             BEGIN RETURN QUERY EXECUTE 'SELECT * FROM ' || t; END $$;
         CREATE VIEW reporting.emails_upper AS SELECT upper(email) AS e FROM customers;
+        CREATE TABLE contacts_part (id int, email text) PARTITION BY RANGE (id);
+        COMMENT ON COLUMN contacts_part.email IS 'pgwarden: pii.email';
+        CREATE TABLE contacts_p1 PARTITION OF contacts_part FOR VALUES FROM (0) TO (1000);
+        CREATE TABLE customers_legacy (note text) INHERITS (customers);
         """,
         database=DB,
     )
@@ -99,6 +103,17 @@ def test_sql_function_bodies_are_followed_and_dynamic_sql_is_unanalysable(
     assert g.output_labels == {"pii.email"}
     (h,) = a.analyze("SELECT * FROM sneaky('customers') AS x(a text)", ("public",))
     assert h.unanalysable and "dynamic SQL" in h.unanalysable
+
+
+def test_partitions_and_inheritance_children_carry_their_parents_labels(
+    snapshot: CatalogSnapshot,
+) -> None:
+    a = Analyzer(snapshot)
+    assert a.analyze("SELECT email FROM contacts_p1")[0].output_labels == {"pii.email"}
+    (f,) = a.analyze("SELECT * FROM customers_legacy")
+    assert f.output_labels == {"pii.name", "pii.email", "pii.phone", "pii.address"}
+    ruled = Analyzer(snapshot, LabelRules((("public.customers.tier", "customer.tier"),)))
+    assert ruled.analyze("SELECT tier FROM customers_legacy")[0].output_labels == {"customer.tier"}
 
 
 def test_label_rules_apply_on_top_of_comments(snapshot: CatalogSnapshot) -> None:
