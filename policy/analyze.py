@@ -88,6 +88,7 @@ class Analyzer:
         self._cache: OrderedDict[tuple[Any, ...], tuple[QueryFacts, ...]] = OrderedDict()
         self._source: CatalogSnapshot | None = None
         self._shared: Shared | None = None
+        self._taint: dict[tuple[str, str], frozenset[str]] = {}
         self.hits = 0
         self.misses = 0
 
@@ -97,7 +98,7 @@ class Analyzer:
         if shared is None or snap is not self._source:
             # A new snapshot: labels, views and every cached answer may have changed.
             labelled = snap.with_rules(self._rules) if self._rules.rules else snap
-            shared = Shared(labelled, self._rules.labels_for)
+            shared = Shared(labelled, self._rules.labels_for, dict(self._taint))
             self._shared = shared
             self._source = snap
             self._cache.clear()
@@ -147,10 +148,36 @@ class Analyzer:
                     unanalysable=f"internal error in analysis: {type(exc).__name__}",
                 ),
             )
+        if self._note_copies(result):
+            # Labelled data went into a table: it is labelled from now on, for this text too
+            # (a later statement in the same string may read it back).
+            shared = self._current()
+            result = analyze_text(sql, search_path, user, shared)
+            cache = self._cache
         cache[key] = result
         if len(cache) > self._cache_size:
             cache.popitem(last=False)
         return result
+
+    @property
+    def tainted(self) -> dict[tuple[str, str], frozenset[str]]:
+        """Relations labelled data was copied into, and the labels they now carry."""
+        return dict(self._taint)
+
+    def _note_copies(self, facts: tuple[QueryFacts, ...]) -> bool:
+        changed = False
+        for f in facts:
+            for cp in f.copies:
+                if not cp.labels:
+                    continue
+                schema, _, name = cp.target.partition(".")
+                old = self._taint.get((schema, name), frozenset())
+                if not cp.labels <= old:
+                    self._taint[(schema, name)] = old | cp.labels
+                    changed = True
+        if changed:
+            self._source = None  # rebuild labels and drop cached answers
+        return changed
 
 
 def analyze_text(

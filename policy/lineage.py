@@ -15,7 +15,7 @@ relation missing from the catalog), we union them rather than guess.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -199,9 +199,17 @@ class ViewExpansion:
 class Shared:
     """Per-snapshot memo shared by all walkers: view expansions and column labels."""
 
-    def __init__(self, snapshot: CatalogSnapshot, rules_labels: Any) -> None:
+    def __init__(
+        self,
+        snapshot: CatalogSnapshot,
+        rules_labels: Any,
+        taint: Mapping[tuple[str, str], frozenset[str]] | None = None,
+    ) -> None:
         self.snapshot = snapshot
         self.rules_labels = rules_labels  # callable(schema, table, column) -> frozenset
+        # Tables that labelled data was copied into (CREATE TABLE AS, INSERT ... SELECT):
+        # every column of them carries those labels from then on.
+        self.taint: Mapping[tuple[str, str], frozenset[str]] = taint or {}
         self.views: dict[int, ViewExpansion] = {}
         self.labels: dict[SourceColumn, frozenset[str]] = {}
         self.rel_columns: dict[int, Columns] = {}
@@ -213,6 +221,9 @@ class Shared:
         rel = self.snapshot.relation(src.schema, src.table)
         col = rel.column(src.column) if rel is not None else None
         labels = col.labels if col is not None else self.rules_labels(*src)
+        tainted = self.taint.get((src.schema, src.table))
+        if tainted:
+            labels = labels | tainted
         self.labels[src] = labels
         return labels
 
@@ -372,13 +383,13 @@ class StatementWalker:
                 return _rename(Rel(alias, cte), alias_node)
         rel = self.find_relation(schema, name)
         if rel is None:
-            target_schema = schema or self.creation_schema()
+            target_schema = schema or (
+                "pg_temp" if ("pg_temp", name) in self.shared.taint else self.creation_schema()
+            )
             qualified = f"{target_schema}.{name}"
             self.reads.add(qualified)
             self.unresolved.append(f"relation {qualified}")
-            return _rename(
-                Rel(alias, [], relation=qualified, schema=target_schema, table=name), alias_node
-            )
+            return _rename(self._unknown_rel(alias, target_schema, name), alias_node)
         self.reads.add(rel.qualified)
         cols = self.relation_columns(rel)
         labelled = any(self.shared.lineage_labels(lin) for _n, lin in cols)
@@ -391,7 +402,7 @@ class StatementWalker:
         kind, n = node_type(item)
         if kind == "RangeVar":
             r = self.range_var(n, scope, ctes)
-            return [r], self._star_of(r)
+            return [r], r.columns
         if kind == "RangeSubselect":
             cols = self.query(n["subquery"], scope, ctes)
             alias_node = n.get("alias")
@@ -414,12 +425,19 @@ class StatementWalker:
         r = _rename(Rel(alias, cols or [(alias or "?column?", lin)], opaque=lin), alias_node)
         return [r], r.columns
 
-    def _star_of(self, r: Rel) -> Columns:
-        if r.relation is not None and r.schema is not None and not r.columns:
-            self.unresolved.append(f"* over {r.relation}")
-        if r.labelled and r.relation is not None:
-            pass  # the caller marks star reads; joins reuse this without a star
-        return r.columns
+    def _unknown_rel(self, alias: str, schema: str, name: str) -> Rel:
+        """A relation the catalog does not have (yet): columns are followed by name, and ``*``
+        or a whole-row reference yields the pseudo column ``schema.name.*``, which carries
+        the labels of data copied into it earlier (``Shared.taint``)."""
+        whole = frozenset((SourceColumn(schema, name, "*"),))
+        return Rel(
+            alias,
+            [("*", whole)],
+            relation=f"{schema}.{name}",
+            labelled=bool(self.shared.lineage_labels(whole)),
+            schema=schema,
+            table=name,
+        )
 
     def join(self, n: Node, scope: Scope, ctes: dict[str, Columns]) -> tuple[list[Rel], Columns]:
         lrels, lstar = self.from_item(n["larg"], scope, ctes)
@@ -618,6 +636,8 @@ class StatementWalker:
         if len(fields) == 1:
             for r in scope.rels:
                 self._mark_star(r)
+                if r.schema is not None:
+                    self.unresolved.append(f"* over {r.relation}")
             return list(scope.star)
         qual = [sval(f) for f in fields[:-1]]
         found = self.find_rel(qual, scope)
@@ -626,8 +646,8 @@ class StatementWalker:
             return []
         r = found
         self._mark_star(r)
-        if r.schema is not None and not r.columns:
-            self.unresolved.append(f"{'.'.join(qual)}.* over {r.relation}")
+        if r.schema is not None:
+            self.unresolved.append(f"* over {r.relation}")
         return list(r.columns)
 
     def _mark_star(self, r: Rel) -> None:
@@ -676,7 +696,7 @@ class StatementWalker:
         alias_node = rv.get("alias")
         alias = alias_node["aliasname"] if alias_node else name
         if rel is None:
-            return Rel(alias, [], relation=f"{schema}.{name}", schema=schema, table=name)
+            return self._unknown_rel(alias, schema, name)
         cols = [(c, lin | assigned.get(c, EMPTY)) for c, lin in self.relation_columns(rel)]
         labelled = any(self.shared.lineage_labels(lin) for _n, lin in cols)
         return Rel(alias, cols, relation=rel.qualified, labelled=labelled)

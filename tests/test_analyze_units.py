@@ -339,3 +339,18 @@ def test_unknown_relation_is_followed_by_name_and_reported(analyzer: Analyzer) -
     assert f.output[0].sources == {SourceColumn("public", "new_people", "email")}
     assert f.output_labels == {"pii.email"}
     assert "relation public.new_people" in f.unresolved
+
+
+def test_data_copied_into_a_table_keeps_its_labels_there() -> None:
+    a = Analyzer(SNAPSHOT)
+    create, copy = a.analyze(
+        "CREATE TEMP TABLE stash AS SELECT email FROM customers; COPY stash TO STDOUT"
+    )
+    assert create.copied_labels == {"pii.email"}
+    assert copy.output_labels == {"pii.email"} and copy.select_star
+    assert a.analyze("SELECT * FROM stash")[0].output_labels == {"pii.email"}
+    a.analyze("INSERT INTO archive (payload) SELECT phone FROM customers")
+    assert a.analyze("SELECT payload FROM archive")[0].output_labels == {"pii.phone"}
+    assert a.tainted[("public", "archive")] == {"pii.phone"}
+    # Another analyzer (another snapshot holder) knows nothing of it.
+    assert Analyzer(SNAPSHOT).analyze("SELECT payload FROM archive")[0].output_labels == set()
