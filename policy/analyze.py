@@ -408,6 +408,11 @@ def _copy(w: StatementWalker, n: Node, f: dict[str, Any]) -> Columns:
 def _variable_set(n: Node, f: dict[str, Any]) -> None:
     name = n.get("name")
     vkind = n.get("kind")
+    if name in ("role", "session_authorization"):
+        args = n.get("args") or []
+        role = const_str(args[0]) if args and vkind == "VAR_SET_VALUE" else "none"
+        f["role"] = role if role is not None else "none"
+        return
     if vkind == "VAR_RESET_ALL" or (
         name == "search_path" and vkind in ("VAR_RESET", "VAR_SET_DEFAULT")
     ):

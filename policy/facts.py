@@ -88,6 +88,7 @@ class QueryFacts:
     search_path: tuple[str, ...] | None = None  # new search_path, when the statement sets one
     search_path_local: bool = False
     search_path_reset: bool = False  # RESET / SET ... TO DEFAULT: back to the session default
+    role: str | None = None  # SET ROLE / SET SESSION AUTHORIZATION: "$user" follows it
     is_ddl: bool = False  # the catalog may have changed: invalidate it
     user_functions: frozenset[str] = frozenset()
     unresolved: tuple[str, ...] = ()  # names not in the catalog (followed by name only)

@@ -263,6 +263,7 @@ class StatementWalker:
         self.copies: list[DataCopy] = []
         self.unresolved: list[str] = []
         self.unanalysable: list[str] = []
+        self.function_stack: set[str] = set()
 
     # --- names ---------------------------------------------------------------------------
 
@@ -815,20 +816,22 @@ class StatementWalker:
     def _column_lookup(self, fields: list[str], scope: Scope | None) -> Lineage | None:
         if len(fields) == 1:
             name = fields[0]
+            # A relation whose columns we do not know may or may not have this column; if it
+            # does not, PostgreSQL looks further out. Keep both readings (superset).
+            soft: list[Lineage] = []
             s = scope
             while s is not None:
                 hits = [lin for r in s.rels if (lin := r.colmap.get(name)) is not None]
-                if not hits:
-                    hits = [
-                        lin
-                        for r in s.rels
-                        if r.opaque is not None or r.schema is not None
-                        if (lin := r.lookup(name)) is not None
-                    ]
                 if hits:
-                    return frozenset().union(*hits)
+                    return frozenset().union(*hits, *soft)
+                soft.extend(
+                    lin
+                    for r in s.rels
+                    if r.opaque is not None or r.schema is not None
+                    if (lin := r.lookup(name)) is not None
+                )
                 s = s.parent
-            return None
+            return frozenset().union(*soft) if soft else None
         r = self.find_rel(fields[:-1], scope)
         if r is None:
             return None
@@ -983,8 +986,13 @@ class StatementWalker:
             self.user_functions.add(f.qualified)
             if f.runs_dynamic_sql:
                 self.unanalysable.append(f"function {f.qualified} runs dynamic SQL")
-            elif f.language == "sql":
-                acc |= self._sql_function_body(f.qualified, f.source)
+            elif f.language == "sql" and f.qualified not in self.function_stack:
+                # A recursive SQL function adds nothing its first expansion did not.
+                self.function_stack.add(f.qualified)
+                try:
+                    acc |= self._sql_function_body(f.qualified, f.source)
+                finally:
+                    self.function_stack.discard(f.qualified)
             elif f.language == "plpgsql":
                 # Static SQL inside PL/pgSQL is not followed yet: fail closed.
                 self.unanalysable.append(f"function {f.qualified} is PL/pgSQL")

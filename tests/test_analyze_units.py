@@ -354,3 +354,20 @@ def test_data_copied_into_a_table_keeps_its_labels_there() -> None:
     assert a.tainted[("public", "archive")] == {"pii.phone"}
     # Another analyzer (another snapshot holder) knows nothing of it.
     assert Analyzer(SNAPSHOT).analyze("SELECT payload FROM archive")[0].output_labels == set()
+
+
+def test_set_role_changes_what_dollar_user_means(analyzer: Analyzer) -> None:
+    s = SqlSession(analyzer, ("$user", "public"), user="alice")
+    assert s.analyze("SELECT * FROM customers")[0].relations_read == {"public.customers"}
+    s.analyze("SET ROLE shadow")
+    assert s.analyze("SELECT * FROM customers")[0].relations_read == {"shadow.customers"}
+    s.analyze("RESET ROLE")
+    assert s.analyze("SELECT * FROM customers")[0].relations_read == {"public.customers"}
+
+
+def test_unqualified_column_in_subquery_over_unknown_table_may_be_the_outer_one(
+    analyzer: Analyzer,
+) -> None:
+    # If new_t has no column "email", PostgreSQL binds it to the outer customers.email.
+    (f,) = analyzer.analyze("SELECT (SELECT email FROM new_t LIMIT 1) FROM customers")
+    assert f.output_labels == {"pii.email"}

@@ -30,6 +30,9 @@ def catalog_db(pg: Cluster) -> Iterator[str]:
         CREATE FUNCTION sneaky(t text) RETURNS SETOF record LANGUAGE plpgsql AS $$
             BEGIN RETURN QUERY EXECUTE 'SELECT * FROM ' || t; END $$;
         CREATE VIEW reporting.emails_upper AS SELECT upper(email) AS e FROM customers;
+        SET check_function_bodies = off;
+        CREATE FUNCTION loop_a() RETURNS SETOF text LANGUAGE sql
+            AS 'SELECT email FROM public.customers UNION ALL SELECT * FROM public.loop_a()';
         CREATE TABLE contacts_part (id int, email text) PARTITION BY RANGE (id);
         COMMENT ON COLUMN contacts_part.email IS 'pgwarden: pii.email';
         CREATE TABLE contacts_p1 PARTITION OF contacts_part FOR VALUES FROM (0) TO (1000);
@@ -101,6 +104,8 @@ def test_sql_function_bodies_are_followed_and_dynamic_sql_is_unanalysable(
     assert f.output_labels == {"pii.email"} and "public.all_emails" in f.user_functions
     (g,) = a.analyze("SELECT all_emails()", ("public",))
     assert g.output_labels == {"pii.email"}
+    (r,) = a.analyze("SELECT loop_a()", ("public",))
+    assert r.output_labels == {"pii.email"} and r.unanalysable is None
     (h,) = a.analyze("SELECT * FROM sneaky('customers') AS x(a text)", ("public",))
     assert h.unanalysable and "dynamic SQL" in h.unanalysable
 
