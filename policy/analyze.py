@@ -81,8 +81,10 @@ class Analyzer:
         catalog: Catalog | CatalogSnapshot,
         label_rules: LabelRules | None = None,
         cache_size: int = 10000,
+        max_cached_text: int = 65536,
     ) -> None:
         self._catalog = catalog
+        self._max_cached_text = max_cached_text
         self._rules = label_rules or LabelRules()
         self._cache_size = cache_size
         self._cache: OrderedDict[tuple[Any, ...], tuple[QueryFacts, ...]] = OrderedDict()
@@ -154,9 +156,11 @@ class Analyzer:
             shared = self._current()
             result = analyze_text(sql, search_path, user, shared)
             cache = self._cache
-        cache[key] = result
-        if len(cache) > self._cache_size:
-            cache.popitem(last=False)
+        # Bulk INSERT ... VALUES texts are large and rarely repeat: keep them out of the cache.
+        if len(sql) <= self._max_cached_text:
+            cache[key] = result
+            if len(cache) > self._cache_size:
+                cache.popitem(last=False)
         return result
 
     @property

@@ -224,7 +224,10 @@ class Shared:
         tainted = self.taint.get((src.schema, src.table))
         if tainted:
             labels = labels | tainted
-        self.labels[src] = labels
+        # Names of relations missing from the catalog come from client text: do not let
+        # them grow the memo without bound.
+        if rel is not None or len(self.labels) < 50_000:
+            self.labels[src] = labels
         return labels
 
     def lineage_labels(self, lin: Iterable[SourceColumn]) -> frozenset[str]:
@@ -582,11 +585,12 @@ class StatementWalker:
             local.rels.extend(rels)
             local.star = local.star + star
         out = self.target_list(n.get("targetList") or (), local)
-        for key in ("whereClause", "havingClause", "groupClause", "distinctClause"):
+        for key in ("whereClause", "havingClause"):
             self.filters |= self.expr(n.get(key), local)
-        # ORDER BY may name output columns; those resolve through the inputs anyway.
+        # GROUP BY, DISTINCT ON and ORDER BY may name output columns (after input columns).
         sort_scope = Scope([*local.rels, Rel("", out)], local.star, scope, ctes)
-        self.filters |= self.expr(n.get("sortClause"), sort_scope)
+        for key in ("groupClause", "distinctClause", "sortClause"):
+            self.filters |= self.expr(n.get(key), sort_scope)
         self.filters |= self.expr(n.get("windowClause"), local)
         self.expr(n.get("limitCount"), local)
         self.expr(n.get("limitOffset"), local)

@@ -371,3 +371,19 @@ def test_unqualified_column_in_subquery_over_unknown_table_may_be_the_outer_one(
     # If new_t has no column "email", PostgreSQL binds it to the outer customers.email.
     (f,) = analyzer.analyze("SELECT (SELECT email FROM new_t LIMIT 1) FROM customers")
     assert f.output_labels == {"pii.email"}
+
+
+def test_group_by_output_alias_resolves_without_noise(analyzer: Analyzer) -> None:
+    (f,) = analyzer.analyze(
+        "SELECT split_part(email, '@', 2) AS domain, count(*) FROM customers GROUP BY domain"
+    )
+    assert f.unresolved == () and f.filter_labels == {"pii.email"}
+
+
+def test_huge_statements_are_analysed_but_not_cached() -> None:
+    a = Analyzer(SNAPSHOT, max_cached_text=1000)
+    sql = "INSERT INTO archive VALUES " + ", ".join(f"({i}, 'x')" for i in range(500))
+    (f,) = a.analyze(sql)
+    assert f.kind == "insert" and f.relations_written == {"public.archive"}
+    a.analyze(sql)
+    assert a.hits == 0 and len(a._cache) == 0
