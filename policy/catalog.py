@@ -20,13 +20,13 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
 from policy.labels import LabelRules, parse_comment_labels
+from policy.parse import plpgsql_queries
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +35,6 @@ log = logging.getLogger(__name__)
 SYSTEM_SCHEMAS = frozenset({"pg_catalog", "information_schema"})
 
 _versions = itertools.count(1)
-
-_DYNAMIC_SQL_RE = re.compile(r"\bexecute\b", re.IGNORECASE)
-
-
-def plpgsql_has_dynamic_sql(source: str) -> bool:
-    """A PL/pgSQL body that uses ``EXECUTE`` (dynamic SQL the analysis cannot follow)."""
-    return bool(_DYNAMIC_SQL_RE.search(source))
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +104,8 @@ class CatalogFunction:
     language: str
     source: str
     security_definer: bool = False
+    arguments: str = ""  # pg_get_function_arguments: the body's parameter names
+    result: str = "void"  # pg_get_function_result
 
     @property
     def qualified(self) -> str:
@@ -118,9 +113,13 @@ class CatalogFunction:
 
     @property
     def runs_dynamic_sql(self) -> bool:
-        """Whether the body builds SQL at run time, which analysis cannot follow."""
+        """Whether the body builds SQL at run time, which analysis cannot follow (a body that
+        does not parse counts: nothing can be followed)."""
         if self.language == "plpgsql":
-            return plpgsql_has_dynamic_sql(self.source)
+            try:
+                return plpgsql_queries(self.arguments, self.result, self.source)[1]
+            except Exception:
+                return True
         return self.language not in ("sql", "internal", "c")
 
 
@@ -287,7 +286,9 @@ FROM pg_catalog.pg_constraint con WHERE con.contype = 'p'
 
 _FUNCTIONS_SQL = """
 SELECT n.nspname AS schema, p.proname AS name, l.lanname AS language,
-       coalesce(p.prosrc, '') AS source, p.prosecdef AS secdef
+       coalesce(p.prosrc, '') AS source, p.prosecdef AS secdef,
+       coalesce(pg_catalog.pg_get_function_arguments(p.oid), '') AS arguments,
+       coalesce(pg_catalog.pg_get_function_result(p.oid), 'void') AS result
 FROM pg_catalog.pg_proc p
 JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
 JOIN pg_catalog.pg_language l ON l.oid = p.prolang
@@ -374,6 +375,8 @@ def snapshot_from_rows(
             language=str(f["language"]),
             source=str(f["source"]),
             security_definer=bool(f["secdef"]),
+            arguments=str(f.get("arguments", "")),
+            result=str(f.get("result", "void")),
         )
         for f in fn_rows
     ]

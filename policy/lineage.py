@@ -21,6 +21,7 @@ from typing import Any
 
 from policy.catalog import SYSTEM_SCHEMAS, CatalogRelation, CatalogSnapshot
 from policy.facts import DataCopy, PackingCall, SourceColumn
+from policy.parse import plpgsql_queries
 
 Lineage = frozenset[SourceColumn]
 Node = dict[str, Any]
@@ -988,20 +989,37 @@ class StatementWalker:
                     break
         for f in candidates:
             self.user_functions.add(f.qualified)
-            if f.runs_dynamic_sql:
-                self.unanalysable.append(f"function {f.qualified} runs dynamic SQL")
-            elif f.language == "sql" and f.qualified not in self.function_stack:
-                # A recursive SQL function adds nothing its first expansion did not.
-                self.function_stack.add(f.qualified)
-                try:
-                    acc |= self._sql_function_body(f.qualified, f.source)
-                finally:
-                    self.function_stack.discard(f.qualified)
+            if f.qualified in self.function_stack:
+                continue  # a recursive call adds nothing its first expansion did not
+            if f.language == "sql":
+                queries: tuple[str, ...] = (f.source,)
             elif f.language == "plpgsql":
-                # Static SQL inside PL/pgSQL is not followed yet: fail closed.
-                self.unanalysable.append(f"function {f.qualified} is PL/pgSQL")
+                try:
+                    queries, dynamic = plpgsql_queries(f.arguments, f.result, f.source)
+                except Exception:
+                    self.unanalysable.append(f"body of function {f.qualified} does not parse")
+                    continue
+                if dynamic:
+                    self.unanalysable.append(f"function {f.qualified} runs dynamic SQL")
+                    continue
+            elif f.language in ("internal", "c"):
+                continue
+            else:
+                self.unanalysable.append(f"function {f.qualified} is written in {f.language}")
+                continue
+            self.function_stack.add(f.qualified)
+            try:
+                for q in queries:
+                    acc |= self._function_query(f.qualified, q)
+            finally:
+                self.function_stack.discard(f.qualified)
 
-    def _sql_function_body(self, qualified: str, source: str) -> Lineage:
+    def _function_query(self, qualified: str, source: str) -> Lineage:
+        """What a statement inside a function body can return: the union of its outputs.
+
+        A sub-walker keeps the body's unresolved names (its parameters and variables) out of
+        the caller's facts; what it reads, writes and copies counts for the caller.
+        """
         from policy.parse import parse_json
 
         try:
@@ -1009,13 +1027,22 @@ class StatementWalker:
         except Exception:
             self.unanalysable.append(f"body of function {qualified} could not be parsed")
             return EMPTY
+        sub = StatementWalker(self.shared, self.search_path, self.view_stack)
+        sub.function_stack = self.function_stack
         out: set[SourceColumn] = set()
         for raw in tree.get("stmts", ()):
             stmt = raw["stmt"]
             kind, _ = node_type(stmt)
             if kind in ("SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"):
-                for _n, lin in self.query(stmt, None, {}):
+                for _n, lin in sub.query(stmt, None, {}):
                     out |= lin
+        self.reads |= sub.reads
+        self.writes |= sub.writes
+        self.functions |= sub.functions
+        self.user_functions |= sub.user_functions
+        self.packing.extend(sub.packing)
+        self.copies.extend(sub.copies)
+        self.unanalysable.extend(sub.unanalysable)
         return frozenset(out)
 
     def add_packing(self, name: str, lin: Lineage) -> None:

@@ -30,6 +30,10 @@ def catalog_db(pg: Cluster) -> Iterator[str]:
         CREATE FUNCTION sneaky(t text) RETURNS SETOF record LANGUAGE plpgsql AS $$
             BEGIN RETURN QUERY EXECUTE 'SELECT * FROM ' || t; END $$;
         CREATE VIEW reporting.emails_upper AS SELECT upper(email) AS e FROM customers;
+        CREATE FUNCTION static_pl() RETURNS SETOF text LANGUAGE plpgsql AS $$
+            BEGIN RETURN QUERY SELECT phone FROM public.customers; END $$;
+        CREATE FUNCTION out_pl(OUT a text, OUT b text) LANGUAGE plpgsql AS $$
+            BEGIN SELECT full_name, street INTO a, b FROM public.customers LIMIT 1; END $$;
         SET check_function_bodies = off;
         CREATE FUNCTION loop_a() RETURNS SETOF text LANGUAGE sql
             AS 'SELECT email FROM public.customers UNION ALL SELECT * FROM public.loop_a()';
@@ -96,7 +100,7 @@ def test_views_loaded_from_postgres_expand_to_base_columns(snapshot: CatalogSnap
     assert f.relations_read == {"reporting.emails_upper", "public.customers"}
 
 
-def test_sql_function_bodies_are_followed_and_dynamic_sql_is_unanalysable(
+def test_function_bodies_are_followed_and_dynamic_sql_is_unanalysable(
     snapshot: CatalogSnapshot,
 ) -> None:
     a = Analyzer(snapshot)
@@ -104,6 +108,11 @@ def test_sql_function_bodies_are_followed_and_dynamic_sql_is_unanalysable(
     assert f.output_labels == {"pii.email"} and "public.all_emails" in f.user_functions
     (g,) = a.analyze("SELECT all_emails()", ("public",))
     assert g.output_labels == {"pii.email"}
+    (p,) = a.analyze("SELECT static_pl()", ("public",))
+    assert p.output_labels == {"pii.phone"} and p.unanalysable is None
+    assert p.relations_read == {"public.customers"}
+    (o,) = a.analyze("SELECT * FROM out_pl()", ("public",))
+    assert o.output_labels == {"pii.name", "pii.address"} and o.unanalysable is None
     (r,) = a.analyze("SELECT loop_a()", ("public",))
     assert r.output_labels == {"pii.email"} and r.unanalysable is None
     (h,) = a.analyze("SELECT * FROM sneaky('customers') AS x(a text)", ("public",))
