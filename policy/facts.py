@@ -8,7 +8,7 @@ WHERE/LIMIT, COPY, copies into other tables, statements that cannot be followed)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 
 class SourceColumn(NamedTuple):
@@ -133,3 +133,38 @@ class QueryFacts:
     @property
     def reads_labelled(self) -> bool:
         return bool(self.output_labels or self.copied_labels)
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-friendly view (sets sorted), for explain output and audit records."""
+        f = self
+        return {
+            "kind": f.kind,
+            "normalized": f.normalized,
+            "fingerprint": f.fingerprint,
+            "relations_read": sorted(f.relations_read),
+            "relations_written": sorted(f.relations_written),
+            "output": [
+                {"name": c.name, "labels": sorted(c.labels), "sources": sorted(map(str, c.sources))}
+                for c in f.output
+            ],
+            "labels": sorted(f.labels),
+            "output_labels": sorted(f.output_labels),
+            "filter_labels": sorted(f.filter_labels),
+            "functions": sorted(f.functions),
+            "packing": [{"function": p.function, "labels": sorted(p.labels)} for p in f.packing],
+            "copies": [{"target": c.target, "labels": sorted(c.labels)} for c in f.copies],
+            "star_tables": sorted(f.star_tables),
+            "has_where": f.has_where,
+            "has_limit": f.has_limit,
+            "limit": f.limit,
+            "offset": f.offset,
+            "copy": (
+                {"direction": f.copy_direction, "target": f.copy_target, "source": f.copy_source}
+                if f.copy_direction
+                else None
+            ),
+            "search_path": list(f.search_path) if f.search_path is not None else None,
+            "user_functions": sorted(f.user_functions),
+            "unresolved": list(f.unresolved),
+            "unanalysable": f.unanalysable,
+        }
