@@ -116,8 +116,13 @@ class Analyzer:
         self._source = None
 
     def column_at(self, table_oid: int, attnum: int) -> CatalogColumn | None:
-        """The labelled catalog column behind a RowDescription field."""
-        return self._current().snapshot.column_at(table_oid, attnum)
+        """The labelled catalog column behind a RowDescription field (copy taint included)."""
+        col = self._current().snapshot.column_at(table_oid, attnum)
+        if col is not None:
+            tainted = self._taint.get((col.schema, col.table))
+            if tainted and not tainted <= col.labels:
+                col = replace(col, labels=col.labels | tainted)
+        return col
 
     def cache_clear(self) -> None:
         self._cache.clear()

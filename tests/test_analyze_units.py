@@ -387,3 +387,21 @@ def test_huge_statements_are_analysed_but_not_cached() -> None:
     assert f.kind == "insert" and f.relations_written == {"public.archive"}
     a.analyze(sql)
     assert a.hits == 0 and len(a._cache) == 0
+
+
+def test_quoted_names_keep_their_case(analyzer: Analyzer) -> None:
+    (f,) = analyzer.analyze('SELECT email FROM "Customers"')
+    assert f.relations_read == {"public.Customers"} and "relation public.Customers" in f.unresolved
+    (g,) = analyzer.analyze('SELECT "Email" FROM "Mixed"."Customers"')
+    assert g.output_labels == {"pii.email"}
+    (h,) = analyzer.analyze('SELECT "EMAIL" FROM customers')
+    assert h.output_labels == set() and "column EMAIL" in h.unresolved
+
+
+def test_column_at_includes_copy_taint() -> None:
+    a = Analyzer(SNAPSHOT)
+    archive = SNAPSHOT.relation("public", "archive")
+    assert archive is not None
+    assert a.column_at(archive.oid, 2).labels == set()  # type: ignore[union-attr]
+    a.analyze("INSERT INTO archive SELECT customer_id, email FROM customers")
+    assert a.column_at(archive.oid, 2).labels == {"pii.email"}  # type: ignore[union-attr]
