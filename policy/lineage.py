@@ -195,6 +195,7 @@ class ViewExpansion:
     functions: frozenset[str]
     user_functions: frozenset[str]
     unanalysable: str | None
+    packing: tuple[PackingCall, ...] = ()
 
 
 class Shared:
@@ -333,6 +334,8 @@ class StatementWalker:
         self.reads |= hit.reads
         self.functions |= hit.functions
         self.user_functions |= hit.user_functions
+        # A view that packs (json_agg over customers) packs for whoever reads it.
+        self.packing.extend(hit.packing)
         if hit.unanalysable:
             self.unanalysable.append(hit.unanalysable)
         return hit
@@ -375,6 +378,7 @@ class StatementWalker:
             frozenset(sub.functions),
             frozenset(sub.user_functions),
             problem,
+            tuple(sub.packing),
         )
 
     def range_var(self, rv: Node, scope: Scope | None, ctes: dict[str, Columns]) -> Rel:

@@ -405,3 +405,13 @@ def test_column_at_includes_copy_taint() -> None:
     assert a.column_at(archive.oid, 2).labels == set()  # type: ignore[union-attr]
     a.analyze("INSERT INTO archive SELECT customer_id, email FROM customers")
     assert a.column_at(archive.oid, 2).labels == {"pii.email"}  # type: ignore[union-attr]
+
+
+def test_packing_inside_a_view_is_reported_to_its_readers() -> None:
+    snap = snapshot_from_sql(
+        schema_sql()
+        + "\nCREATE VIEW reporting.all_mail AS SELECT json_agg(email) AS j FROM customers;"
+    )
+    (f,) = Analyzer(snap).analyze("SELECT j FROM reporting.all_mail")
+    assert [(p.function, p.labels) for p in f.packing] == [("json_agg", {"pii.email"})]
+    assert f.output_labels == {"pii.email"}
