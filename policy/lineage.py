@@ -71,6 +71,8 @@ _PACKING_NODES = {
     "JsonArrayAgg": "json_arrayagg",
     "JsonObjectAgg": "json_objectagg",
     "JsonArrayQueryConstructor": "json_array",
+    "JsonArrayConstructor": "json_array",
+    "JsonObjectConstructor": "json_object",
 }
 
 # Functions that run SQL given as text: nothing in the statement says what that SQL reads.
