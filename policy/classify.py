@@ -314,8 +314,10 @@ class Suggestion:
         parts = []
         if self.sampled and self.embedded_in:
             parts.append(f"{self.share:.0%} of {self.sampled} sampled values contain one")
-        elif self.sampled:
+        elif self.sampled and self.share > 0:
             parts.append(f"{self.share:.0%} of {self.sampled} sampled values match")
+        elif self.sampled:
+            parts.append(f"no detector for this label matched the {self.sampled} sampled values")
         if self.by_name:
             parts.append("column name")
         if self.already_labelled:
