@@ -134,7 +134,18 @@ class Analyzer:
         user: str | None = None,
     ) -> tuple[QueryFacts, ...]:
         """Facts for each statement in ``sql``; cached; never raises."""
-        shared = self._current()
+        try:
+            shared = self._current()
+        except Exception as exc:  # no catalog yet: nothing can be resolved, fail closed
+            norm = normalize(sql)
+            return (
+                QueryFacts(
+                    kind="unknown",
+                    normalized=norm,
+                    fingerprint=fingerprint(sql, norm),
+                    unanalysable=f"no catalog to analyse against: {exc}",
+                ),
+            )
         key = (search_path, user, sql)
         cache = self._cache
         hit = cache.get(key)

@@ -438,6 +438,10 @@ class Catalog:
         self.last_error = None
         return self._snapshot
 
+    def install(self, snapshot: CatalogSnapshot) -> None:
+        """Use ``snapshot`` from now on (loaded elsewhere, or built for a test)."""
+        self._snapshot = snapshot.with_rules(self._rules)
+
     def invalidate(self) -> None:
         """Ask for a reload soon (DDL went through); safe to call from any coroutine."""
         self._wake.set()

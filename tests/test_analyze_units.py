@@ -222,22 +222,24 @@ def test_cache_is_bounded() -> None:
 
 
 def test_new_snapshot_invalidates_cached_answers() -> None:
-    class Holder:
-        snapshot = SNAPSHOT
-
     from policy.catalog import Catalog
 
-    holder = Catalog.__new__(Catalog)
-    holder._snapshot = SNAPSHOT
-    a = Analyzer(holder)
-    assert a.analyze('SELECT note FROM "Mixed"."Customers"')[0].output_labels == set()
-    relabelled = snapshot_from_sql(
-        schema_sql()
-        + EXTRA_SQL
-        + '\nCOMMENT ON COLUMN "Mixed"."Customers".note IS \'pgwarden: pii.note\';'
+    async def unused() -> None:
+        raise AssertionError("not called")
+
+    catalog = Catalog(unused)
+    catalog.install(SNAPSHOT)
+    a = Analyzer(catalog)
+    sql = 'SELECT note FROM "Mixed"."Customers"'
+    assert a.analyze(sql)[0].output_labels == set()
+    catalog.install(
+        snapshot_from_sql(
+            schema_sql()
+            + EXTRA_SQL
+            + """\nCOMMENT ON COLUMN "Mixed"."Customers".note IS 'pgwarden: pii.note';"""
+        )
     )
-    holder._snapshot = relabelled
-    assert a.analyze('SELECT note FROM "Mixed"."Customers"')[0].output_labels == {"pii.note"}
+    assert a.analyze(sql)[0].output_labels == {"pii.note"}
 
 
 def test_label_rules_add_labels_by_glob(analyzer: Analyzer) -> None:
@@ -415,3 +417,15 @@ def test_packing_inside_a_view_is_reported_to_its_readers() -> None:
     (f,) = Analyzer(snap).analyze("SELECT j FROM reporting.all_mail")
     assert [(p.function, p.labels) for p in f.packing] == [("json_agg", {"pii.email"})]
     assert f.output_labels == {"pii.email"}
+
+
+def test_analysis_before_the_catalog_is_loaded_fails_closed_without_raising() -> None:
+    from policy.catalog import Catalog
+
+    async def never() -> None:
+        raise AssertionError("not called")
+
+    a = Analyzer(Catalog(never))
+    (f,) = a.analyze("SELECT email FROM customers WHERE email = 'ann@x.example'")
+    assert f.unanalysable and "catalog" in f.unanalysable
+    assert "ann@x.example" not in f.normalized
