@@ -146,6 +146,8 @@ class Analyzer:
                     unanalysable=f"no catalog to analyse against: {exc}",
                 ),
             )
+        if type(search_path) is not tuple:
+            search_path = tuple(search_path)
         key = (search_path, user, sql)
         cache = self._cache
         hit = cache.get(key)

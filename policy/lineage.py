@@ -92,6 +92,18 @@ SQL_TEXT_FUNCTIONS = frozenset(
     }
 )
 
+# Functions that dump every table of a schema or database as XML.
+WHOLE_SCHEMA_FUNCTIONS = frozenset(
+    {
+        "schema_to_xml",
+        "schema_to_xmlschema",
+        "schema_to_xml_and_xmlschema",
+        "database_to_xml",
+        "database_to_xmlschema",
+        "database_to_xml_and_xmlschema",
+    }
+)
+
 # Functions that read a whole table named by a regclass argument.
 TABLE_TEXT_FUNCTIONS = frozenset(
     {"table_to_xml", "table_to_xmlschema", "table_to_xml_and_xmlschema"}
@@ -958,6 +970,8 @@ class StatementWalker:
         self.filters |= self.expr(v.get("over"), scope)
         if name in SQL_TEXT_FUNCTIONS and (len(fname) == 1 or fname[0] == "pg_catalog"):
             self.unanalysable.append(f"{name}() runs SQL given as text")
+        elif name in WHOLE_SCHEMA_FUNCTIONS and (len(fname) == 1 or fname[0] == "pg_catalog"):
+            self.unanalysable.append(f"{name}() dumps every table of a schema or database")
         elif name in TABLE_TEXT_FUNCTIONS and args:
             inner |= self._table_argument(args[0], name)
         self.user_function(fname, inner)
