@@ -14,8 +14,15 @@ that cannot be parsed or followed comes back with ``unanalysable`` set (parse er
 their position), and an empty string gives ``()``.
 
 Results are cached by ``(search_path, user, text)`` in an LRU; the cache empties itself when
-the catalog snapshot changes (the facts depend on it). Session-level statements that refer
-to earlier ones (``EXECUTE``, ``FETCH``) are resolved by ``policy.session_sql.SqlSession``.
+the catalog snapshot changes (the facts depend on it) and when labelled data is copied into
+a table (``CREATE TABLE AS``, ``INSERT ... SELECT``...): from then on every column of that
+table carries the copied labels (``analyzer.tainted``), in this analyzer, for all sessions.
+
+Session-level statements that refer to earlier ones (``EXECUTE``, ``FETCH``) and the running
+``search_path``/role are handled by ``policy.session_sql.SqlSession``, one per connection::
+
+    session = SqlSession(analyzer, search_path=startup_path, user=login_role)
+    facts = session.analyze(sql)
 """
 
 from __future__ import annotations
