@@ -172,3 +172,30 @@ def test_generated_queries_run_and_postgres_agrees(
         assert rel is not None
         col = next(c for c in rel.columns if c.attnum == res.ftablecol(i))
         assert col.labels <= f.output[i].labels, (sql, i)
+
+
+SECRET = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs", "Cc")), min_size=6, max_size=40
+).filter(lambda s: s.strip() == s and any(ch.isalnum() for ch in s))
+
+
+@settings(max_examples=300, deadline=None)
+@given(SECRET, st.sampled_from(["plain", "escape", "dollar", "unicode", "comment"]))
+def test_no_literal_survives_normalisation(secret: str, quoting: str) -> None:
+    if quoting == "plain":
+        lit = "'" + secret.replace("'", "''") + "'"
+    elif quoting == "escape":
+        lit = "E'" + secret.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    elif quoting == "dollar":
+        tag = "q"
+        while f"${tag}$" in secret:
+            tag += "q"
+        lit = f"${tag}${secret}${tag}$"
+    elif quoting == "unicode":
+        lit = "U&'" + "".join(f"\\{ord(c):04x}" if ord(c) < 0x10000 else c for c in secret) + "'"
+    else:
+        lit = "1 /* " + secret.replace("*/", "") + " */"
+    sql = f"SELECT email FROM customers WHERE email = {lit} LIMIT 3"
+    (f,) = ANALYZER.analyze(sql, ("public",))
+    assert secret.replace("*/", "") not in f.normalized or secret in sql.replace(lit, "")
+    assert f.output_labels == {"pii.email"}

@@ -167,3 +167,26 @@ def test_explain_with_search_path_and_live_catalog(classify_db: str) -> None:
     (f,) = json.loads(result.output)
     assert "reporting.customer_contacts" in f["relations_read"]
     assert f["output_labels"] == ["pii.email", "pii.name", "pii.phone"]
+
+
+def test_explain_with_schema_file_and_labels_file(tmp_path: Path) -> None:
+    labels = tmp_path / "labels.yaml"
+    labels.write_text("labels:\n  - column: public.products.name\n    label: catalog.product\n")
+    result = CliRunner().invoke(
+        main,
+        ["policy", "explain", "--schema-sql", "config/support_schema.sql", "--labels", str(labels),
+         "--json", "SELECT name FROM products; SET search_path = reporting;"
+         " SELECT * FROM open_tickets"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    first, setp, third = json.loads(result.output)
+    assert first["output_labels"] == ["catalog.product"]
+    assert setp["search_path"] == ["reporting"]
+    assert third["output_labels"] == ["support.ticket"]
+
+
+def test_explain_rejects_a_bad_labels_file(tmp_path: Path) -> None:
+    labels = tmp_path / "labels.yaml"
+    labels.write_text("labels:\n  - column: public.products.name\n    label: Not A Label\n")
+    result = CliRunner().invoke(main, ["policy", "explain", "--labels", str(labels), "SELECT 1"])
+    assert result.exit_code != 0 and "not a dotted lowercase name" in result.output
