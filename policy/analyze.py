@@ -6,6 +6,7 @@ Public API (what the proxy calls)::
                         cache_size=10000)
     facts: tuple[QueryFacts, ...] = analyzer.analyze(sql, search_path=("public",), user=None)
     analyzer.column_at(table_oid, attnum) -> CatalogColumn | None   # labels included
+    analyzer.row_description_gaps(facts, [(table_oid, attnum), ...]) -> [(position, column)]
     analyzer.snapshot                                                # labelled snapshot in use
 
 One ``QueryFacts`` per statement of a multi-statement string, in order. A ``SET search_path``
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -130,6 +132,28 @@ class Analyzer:
             if tainted and not tainted <= col.labels:
                 col = replace(col, labels=col.labels | tainted)
         return col
+
+    def row_description_gaps(
+        self, facts: QueryFacts, fields: Sequence[tuple[int, int]]
+    ) -> list[tuple[int, CatalogColumn]]:
+        """Cross-check the analysis against a RowDescription.
+
+        ``fields`` are the (table OID, attribute number) pairs of the result's columns, in
+        order. Returns the positions whose catalog column carries a label the analysis did not
+        give that output column (an empty list when the analysis covered everything). A gap
+        means the analysis missed something: the proxy should treat the statement as reading
+        those labels, and log it.
+        """
+        gaps: list[tuple[int, CatalogColumn]] = []
+        for i, (oid, attnum) in enumerate(fields):
+            if not oid:
+                continue
+            col = self.column_at(oid, attnum)
+            if col is None or not col.labels:
+                continue
+            if i >= len(facts.output) or not col.labels <= facts.output[i].labels:
+                gaps.append((i, col))
+        return gaps
 
     def cache_clear(self) -> None:
         self._cache.clear()

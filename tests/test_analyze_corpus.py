@@ -167,13 +167,12 @@ def test_row_description_labels_are_covered_by_analysis(
                     continue
                 res = cur.pgresult
                 assert res is not None
-                for i in range(res.nfields):
-                    col = db_snapshot.column_at(res.ftable(i), res.ftablecol(i))
-                    if col is None or not col.labels:
-                        continue
-                    checked_labelled += 1
-                    if i >= len(facts.output) or not col.labels <= facts.output[i].labels:
-                        problems.append(f"{case['sql']}: column {i} ({col.qualified}) not labelled")
+                fields = [(res.ftable(i), res.ftablecol(i)) for i in range(res.nfields)]
+                checked_labelled += sum(
+                    1 for oid, att in fields if (c := db_snapshot.column_at(oid, att)) and c.labels
+                )
+                for i, col in Analyzer(db_snapshot).row_description_gaps(facts, fields):
+                    problems.append(f"{case['sql']}: column {i} ({col.qualified}) not labelled")
                 cur.execute("ROLLBACK TO SAVEPOINT s")
         conn.rollback()
     assert not problems, "\n".join(problems)

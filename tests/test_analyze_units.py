@@ -429,3 +429,14 @@ def test_analysis_before_the_catalog_is_loaded_fails_closed_without_raising() ->
     (f,) = a.analyze("SELECT email FROM customers WHERE email = 'ann@x.example'")
     assert f.unanalysable and "catalog" in f.unanalysable
     assert "ann@x.example" not in f.normalized
+
+
+def test_row_description_gaps_name_what_the_analysis_missed(analyzer: Analyzer) -> None:
+    customers = SNAPSHOT.relation("public", "customers")
+    assert customers is not None
+    email = customers.column("email")
+    assert email is not None
+    (f,) = analyzer.analyze("SELECT email, 1 FROM customers")
+    assert analyzer.row_description_gaps(f, [(customers.oid, email.attnum), (0, 0)]) == []
+    (g,) = analyzer.analyze("SELECT 'x' AS email")
+    assert analyzer.row_description_gaps(g, [(customers.oid, email.attnum)]) == [(0, email)]
