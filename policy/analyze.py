@@ -36,7 +36,7 @@ from typing import Any
 
 from pglast import parser as _pg
 
-from policy.catalog import Catalog, CatalogColumn, CatalogSnapshot
+from policy.catalog import Catalog, CatalogColumn, CatalogFunction, CatalogSnapshot
 from policy.facts import OutputColumn, QueryFacts
 from policy.labels import LabelRules
 from policy.lineage import (
@@ -50,6 +50,7 @@ from policy.lineage import (
     iter_nodes,
     names,
     node_type,
+    sval,
 )
 from policy.normalize import fingerprint, normalize
 from policy.parse import parse_json
@@ -100,6 +101,7 @@ class Analyzer:
         self._source: CatalogSnapshot | None = None
         self._shared: Shared | None = None
         self._taint: dict[tuple[str, str], frozenset[str]] = {}
+        self._pending: dict[tuple[str, str], CatalogFunction] = {}
         self.hits = 0
         self.misses = 0
 
@@ -109,7 +111,11 @@ class Analyzer:
         if shared is None or snap is not self._source:
             # A new snapshot: labels, views and every cached answer may have changed.
             labelled = snap.with_rules(self._rules) if self._rules.rules else snap
-            shared = Shared(labelled, self._rules.labels_for, dict(self._taint))
+            # Functions created through us that the new snapshot now shows need no stand-in.
+            for key in [k for k in self._pending if snap.user_functions(*k)]:
+                del self._pending[key]
+            pending = {k: (f,) for k, f in self._pending.items()}
+            shared = Shared(labelled, self._rules.labels_for, dict(self._taint), pending)
             self._shared = shared
             self._source = snap
             self._cache.clear()
@@ -200,8 +206,9 @@ class Analyzer:
                 ),
             )
         if self._note_copies(result):
-            # Labelled data went into a table: it is labelled from now on, for this text too
-            # (a later statement in the same string may read it back).
+            # Labelled data went into a table, or a function was defined: from now on the
+            # table is labelled and calls to the function are followed, for this text too (a
+            # later statement in the same string may use them).
             shared = self._current()
             result = analyze_text(sql, search_path, user, shared)
             cache = self._cache
@@ -220,6 +227,11 @@ class Analyzer:
     def _note_copies(self, facts: tuple[QueryFacts, ...]) -> bool:
         changed = False
         for f in facts:
+            if f.defines_function is not None:
+                key = (f.defines_function.schema, f.defines_function.name)
+                if self._pending.get(key) != f.defines_function:
+                    self._pending[key] = f.defines_function
+                    changed = True
             for cp in f.copies:
                 if not cp.labels:
                     continue
@@ -359,6 +371,12 @@ def analyze_statement(
                 relations_written=inner.relations_written if analyse_run else frozenset(),
                 copies=inner.copies if analyse_run else (),
             )
+        elif kind == "CreateFunctionStmt":
+            f["kind"] = "create_procedure" if n.get("is_procedure") else "create_function"
+            f["is_ddl"] = True
+            defined = _defined_function(n, text, w)
+            if defined is not None:
+                f["defines_function"] = defined
         elif kind == "ViewStmt":
             f["kind"] = "create_view"
             f["is_ddl"] = True
@@ -510,6 +528,69 @@ def _set_config_calls(n: Node, f: dict[str, Any]) -> None:
         f["search_path"] = parse_search_path(value)
         local = args[2].get("A_Const", {}).get("boolval", {}) if len(args) > 2 else {}
         f["search_path_local"] = bool(local.get("boolval"))
+
+
+def _defined_function(n: Node, text: str, w: StatementWalker) -> CatalogFunction | None:
+    """The function a CREATE FUNCTION/PROCEDURE defines, as the catalog will show it.
+
+    Calls to it may arrive before the catalog refresh that the DDL triggers completes (or in
+    the same query string); the analyzer uses this definition until then.
+    """
+    fname = names(n.get("funcname"))
+    if not fname:
+        return None
+    schema = fname[-2] if len(fname) > 1 else w.creation_schema()
+    language = "sql" if n.get("sql_body") else ""
+    source = ""
+    for o in n.get("options") or ():
+        d = o.get("DefElem", {})
+        if d.get("defname") == "language":
+            language = sval(d.get("arg", {})).lower()
+        elif d.get("defname") == "as":
+            items = d.get("arg", {}).get("List", {}).get("items", [])
+            source = sval(items[0]) if items else ""
+    if n.get("sql_body"):
+        source = _from_keyword(text, ("BEGIN_P", "RETURN")) or ""
+    arguments, result = _signature(text, bool(n.get("is_procedure")))
+    return CatalogFunction(schema, fname[-1], language, source, arguments=arguments, result=result)
+
+
+def _signature(text: str, is_procedure: bool) -> tuple[str, str]:
+    """Argument list and result type as ``pg_get_function_arguments``/``_result`` print them
+    (near enough for the PL/pgSQL parser's checks of RETURN forms)."""
+    from pglast import parse_sql  # node objects: slow, but CREATE FUNCTION is rare
+    from pglast.stream import RawStream
+
+    try:
+        node: Any = parse_sql(text)[0].stmt
+    except Exception:
+        return "", "void"
+    params = list(node.parameters or ())
+    table = [p for p in params if str(p.mode.value) == "t"]
+    args = ", ".join(RawStream()(p) for p in params if str(p.mode.value) != "t")
+    if table:
+        return args, "TABLE(" + ", ".join(RawStream()(p) for p in table) + ")"
+    if node.returnType is not None:
+        return args, RawStream()(node.returnType)
+    has_out = any(str(p.mode.value) in ("o", "b") for p in params)
+    return args, "record" if has_out and not is_procedure else "void"
+
+
+def _from_keyword(text: str, keywords: tuple[str, ...]) -> str | None:
+    """The text from the first top-level token among ``keywords`` to the end."""
+    try:
+        tokens = _pg.scan(text)
+    except Exception:
+        return None
+    depth = 0
+    for t in tokens:
+        if t.name == "ASCII_40":
+            depth += 1
+        elif t.name == "ASCII_41":
+            depth -= 1
+        elif depth == 0 and t.name in keywords:
+            return text[t.start :].strip().rstrip(";").strip()
+    return None
 
 
 def _after_keyword(text: str, keyword: str) -> str | None:

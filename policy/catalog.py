@@ -135,6 +135,9 @@ class CatalogSnapshot:
     functions: Mapping[tuple[str, str], tuple[CatalogFunction, ...]] = field(
         default_factory=lambda: MappingProxyType({})
     )
+    # Names of pg_catalog functions. Empty means "not known" (a snapshot built from a schema
+    # file): then a call to a function the catalog lacks cannot be told from a builtin.
+    builtin_functions: frozenset[str] = frozenset()
     version: int = field(default_factory=lambda: next(_versions))
     _by_oid: Mapping[int, CatalogRelation] = field(init=False, repr=False)
     _by_name: Mapping[str, tuple[CatalogRelation, ...]] = field(init=False, repr=False)
@@ -155,6 +158,7 @@ class CatalogSnapshot:
         relations: Iterable[CatalogRelation],
         schemas: Iterable[str] = (),
         functions: Iterable[CatalogFunction] = (),
+        builtin_functions: Iterable[str] = (),
     ) -> CatalogSnapshot:
         """A snapshot from Python values (unit tests, schema files)."""
         rels = inherit_labels({(r.schema, r.name): r for r in relations})
@@ -166,6 +170,7 @@ class CatalogSnapshot:
             relations=MappingProxyType(rels),
             schemas=frozenset(all_schemas),
             functions=MappingProxyType({k: tuple(v) for k, v in funcs.items()}),
+            builtin_functions=frozenset(builtin_functions),
         )
 
     def relation(self, schema: str, name: str) -> CatalogRelation | None:
@@ -213,6 +218,7 @@ class CatalogSnapshot:
             relations=MappingProxyType(inherit_labels(rels)),
             schemas=self.schemas,
             functions=self.functions,
+            builtin_functions=self.builtin_functions,
             version=self.version,
         )
 
@@ -284,9 +290,11 @@ SELECT con.conrelid::int8 AS oid,
 FROM pg_catalog.pg_constraint con WHERE con.contype = 'p'
 """
 
+# {source}: prosrc, or for SQL-standard bodies (BEGIN ATOMIC / RETURN, PostgreSQL 14+) their
+# text, because prosrc is empty for those.
 _FUNCTIONS_SQL = """
 SELECT n.nspname AS schema, p.proname AS name, l.lanname AS language,
-       coalesce(p.prosrc, '') AS source, p.prosecdef AS secdef,
+       {source} AS source, p.prosecdef AS secdef,
        coalesce(pg_catalog.pg_get_function_arguments(p.oid), '') AS arguments,
        coalesce(pg_catalog.pg_get_function_result(p.oid), 'void') AS result
 FROM pg_catalog.pg_proc p
@@ -311,7 +319,18 @@ async def load_catalog(conn: Any) -> CatalogSnapshot:
         inh_rows = await conn.fetch(
             "SELECT inhrelid::int8 AS child, inhparent::int8 AS parent FROM pg_catalog.pg_inherits"
         )
-        fn_rows = await conn.fetch(_FUNCTIONS_SQL)
+        version = int(await conn.fetchval("SELECT current_setting('server_version_num')"))
+        source = (
+            "CASE WHEN p.prosqlbody IS NOT NULL THEN pg_catalog.pg_get_function_sqlbody(p.oid)"
+            " ELSE coalesce(p.prosrc, '') END"
+            if version >= 140000
+            else "coalesce(p.prosrc, '')"
+        )
+        fn_rows = await conn.fetch(_FUNCTIONS_SQL.format(source=source))
+        builtin_rows = await conn.fetch(
+            "SELECT DISTINCT p.proname FROM pg_catalog.pg_proc p"
+            " WHERE p.pronamespace = 'pg_catalog'::pg_catalog.regnamespace"
+        )
         schema_rows = await conn.fetch("SELECT nspname FROM pg_catalog.pg_namespace")
     return snapshot_from_rows(
         [dict(r) for r in rel_rows],
@@ -320,6 +339,7 @@ async def load_catalog(conn: Any) -> CatalogSnapshot:
         [dict(r) for r in inh_rows],
         [dict(r) for r in fn_rows],
         [str(r["nspname"]) for r in schema_rows],
+        [str(r["proname"]) for r in builtin_rows],
     )
 
 
@@ -330,6 +350,7 @@ def snapshot_from_rows(
     inh_rows: Iterable[Mapping[str, Any]] = (),
     fn_rows: Iterable[Mapping[str, Any]] = (),
     schemas: Iterable[str] = (),
+    builtin_functions: Iterable[str] = (),
 ) -> CatalogSnapshot:
     """Assemble a snapshot from catalog query rows (any driver)."""
     rel_meta = {int(r["oid"]): r for r in rel_rows}
@@ -380,7 +401,7 @@ def snapshot_from_rows(
         )
         for f in fn_rows
     ]
-    return CatalogSnapshot.build(relations, schemas, functions)
+    return CatalogSnapshot.build(relations, schemas, functions, builtin_functions)
 
 
 class Catalog:

@@ -8,7 +8,10 @@ WHERE/LIMIT, COPY, copies into other tables, statements that cannot be followed)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    from policy.catalog import CatalogFunction
 
 
 class SourceColumn(NamedTuple):
@@ -88,6 +91,7 @@ class QueryFacts:
     search_path: tuple[str, ...] | None = None  # new search_path, when the statement sets one
     search_path_local: bool = False
     search_path_reset: bool = False  # RESET / SET ... TO DEFAULT: back to the session default
+    defines_function: CatalogFunction | None = None  # CREATE FUNCTION / PROCEDURE
     role: str | None = None  # SET ROLE / SET SESSION AUTHORIZATION: "$user" follows it
     is_ddl: bool = False  # the catalog may have changed: invalidate it
     user_functions: frozenset[str] = frozenset()
@@ -165,6 +169,7 @@ class QueryFacts:
             ),
             "search_path": list(f.search_path) if f.search_path is not None else None,
             "user_functions": sorted(f.user_functions),
+            "defines_function": f.defines_function.qualified if f.defines_function else None,
             "unresolved": list(f.unresolved),
             "unanalysable": f.unanalysable,
         }

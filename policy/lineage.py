@@ -19,9 +19,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from policy.catalog import SYSTEM_SCHEMAS, CatalogRelation, CatalogSnapshot
+from policy.catalog import SYSTEM_SCHEMAS, CatalogFunction, CatalogRelation, CatalogSnapshot
 from policy.facts import DataCopy, PackingCall, SourceColumn
-from policy.parse import plpgsql_queries
+from policy.parse import function_body_statements, plpgsql_queries
 
 Lineage = frozenset[SourceColumn]
 Node = dict[str, Any]
@@ -220,12 +220,17 @@ class Shared:
         snapshot: CatalogSnapshot,
         rules_labels: Any,
         taint: Mapping[tuple[str, str], frozenset[str]] | None = None,
+        pending_functions: Mapping[tuple[str, str], tuple[CatalogFunction, ...]] | None = None,
     ) -> None:
         self.snapshot = snapshot
         self.rules_labels = rules_labels  # callable(schema, table, column) -> frozenset
         # Tables that labelled data was copied into (CREATE TABLE AS, INSERT ... SELECT):
         # every column of them carries those labels from then on.
         self.taint: Mapping[tuple[str, str], frozenset[str]] = taint or {}
+        # Functions created through us that the catalog does not show yet.
+        self.pending_functions: Mapping[tuple[str, str], tuple[CatalogFunction, ...]] = (
+            pending_functions or {}
+        )
         self.views: dict[int, ViewExpansion] = {}
         self.labels: dict[SourceColumn, frozenset[str]] = {}
         self.rel_columns: dict[int, Columns] = {}
@@ -974,7 +979,12 @@ class StatementWalker:
             self.unanalysable.append(f"{name}() dumps every table of a schema or database")
         elif name in TABLE_TEXT_FUNCTIONS and args:
             inner |= self._table_argument(args[0], name)
-        self.user_function(fname, inner)
+        found = self.user_function(fname, inner)
+        builtins = self.snapshot.builtin_functions
+        if not found and builtins and name not in builtins:
+            # Not builtin and not in the catalog: created since the last refresh (perhaps
+            # earlier in this very string). Whatever its body reads cannot be followed.
+            self.unanalysable.append(f"function {qualified} is not in the catalog")
         if name in PACKING_FUNCTIONS:
             self.add_packing(name, frozenset(inner))
         acc |= inner
@@ -996,15 +1006,21 @@ class StatementWalker:
             self.star_tables.add(rel.qualified)
         return lin
 
-    def user_function(self, fname: list[str], acc: set[SourceColumn]) -> None:
-        if not self.snapshot.functions:
-            return
+    def _function_candidates(self, schema: str, name: str) -> tuple[CatalogFunction, ...]:
+        found = self.snapshot.user_functions(schema, name)
+        pending = self.shared.pending_functions.get((schema, name))
+        return found + pending if pending else found
+
+    def user_function(self, fname: list[str], acc: set[SourceColumn]) -> bool:
+        """Follow a call into a user-defined function; False if there is none by that name."""
+        if not self.snapshot.functions and not self.shared.pending_functions:
+            return False
         if len(fname) > 1:
-            candidates = self.snapshot.user_functions(fname[-2], fname[-1])
+            candidates = self._function_candidates(fname[-2], fname[-1])
         else:
             candidates = ()
             for s in self.search_path:
-                candidates = self.snapshot.user_functions(s, fname[0])
+                candidates = self._function_candidates(s, fname[0])
                 if candidates:
                     break
         for f in candidates:
@@ -1033,6 +1049,7 @@ class StatementWalker:
                     acc |= self._function_query(f.qualified, q)
             finally:
                 self.function_stack.discard(f.qualified)
+        return bool(candidates)
 
     def _function_query(self, qualified: str, source: str) -> Lineage:
         """What a statement inside a function body can return: the union of its outputs.
@@ -1040,22 +1057,21 @@ class StatementWalker:
         A sub-walker keeps the body's unresolved names (its parameters and variables) out of
         the caller's facts; what it reads, writes and copies counts for the caller.
         """
-        from policy.parse import parse_json
-
         try:
-            tree = parse_json(source)
+            stmts = function_body_statements(source)
         except Exception:
             self.unanalysable.append(f"body of function {qualified} could not be parsed")
             return EMPTY
         sub = StatementWalker(self.shared, self.search_path, self.view_stack)
         sub.function_stack = self.function_stack
         out: set[SourceColumn] = set()
-        for raw in tree.get("stmts", ()):
-            stmt = raw["stmt"]
-            kind, _ = node_type(stmt)
+        for stmt in stmts:
+            kind, n = node_type(stmt)
             if kind in ("SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"):
                 for _n, lin in sub.query(stmt, None, {}):
                     out |= lin
+            elif kind == "ReturnStmt":
+                out |= sub.expr(n.get("returnval"), None)
         self.reads |= sub.reads
         self.writes |= sub.writes
         self.functions |= sub.functions

@@ -62,3 +62,31 @@ def _collect_plpgsql(node: Any, out: list[str]) -> None:
         for v in node.values():
             if isinstance(v, (dict, list)):
                 _collect_plpgsql(v, out)
+
+
+def function_body_statements(source: str) -> list[dict[str, Any]]:
+    """The statements of a SQL-language function body, as parse-tree nodes.
+
+    Handles both the string form (``AS 'SELECT ...'``) and SQL-standard bodies (``BEGIN
+    ATOMIC ... END`` / ``RETURN expr``, as ``pg_get_function_sqlbody`` prints them); the
+    latter yield ``ReturnStmt`` nodes for ``RETURN``.
+    """
+    head = source.lstrip()[:12].upper()
+    if head.startswith(("BEGIN", "RETURN")):
+        tree = parse_json(f"CREATE FUNCTION pgwarden_probe() RETURNS void {source}")
+        body = tree["stmts"][0]["stmt"]["CreateFunctionStmt"].get("sql_body") or {}
+        out: list[dict[str, Any]] = []
+        _flatten_body(body, out)
+        return out
+    return [raw["stmt"] for raw in parse_json(source).get("stmts", ())]
+
+
+def _flatten_body(node: Any, out: list[dict[str, Any]]) -> None:
+    if isinstance(node, list):
+        for x in node:
+            _flatten_body(x, out)
+    elif isinstance(node, dict):
+        if "List" in node:
+            _flatten_body(node["List"].get("items", []), out)
+        elif node:
+            out.append(node)

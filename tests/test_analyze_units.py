@@ -440,3 +440,24 @@ def test_row_description_gaps_name_what_the_analysis_missed(analyzer: Analyzer) 
     assert analyzer.row_description_gaps(f, [(customers.oid, email.attnum), (0, 0)]) == []
     (g,) = analyzer.analyze("SELECT 'x' AS email")
     assert analyzer.row_description_gaps(g, [(customers.oid, email.attnum)]) == [(0, email)]
+
+
+@pytest.mark.parametrize(
+    ("create", "call", "labels"),
+    [
+        ("CREATE FUNCTION f1() RETURNS text BEGIN ATOMIC SELECT max(phone) FROM customers; END",
+         "SELECT f1()", {"pii.phone"}),
+        ("CREATE FUNCTION f2() RETURNS text RETURN (SELECT min(street) FROM customers)",
+         "SELECT f2()", {"pii.address"}),
+        ("CREATE FUNCTION f3() RETURNS TABLE(e text) LANGUAGE plpgsql AS $$ BEGIN"
+         " RETURN QUERY SELECT full_name FROM customers; END $$", "SELECT * FROM f3()", {"pii.name"}),
+    ],
+)  # fmt: skip
+def test_functions_created_in_the_session_are_followed_before_the_catalog_knows_them(
+    create: str, call: str, labels: set[str]
+) -> None:
+    a = Analyzer(SNAPSHOT)
+    (c,) = a.analyze(create)
+    assert c.defines_function is not None and c.is_ddl
+    (f,) = a.analyze(call)
+    assert f.output_labels == labels and f.unanalysable is None

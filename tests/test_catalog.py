@@ -34,6 +34,9 @@ def catalog_db(pg: Cluster) -> Iterator[str]:
             BEGIN RETURN QUERY SELECT phone FROM public.customers; END $$;
         CREATE FUNCTION out_pl(OUT a text, OUT b text) LANGUAGE plpgsql AS $$
             BEGIN SELECT full_name, street INTO a, b FROM public.customers LIMIT 1; END $$;
+        CREATE FUNCTION atomic_phone() RETURNS text BEGIN ATOMIC
+            SELECT max(phone) FROM public.customers; END;
+        CREATE FUNCTION return_city() RETURNS text RETURN (SELECT min(city) FROM public.customers);
         SET check_function_bodies = off;
         CREATE FUNCTION loop_a() RETURNS SETOF text LANGUAGE sql
             AS 'SELECT email FROM public.customers UNION ALL SELECT * FROM public.loop_a()';
@@ -113,6 +116,8 @@ def test_function_bodies_are_followed_and_dynamic_sql_is_unanalysable(
     assert p.relations_read == {"public.customers"}
     (o,) = a.analyze("SELECT * FROM out_pl()", ("public",))
     assert o.output_labels == {"pii.name", "pii.address"} and o.unanalysable is None
+    (sb,) = a.analyze("SELECT atomic_phone(), return_city()", ("public",))
+    assert sb.output_labels == {"pii.phone", "pii.address"} and sb.unanalysable is None
     (r,) = a.analyze("SELECT loop_a()", ("public",))
     assert r.output_labels == {"pii.email"} and r.unanalysable is None
     (h,) = a.analyze("SELECT * FROM sneaky('customers') AS x(a text)", ("public",))
@@ -128,6 +133,24 @@ def test_partitions_and_inheritance_children_carry_their_parents_labels(
     assert f.output_labels == {"pii.name", "pii.email", "pii.phone", "pii.address"}
     ruled = Analyzer(snapshot, LabelRules((("public.customers.tier", "customer.tier"),)))
     assert ruled.analyze("SELECT tier FROM customers_legacy")[0].output_labels == {"customer.tier"}
+
+
+def test_calls_to_functions_missing_from_the_catalog_are_unanalysable(
+    snapshot: CatalogSnapshot,
+) -> None:
+    a = Analyzer(snapshot)
+    assert (
+        a.analyze("SELECT lower(email), count(*) FROM customers GROUP BY 1")[0].unanalysable is None
+    )
+    (f,) = a.analyze("SELECT created_since_refresh()")
+    assert f.unanalysable and "not in the catalog" in f.unanalysable
+    # Defined through the proxy: followed at once, before any refresh.
+    create, call = a.analyze(
+        "CREATE FUNCTION created_since_refresh() RETURNS SETOF text LANGUAGE sql"
+        " AS 'SELECT email FROM customers'; SELECT created_since_refresh()"
+    )
+    assert create.kind == "create_function" and create.is_ddl
+    assert call.unanalysable is None and call.output_labels == {"pii.email"}
 
 
 def test_label_rules_apply_on_top_of_comments(snapshot: CatalogSnapshot) -> None:
