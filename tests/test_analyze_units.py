@@ -450,7 +450,8 @@ def test_row_description_gaps_name_what_the_analysis_missed(analyzer: Analyzer) 
         ("CREATE FUNCTION f2() RETURNS text RETURN (SELECT min(street) FROM customers)",
          "SELECT f2()", {"pii.address"}),
         ("CREATE FUNCTION f3() RETURNS TABLE(e text) LANGUAGE plpgsql AS $$ BEGIN"
-         " RETURN QUERY SELECT full_name FROM customers; END $$", "SELECT * FROM f3()", {"pii.name"}),
+         " RETURN QUERY SELECT full_name FROM customers; END $$",
+         "SELECT * FROM f3()", {"pii.name"}),
     ],
 )  # fmt: skip
 def test_functions_created_in_the_session_are_followed_before_the_catalog_knows_them(
