@@ -551,44 +551,55 @@ class StatementWalker:
             return ctes
         ctes = dict(ctes)
         body = wc.get("WithClause", wc)
-        recursive = bool(body.get("recursive"))
-        for item in body.get("ctes") or ():
-            cte = item["CommonTableExpr"]
-            name = cte["ctename"]
-            aliases = names(cte.get("aliascolnames"))
-            q = cte["ctequery"]
-            if recursive and _refers_to(q, name):
-                ctes[name] = self._recursive_cte(name, aliases, q, scope, ctes)
-            else:
-                cols = self.query(q, scope, ctes)
-                ctes[name] = _apply_colnames(cols, aliases)
-        return ctes
+        items = [
+            (c["ctename"], names(c.get("aliascolnames")), c["ctequery"])
+            for item in body.get("ctes") or ()
+            for c in (item["CommonTableExpr"],)
+        ]
+        if not body.get("recursive"):
+            for name, aliases, q in items:
+                ctes[name] = _apply_colnames(self.query(q, scope, ctes), aliases)
+            return ctes
+        return self._recursive_with(items, scope, ctes)
 
-    def _recursive_cte(
+    def _recursive_with(
         self,
-        name: str,
-        aliases: list[str],
-        q: Node,
+        items: list[tuple[str, list[str], Node]],
         scope: Scope | None,
         ctes: dict[str, Columns],
-    ) -> Columns:
-        kind, sel = node_type(q)
-        if kind == "SelectStmt" and sel.get("op", "SETOP_NONE") != "SETOP_NONE":
-            seed = self.select(sel["larg"], scope, ctes)
-        else:
-            seed = []
-        current = _apply_colnames(seed, aliases)
-        # The recursive term can only add lineage; iterate to the fixpoint (bounded: every
-        # round adds at least one source column or stops).
-        for _ in range(32):
-            trial = dict(ctes)
-            trial[name] = current
-            cols = _apply_colnames(self.query(q, scope, trial), aliases)
-            merged = _merge_positional(current, cols) if current else cols
-            if merged == current:
+    ) -> dict[str, Columns]:
+        """WITH RECURSIVE: any CTE may refer to itself or to any other, in any order.
+
+        Lineage only grows, so iterate to the fixpoint on a scratch walker, starting from
+        each CTE's non-recursive term; then walk once more for real (reads, filters ...).
+        """
+        approx: dict[str, Columns] = {name: [] for name, _a, _q in items}
+        scratch = self._scratch()
+        for name, aliases, q in items:
+            kind, sel = node_type(q)
+            if kind == "SelectStmt" and sel.get("op", "SETOP_NONE") != "SETOP_NONE":
+                seed = scratch.select(sel["larg"], scope, {**ctes, **approx})
+                approx[name] = _apply_colnames(seed, aliases)
+        for _ in range(2 * len(items) + 16):
+            changed = False
+            scratch = self._scratch()
+            for name, aliases, q in items:
+                cols = _apply_colnames(scratch.query(q, scope, {**ctes, **approx}), aliases)
+                merged = _merge_positional(approx[name], cols) if approx[name] else cols
+                if merged != approx[name]:
+                    approx[name] = merged
+                    changed = True
+            if not changed:
                 break
-            current = merged
-        return current
+        for _name, _aliases, q in items:
+            self.query(q, scope, {**ctes, **approx})
+        ctes.update(approx)
+        return ctes
+
+    def _scratch(self) -> StatementWalker:
+        w = StatementWalker(self.shared, self.search_path, self.view_stack)
+        w.function_stack = self.function_stack
+        return w
 
     def select(self, n: Node, scope: Scope | None, ctes: dict[str, Columns]) -> Columns:
         ctes = self.with_clause(n, scope, ctes)
@@ -1125,13 +1136,6 @@ def _merge_positional(left: Columns, right: Columns) -> Columns:
         lin = (left[i][1] if i < len(left) else EMPTY) | (right[i][1] if i < len(right) else EMPTY)
         out.append((name, lin))
     return out
-
-
-def _refers_to(node: Any, name: str) -> bool:
-    for rv in iter_nodes(node, "RangeVar"):
-        if rv.get("relname") == name and "schemaname" not in rv:
-            return True
-    return False
 
 
 def iter_nodes(node: Any, kind: str) -> Iterator[Node]:
