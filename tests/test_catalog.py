@@ -208,3 +208,33 @@ def test_snapshot_without_a_database_raises_a_clear_error_before_loading() -> No
 )
 def test_comment_labels(comment: str | None, labels: set[str]) -> None:
     assert parse_comment_labels(comment) == labels
+
+
+def test_catalog_holder_refreshes_on_its_interval_and_survives_failures(catalog_db: str) -> None:
+    async def scenario() -> None:
+        attempts = 0
+
+        async def connect() -> asyncpg.Connection:
+            nonlocal attempts
+            attempts += 1
+            if attempts == 2:
+                raise OSError("database briefly unreachable")
+            return await asyncpg.connect(catalog_db)
+
+        catalog = Catalog(connect, refresh_interval=0.05)
+        await catalog.start()
+        try:
+            first = catalog.snapshot
+            # Force the held connection closed so the next refresh reconnects (and fails once).
+            await catalog._conn.close()
+            for _ in range(200):
+                if catalog.snapshot is not first and catalog.last_error is None:
+                    break
+                await asyncio.sleep(0.02)
+            assert attempts >= 3
+            assert catalog.snapshot is not first
+            assert catalog.snapshot.relation("public", "customers") is not None
+        finally:
+            await catalog.close()
+
+    asyncio.run(scenario())
