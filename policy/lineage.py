@@ -104,6 +104,13 @@ WHOLE_SCHEMA_FUNCTIONS = frozenset(
     }
 )
 
+# Side channels: data written into large objects or NOTIFY payloads leaves the table it came
+# from; reading large objects back returns whatever was put there (tracked as a copy target).
+LARGE_OBJECT = SourceColumn("pg_catalog", "pg_largeobject", "data")
+LO_WRITE_FUNCTIONS = frozenset({"lo_from_bytea", "lo_put", "lowrite"})
+LO_READ_FUNCTIONS = frozenset({"lo_get", "loread", "lo_export"})
+NOTIFY_TARGET = "pg_catalog.pg_notify"
+
 # Functions that read a whole table named by a regclass argument.
 TABLE_TEXT_FUNCTIONS = frozenset(
     {"table_to_xml", "table_to_xmlschema", "table_to_xml_and_xmlschema"}
@@ -990,6 +997,13 @@ class StatementWalker:
             self.unanalysable.append(f"{name}() dumps every table of a schema or database")
         elif name in TABLE_TEXT_FUNCTIONS and args:
             inner |= self._table_argument(args[0], name)
+        builtin = len(fname) == 1 or fname[0] == "pg_catalog"
+        if builtin and name in LO_WRITE_FUNCTIONS:
+            self.record_copy("pg_catalog.pg_largeobject", [("", frozenset(inner))])
+        elif builtin and name in LO_READ_FUNCTIONS:
+            inner.add(LARGE_OBJECT)
+        elif builtin and name == "pg_notify":
+            self.record_copy(NOTIFY_TARGET, [("", frozenset(inner))])
         found = self.user_function(fname, inner)
         builtins = self.snapshot.builtin_functions
         if not found and builtins and name not in builtins:

@@ -462,3 +462,15 @@ def test_functions_created_in_the_session_are_followed_before_the_catalog_knows_
     assert c.defines_function is not None and c.is_ddl
     (f,) = a.analyze(call)
     assert f.output_labels == labels and f.unanalysable is None
+
+
+def test_large_objects_and_notify_are_tracked_as_copies() -> None:
+    a = Analyzer(SNAPSHOT)
+    (w,) = a.analyze(
+        "SELECT lo_from_bytea(0, convert_to(string_agg(email, ','), 'UTF8')) FROM customers"
+    )
+    assert w.copied_labels == {"pii.email"}
+    (r,) = a.analyze("SELECT lo_get(16400)")
+    assert r.output_labels == {"pii.email"}
+    (n,) = a.analyze("SELECT pg_notify('leak', phone) FROM customers")
+    assert [(c.target, c.labels) for c in n.copies] == [("pg_catalog.pg_notify", {"pii.phone"})]
