@@ -40,6 +40,8 @@ from policy.catalog import Catalog, CatalogColumn, CatalogFunction, CatalogSnaps
 from policy.facts import OutputColumn, QueryFacts
 from policy.labels import LabelRules
 from policy.lineage import (
+    SERVER_FILES,
+    SERVER_FILES_TARGET,
     Columns,
     Node,
     Shared,
@@ -463,6 +465,18 @@ def _copy(w: StatementWalker, n: Node, f: dict[str, Any]) -> Columns:
     f["copy_direction"] = "from" if is_from else "to"
     f["copy_target"] = target or ("stdin" if is_from else "stdout")
     f["copy_program"] = program
+    out = _copy_columns(w, n, f, is_from)
+    if target is not None:
+        # Server files are a place data can be parked and read back (pg_read_file, COPY FROM).
+        if is_from:
+            schema, name = w.qualify_target(n["relation"])
+            w.record_copy(f"{schema}.{name}", [("", frozenset((SERVER_FILES,)))])
+        else:
+            w.record_copy(SERVER_FILES_TARGET, out)
+    return out
+
+
+def _copy_columns(w: StatementWalker, n: Node, f: dict[str, Any], is_from: bool) -> Columns:
     if n.get("query"):
         f["copy_source"] = "query"
         return w.query(n["query"], None, {})

@@ -110,6 +110,10 @@ LARGE_OBJECT = SourceColumn("pg_catalog", "pg_largeobject", "data")
 LO_WRITE_FUNCTIONS = frozenset({"lo_from_bytea", "lo_put", "lowrite"})
 LO_READ_FUNCTIONS = frozenset({"lo_get", "loread", "lo_export"})
 NOTIFY_TARGET = "pg_catalog.pg_notify"
+# Files on the database server (COPY ... TO 'file' / PROGRAM, then pg_read_file).
+SERVER_FILES = SourceColumn("pg_catalog", "server_files", "data")
+SERVER_FILES_TARGET = "pg_catalog.server_files"
+FILE_READ_FUNCTIONS = frozenset({"pg_read_file", "pg_read_binary_file", "lo_import"})
 
 # Functions that read a whole table named by a regclass argument.
 TABLE_TEXT_FUNCTIONS = frozenset(
@@ -1002,6 +1006,10 @@ class StatementWalker:
             self.record_copy("pg_catalog.pg_largeobject", [("", frozenset(inner))])
         elif builtin and name in LO_READ_FUNCTIONS:
             inner.add(LARGE_OBJECT)
+        elif builtin and name in FILE_READ_FUNCTIONS:
+            inner.add(SERVER_FILES)
+            if name == "lo_import":
+                self.record_copy("pg_catalog.pg_largeobject", [("", frozenset((SERVER_FILES,)))])
         elif builtin and name == "pg_notify":
             self.record_copy(NOTIFY_TARGET, [("", frozenset(inner))])
         found = self.user_function(fname, inner)

@@ -474,3 +474,13 @@ def test_large_objects_and_notify_are_tracked_as_copies() -> None:
     assert r.output_labels == {"pii.email"}
     (n,) = a.analyze("SELECT pg_notify('leak', phone) FROM customers")
     assert [(c.target, c.labels) for c in n.copies] == [("pg_catalog.pg_notify", {"pii.phone"})]
+
+
+def test_server_files_are_tracked_as_copies() -> None:
+    a = Analyzer(SNAPSHOT)
+    (c,) = a.analyze("COPY (SELECT email FROM customers) TO '/tmp/out.csv'")
+    assert [(x.target, x.labels) for x in c.copies] == [("pg_catalog.server_files", {"pii.email"})]
+    (r,) = a.analyze("SELECT pg_read_file('/tmp/out.csv')")
+    assert r.output_labels == {"pii.email"}
+    a.analyze("COPY archive FROM '/tmp/out.csv'")
+    assert a.analyze("SELECT payload FROM archive")[0].output_labels == {"pii.email"}
