@@ -199,3 +199,21 @@ def test_no_literal_survives_normalisation(secret: str, quoting: str) -> None:
     (f,) = ANALYZER.analyze(sql, ("public",))
     assert secret.replace("*/", "") not in f.normalized or secret in sql.replace(lit, "")
     assert f.output_labels == {"pii.email"}
+
+
+SQL_WORDS = [
+    "SELECT", "FROM", "WHERE", "JOIN", "LATERAL", "(", ")", ",", "*", "customers", "c", "email",
+    "UNION", "WITH", "RECURSIVE", "AS", "x", "'lit'", "$1", "1", "c.*", "row_to_json(c)", ";",
+    "INSERT", "INTO", "VALUES", "RETURNING", "COPY", "TO", "STDOUT", "reporting.vip_contacts",
+    "ORDER", "BY", "LIMIT", "GROUP", "(SELECT", "EXISTS", "CASE", "WHEN", "THEN", "END", "=",
+]  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=200), st.lists(st.sampled_from(SQL_WORDS), max_size=30)))
+def test_analysis_never_raises(text: str | list[str]) -> None:
+    sql = text if isinstance(text, str) else " ".join(text)
+    facts = Analyzer(ANALYZER.snapshot).analyze(sql, ("public",))
+    assert isinstance(facts, tuple)
+    for f in facts:
+        assert f.unanalysable is None or "internal error" not in f.unanalysable, (sql, f)
