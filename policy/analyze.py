@@ -37,7 +37,7 @@ from typing import Any
 from pglast import parser as _pg
 
 from policy.catalog import Catalog, CatalogColumn, CatalogFunction, CatalogSnapshot
-from policy.facts import OutputColumn, QueryFacts
+from policy.facts import OutputColumn, QueryFacts, RecordKey
 from policy.labels import LabelRules
 from policy.lineage import (
     SERVER_FILES,
@@ -421,8 +421,40 @@ def _finish(
         user_functions=frozenset(w.user_functions),
         unresolved=tuple(dict.fromkeys(w.unresolved)),
         unanalysable=unanalysable,
+        record_keys=_record_keys(w.snapshot, out_cols),
         **f,
     )
+
+
+def _record_keys(snapshot: CatalogSnapshot, out: tuple[OutputColumn, ...]) -> tuple[RecordKey, ...]:
+    """Where the primary key of each labelled table sits in the output, when all of it does.
+
+    Only plain copies of a key column count (a column derived from the key alone, through
+    views and subqueries); the record ledger hashes these values to answer "which customers
+    did this person see".
+    """
+    if not out:
+        return ()
+    positions: dict[tuple[str, str], dict[str, int]] = {}
+    labelled: set[tuple[str, str]] = set()
+    for i, col in enumerate(out):
+        for src in col.sources:
+            if col.labels:
+                labelled.add((src.schema, src.table))
+        if len(col.sources) == 1:
+            (src,) = col.sources
+            positions.setdefault((src.schema, src.table), {}).setdefault(src.column, i)
+    keys: list[RecordKey] = []
+    for rel_key in sorted(labelled):
+        rel = snapshot.relation(*rel_key)
+        if rel is None or not rel.primary_key:
+            continue
+        found = positions.get(rel_key, {})
+        if all(k in found for k in rel.primary_key):
+            keys.append(
+                RecordKey(rel.qualified, rel.primary_key, tuple(found[k] for k in rel.primary_key))
+            )
+    return tuple(keys)
 
 
 def _statement_shape(kind: str, n: Node, f: dict[str, Any]) -> None:

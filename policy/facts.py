@@ -53,6 +53,15 @@ class DataCopy:
 
 
 @dataclass(frozen=True, slots=True)
+class RecordKey:
+    """The output positions holding the primary key of a labelled relation's rows."""
+
+    relation: str
+    columns: tuple[str, ...]
+    positions: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class QueryFacts:
     """Everything policy needs to know about one statement.
 
@@ -91,6 +100,7 @@ class QueryFacts:
     search_path: tuple[str, ...] | None = None  # new search_path, when the statement sets one
     search_path_local: bool = False
     search_path_reset: bool = False  # RESET / SET ... TO DEFAULT: back to the session default
+    record_keys: tuple[RecordKey, ...] = ()  # for the record ledger
     defines_function: CatalogFunction | None = None  # CREATE FUNCTION / PROCEDURE
     role: str | None = None  # SET ROLE / SET SESSION AUTHORIZATION: "$user" follows it
     is_ddl: bool = False  # the catalog may have changed: invalidate it
@@ -168,6 +178,10 @@ class QueryFacts:
                 else None
             ),
             "search_path": list(f.search_path) if f.search_path is not None else None,
+            "record_keys": [
+                {"relation": k.relation, "columns": list(k.columns), "positions": list(k.positions)}
+                for k in f.record_keys
+            ],
             "user_functions": sorted(f.user_functions),
             "defines_function": f.defines_function.qualified if f.defines_function else None,
             "unresolved": list(f.unresolved),

@@ -484,3 +484,16 @@ def test_server_files_are_tracked_as_copies() -> None:
     assert r.output_labels == {"pii.email"}
     a.analyze("COPY archive FROM '/tmp/out.csv'")
     assert a.analyze("SELECT payload FROM archive")[0].output_labels == {"pii.email"}
+
+
+def test_record_keys_locate_primary_keys_of_labelled_rows(analyzer: Analyzer) -> None:
+    (f,) = analyzer.analyze("SELECT email, customer_id FROM customers")
+    assert [(k.relation, k.positions) for k in f.record_keys] == [("public.customers", (1,))]
+    (v,) = analyzer.analyze("SELECT name, customer_id FROM reporting.customer_contacts")
+    assert [(k.relation, k.columns, k.positions) for k in v.record_keys] == [
+        ("public.customers", ("customer_id",), (1,))
+    ]
+    (n,) = analyzer.analyze("SELECT email FROM customers")  # no key in the output
+    assert n.record_keys == ()
+    (p,) = analyzer.analyze("SELECT product_id, name FROM products")  # nothing labelled
+    assert p.record_keys == ()
