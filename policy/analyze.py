@@ -369,6 +369,7 @@ def analyze_statement(
                 normalized=norm,
                 fingerprint=fp,
                 output=(),
+                record_keys=(),
                 # Plain EXPLAIN plans without running: nothing is written or copied.
                 relations_written=inner.relations_written if analyse_run else frozenset(),
                 copies=inner.copies if analyse_run else (),

@@ -112,12 +112,11 @@ class QueryFacts:
 
     @property
     def output_labels(self) -> frozenset[str]:
-        """Labels of every column the client can receive."""
+        """Labels of every column the client can receive (packing that reaches the output is
+        part of an output column's lineage; packing inside e.g. CREATE TABLE AS is not)."""
         out: set[str] = set()
         for c in self.output:
             out |= c.labels
-        for p in self.packing:
-            out |= p.labels
         return frozenset(out)
 
     @property

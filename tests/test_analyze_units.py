@@ -497,3 +497,14 @@ def test_record_keys_locate_primary_keys_of_labelled_rows(analyzer: Analyzer) ->
     assert n.record_keys == ()
     (p,) = analyzer.analyze("SELECT product_id, name FROM products")  # nothing labelled
     assert p.record_keys == ()
+
+
+def test_output_labels_are_what_reaches_the_client(analyzer: Analyzer) -> None:
+    (ctas,) = analyzer.analyze("CREATE TABLE x AS SELECT json_agg(email) FROM customers")
+    assert ctas.output_labels == set() and ctas.copied_labels == {"pii.email"}
+    (explain,) = analyzer.analyze("EXPLAIN SELECT json_agg(email) FROM customers")
+    assert explain.output_labels == set() and explain.relations_read == {"public.customers"}
+    (count,) = analyzer.analyze(
+        "SELECT count(*) FROM (SELECT json_agg(email) AS j FROM customers) s"
+    )
+    assert count.output_labels == set() and count.packing[0].labels == {"pii.email"}
