@@ -18,6 +18,8 @@ Results are cached by ``(search_path, user, text)`` in an LRU; the cache empties
 the catalog snapshot changes (the facts depend on it) and when labelled data is copied into
 a table (``CREATE TABLE AS``, ``INSERT ... SELECT``...): from then on every column of that
 table carries the copied labels (``analyzer.tainted``), in this analyzer, for all sessions.
+Likewise a function defined by ``CREATE FUNCTION`` is followed at once, until the catalog
+shows it; a call to a function that is neither builtin nor in the catalog is unanalysable.
 
 Session-level statements that refer to earlier ones (``EXECUTE``, ``FETCH``) and the running
 ``search_path``/role are handled by ``policy.session_sql.SqlSession``, one per connection::
