@@ -338,6 +338,7 @@ def analyze_statement(
             f["prepared_name"] = n.get("name")
             f["inner_sql"] = _after_keyword(text, "AS")
             output = w.query(n["query"], None, {})
+            _statement_shape(*node_type(n["query"]), f)
         elif kind == "ExecuteStmt":
             f["prepared_name"] = n.get("name")
             w.expr(n.get("params"), None)
@@ -347,6 +348,8 @@ def analyze_statement(
             f["cursor_name"] = n.get("portalname")
             f["inner_sql"] = _after_keyword(text, "FOR")
             output = w.query(n["query"], None, {})
+            # The cursor's query decides whether the read is bounded (WHERE / LIMIT).
+            _statement_shape(*node_type(n["query"]), f)
         elif kind == "FetchStmt":
             f["kind"] = "move" if n.get("ismove") else "fetch"
             f["cursor_name"] = n.get("portalname")

@@ -58,6 +58,7 @@ _PS = ord("S")  # from the server, 'S' is ParameterStatus  # from the server, 'H
 _FRONTEND = frozenset((_Q, _P, _B, _D, _E, _C, _S, _H, _F, _X, _d, _c, _f))
 
 SERVER_MESSAGE_LIMIT = 2**30 + 2**20
+FLUSH = b"H\x00\x00\x00\x04"
 
 # What a FIFO entry waits for.
 PARSE, BIND, DESCRIBE, EXECUTE, CLOSE, SYNC, QUERY, FUNC, FIXUP = range(9)
@@ -93,6 +94,7 @@ class Entry:
 class Portal:
     decision: Decision | None
     fields: tuple[Field, ...] | None = None
+    bind: Bind | None = None  # result format codes, known before any RowDescription
     rows: int = 0  # rows sent by earlier Execute calls (max_rows > 0)
 
 
@@ -190,7 +192,7 @@ class Tracker:
                     fields = tuple(
                         replace(f, format=bind.result_format(i)) for i, f in enumerate(fields)
                     )
-                self.portals[bind.portal] = Portal(self.prepared.get(bind.statement), fields)
+                self.portals[bind.portal] = Portal(self.prepared.get(bind.statement), fields, bind)
                 self.fifo.append(Entry(BIND))
             elif t == _D:
                 desc = Describe.decode(raw[start:end])
@@ -205,7 +207,10 @@ class Tracker:
                 running.fields = portal.fields if portal is not None else None
                 self.fifo.append(Entry(EXECUTE, running=running))
                 if decision is not None and decision.limited:
-                    return self._hold_after(out, parts, raw, fwd, end)
+                    # PostgreSQL keeps the end of a result in its buffer until Flush or Sync,
+                    # and the client's are held back: ask for the flush ourselves.
+                    parts += (raw[fwd:end], FLUSH)
+                    return self._hold_after(out, parts, raw, end, end)
             elif t == _C:
                 close = Close.decode(raw[start:end])
                 if close.kind == "S":
@@ -337,6 +342,11 @@ class Tracker:
                 err = ErrorResponse.decode(raw[start:end])
                 if err.get("V") in ("FATAL", "PANIC") or err.get("S") in ("FATAL", "PANIC"):
                     self.server_sent_fatal = True
+                if err.message.startswith("pgwarden: ") and err.get("W"):
+                    # Our own refusal, raised by a DO block in place of the refused
+                    # statement: the PL/pgSQL context and source position are noise.
+                    parts += (raw[fwd:head], _without_context(err))
+                    fwd = end
                 self._error(err, out)
             elif t == _PS:
                 if self.on_parameter is not None:
@@ -389,7 +399,7 @@ class Tracker:
             running.rows += rows
             return None
         if running.columns is None:
-            running.columns = self.guard.columns(decision, running.fields)
+            running.columns = self._columns(running)
         earlier = 0
         if running.portal is not None and (portal := self.portals.get(running.portal)) is not None:
             earlier += portal.rows
@@ -416,6 +426,19 @@ class Tracker:
         if copy:
             return None
         return self._inspect(running, plan, raw[start:end], out)
+
+    def _columns(self, running: Running) -> list[ColumnInfo]:
+        fields = running.fields
+        bind = None
+        if running.portal is not None and (portal := self.portals.get(running.portal)) is not None:
+            # A pipelined Describe's RowDescription may have come in after the Execute.
+            fields = fields or portal.fields
+            bind = portal.bind
+        columns = self.guard.columns(running.decision, fields)
+        if bind is not None:
+            for i, col in enumerate(columns):
+                col.binary = col.binary or bind.result_format(i) == 1
+        return columns
 
     def _inspect(
         self, running: Running, plan: ResultPlan, body: bytes, out: list[cmd.Command]
@@ -615,3 +638,7 @@ class Tracker:
 def _failing_extended() -> bytes:
     sql = raise_statement("pgwarden: result cut off", None, "42501")
     return Parse("", sql).encode() + Bind("", "").encode() + Execute("").encode()
+
+
+def _without_context(err: ErrorResponse) -> bytes:
+    return ErrorResponse(tuple((k, v) for k, v in err.fields if k not in "WFLRqP")).encode()

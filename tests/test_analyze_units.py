@@ -508,3 +508,21 @@ def test_output_labels_are_what_reaches_the_client(analyzer: Analyzer) -> None:
         "SELECT count(*) FROM (SELECT json_agg(email) AS j FROM customers) s"
     )
     assert count.output_labels == set() and count.packing[0].labels == {"pii.email"}
+
+
+def test_cursor_and_prepared_statements_carry_their_querys_where_and_limit() -> None:
+    from policy.schema_sql import snapshot_from_sql
+    from policy.session_sql import SqlSession
+
+    snap = snapshot_from_sql(
+        (Path(__file__).resolve().parent.parent / "config" / "support_schema.sql").read_text()
+    )
+    s = SqlSession(Analyzer(snap))
+    (declare,) = s.analyze(
+        "DECLARE c CURSOR FOR SELECT email FROM customers WHERE customer_id < 5 LIMIT 3"
+    )
+    assert (declare.has_where, declare.has_limit, declare.limit) == (True, True, 3)
+    (fetch,) = s.analyze("FETCH 2 FROM c")
+    assert fetch.has_where and fetch.output_labels == declare.output_labels
+    (prep,) = s.analyze("PREPARE p AS SELECT email FROM customers")
+    assert not prep.has_where and not prep.has_limit

@@ -1,0 +1,419 @@
+"""Policy enforcement through the real proxy, with real clients, against a real PostgreSQL.
+
+The proxy runs the shipped policy (config/policy.yaml): agents (user support_app) get at
+most 20 labelled rows per statement and 200 distinct customers an hour; analytics (user
+analyst) sees contact data masked; the DBA (postgres) is not limited.  Every test asserts
+what the client actually received: exact row counts before the error, the SQLSTATE and
+message, and that the session (and the server's transaction state) is still right.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import psycopg
+import pytest
+import yaml
+
+from loadtests.cluster import Cluster, schema_sql
+from proxy.messages import (
+    Bind,
+    DataRow,
+    ErrorResponse,
+    Execute,
+    Parse,
+    Query,
+    Sync,
+)
+from tests.proxyutil import ProxyProcess, RawClient, error_of
+
+DB = "enforce"
+POLICY = Path(__file__).resolve().parent.parent / "config" / "policy.yaml"
+CUSTOMERS = 400
+
+DATA = f"""
+INSERT INTO agents (agent_id, username, full_name, email, team)
+SELECT i, 'agent' || i, 'Agent ' || i, 'agent' || i || '@support.example', 'tech'
+FROM generate_series(1, 3) i;
+INSERT INTO customers (customer_id, full_name, email, phone, country, tier)
+SELECT i, 'Customer ' || i,
+       CASE WHEN i = 333 THEN 'canary-1@pgwarden-canary.example' ELSE 'customer' || i || '@mail.example' END,
+       '+4420' || lpad(i::text, 7, '0'), 'GB', CASE WHEN i % 10 = 0 THEN 'vip' ELSE 'standard' END
+FROM generate_series(1, {CUSTOMERS}) i;
+INSERT INTO tickets (ticket_id, ticket_number, customer_id, assigned_agent_id, subject)
+SELECT i, 'TM-' || lpad(i::text, 7, '0'), i, 1 + i % 3, 'help' FROM generate_series(1, {CUSTOMERS}) i;
+INSERT INTO products VALUES (1, 'Widget', 'tools');
+"""
+
+
+@pytest.fixture(scope="module")
+def enforce_db(pg: Cluster) -> str:
+    pg.psql(f"DROP DATABASE IF EXISTS {DB}; CREATE DATABASE {DB};", database="postgres")
+    pg.psql(schema_sql() + DATA, database=DB)
+    pg.psql(
+        "GRANT USAGE ON SCHEMA public, reporting TO support_app, analyst;\n"
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO support_app, analyst;\n"
+        "GRANT SELECT ON ALL TABLES IN SCHEMA reporting TO support_app, analyst;\n"
+        "GRANT CREATE ON SCHEMA public TO support_app;",
+        database=DB,
+    )
+    return DB
+
+
+def start_proxy(pg: Cluster, workdir: Path, policy_path: Path = POLICY) -> ProxyProcess:
+    return ProxyProcess(pg, workdir, ["--policy", str(policy_path), "--catalog-user", "postgres"])
+
+
+@pytest.fixture
+def proxy(pg: Cluster, enforce_db: str, tmp_path: Path) -> Iterator[ProxyProcess]:
+    # A fresh proxy per test: window counters start empty.
+    p = start_proxy(pg, tmp_path / "proxy")
+    yield p
+    assert p.stop() == 0, p.log()
+
+
+def dsn(p: ProxyProcess, user: str, **extra: str) -> str:
+    return p.pg.dsn(user=user, port=p.port, dbname=DB, sslmode="disable", **extra)
+
+
+def raw_session(p: ProxyProcess, user: str) -> RawClient:
+    c = RawClient(p.host, p.port)
+    c.startup(user=user, database=DB)
+    return c
+
+
+def rows_and_error(msgs: list[tuple[str, bytes]]) -> tuple[int, ErrorResponse | None]:
+    rows = sum(1 for t, _ in msgs if t == "D")
+    errors = [ErrorResponse.decode(b) for t, b in msgs if t == "E"]
+    assert len(errors) <= 1, msgs
+    return rows, errors[0] if errors else None
+
+
+LOOKUP_MANY = (
+    "SELECT customer_id, full_name, email FROM customers WHERE customer_id <= 50 ORDER BY 1"
+)
+
+
+# --- per-statement limits on every protocol path ----------------------------------------------
+
+
+def test_simple_query_gets_exactly_the_allowed_rows_then_a_clear_error(proxy: ProxyProcess) -> None:
+    with raw_session(proxy, "support_app") as c:
+        c.send(Query(LOOKUP_MANY).encode())
+        msgs = c.read_until_ready()
+        rows, err = rows_and_error(msgs)
+        assert rows == 20
+        assert err is not None and err.sqlstate == "42501"
+        assert err.message.startswith("pgwarden: blocked by rule agent-statement-rows:")
+        assert "20 rows" in (err.get("H") or "")
+        assert msgs[-1] == ("Z", b"I")
+        # The session stays usable.
+        c.send(Query("SELECT 1").encode())
+        assert [t for t, _ in c.read_until_ready()] == ["T", "D", "C", "Z"]
+    assert proxy.metric("pgwarden_results_cut_total") >= 1
+
+
+def test_a_result_within_the_limit_is_untouched(proxy: ProxyProcess) -> None:
+    with psycopg.connect(dsn(proxy, "support_app")) as conn:
+        rows = conn.execute(
+            "SELECT customer_id, email FROM customers WHERE customer_id <= 20"
+        ).fetchall()
+    assert len(rows) == 20
+    assert rows[0] == (1, "customer1@mail.example")
+
+
+def test_extended_protocol_with_a_fetch_size_counts_across_executes(proxy: ProxyProcess) -> None:
+    async def run() -> tuple[int, BaseException | None]:
+        conn = await asyncpg.connect(
+            proxy.pg.url(user="support_app", port=proxy.port).rsplit("/", 1)[0] + f"/{DB}"
+        )
+        got = 0
+        try:
+            async with conn.transaction():
+                async for _ in conn.cursor(LOOKUP_MANY, prefetch=6):
+                    got += 1
+        except asyncpg.PostgresError as exc:
+            assert await conn.fetchval("SELECT 2") == 2
+            await conn.close()
+            return got, exc
+        await conn.close()
+        return got, None
+
+    got, exc = asyncio.run(run())
+    assert got == 18  # 3 full fetches of 6; the 4th would pass 20 and is cut at the 21st row
+    assert isinstance(exc, asyncpg.InsufficientPrivilegeError)
+    assert "agent-statement-rows" in str(exc)
+
+
+def test_raw_extended_execute_with_max_rows_stops_at_the_limit(proxy: ProxyProcess) -> None:
+    with raw_session(proxy, "support_app") as c:
+        c.send(Parse("", LOOKUP_MANY).encode(), Bind("p", "").encode())
+        c.send(Execute("p", 15).encode(), Execute("p", 15).encode(), Sync().encode())
+        msgs = c.read_until_ready()
+        rows, err = rows_and_error(msgs)
+        assert rows == 20
+        assert [t for t, _ in msgs].count("s") == 1  # the first Execute was suspended normally
+        assert err is not None and "agent-statement-rows" in err.message
+        c.send(Query("SELECT 1").encode())
+        assert c.read_until_ready()[-1] == ("Z", b"I")
+
+
+def test_server_side_cursor_counts_across_fetches(proxy: ProxyProcess) -> None:
+    got = 0
+    with psycopg.connect(dsn(proxy, "support_app")) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="agent-statement-rows"):
+            with conn.transaction(), conn.cursor(name="c") as cur:
+                cur.itersize = 7
+                cur.execute(LOOKUP_MANY)
+                for _ in cur:
+                    got += 1
+        assert conn.execute("SELECT 3").fetchone() == (3,)
+    assert got == 14  # FETCH 7, FETCH 7; the third FETCH would pass 20 and is refused
+
+
+def test_sql_cursor_over_the_limit_aborts_the_transaction_as_postgresql_would(
+    proxy: ProxyProcess,
+) -> None:
+    with raw_session(proxy, "support_app") as c:
+        c.send(Query("BEGIN; DECLARE c CURSOR FOR " + LOOKUP_MANY).encode())
+        assert c.read_until_ready()[-1] == ("Z", b"T")
+        c.send(Query("FETCH 15 FROM c").encode())
+        rows, err = rows_and_error(c.read_until_ready())
+        assert (rows, err) == (15, None)
+        c.send(Query("FETCH 15 FROM c").encode())
+        msgs = c.read_until_ready()
+        rows, err = rows_and_error(msgs)
+        assert rows == 5 and err is not None and err.sqlstate == "42501"
+        assert msgs[-1] == ("Z", b"E")
+        c.send(Query("SELECT 1").encode())
+        err = error_of(c.read_until_ready())
+        assert err.sqlstate == "25P02"  # in_failed_sql_transaction, from PostgreSQL itself
+        c.send(Query("ROLLBACK").encode())
+        assert c.read_until_ready()[-1] == ("Z", b"I")
+
+
+def test_cut_off_inside_a_transaction_rolls_back_the_transaction_on_the_server(
+    proxy: ProxyProcess, pg: Cluster
+) -> None:
+    with raw_session(proxy, "support_app") as c:
+        c.send(Query("BEGIN").encode())
+        c.read_until_ready()
+        c.send(Query("INSERT INTO products VALUES (77, 'Gadget', 'tools')").encode())
+        c.read_until_ready()
+        # 21 rows: the limit is passed by the very last row, when the server has finished:
+        # the cancel comes too late, and pgwarden must make the transaction fail itself.
+        c.send(Query("SELECT customer_id, email FROM customers WHERE customer_id <= 21").encode())
+        msgs = c.read_until_ready()
+        assert rows_and_error(msgs)[0] == 20
+        assert msgs[-1] == ("Z", b"E")
+        c.send(Query("COMMIT").encode())
+        msgs = c.read_until_ready()
+        assert ("C", b"ROLLBACK\x00") in msgs
+    assert (
+        pg.psql("SELECT count(*) FROM products WHERE product_id = 77", database=DB).strip() == "0"
+    )
+
+
+def test_pipeline_after_a_cut_off_fails_like_postgresql_fails_it(
+    proxy: ProxyProcess, pg: Cluster
+) -> None:
+    with psycopg.connect(dsn(proxy, "support_app")) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege), conn.pipeline():
+            first = conn.execute("SELECT count(*) FROM products")
+            conn.execute(LOOKUP_MANY)
+            conn.execute("INSERT INTO products VALUES (78, 'Sprocket', 'tools')")
+        assert first.fetchone() == (1,)
+        # As after any error in a transaction: PostgreSQL says the transaction is aborted...
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+            conn.execute("SELECT 4")
+        conn.rollback()
+        assert conn.execute("SELECT 4").fetchone() == (4,)
+    assert (
+        pg.psql("SELECT count(*) FROM products WHERE product_id = 78", database=DB).strip() == "0"
+    )
+
+
+def test_a_statement_refused_before_execution_never_runs(proxy: ProxyProcess, pg: Cluster) -> None:
+    with psycopg.connect(dsn(proxy, "support_app"), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as err:
+            conn.execute("SELECT * FROM customers")
+        assert "agent-statement-shapes" in str(err.value)
+        assert "SELECT * or a whole-row read" in str(err.value)
+        # A multi-statement string stops at the refused statement, and its implicit
+        # transaction is rolled back, as for any error.
+        with raw_session(proxy, "support_app") as c:
+            c.send(
+                Query(
+                    "INSERT INTO products VALUES (79, 'Cog', 'tools'); SELECT email FROM customers"
+                ).encode()
+            )
+            err2 = error_of(c.read_until_ready())
+            assert err2.sqlstate == "42501" and "WHERE clause or a LIMIT" in err2.message
+        assert conn.execute("SELECT 5").fetchone() == (5,)
+    assert (
+        pg.psql("SELECT count(*) FROM products WHERE product_id = 79", database=DB).strip() == "0"
+    )
+
+
+@pytest.mark.parametrize(
+    ("sql", "why"),
+    [
+        (
+            "COPY (SELECT full_name, phone FROM customers WHERE tier = 'vip') TO STDOUT",
+            "COPY ... TO",
+        ),
+        ("SELECT json_agg(email) FROM customers WHERE customer_id > 0", "json_agg() packs"),
+        ("SELECT * FROM reporting.customer_contacts", "SELECT *"),
+        ("SELECT c FROM customers c WHERE customer_id = 1", "whole-row"),
+        ("DO $$ BEGIN PERFORM 1; END $$", "cannot be analysed"),
+    ],
+)
+def test_bulk_shapes_are_refused_whatever_the_client(
+    proxy: ProxyProcess, sql: str, why: str
+) -> None:
+    with psycopg.connect(dsn(proxy, "support_app"), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as err:
+            conn.execute(sql)
+        assert why in str(err.value)
+        assert conn.execute("SELECT 6").fetchone() == (6,)
+
+
+def test_the_dba_is_not_limited(proxy: ProxyProcess) -> None:
+    with psycopg.connect(dsn(proxy, "postgres")) as conn:
+        assert len(conn.execute("SELECT * FROM customers").fetchall()) == CUSTOMERS
+
+
+# --- windows: paging and trickling add up -------------------------------------------------------
+
+
+def test_paging_with_offset_adds_up_to_the_hourly_limit_per_end_user(proxy: ProxyProcess) -> None:
+    page = (
+        "/* app='helpdesk',end_user='{who}' */ SELECT customer_id, email FROM customers "
+        "WHERE customer_id > 0 ORDER BY customer_id LIMIT 20 OFFSET {off}"
+    )
+    seen = 0
+    with psycopg.connect(dsn(proxy, "support_app"), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as err:
+            for i in range(20):
+                seen += len(conn.execute(page.format(who="mallory", off=i * 20)).fetchall())
+        assert seen == 200  # exactly the hourly budget of distinct customers, then refused
+        assert "agent-hourly-records" in str(err.value)
+        # Another agent behind the same application account has their own budget.
+        assert len(conn.execute(page.format(who="alice", off=0)).fetchall()) == 20
+
+
+def test_re_reading_the_same_customers_does_not_use_up_the_budget(proxy: ProxyProcess) -> None:
+    sql = "SET pgwarden.end_user = 'bob'"
+    with psycopg.connect(dsn(proxy, "support_app"), autocommit=True) as conn:
+        conn.execute(sql)
+        for _ in range(30):
+            rows = conn.execute(
+                "SELECT customer_id, phone FROM customers WHERE customer_id <= 10"
+            ).fetchall()
+            assert len(rows) == 10
+
+
+# --- masking and canaries -------------------------------------------------------------------------
+
+
+def test_analytics_sees_contact_data_masked(proxy: ProxyProcess) -> None:
+    with psycopg.connect(dsn(proxy, "analyst")) as conn:
+        row = conn.execute(
+            "SELECT customer_id, email, phone, country FROM customers WHERE customer_id = 12"
+        ).fetchone()
+    assert row is not None
+    assert row[0] == 12 and row[3] == "GB"
+    assert row[1] == "c********2@mail.example"
+    assert row[2] == "+**********2"
+
+
+def test_binary_results_of_masked_columns_are_refused(proxy: ProxyProcess) -> None:
+    with psycopg.connect(dsn(proxy, "analyst")) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="binary format"):
+            conn.cursor(binary=True).execute(
+                "SELECT email FROM customers WHERE customer_id = 12"
+            ).fetchall()
+
+
+def test_reading_a_canary_quarantines_the_agent(proxy: ProxyProcess) -> None:
+    with psycopg.connect(dsn(proxy, "support_app"), autocommit=True) as conn:
+        conn.execute("SET pgwarden.end_user = 'eve'")
+        rows = conn.execute(
+            "SELECT customer_id, email FROM customers WHERE customer_id BETWEEN 330 AND 335"
+        ).fetchall()
+        assert len(rows) == 6  # the read that touched the canary itself is delivered...
+        proxy.wait_for_log_event("subject_quarantined")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="quarantined"):
+            conn.execute("SELECT email FROM customers WHERE customer_id = 1")  # ...and then nothing
+    assert "canary_read" in proxy.log()
+
+
+# --- monitor mode -------------------------------------------------------------------------------------
+
+
+def test_monitor_mode_records_but_never_blocks(
+    pg: Cluster, enforce_db: str, tmp_path: Path
+) -> None:
+    policy = yaml.safe_load(POLICY.read_text())
+    policy["mode"] = "monitor"
+    path = tmp_path / "monitor.yaml"
+    path.write_text(yaml.safe_dump(policy))
+    p = start_proxy(pg, tmp_path / "proxy", path)
+    try:
+        with psycopg.connect(dsn(p, "support_app")) as conn:
+            assert len(conn.execute(LOOKUP_MANY).fetchall()) == 50
+        assert p.metric("pgwarden_policy_alerts_total") >= 1
+        assert p.metric("pgwarden_policy_blocks_total") == 0
+    finally:
+        assert p.stop() == 0
+
+
+def test_cancel_still_works_for_a_watched_statement(proxy: ProxyProcess) -> None:
+    with psycopg.connect(dsn(proxy, "support_app")) as conn:
+        threading.Timer(0.5, conn.cancel_safe).start()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute("SELECT email, pg_sleep(10) FROM customers WHERE customer_id = 1")
+
+
+def test_copy_rows_are_counted_for_a_row_limited_subject(
+    pg: Cluster, enforce_db: str, tmp_path: Path
+) -> None:
+    policy = {
+        "subjects": {"analytics": {"users": ["analyst"]}},
+        "rules": [
+            {"id": "analytics-rows", "subjects": ["analytics"], "labels": ["pii.*"], "max_rows": 25}
+        ],
+    }
+    path = tmp_path / "copy.yaml"
+    path.write_text(yaml.safe_dump(policy))
+    p = start_proxy(pg, tmp_path / "proxy", path)
+    try:
+        with raw_session(p, "analyst") as c:
+            c.send(
+                Query(
+                    "COPY (SELECT email FROM customers WHERE customer_id <= 100) TO STDOUT"
+                ).encode()
+            )
+            msgs = c.read_until_ready()
+            lines = b"".join(b for t, b in msgs if t == "d").count(b"\n")
+            assert lines == 25
+            err = error_of(msgs)
+            assert "analytics-rows" in err.message
+            c.send(Query("SELECT 1").encode())
+            assert c.read_until_ready()[-1] == ("Z", b"I")
+    finally:
+        assert p.stop() == 0
+
+
+def test_datarow_values_reach_the_client_unchanged_when_nothing_is_masked(
+    proxy: ProxyProcess,
+) -> None:
+    with raw_session(proxy, "support_app") as c:
+        c.send(Query("SELECT email FROM customers WHERE customer_id = 7").encode())
+        msgs = c.read_until_ready()
+        (row,) = [DataRow.decode(b) for t, b in msgs if t == "D"]
+        assert row.values == (b"customer7@mail.example",)
