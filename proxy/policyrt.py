@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from policy.state import StoreUnavailable, WindowStore, open_window_store
 
 from policy.analyze import Analyzer
 from policy.catalog import Catalog
 from policy.engine import Engine, Subject
 from policy.model import Action, Policy, load_policy
+from policy.state import StoreUnavailable, WindowStore, open_window_store
 from proxy import commands as cmd
 from proxy.guard import Guard
 from proxy.metrics import Stats
