@@ -1,0 +1,591 @@
+"""The audit pipeline: redact -> enrich -> ledger -> chain -> write.
+
+::
+
+    trail = AuditTrail(AuditConfig(sinks=[SQLiteSinkConfig(path="audit.db")]))
+    await trail.start()
+    receipt = await trail.submit(event)   # resolves once a durable sink has committed it
+    trail.submit_nowait(event)            # fire and forget (unlabelled statements)
+    await trail.close()                   # flushes, writes a final checkpoint
+
+``submit`` only puts the event on a bounded queue.  A dispatcher task takes whatever has
+queued up as one batch, hands it to a single chainer thread (record building, redaction,
+ledger HMACs, hashing, checkpoint signing: CPU work that should not stall the proxy's event
+loop on a 100k-key ledger) and then to every sink's own bounded queue.  Each sink writes its
+queue in order; the first durable sink to commit a batch resolves the batch's futures, and if
+every durable sink fails they raise :class:`AuditUnavailable` -- the proxy then fails the
+labelled read closed.
+
+Backpressure: when sinks are slow the sink queues fill, the dispatcher waits, the main queue
+fills, and ``submit`` either waits for room (``overflow="block"``) or fails at once
+(``overflow="raise"``).  Nothing grows without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Awaitable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import orjson
+import structlog
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from audit.alerts import Alert, Alerter, Channel, SyslogChannel, WebhookChannel
+from audit.chain import Chain, checkpoint_message, key_id, load_signing_key
+from audit.events import AuditEvent, EventKind, Record
+from audit.ledger import RecordHasher, ledger_digest, load_key
+from audit.redact import redact_sql
+from audit.sinks import Sealed, Sink, SinkError
+from audit.sinks.jsonl import JsonlSink
+from audit.sinks.postgres import PostgresSink
+from audit.sinks.sqlite import SQLiteSink
+
+log = structlog.get_logger("pgwarden.audit")
+
+
+# --- configuration --------------------------------------------------------------------------
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SQLiteSinkConfig(_Model):
+    type: Literal["sqlite"] = "sqlite"
+    path: Path
+    # FULL: fsync the WAL at every (group) commit.  NORMAL survives a process crash but not a
+    # power cut.
+    synchronous: Literal["FULL", "NORMAL"] = "FULL"
+
+
+class PostgresSinkConfig(_Model):
+    type: Literal["postgres"] = "postgres"
+    dsn: str
+    schema_name: str = "pgwarden_audit"
+
+
+class JsonlSinkConfig(_Model):
+    type: Literal["jsonl"] = "jsonl"
+    path: Path
+    max_bytes: int = Field(100 * 1024 * 1024, gt=0)
+    backups: int = Field(10, ge=0)
+    # With fsync the file counts as a durable sink.
+    fsync: bool = False
+    include_ledger: bool = False
+
+
+class WebhookConfig(_Model):
+    type: Literal["webhook"] = "webhook"
+    url: str
+    timeout: float = 5.0
+    headers: dict[str, str] = Field(default_factory=dict)
+
+
+class SyslogConfig(_Model):
+    type: Literal["syslog"] = "syslog"
+    host: str
+    port: int = 514
+    protocol: Literal["udp", "tcp"] = "udp"
+    app_name: str = "pgwarden"
+
+
+SinkConfig = Annotated[
+    SQLiteSinkConfig | PostgresSinkConfig | JsonlSinkConfig, Field(discriminator="type")
+]
+AlertConfig = Annotated[WebhookConfig | SyslogConfig, Field(discriminator="type")]
+
+
+class AuditConfig(_Model):
+    """Everything the audit trail needs; the ``audit:`` section of the proxy config."""
+
+    sinks: list[SinkConfig] = Field(
+        default_factory=lambda: [SQLiteSinkConfig(path=Path("pgwarden-audit.db"))]
+    )
+    alerts: list[AlertConfig] = Field(default_factory=list)
+    # One chain per writer.  Set it (e.g. "host1-worker0") to continue the same chain across
+    # restarts; by default every process start begins a new chain.
+    chain_id: str | None = None
+    signing_key: Path | None = None
+    checkpoint_every: int = Field(10_000, gt=0)
+    checkpoint_interval_s: float = Field(60.0, gt=0)
+    # An append-only JSON lines copy of each checkpoint, ideally on another machine's mount.
+    checkpoint_file: Path | None = None
+    ledger_key: Path | None = None
+    store_full_text: bool = False
+    queue_size: int = Field(50_000, gt=0)
+    overflow: Literal["block", "raise"] = "block"
+    max_batch: int = Field(5_000, gt=0)
+    sink_queue_batches: int = Field(32, gt=0)
+    alert_dedup_seconds: float = 60.0
+    alert_retries: int = 4
+    alert_backoff_s: float = 0.2
+
+    @model_validator(mode="after")
+    def _needs_durable(self) -> AuditConfig:
+        durable = [s for s in self.sinks if not isinstance(s, JsonlSinkConfig) or s.fsync]
+        if not durable:
+            raise ValueError(
+                "the audit trail needs at least one durable sink (sqlite, postgres, or jsonl with "
+                "fsync: true): without one no labelled statement could ever be released"
+            )
+        return self
+
+
+# --- errors and receipts ----------------------------------------------------------------------
+
+
+class AuditUnavailable(RuntimeError):
+    """No durable sink persisted the event: the caller must fail closed."""
+
+
+class AuditQueueFull(AuditUnavailable):
+    """The audit queue is at capacity (sinks are slower than the traffic)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """Where a persisted event sits in its chain."""
+
+    chain_id: str
+    seq: int
+    hash: str
+
+
+# --- internals --------------------------------------------------------------------------------
+
+_Item = tuple[AuditEvent, "asyncio.Future[Receipt] | None"]
+_STOP: Any = object()
+
+
+@dataclass(slots=True)
+class _Ticket:
+    """Tracks one sealed batch until a durable sink has it (or none can)."""
+
+    waiters: list[tuple[asyncio.Future[Receipt], Receipt]]
+    durable_left: int
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    done: bool = False
+
+    def report(self, trail: AuditTrail, durable: bool, error: str | None) -> None:
+        if self.done or not durable:
+            return
+        if error is None:
+            self.done = True
+            for fut, receipt in self.waiters:
+                if not fut.done():
+                    fut.set_result(receipt)
+            for cp in self.checkpoints:
+                trail._publish_checkpoint(cp)
+            return
+        self.errors.append(error)
+        self.durable_left -= 1
+        if self.durable_left <= 0:
+            self.done = True
+            exc_text = "no durable audit sink could persist the event: " + "; ".join(self.errors)
+            for fut, _ in self.waiters:
+                if not fut.done():
+                    fut.set_exception(AuditUnavailable(exc_text))
+
+
+class _SinkRunner:
+    def __init__(self, sink: Sink, maxsize: int) -> None:
+        self.sink = sink
+        self.queue: asyncio.Queue[tuple[list[Sealed], _Ticket] | Any] = asyncio.Queue(maxsize)
+        self.task: asyncio.Task[None] | None = None
+        self.written = 0
+        self.failures = 0
+
+
+def _default_chain_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{int(time.time())}"
+
+
+def build_sinks(config: AuditConfig) -> list[Sink]:
+    """Sink objects for the configured backends."""
+    sinks: list[Sink] = []
+    for i, sc in enumerate(config.sinks):
+        if isinstance(sc, SQLiteSinkConfig):
+            sinks.append(SQLiteSink(sc.path, synchronous=sc.synchronous, name=f"sqlite#{i}"))
+        elif isinstance(sc, PostgresSinkConfig):
+            sinks.append(PostgresSink(sc.dsn, schema=sc.schema_name, name=f"postgres#{i}"))
+        else:
+            sinks.append(
+                JsonlSink(
+                    sc.path,
+                    max_bytes=sc.max_bytes,
+                    backups=sc.backups,
+                    fsync=sc.fsync,
+                    include_ledger=sc.include_ledger,
+                    name=f"jsonl#{i}",
+                )
+            )
+    return sinks
+
+
+def build_channels(config: AuditConfig) -> list[Channel]:
+    """Alert channel objects for the configured destinations."""
+    out: list[Channel] = []
+    for i, ac in enumerate(config.alerts):
+        if isinstance(ac, WebhookConfig):
+            out.append(WebhookChannel(ac.url, timeout=ac.timeout, headers=ac.headers, name=f"webhook#{i}"))
+        else:
+            out.append(
+                SyslogChannel(ac.host, ac.port, protocol=ac.protocol, app_name=ac.app_name, name=f"syslog#{i}")
+            )
+    return out
+
+
+class AuditTrail:
+    """The audit pipeline the proxy talks to.  One per process; use from one event loop."""
+
+    def __init__(
+        self,
+        config: AuditConfig,
+        *,
+        sinks: Sequence[Sink] | None = None,
+        channels: Sequence[Channel] | None = None,
+    ) -> None:
+        self.config = config
+        self.sinks: list[Sink] = list(sinks) if sinks is not None else build_sinks(config)
+        if not any(s.durable for s in self.sinks):
+            raise ValueError("the audit trail needs at least one durable sink")
+        self.alerter = Alerter(
+            build_channels(config) if channels is None else channels,
+            dedup_seconds=config.alert_dedup_seconds,
+            retries=config.alert_retries,
+            backoff=config.alert_backoff_s,
+        )
+        self.hasher: RecordHasher | None = (
+            RecordHasher(load_key(config.ledger_key)) if config.ledger_key else None
+        )
+        self._signer = load_signing_key(config.signing_key) if config.signing_key else None
+        self._key_id = key_id(self._signer.public_key()) if self._signer else None
+        self.chain = Chain(config.chain_id or _default_chain_id())
+        self._queue: asyncio.Queue[_Item | Any] = asyncio.Queue(config.queue_size)
+        self._runners = [_SinkRunner(s, config.sink_queue_batches) for s in self.sinks]
+        self._durable_count = sum(1 for s in self.sinks if s.durable)
+        # One thread: the chain is a sequence, so sealing must be too.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="pgwarden-audit-chain")
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+        self._state = "new"
+        self._ledger_dropped = 0
+        self.submitted = 0
+
+    @property
+    def chain_id(self) -> str:
+        return self.chain.chain_id
+
+    # --- life cycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open every sink and continue this writer's chain where the stores left it."""
+        if self._state != "new":
+            raise RuntimeError("an AuditTrail can be started once")
+        for s in self.sinks:
+            await s.start()
+        heads = [h for s in self.sinks if s.durable for h in [await s.head(self.chain.chain_id)] if h]
+        if heads:
+            self.chain.seq, self.chain.head = max(heads)
+        await self.alerter.start()
+        for r in self._runners:
+            r.task = asyncio.create_task(self._run_sink(r), name=f"pgwarden-audit-{r.sink.name}")
+        self._dispatcher = asyncio.create_task(self._dispatch(), name="pgwarden-audit-dispatch")
+        self._state = "running"
+
+    async def close(self) -> None:
+        """Write everything queued, a final checkpoint, then close sinks and alert channels."""
+        if self._state != "running":
+            return
+        self._state = "closing"
+        await self._queue.put(_STOP)
+        assert self._dispatcher is not None
+        await self._dispatcher
+        for r in self._runners:
+            await r.queue.put(_STOP)
+        for r in self._runners:
+            assert r.task is not None
+            await r.task
+        for s in self.sinks:
+            with contextlib.suppress(SinkError):
+                await s.close()
+        await self.alerter.close()
+        self._executor.shutdown(wait=True)
+        self._state = "closed"
+
+    async def __aenter__(self) -> AuditTrail:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- submitting -----------------------------------------------------------------------
+
+    def submit(self, event: AuditEvent) -> Awaitable[Receipt]:
+        """Queue an event; await the result to know a durable sink has committed it.
+
+        Never blocks.  The awaitable raises :class:`AuditUnavailable` if no durable sink could
+        persist the event, or :class:`AuditQueueFull` when the queue is full and
+        ``overflow`` is ``"raise"``; with ``overflow="block"`` it first waits for room.
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Receipt] = loop.create_future()
+        if self._state != "running":
+            fut.set_exception(AuditUnavailable(f"the audit trail is {self._state}, not running"))
+            return fut
+        try:
+            self._queue.put_nowait((event, fut))
+        except asyncio.QueueFull:
+            if self.config.overflow == "raise":
+                fut.set_exception(self._full_error())
+                return fut
+            return self._submit_later(event, fut)
+        self.submitted += 1
+        return fut
+
+    async def _submit_later(self, event: AuditEvent, fut: asyncio.Future[Receipt]) -> Receipt:
+        await self._queue.put((event, fut))
+        self.submitted += 1
+        return await fut
+
+    def submit_nowait(self, event: AuditEvent) -> None:
+        """Queue an event without waiting for it to be stored.
+
+        Raises :class:`AuditQueueFull` when the queue is full (whatever ``overflow`` says:
+        a fire-and-forget call has nothing to wait on) and :class:`AuditUnavailable` when the
+        trail is not running.
+        """
+        if self._state != "running":
+            raise AuditUnavailable(f"the audit trail is {self._state}, not running")
+        try:
+            self._queue.put_nowait((event, None))
+        except asyncio.QueueFull:
+            raise self._full_error() from None
+        self.submitted += 1
+
+    def has_room(self) -> bool:
+        """False when ``submit_nowait`` would raise :class:`AuditQueueFull`."""
+        return not self._queue.full()
+
+    async def wait_for_room(self) -> None:
+        """Wait until the queue has room (for producers that prefer waiting to dropping)."""
+        while self._queue.full():
+            await asyncio.sleep(0.001)
+
+    def _full_error(self) -> AuditQueueFull:
+        return AuditQueueFull(
+            f"the audit queue is full ({self.config.queue_size} events waiting): the audit sinks "
+            "are not keeping up"
+        )
+
+    def alert(
+        self,
+        alert_type: str,
+        message: str,
+        *,
+        severity: str = "warning",
+        session_id: str | None = None,
+        subject: Any = None,
+        rule_ids: Sequence[str] = (),
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        """Record an alert in the trail and send it to every alert channel."""
+        ev = AuditEvent.alert(
+            alert_type,
+            message,
+            severity=severity,
+            session_id=session_id,
+            subject=subject,
+            rule_ids=rule_ids,
+            details=details,
+        )
+        with contextlib.suppress(AuditUnavailable):
+            self.submit_nowait(ev)
+        d = dict(details or {})
+        if session_id:
+            d["session_id"] = session_id
+        if subject is not None:
+            d.update(db_user=subject.db_user, end_user=subject.end_user, client_addr=subject.client_addr)
+        if rule_ids:
+            d["rule_ids"] = list(rule_ids)
+        self.alerter.send(Alert(alert_type, message, severity=severity, details=d))
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for /metrics."""
+        return {
+            "chain_id": self.chain.chain_id,
+            "seq": self.chain.seq,
+            "submitted": self.submitted,
+            "queued": self._queue.qsize(),
+            "ledger_dropped_no_key": self._ledger_dropped,
+            "sinks": {
+                r.sink.name: {"written": r.written, "failures": r.failures, "queued_batches": r.queue.qsize()}
+                for r in self._runners
+            },
+            "alerts": self.alerter.stats(),
+        }
+
+    # --- dispatch -------------------------------------------------------------------------
+
+    async def _dispatch(self) -> None:
+        loop = asyncio.get_running_loop()
+        q = self._queue
+        max_batch = self.config.max_batch
+        stopping = False
+        while not stopping:
+            timeout = self.config.checkpoint_interval_s - (time.monotonic() - self._last_checkpoint)
+            try:
+                first = await asyncio.wait_for(q.get(), max(timeout, 0.001))
+            except TimeoutError:
+                first = None
+            items: list[_Item] = []
+            if first is _STOP:
+                stopping = True
+            elif first is not None:
+                items.append(first)
+            while len(items) < max_batch and not stopping:
+                try:
+                    nxt = q.get_nowait()
+                except asyncio.QueueEmpty:
+                    break
+                if nxt is _STOP:
+                    stopping = True
+                else:
+                    items.append(nxt)
+            force_cp = stopping or (
+                time.monotonic() - self._last_checkpoint >= self.config.checkpoint_interval_s
+            )
+            if not items and not (force_cp and self._since_checkpoint):
+                if force_cp:
+                    self._last_checkpoint = time.monotonic()
+                continue
+            try:
+                sealed, waiters, cps = await loop.run_in_executor(
+                    self._executor, self._seal, items, force_cp
+                )
+            except Exception as exc:  # a bug in sealing must not kill the trail silently
+                log.error("audit_seal_failed", error=repr(exc))
+                for _, fut in items:
+                    if fut is not None and not fut.done():
+                        fut.set_exception(AuditUnavailable(f"the audit event could not be sealed: {exc!r}"))
+                continue
+            ticket = _Ticket(waiters, self._durable_count, cps)
+            for r in self._runners:
+                await r.queue.put((sealed, ticket))
+
+    def _seal(
+        self, items: list[_Item], force_checkpoint: bool
+    ) -> tuple[list[Sealed], list[tuple[asyncio.Future[Receipt], Receipt]], list[dict[str, Any]]]:
+        """Runs on the chainer thread: redact, hash the ledger, chain, checkpoint."""
+        chain = self.chain
+        hasher = self.hasher
+        keep_full = self.config.store_full_text
+        every = self.config.checkpoint_every
+        out: list[Sealed] = []
+        waiters: list[tuple[asyncio.Future[Receipt], Receipt]] = []
+        cps: list[dict[str, Any]] = []
+        for ev, fut in items:
+            rec = ev.to_record()
+            if rec["statement"]:
+                rec["statement"] = redact_sql(rec["statement"])
+            if not keep_full:
+                rec["full_text"] = None
+            entries = []
+            if ev.ledger_keys or ev.ledger_values:
+                if hasher is None:
+                    self._ledger_dropped += 1
+                else:
+                    entries = hasher.entries(ev.ledger_keys, ev.ledger_values)
+                    rec["ledger_count"] = len(entries)
+                    rec["ledger_digest"] = ledger_digest(entries)
+            chain.seal(rec)
+            out.append(Sealed(rec, entries))
+            if fut is not None:
+                waiters.append((fut, Receipt(chain.chain_id, rec["seq"], rec["hash"])))
+            self._since_checkpoint += 1
+            if self._since_checkpoint >= every:
+                cps.append(self._checkpoint(out))
+        if force_checkpoint and self._since_checkpoint:
+            cps.append(self._checkpoint(out))
+        return out, waiters, cps
+
+    def _checkpoint(self, out: list[Sealed]) -> dict[str, Any]:
+        chain = self.chain
+        seq, head = chain.seq, chain.head
+        sig = self._signer.sign(checkpoint_message(chain.chain_id, seq, head)).hex() if self._signer else ""
+        cp = {"chain_id": chain.chain_id, "seq": seq, "hash": head, "signature": sig, "key_id": self._key_id}
+        ev = AuditEvent(EventKind.CHECKPOINT, severity="info", message=f"checkpoint of events 1..{seq}", details=cp)
+        rec: Record = ev.to_record()
+        chain.seal(rec)
+        out.append(Sealed(rec, []))
+        self._since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+        if self.config.checkpoint_file is not None:
+            with open(self.config.checkpoint_file, "ab") as f:
+                f.write(orjson.dumps(cp, option=orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE))
+                f.flush()
+                os.fsync(f.fileno())
+        return cp
+
+    def _publish_checkpoint(self, cp: dict[str, Any]) -> None:
+        # Sent only once a durable sink holds the checkpoint: an external checkpoint for events
+        # that never reached the store would look like truncation.
+        self.alerter.send(
+            Alert(
+                "checkpoint",
+                f"audit chain {cp['chain_id']} checkpoint at event {cp['seq']}",
+                severity="info",
+                details=cp,
+                dedup_key=f"checkpoint\0{cp['chain_id']}\0{cp['seq']}",
+            )
+        )
+
+    async def _run_sink(self, r: _SinkRunner) -> None:
+        q = r.queue
+        stopping = False
+        while not stopping:
+            work = [await q.get()]
+            while True:
+                try:
+                    work.append(q.get_nowait())
+                except asyncio.QueueEmpty:
+                    break
+            if any(w is _STOP for w in work):
+                stopping = True
+                work = [w for w in work if w is not _STOP]
+            if not work:
+                continue
+            batch: list[Sealed] = []
+            for sealed, _t in work:
+                batch.extend(sealed)
+            error: str | None = None
+            try:
+                await r.sink.write(batch)
+                r.written += len(batch)
+            except Exception as exc:  # any sink failure is reported, never fatal to the trail
+                r.failures += 1
+                error = f"{r.sink.name}: {exc}"
+                log.error("audit_sink_failed", sink=r.sink.name, error=str(exc))
+                self.alerter.send(
+                    Alert(
+                        "sink_failure",
+                        f"audit sink {r.sink.name} failed: {exc}",
+                        severity="error",
+                        details={"sink": r.sink.name, "events": len(batch)},
+                        dedup_key=f"sink_failure\0{r.sink.name}",
+                    )
+                )
+            for _s, ticket in work:
+                ticket.report(self, r.sink.durable, error)
+
