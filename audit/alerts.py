@@ -113,7 +113,9 @@ class WebhookChannel:
         try:
             await asyncio.wait_for(self._post(body), self.timeout)
         except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
-            raise AlertDeliveryError(f"webhook {self.url} did not accept the alert: {exc!r}") from exc
+            raise AlertDeliveryError(
+                f"webhook {self.url} did not accept the alert: {exc!r}"
+            ) from exc
 
     async def _post(self, body: bytes) -> None:
         ctx = ssl.create_default_context() if self._tls else None
@@ -279,7 +281,9 @@ class Alerter:
     ) -> None:
         self.dedup_seconds = dedup_seconds
         self._workers = [
-            _Worker(c, queue_size=queue_size, retries=retries, backoff=backoff, max_backoff=max_backoff)
+            _Worker(
+                c, queue_size=queue_size, retries=retries, backoff=backoff, max_backoff=max_backoff
+            )
             for c in channels
         ]
         self._seen: dict[str, float] = {}

@@ -38,7 +38,9 @@ class SigningKeyError(ValueError):
 
 def canonical(record: Mapping[str, Any]) -> bytes:
     """The bytes the hash covers: sorted-key JSON of every field but ``hash``."""
-    return orjson.dumps({k: v for k, v in record.items() if k != "hash"}, option=orjson.OPT_SORT_KEYS)
+    return orjson.dumps(
+        {k: v for k, v in record.items() if k != "hash"}, option=orjson.OPT_SORT_KEYS
+    )
 
 
 def record_hash(record: Mapping[str, Any]) -> str:
@@ -48,7 +50,9 @@ def record_hash(record: Mapping[str, Any]) -> str:
 
 def checkpoint_message(chain_id: str, seq: int, head: str) -> bytes:
     """What a checkpoint signature covers."""
-    return orjson.dumps({"chain_id": chain_id, "hash": head, "seq": seq}, option=orjson.OPT_SORT_KEYS)
+    return orjson.dumps(
+        {"chain_id": chain_id, "hash": head, "seq": seq}, option=orjson.OPT_SORT_KEYS
+    )
 
 
 # --- keys ---------------------------------------------------------------------------------
@@ -151,7 +155,12 @@ class Problem:
     message: str
 
     def as_dict(self) -> dict[str, Any]:
-        return {"chain_id": self.chain_id, "seq": self.seq, "kind": self.kind, "message": self.message}
+        return {
+            "chain_id": self.chain_id,
+            "seq": self.seq,
+            "kind": self.kind,
+            "message": self.message,
+        }
 
 
 @dataclass
@@ -197,7 +206,9 @@ class ExternalCheckpoint:
         return cls(str(d["chain_id"]), int(d["seq"]), str(d["hash"]), str(d["signature"]))
 
 
-def _signature_ok(pub: Ed25519PublicKey | None, chain_id: str, seq: int, head: str, sig: str) -> bool:
+def _signature_ok(
+    pub: Ed25519PublicKey | None, chain_id: str, seq: int, head: str, sig: str
+) -> bool:
     if pub is None:
         return True
     try:
@@ -236,7 +247,12 @@ def verify_chain(
         storage_order.append(seq)
         if record_hash(rec) != rec["hash"]:
             problems.append(
-                Problem(chain_id, seq, "edited", f"event {seq} was edited: its contents no longer match its hash")
+                Problem(
+                    chain_id,
+                    seq,
+                    "edited",
+                    f"event {seq} was edited: its contents no longer match its hash",
+                )
             )
     if not by_seq:
         rep.problems = problems
@@ -265,7 +281,12 @@ def verify_chain(
         if seq != expected:
             gap = f"{expected}" if seq - expected == 1 else f"{expected}..{seq - 1}"
             problems.append(
-                Problem(chain_id, expected, "deleted", f"events {gap} are missing (deleted) before event {seq}")
+                Problem(
+                    chain_id,
+                    expected,
+                    "deleted",
+                    f"events {gap} are missing (deleted) before event {seq}",
+                )
             )
         elif rec["prev_hash"] != head:
             problems.append(
@@ -277,8 +298,9 @@ def verify_chain(
                 )
             )
         expected, head = seq + 1, rec["hash"]
-        if ledger_digests is not None and rec.get("ledger_count"):
-            if ledger_digests.get(seq) != rec.get("ledger_digest"):
+        if ledger_digests is not None:
+            want = rec.get("ledger_digest") if rec.get("ledger_count") else None
+            if ledger_digests.get(seq) != want:
                 problems.append(
                     Problem(
                         chain_id,
@@ -290,15 +312,29 @@ def verify_chain(
         if rec["kind"] == "checkpoint":
             d = rec.get("details") or {}
             rep.checkpoints += 1
-            cseq, chash, sig = int(d.get("seq", 0)), str(d.get("hash", "")), str(d.get("signature", ""))
+            cseq, chash, sig = (
+                int(d.get("seq", 0)),
+                str(d.get("hash", "")),
+                str(d.get("signature", "")),
+            )
             rep.last_checkpoint_seq = cseq
             if not _signature_ok(public_key, chain_id, cseq, chash, sig):
                 problems.append(
-                    Problem(chain_id, seq, "bad_signature", f"checkpoint event {seq} has an invalid signature")
+                    Problem(
+                        chain_id,
+                        seq,
+                        "bad_signature",
+                        f"checkpoint event {seq} has an invalid signature",
+                    )
                 )
             elif cseq in by_seq and by_seq[cseq]["hash"] != chash:
                 problems.append(
-                    Problem(chain_id, cseq, "edited", f"event {cseq} differs from what checkpoint {seq} signed")
+                    Problem(
+                        chain_id,
+                        cseq,
+                        "edited",
+                        f"event {cseq} differs from what checkpoint {seq} signed",
+                    )
                 )
 
     last = seqs[-1]
@@ -307,7 +343,12 @@ def verify_chain(
             continue
         if not _signature_ok(public_key, chain_id, cp.seq, cp.hash, cp.signature):
             problems.append(
-                Problem(chain_id, cp.seq, "bad_signature", f"external checkpoint for event {cp.seq} has an invalid signature")
+                Problem(
+                    chain_id,
+                    cp.seq,
+                    "bad_signature",
+                    f"external checkpoint for event {cp.seq} has an invalid signature",
+                )
             )
         elif cp.seq > last:
             problems.append(
@@ -321,7 +362,12 @@ def verify_chain(
             )
         elif cp.seq in by_seq and by_seq[cp.seq]["hash"] != cp.hash:
             problems.append(
-                Problem(chain_id, cp.seq, "edited", f"event {cp.seq} differs from what a signed checkpoint vouched for")
+                Problem(
+                    chain_id,
+                    cp.seq,
+                    "edited",
+                    f"event {cp.seq} differs from what a signed checkpoint vouched for",
+                )
             )
     problems.sort(key=lambda p: p.seq)
     rep.problems = problems

@@ -103,11 +103,15 @@ SinkConfig = Annotated[
 AlertConfig = Annotated[WebhookConfig | SyslogConfig, Field(discriminator="type")]
 
 
+def _default_sink() -> SQLiteSinkConfig | PostgresSinkConfig | JsonlSinkConfig:
+    return SQLiteSinkConfig(path=Path("pgwarden-audit.db"))
+
+
 class AuditConfig(_Model):
     """Everything the audit trail needs; the ``audit:`` section of the proxy config."""
 
     sinks: list[SinkConfig] = Field(
-        default_factory=lambda: [SQLiteSinkConfig(path=Path("pgwarden-audit.db"))]
+        default_factory=lambda: [_default_sink()]
     )
     alerts: list[AlertConfig] = Field(default_factory=list)
     # One chain per writer.  Set it (e.g. "host1-worker0") to continue the same chain across
@@ -236,10 +240,14 @@ def build_channels(config: AuditConfig) -> list[Channel]:
     out: list[Channel] = []
     for i, ac in enumerate(config.alerts):
         if isinstance(ac, WebhookConfig):
-            out.append(WebhookChannel(ac.url, timeout=ac.timeout, headers=ac.headers, name=f"webhook#{i}"))
+            out.append(
+                WebhookChannel(ac.url, timeout=ac.timeout, headers=ac.headers, name=f"webhook#{i}")
+            )
         else:
             out.append(
-                SyslogChannel(ac.host, ac.port, protocol=ac.protocol, app_name=ac.app_name, name=f"syslog#{i}")
+                SyslogChannel(
+                    ac.host, ac.port, protocol=ac.protocol, app_name=ac.app_name, name=f"syslog#{i}"
+                )
             )
     return out
 
@@ -294,7 +302,9 @@ class AuditTrail:
             raise RuntimeError("an AuditTrail can be started once")
         for s in self.sinks:
             await s.start()
-        heads = [h for s in self.sinks if s.durable for h in [await s.head(self.chain.chain_id)] if h]
+        heads = [
+            h for s in self.sinks if s.durable for h in [await s.head(self.chain.chain_id)] if h
+        ]
         if heads:
             self.chain.seq, self.chain.head = max(heads)
         await self.alerter.start()
@@ -416,7 +426,9 @@ class AuditTrail:
         if session_id:
             d["session_id"] = session_id
         if subject is not None:
-            d.update(db_user=subject.db_user, end_user=subject.end_user, client_addr=subject.client_addr)
+            d.update(
+                db_user=subject.db_user, end_user=subject.end_user, client_addr=subject.client_addr
+            )
         if rule_ids:
             d["rule_ids"] = list(rule_ids)
         self.alerter.send(Alert(alert_type, message, severity=severity, details=d))
@@ -430,7 +442,11 @@ class AuditTrail:
             "queued": self._queue.qsize(),
             "ledger_dropped_no_key": self._ledger_dropped,
             "sinks": {
-                r.sink.name: {"written": r.written, "failures": r.failures, "queued_batches": r.queue.qsize()}
+                r.sink.name: {
+                    "written": r.written,
+                    "failures": r.failures,
+                    "queued_batches": r.queue.qsize(),
+                }
                 for r in self._runners
             },
             "alerts": self.alerter.stats(),
@@ -478,7 +494,9 @@ class AuditTrail:
                 log.error("audit_seal_failed", error=repr(exc))
                 for _, fut in items:
                     if fut is not None and not fut.done():
-                        fut.set_exception(AuditUnavailable(f"the audit event could not be sealed: {exc!r}"))
+                        fut.set_exception(
+                            AuditUnavailable(f"the audit event could not be sealed: {exc!r}")
+                        )
                 continue
             ticket = _Ticket(waiters, self._durable_count, cps)
             for r in self._runners:
@@ -523,9 +541,24 @@ class AuditTrail:
     def _checkpoint(self, out: list[Sealed]) -> dict[str, Any]:
         chain = self.chain
         seq, head = chain.seq, chain.head
-        sig = self._signer.sign(checkpoint_message(chain.chain_id, seq, head)).hex() if self._signer else ""
-        cp = {"chain_id": chain.chain_id, "seq": seq, "hash": head, "signature": sig, "key_id": self._key_id}
-        ev = AuditEvent(EventKind.CHECKPOINT, severity="info", message=f"checkpoint of events 1..{seq}", details=cp)
+        sig = (
+            self._signer.sign(checkpoint_message(chain.chain_id, seq, head)).hex()
+            if self._signer
+            else ""
+        )
+        cp = {
+            "chain_id": chain.chain_id,
+            "seq": seq,
+            "hash": head,
+            "signature": sig,
+            "key_id": self._key_id,
+        }
+        ev = AuditEvent(
+            EventKind.CHECKPOINT,
+            severity="info",
+            message=f"checkpoint of events 1..{seq}",
+            details=cp,
+        )
         rec: Record = ev.to_record()
         chain.seal(rec)
         out.append(Sealed(rec, []))
@@ -588,4 +621,3 @@ class AuditTrail:
                 )
             for _s, ticket in work:
                 ticket.report(self, r.sink.durable, error)
-

@@ -70,7 +70,9 @@ class JsonlSink:
         try:
             await asyncio.to_thread(self._open)
         except OSError as exc:
-            raise SinkError(f"the JSON lines audit file {self.path} cannot be opened: {exc}") from exc
+            raise SinkError(
+                f"the JSON lines audit file {self.path} cannot be opened: {exc}"
+            ) from exc
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,7 +100,9 @@ class JsonlSink:
             try:
                 await asyncio.to_thread(self._write, b"".join(lines))
             except OSError as exc:
-                raise SinkError(f"the JSON lines audit file {self.path} could not be written: {exc}") from exc
+                raise SinkError(
+                    f"the JSON lines audit file {self.path} could not be written: {exc}"
+                ) from exc
 
     def _write(self, data: bytes) -> None:
         if self._fh is None:

@@ -103,7 +103,7 @@ class PostgresSink:
         if self._conn is None or self._conn.is_closed():
             try:
                 self._conn = await asyncpg.connect(self.dsn, timeout=10)
-            except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
                 raise SinkError(f"cannot connect to the PostgreSQL audit store: {exc}") from exc
         return self._conn
 
@@ -112,7 +112,9 @@ class PostgresSink:
         try:
             await conn.execute(schema_sql(self.schema))
         except asyncpg.PostgresError as exc:
-            raise SinkError(f"cannot create the audit tables in the PostgreSQL store: {exc}") from exc
+            raise SinkError(
+                f"cannot create the audit tables in the PostgreSQL store: {exc}"
+            ) from exc
 
     async def head(self, chain_id: str) -> tuple[int, str] | None:
         conn = await self._connect()
@@ -138,14 +140,19 @@ class PostgresSink:
                     )
                     if ledger:
                         await conn.copy_records_to_table(
-                            "ledger", records=ledger, columns=_LEDGER_COLUMNS, schema_name=self.schema
+                            "ledger",
+                            records=ledger,
+                            columns=_LEDGER_COLUMNS,
+                            schema_name=self.schema,
                         )
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 # A broken connection is replaced on the next batch.
                 if not conn.is_closed():
                     await conn.close()
                 self._conn = None
-                raise SinkError(f"the PostgreSQL audit store could not write {len(events)} events: {exc}") from exc
+                raise SinkError(
+                    f"the PostgreSQL audit store could not write {len(events)} events: {exc}"
+                ) from exc
 
     async def close(self) -> None:
         if self._conn is not None and not self._conn.is_closed():

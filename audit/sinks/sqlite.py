@@ -9,6 +9,7 @@ many events however many sessions are waiting on them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import sqlite3
 import threading
@@ -71,25 +72,34 @@ CREATE INDEX IF NOT EXISTS ledger_digest ON ledger (digest);
 CREATE INDEX IF NOT EXISTS ledger_event ON ledger (chain_id, seq);
 """
 
-_QUOTED = ", ".join(f'"{c}"' for c in COLUMNS)
-INSERT_EVENT = f"INSERT INTO events ({_QUOTED}) VALUES ({', '.join('?' * len(COLUMNS))})"
 INSERT_LEDGER = "INSERT INTO ledger (chain_id, seq, kind, relation, digest) VALUES (?, ?, ?, ?, ?)"
-
-_LISTS = ("relations", "labels", "rule_ids")
 
 
 def _dumps(v: Any) -> str | None:
     return None if v is None else orjson.dumps(v, option=orjson.OPT_SORT_KEYS).decode()
 
 
+_PLAIN = tuple(c for c in COLUMNS if c not in ("relations", "labels", "rule_ids", "details"))
+_ORDER = [*_PLAIN, "relations", "labels", "rule_ids", "details"]
+INSERT_EVENT = (
+    f"INSERT INTO events ({', '.join(chr(34) + c + chr(34) for c in _ORDER)}) "
+    f"VALUES ({', '.join('?' * len(_ORDER))})"
+)
+
+
+def _list(v: Any) -> str | None:
+    return None if v is None else orjson.dumps(v).decode()
+
+
 def row_of(rec: Record) -> tuple[Any, ...]:
-    """A record as the tuple INSERT_EVENT expects."""
-    r = dict(rec)
-    for c in _LISTS:
-        v = r[c]
-        r[c] = None if v is None else orjson.dumps(v).decode()
-    r["details"] = _dumps(r["details"])
-    return tuple(r[c] for c in COLUMNS)
+    """A record as the tuple INSERT_EVENT expects (lists and details as JSON text)."""
+    return (
+        *[rec[c] for c in _PLAIN],
+        _list(rec["relations"]),
+        _list(rec["labels"]),
+        _list(rec["rule_ids"]),
+        _dumps(rec["details"]),
+    )
 
 
 def connect(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
@@ -112,7 +122,9 @@ class SQLiteSink:
 
     durable = True
 
-    def __init__(self, path: Path | str, *, synchronous: str = "FULL", name: str = "sqlite") -> None:
+    def __init__(
+        self, path: Path | str, *, synchronous: str = "FULL", name: str = "sqlite"
+    ) -> None:
         self.path = Path(path)
         self.synchronous = synchronous
         self.name = name
@@ -127,7 +139,9 @@ class SQLiteSink:
             self._conn = await asyncio.to_thread(self._open)
         except (sqlite3.Error, OSError) as exc:
             raise SinkError(f"the SQLite audit store {self.path} cannot be opened: {exc}") from exc
-        self._thread = threading.Thread(target=self._run, name=f"pgwarden-audit-{self.name}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name=f"pgwarden-audit-{self.name}", daemon=True
+        )
         self._thread.start()
 
     def _open(self) -> sqlite3.Connection:
@@ -183,7 +197,7 @@ class SQLiteSink:
             err: BaseException | None = None
             try:
                 events = []
-                ledger = []
+                ledger: list[tuple[Any, ...]] = []
                 for batch, _fut in work:
                     for s in batch:
                         rec = s.record
@@ -198,10 +212,8 @@ class SQLiteSink:
                 conn.execute("COMMIT")
             except (sqlite3.Error, OSError) as exc:
                 err = SinkError(f"the SQLite audit store {self.path} could not write: {exc}")
-                try:
+                with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
             for _batch, fut in work:
                 loop.call_soon_threadsafe(_settle, fut, err)
         conn.close()
