@@ -333,7 +333,8 @@ def verify_chain(
                         chain_id,
                         cseq,
                         "edited",
-                        f"event {cseq} differs from what checkpoint {seq} signed",
+                        f"event {cseq} differs from what checkpoint {seq} signed: the chain up to it was "
+                        "rewritten",
                     )
                 )
 
