@@ -522,6 +522,11 @@ class AuditTrail:
             entries = []
             if ev.ledger_keys or ev.ledger_values:
                 if hasher is None:
+                    if not self._ledger_dropped:
+                        log.warning(
+                            "audit_ledger_dropped",
+                            reason="events carry ledger keys but audit.ledger_key is not set",
+                        )
                     self._ledger_dropped += 1
                 else:
                     entries = hasher.entries(ev.ledger_keys, ev.ledger_values)

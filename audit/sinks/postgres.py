@@ -110,7 +110,11 @@ class PostgresSink:
     async def start(self) -> None:
         conn = await self._connect()
         try:
-            await conn.execute(schema_sql(self.schema))
+            # Several pgwarden processes start at once; CREATE ... IF NOT EXISTS is not safe
+            # against a concurrent CREATE, so the DDL runs under an advisory lock.
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext('pgwarden_audit_ddl'))")
+                await conn.execute(schema_sql(self.schema))
         except asyncpg.PostgresError as exc:
             raise SinkError(
                 f"cannot create the audit tables in the PostgreSQL store: {exc}"
