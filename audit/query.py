@@ -12,6 +12,7 @@ import re
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -295,8 +296,16 @@ async def sessions(store: Store, f: Filters, limit: int = 200) -> list[Row]:
     return [_plain(r) for r in rows]
 
 
+def _scalar(v: Any) -> Any:
+    if isinstance(v, datetime):
+        return ts_of(v)
+    if isinstance(v, Decimal):  # PostgreSQL's SUM(bigint) is numeric
+        return int(v) if v == v.to_integral_value() else float(v)
+    return v
+
+
 def _plain(r: Row) -> Row:
-    return {k: (ts_of(v) if isinstance(v, datetime) else v) for k, v in r.items()}
+    return {k: _scalar(v) for k, v in r.items()}
 
 
 async def timeline(

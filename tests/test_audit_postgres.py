@@ -7,6 +7,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import orjson
 import psycopg
 import pytest
 from audit_scenario import EXPECTED_DISTINCT, seed
@@ -73,7 +74,9 @@ def test_postgres_store_verifies_and_matches_sqlite(seeded: tuple[Path, str]) ->
 )
 def test_postgres_and_sqlite_answer_the_same(seeded: tuple[Path, str], question: Any) -> None:
     lite, pgr = asyncio.run(_both(seeded, question))
+    # same values and same JSON: no Decimal or datetime leaks out of the PostgreSQL path
     assert lite == pgr
+    assert orjson.dumps(lite) == orjson.dumps(pgr)
     assert lite
 
 
