@@ -238,7 +238,7 @@ def events(draw: st.DrawFn) -> AuditEvent:
     )
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(batch=st.lists(events(), min_size=1, max_size=8))
 def test_any_events_round_trip_through_sqlite_and_jsonl_and_verify(batch: list[AuditEvent], tmp_path: Path) -> None:
     d = tmp_path / f"rt{abs(hash(repr(batch)))}"

@@ -1,90 +1,38 @@
 """SQLite sink: the embedded default store.
 
 WAL mode with ``synchronous=FULL``: a commit is on disk when it returns, and readers (the
-responder CLI) never block the writer.  All SQLite work happens on one writer thread that
-drains every batch waiting for it into one transaction -- group commit, so one fsync covers
-many events however many sessions are waiting on them.
+responder CLI) never block the writer.  All writes go through one writer (see
+:class:`SQLiteSink` for why it is a child process) that takes every batch waiting for it
+into one transaction -- group commit, so one fsync covers many events however many sessions
+are waiting on them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import pickle
 import queue
 import sqlite3
+import struct
+import subprocess
+import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import orjson
 
-from audit.events import COLUMNS, Record
+from audit.events import Record
 from audit.sinks import Sealed, SinkError
+from audit.sinks.sqlite_writer import _PLAIN, INSERT_EVENT, INSERT_LEDGER, SCHEMA
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS events (
-    id            INTEGER PRIMARY KEY,   -- storage order; verify compares it with seq
-    v             INTEGER NOT NULL,
-    chain_id      TEXT NOT NULL,
-    seq           INTEGER NOT NULL,
-    prev_hash     TEXT NOT NULL,
-    hash          TEXT NOT NULL,
-    ts            TEXT NOT NULL,         -- ISO-8601 UTC, microseconds, 'Z'
-    kind          TEXT NOT NULL,
-    session_id    TEXT,
-    db_user       TEXT,
-    database      TEXT,
-    application   TEXT,
-    client_addr   TEXT,
-    tls           INTEGER,
-    end_user      TEXT,
-    fingerprint   TEXT,
-    statement     TEXT,
-    full_text     TEXT,
-    relations     TEXT,                  -- JSON array
-    labels        TEXT,                  -- JSON array
-    rows          INTEGER,
-    bytes         INTEGER,
-    duration_ms   REAL,
-    verdict       TEXT,
-    rule_ids      TEXT,                  -- JSON array
-    sqlstate      TEXT,
-    severity      TEXT,
-    message       TEXT,
-    details       TEXT,                  -- JSON object
-    ledger_count  INTEGER,
-    ledger_digest TEXT
-);
-CREATE INDEX IF NOT EXISTS events_chain ON events (chain_id, seq);
-CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
-CREATE INDEX IF NOT EXISTS events_end_user ON events (end_user, ts);
-CREATE INDEX IF NOT EXISTS events_session ON events (session_id);
-CREATE TABLE IF NOT EXISTS ledger (
-    id        INTEGER PRIMARY KEY,
-    chain_id  TEXT NOT NULL,
-    seq       INTEGER NOT NULL,
-    kind      TEXT NOT NULL,             -- 'k' primary key, 'v' labelled value
-    relation  TEXT NOT NULL,             -- schema.table for 'k', label for 'v'
-    digest    BLOB NOT NULL              -- HMAC-SHA256
-);
-CREATE INDEX IF NOT EXISTS ledger_digest ON ledger (digest);
-CREATE INDEX IF NOT EXISTS ledger_event ON ledger (chain_id, seq);
-"""
-
-INSERT_LEDGER = "INSERT INTO ledger (chain_id, seq, kind, relation, digest) VALUES (?, ?, ?, ?, ?)"
+__all__ = ["INSERT_EVENT", "INSERT_LEDGER", "SCHEMA", "SQLiteSink", "connect", "row_of"]
 
 
 def _dumps(v: Any) -> str | None:
     return None if v is None else orjson.dumps(v, option=orjson.OPT_SORT_KEYS).decode()
-
-
-_PLAIN = tuple(c for c in COLUMNS if c not in ("relations", "labels", "rule_ids", "details"))
-_ORDER = [*_PLAIN, "relations", "labels", "rule_ids", "details"]
-INSERT_EVENT = (
-    f"INSERT INTO events ({', '.join(chr(34) + c + chr(34) for c in _ORDER)}) "
-    f"VALUES ({', '.join('?' * len(_ORDER))})"
-)
 
 
 def _list(v: Any) -> str | None:
@@ -115,42 +63,75 @@ def connect(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
 
 
 _STOP = object()
+_HDR = struct.Struct(">I")
+
+
+def _read_exact(f: IO[bytes], n: int) -> bytes:
+    data = f.read(n)
+    if data is None or len(data) < n:
+        raise EOFError("the SQLite writer process went away")
+    return data
 
 
 class SQLiteSink:
-    """Writes to one SQLite database file from a dedicated thread."""
+    """Writes to one SQLite database file through a writer *process*.
+
+    Why a process: Python's sqlite3 module releases the GIL around every row it inserts and
+    must win it back for the next one.  With the proxy's event loop busy, every one of those
+    hand-overs waits for the interpreter's switch interval, and inserts slow down ten-fold.
+    A child process (``python -m audit.sinks.sqlite_writer``) has its own interpreter; this
+    side only pickles a batch and waits on a pipe, which costs the GIL nothing.  A batch is
+    acknowledged only after the child's COMMIT returned, so a kill -9 of either process loses
+    no acknowledged event; if the child dies, the batch fails and the next one restarts it.
+    """
 
     durable = True
 
     def __init__(
         self, path: Path | str, *, synchronous: str = "FULL", name: str = "sqlite"
     ) -> None:
+        if synchronous not in ("FULL", "NORMAL", "EXTRA"):
+            raise ValueError(f"synchronous must be FULL, NORMAL or EXTRA, not {synchronous!r}")
         self.path = Path(path)
         self.synchronous = synchronous
         self.name = name
         self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._conn: sqlite3.Connection | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         try:
-            self._conn = await asyncio.to_thread(self._open)
-        except (sqlite3.Error, OSError) as exc:
+            await asyncio.to_thread(self._spawn)
+        except (OSError, EOFError, SinkError) as exc:
             raise SinkError(f"the SQLite audit store {self.path} cannot be opened: {exc}") from exc
         self._thread = threading.Thread(
             target=self._run, name=f"pgwarden-audit-{self.name}", daemon=True
         )
         self._thread.start()
 
-    def _open(self) -> sqlite3.Connection:
+    def _spawn(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = connect(self.path)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={self.synchronous}")
-        conn.executescript(SCHEMA)
-        return conn
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "audit.sinks.sqlite_writer", str(self.path), self.synchronous],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None,
+        )
+        assert proc.stdout is not None
+        reply = self._reply(proc)
+        if reply != b"ok":
+            proc.kill()
+            proc.wait()
+            raise SinkError(reply.decode(errors="replace"))
+        self._proc = proc
+
+    @staticmethod
+    def _reply(proc: subprocess.Popen[bytes]) -> bytes:
+        assert proc.stdout is not None
+        (n,) = _HDR.unpack(_read_exact(proc.stdout, 4))
+        return _read_exact(proc.stdout, n)
 
     async def head(self, chain_id: str) -> tuple[int, str] | None:
         def q() -> tuple[int, str] | None:
@@ -174,12 +155,12 @@ class SQLiteSink:
         await fut
 
     def _run(self) -> None:
-        assert self._conn is not None and self._loop is not None
-        conn, loop = self._conn, self._loop
+        assert self._loop is not None
+        loop = self._loop
         stop = False
         while not stop:
             items = [self._q.get()]
-            # Group commit: everything that queued up while we were committing goes in one
+            # Group commit: everything that queued up during the last commit goes in one
             # transaction and costs one fsync.
             while True:
                 try:
@@ -196,27 +177,52 @@ class SQLiteSink:
                 continue
             err: BaseException | None = None
             try:
-                events = []
-                ledger: list[tuple[Any, ...]] = []
-                for batch, _fut in work:
-                    for s in batch:
-                        rec = s.record
-                        events.append(row_of(rec))
-                        if s.ledger:
-                            cid, seq = rec["chain_id"], rec["seq"]
-                            ledger.extend((cid, seq, k, rel, d) for k, rel, d in s.ledger)
-                conn.execute("BEGIN")
-                conn.executemany(INSERT_EVENT, events)
-                if ledger:
-                    conn.executemany(INSERT_LEDGER, ledger)
-                conn.execute("COMMIT")
-            except (sqlite3.Error, OSError) as exc:
+                self._commit(work)
+            except (OSError, EOFError, SinkError) as exc:
                 err = SinkError(f"the SQLite audit store {self.path} could not write: {exc}")
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
+                self._discard_proc()
             for _batch, fut in work:
                 loop.call_soon_threadsafe(_settle, fut, err)
-        conn.close()
+        self._discard_proc(graceful=True)
+
+    def _commit(self, work: list[tuple[Sequence[Sealed], Any]]) -> None:
+        events = []
+        ledger: list[tuple[Any, ...]] = []
+        for batch, _fut in work:
+            for s in batch:
+                rec = s.record
+                events.append(row_of(rec))
+                if s.ledger:
+                    cid, seq = rec["chain_id"], rec["seq"]
+                    ledger.extend((cid, seq, k, rel, d) for k, rel, d in s.ledger)
+        if self._proc is None or self._proc.poll() is not None:
+            self._spawn()
+        proc = self._proc
+        assert proc is not None and proc.stdin is not None
+        payload = pickle.dumps((events, ledger), protocol=pickle.HIGHEST_PROTOCOL)
+        proc.stdin.write(_HDR.pack(len(payload)))
+        proc.stdin.write(payload)
+        proc.stdin.flush()
+        reply = self._reply(proc)
+        if reply != b"ok":
+            raise SinkError(reply.decode(errors="replace"))
+
+    def _discard_proc(self, graceful: bool = False) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(OSError):
+            if proc.stdin is not None:
+                proc.stdin.close()
+        if not graceful:
+            proc.kill()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
 
     async def close(self) -> None:
         if self._thread is not None:

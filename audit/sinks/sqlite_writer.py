@@ -1,0 +1,129 @@
+"""The SQLite writer process behind :class:`audit.sinks.sqlite.SQLiteSink`.
+
+    python -m audit.sinks.sqlite_writer PATH SYNCHRONOUS
+
+Frames on stdin: 4-byte big-endian length, then a pickle of ``(event_rows, ledger_rows)``.
+For each frame it runs one transaction and answers a frame on stdout: ``ok`` once COMMIT
+has returned, or the error text.  It answers ``ok`` once at start-up when the schema exists.
+End of stdin (the parent closed it, or died) ends the process.
+"""
+
+from __future__ import annotations
+
+import pickle
+import sqlite3
+import struct
+import sys
+from typing import IO
+
+from audit.events import COLUMNS
+
+_HDR = struct.Struct(">I")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id            INTEGER PRIMARY KEY,   -- storage order; verify compares it with seq
+    v             INTEGER NOT NULL,
+    chain_id      TEXT NOT NULL,
+    seq           INTEGER NOT NULL,
+    prev_hash     TEXT NOT NULL,
+    hash          TEXT NOT NULL,
+    ts            TEXT NOT NULL,         -- ISO-8601 UTC, microseconds, 'Z'
+    kind          TEXT NOT NULL,
+    session_id    TEXT,
+    db_user       TEXT,
+    database      TEXT,
+    application   TEXT,
+    client_addr   TEXT,
+    tls           INTEGER,
+    end_user      TEXT,
+    fingerprint   TEXT,
+    statement     TEXT,
+    full_text     TEXT,
+    relations     TEXT,                  -- JSON array
+    labels        TEXT,                  -- JSON array
+    rows          INTEGER,
+    bytes         INTEGER,
+    duration_ms   REAL,
+    verdict       TEXT,
+    rule_ids      TEXT,                  -- JSON array
+    sqlstate      TEXT,
+    severity      TEXT,
+    message       TEXT,
+    details       TEXT,                  -- JSON object
+    ledger_count  INTEGER,
+    ledger_digest TEXT
+);
+CREATE INDEX IF NOT EXISTS events_chain ON events (chain_id, seq);
+CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
+CREATE INDEX IF NOT EXISTS events_end_user ON events (end_user, ts);
+CREATE TABLE IF NOT EXISTS ledger (
+    id        INTEGER PRIMARY KEY,
+    chain_id  TEXT NOT NULL,
+    seq       INTEGER NOT NULL,
+    kind      TEXT NOT NULL,             -- 'k' primary key, 'v' labelled value
+    relation  TEXT NOT NULL,             -- schema.table for 'k', label for 'v'
+    digest    BLOB NOT NULL              -- HMAC-SHA256
+);
+CREATE INDEX IF NOT EXISTS ledger_digest ON ledger (digest);
+CREATE INDEX IF NOT EXISTS ledger_event ON ledger (chain_id, seq);
+"""
+
+INSERT_LEDGER = "INSERT INTO ledger (chain_id, seq, kind, relation, digest) VALUES (?, ?, ?, ?, ?)"
+
+
+_PLAIN = tuple(c for c in COLUMNS if c not in ("relations", "labels", "rule_ids", "details"))
+_ORDER = [*_PLAIN, "relations", "labels", "rule_ids", "details"]
+INSERT_EVENT = (
+    f"INSERT INTO events ({', '.join(chr(34) + c + chr(34) for c in _ORDER)}) "
+    f"VALUES ({', '.join('?' * len(_ORDER))})"
+)
+
+
+def _send(out: IO[bytes], msg: bytes) -> None:
+    out.write(_HDR.pack(len(msg)) + msg)
+    out.flush()
+
+
+def main(argv: list[str]) -> int:
+    """Serve write requests until stdin closes."""
+    path, synchronous = argv[1], argv[2]
+    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    try:
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={synchronous}")
+        # Fewer, larger WAL checkpoints: each one is extra fsyncs inside some commit.
+        conn.execute("PRAGMA wal_autocheckpoint=10000")
+        conn.executescript(SCHEMA)
+    except sqlite3.Error as exc:
+        _send(out, f"cannot open {path}: {exc}".encode())
+        return 1
+    _send(out, b"ok")
+    while True:
+        hdr = inp.read(4)
+        if len(hdr) < 4:
+            break
+        (n,) = _HDR.unpack(hdr)
+        payload = inp.read(n)
+        if len(payload) < n:
+            break
+        events, ledger = pickle.loads(payload)
+        try:
+            conn.execute("BEGIN")
+            conn.executemany(INSERT_EVENT, events)
+            if ledger:
+                conn.executemany(INSERT_LEDGER, ledger)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            _send(out, str(exc).encode() or b"sqlite error")
+            continue
+        _send(out, b"ok")
+    conn.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
