@@ -567,4 +567,6 @@ def records_seen_cmd(
     else:
         _emit(res.records[:50], ["digest", "key", "first_seen", "last_seen", "times"], False)
         if len(res.records) > 50:
-            _console().print(f"[dim]... {len(res.records) - 50} more; use --out FILE or --json[/dim]")
+            _console().print(
+                f"[dim]... {len(res.records) - 50} more; use --out FILE or --json[/dim]"
+            )

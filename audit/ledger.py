@@ -25,7 +25,10 @@ KIND_KEY = "k"
 KIND_VALUE = "v"
 DIGEST_SIZE = 32
 
-LedgerEntry = tuple[str, str, bytes]  # (kind, relation or label, digest)
+LedgerEntry = tuple[str, str, bytes]  # (kind, relation or label, digest): one stored row
+# What the pipeline carries: (kind, relation or label, digests).  One tuple per table rather
+# than per key, because a 100k-row result would otherwise cost 100k tuples on the way.
+LedgerGroup = tuple[str, str, list[bytes]]
 
 
 class LedgerKeyError(ValueError):
@@ -120,25 +123,37 @@ class RecordHasher:
         self,
         keys: Mapping[str, Sequence[str]] | None,
         values: Mapping[str, Sequence[str]] | None,
-    ) -> list[LedgerEntry]:
-        """Ledger entries for one statement, duplicates removed, in first-seen order."""
-        out: list[LedgerEntry] = []
+    ) -> list[LedgerGroup]:
+        """Ledger entries for one statement, grouped by table or label, duplicates removed,
+        in first-seen order."""
+        out: list[LedgerGroup] = []
         if keys:
             for table, pks in keys.items():
                 rel = qualify(table)
-                for d in dict.fromkeys(self.keys(rel, pks)):
-                    out.append((KIND_KEY, rel, d))
+                out.append((KIND_KEY, rel, list(dict.fromkeys(self.keys(rel, pks)))))
         if values:
             for label, vals in values.items():
-                for d in dict.fromkeys(self.value(label, v) for v in vals):
-                    out.append((KIND_VALUE, label, d))
+                digests = list(dict.fromkeys(self.value(label, v) for v in vals))
+                out.append((KIND_VALUE, label, digests))
         return out
 
 
-def ledger_digest(entries: Iterable[LedgerEntry]) -> str:
-    """SHA-256 over a statement's ledger entries, stored in the (chained) event so that
-    ledger rows cannot be added, removed or edited without ``verify`` noticing."""
+def ledger_digest(groups: Iterable[LedgerGroup]) -> str:
+    """SHA-256 over a statement's ledger rows (each ``kind NUL relation NUL digest``, in
+    order), stored in the chained event so that ledger rows cannot be added, removed or
+    edited without ``verify`` noticing."""
     h = hashlib.sha256()
-    for kind, rel, digest in entries:
-        h.update(kind.encode() + b"\0" + rel.encode() + b"\0" + digest)
+    for kind, rel, digests in groups:
+        prefix = kind.encode() + b"\0" + rel.encode() + b"\0"
+        h.update(b"".join(prefix + d for d in digests))
     return h.hexdigest()
+
+
+def ledger_count(groups: Iterable[LedgerGroup]) -> int:
+    """How many ledger rows the groups become."""
+    return sum(len(g[2]) for g in groups)
+
+
+def rows_of(chain_id: str, seq: int, groups: Iterable[LedgerGroup]) -> list[tuple[object, ...]]:
+    """The ``ledger`` table rows ``(chain_id, seq, kind, relation, digest)`` of one event."""
+    return [(chain_id, seq, kind, rel, d) for kind, rel, digests in groups for d in digests]

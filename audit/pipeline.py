@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from audit.alerts import Alert, Alerter, Channel, SyslogChannel, WebhookChannel
 from audit.chain import Chain, checkpoint_message, key_id, load_signing_key
 from audit.events import AuditEvent, EventKind, Record
-from audit.ledger import RecordHasher, ledger_digest, load_key
+from audit.ledger import LedgerGroup, RecordHasher, ledger_count, ledger_digest, load_key
 from audit.redact import redact_sql
 from audit.sinks import Sealed, Sink, SinkError
 from audit.sinks.jsonl import JsonlSink
@@ -110,9 +110,7 @@ def _default_sink() -> SQLiteSinkConfig | PostgresSinkConfig | JsonlSinkConfig:
 class AuditConfig(_Model):
     """Everything the audit trail needs; the ``audit:`` section of the proxy config."""
 
-    sinks: list[SinkConfig] = Field(
-        default_factory=lambda: [_default_sink()]
-    )
+    sinks: list[SinkConfig] = Field(default_factory=lambda: [_default_sink()])
     alerts: list[AlertConfig] = Field(default_factory=list)
     # One chain per writer.  Set it (e.g. "host1-worker0") to continue the same chain across
     # restarts; by default every process start begins a new chain.
@@ -519,7 +517,7 @@ class AuditTrail:
                 rec["statement"] = redact_sql(rec["statement"])
             if not keep_full:
                 rec["full_text"] = None
-            entries = []
+            entries: list[LedgerGroup] = []
             if ev.ledger_keys or ev.ledger_values:
                 if hasher is None:
                     if not self._ledger_dropped:
@@ -530,7 +528,7 @@ class AuditTrail:
                     self._ledger_dropped += 1
                 else:
                     entries = hasher.entries(ev.ledger_keys, ev.ledger_values)
-                    rec["ledger_count"] = len(entries)
+                    rec["ledger_count"] = ledger_count(entries)
                     rec["ledger_digest"] = ledger_digest(entries)
             chain.seal(rec)
             out.append(Sealed(rec, entries))

@@ -429,7 +429,7 @@ async def verify(
             entries.setdefault(int(lr["seq"]), []).append(
                 (lr["kind"], lr["relation"], bytes(lr["digest"]))
             )
-        digests = {seq: ledger_digest(es) for seq, es in entries.items()}
+        digests = {seq: ledger_digest((k, r, [d]) for k, r, d in es) for seq, es in entries.items()}
         rep = verify_chain(cid, rows, public_key=public_key, external=ext, ledger_digests=digests)
         if not rows and any(cp.chain_id == cid for cp in ext):
             from audit.chain import Problem

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from audit.events import Record
-from audit.ledger import LedgerEntry
+from audit.ledger import LedgerGroup
 
 
 class SinkError(RuntimeError):
@@ -25,7 +25,7 @@ class Sealed:
     """One chained event and its ledger entries, ready to store."""
 
     record: Record
-    ledger: list[LedgerEntry]
+    ledger: list[LedgerGroup]
 
 
 @runtime_checkable

@@ -94,7 +94,10 @@ class JsonlSink:
         for s in batch:
             rec: dict[str, Any] = s.record
             if self.include_ledger and s.ledger:
-                rec = {**rec, "ledger": [[k, r, d.hex()] for k, r, d in s.ledger]}
+                rec = {
+                    **rec,
+                    "ledger": [[k, r, d.hex()] for k, r, ds in s.ledger for d in ds],
+                }
             lines.append(orjson.dumps(rec, option=orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE))
         async with self._lock:
             try:

@@ -17,6 +17,7 @@ import asyncpg
 import orjson
 
 from audit.events import COLUMNS, parse_ts
+from audit.ledger import rows_of
 from audit.sinks import Sealed, SinkError
 
 
@@ -133,9 +134,9 @@ class PostgresSink:
             conn = await self._connect()
             events = [_row(s.record) for s in batch]
             ledger = [
-                (s.record["chain_id"], s.record["seq"], k, rel, d)
+                row
                 for s in batch
-                for k, rel, d in s.ledger
+                for row in rows_of(s.record["chain_id"], s.record["seq"], s.ledger)
             ]
             try:
                 async with conn.transaction():

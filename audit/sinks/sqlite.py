@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import operator
 import pickle
 import queue
 import sqlite3
@@ -22,32 +23,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
-import orjson
-
-from audit.events import Record
 from audit.sinks import Sealed, SinkError
-from audit.sinks.sqlite_writer import _PLAIN, INSERT_EVENT, INSERT_LEDGER, SCHEMA
+from audit.sinks.sqlite_writer import _ORDER, INSERT_EVENT, INSERT_LEDGER, SCHEMA
 
-__all__ = ["INSERT_EVENT", "INSERT_LEDGER", "SCHEMA", "SQLiteSink", "connect", "row_of"]
+_TAKE = operator.itemgetter(*_ORDER)
 
-
-def _dumps(v: Any) -> str | None:
-    return None if v is None else orjson.dumps(v, option=orjson.OPT_SORT_KEYS).decode()
-
-
-def _list(v: Any) -> str | None:
-    return None if v is None else orjson.dumps(v).decode()
-
-
-def row_of(rec: Record) -> tuple[Any, ...]:
-    """A record as the tuple INSERT_EVENT expects (lists and details as JSON text)."""
-    return (
-        *[rec[c] for c in _PLAIN],
-        _list(rec["relations"]),
-        _list(rec["labels"]),
-        _list(rec["rule_ids"]),
-        _dumps(rec["details"]),
-    )
+__all__ = ["INSERT_EVENT", "INSERT_LEDGER", "SCHEMA", "SQLiteSink", "connect"]
 
 
 def connect(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
@@ -186,15 +167,18 @@ class SQLiteSink:
         self._discard_proc(graceful=True)
 
     def _commit(self, work: list[tuple[Sequence[Sealed], Any]]) -> None:
+        # Raw values and ledger groups go over the pipe; the child does the JSON encoding and
+        # the expansion into rows, on its own core.
+        take = _TAKE
         events = []
         ledger: list[tuple[Any, ...]] = []
         for batch, _fut in work:
             for s in batch:
                 rec = s.record
-                events.append(row_of(rec))
+                events.append(take(rec))
                 if s.ledger:
                     cid, seq = rec["chain_id"], rec["seq"]
-                    ledger.extend((cid, seq, k, rel, d) for k, rel, d in s.ledger)
+                    ledger.extend((cid, seq, k, rel, ds) for k, rel, ds in s.ledger)
         if self._proc is None or self._proc.poll() is not None:
             self._spawn()
         proc = self._proc

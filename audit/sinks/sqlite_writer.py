@@ -2,7 +2,9 @@
 
     python -m audit.sinks.sqlite_writer PATH SYNCHRONOUS
 
-Frames on stdin: 4-byte big-endian length, then a pickle of ``(event_rows, ledger_rows)``.
+Frames on stdin: 4-byte big-endian length, then a pickle of ``(events, ledger)``: events as
+tuples in ``_ORDER`` with lists and details still Python values, ledger as
+``(chain_id, seq, kind, relation, [digest, ...])`` groups.
 For each frame it runs one transaction and answers a frame on stdout: ``ok`` once COMMIT
 has returned, or the error text.  It answers ``ok`` once at start-up when the schema exists.
 End of stdin (the parent closed it, or died) ends the process.
@@ -15,6 +17,8 @@ import sqlite3
 import struct
 import sys
 from typing import IO
+
+import orjson
 
 from audit.events import COLUMNS
 
@@ -80,6 +84,14 @@ INSERT_EVENT = (
 )
 
 
+def _json(v: object) -> str | None:
+    return None if v is None else orjson.dumps(v).decode()
+
+
+def _json_sorted(v: object) -> str | None:
+    return None if v is None else orjson.dumps(v, option=orjson.OPT_SORT_KEYS).decode()
+
+
 def _send(out: IO[bytes], msg: bytes) -> None:
     out.write(_HDR.pack(len(msg)) + msg)
     out.flush()
@@ -109,11 +121,17 @@ def main(argv: list[str]) -> int:
         if len(payload) < n:
             break
         events, ledger = pickle.loads(payload)
+        n_plain = len(_PLAIN)
+        rows = [
+            (*e[:n_plain], _json(e[n_plain]), _json(e[n_plain + 1]), _json(e[n_plain + 2]),
+             _json_sorted(e[n_plain + 3]))
+            for e in events
+        ]  # fmt: skip
         try:
             conn.execute("BEGIN")
-            conn.executemany(INSERT_EVENT, events)
-            if ledger:
-                conn.executemany(INSERT_LEDGER, ledger)
+            conn.executemany(INSERT_EVENT, rows)
+            for cid, seq, kind, rel, digests in ledger:
+                conn.executemany(INSERT_LEDGER, [(cid, seq, kind, rel, d) for d in digests])
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
