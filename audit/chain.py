@@ -151,7 +151,9 @@ class Problem:
 
     chain_id: str
     seq: int
-    kind: str  # edited | deleted | reordered | duplicated | forged_link | truncated | bad_signature | ledger_edited
+    # edited | deleted | reordered | duplicated | forged_link | truncated | bad_signature |
+    # ledger_edited
+    kind: str
     message: str
 
     def as_dict(self) -> dict[str, Any]:
@@ -333,8 +335,8 @@ def verify_chain(
                         chain_id,
                         cseq,
                         "edited",
-                        f"event {cseq} differs from what checkpoint {seq} signed: the chain up to it was "
-                        "rewritten",
+                        f"event {cseq} differs from what checkpoint {seq} signed: the chain "
+                        "up to it was rewritten",
                     )
                 )
 
@@ -357,8 +359,8 @@ def verify_chain(
                     chain_id,
                     last + 1,
                     "truncated",
-                    f"the trail ends at event {last} but a signed checkpoint vouches for event {cp.seq}: "
-                    f"events {last + 1}..{cp.seq} were cut off",
+                    f"the trail ends at event {last} but a signed checkpoint vouches for event "
+                    f"{cp.seq}: events {last + 1}..{cp.seq} were cut off",
                 )
             )
         elif cp.seq in by_seq and by_seq[cp.seq]["hash"] != cp.hash:

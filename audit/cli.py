@@ -424,7 +424,7 @@ def report_cmd(
     since: str | None,
     until: str | None,
 ) -> None:
-    """Write a self-contained HTML report: labelled rows per person over time, blocked statements."""
+    """Write a self-contained HTML report: labelled rows per person, blocked statements."""
     from audit.report import render_html
 
     s_t, u_t = _time(since), _time(until)
@@ -489,7 +489,10 @@ def who_saw_cmd(
     rows = _run(
         _with_store(
             db, dsn, schema,
-            functools.partial(q.who_saw, hasher=hasher, table=table, key=key, value=value, label=label, since=_time(since), until=_time(until)),
+            functools.partial(
+                q.who_saw, hasher=hasher, table=table, key=key, value=value, label=label,
+                since=_time(since), until=_time(until),
+            ),
         )
     )  # fmt: skip
     _emit(
@@ -509,8 +512,10 @@ def who_saw_cmd(
     )
     if not as_json:
         people = sorted({str(r.get("end_user") or r.get("db_user")) for r in rows})
+        n_sessions = len({r["session_id"] for r in rows})
         _console().print(
-            f"{len(rows)} statement(s) in {len({r['session_id'] for r in rows})} session(s) by: {', '.join(people) or 'nobody'}"
+            f"{len(rows)} statement(s) in {n_sessions} session(s) by: "
+            f"{', '.join(people) or 'nobody'}"
         )
 
 

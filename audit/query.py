@@ -280,8 +280,8 @@ async def sessions(store: Store, f: Filters, limit: int = 200) -> list[Row]:
                MAX(e.db_user) AS db_user, MAX(e.end_user) AS end_user,
                MAX(e.application) AS application, MAX(e.client_addr) AS client_addr,
                COUNT(*) FILTER (WHERE e.kind = 'statement') AS statements,
-               COALESCE(SUM(CASE WHEN e.kind = 'statement' AND {d.labelled} THEN e.rows ELSE 0 END), 0)
-                   AS labelled_rows,
+               COALESCE(SUM(CASE WHEN e.kind = 'statement' AND {d.labelled}
+                                 THEN e.rows ELSE 0 END), 0) AS labelled_rows,
                COUNT(*) FILTER (WHERE e.verdict = 'block') AS blocks,
                COUNT(*) FILTER (WHERE e.kind = 'session_end') AS ended
         FROM {{events}} e

@@ -43,7 +43,8 @@ def svg_plot(
 
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" role="img" aria-label="labelled rows per person per hour">',
+        f'viewBox="0 0 {width} {height}" role="img" '
+        'aria-label="labelled rows per person per hour">',
         f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="#fafafa" stroke="#ccc"/>',
     ]
     for i in range(5):
@@ -58,7 +59,8 @@ def svg_plot(
             f"{escape(h[:13])}:00</text>"
         )
     out.append(
-        f'<text x="{ml + pw / 2}" y="{height - 8}" font-size="12" text-anchor="middle">hour (UTC)</text>'
+        f'<text x="{ml + pw / 2}" y="{height - 8}" font-size="12" '
+        'text-anchor="middle">hour (UTC)</text>'
     )
     for i, person in enumerate(totals):
         colour = _PALETTE[i % len(_PALETTE)]
@@ -67,8 +69,10 @@ def svg_plot(
         for h in hours:
             if h in series[person]:
                 out.append(
-                    f'<circle cx="{x(h):.1f}" cy="{y(series[person][h]):.1f}" r="3" fill="{colour}">'
-                    f"<title>{escape(person)} {escape(h)}: {series[person][h]} rows</title></circle>"
+                    f'<circle cx="{x(h):.1f}" cy="{y(series[person][h]):.1f}" r="3" '
+                    f'fill="{colour}">'
+                    f"<title>{escape(person)} {escape(h)}: {series[person][h]} rows</title>"
+                    "</circle>"
                 )
         ly = mt + 14 + i * 18
         out.append(
@@ -77,6 +81,13 @@ def svg_plot(
         )
     out.append("</svg>")
     return "".join(out)
+
+
+_TOP_COLS = ["person", "labelled_rows", "distinct_records", "statements", "blocks", "sessions"]
+_BLOCKED_COLS = [
+    "ts", "person", "db_user", "client_addr", "application", "statement", "rule_ids", "message",
+    "sqlstate",
+]  # fmt: skip
 
 
 def _table(rows: Sequence[dict[str, Any]], cols: Sequence[str]) -> str:
@@ -107,6 +118,7 @@ def render_html(
     """The whole report page."""
     for r in blocked_rows:
         r.setdefault("person", r.get("end_user") or r.get("db_user"))
+    generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>
 <style>
@@ -116,13 +128,13 @@ th, td {{ border: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-a
 th {{ background: #f3f3f3; }} .empty {{ color: #777; }} code {{ font-size: 12px; }}
 </style></head><body>
 <h1>{escape(title)}</h1>
-<p>Window: {escape(window)}. Generated {escape(datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"))}.</p>
+<p>Window: {escape(window)}. Generated {escape(generated)}.</p>
 <p>Chain verification: {escape(verify_summary)}</p>
 <h2>Labelled rows read per person per hour</h2>
 {svg_plot(plot_points)}
 <h2>Who read the most labelled records</h2>
-{_table(top_rows, ["person", "labelled_rows", "distinct_records", "statements", "blocks", "sessions"])}
+{_table(top_rows, _TOP_COLS)}
 <h2>Blocked statements</h2>
-{_table(blocked_rows, ["ts", "person", "db_user", "client_addr", "application", "statement", "rule_ids", "message", "sqlstate"])}
+{_table(blocked_rows, _BLOCKED_COLS)}
 </body></html>
 """

@@ -82,7 +82,9 @@ async def run_ledger(tmp: Path, rows: int) -> tuple[float, float]:
     t0 = time.perf_counter()
     hasher.keys("public.customers", keys)
     hmac_s = time.perf_counter() - t0
-    config = AuditConfig(sinks=[SQLiteSinkConfig(path=tmp / "ledger.db")], ledger_key=tmp / "ledger.key")
+    config = AuditConfig(
+        sinks=[SQLiteSinkConfig(path=tmp / "ledger.db")], ledger_key=tmp / "ledger.key"
+    )
     async with AuditTrail(config) as trail:
         await trail.submit(statement(0))  # warm up: tables exist, thread running
         ev = statement(1)
@@ -118,7 +120,10 @@ def main() -> None:
         elapsed = asyncio.run(run_events(tmp, args.events))
         cpu = _cpu() - cpu0
         rate = args.events / elapsed
-        print(f"{args.events} statement events in {elapsed:.2f} s, chained, SQLite WAL synchronous=FULL")
+        print(
+            f"{args.events} statement events in {elapsed:.2f} s, "
+            "chained, SQLite WAL synchronous=FULL"
+        )
         # On a shared machine the wall-clock rate depends on the neighbours; CPU per event
         # (this process and the SQLite writer process together) does not.
         print(f"cpu: {cpu:.2f} s = {cpu / args.events * 1e6:.1f} us/event (process + writer)")

@@ -39,7 +39,9 @@ class Receiver:
         if status == 200:
             self.bodies.append(orjson.loads(body))
             self.got.set()
-        writer.write(f"HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode())
+        writer.write(
+            f"HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode()
+        )
         await writer.drain()
         writer.close()
 
@@ -63,7 +65,9 @@ def test_webhook_delivers_retries_and_deduplicates() -> None:
         url = await rx.start()
         alerter = Alerter([WebhookChannel(url)], dedup_seconds=60, backoff=0.01)
         await alerter.start()
-        a = Alert("block", "mallory: COPY TO blocked", severity="error", details={"rule": "no-copy"})
+        a = Alert(
+            "block", "mallory: COPY TO blocked", severity="error", details={"rule": "no-copy"}
+        )
         assert alerter.send(a)
         assert not alerter.send(a)  # the same alert inside the window is suppressed
         assert alerter.send(Alert("canary", "canary customer 999 was read"))
@@ -155,15 +159,22 @@ def test_trail_sends_alerts_and_signed_checkpoints_to_the_webhook(tmp_path: Path
         udp.bind(("127.0.0.1", 0))
         cfg = AuditConfig(
             sinks=[SQLiteSinkConfig(path=tmp_path / "a.db")],
-            alerts=[WebhookConfig(url=url), SyslogConfig(host="127.0.0.1", port=udp.getsockname()[1])],
+            alerts=[
+                WebhookConfig(url=url),
+                SyslogConfig(host="127.0.0.1", port=udp.getsockname()[1]),
+            ],
             signing_key=tmp_path / "k",
             checkpoint_every=3,
         )
         subj = Subject("app", "support", "x", "10.0.0.1", False, "hank")
         async with AuditTrail(cfg) as t:
-            t.alert("block", "hank: SELECT * on customers blocked", subject=subj, rule_ids=["no-star"])
+            t.alert(
+                "block", "hank: SELECT * on customers blocked", subject=subj, rule_ids=["no-star"]
+            )
             for _ in range(3):
-                await t.submit(AuditEvent.statement_event("s", subj, fingerprint="f", statement="SELECT ?"))
+                await t.submit(
+                    AuditEvent.statement_event("s", subj, fingerprint="f", statement="SELECT ?")
+                )
             await rx.wait_for(2)
         udp.close()
         rx.server.close()
@@ -173,4 +184,6 @@ def test_trail_sends_alerts_and_signed_checkpoints_to_the_webhook(tmp_path: Path
     by_type = {b["type"]: b for b in rx.bodies}
     assert by_type["block"]["details"]["end_user"] == "hank"
     cp = by_type["checkpoint"]["details"]
-    pub.verify(bytes.fromhex(cp["signature"]), checkpoint_message(cp["chain_id"], cp["seq"], cp["hash"]))
+    pub.verify(
+        bytes.fromhex(cp["signature"]), checkpoint_message(cp["chain_id"], cp["seq"], cp["hash"])
+    )

@@ -26,10 +26,16 @@ SUBJ = Subject("app", "support", "helpdesk", "10.1.1.1", True, "erin")
 def _events(n: int) -> list[AuditEvent]:
     return [
         AuditEvent.statement_event(
-            "s1", SUBJ, fingerprint=f"f{i}", statement=f"SELECT * FROM customers WHERE id = {i}",
-            relations=["public.customers"], labels=["pii.email"], rows=i, duration_ms=0.5,
+            "s1",
+            SUBJ,
+            fingerprint=f"f{i}",
+            statement=f"SELECT * FROM customers WHERE id = {i}",
+            relations=["public.customers"],
+            labels=["pii.email"],
+            rows=i,
+            duration_ms=0.5,
             ledger_keys={"customers": [str(i), str(i + 1)]},
-        )  # fmt: skip
+        )
         for i in range(n)
     ]
 
@@ -129,7 +135,9 @@ def test_reorder_is_reported(db: Path, trail_dir: Path) -> None:
     assert _first(db, trail_dir) == ("reordered", 10)
 
 
-def test_truncation_is_caught_by_signed_checkpoints_sent_out_of_band(db: Path, trail_dir: Path) -> None:
+def test_truncation_is_caught_by_signed_checkpoints_sent_out_of_band(
+    db: Path, trail_dir: Path
+) -> None:
     _sql(db, "DELETE FROM events WHERE seq > 15")
     # the store alone looks like a shorter, intact chain ...
     (alone,) = _verify(db, trail_dir, external=False)
@@ -138,7 +146,9 @@ def test_truncation_is_caught_by_signed_checkpoints_sent_out_of_band(db: Path, t
     assert _first(db, trail_dir) == ("truncated", 16)
 
 
-def test_rewriting_the_tail_with_fresh_hashes_is_caught_by_signatures(db: Path, trail_dir: Path) -> None:
+def test_rewriting_the_tail_with_fresh_hashes_is_caught_by_signatures(
+    db: Path, trail_dir: Path
+) -> None:
     conn = sqlite3.connect(db)
     conn.row_factory = sqlite3.Row
     rows = [dict(r) for r in conn.execute("SELECT * FROM events ORDER BY id")]
@@ -150,8 +160,10 @@ def test_rewriting_the_tail_with_fresh_hashes_is_caught_by_signatures(db: Path, 
         if rec["seq"] == 3:
             rec["rows"] = 0
         chain.seal(rec)
-        conn.execute("UPDATE events SET rows = ?, hash = ?, prev_hash = ? WHERE id = ?",
-                     (rec["rows"], rec["hash"], rec["prev_hash"], r["id"]))  # fmt: skip
+        conn.execute(
+            "UPDATE events SET rows = ?, hash = ?, prev_hash = ? WHERE id = ?",
+            (rec["rows"], rec["hash"], rec["prev_hash"], r["id"]),
+        )
     conn.commit()
     conn.close()
     (rep,) = _verify(db, trail_dir)
@@ -181,8 +193,15 @@ def test_wrong_public_key_fails_signatures(db: Path, trail_dir: Path, tmp_path: 
 
 def test_cli_verify_reports_intact_and_the_first_problem(db: Path, trail_dir: Path) -> None:
     runner = CliRunner()
-    args = ["verify", "--db", str(db), "--public-key", str(trail_dir / "sign.key.pub"),
-            "--checkpoints", str(trail_dir / "checkpoints.jsonl")]  # fmt: skip
+    args = [
+        "verify",
+        "--db",
+        str(db),
+        "--public-key",
+        str(trail_dir / "sign.key.pub"),
+        "--checkpoints",
+        str(trail_dir / "checkpoints.jsonl"),
+    ]
     ok = runner.invoke(audit_group, args)
     assert ok.exit_code == 0, ok.output
     assert "intact" in ok.output
@@ -207,17 +226,29 @@ def test_jsonl_trail_verifies_and_catches_reordering(trail_dir: Path, tmp_path: 
 
 # --- property: any event round-trips through SQLite and JSON lines and verifies ------------
 
-_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=30)
+_text = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=30
+)
 _opt = st.none() | _text
-_json_leaf = st.none() | st.booleans() | st.integers(-(2**53), 2**53) | _text | st.floats(allow_nan=False, allow_infinity=False)
-_details = st.none() | st.dictionaries(_text, _json_leaf | st.lists(_json_leaf, max_size=3), max_size=4)
+_json_leaf = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**53), 2**53)
+    | _text
+    | st.floats(allow_nan=False, allow_infinity=False)
+)
+_details = st.none() | st.dictionaries(
+    _text, _json_leaf | st.lists(_json_leaf, max_size=3), max_size=4
+)
 
 
 @st.composite
 def events(draw: st.DrawFn) -> AuditEvent:
     subj = draw(st.none() | st.builds(Subject, _text, _text, _text, _text, st.booleans(), _opt))
     return AuditEvent(
-        kind=draw(st.sampled_from(list(__import__("audit.events", fromlist=["EventKind"]).EventKind))),
+        kind=draw(
+            st.sampled_from(list(__import__("audit.events", fromlist=["EventKind"]).EventKind))
+        ),
         ts=draw(st.floats(0, 4e9)),
         session_id=draw(_opt),
         subject=subj,
@@ -234,18 +265,27 @@ def events(draw: st.DrawFn) -> AuditEvent:
         severity=draw(_opt),
         message=draw(_opt),
         details=draw(_details),
-        ledger_keys=draw(st.none() | st.dictionaries(_text, st.lists(_text, max_size=3), max_size=2)),
+        ledger_keys=draw(
+            st.none() | st.dictionaries(_text, st.lists(_text, max_size=3), max_size=2)
+        ),
     )
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(batch=st.lists(events(), min_size=1, max_size=8))
-def test_any_events_round_trip_through_sqlite_and_jsonl_and_verify(batch: list[AuditEvent], tmp_path: Path) -> None:
+def test_any_events_round_trip_through_sqlite_and_jsonl_and_verify(
+    batch: list[AuditEvent], tmp_path: Path
+) -> None:
     d = tmp_path / f"rt{abs(hash(repr(batch)))}"
     d.mkdir()
     (d / "k").write_text("22" * 32)
     config = AuditConfig(
-        sinks=[SQLiteSinkConfig(path=d / "a.db", synchronous="NORMAL"), JsonlSinkConfig(path=d / "a.jsonl")],
+        sinks=[
+            SQLiteSinkConfig(path=d / "a.db", synchronous="NORMAL"),
+            JsonlSinkConfig(path=d / "a.jsonl"),
+        ],
         ledger_key=d / "k",
     )
 

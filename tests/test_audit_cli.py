@@ -37,7 +37,11 @@ def js(*args: str) -> Any:
 
 def test_search_filters(tmp: Path) -> None:
     db = ["--db", str(tmp / "audit.db")]
-    assert {r["end_user"] for r in js("search", *db, "--kind", "statement")} == {"bob", "alice", "mallory"}
+    assert {r["end_user"] for r in js("search", *db, "--kind", "statement")} == {
+        "bob",
+        "alice",
+        "mallory",
+    }
     rows = js("search", *db, "--end-user", "mallory", "--verdict", "block")
     assert len(rows) == 1 and rows[0]["rule_ids"] == ["no-copy-out"]
     # the literal in the blocked COPY was scrubbed before it was stored
@@ -57,7 +61,15 @@ def test_sessions_timeline_top(tmp: Path) -> None:
     assert sessions["s-bob"]["labelled_rows"] == 201 and sessions["s-bob"]["statements"] == 2
     assert sessions["s-mal"]["blocks"] == 1
     tl = js("timeline", *db, "--end-user", "bob")
-    assert tl == [{"hour": "2026-11-02T09:00Z", "statements": 2, "labelled_rows": 201, "blocks": 0, "sessions": 1}]
+    assert tl == [
+        {
+            "hour": "2026-11-02T09:00Z",
+            "statements": 2,
+            "labelled_rows": 201,
+            "blocks": 0,
+            "sessions": 1,
+        }
+    ]
     top = js("top", *db)
     assert [t["person"] for t in top] == ["mallory", "bob", "alice"]
     assert [t["distinct_records"] for t in top] == [5000, 150, 11]
@@ -94,7 +106,9 @@ def test_who_saw_and_records_seen(tmp: Path) -> None:
     res = js("records-seen", *common, "--end-user", "bob", "--table", "customers")
     assert res["distinct_records"] == 150 and len(res["records"][0]["digest"]) == 64
     out = tmp / "bob.csv"
-    txt = run("records-seen", *common, "--end-user", "mallory", "--table", "customers", "--out", str(out)).output
+    txt = run(
+        "records-seen", *common, "--end-user", "mallory", "--table", "customers", "--out", str(out)
+    ).output
     assert "5000 distinct record(s)" in txt
     assert len(out.read_text().splitlines()) == 5001
 
@@ -104,7 +118,9 @@ def test_errors_are_sentences(tmp: Path) -> None:
     assert res.exit_code != 0 and "there is no audit database" in res.output
     res = CliRunner().invoke(audit_group, ["search"])
     assert "name exactly one audit store" in res.output
-    res = CliRunner().invoke(audit_group, ["search", "--db", str(tmp / "audit.db"), "--since", "yesterday"])
+    res = CliRunner().invoke(
+        audit_group, ["search", "--db", str(tmp / "audit.db"), "--since", "yesterday"]
+    )
     assert "cannot read the time" in res.output
 
 
@@ -119,11 +135,22 @@ def test_keygen(tmp_path: Path) -> None:
 
 
 def test_commands_read_the_postgresql_store_with_dsn(pg: Cluster, tmp_path: Path) -> None:
-    pg.psql("DROP DATABASE IF EXISTS audit_cli WITH (FORCE); CREATE DATABASE audit_cli;", database="postgres")
+    pg.psql(
+        "DROP DATABASE IF EXISTS audit_cli WITH (FORCE); CREATE DATABASE audit_cli;",
+        database="postgres",
+    )
     asyncio.run(seed(tmp_path, extra_sinks=[PostgresSinkConfig(dsn=pg.url(database="audit_cli"))]))
     dsn = ["--dsn", pg.url(database="audit_cli")]
     assert [t["person"] for t in js("top", *dsn)] == ["mallory", "bob", "alice"]
     assert "intact" in run("verify", *dsn).output
-    res = js("records-seen", *dsn, "--ledger-key", str(tmp_path / "ledger.key"), "--end-user", "alice",
-             "--table", "customers")  # fmt: skip
+    res = js(
+        "records-seen",
+        *dsn,
+        "--ledger-key",
+        str(tmp_path / "ledger.key"),
+        "--end-user",
+        "alice",
+        "--table",
+        "customers",
+    )
     assert res["distinct_records"] == 11

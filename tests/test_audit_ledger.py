@@ -44,9 +44,12 @@ def test_records_seen_respects_the_time_window(seeded: Path) -> None:
         store = _store(seeded)
         # only bob's first statement (09:01) lies before 09:01:30
         res = await q.records_seen(
-            store, end_user="bob", table="public.customers",
-            since=q.parse_time("2026-11-02T09:00"), until=q.parse_time("2026-11-02T09:01:30"),
-        )  # fmt: skip
+            store,
+            end_user="bob",
+            table="public.customers",
+            since=q.parse_time("2026-11-02T09:00"),
+            until=q.parse_time("2026-11-02T09:01:30"),
+        )
         await store.close()
         return len(res.records)
 
@@ -62,7 +65,11 @@ def test_who_saw_a_key_lists_exactly_the_people_who_received_it(seeded: Path) ->
         await store.close()
         return [(r["end_user"], r["session_id"]) for r in rows]
 
-    assert asyncio.run(people("125")) == [("bob", "s-bob"), ("alice", "s-alice"), ("mallory", "s-mal")]
+    assert asyncio.run(people("125")) == [
+        ("bob", "s-bob"),
+        ("alice", "s-alice"),
+        ("mallory", "s-mal"),
+    ]
     assert asyncio.run(people("75")) == [("bob", "s-bob"), ("bob", "s-bob"), ("mallory", "s-mal")]
     assert asyncio.run(people("4000")) == [("mallory", "s-mal")]
     assert asyncio.run(people("5001")) == []
@@ -97,7 +104,8 @@ def test_records_seen_resolves_digests_back_to_keys(seeded: Path, pg: Cluster) -
     with psycopg.connect(pg.dsn(database=db), autocommit=True) as conn:
         conn.execute("CREATE TABLE customers (customer_id bigint PRIMARY KEY, email text)")
         conn.execute(
-            "INSERT INTO customers SELECT g, 'c' || g || '@example.com' FROM generate_series(1, 6000) g"
+            "INSERT INTO customers "
+            "SELECT g, 'c' || g || '@example.com' FROM generate_series(1, 6000) g"
         )
         conn.execute("CREATE TABLE pairs (a int, b text, PRIMARY KEY (a, b))")
         conn.execute("INSERT INTO pairs VALUES (1, 'x,y')")

@@ -68,7 +68,9 @@ def test_config_refuses_a_trail_without_a_durable_sink(tmp_path: Path) -> None:
 
 def test_bounded_queue_raises_when_full(tmp_path: Path) -> None:
     async def go() -> None:
-        cfg = AuditConfig(sinks=[SQLiteSinkConfig(path=tmp_path / "a.db")], queue_size=3, overflow="raise")
+        cfg = AuditConfig(
+            sinks=[SQLiteSinkConfig(path=tmp_path / "a.db")], queue_size=3, overflow="raise"
+        )
         async with AuditTrail(cfg) as t:
             # no await in between: the dispatcher cannot drain, so the fourth does not fit
             for _ in range(3):
@@ -84,7 +86,9 @@ def test_bounded_queue_raises_when_full(tmp_path: Path) -> None:
 
 def test_bounded_queue_blocks_producers_until_there_is_room(tmp_path: Path) -> None:
     async def go() -> None:
-        cfg = AuditConfig(sinks=[SQLiteSinkConfig(path=tmp_path / "a.db")], queue_size=4, overflow="block")
+        cfg = AuditConfig(
+            sinks=[SQLiteSinkConfig(path=tmp_path / "a.db")], queue_size=4, overflow="block"
+        )
         async with AuditTrail(cfg) as t:
             waits = [t.submit(stmt()) for _ in range(40)]
             assert t._queue.qsize() <= 4
@@ -104,12 +108,15 @@ def test_no_literal_reaches_any_sink(tmp_path: Path) -> None:
         "CREATE USER carol PASSWORD hunter2",
         "SELECT * FROM cards WHERE pan = 4111111111111111",
         "SELECT $q$s3cr3t-dollar$q$, E'alice@example.com\\'s'",
-        "SELECT \"alice@example.com\" FROM t -- hunter2",
+        'SELECT "alice@example.com" FROM t -- hunter2',
     ]
 
     async def go() -> None:
         cfg = AuditConfig(
-            sinks=[SQLiteSinkConfig(path=tmp_path / "a.db"), JsonlSinkConfig(path=tmp_path / "a.jsonl")]
+            sinks=[
+                SQLiteSinkConfig(path=tmp_path / "a.db"),
+                JsonlSinkConfig(path=tmp_path / "a.jsonl"),
+            ]
         )
         async with AuditTrail(cfg) as t:
             for s in statements:

@@ -31,7 +31,9 @@ SUBJ = Subject("app", "support", "helpdesk", "10.9.9.9", True, "gina")
 
 
 def fresh_db(pg: Cluster, name: str) -> str:
-    pg.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE); CREATE DATABASE {name};", database="postgres")
+    pg.psql(
+        f"DROP DATABASE IF EXISTS {name} WITH (FORCE); CREATE DATABASE {name};", database="postgres"
+    )
     return pg.url(database=name)
 
 
@@ -102,9 +104,13 @@ def test_several_writers_keep_separate_chains(pg: Cluster) -> None:
     async def writer(name: str) -> None:
         async with AuditTrail(AuditConfig(sinks=[PostgresSinkConfig(dsn=url)], chain_id=name)) as t:
             await asyncio.gather(
-                *(t.submit(AuditEvent.statement_event("s", SUBJ, fingerprint="f", statement="SELECT ?"))
-                  for _ in range(300))
-            )  # fmt: skip
+                *(
+                    t.submit(
+                        AuditEvent.statement_event("s", SUBJ, fingerprint="f", statement="SELECT ?")
+                    )
+                    for _ in range(300)
+                )
+            )
 
     async def go() -> list[q.ChainReport]:
         await asyncio.gather(writer("w1"), writer("w2"), writer("w3"))
@@ -118,7 +124,9 @@ def test_several_writers_keep_separate_chains(pg: Cluster) -> None:
     assert sorted(r.chain_id for r in reports) == ["w1", "w2", "w3"]
     assert all(r.intact and r.events == 301 for r in reports), [r.as_dict() for r in reports]
     with psycopg.connect(pg.dsn(database="audit_multi"), autocommit=True) as conn:
-        conn.execute("UPDATE pgwarden_audit.events SET rows = 999 WHERE chain_id = 'w2' AND seq = 17")
+        conn.execute(
+            "UPDATE pgwarden_audit.events SET rows = 999 WHERE chain_id = 'w2' AND seq = 17"
+        )
     bad = asyncio.run(go_verify(url))
     assert {r.chain_id: (r.problems[0].kind, r.problems[0].seq) for r in bad if not r.intact} == {
         "w2": ("edited", 17)
@@ -142,7 +150,9 @@ def test_store_that_goes_away_fails_closed_unless_another_durable_sink_holds(
     async def go() -> None:
         only_pg = AuditTrail(AuditConfig(sinks=[PostgresSinkConfig(dsn=url)]))
         both = AuditTrail(
-            AuditConfig(sinks=[SQLiteSinkConfig(path=tmp_path / "a.db"), PostgresSinkConfig(dsn=url)])
+            AuditConfig(
+                sinks=[SQLiteSinkConfig(path=tmp_path / "a.db"), PostgresSinkConfig(dsn=url)]
+            )
         )
         await only_pg.start()
         await both.start()
@@ -159,15 +169,21 @@ def test_store_that_goes_away_fails_closed_unless_another_durable_sink_holds(
     asyncio.run(go())
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(batch=st.lists(any_event(), min_size=1, max_size=6))
-def test_any_events_round_trip_through_postgres_and_verify(pg: Cluster, batch: list[AuditEvent]) -> None:
+def test_any_events_round_trip_through_postgres_and_verify(
+    pg: Cluster, batch: list[AuditEvent]
+) -> None:
     url = pg.url(database="audit_rt")
     pg.psql("SELECT 1", database="postgres")
 
     async def go() -> list[q.ChainReport]:
         chain = f"rt-{id(batch)}-{len(batch)}"
-        async with AuditTrail(AuditConfig(sinks=[PostgresSinkConfig(dsn=url)], chain_id=chain)) as t:
+        async with AuditTrail(
+            AuditConfig(sinks=[PostgresSinkConfig(dsn=url)], chain_id=chain)
+        ) as t:
             for e in batch:
                 t.submit_nowait(e)
         store = await q.PostgresStore.connect(url)

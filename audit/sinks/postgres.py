@@ -124,7 +124,8 @@ class PostgresSink:
     async def head(self, chain_id: str) -> tuple[int, str] | None:
         conn = await self._connect()
         row = await conn.fetchrow(
-            f"SELECT seq, hash FROM {self.schema}.events WHERE chain_id = $1 ORDER BY seq DESC LIMIT 1",
+            f"SELECT seq, hash FROM {self.schema}.events WHERE chain_id = $1 "
+            "ORDER BY seq DESC LIMIT 1",
             chain_id,
         )
         return (int(row["seq"]), str(row["hash"])) if row else None
