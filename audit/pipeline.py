@@ -528,6 +528,7 @@ class AuditTrail:
                     self._ledger_dropped += 1
                 else:
                     entries = hasher.entries(ev.ledger_keys, ev.ledger_values)
+                if entries:
                     rec["ledger_count"] = ledger_count(entries)
                     rec["ledger_digest"] = ledger_digest(entries)
             chain.seal(rec)

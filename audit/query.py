@@ -20,7 +20,15 @@ import orjson
 
 from audit.chain import ChainReport, ExternalCheckpoint, verify_chain
 from audit.events import COLUMNS, normalise_record, ts_of
-from audit.ledger import KIND_KEY, KIND_VALUE, RecordHasher, ledger_digest, pk_text, qualify
+from audit.ledger import (
+    KIND_KEY,
+    KIND_VALUE,
+    RecordHasher,
+    ledger_digest,
+    pk_text,
+    qualify,
+    split,
+)
 
 Row = dict[str, Any]
 
@@ -60,6 +68,9 @@ class Dialect:
     labelled: str
     has_relation: str
     has_label: str
+    # True when the packed digests of ledger row l hold the digest parameter at a 16-byte
+    # boundary (a misaligned match would straddle two digests).
+    holds_digest: str
 
 
 SQLITE = Dialect(
@@ -68,6 +79,7 @@ SQLITE = Dialect(
     labelled="(e.labels IS NOT NULL AND e.labels <> '[]')",
     has_relation="EXISTS (SELECT 1 FROM json_each(e.relations) WHERE value = ?)",
     has_label="EXISTS (SELECT 1 FROM json_each(e.labels) WHERE value = ?)",
+    holds_digest="instr(l.digests, ?) % 16 = 1",
 )
 POSTGRES = Dialect(
     name="postgres",
@@ -75,6 +87,7 @@ POSTGRES = Dialect(
     labelled="(cardinality(e.labels) > 0)",
     has_relation="? = ANY(e.relations)",
     has_label="? = ANY(e.labels)",
+    holds_digest="position(? in l.digests) % 16 = 1",
 )
 
 
@@ -352,17 +365,19 @@ async def top(
         *args,
         limit,
     )
-    distinct = await store.fetch(
+    people: dict[str, set[tuple[str, bytes]]] = {}
+    async for r in store.stream(
         f"""
-        SELECT COALESCE(e.end_user, e.db_user) AS person, COUNT(DISTINCT l.digest) AS records
+        SELECT COALESCE(e.end_user, e.db_user) AS person, l.relation, l.digests
         FROM {{events}} e JOIN {{ledger}} l ON l.chain_id = e.chain_id AND l.seq = e.seq
         WHERE {where} AND l.kind = 'k'
-        GROUP BY COALESCE(e.end_user, e.db_user)
         """,
         *args,
-    )
-    seen = {r["person"]: int(r["records"]) for r in distinct}
-    return [{**_plain(r), "distinct_records": seen.get(r["person"], 0)} for r in rows]
+    ):
+        recs = people.setdefault(r["person"], set())
+        rel = r["relation"]
+        recs.update((rel, d) for d in split(bytes(r["digests"])))
+    return [{**_plain(r), "distinct_records": len(people.get(r["person"], ()))} for r in rows]
 
 
 async def blocked(store: Store, f: Filters, limit: int = 500) -> list[Row]:
@@ -422,14 +437,14 @@ async def verify(
         rows = await store.fetch(
             f"SELECT {_EVENT_COLS} FROM {{events}} e WHERE e.chain_id = ? ORDER BY e.id", cid
         )
-        entries: dict[int, list[tuple[str, str, bytes]]] = {}
+        groups: dict[int, list[tuple[str, str, bytes]]] = {}
         async for lr in store.stream(
-            "SELECT seq, kind, relation, digest FROM {ledger} WHERE chain_id = ? ORDER BY id", cid
+            "SELECT seq, kind, relation, digests FROM {ledger} WHERE chain_id = ? ORDER BY id", cid
         ):
-            entries.setdefault(int(lr["seq"]), []).append(
-                (lr["kind"], lr["relation"], bytes(lr["digest"]))
+            groups.setdefault(int(lr["seq"]), []).append(
+                (lr["kind"], lr["relation"], bytes(lr["digests"]))
             )
-        digests = {seq: ledger_digest((k, r, [d]) for k, r, d in es) for seq, es in entries.items()}
+        digests = {seq: ledger_digest(gs) for seq, gs in groups.items()}
         rep = verify_chain(cid, rows, public_key=public_key, external=ext, ledger_digests=digests)
         if not rows and any(cp.chain_id == cid for cp in ext):
             from audit.chain import Problem
@@ -492,8 +507,8 @@ async def who_saw(
         raise QueryError("say what to look for: --key (with --table) or --value")
     out: list[Row] = []
     for kind, rel, digest in targets:
-        conds: list[str] = ["l.digest = ?", "l.kind = ?", "l.relation = ?"]
-        args: list[Any] = [digest, kind, rel]
+        conds: list[str] = ["l.kind = ?", "l.relation = ?", store.dialect.holds_digest]
+        args: list[Any] = [kind, rel, digest]
         if since is not None:
             conds.append("e.ts >= ?")
             args.append(since)
@@ -550,23 +565,27 @@ async def records_seen(
     if until is not None:
         conds.append("e.ts < ?")
         args.append(until)
-    rows = await store.fetch(
+    seen: dict[bytes, list[Any]] = {}  # digest -> [first, last, times]
+    async for r in store.stream(
         f"""
-        SELECT l.digest, MIN(e.ts) AS first_seen, MAX(e.ts) AS last_seen, COUNT(*) AS times
+        SELECT e.ts, l.digests
         FROM {{events}} e JOIN {{ledger}} l ON l.chain_id = e.chain_id AND l.seq = e.seq
         WHERE {" AND ".join(conds)}
-        GROUP BY l.digest ORDER BY MIN(e.ts), l.digest
+        ORDER BY e.ts
         """,
         *args,
-    )
+    ):
+        ts = _scalar(r["ts"])
+        for d in split(bytes(r["digests"])):
+            s = seen.get(d)
+            if s is None:
+                seen[d] = [ts, ts, 1]
+            else:
+                s[1] = ts
+                s[2] += 1
     recs = [
-        {
-            "digest": bytes(r["digest"]).hex(),
-            "first_seen": _plain({"t": r["first_seen"]})["t"],
-            "last_seen": _plain({"t": r["last_seen"]})["t"],
-            "times": int(r["times"]),
-        }
-        for r in rows
+        {"digest": d.hex(), "first_seen": f, "last_seen": la, "times": n}
+        for d, (f, la, n) in sorted(seen.items(), key=lambda kv: (kv[1][0], kv[0]))
     ]
     return RecordsSeen(end_user, rel, recs)
 

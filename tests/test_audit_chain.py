@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import sqlite3
+import tempfile
 from pathlib import Path
 
 import orjson
@@ -278,8 +279,7 @@ def events(draw: st.DrawFn) -> AuditEvent:
 def test_any_events_round_trip_through_sqlite_and_jsonl_and_verify(
     batch: list[AuditEvent], tmp_path: Path
 ) -> None:
-    d = tmp_path / f"rt{abs(hash(repr(batch)))}"
-    d.mkdir()
+    d = Path(tempfile.mkdtemp(dir=tmp_path))
     (d / "k").write_text("22" * 32)
     config = AuditConfig(
         sinks=[

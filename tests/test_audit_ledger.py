@@ -90,9 +90,10 @@ def test_who_saw_a_labelled_value_is_case_insensitive(seeded: Path) -> None:
 
 def test_ledger_holds_no_keys_in_clear(seeded: Path) -> None:
     conn = sqlite3.connect(seeded / "audit.db")
-    digests = {r[0] for r in conn.execute("SELECT digest FROM ledger")}
-    assert all(len(d) == 32 for d in digests)
-    assert b"125" not in b"".join(digests)
+    rows = conn.execute("SELECT n, digests FROM ledger").fetchall()
+    assert all(len(d) == 16 * n for n, d in rows)
+    assert sum(n for n, _ in rows) == 100 + 101 + 11 + 1 + 5000
+    assert b"125" not in b"".join(d for _, d in rows)
     dump = "\n".join(conn.iterdump())
     assert "carol@example.com" not in dump.lower()
 

@@ -96,7 +96,7 @@ class JsonlSink:
             if self.include_ledger and s.ledger:
                 rec = {
                     **rec,
-                    "ledger": [[k, r, d.hex()] for k, r, ds in s.ledger for d in ds],
+                    "ledger": [[k, r, p.hex()] for k, r, p in s.ledger],
                 }
             lines.append(orjson.dumps(rec, option=orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE))
         async with self._lock:

@@ -17,7 +17,7 @@ import asyncpg
 import orjson
 
 from audit.events import COLUMNS, parse_ts
-from audit.ledger import rows_of
+from audit.ledger import DIGEST_SIZE
 from audit.sinks import Sealed, SinkError
 
 
@@ -68,14 +68,14 @@ CREATE TABLE IF NOT EXISTS {schema}.ledger (
     seq       bigint NOT NULL,
     kind      text NOT NULL,
     relation  text NOT NULL,
-    digest    bytea NOT NULL
+    n         integer NOT NULL,
+    digests   bytea NOT NULL    -- n HMAC-SHA256-128 digests, 16 bytes each
 );
-CREATE INDEX IF NOT EXISTS ledger_digest ON {schema}.ledger (digest);
 CREATE INDEX IF NOT EXISTS ledger_event ON {schema}.ledger (chain_id, seq);
 """
 
 
-_LEDGER_COLUMNS = ("chain_id", "seq", "kind", "relation", "digest")
+_LEDGER_COLUMNS = ("chain_id", "seq", "kind", "relation", "n", "digests")
 
 
 def _row(rec: dict[str, Any]) -> tuple[Any, ...]:
@@ -135,9 +135,9 @@ class PostgresSink:
             conn = await self._connect()
             events = [_row(s.record) for s in batch]
             ledger = [
-                row
+                (s.record["chain_id"], s.record["seq"], k, rel, len(p) // DIGEST_SIZE, p)
                 for s in batch
-                for row in rows_of(s.record["chain_id"], s.record["seq"], s.ledger)
+                for k, rel, p in s.ledger
             ]
             try:
                 async with conn.transaction():

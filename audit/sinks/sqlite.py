@@ -167,8 +167,7 @@ class SQLiteSink:
         self._discard_proc(graceful=True)
 
     def _commit(self, work: list[tuple[Sequence[Sealed], Any]]) -> None:
-        # Raw values and ledger groups go over the pipe; the child does the JSON encoding and
-        # the expansion into rows, on its own core.
+        # Raw values go over the pipe; the child does the JSON encoding on its own core.
         take = _TAKE
         events = []
         ledger: list[tuple[Any, ...]] = []
@@ -178,7 +177,7 @@ class SQLiteSink:
                 events.append(take(rec))
                 if s.ledger:
                     cid, seq = rec["chain_id"], rec["seq"]
-                    ledger.extend((cid, seq, k, rel, ds) for k, rel, ds in s.ledger)
+                    ledger.extend((cid, seq, k, rel, len(p) // 16, p) for k, rel, p in s.ledger)
         if self._proc is None or self._proc.poll() is not None:
             self._spawn()
         proc = self._proc

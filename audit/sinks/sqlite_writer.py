@@ -4,7 +4,7 @@
 
 Frames on stdin: 4-byte big-endian length, then a pickle of ``(events, ledger)``: events as
 tuples in ``_ORDER`` with lists and details still Python values, ledger as
-``(chain_id, seq, kind, relation, [digest, ...])`` groups.
+``(chain_id, seq, kind, relation, n, packed digests)`` rows.
 For each frame it runs one transaction and answers a frame on stdout: ``ok`` once COMMIT
 has returned, or the error text.  It answers ``ok`` once at start-up when the schema exists.
 End of stdin (the parent closed it, or died) ends the process.
@@ -67,13 +67,15 @@ CREATE TABLE IF NOT EXISTS ledger (
     seq       INTEGER NOT NULL,
     kind      TEXT NOT NULL,             -- 'k' primary key, 'v' labelled value
     relation  TEXT NOT NULL,             -- schema.table for 'k', label for 'v'
-    digest    BLOB NOT NULL              -- HMAC-SHA256
+    n         INTEGER NOT NULL,          -- number of records
+    digests   BLOB NOT NULL              -- n HMAC-SHA256-128 digests, 16 bytes each
 );
-CREATE INDEX IF NOT EXISTS ledger_digest ON ledger (digest);
 CREATE INDEX IF NOT EXISTS ledger_event ON ledger (chain_id, seq);
 """
 
-INSERT_LEDGER = "INSERT INTO ledger (chain_id, seq, kind, relation, digest) VALUES (?, ?, ?, ?, ?)"
+INSERT_LEDGER = (
+    "INSERT INTO ledger (chain_id, seq, kind, relation, n, digests) VALUES (?, ?, ?, ?, ?, ?)"
+)
 
 
 _PLAIN = tuple(c for c in COLUMNS if c not in ("relations", "labels", "rule_ids", "details"))
@@ -130,8 +132,8 @@ def main(argv: list[str]) -> int:
         try:
             conn.execute("BEGIN")
             conn.executemany(INSERT_EVENT, rows)
-            for cid, seq, kind, rel, digests in ledger:
-                conn.executemany(INSERT_LEDGER, [(cid, seq, kind, rel, d) for d in digests])
+            if ledger:
+                conn.executemany(INSERT_LEDGER, ledger)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
