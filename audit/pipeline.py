@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from audit.alerts import Alert, Alerter, Channel, SyslogChannel, WebhookChannel
 from audit.chain import Chain, checkpoint_message, key_id, load_signing_key
-from audit.events import AuditEvent, EventKind, Record
+from audit.events import AuditEvent, EventKind, Record, Subject
 from audit.ledger import LedgerGroup, RecordHasher, ledger_count, ledger_digest, load_key
 from audit.redact import redact_sql
 from audit.sinks import Sealed, Sink, SinkError
@@ -404,11 +404,12 @@ class AuditTrail:
         *,
         severity: str = "warning",
         session_id: str | None = None,
-        subject: Any = None,
+        subject: Subject | None = None,
         rule_ids: Sequence[str] = (),
         details: dict[str, Any] | None = None,
     ) -> None:
-        """Record an alert in the trail and send it to every alert channel."""
+        """Record an alert in the trail and send it to every alert channel (blocks, canary
+        hits, quarantines; checkpoints and sink failures are sent by the trail itself)."""
         ev = AuditEvent.alert(
             alert_type,
             message,

@@ -216,3 +216,47 @@ def test_kill_9_loses_no_acknowledged_event(tmp_path: Path) -> None:
     missing = [s for s in acked if s not in stored]
     assert not missing, f"{len(missing)} acknowledged events are missing, e.g. {missing[:5]}"
     assert ledger >= len(acked)
+
+
+def test_every_event_kind_is_stored_and_jsonl_rotates(tmp_path: Path) -> None:
+    from audit import query as q
+    from audit.chain import verify_chain
+    from audit.sinks.jsonl import read_jsonl, rotated_files
+
+    cfg = AuditConfig(
+        sinks=[
+            SQLiteSinkConfig(path=tmp_path / "a.db"),
+            JsonlSinkConfig(path=tmp_path / "a.jsonl", max_bytes=4000, backups=50),
+        ]
+    )
+
+    async def go() -> None:
+        async with AuditTrail(cfg) as t:
+            t.submit_nowait(AuditEvent.session_start("s", SUBJ))
+            t.submit_nowait(AuditEvent.auth_failure(SUBJ, "password authentication failed"))
+            t.submit_nowait(AuditEvent.policy_reload(ok=False, message="line 3: unknown label"))
+            t.alert("canary", "canary customer 999 was read", subject=SUBJ)
+            for i in range(40):
+                t.submit_nowait(stmt(f"SELECT {i}"))
+            await t.submit(AuditEvent.session_end("s", SUBJ, message="client closed"))
+
+    asyncio.run(go())
+
+    async def kinds() -> dict[str, int]:
+        store = q.SQLiteStore(tmp_path / "a.db")
+        rows = await q.search(store, q.Filters(), limit=1000)
+        await store.close()
+        out: dict[str, int] = {}
+        for r in rows:
+            out[r["kind"]] = out.get(r["kind"], 0) + 1
+        return out
+
+    assert asyncio.run(kinds()) == {
+        "session_start": 1, "auth_failure": 1, "policy_reload": 1, "alert": 1,
+        "statement": 40, "session_end": 1, "checkpoint": 1,
+    }  # fmt: skip
+    files = rotated_files(tmp_path / "a.jsonl")
+    assert len(files) > 3 and all(f.stat().st_size <= 4000 for f in files)
+    records = list(read_jsonl(tmp_path / "a.jsonl"))
+    assert [r["seq"] for r in records] == list(range(1, 47))
+    assert verify_chain(records[0]["chain_id"], records).intact

@@ -101,22 +101,33 @@ class JsonlSink:
             lines.append(orjson.dumps(rec, option=orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE))
         async with self._lock:
             try:
-                await asyncio.to_thread(self._write, b"".join(lines))
+                await asyncio.to_thread(self._write, lines)
             except OSError as exc:
                 raise SinkError(
                     f"the JSON lines audit file {self.path} could not be written: {exc}"
                 ) from exc
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, lines: list[bytes]) -> None:
         if self._fh is None:
             raise OSError("the file is not open")
-        if self._size and self._size + len(data) > self.max_bytes:
-            self._rotate()
-        self._fh.write(data)
+        chunk: list[bytes] = []
+        for line in lines:
+            # Rotate between lines, so no file grows past max_bytes (unless one line does).
+            if self._size and self._size + len(line) > self.max_bytes:
+                self._flush(chunk)
+                chunk = []
+                self._rotate()
+            chunk.append(line)
+            self._size += len(line)
+        self._flush(chunk)
+
+    def _flush(self, chunk: list[bytes]) -> None:
+        assert self._fh is not None
+        if chunk:
+            self._fh.write(b"".join(chunk))
         self._fh.flush()
         if self.fsync:
             os.fsync(self._fh.fileno())
-        self._size += len(data)
 
     def _rotate(self) -> None:
         assert self._fh is not None
