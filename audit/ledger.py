@@ -20,6 +20,7 @@ import secrets
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -89,7 +90,7 @@ class RecordHasher:
     and scans; collisions stay out of reach.
     """
 
-    __slots__ = ("_inner", "_outer")
+    __slots__ = ("_inner", "_outer", "_tables")
 
     def __init__(self, key: bytes) -> None:
         if len(key) > 64:
@@ -97,6 +98,20 @@ class RecordHasher:
         key = key.ljust(64, b"\0")
         self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
         self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+        # Per table: its qualified name and the inner state with the message prefix already
+        # absorbed, so a key costs one copy+update less.  Bounded by the number of tables.
+        self._tables: dict[str, tuple[str, Any]] = {}
+
+    def _table(self, table: str) -> tuple[str, Any]:
+        got = self._tables.get(table)
+        if got is None:
+            rel = qualify(table)
+            base = self._inner.copy()
+            base.update(b"k\0" + rel.encode() + b"\0")
+            got = (rel, base)
+            if len(self._tables) < 10_000:
+                self._tables[table] = got
+        return got
 
     def _mac(self, msg: bytes) -> bytes:
         i = self._inner.copy()
@@ -107,24 +122,27 @@ class RecordHasher:
 
     def key(self, table: str, pk: str) -> bytes:
         """The digest of one primary key of ``table``."""
-        return self._mac(b"k\0" + qualify(table).encode() + b"\0" + pk.encode())
+        return next(iter(self._packed_keys(table, (pk,))[1]))
 
     def value(self, label: str, value: str) -> bytes:
         """The digest of one labelled value."""
         return self._mac(b"v\0" + label.encode() + b"\0" + normalise_value(value).encode())
 
     def keys(self, table: str, pks: Iterable[str]) -> list[bytes]:
-        """Digests of many keys of one table (the prefix is encoded once)."""
-        prefix = b"k\0" + qualify(table).encode() + b"\0"
-        inner, outer = self._inner, self._outer
-        out = []
+        """Digests of the distinct keys among ``pks``, in first-seen order."""
+        return list(self._packed_keys(table, pks)[1])
+
+    def _packed_keys(self, table: str, pks: Iterable[str]) -> tuple[str, dict[bytes, None]]:
+        rel, base = self._table(table)
+        outer = self._outer
+        seen: dict[bytes, None] = {}
         for pk in pks:
-            i = inner.copy()
-            i.update(prefix + pk.encode())
+            i = base.copy()
+            i.update(pk.encode())
             o = outer.copy()
             o.update(i.digest())
-            out.append(o.digest()[:DIGEST_SIZE])
-        return out
+            seen[o.digest()[:DIGEST_SIZE]] = None
+        return rel, seen
 
     def entries(
         self,
@@ -136,9 +154,9 @@ class RecordHasher:
         out: list[LedgerGroup] = []
         if keys:
             for table, pks in keys.items():
-                rel = qualify(table)
                 if pks:
-                    out.append((KIND_KEY, rel, b"".join(dict.fromkeys(self.keys(rel, pks)))))
+                    rel, seen = self._packed_keys(table, pks)
+                    out.append((KIND_KEY, rel, b"".join(seen)))
         if values:
             for label, vals in values.items():
                 if vals:

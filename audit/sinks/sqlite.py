@@ -177,7 +177,8 @@ class SQLiteSink:
                 events.append(take(rec))
                 if s.ledger:
                     cid, seq = rec["chain_id"], rec["seq"]
-                    ledger.extend((cid, seq, k, rel, len(p) // 16, p) for k, rel, p in s.ledger)
+                    for k, rel, p in s.ledger:
+                        ledger.append((cid, seq, k, rel, len(p) // 16, p))
         if self._proc is None or self._proc.poll() is not None:
             self._spawn()
         proc = self._proc
