@@ -70,6 +70,7 @@ class PostgresSinkConfig(_Model):
     type: Literal["postgres"] = "postgres"
     dsn: str
     schema_name: str = "pgwarden_audit"
+    timeout_s: float = Field(30.0, gt=0)
 
 
 class JsonlSinkConfig(_Model):
@@ -126,6 +127,12 @@ class AuditConfig(_Model):
     overflow: Literal["block", "raise"] = "block"
     max_batch: int = Field(5_000, gt=0)
     sink_queue_batches: int = Field(32, gt=0)
+    # A sink whose queue stays full this long loses the batch (a gap that verify reports,
+    # and a sink_failure alert) instead of stalling every other sink behind it.
+    sink_stall_s: float = Field(2.0, gt=0)
+    # submit()'s awaitable raises AuditUnavailable if no durable sink confirmed in time, so a
+    # hung store fails labelled reads closed instead of hanging them.
+    durable_timeout_s: float = Field(10.0, gt=0)
     alert_dedup_seconds: float = 60.0
     alert_retries: int = 4
     alert_backoff_s: float = 0.2
@@ -198,6 +205,16 @@ class _Ticket:
                     fut.set_exception(AuditUnavailable(exc_text))
 
 
+def _expire(fut: asyncio.Future[Receipt], timeout: float) -> None:
+    if not fut.done():
+        fut.set_exception(
+            AuditUnavailable(
+                f"no durable audit sink confirmed the event within {timeout} s; the audit "
+                "stores are hung or overloaded"
+            )
+        )
+
+
 class _SinkRunner:
     def __init__(self, sink: Sink, maxsize: int) -> None:
         self.sink = sink
@@ -205,6 +222,7 @@ class _SinkRunner:
         self.task: asyncio.Task[None] | None = None
         self.written = 0
         self.failures = 0
+        self.dropped = 0
 
 
 def _default_chain_id() -> str:
@@ -218,7 +236,11 @@ def build_sinks(config: AuditConfig) -> list[Sink]:
         if isinstance(sc, SQLiteSinkConfig):
             sinks.append(SQLiteSink(sc.path, synchronous=sc.synchronous, name=f"sqlite#{i}"))
         elif isinstance(sc, PostgresSinkConfig):
-            sinks.append(PostgresSink(sc.dsn, schema=sc.schema_name, name=f"postgres#{i}"))
+            sinks.append(
+                PostgresSink(
+                    sc.dsn, schema=sc.schema_name, name=f"postgres#{i}", timeout=sc.timeout_s
+                )
+            )
         else:
             sinks.append(
                 JsonlSink(
@@ -352,6 +374,7 @@ class AuditTrail:
         if self._state != "running":
             fut.set_exception(AuditUnavailable(f"the audit trail is {self._state}, not running"))
             return fut
+        self._arm_timeout(loop, fut)
         try:
             self._queue.put_nowait((event, fut))
         except asyncio.QueueFull:
@@ -361,6 +384,11 @@ class AuditTrail:
             return self._submit_later(event, fut)
         self.submitted += 1
         return fut
+
+    def _arm_timeout(self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[Receipt]) -> None:
+        timeout = self.config.durable_timeout_s
+        handle = loop.call_later(timeout, _expire, fut, timeout)
+        fut.add_done_callback(lambda _f: handle.cancel())
 
     async def _submit_later(self, event: AuditEvent, fut: asyncio.Future[Receipt]) -> Receipt:
         await self._queue.put((event, fut))
@@ -442,6 +470,7 @@ class AuditTrail:
             "ledger_dropped_no_key": self._ledger_dropped,
             "sinks": {
                 r.sink.name: {
+                    "dropped": r.dropped,
                     "written": r.written,
                     "failures": r.failures,
                     "queued_batches": r.queue.qsize(),
@@ -499,7 +528,32 @@ class AuditTrail:
                 continue
             ticket = _Ticket(waiters, self._durable_count, cps)
             for r in self._runners:
-                await r.queue.put((sealed, ticket))
+                try:
+                    r.queue.put_nowait((sealed, ticket))
+                except asyncio.QueueFull:
+                    await self._put_or_drop(r, sealed, ticket)
+
+    async def _put_or_drop(self, r: _SinkRunner, sealed: list[Sealed], ticket: _Ticket) -> None:
+        try:
+            await asyncio.wait_for(r.queue.put((sealed, ticket)), self.config.sink_stall_s)
+        except TimeoutError:
+            r.failures += 1
+            r.dropped += len(sealed)
+            msg = (
+                f"audit sink {r.sink.name} has not kept up for {self.config.sink_stall_s} s; "
+                f"{len(sealed)} events were not written to it"
+            )
+            log.error("audit_sink_stalled", sink=r.sink.name, dropped=len(sealed))
+            self.alerter.send(
+                Alert(
+                    "sink_failure",
+                    msg,
+                    severity="error",
+                    details={"sink": r.sink.name, "dropped": r.dropped},
+                    dedup_key=f"sink_stall\0{r.sink.name}",
+                )
+            )
+            ticket.report(self, r.sink.durable, f"{r.sink.name}: {msg}")
 
     def _seal(
         self, items: list[_Item], force_checkpoint: bool

@@ -7,6 +7,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import orjson
 import psycopg
 import pytest
@@ -199,3 +200,42 @@ def test_any_events_round_trip_through_postgres_and_verify(
 @pytest.fixture(scope="module", autouse=True)
 def _rt_database(pg: Cluster) -> None:
     fresh_db(pg, "audit_rt")
+
+
+def test_a_hung_store_neither_hangs_labelled_reads_nor_stalls_other_sinks(
+    pg: Cluster, tmp_path: Path
+) -> None:
+    url = fresh_db(pg, "audit_hung")
+    ev = AuditEvent.statement_event("s", SUBJ, fingerprint="f", statement="SELECT ?")
+    hung_pg = PostgresSinkConfig(dsn=url, timeout_s=30)
+
+    async def go() -> None:
+        only_pg = AuditTrail(AuditConfig(sinks=[hung_pg], durable_timeout_s=0.5))
+        both = AuditTrail(
+            AuditConfig(
+                sinks=[SQLiteSinkConfig(path=tmp_path / "a.db"), hung_pg],
+                sink_queue_batches=1,
+                sink_stall_s=0.3,
+            )
+        )
+        await only_pg.start()
+        await both.start()
+        # Another session holds a lock on the store's table: COPY waits, as it would on a
+        # store that stopped answering.
+        locker = await asyncpg.connect(url)
+        tx = locker.transaction()
+        await tx.start()
+        await locker.execute("LOCK TABLE pgwarden_audit.events IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(AuditUnavailable, match=r"within 0\.5 s"):
+            await only_pg.submit(ev)
+        # SQLite keeps acknowledging while PostgreSQL is stuck; PostgreSQL loses batches.
+        for _ in range(5):
+            await asyncio.wait_for(both.submit(ev), 5)
+            await asyncio.sleep(0.1)
+        assert both.stats()["sinks"]["postgres#1"]["dropped"] >= 1
+        await tx.rollback()
+        await locker.close()
+        await only_pg.close()
+        await both.close()
+
+    asyncio.run(go())

@@ -91,10 +91,20 @@ class PostgresSink:
 
     durable = True
 
-    def __init__(self, dsn: str, *, schema: str = "pgwarden_audit", name: str = "postgres") -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str = "pgwarden_audit",
+        name: str = "postgres",
+        timeout: float = 30.0,
+    ) -> None:
         if not schema.isidentifier():
             raise ValueError(f"the audit schema name {schema!r} must be a plain identifier")
         self.dsn = dsn
+        # A store that stops answering (a network partition without RST) must fail the batch,
+        # not hold the sink forever.
+        self.timeout = timeout
         self.schema = schema
         self.name = name
         self._conn: Any = None
@@ -142,7 +152,11 @@ class PostgresSink:
             try:
                 async with conn.transaction():
                     await conn.copy_records_to_table(
-                        "events", records=events, columns=COLUMNS, schema_name=self.schema
+                        "events",
+                        records=events,
+                        columns=COLUMNS,
+                        schema_name=self.schema,
+                        timeout=self.timeout,
                     )
                     if ledger:
                         await conn.copy_records_to_table(
@@ -150,8 +164,9 @@ class PostgresSink:
                             records=ledger,
                             columns=_LEDGER_COLUMNS,
                             schema_name=self.schema,
+                            timeout=self.timeout,
                         )
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 # A broken connection is replaced on the next batch.
                 if not conn.is_closed():
                     await conn.close()
