@@ -42,7 +42,7 @@ from audit.alerts import Alert, Alerter, Channel, SyslogChannel, WebhookChannel
 from audit.chain import Chain, checkpoint_message, key_id, load_signing_key
 from audit.events import AuditEvent, EventKind, Record, Subject
 from audit.ledger import LedgerGroup, RecordHasher, ledger_count, ledger_digest, load_key
-from audit.redact import redact_sql
+from audit.redact import redact_message, redact_sql
 from audit.sinks import Sealed, Sink, SinkError
 from audit.sinks.jsonl import JsonlSink
 from audit.sinks.postgres import PostgresSink
@@ -570,6 +570,8 @@ class AuditTrail:
             rec = ev.to_record()
             if rec["statement"]:
                 rec["statement"] = redact_sql(rec["statement"])
+            if rec["message"]:
+                rec["message"] = redact_message(rec["message"])
             if not keep_full:
                 rec["full_text"] = None
             entries: list[LedgerGroup] = []

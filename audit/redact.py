@@ -57,3 +57,30 @@ def redact_sql(text: str) -> str:
     if "@" in out:
         out = _EMAIL.sub(PLACEHOLDER, out)
     return out.strip()
+
+
+# Messages are mostly pgwarden's own sentences ("returned 5000 rows, limit 1000"), whose
+# numbers matter; but a server error passed through can quote data, as PostgreSQL's
+# 'Key (email)=(alice@example.com) already exists' does.  So: quoted text, the value part
+# of "(...)=(...)", anything after PASSWORD, and e-mail addresses.
+_MESSAGE = re.compile(
+    r"(?P<password>\bPASSWORD\b.*)|(?P<string>'(?:[^']|'')*(?:'|\Z))|(?P<value>=\((?:[^()]|\([^()]*\))*\))",
+    re.IGNORECASE | re.DOTALL,
+)
+
+
+def _replace_message(m: re.Match[str]) -> str:
+    kind = m.lastgroup
+    if kind == "password":
+        return "PASSWORD " + PLACEHOLDER
+    if kind == "value":
+        return "=(" + PLACEHOLDER + ")"
+    return PLACEHOLDER
+
+
+def redact_message(text: str) -> str:
+    """Scrub data a message may quote (see above) while keeping its numbers."""
+    out = _MESSAGE.sub(_replace_message, text.replace("\x00", ""))
+    if "@" in out:
+        out = _EMAIL.sub(PLACEHOLDER, out)
+    return out

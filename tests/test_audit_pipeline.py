@@ -122,6 +122,16 @@ def test_no_literal_reaches_any_sink(tmp_path: Path) -> None:
             for s in statements:
                 # full_text is dropped unless store_full_text is configured
                 await t.submit(stmt(s, full_text=s))
+            # a server error passed through quotes the data it tripped over
+            await t.submit(
+                stmt(
+                    "INSERT INTO customers (email) VALUES ($1)",
+                    sqlstate="23505",
+                    message='duplicate key value violates unique constraint "customers_email_key": '
+                    "Key (email)=(alice@example.com) already exists.",
+                )
+            )
+            await t.submit(stmt("SELECT 1", message="returned 5000 rows, limit is 1000"))
 
     asyncio.run(go())
     conn = sqlite3.connect(tmp_path / "a.db")
@@ -132,6 +142,8 @@ def test_no_literal_reaches_any_sink(tmp_path: Path) -> None:
         for blob in blobs:
             assert secret not in blob
     assert "SELECT * FROM customers WHERE email = ?" in blobs[1]
+    assert "Key (email)=(?) already exists" in blobs[1]
+    assert "returned 5000 rows, limit is 1000" in blobs[1]
 
 
 def test_a_restarted_writer_continues_its_chain(tmp_path: Path) -> None:
