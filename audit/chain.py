@@ -130,16 +130,22 @@ class Chain:
 
     def seal(self, record: Record) -> Record:
         """Give ``record`` its place in the chain (mutates and returns it)."""
+        self.seal_canonical(record)
+        return record
+
+    def seal_canonical(self, record: Record) -> bytes:
+        """Like :meth:`seal`, returning the canonical bytes that were hashed."""
         self.seq += 1
         record["chain_id"] = self.chain_id
         record["seq"] = self.seq
         record["prev_hash"] = self.head
         # Same bytes as canonical(): the hash field is absent while hashing.
         record.pop("hash", None)
-        h = hashlib.sha256(orjson.dumps(record, option=orjson.OPT_SORT_KEYS)).hexdigest()
+        canon = orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
+        h = hashlib.sha256(canon).hexdigest()
         record["hash"] = h
         self.head = h
-        return record
+        return canon
 
 
 # --- verifying ------------------------------------------------------------------------------

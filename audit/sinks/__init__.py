@@ -26,6 +26,9 @@ class Sealed:
 
     record: Record
     ledger: list[LedgerGroup]
+    # The canonical JSON the hash was computed over (every field but "hash"), so a sink that
+    # needs the event serialised anyway need not serialise it again.
+    canonical: bytes = b""
 
 
 @runtime_checkable

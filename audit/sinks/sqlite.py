@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import operator
 import pickle
 import queue
 import sqlite3
@@ -23,10 +22,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from audit.sinks import Sealed, SinkError
-from audit.sinks.sqlite_writer import _ORDER, INSERT_EVENT, INSERT_LEDGER, SCHEMA
+import orjson
 
-_TAKE = operator.itemgetter(*_ORDER)
+from audit.sinks import Sealed, SinkError
+from audit.sinks.sqlite_writer import INSERT_EVENT, INSERT_LEDGER, SCHEMA
 
 __all__ = ["INSERT_EVENT", "INSERT_LEDGER", "SCHEMA", "SQLiteSink", "connect"]
 
@@ -167,14 +166,17 @@ class SQLiteSink:
         self._discard_proc(graceful=True)
 
     def _commit(self, work: list[tuple[Sequence[Sealed], Any]]) -> None:
-        # Raw values go over the pipe; the child does the JSON encoding on its own core.
-        take = _TAKE
-        events = []
+        # The canonical JSON (already made for the hash) goes over the pipe; the child turns
+        # it into a row on its own core.
+        events: list[tuple[bytes, str]] = []
         ledger: list[tuple[Any, ...]] = []
         for batch, _fut in work:
             for s in batch:
                 rec = s.record
-                events.append(take(rec))
+                canon = s.canonical or orjson.dumps(
+                    {k: v for k, v in rec.items() if k != "hash"}, option=orjson.OPT_SORT_KEYS
+                )
+                events.append((canon, rec["hash"]))
                 if s.ledger:
                     cid, seq = rec["chain_id"], rec["seq"]
                     for k, rel, p in s.ledger:

@@ -3,7 +3,7 @@
     python -m audit.sinks.sqlite_writer PATH SYNCHRONOUS
 
 Frames on stdin: 4-byte big-endian length, then a pickle of ``(events, ledger)``: events as
-tuples in ``_ORDER`` with lists and details still Python values, ledger as
+``(canonical JSON without hash, hash)`` pairs, ledger as
 ``(chain_id, seq, kind, relation, n, packed digests)`` rows.
 For each frame it runs one transaction and answers a frame on stdout: ``ok`` once COMMIT
 has returned, or the error text.  It answers ``ok`` once at start-up when the schema exists.
@@ -94,6 +94,17 @@ def _json_sorted(v: object) -> str | None:
     return None if v is None else orjson.dumps(v, option=orjson.OPT_SORT_KEYS).decode()
 
 
+def _row(d: dict[str, object], h: str) -> tuple[object, ...]:
+    d["hash"] = h
+    return (
+        *[d[c] for c in _PLAIN],
+        _json(d["relations"]),
+        _json(d["labels"]),
+        _json(d["rule_ids"]),
+        _json_sorted(d["details"]),
+    )
+
+
 def _send(out: IO[bytes], msg: bytes) -> None:
     out.write(_HDR.pack(len(msg)) + msg)
     out.flush()
@@ -123,12 +134,7 @@ def main(argv: list[str]) -> int:
         if len(payload) < n:
             break
         events, ledger = pickle.loads(payload)
-        n_plain = len(_PLAIN)
-        rows = [
-            (*e[:n_plain], _json(e[n_plain]), _json(e[n_plain + 1]), _json(e[n_plain + 2]),
-             _json_sorted(e[n_plain + 3]))
-            for e in events
-        ]  # fmt: skip
+        rows = [_row(orjson.loads(canon), h) for canon, h in events]
         try:
             conn.execute("BEGIN")
             conn.executemany(INSERT_EVENT, rows)
