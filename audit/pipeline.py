@@ -326,14 +326,40 @@ class AuditTrail:
         """Open every sink and continue this writer's chain where the stores left it."""
         if self._state != "new":
             raise RuntimeError("an AuditTrail can be started once")
+        started: list[Sink] = []
+        failed: list[tuple[Sink, Exception]] = []
         for s in self.sinks:
-            await s.start()
-        heads = [
-            h for s in self.sinks if s.durable for h in [await s.head(self.chain.chain_id)] if h
-        ]
+            try:
+                await s.start()
+                started.append(s)
+            except (SinkError, OSError) as exc:
+                failed.append((s, exc))
+        if not any(s.durable for s in started):
+            for s in started:
+                with contextlib.suppress(SinkError, OSError):
+                    await s.close()
+            reasons = "; ".join(f"{s.name}: {why}" for s, why in failed)
+            raise AuditUnavailable(f"no durable audit sink could be opened: {reasons}")
+        if failed and self.config.chain_id:
+            # A store we cannot see may hold a later head of this chain; continuing from the
+            # stores we can see would fork the chain there.  Start a fresh chain instead.
+            self.chain.chain_id = f"{self.config.chain_id}~{int(time.time())}"
+        heads = [h for s in started if s.durable for h in [await s.head(self.chain.chain_id)] if h]
         if heads:
             self.chain.seq, self.chain.head = max(heads)
         await self.alerter.start()
+        for s, why in failed:
+            # The sink stays configured: each batch retries it (PostgreSQL reconnects).
+            log.error("audit_sink_unavailable_at_start", sink=s.name, error=str(why))
+            self.alerter.send(
+                Alert(
+                    "sink_failure",
+                    f"audit sink {s.name} could not be opened: {why}",
+                    severity="error",
+                    details={"sink": s.name},
+                    dedup_key=f"sink_failure\0{s.name}",
+                )
+            )
         for r in self._runners:
             r.task = asyncio.create_task(self._run_sink(r), name=f"pgwarden-audit-{r.sink.name}")
         self._dispatcher = asyncio.create_task(self._dispatch(), name="pgwarden-audit-dispatch")

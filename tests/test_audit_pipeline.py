@@ -79,7 +79,7 @@ def test_bounded_queue_raises_when_full(tmp_path: Path) -> None:
                 t.submit_nowait(stmt())
             with pytest.raises(AuditQueueFull):
                 await t.submit(stmt())
-            assert t._queue.qsize() == 3
+            assert t.queued() == 3
 
     asyncio.run(go())
 
@@ -91,7 +91,7 @@ def test_bounded_queue_blocks_producers_until_there_is_room(tmp_path: Path) -> N
         )
         async with AuditTrail(cfg) as t:
             waits = [t.submit(stmt()) for _ in range(40)]
-            assert t._queue.qsize() <= 4
+            assert t.queued() <= 4
             receipts = await asyncio.gather(*waits)
             assert sorted(r.seq for r in receipts) == list(range(1, 41))
 

@@ -239,3 +239,31 @@ def test_a_hung_store_neither_hangs_labelled_reads_nor_stalls_other_sinks(
         await both.close()
 
     asyncio.run(go())
+
+
+def test_a_store_down_at_start_up_is_picked_up_when_it_appears(pg: Cluster, tmp_path: Path) -> None:
+    pg.psql("DROP DATABASE IF EXISTS audit_late WITH (FORCE)", database="postgres")
+    url = pg.url(database="audit_late")
+    ev = AuditEvent.statement_event("s", SUBJ, fingerprint="f", statement="SELECT ?")
+
+    async def go() -> None:
+        cfg = AuditConfig(
+            sinks=[SQLiteSinkConfig(path=tmp_path / "a.db"), PostgresSinkConfig(dsn=url)],
+            chain_id="late",
+        )
+        async with AuditTrail(cfg) as t:
+            # the store's database does not exist yet: SQLite alone acknowledges
+            assert (await t.submit(ev)).seq == 1
+            # a fresh chain, so the unseen store cannot hold a fork of "late"
+            assert t.chain_id.startswith("late~")
+            pg.psql("CREATE DATABASE audit_late", database="postgres")
+            for _ in range(3):
+                await t.submit(ev)
+            await asyncio.sleep(0.1)
+        store = await q.PostgresStore.connect(url)
+        rows = await store.fetch("SELECT seq FROM {events} ORDER BY seq")
+        await store.close()
+        # events from before the store appeared are missing there, later ones arrived
+        assert [r["seq"] for r in rows][-3:] == [3, 4, 5]
+
+    asyncio.run(go())

@@ -108,6 +108,7 @@ class PostgresSink:
         self.schema = schema
         self.name = name
         self._conn: Any = None
+        self._ready = False  # tables known to exist (a store down at start-up is set up later)
         self._lock = asyncio.Lock()
 
     async def _connect(self) -> Any:
@@ -119,6 +120,9 @@ class PostgresSink:
         return self._conn
 
     async def start(self) -> None:
+        await self._ensure_schema()
+
+    async def _ensure_schema(self) -> None:
         conn = await self._connect()
         try:
             # Several pgwarden processes start at once; CREATE ... IF NOT EXISTS is not safe
@@ -130,6 +134,7 @@ class PostgresSink:
             raise SinkError(
                 f"cannot create the audit tables in the PostgreSQL store: {exc}"
             ) from exc
+        self._ready = True
 
     async def head(self, chain_id: str) -> tuple[int, str] | None:
         conn = await self._connect()
@@ -142,6 +147,8 @@ class PostgresSink:
 
     async def write(self, batch: Sequence[Sealed]) -> None:
         async with self._lock:
+            if not self._ready:
+                await self._ensure_schema()
             conn = await self._connect()
             events = [_row(s.record) for s in batch]
             ledger = [
