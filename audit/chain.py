@@ -134,17 +134,20 @@ class Chain:
         return record
 
     def seal_canonical(self, record: Record) -> bytes:
-        """Like :meth:`seal`, returning the canonical bytes that were hashed."""
-        self.seq += 1
+        """Like :meth:`seal`, returning the canonical bytes that were hashed.
+
+        If the record cannot be serialised (``TypeError``), the chain does not advance.
+        """
+        seq = self.seq + 1
         record["chain_id"] = self.chain_id
-        record["seq"] = self.seq
+        record["seq"] = seq
         record["prev_hash"] = self.head
         # Same bytes as canonical(): the hash field is absent while hashing.
         record.pop("hash", None)
         canon = orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
         h = hashlib.sha256(canon).hexdigest()
         record["hash"] = h
-        self.head = h
+        self.seq, self.head = seq, h
         return canon
 
 

@@ -126,7 +126,8 @@ class RecordHasher:
 
     def value(self, label: str, value: str) -> bytes:
         """The digest of one labelled value."""
-        return self._mac(b"v\0" + label.encode() + b"\0" + normalise_value(value).encode())
+        norm = normalise_value(value).encode("utf-8", "surrogateescape")
+        return self._mac(b"v\0" + label.encode() + b"\0" + norm)
 
     def keys(self, table: str, pks: Iterable[str]) -> list[bytes]:
         """Digests of the distinct keys among ``pks``, in first-seen order."""
@@ -138,7 +139,7 @@ class RecordHasher:
         seen: dict[bytes, None] = {}
         for pk in pks:
             i = base.copy()
-            i.update(pk.encode())
+            i.update(pk.encode("utf-8", "surrogateescape"))
             o = outer.copy()
             o.update(i.digest())
             seen[o.digest()[:DIGEST_SIZE]] = None

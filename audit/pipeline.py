@@ -206,6 +206,23 @@ class _Ticket:
                     fut.set_exception(AuditUnavailable(exc_text))
 
 
+def _fail(fut: asyncio.Future[Receipt], message: str) -> None:
+    if not fut.done():
+        fut.set_exception(AuditUnavailable(message))
+
+
+def _sanitised(v: Any) -> Any:
+    if isinstance(v, str):
+        return v.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(v, dict):
+        return {str(_sanitised(k)): _sanitised(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_sanitised(x) for x in v]
+    if v is None or isinstance(v, bool | int | float):
+        return v
+    return _sanitised(str(v))
+
+
 def _expire(fut: asyncio.Future[Receipt], timeout: float) -> None:
     if not fut.done():
         fut.set_exception(
@@ -314,6 +331,7 @@ class AuditTrail:
         self._last_checkpoint = time.monotonic()
         self._state = "new"
         self._ledger_dropped = 0
+        self.rejected = 0
         self.submitted = 0
 
     @property
@@ -603,28 +621,18 @@ class AuditTrail:
         waiters: list[tuple[asyncio.Future[Receipt], Receipt]] = []
         cps: list[dict[str, Any]] = []
         for ev, fut in items:
-            rec = ev.to_record()
-            if rec["statement"]:
-                rec["statement"] = redact_sql(rec["statement"])
-            if rec["message"]:
-                rec["message"] = redact_message(rec["message"])
-            if not keep_full:
-                rec["full_text"] = None
-            entries: list[LedgerGroup] = []
-            if ev.ledger_keys or ev.ledger_values:
-                if hasher is None:
-                    if not self._ledger_dropped:
-                        log.warning(
-                            "audit_ledger_dropped",
-                            reason="events carry ledger keys but audit.ledger_key is not set",
-                        )
-                    self._ledger_dropped += 1
-                else:
-                    entries = hasher.entries(ev.ledger_keys, ev.ledger_values)
-                if entries:
-                    rec["ledger_count"] = ledger_count(entries)
-                    rec["ledger_digest"] = ledger_digest(entries)
-            canon = chain.seal_canonical(rec)
+            try:
+                rec, entries, canon = self._seal_one(ev, hasher, keep_full)
+            except (TypeError, ValueError) as exc:
+                # One unserialisable event (a detail that is not JSON) must not take the
+                # batch down with it.
+                self.rejected += 1
+                log.error("audit_event_rejected", kind=str(ev.kind), error=repr(exc))
+                if fut is not None:
+                    fut.get_loop().call_soon_threadsafe(
+                        _fail, fut, f"the audit event could not be serialised: {exc}"
+                    )
+                continue
             out.append(Sealed(rec, entries, canon))
             if fut is not None:
                 waiters.append((fut, Receipt(chain.chain_id, rec["seq"], rec["hash"])))
@@ -634,6 +642,42 @@ class AuditTrail:
         if force_checkpoint and self._since_checkpoint:
             cps.append(self._checkpoint(out))
         return out, waiters, cps
+
+    def _seal_one(
+        self, ev: AuditEvent, hasher: RecordHasher | None, keep_full: bool
+    ) -> tuple[Record, list[LedgerGroup], bytes]:
+        rec = ev.to_record()
+        try:
+            return self._seal_record(ev, rec, hasher, keep_full)
+        except TypeError:
+            # Text the client sent in an encoding we decoded with surrogateescape, or a
+            # detail value orjson does not know: store a faithful, escaped rendering.
+            return self._seal_record(ev, _sanitised(ev.to_record()), hasher, keep_full)
+
+    def _seal_record(
+        self, ev: AuditEvent, rec: Record, hasher: RecordHasher | None, keep_full: bool
+    ) -> tuple[Record, list[LedgerGroup], bytes]:
+        if rec["statement"]:
+            rec["statement"] = redact_sql(rec["statement"])
+        if rec["message"]:
+            rec["message"] = redact_message(rec["message"])
+        if not keep_full:
+            rec["full_text"] = None
+        entries: list[LedgerGroup] = []
+        if ev.ledger_keys or ev.ledger_values:
+            if hasher is None:
+                if not self._ledger_dropped:
+                    log.warning(
+                        "audit_ledger_dropped",
+                        reason="events carry ledger keys but audit.ledger_key is not set",
+                    )
+                self._ledger_dropped += 1
+            else:
+                entries = hasher.entries(ev.ledger_keys, ev.ledger_values)
+            if entries:
+                rec["ledger_count"] = ledger_count(entries)
+                rec["ledger_digest"] = ledger_digest(entries)
+        return rec, entries, self.chain.seal_canonical(rec)
 
     def _checkpoint(self, out: list[Sealed]) -> dict[str, Any]:
         chain = self.chain

@@ -272,3 +272,40 @@ def test_every_event_kind_is_stored_and_jsonl_rotates(tmp_path: Path) -> None:
     records = list(read_jsonl(tmp_path / "a.jsonl"))
     assert [r["seq"] for r in records] == list(range(1, 47))
     assert verify_chain(records[0]["chain_id"], records).intact
+
+
+def test_odd_text_and_details_are_stored_escaped_without_breaking_the_chain(tmp_path: Path) -> None:
+    from audit import query as q
+
+    class Opaque:
+        def __str__(self) -> str:
+            return "opaque"
+
+    async def go() -> list[object]:
+        cfg = AuditConfig(sinks=[SQLiteSinkConfig(path=tmp_path / "a.db")])
+        async with AuditTrail(cfg) as t:
+            return list(
+                await asyncio.gather(
+                    t.submit(stmt("SELECT 1")),
+                    # bytes the client sent in another encoding, decoded with surrogateescape
+                    t.submit(stmt(b"SELECT caf\xe9".decode("utf-8", "surrogateescape"))),
+                    t.submit(AuditEvent.alert("x", "y", details={"obj": Opaque(), 7: "seven"})),
+                    t.submit(stmt("SELECT 2")),
+                    return_exceptions=True,
+                )
+            )
+
+    results = asyncio.run(go())
+    assert [getattr(r, "seq", None) for r in results] == [1, 2, 3, 4]
+
+    async def check() -> tuple[bool, list[q.Row]]:
+        store = q.SQLiteStore(tmp_path / "a.db")
+        (rep,) = await q.verify(store)
+        rows = await q.search(store, q.Filters())
+        await store.close()
+        return rep.intact, rows
+
+    intact, rows = asyncio.run(check())
+    assert intact
+    assert rows[1]["statement"] == "SELECT caf\\udce9"
+    assert rows[2]["details"] == {"obj": "opaque", "7": "seven"}
