@@ -229,6 +229,188 @@ def _signature_ok(
     return True
 
 
+class ChainVerifier:
+    """Checks one chain fed row by row in storage order (rowid / id / file order).
+
+    Memory stays small per event (its hash, and a little more for events out of place), so
+    a responder can verify a store with tens of millions of events.  Problems come back
+    sorted by ``seq``: the first one is the earliest damage.
+    """
+
+    def __init__(
+        self,
+        chain_id: str,
+        *,
+        public_key: Ed25519PublicKey | None = None,
+        ledger_digests: Mapping[int, str] | None = None,
+    ) -> None:
+        self.chain_id = chain_id
+        self.public_key = public_key
+        self.ledger_digests = ledger_digests
+        self.rep = ChainReport(chain_id)
+        self.problems: list[Problem] = []
+        self.hashes: dict[int, str] = {}
+        # prev_hash of events whose predecessor has not been seen yet
+        self._pending_links: dict[int, str] = {}
+        # checkpoints naming an event not seen yet: seq -> (hash, checkpoint seq)
+        self._pending_claims: dict[int, tuple[str, int]] = {}
+        self._gaps: list[tuple[int, int]] = []  # seq ranges skipped when first passed
+        self._max = 0
+        self._reordered = False
+        self._ledger_seen: set[int] = set()
+
+    def _problem(self, seq: int, kind: str, message: str) -> None:
+        self.problems.append(Problem(self.chain_id, seq, kind, message))
+
+    def feed(self, raw: Mapping[str, Any]) -> None:
+        """One stored row of this chain."""
+        rec = normalise_record(raw)
+        seq = int(rec["seq"])
+        rep = self.rep
+        rep.events += 1
+        if seq in self.hashes:
+            self._problem(seq, "duplicated", f"event {seq} is stored twice")
+            return
+        h = rec["hash"]
+        if record_hash(rec) != h:
+            self._problem(
+                seq, "edited", f"event {seq} was edited: its contents no longer match its hash"
+            )
+        self.hashes[seq] = h
+        if rep.first_seq is None or seq < rep.first_seq:
+            rep.first_seq = seq
+        # Ordering and gaps.
+        if seq < self._max:
+            if not self._reordered:
+                self._reordered = True
+                self._problem(
+                    seq,
+                    "reordered",
+                    f"event {seq} is stored after event {self._max}: events were moved out "
+                    "of order",
+                )
+        elif seq > self._max + 1:
+            self._gaps.append((self._max + 1, seq - 1))
+        self._max = max(self._max, seq)
+        # The link to the predecessor, now or when it shows up.
+        if seq == 1:
+            if rec["prev_hash"] != GENESIS:
+                self._forged(seq)
+        elif seq - 1 in self.hashes:
+            if rec["prev_hash"] != self.hashes[seq - 1]:
+                self._forged(seq)
+        else:
+            self._pending_links[seq] = rec["prev_hash"]
+        nxt = self._pending_links.pop(seq + 1, None)
+        if nxt is not None and nxt != h:
+            self._forged(seq + 1)
+        # The ledger rows of this event.
+        if self.ledger_digests is not None:
+            want = rec.get("ledger_digest") if rec.get("ledger_count") else None
+            self._ledger_seen.add(seq)
+            if self.ledger_digests.get(seq) != want:
+                self._problem(
+                    seq,
+                    "ledger_edited",
+                    f"the record-ledger rows of event {seq} were added, removed or edited",
+                )
+        # Checkpoints.
+        claim = self._pending_claims.pop(seq, None)
+        if claim is not None and claim[0] != h:
+            self._checkpoint_mismatch(seq, claim[1])
+        if rec["kind"] == "checkpoint":
+            d = rec.get("details") or {}
+            rep.checkpoints += 1
+            cseq, chash = int(d.get("seq", 0)), str(d.get("hash", ""))
+            rep.last_checkpoint_seq = cseq
+            if not _signature_ok(
+                self.public_key, self.chain_id, cseq, chash, str(d.get("signature", ""))
+            ):
+                self._problem(
+                    seq, "bad_signature", f"checkpoint event {seq} has an invalid signature"
+                )
+            elif cseq in self.hashes:
+                if self.hashes[cseq] != chash:
+                    self._checkpoint_mismatch(cseq, seq)
+            else:
+                self._pending_claims[cseq] = (chash, seq)
+
+    def _forged(self, seq: int) -> None:
+        self._problem(
+            seq,
+            "forged_link",
+            f"event {seq} does not follow event {seq - 1}: its predecessor hash is wrong",
+        )
+
+    def _checkpoint_mismatch(self, seq: int, cp_seq: int) -> None:
+        self._problem(
+            seq,
+            "edited",
+            f"event {seq} differs from what checkpoint {cp_seq} signed: the chain up to it was "
+            "rewritten",
+        )
+
+    def _unseen(self, a: int, b: int) -> list[tuple[int, int]]:
+        """Sub-ranges of [a, b] with no stored event."""
+        if b - a + 1 <= len(self.hashes) * 4:
+            present = [s for s in range(a, b + 1) if s in self.hashes]
+        else:
+            present = sorted(s for s in self.hashes if a <= s <= b)
+        out, start = [], a
+        for s in present:
+            if s > start:
+                out.append((start, s - 1))
+            start = s + 1
+        if start <= b:
+            out.append((start, b))
+        return out
+
+    def finish(self, external: Iterable[ExternalCheckpoint] = ()) -> ChainReport:
+        """The report, after every row was fed."""
+        rep = self.rep
+        rep.last_seq = self._max or None
+        for a, b in self._gaps:
+            for x, y in self._unseen(a, b):
+                gap = f"{x}" if x == y else f"{x}..{y}"
+                self._problem(
+                    x, "deleted", f"events {gap} are missing (deleted) before event {y + 1}"
+                )
+        if self.ledger_digests is not None:
+            for seq in self.ledger_digests:
+                if seq not in self._ledger_seen:
+                    self._problem(
+                        seq, "ledger_edited", f"ledger rows name event {seq}, which is not stored"
+                    )
+        last = self._max
+        for cp in external:
+            if cp.chain_id != self.chain_id:
+                continue
+            if not _signature_ok(self.public_key, self.chain_id, cp.seq, cp.hash, cp.signature):
+                self._problem(
+                    cp.seq,
+                    "bad_signature",
+                    f"external checkpoint for event {cp.seq} has an invalid signature",
+                )
+            elif cp.seq > last:
+                if last == 0:
+                    msg = f"chain {self.chain_id} has signed checkpoints but no events at all"
+                else:
+                    msg = (
+                        f"the trail ends at event {last} but a signed checkpoint vouches for "
+                        f"event {cp.seq}: events {last + 1}..{cp.seq} were cut off"
+                    )
+                self._problem(last + 1, "truncated", msg)
+            elif cp.seq in self.hashes and self.hashes[cp.seq] != cp.hash:
+                self._problem(
+                    cp.seq,
+                    "edited",
+                    f"event {cp.seq} differs from what a signed checkpoint vouched for",
+                )
+        self.problems.sort(key=lambda p: p.seq)
+        rep.problems = self.problems
+        return rep
+
+
 def verify_chain(
     chain_id: str,
     rows: Iterable[Mapping[str, Any]],
@@ -237,150 +419,12 @@ def verify_chain(
     external: Iterable[ExternalCheckpoint] = (),
     ledger_digests: Mapping[int, str] | None = None,
 ) -> ChainReport:
-    """Check one chain whose rows are given in storage order (rowid / id / file order).
+    """Check one chain whose rows are given in storage order (see :class:`ChainVerifier`).
 
     ``ledger_digests`` maps seq -> digest recomputed from the ledger rows, when the store has
     a ledger; events whose ``ledger_digest`` disagrees were tampered with through the ledger.
-    Problems are returned sorted by ``seq``, so the first one is the earliest damage.
     """
-    rep = ChainReport(chain_id)
-    by_seq: dict[int, Record] = {}
-    storage_order: list[int] = []
-    problems: list[Problem] = []
+    v = ChainVerifier(chain_id, public_key=public_key, ledger_digests=ledger_digests)
     for raw in rows:
-        rec = normalise_record(raw)
-        seq = int(rec["seq"])
-        rep.events += 1
-        if seq in by_seq:
-            problems.append(Problem(chain_id, seq, "duplicated", f"event {seq} is stored twice"))
-            continue
-        by_seq[seq] = rec
-        storage_order.append(seq)
-        if record_hash(rec) != rec["hash"]:
-            problems.append(
-                Problem(
-                    chain_id,
-                    seq,
-                    "edited",
-                    f"event {seq} was edited: its contents no longer match its hash",
-                )
-            )
-    if not by_seq:
-        rep.problems = problems
-        return rep
-
-    # Reordering: hashes still match but storage order disagrees with seq order.
-    prev = 0
-    for seq in storage_order:
-        if seq < prev:
-            problems.append(
-                Problem(
-                    chain_id,
-                    seq,
-                    "reordered",
-                    f"event {seq} is stored after event {prev}: events were moved out of order",
-                )
-            )
-            break
-        prev = seq
-
-    seqs = sorted(by_seq)
-    rep.first_seq, rep.last_seq = seqs[0], seqs[-1]
-    expected, head = 1, GENESIS
-    for seq in seqs:
-        rec = by_seq[seq]
-        if seq != expected:
-            gap = f"{expected}" if seq - expected == 1 else f"{expected}..{seq - 1}"
-            problems.append(
-                Problem(
-                    chain_id,
-                    expected,
-                    "deleted",
-                    f"events {gap} are missing (deleted) before event {seq}",
-                )
-            )
-        elif rec["prev_hash"] != head:
-            problems.append(
-                Problem(
-                    chain_id,
-                    seq,
-                    "forged_link",
-                    f"event {seq} does not follow event {seq - 1}: its predecessor hash is wrong",
-                )
-            )
-        expected, head = seq + 1, rec["hash"]
-        if ledger_digests is not None:
-            want = rec.get("ledger_digest") if rec.get("ledger_count") else None
-            if ledger_digests.get(seq) != want:
-                problems.append(
-                    Problem(
-                        chain_id,
-                        seq,
-                        "ledger_edited",
-                        f"the record-ledger rows of event {seq} were added, removed or edited",
-                    )
-                )
-        if rec["kind"] == "checkpoint":
-            d = rec.get("details") or {}
-            rep.checkpoints += 1
-            cseq, chash, sig = (
-                int(d.get("seq", 0)),
-                str(d.get("hash", "")),
-                str(d.get("signature", "")),
-            )
-            rep.last_checkpoint_seq = cseq
-            if not _signature_ok(public_key, chain_id, cseq, chash, sig):
-                problems.append(
-                    Problem(
-                        chain_id,
-                        seq,
-                        "bad_signature",
-                        f"checkpoint event {seq} has an invalid signature",
-                    )
-                )
-            elif cseq in by_seq and by_seq[cseq]["hash"] != chash:
-                problems.append(
-                    Problem(
-                        chain_id,
-                        cseq,
-                        "edited",
-                        f"event {cseq} differs from what checkpoint {seq} signed: the chain "
-                        "up to it was rewritten",
-                    )
-                )
-
-    last = seqs[-1]
-    for cp in external:
-        if cp.chain_id != chain_id:
-            continue
-        if not _signature_ok(public_key, chain_id, cp.seq, cp.hash, cp.signature):
-            problems.append(
-                Problem(
-                    chain_id,
-                    cp.seq,
-                    "bad_signature",
-                    f"external checkpoint for event {cp.seq} has an invalid signature",
-                )
-            )
-        elif cp.seq > last:
-            problems.append(
-                Problem(
-                    chain_id,
-                    last + 1,
-                    "truncated",
-                    f"the trail ends at event {last} but a signed checkpoint vouches for event "
-                    f"{cp.seq}: events {last + 1}..{cp.seq} were cut off",
-                )
-            )
-        elif cp.seq in by_seq and by_seq[cp.seq]["hash"] != cp.hash:
-            problems.append(
-                Problem(
-                    chain_id,
-                    cp.seq,
-                    "edited",
-                    f"event {cp.seq} differs from what a signed checkpoint vouched for",
-                )
-            )
-    problems.sort(key=lambda p: p.seq)
-    rep.problems = problems
-    return rep
+        v.feed(raw)
+    return v.finish(external)

@@ -176,10 +176,16 @@ def ledger_digest(groups: Iterable[LedgerGroup]) -> str:
     in the chained event so that ledger rows cannot be added, removed or edited without
     ``verify`` noticing."""
     h = hashlib.sha256()
-    for kind, rel, packed in groups:
-        h.update(kind.encode() + b"\0" + rel.encode() + b"\0" + struct.pack(">Q", len(packed)))
-        h.update(packed)
+    for g in groups:
+        ledger_update(h, g)
     return h.hexdigest()
+
+
+def ledger_update(h: Any, group: LedgerGroup) -> None:
+    """Feed one ledger row into a running :func:`ledger_digest` (for streaming verify)."""
+    kind, rel, packed = group
+    h.update(kind.encode() + b"\0" + rel.encode() + b"\0" + struct.pack(">Q", len(packed)))
+    h.update(packed)
 
 
 def ledger_count(groups: Iterable[LedgerGroup]) -> int:

@@ -8,6 +8,7 @@ snippet table in :class:`Dialect`.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -18,13 +19,13 @@ from typing import Any, Protocol
 
 import orjson
 
-from audit.chain import ChainReport, ExternalCheckpoint, verify_chain
+from audit.chain import ChainReport, ChainVerifier, ExternalCheckpoint
 from audit.events import COLUMNS, normalise_record, ts_of
 from audit.ledger import (
     KIND_KEY,
     KIND_VALUE,
     RecordHasher,
-    ledger_digest,
+    ledger_update,
     pk_text,
     qualify,
     split,
@@ -434,26 +435,22 @@ async def verify(
         chains = [c for c in chains if c == chain_id]
     reports = []
     for cid in chains:
-        rows = await store.fetch(
-            f"SELECT {_EVENT_COLS} FROM {{events}} e WHERE e.chain_id = ? ORDER BY e.id", cid
-        )
-        groups: dict[int, list[tuple[str, str, bytes]]] = {}
+        # Ledger first: an incremental hash per event, never the digests themselves.
+        states: dict[int, Any] = {}
         async for lr in store.stream(
             "SELECT seq, kind, relation, digests FROM {ledger} WHERE chain_id = ? ORDER BY id", cid
         ):
-            groups.setdefault(int(lr["seq"]), []).append(
-                (lr["kind"], lr["relation"], bytes(lr["digests"]))
-            )
-        digests = {seq: ledger_digest(gs) for seq, gs in groups.items()}
-        rep = verify_chain(cid, rows, public_key=public_key, external=ext, ledger_digests=digests)
-        if not rows and any(cp.chain_id == cid for cp in ext):
-            from audit.chain import Problem
-
-            rep.problems.append(
-                Problem(
-                    cid, 1, "truncated", f"chain {cid} has signed checkpoints but no events at all"
-                )
-            )
+            st = states.get(int(lr["seq"]))
+            if st is None:
+                st = states[int(lr["seq"])] = hashlib.sha256()
+            ledger_update(st, (lr["kind"], lr["relation"], bytes(lr["digests"])))
+        digests = {seq: st.hexdigest() for seq, st in states.items()}
+        v = ChainVerifier(cid, public_key=public_key, ledger_digests=digests)
+        async for row in store.stream(
+            f"SELECT {_EVENT_COLS} FROM {{events}} e WHERE e.chain_id = ? ORDER BY e.id", cid
+        ):
+            v.feed(row)
+        rep = v.finish(ext)
         reports.append(rep)
     return reports
 

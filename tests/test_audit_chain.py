@@ -140,7 +140,11 @@ def test_truncation_is_caught_by_signed_checkpoints_sent_out_of_band(
     db: Path, trail_dir: Path
 ) -> None:
     _sql(db, "DELETE FROM events WHERE seq > 15")
-    # the store alone looks like a shorter, intact chain ...
+    # ledger rows left behind give the cut away even without outside help ...
+    (alone,) = _verify(db, trail_dir, external=False)
+    assert [p.kind for p in alone.problems][:1] == ["ledger_edited"]
+    # ... so a careful insider removes them too, and the store alone looks intact ...
+    _sql(db, "DELETE FROM ledger WHERE seq > 15")
     (alone,) = _verify(db, trail_dir, external=False)
     assert alone.intact
     # ... the checkpoints delivered elsewhere show what was cut off
@@ -305,3 +309,27 @@ def test_any_events_round_trip_through_sqlite_and_jsonl_and_verify(
     assert all(record_hash(r) == r["hash"] for r in jl)
     assert jl[0]["prev_hash"] == GENESIS
     shutil.rmtree(d)
+
+
+def _memory_chain(n: int) -> list[dict[str, object]]:
+    chain = Chain("mem")
+    return [chain.seal(e.to_record()) for e in _events(n)]
+
+
+def test_verifier_handles_absurd_sequence_numbers_quickly() -> None:
+    rows = _memory_chain(2000)
+    rows[1000] = dict(rows[1000], seq=10**15)  # edited (hash breaks) and a vast gap
+    rep = verify_chain("mem", rows)
+    kinds = {(p.kind, p.seq) for p in rep.problems}
+    assert ("deleted", 1001) in kinds and ("edited", 10**15) in kinds
+
+
+def test_verifier_keeps_only_hashes_in_memory() -> None:
+    from audit.chain import ChainVerifier
+
+    v = ChainVerifier("mem")
+    for row in _memory_chain(3000):
+        v.feed(row)
+    assert v.finish().intact
+    # per event: its hash; nothing else accumulates for an intact chain
+    assert len(v.hashes) == 3000 and not v._pending_links and not v._gaps
