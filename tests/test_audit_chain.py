@@ -15,7 +15,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from audit import query as q
-from audit.chain import GENESIS, Chain, generate_signing_key, load_public_key, record_hash
+from audit.chain import (
+    GENESIS,
+    Chain,
+    generate_signing_key,
+    load_public_key,
+    record_hash,
+    verify_chain,
+)
 from audit.cli import audit_group
 from audit.events import AuditEvent, Subject
 from audit.pipeline import AuditConfig, AuditTrail, JsonlSinkConfig, SQLiteSinkConfig
