@@ -211,17 +211,22 @@ def verify_cmd(
         return await q.verify(store, public_key=pub, external=ext, chain_id=chain_id)
 
     if jsonl is not None:
-        from audit.chain import verify_chain
+        from audit.chain import ChainVerifier
         from audit.sinks.jsonl import read_jsonl
 
-        by_chain: dict[str, list[dict[str, Any]]] = {}
+        # One pass over the files, one streaming verifier per chain.
+        verifiers: dict[str, ChainVerifier] = {}
         for rec in read_jsonl(jsonl):
-            by_chain.setdefault(str(rec.get("chain_id")), []).append(rec)
-        reports = [
-            verify_chain(c, rows, public_key=pub, external=ext)
-            for c, rows in by_chain.items()
-            if chain_id is None or c == chain_id
-        ]
+            cid = str(rec.get("chain_id"))
+            if chain_id is not None and cid != chain_id:
+                continue
+            if cid not in verifiers:
+                verifiers[cid] = ChainVerifier(cid, public_key=pub)
+            verifiers[cid].feed(rec)
+        for cp in ext:
+            if cp.chain_id not in verifiers and (chain_id is None or cp.chain_id == chain_id):
+                verifiers[cp.chain_id] = ChainVerifier(cp.chain_id, public_key=pub)
+        reports = [v.finish(ext) for v in verifiers.values()]
     else:
         reports = _run(_with_store(db, dsn, schema, go))
     ok = all(r.intact for r in reports)
