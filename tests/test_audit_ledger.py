@@ -9,8 +9,10 @@ from pathlib import Path
 import psycopg
 import pytest
 from audit_scenario import EXPECTED_DISTINCT, seed
+from click.testing import CliRunner
 
 from audit import query as q
+from audit.cli import audit_group
 from audit.ledger import RecordHasher, load_key, pk_text
 from loadtests.cluster import Cluster
 
@@ -121,5 +123,18 @@ def test_records_seen_resolves_digests_back_to_keys(seeded: Path, pg: Cluster) -
     res = asyncio.run(go())
     assert res.resolved == 150
     assert sorted(int(r["key"]) for r in res.records) == list(range(1, 151))
+
+    # the same through the command line, exported as the notification list
+    out = seeded / "mallory.csv"
+    cli = CliRunner().invoke(
+        audit_group,
+        ["records-seen", "--db", str(seeded / "audit.db"), "--ledger-key",
+         str(seeded / "ledger.key"), "--end-user", "mallory", "--table", "customers",
+         "--resolve-dsn", pg.url(database=db), "--out", str(out)],
+    )  # fmt: skip
+    assert cli.exit_code == 0, cli.output
+    assert "5000 distinct record(s)" in cli.output and "5000 resolved" in cli.output
+    keys = sorted(int(line.split(",")[1]) for line in out.read_text().splitlines()[1:])
+    assert keys == list(range(1, 5001))
     # composite keys are spelled as a JSON array of texts on both sides
     assert pk_text([1, "x,y"]) == '["1","x,y"]'
