@@ -13,6 +13,7 @@ End of stdin (the parent closed it, or died) ends the process.
 from __future__ import annotations
 
 import pickle
+import signal
 import sqlite3
 import struct
 import sys
@@ -113,6 +114,10 @@ def _send(out: IO[bytes], msg: bytes) -> None:
 def main(argv: list[str]) -> int:
     """Serve write requests until stdin closes."""
     path, synchronous = argv[1], argv[2]
+    # Ctrl-C and a service manager's SIGTERM reach the whole process group; the parent then
+    # flushes its last batches through us, so we stay until it closes our stdin.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     try:
         conn = sqlite3.connect(path, isolation_level=None)
