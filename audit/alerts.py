@@ -94,6 +94,7 @@ class WebhookChannel:
         *,
         timeout: float = 5.0,
         headers: Mapping[str, str] | None = None,
+        ca_file: str | None = None,
         name: str = "webhook",
     ) -> None:
         parts = urlsplit(url)
@@ -106,20 +107,27 @@ class WebhookChannel:
         self._host = parts.hostname
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
         self._tls = parts.scheme == "https"
+        # An internal CA for the alert endpoint; the system's trust store otherwise.
+        self._ssl = ssl.create_default_context(cafile=ca_file) if self._tls else None
         self._target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
     async def deliver(self, alert: Alert) -> None:
         body = orjson.dumps(alert.as_dict())
         try:
             await asyncio.wait_for(self._post(body), self.timeout)
-        except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
+        except (
+            OSError,
+            TimeoutError,
+            asyncio.IncompleteReadError,
+            ValueError,
+            ssl.SSLError,
+        ) as exc:
             raise AlertDeliveryError(
                 f"webhook {self.url} did not accept the alert: {exc!r}"
             ) from exc
 
     async def _post(self, body: bytes) -> None:
-        ctx = ssl.create_default_context() if self._tls else None
-        reader, writer = await asyncio.open_connection(self._host, self._port, ssl=ctx)
+        reader, writer = await asyncio.open_connection(self._host, self._port, ssl=self._ssl)
         try:
             head = [
                 f"POST {self._target} HTTP/1.1",

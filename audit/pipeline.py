@@ -89,6 +89,7 @@ class WebhookConfig(_Model):
     url: str
     timeout: float = 5.0
     headers: dict[str, str] = Field(default_factory=dict)
+    ca_file: Path | None = None
 
 
 class SyslogConfig(_Model):
@@ -279,7 +280,13 @@ def build_channels(config: AuditConfig) -> list[Channel]:
     for i, ac in enumerate(config.alerts):
         if isinstance(ac, WebhookConfig):
             out.append(
-                WebhookChannel(ac.url, timeout=ac.timeout, headers=ac.headers, name=f"webhook#{i}")
+                WebhookChannel(
+                    ac.url,
+                    timeout=ac.timeout,
+                    headers=ac.headers,
+                    ca_file=str(ac.ca_file) if ac.ca_file else None,
+                    name=f"webhook#{i}",
+                )
             )
         else:
             out.append(

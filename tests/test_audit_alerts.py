@@ -187,3 +187,37 @@ def test_trail_sends_alerts_and_signed_checkpoints_to_the_webhook(tmp_path: Path
     pub.verify(
         bytes.fromhex(cp["signature"]), checkpoint_message(cp["chain_id"], cp["seq"], cp["hash"])
     )
+
+
+def test_webhook_over_https_with_an_internal_ca(tmp_path: Path) -> None:
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(server_ctx)
+
+    async def go() -> tuple[Receiver, dict[str, int]]:
+        rx = Receiver()
+        rx.server = await asyncio.start_server(rx.handle, "127.0.0.1", 0, ssl=server_ctx)
+        port = rx.server.sockets[0].getsockname()[1]
+        url = f"https://127.0.0.1:{port}/hook"
+        good = Alerter([WebhookChannel(url, ca_file=str(tmp_path / "ca.pem"), name="good")])
+        # without the CA the certificate is refused, and that counts as a failed delivery
+        bad = Alerter([WebhookChannel(url, name="bad")], retries=0)
+        await good.start()
+        await bad.start()
+        good.send(Alert("block", "over TLS"))
+        bad.send(Alert("block", "over TLS, unverified"))
+        await rx.wait_for(1)
+        await good.close()
+        await bad.close()
+        rx.server.close()
+        return rx, bad.stats()["bad"]
+
+    rx, bad_stats = asyncio.run(go())
+    assert [b["message"] for b in rx.bodies] == ["over TLS"]
+    assert bad_stats["failed"] == 1
