@@ -293,9 +293,12 @@ class AuditEvent:
     def to_record(self) -> Record:
         """The flat row (chain fields empty), with every value in its canonical type.
 
-        Types are forced here (``int`` rows, ``float`` duration, lists not tuples) because the
-        hash covers the JSON form: ``5`` and ``5.0`` hash differently, and a store would hand
-        back the column's type.
+        Types are forced here (``int`` rows, ``float`` duration) because the hash covers the
+        JSON form: ``5`` and ``5.0`` hash differently, and a store would hand back the
+        column's type.  Arrays are tuples (the same JSON as lists): a record holding only
+        strings, numbers and tuples of strings is dropped from the garbage collector's
+        tracking after its first young collection, so a backlog of queued records does not
+        make every full collection slower.
         """
         s = self.subject
         # Keys in sorted order: the chain hashes sorted-key JSON, and a dict that is already
@@ -314,14 +317,14 @@ class AuditEvent:
             "full_text": self.full_text,
             "hash": None,
             "kind": str(self.kind),
-            "labels": list(self.labels) if self.labels is not None else None,
+            "labels": tuple(self.labels) if self.labels is not None else None,
             "ledger_count": None,
             "ledger_digest": None,
             "message": self.message,
             "prev_hash": None,
-            "relations": list(self.relations) if self.relations is not None else None,
+            "relations": tuple(self.relations) if self.relations is not None else None,
             "rows": int(self.rows) if self.rows is not None else None,
-            "rule_ids": list(self.rule_ids) if self.rule_ids is not None else None,
+            "rule_ids": tuple(self.rule_ids) if self.rule_ids is not None else None,
             "seq": None,
             "session_id": self.session_id,
             "severity": self.severity,

@@ -149,9 +149,10 @@ class RecordHasher:
         self,
         keys: Mapping[str, Sequence[str]] | None,
         values: Mapping[str, Sequence[str]] | None,
-    ) -> list[LedgerGroup]:
+    ) -> tuple[LedgerGroup, ...]:
         """Ledger groups for one statement: per table (or label) the packed digests of the
-        distinct keys (or values), in first-seen order."""
+        distinct keys (or values), in first-seen order.  A tuple, which the garbage collector
+        can stop tracking, as it holds only strings and bytes."""
         out: list[LedgerGroup] = []
         if keys:
             for table, pks in keys.items():
@@ -163,7 +164,7 @@ class RecordHasher:
                 if vals:
                     digests = dict.fromkeys(self.value(label, v) for v in vals)
                     out.append((KIND_VALUE, label, b"".join(digests)))
-        return out
+        return tuple(out)
 
 
 def split(packed: bytes) -> list[bytes]:

@@ -125,10 +125,13 @@ class AuditConfig(_Model):
     checkpoint_file: Path | None = None
     ledger_key: Path | None = None
     store_full_text: bool = False
-    queue_size: int = Field(50_000, gt=0)
+    # Events in flight are bounded by queue_size + max_batch * (sink_queue_batches + 1).
+    queue_size: int = Field(10_000, gt=0)
     overflow: Literal["block", "raise"] = "block"
-    max_batch: int = Field(5_000, gt=0)
-    sink_queue_batches: int = Field(32, gt=0)
+    max_batch: int = Field(2_000, gt=0)
+    # A sink writes all its queued batches in one transaction, so a short queue costs no
+    # group-commit efficiency; a long one only holds more records in memory.
+    sink_queue_batches: int = Field(4, gt=0)
     # A sink whose queue stays full this long loses the batch (a gap that verify reports,
     # and a sink_failure alert) instead of stalling every other sink behind it.
     sink_stall_s: float = Field(2.0, gt=0)
@@ -652,7 +655,7 @@ class AuditTrail:
 
     def _seal_one(
         self, ev: AuditEvent, hasher: RecordHasher | None, keep_full: bool
-    ) -> tuple[Record, list[LedgerGroup], bytes]:
+    ) -> tuple[Record, tuple[LedgerGroup, ...], bytes]:
         rec = ev.to_record()
         try:
             return self._seal_record(ev, rec, hasher, keep_full)
@@ -663,14 +666,14 @@ class AuditTrail:
 
     def _seal_record(
         self, ev: AuditEvent, rec: Record, hasher: RecordHasher | None, keep_full: bool
-    ) -> tuple[Record, list[LedgerGroup], bytes]:
+    ) -> tuple[Record, tuple[LedgerGroup, ...], bytes]:
         if rec["statement"]:
             rec["statement"] = redact_sql(rec["statement"])
         if rec["message"]:
             rec["message"] = redact_message(rec["message"])
         if not keep_full:
             rec["full_text"] = None
-        entries: list[LedgerGroup] = []
+        entries: tuple[LedgerGroup, ...] = ()
         if ev.ledger_keys or ev.ledger_values:
             if hasher is None:
                 if not self._ledger_dropped:
@@ -709,7 +712,7 @@ class AuditTrail:
         )
         rec: Record = ev.to_record()
         canon = chain.seal_canonical(rec)
-        out.append(Sealed(rec, [], canon))
+        out.append(Sealed(rec, (), canon))
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
         if self.config.checkpoint_file is not None:

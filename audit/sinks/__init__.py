@@ -25,7 +25,7 @@ class Sealed:
     """One chained event and its ledger entries, ready to store."""
 
     record: Record
-    ledger: list[LedgerGroup]
+    ledger: tuple[LedgerGroup, ...]
     # The canonical JSON the hash was computed over (every field but "hash"), so a sink that
     # needs the event serialised anyway need not serialise it again.
     canonical: bytes = b""
