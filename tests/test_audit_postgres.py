@@ -267,3 +267,19 @@ def test_a_store_down_at_start_up_is_picked_up_when_it_appears(pg: Cluster, tmp_
         assert [r["seq"] for r in rows][-3:] == [3, 4, 5]
 
     asyncio.run(go())
+
+
+def test_no_literal_reaches_the_postgresql_store(seeded: tuple[Path, str], pg: Cluster) -> None:
+    # The scenario's blocked COPY carried 'carol@example.com' and alice's ledger the same
+    # address as a labelled value; neither may appear anywhere in the store.
+    with psycopg.connect(pg.dsn(database="audit_store")) as conn:
+        dump = conn.execute(
+            "SELECT string_agg(t::text, E'\\n') FROM pgwarden_audit.events t"
+        ).fetchone()
+        ledger = conn.execute(
+            "SELECT string_agg(encode(digests, 'escape'), '') FROM pgwarden_audit.ledger"
+        ).fetchone()
+    assert dump is not None and ledger is not None
+    assert "carol" not in dump[0].lower()
+    assert "WHERE email = ?" in dump[0]
+    assert "carol" not in ledger[0].lower()
