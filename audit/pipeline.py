@@ -18,7 +18,9 @@ labelled read closed.
 
 Backpressure: when sinks are slow the sink queues fill, the dispatcher waits, the main queue
 fills, and ``submit`` either waits for room (``overflow="block"``) or fails at once
-(``overflow="raise"``).  Nothing grows without bound.
+(``overflow="raise"``).  Nothing grows without bound.  A sink that stays stuck for
+``sink_stall_s`` loses batches (alerted; ``verify`` on that store shows the gap) rather than
+stalling the others, and ``submit``'s awaitable gives up after ``durable_timeout_s``.
 """
 
 from __future__ import annotations
