@@ -1,10 +1,582 @@
-"""``pgwarden audit ...``: the incident responder's commands."""
+"""``pgwarden audit ...``: the incident responder's commands.
+
+Every query command reads either the SQLite store (``--db PATH``) or the central PostgreSQL
+store (``--dsn DSN``), prints a table, or JSON with ``--json``.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import csv
+import functools
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
 import click
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+from audit import query as q
+from audit.chain import SigningKeyError, generate_signing_key, load_public_key
+from audit.ledger import LedgerKeyError, RecordHasher, generate_key_file, load_key
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _console() -> Console:
+    # Piped output (a file, a ticket, a test) gets wide lines instead of words folded over
+    # several rows; a terminal keeps its own width.
+    return Console(width=None if sys.stdout.isatty() else 200)
+
+
+def _run(coro: Awaitable[Any]) -> Any:
+    try:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+    except (q.QueryError, LedgerKeyError, SigningKeyError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def store_options(fn: F) -> F:
+    """--db / --dsn / --schema / --json on every query command."""
+    fn = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(fn)
+    fn = click.option(
+        "--schema",
+        default="pgwarden_audit",
+        show_default=True,
+        help="Schema of the PostgreSQL store.",
+    )(fn)
+    fn = click.option("--dsn", default=None, help="DSN of the PostgreSQL audit store.")(fn)
+    fn = click.option(
+        "--db",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help="SQLite audit database.",
+    )(fn)
+    return fn
+
+
+def filter_options(fn: F) -> F:
+    """The filters shared by search, sessions and export."""
+    for opt in reversed(
+        [
+            click.option("--user", "db_user", help="Database user."),
+            click.option("--end-user", help="End user named by the application."),
+            click.option("--application", help="application_name."),
+            click.option("--client", "client_addr", help="Client address."),
+            click.option("--since", help="ISO time or age (24h, 7d)."),
+            click.option("--until", help="ISO time or age."),
+            click.option("--relation", help="Table or view (schema.table; public. assumed)."),
+            click.option("--label", help="Label such as pii.email."),
+            click.option("--verdict", help="allow, block, limit, mask, ..."),
+            click.option(
+                "--min-rows", type=int, help="Only statements returning at least this many rows."
+            ),
+            click.option("--session", "session_id", help="Session id."),
+            click.option("--kind", "kinds", multiple=True, help="Event kind (repeatable)."),
+        ]
+    ):
+        fn = opt(fn)
+    return fn
+
+
+def _filters(kw: dict[str, Any]) -> q.Filters:
+    return q.Filters(
+        db_user=kw.pop("db_user", None),
+        end_user=kw.pop("end_user", None),
+        application=kw.pop("application", None),
+        client_addr=kw.pop("client_addr", None),
+        since=_time(kw.pop("since", None)),
+        until=_time(kw.pop("until", None)),
+        relation=kw.pop("relation", None),
+        label=kw.pop("label", None),
+        verdict=kw.pop("verdict", None),
+        min_rows=kw.pop("min_rows", None),
+        session_id=kw.pop("session_id", None),
+        kinds=tuple(kw.pop("kinds", ()) or ()),
+    )
+
+
+def _time(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        return q.parse_time(text)
+    except q.QueryError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+async def _with_store(
+    db: Path | None, dsn: str | None, schema: str, fn: Callable[[q.Store], Awaitable[Any]]
+) -> Any:
+    store = await q.open_store(db, dsn, schema)
+    try:
+        return await fn(store)
+    finally:
+        await store.close()
+
+
+def _emit(
+    rows: Sequence[dict[str, Any]], cols: Sequence[str], as_json: bool, title: str | None = None
+) -> None:
+    if as_json:
+        sys.stdout.buffer.write(orjson.dumps(list(rows), option=orjson.OPT_INDENT_2) + b"\n")
+        return
+    table = Table(title=title)
+    for c in cols:
+        table.add_column(c, overflow="fold")
+    for r in rows:
+        table.add_row(*[_cell(r.get(c)) for c in cols])
+    _console().print(table)
+    if not rows:
+        _console().print("[dim]no matching events[/dim]")
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, list):
+        return ", ".join(map(str, v))
+    return str(v)
 
 
 @click.group("audit")
 def audit_group() -> None:
     """Query and verify the audit trail."""
+
+
+# --- keys ------------------------------------------------------------------------------------
+
+
+@audit_group.command("keygen")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Key file to create.",
+)
+@click.option(
+    "--hmac",
+    "hmac_key",
+    is_flag=True,
+    help="Make a record-ledger HMAC key instead of a signing key.",
+)
+def keygen(out: Path, hmac_key: bool) -> None:
+    """Create a checkpoint signing key (Ed25519, plus OUT.pub) or a ledger HMAC key."""
+    try:
+        if hmac_key:
+            generate_key_file(out)
+            click.echo(f"wrote ledger HMAC key {out} (mode 600); set audit.ledger_key to it")
+        else:
+            pub = generate_signing_key(out)
+            click.echo(f"wrote signing key {out} (mode 600) and public key {pub}")
+            click.echo("give the public key to whoever runs `pgwarden audit verify --public-key`")
+    except FileExistsError as exc:
+        raise click.ClickException(f"{out} already exists; refusing to overwrite a key") from exc
+
+
+# --- verify ----------------------------------------------------------------------------------
+
+
+@audit_group.command("verify")
+@store_options
+@click.option(
+    "--jsonl",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Verify a JSON lines trail instead.",
+)
+@click.option(
+    "--public-key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Checks checkpoint signatures.",
+)
+@click.option(
+    "--checkpoints",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Checkpoints received out of band (JSON lines): detects truncation.",
+)
+@click.option("--chain", "chain_id", help="Only this chain id.")
+def verify_cmd(
+    db: Path | None, dsn: str | None, schema: str, as_json: bool, jsonl: Path | None,
+    public_key: Path | None, checkpoints: Path | None, chain_id: str | None,
+) -> None:  # fmt: skip
+    """Check the hash chain: report the first edited, deleted, reordered or missing event."""
+    pub = load_public_key(public_key) if public_key else None
+    ext = q.read_checkpoints(checkpoints) if checkpoints else []
+
+    async def go(store: q.Store) -> list[Any]:
+        return await q.verify(store, public_key=pub, external=ext, chain_id=chain_id)
+
+    if jsonl is not None:
+        from audit.chain import ChainVerifier
+        from audit.sinks.jsonl import read_jsonl
+
+        # One pass over the files, one streaming verifier per chain.
+        verifiers: dict[str, ChainVerifier] = {}
+        for rec in read_jsonl(jsonl):
+            cid = str(rec.get("chain_id"))
+            if chain_id is not None and cid != chain_id:
+                continue
+            if cid not in verifiers:
+                verifiers[cid] = ChainVerifier(cid, public_key=pub)
+            verifiers[cid].feed(rec)
+        for cp in ext:
+            if cp.chain_id not in verifiers and (chain_id is None or cp.chain_id == chain_id):
+                verifiers[cp.chain_id] = ChainVerifier(cp.chain_id, public_key=pub)
+        reports = [v.finish(ext) for v in verifiers.values()]
+    else:
+        reports = _run(_with_store(db, dsn, schema, go))
+    ok = all(r.intact for r in reports)
+    if as_json:
+        sys.stdout.buffer.write(
+            orjson.dumps(
+                {"intact": ok, "chains": [r.as_dict() for r in reports]}, option=orjson.OPT_INDENT_2
+            )
+            + b"\n"
+        )
+    else:
+        if not reports:
+            _console().print("the trail holds no events")
+        for r in reports:
+            if r.intact:
+                _console().print(
+                    f"[green]chain {r.chain_id}: intact[/green] — {r.events} events "
+                    f"({r.first_seq}..{r.last_seq}), {r.checkpoints} checkpoints"
+                )
+            else:
+                first = r.problems[0]
+                _console().print(f"[red]chain {r.chain_id}: {first.kind}[/red] — {first.message}")
+                if len(r.problems) > 1:
+                    _console().print(
+                        f"  and {len(r.problems) - 1} more problem(s); --json lists them all"
+                    )
+        if pub is None:
+            _console().print(
+                "[yellow]no --public-key: checkpoint signatures were not checked[/yellow]"
+            )
+    sys.exit(0 if ok else 1)
+
+
+# --- queries ---------------------------------------------------------------------------------
+
+_SEARCH_COLS = [
+    "ts",
+    "kind",
+    "end_user",
+    "db_user",
+    "client_addr",
+    "statement",
+    "labels",
+    "rows",
+    "verdict",
+    "rule_ids",
+]
+
+
+@audit_group.command("search")
+@store_options
+@filter_options
+@click.option("--limit", default=200, show_default=True)
+def search_cmd(
+    db: Path | None, dsn: str | None, schema: str, as_json: bool, limit: int, **kw: Any
+) -> None:
+    """Find events by person, application, client, time, relation, label, verdict, rows."""
+    f = _filters(kw)
+    rows = _run(_with_store(db, dsn, schema, lambda s: q.search(s, f, limit)))
+    _emit(rows, _SEARCH_COLS, as_json, "audit events")
+
+
+@audit_group.command("sessions")
+@store_options
+@filter_options
+@click.option("--limit", default=200, show_default=True)
+def sessions_cmd(
+    db: Path | None, dsn: str | None, schema: str, as_json: bool, limit: int, **kw: Any
+) -> None:
+    """One line per session: who, from where, when, labelled rows, blocks."""
+    f = _filters(kw)
+    rows = _run(_with_store(db, dsn, schema, lambda s: q.sessions(s, f, limit)))
+    cols = [
+        "session_id",
+        "started",
+        "last_seen",
+        "end_user",
+        "db_user",
+        "application",
+        "client_addr",
+        "statements",
+        "labelled_rows",
+        "blocks",
+    ]
+    _emit(rows, cols, as_json, "sessions")
+
+
+@audit_group.command("timeline")
+@store_options
+@click.option("--end-user", required=True)
+@click.option("--since")
+@click.option("--until")
+def timeline_cmd(
+    db: Path | None,
+    dsn: str | None,
+    schema: str,
+    as_json: bool,
+    end_user: str,
+    since: str | None,
+    until: str | None,
+) -> None:
+    """Per hour for one person: statements, labelled rows, blocks."""
+    rows = _run(
+        _with_store(db, dsn, schema, lambda s: q.timeline(s, end_user, _time(since), _time(until)))
+    )
+    _emit(
+        rows,
+        ["hour", "statements", "labelled_rows", "blocks", "sessions"],
+        as_json,
+        f"timeline of {end_user}",
+    )
+
+
+@audit_group.command("top")
+@store_options
+@click.option("--since")
+@click.option("--until")
+@click.option("--limit", default=20, show_default=True)
+def top_cmd(
+    db: Path | None,
+    dsn: str | None,
+    schema: str,
+    as_json: bool,
+    since: str | None,
+    until: str | None,
+    limit: int,
+) -> None:
+    """Who read the most labelled records in a window."""
+    rows = _run(_with_store(db, dsn, schema, lambda s: q.top(s, _time(since), _time(until), limit)))
+    _emit(
+        rows,
+        ["person", "labelled_rows", "distinct_records", "statements", "blocks", "sessions"],
+        as_json,
+        "top readers of labelled data",
+    )
+
+
+@audit_group.command("export")
+@store_options
+@filter_options
+@click.option(
+    "--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True
+)
+@click.option(
+    "--out", type=click.Path(dir_okay=False, path_type=Path), help="File to write (default stdout)."
+)
+def export_cmd(
+    db: Path | None,
+    dsn: str | None,
+    schema: str,
+    as_json: bool,
+    fmt: str,
+    out: Path | None,
+    **kw: Any,
+) -> None:
+    """Export matching events for a SIEM (JSON lines or CSV, all columns)."""
+    f = _filters(kw)
+
+    async def go(store: q.Store) -> int:
+        fh = open(out, "w", newline="") if out else sys.stdout  # noqa: SIM115
+        n = 0
+        try:
+            from audit.events import COLUMNS
+
+            writer = csv.DictWriter(fh, fieldnames=list(COLUMNS)) if fmt == "csv" else None
+            if writer:
+                writer.writeheader()
+            async for row in q.export(store, f):
+                n += 1
+                if writer:
+                    writer.writerow(
+                        {
+                            k: (orjson.dumps(v).decode() if isinstance(v, list | dict) else v)
+                            for k, v in row.items()
+                        }
+                    )
+                else:
+                    fh.write(orjson.dumps(row, option=orjson.OPT_SORT_KEYS).decode() + "\n")
+        finally:
+            if out:
+                fh.close()
+        return n
+
+    n = _run(_with_store(db, dsn, schema, go))
+    if out:
+        click.echo(f"exported {n} events to {out}", err=True)
+
+
+@audit_group.command("report")
+@store_options
+@click.option("--html", "html_out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--since")
+@click.option("--until")
+def report_cmd(
+    db: Path | None,
+    dsn: str | None,
+    schema: str,
+    as_json: bool,
+    html_out: Path,
+    since: str | None,
+    until: str | None,
+) -> None:
+    """Write a self-contained HTML report: labelled rows per person, blocked statements."""
+    from audit.report import render_html
+
+    s_t, u_t = _time(since), _time(until)
+
+    async def go(store: q.Store) -> str:
+        points = await q.labelled_rows_by_person_hour(store, s_t, u_t)
+        top_rows = await q.top(store, s_t, u_t, 20)
+        blocked_rows = await q.blocked(store, q.Filters(since=s_t, until=u_t))
+        reports = await q.verify(store)
+        bad = [r for r in reports if not r.intact]
+        summary = (
+            f"{len(reports)} chain(s) intact (signatures not checked here; run verify --public-key)"
+            if not bad
+            else "; ".join(f"{r.chain_id}: {r.problems[0].message}" for r in bad)
+        )
+        window = f"{since or 'beginning'} to {until or 'now'}"
+        return render_html(
+            title="pgwarden audit report",
+            window=window,
+            plot_points=points,
+            top_rows=top_rows,
+            blocked_rows=blocked_rows,
+            verify_summary=summary,
+        )
+
+    html = _run(_with_store(db, dsn, schema, go))
+    html_out.write_text(html)
+    if as_json:
+        click.echo(orjson.dumps({"written": str(html_out)}).decode())
+    else:
+        click.echo(f"wrote {html_out}")
+
+
+# --- the record ledger -----------------------------------------------------------------------
+
+
+def ledger_key_option(fn: F) -> F:
+    return click.option(
+        "--ledger-key",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        required=True,
+        help="The HMAC key file the proxy's audit.ledger_key names.",
+    )(fn)
+
+
+@audit_group.command("who-saw")
+@store_options
+@ledger_key_option
+@click.option("--table", help="Labelled table (schema.table; public. assumed).")
+@click.option("--key", help="Primary key as text (composite keys: a JSON array of texts).")
+@click.option("--value", help="A labelled value, e.g. an e-mail address.")
+@click.option("--label", help="Label of --value (default: every label in the ledger).")
+@click.option("--since")
+@click.option("--until")
+def who_saw_cmd(
+    db: Path | None, dsn: str | None, schema: str, as_json: bool, ledger_key: Path,
+    table: str | None, key: str | None, value: str | None, label: str | None,
+    since: str | None, until: str | None,
+) -> None:  # fmt: skip
+    """Which sessions and people received a given record (or labelled value)."""
+    hasher = RecordHasher(load_key(ledger_key))
+    rows = _run(
+        _with_store(
+            db, dsn, schema,
+            functools.partial(
+                q.who_saw, hasher=hasher, table=table, key=key, value=value, label=label,
+                since=_time(since), until=_time(until),
+            ),
+        )
+    )  # fmt: skip
+    _emit(
+        rows,
+        [
+            "ts",
+            "end_user",
+            "db_user",
+            "client_addr",
+            "application",
+            "session_id",
+            "statement",
+            "rows",
+        ],
+        as_json,
+        "who saw it",
+    )
+    if not as_json:
+        people = sorted({str(r.get("end_user") or r.get("db_user")) for r in rows})
+        n_sessions = len({r["session_id"] for r in rows})
+        _console().print(
+            f"{len(rows)} statement(s) in {n_sessions} session(s) by: "
+            f"{', '.join(people) or 'nobody'}"
+        )
+
+
+@audit_group.command("records-seen")
+@store_options
+@ledger_key_option
+@click.option("--end-user", required=True)
+@click.option("--table", required=True)
+@click.option("--since")
+@click.option("--until")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the list (CSV: digest, key, first_seen, last_seen, times).",
+)
+@click.option(
+    "--resolve-dsn",
+    help="DSN of the monitored database: hash its keys to turn digests back into keys.",
+)
+def records_seen_cmd(
+    db: Path | None, dsn: str | None, schema: str, as_json: bool, ledger_key: Path,
+    end_user: str, table: str, since: str | None, until: str | None, out: Path | None,
+    resolve_dsn: str | None,
+) -> None:  # fmt: skip
+    """Count and export the distinct records one person received: the notification list."""
+    hasher = RecordHasher(load_key(ledger_key))
+
+    async def go(store: q.Store) -> q.RecordsSeen:
+        res = await q.records_seen(
+            store, end_user=end_user, table=table, since=_time(since), until=_time(until)
+        )
+        if resolve_dsn:
+            res = await q.resolve_keys(res, hasher, resolve_dsn)
+        return res
+
+    res = _run(_with_store(db, dsn, schema, go))
+    if out:
+        with open(out, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["digest", "key", "first_seen", "last_seen", "times"])
+            for r in res.records:
+                w.writerow(
+                    [r["digest"], r.get("key", ""), r["first_seen"], r["last_seen"], r["times"]]
+                )
+    if as_json:
+        sys.stdout.buffer.write(orjson.dumps(res.as_dict(), option=orjson.OPT_INDENT_2) + b"\n")
+        return
+    _console().print(
+        f"{end_user} received {len(res.records)} distinct record(s) of {res.table}"
+        + (f"; {res.resolved} resolved to keys" if resolve_dsn else "")
+    )
+    if out:
+        _console().print(f"list written to {out}")
+    else:
+        _emit(res.records[:50], ["digest", "key", "first_seen", "last_seen", "times"], False)
+        if len(res.records) > 50:
+            _console().print(
+                f"[dim]... {len(res.records) - 50} more; use --out FILE or --json[/dim]"
+            )

@@ -1,0 +1,634 @@
+"""The incident-responder queries behind ``pgwarden audit ...``.
+
+The same questions run against the SQLite store and the PostgreSQL store: the SQL is written
+once with ``?`` placeholders and ``{events}`` / ``{ledger}`` table names, and the few places the
+two dialects differ (JSON arrays vs ``text[]``, text vs ``timestamptz`` time) are the small
+snippet table in :class:`Dialect`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Protocol
+
+import orjson
+
+from audit.chain import ChainReport, ChainVerifier, ExternalCheckpoint
+from audit.events import COLUMNS, normalise_record, ts_of
+from audit.ledger import (
+    KIND_KEY,
+    KIND_VALUE,
+    RecordHasher,
+    ledger_update,
+    pk_text,
+    qualify,
+    split,
+)
+
+Row = dict[str, Any]
+
+
+class QueryError(RuntimeError):
+    """A question could not be answered; the message says why."""
+
+
+# --- time ------------------------------------------------------------------------------------
+
+_REL = re.compile(r"^(\d+)\s*([smhdw])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_time(text: str, *, now: datetime | None = None) -> datetime:
+    """``2026-11-29T05:00``, ``2026-11-29`` (UTC when no zone is given) or ``24h`` / ``7d``
+    (that long ago)."""
+    m = _REL.match(text.strip())
+    if m:
+        return (now or datetime.now(UTC)) - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+    try:
+        dt = datetime.fromisoformat(text.strip())
+    except ValueError as exc:
+        raise QueryError(
+            f"cannot read the time {text!r}: use ISO-8601 (2026-11-29T05:00) or an age like 24h, 7d"
+        ) from exc
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+# --- stores ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    name: str
+    hour: str
+    labelled: str
+    has_relation: str
+    has_label: str
+    # True when the packed digests of ledger row l hold the digest parameter at a 16-byte
+    # boundary (a misaligned match would straddle two digests).
+    holds_digest: str
+
+
+SQLITE = Dialect(
+    name="sqlite",
+    hour="substr(e.ts, 1, 13)",
+    labelled="(e.labels IS NOT NULL AND e.labels <> '[]')",
+    has_relation="EXISTS (SELECT 1 FROM json_each(e.relations) WHERE value = ?)",
+    has_label="EXISTS (SELECT 1 FROM json_each(e.labels) WHERE value = ?)",
+    holds_digest="instr(l.digests, ?) % 16 = 1",
+)
+POSTGRES = Dialect(
+    name="postgres",
+    hour="to_char(e.ts AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24')",
+    labelled="(cardinality(e.labels) > 0)",
+    has_relation="? = ANY(e.relations)",
+    has_label="? = ANY(e.labels)",
+    holds_digest="position(? in l.digests) % 16 = 1",
+)
+
+
+class Store(Protocol):
+    """A readable audit store."""
+
+    dialect: Dialect
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        """Run a query (``{events}``/``{ledger}`` placeholders, ``?`` parameters)."""
+
+    def stream(self, sql: str, *args: Any) -> AsyncIterator[Row]:
+        """Like :meth:`fetch` but without holding every row in memory."""
+
+    async def close(self) -> None:
+        """Disconnect."""
+
+
+class SQLiteStore:
+    """Reads an SQLite audit database (read-only)."""
+
+    dialect = SQLITE
+
+    def __init__(self, path: Path | str) -> None:
+        from audit.sinks.sqlite import connect
+
+        try:
+            self._conn = connect(path, readonly=True)
+        except FileNotFoundError as exc:
+            raise QueryError(str(exc)) from exc
+
+    def _prep(self, sql: str, args: Sequence[Any]) -> tuple[str, list[Any]]:
+        sql = sql.replace("{events}", "events").replace("{ledger}", "ledger")
+        return sql, [ts_of(a) if isinstance(a, datetime) else a for a in args]
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        q, params = self._prep(sql, args)
+        return [dict(r) for r in self._conn.execute(q, params).fetchall()]
+
+    async def stream(self, sql: str, *args: Any) -> AsyncIterator[Row]:
+        q, params = self._prep(sql, args)
+        cur = self._conn.execute(q, params)
+        while True:
+            rows = cur.fetchmany(1000)
+            if not rows:
+                return
+            for r in rows:
+                yield dict(r)
+
+    async def close(self) -> None:
+        self._conn.close()
+
+
+class PostgresStore:
+    """Reads the central PostgreSQL audit store."""
+
+    dialect = POSTGRES
+
+    def __init__(self, conn: Any, schema: str) -> None:
+        self._conn = conn
+        self._schema = schema
+
+    @classmethod
+    async def connect(cls, dsn: str, schema: str = "pgwarden_audit") -> PostgresStore:
+        import asyncpg
+
+        if not schema.isidentifier():
+            raise QueryError(f"the audit schema name {schema!r} must be a plain identifier")
+        try:
+            conn = await asyncpg.connect(dsn, timeout=10)
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise QueryError(f"cannot connect to the PostgreSQL audit store: {exc}") from exc
+        return cls(conn, schema)
+
+    def _prep(self, sql: str) -> str:
+        sql = sql.replace("{events}", f"{self._schema}.events").replace(
+            "{ledger}", f"{self._schema}.ledger"
+        )
+        n = 0
+
+        def num(_m: re.Match[str]) -> str:
+            nonlocal n
+            n += 1
+            return f"${n}"
+
+        return re.sub(r"\?", num, sql)
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        return [dict(r) for r in await self._conn.fetch(self._prep(sql), *args)]
+
+    async def stream(self, sql: str, *args: Any) -> AsyncIterator[Row]:
+        async with self._conn.transaction():
+            async for r in self._conn.cursor(self._prep(sql), *args, prefetch=1000):
+                yield dict(r)
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+
+async def open_store(
+    db: Path | str | None, dsn: str | None, schema: str = "pgwarden_audit"
+) -> Store:
+    """The store named on the command line: ``--db`` (SQLite) or ``--dsn`` (PostgreSQL)."""
+    if (db is None) == (dsn is None):
+        raise QueryError(
+            "name exactly one audit store: --db PATH (SQLite) or --dsn DSN (PostgreSQL)"
+        )
+    if db is not None:
+        return SQLiteStore(db)
+    assert dsn is not None
+    return await PostgresStore.connect(dsn, schema)
+
+
+def clean(row: Row) -> Row:
+    """A stored event row as plain JSON-able values (canonical time text, lists)."""
+    out = normalise_record(row)
+    for k, v in row.items():
+        if k not in out:
+            out[k] = ts_of(v) if isinstance(v, datetime) else v
+    return out
+
+
+# --- filters ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Filters:
+    """What ``search``, ``sessions`` and ``export`` narrow by.  None means any."""
+
+    db_user: str | None = None
+    end_user: str | None = None
+    application: str | None = None
+    client_addr: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    relation: str | None = None
+    label: str | None = None
+    verdict: str | None = None
+    min_rows: int | None = None
+    session_id: str | None = None
+    kinds: Sequence[str] = field(default_factory=tuple)
+
+    def where(self, d: Dialect) -> tuple[str, list[Any]]:
+        conds: list[str] = []
+        args: list[Any] = []
+        for col in ("db_user", "end_user", "application", "client_addr", "verdict", "session_id"):
+            val = getattr(self, col)
+            if val is not None:
+                conds.append(f"e.{col} = ?")
+                args.append(val)
+        if self.since is not None:
+            conds.append("e.ts >= ?")
+            args.append(self.since)
+        if self.until is not None:
+            conds.append("e.ts < ?")
+            args.append(self.until)
+        if self.relation is not None:
+            conds.append(d.has_relation)
+            args.append(qualify(self.relation))
+        if self.label is not None:
+            conds.append(d.has_label)
+            args.append(self.label)
+        if self.min_rows is not None:
+            conds.append("e.rows >= ?")
+            args.append(self.min_rows)
+        if self.kinds:
+            conds.append("e.kind IN (" + ", ".join("?" * len(self.kinds)) + ")")
+            args.extend(self.kinds)
+        return (" AND ".join(conds) or "TRUE"), args
+
+
+_EVENT_COLS = ", ".join(f"e.{c}" for c in COLUMNS)
+
+
+async def search(store: Store, f: Filters, limit: int = 200) -> list[Row]:
+    """Events matching the filters, oldest first."""
+    where, args = f.where(store.dialect)
+    rows = await store.fetch(
+        f"SELECT {_EVENT_COLS} FROM {{events}} e WHERE {where} ORDER BY e.ts, e.id LIMIT ?",
+        *args,
+        limit,
+    )
+    return [clean(r) for r in rows]
+
+
+async def export(store: Store, f: Filters) -> AsyncIterator[Row]:
+    """Every event matching the filters, in storage order, streamed."""
+    where, args = f.where(store.dialect)
+    async for r in store.stream(
+        f"SELECT {_EVENT_COLS} FROM {{events}} e WHERE {where} ORDER BY e.id", *args
+    ):
+        yield clean(r)
+
+
+async def sessions(store: Store, f: Filters, limit: int = 200) -> list[Row]:
+    """One row per session: who, from where, when, how much labelled data, how many blocks."""
+    d = store.dialect
+    where, args = f.where(d)
+    rows = await store.fetch(
+        f"""
+        SELECT e.session_id,
+               MIN(e.ts) AS started, MAX(e.ts) AS last_seen,
+               MAX(e.db_user) AS db_user, MAX(e.end_user) AS end_user,
+               MAX(e.application) AS application, MAX(e.client_addr) AS client_addr,
+               COUNT(*) FILTER (WHERE e.kind = 'statement') AS statements,
+               COALESCE(SUM(CASE WHEN e.kind = 'statement' AND {d.labelled}
+                                 THEN e.rows ELSE 0 END), 0) AS labelled_rows,
+               COUNT(*) FILTER (WHERE e.verdict = 'block') AS blocks,
+               COUNT(*) FILTER (WHERE e.kind = 'session_end') AS ended
+        FROM {{events}} e
+        WHERE e.session_id IS NOT NULL AND {where}
+        GROUP BY e.session_id
+        ORDER BY MIN(e.ts)
+        LIMIT ?
+        """,
+        *args,
+        limit,
+    )
+    return [_plain(r) for r in rows]
+
+
+def _scalar(v: Any) -> Any:
+    if isinstance(v, datetime):
+        return ts_of(v)
+    if isinstance(v, Decimal):  # PostgreSQL's SUM(bigint) is numeric
+        return int(v) if v == v.to_integral_value() else float(v)
+    return v
+
+
+def _plain(r: Row) -> Row:
+    return {k: _scalar(v) for k, v in r.items()}
+
+
+async def timeline(
+    store: Store, end_user: str, since: datetime | None = None, until: datetime | None = None
+) -> list[Row]:
+    """Per hour for one person: statements, labelled rows, blocks."""
+    d = store.dialect
+    f = Filters(end_user=end_user, since=since, until=until, kinds=("statement",))
+    where, args = f.where(d)
+    rows = await store.fetch(
+        f"""
+        SELECT {d.hour} AS hour,
+               COUNT(*) AS statements,
+               COALESCE(SUM(CASE WHEN {d.labelled} THEN e.rows ELSE 0 END), 0) AS labelled_rows,
+               COUNT(*) FILTER (WHERE e.verdict = 'block') AS blocks,
+               COUNT(DISTINCT e.session_id) AS sessions
+        FROM {{events}} e WHERE {where}
+        GROUP BY {d.hour} ORDER BY {d.hour}
+        """,
+        *args,
+    )
+    return [{**_plain(r), "hour": f"{r['hour']}:00Z"} for r in rows]
+
+
+async def top(
+    store: Store, since: datetime | None = None, until: datetime | None = None, limit: int = 20
+) -> list[Row]:
+    """Who read the most labelled rows (and distinct ledger records) in a window."""
+    d = store.dialect
+    f = Filters(since=since, until=until, kinds=("statement",))
+    where, args = f.where(d)
+    rows = await store.fetch(
+        f"""
+        SELECT COALESCE(e.end_user, e.db_user) AS person,
+               COUNT(*) AS statements,
+               COALESCE(SUM(CASE WHEN {d.labelled} THEN e.rows ELSE 0 END), 0) AS labelled_rows,
+               COUNT(*) FILTER (WHERE e.verdict = 'block') AS blocks,
+               COUNT(DISTINCT e.session_id) AS sessions
+        FROM {{events}} e WHERE {where}
+        GROUP BY COALESCE(e.end_user, e.db_user)
+        ORDER BY labelled_rows DESC, statements DESC
+        LIMIT ?
+        """,
+        *args,
+        limit,
+    )
+    people: dict[str, set[tuple[str, bytes]]] = {}
+    async for r in store.stream(
+        f"""
+        SELECT COALESCE(e.end_user, e.db_user) AS person, l.relation, l.digests
+        FROM {{events}} e JOIN {{ledger}} l ON l.chain_id = e.chain_id AND l.seq = e.seq
+        WHERE {where} AND l.kind = 'k'
+        """,
+        *args,
+    ):
+        recs = people.setdefault(r["person"], set())
+        rel = r["relation"]
+        recs.update((rel, d) for d in split(bytes(r["digests"])))
+    return [{**_plain(r), "distinct_records": len(people.get(r["person"], ()))} for r in rows]
+
+
+async def blocked(store: Store, f: Filters, limit: int = 500) -> list[Row]:
+    """Blocked statements (and auth failures), newest first."""
+    f2 = Filters(**{**f.__dict__, "verdict": "block"})
+    where, args = f2.where(store.dialect)
+    rows = await store.fetch(
+        f"SELECT {_EVENT_COLS} FROM {{events}} e WHERE {where} ORDER BY e.ts DESC LIMIT ?",
+        *args,
+        limit,
+    )
+    return [clean(r) for r in rows]
+
+
+async def labelled_rows_by_person_hour(
+    store: Store, since: datetime | None, until: datetime | None
+) -> list[Row]:
+    """(person, hour, labelled_rows) for the report's plot."""
+    d = store.dialect
+    where, args = Filters(since=since, until=until, kinds=("statement",)).where(d)
+    rows = await store.fetch(
+        f"""
+        SELECT COALESCE(e.end_user, e.db_user) AS person, {d.hour} AS hour,
+               COALESCE(SUM(e.rows), 0) AS labelled_rows
+        FROM {{events}} e WHERE {where} AND {d.labelled}
+        GROUP BY COALESCE(e.end_user, e.db_user), {d.hour}
+        ORDER BY 2
+        """,
+        *args,
+    )
+    return [_plain(r) for r in rows]
+
+
+# --- verification ----------------------------------------------------------------------------
+
+
+async def verify(
+    store: Store,
+    *,
+    public_key: Any = None,
+    external: Iterable[ExternalCheckpoint] = (),
+    chain_id: str | None = None,
+) -> list[ChainReport]:
+    """Verify every chain in the store (or one), including ledger rows against their events."""
+    ext = list(external)
+    chains = [
+        r["chain_id"]
+        for r in await store.fetch("SELECT DISTINCT chain_id FROM {events} ORDER BY chain_id")
+    ]
+    for cp in ext:
+        if cp.chain_id not in chains:
+            chains.append(cp.chain_id)
+    if chain_id is not None:
+        chains = [c for c in chains if c == chain_id]
+    reports = []
+    for cid in chains:
+        # Ledger first: an incremental hash per event, never the digests themselves.
+        states: dict[int, Any] = {}
+        async for lr in store.stream(
+            "SELECT seq, kind, relation, digests FROM {ledger} WHERE chain_id = ? ORDER BY id", cid
+        ):
+            st = states.get(int(lr["seq"]))
+            if st is None:
+                st = states[int(lr["seq"])] = hashlib.sha256()
+            ledger_update(st, (lr["kind"], lr["relation"], bytes(lr["digests"])))
+        digests = {seq: st.hexdigest() for seq, st in states.items()}
+        v = ChainVerifier(cid, public_key=public_key, ledger_digests=digests)
+        async for row in store.stream(
+            f"SELECT {_EVENT_COLS} FROM {{events}} e WHERE e.chain_id = ? ORDER BY e.id", cid
+        ):
+            v.feed(row)
+        rep = v.finish(ext)
+        reports.append(rep)
+    return reports
+
+
+def read_checkpoints(path: Path) -> list[ExternalCheckpoint]:
+    """Checkpoints saved from the alert channel or checkpoint file (JSON lines; a line may be
+    the checkpoint itself or an alert whose ``details`` hold it)."""
+    out = []
+    for line in Path(path).read_bytes().splitlines():
+        if not line.strip():
+            continue
+        d = orjson.loads(line)
+        if "details" in d and "signature" in d.get("details", {}):
+            d = d["details"]
+        out.append(ExternalCheckpoint.from_dict(d))
+    return out
+
+
+# --- the record ledger -----------------------------------------------------------------------
+
+
+async def who_saw(
+    store: Store,
+    hasher: RecordHasher,
+    *,
+    table: str | None = None,
+    key: str | None = None,
+    value: str | None = None,
+    label: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> list[Row]:
+    """Statements (with session and person) that returned a given record or labelled value."""
+    if key is not None:
+        if table is None:
+            raise QueryError("--key needs --table: a primary key only means something in its table")
+        targets = [(KIND_KEY, qualify(table), hasher.key(table, key))]
+    elif value is not None:
+        labels = (
+            [label]
+            if label
+            else [
+                r["relation"]
+                for r in await store.fetch(
+                    "SELECT DISTINCT relation FROM {ledger} WHERE kind = 'v'"
+                )
+            ]
+        )
+        targets = [(KIND_VALUE, lb, hasher.value(lb, value)) for lb in labels]
+    else:
+        raise QueryError("say what to look for: --key (with --table) or --value")
+    out: list[Row] = []
+    for kind, rel, digest in targets:
+        conds: list[str] = ["l.kind = ?", "l.relation = ?", store.dialect.holds_digest]
+        args: list[Any] = [kind, rel, digest]
+        if since is not None:
+            conds.append("e.ts >= ?")
+            args.append(since)
+        if until is not None:
+            conds.append("e.ts < ?")
+            args.append(until)
+        rows = await store.fetch(
+            f"""
+            SELECT {_EVENT_COLS} FROM {{ledger}} l
+            JOIN {{events}} e ON e.chain_id = l.chain_id AND e.seq = l.seq
+            WHERE {" AND ".join(conds)} ORDER BY e.ts
+            """,
+            *args,
+        )
+        out.extend({**clean(r), "matched": rel} for r in rows)
+    out.sort(key=lambda r: r["ts"])
+    return out
+
+
+@dataclass
+class RecordsSeen:
+    """The distinct records one person received: the breach-notification list."""
+
+    end_user: str
+    table: str
+    records: list[Row]  # digest (hex), first_seen, last_seen, times, and key when resolved
+    resolved: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "end_user": self.end_user,
+            "table": self.table,
+            "distinct_records": len(self.records),
+            "resolved": self.resolved,
+            "records": self.records,
+        }
+
+
+async def records_seen(
+    store: Store,
+    *,
+    end_user: str,
+    table: str,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> RecordsSeen:
+    """Distinct records of ``table`` that ``end_user`` received in the window."""
+    rel = qualify(table)
+    conds: list[str] = ["e.end_user = ?", "l.kind = 'k'", "l.relation = ?"]
+    args: list[Any] = [end_user, rel]
+    if since is not None:
+        conds.append("e.ts >= ?")
+        args.append(since)
+    if until is not None:
+        conds.append("e.ts < ?")
+        args.append(until)
+    seen: dict[bytes, list[Any]] = {}  # digest -> [first, last, times]
+    async for r in store.stream(
+        f"""
+        SELECT e.ts, l.digests
+        FROM {{events}} e JOIN {{ledger}} l ON l.chain_id = e.chain_id AND l.seq = e.seq
+        WHERE {" AND ".join(conds)}
+        ORDER BY e.ts
+        """,
+        *args,
+    ):
+        ts = _scalar(r["ts"])
+        for d in split(bytes(r["digests"])):
+            s = seen.get(d)
+            if s is None:
+                seen[d] = [ts, ts, 1]
+            else:
+                s[1] = ts
+                s[2] += 1
+    recs = [
+        {"digest": d.hex(), "first_seen": f, "last_seen": la, "times": n}
+        for d, (f, la, n) in sorted(seen.items(), key=lambda kv: (kv[1][0], kv[0]))
+    ]
+    return RecordsSeen(end_user, rel, recs)
+
+
+async def resolve_keys(
+    result: RecordsSeen, hasher: RecordHasher, monitored_dsn: str
+) -> RecordsSeen:
+    """Turn ledger digests back into primary keys by hashing every key of the table in the
+    monitored database (read-only; the keys never leave this process)."""
+    import asyncpg
+
+    try:
+        conn = await asyncpg.connect(monitored_dsn, timeout=10)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise QueryError(f"cannot connect to the monitored database: {exc}") from exc
+    try:
+        schema, name = result.table.split(".", 1)
+        cols = await conn.fetch(
+            """
+            SELECT a.attname FROM pg_index i
+            JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+            JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON true
+            JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
+            WHERE i.indisprimary AND n.nspname = $1 AND c.relname = $2
+            ORDER BY k.ord
+            """,
+            schema,
+            name,
+        )
+        if not cols:
+            raise QueryError(f"{result.table} has no primary key in the monitored database")
+        idents = ", ".join(f'"{c["attname"]}"::text' for c in cols)
+        want = {r["digest"]: r for r in result.records}
+        found = 0
+        async with conn.transaction(readonly=True):
+            async for row in conn.cursor(
+                f'SELECT {idents} FROM "{schema}"."{name}"', prefetch=5000
+            ):
+                pk = pk_text(list(row.values()))
+                d = hasher.key(result.table, pk).hex()
+                if d in want:
+                    want[d]["key"] = pk
+                    found += 1
+                    if found == len(want):
+                        break
+        result.resolved = found
+        return result
+    finally:
+        await conn.close()

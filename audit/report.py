@@ -1,0 +1,140 @@
+"""``pgwarden audit report --html``: one self-contained page (no scripts, no external files)
+with an inline SVG plot of labelled rows per person over time and a table of blocked
+statements, for attaching to an incident ticket."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from html import escape
+from typing import Any
+
+_PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+
+
+def _hour_key(h: str) -> datetime:
+    return datetime.strptime(h[:13], "%Y-%m-%dT%H").replace(tzinfo=UTC)
+
+
+def svg_plot(
+    points: Sequence[dict[str, Any]], *, width: int = 900, height: int = 320, top_n: int = 8
+) -> str:
+    """Labelled rows per person per hour as an SVG line chart (top ``top_n`` people)."""
+    series: dict[str, dict[str, int]] = defaultdict(dict)
+    for p in points:
+        series[str(p["person"])][str(p["hour"])] = int(p["labelled_rows"])
+    if not series:
+        return '<p class="empty">No labelled rows were read in this window.</p>'
+    totals = sorted(series, key=lambda k: -sum(series[k].values()))[:top_n]
+    hours = sorted({h for s in totals for h in series[s]}, key=_hour_key)
+    ymax = max(v for s in totals for v in series[s].values()) or 1
+    ml, mr, mt, mb = 70, 160, 20, 50
+    pw, ph = width - ml - mr, height - mt - mb
+    t0 = _hour_key(hours[0]).timestamp()
+    t1 = _hour_key(hours[-1]).timestamp()
+    span = (t1 - t0) or 3600.0
+
+    def x(h: str) -> float:
+        return ml + (_hour_key(h).timestamp() - t0) / span * pw
+
+    def y(v: int) -> float:
+        return mt + ph - v / ymax * ph
+
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" '
+        'aria-label="labelled rows per person per hour">',
+        f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="#fafafa" stroke="#ccc"/>',
+    ]
+    for i in range(5):
+        v = round(ymax * i / 4)
+        out.append(
+            f'<text x="{ml - 6}" y="{y(v) + 4:.1f}" font-size="11" text-anchor="end">{v}</text>'
+            f'<line x1="{ml}" x2="{ml + pw}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#eee"/>'
+        )
+    for h in (hours[0], hours[len(hours) // 2], hours[-1]):
+        out.append(
+            f'<text x="{x(h):.1f}" y="{mt + ph + 18}" font-size="11" text-anchor="middle">'
+            f"{escape(h[:13])}:00</text>"
+        )
+    out.append(
+        f'<text x="{ml + pw / 2}" y="{height - 8}" font-size="12" '
+        'text-anchor="middle">hour (UTC)</text>'
+    )
+    for i, person in enumerate(totals):
+        colour = _PALETTE[i % len(_PALETTE)]
+        pts = " ".join(f"{x(h):.1f},{y(series[person].get(h, 0)):.1f}" for h in hours)
+        out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{pts}"/>')
+        for h in hours:
+            if h in series[person]:
+                out.append(
+                    f'<circle cx="{x(h):.1f}" cy="{y(series[person][h]):.1f}" r="3" '
+                    f'fill="{colour}">'
+                    f"<title>{escape(person)} {escape(h)}: {series[person][h]} rows</title>"
+                    "</circle>"
+                )
+        ly = mt + 14 + i * 18
+        out.append(
+            f'<rect x="{ml + pw + 12}" y="{ly - 9}" width="10" height="10" fill="{colour}"/>'
+            f'<text x="{ml + pw + 28}" y="{ly}" font-size="12">{escape(person)}</text>'
+        )
+    out.append("</svg>")
+    return "".join(out)
+
+
+_TOP_COLS = ["person", "labelled_rows", "distinct_records", "statements", "blocks", "sessions"]
+_BLOCKED_COLS = [
+    "ts", "person", "db_user", "client_addr", "application", "statement", "rule_ids", "message",
+    "sqlstate",
+]  # fmt: skip
+
+
+def _table(rows: Sequence[dict[str, Any]], cols: Sequence[str]) -> str:
+    if not rows:
+        return '<p class="empty">None.</p>'
+    head = "".join(f"<th>{escape(c)}</th>" for c in cols)
+    body = []
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            if isinstance(v, list):
+                v = ", ".join(map(str, v))
+            cells.append(f"<td>{escape('' if v is None else str(v))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def render_html(
+    *,
+    title: str,
+    window: str,
+    plot_points: Sequence[dict[str, Any]],
+    top_rows: Sequence[dict[str, Any]],
+    blocked_rows: Sequence[dict[str, Any]],
+    verify_summary: str,
+) -> str:
+    """The whole report page."""
+    for r in blocked_rows:
+        r.setdefault("person", r.get("end_user") or r.get("db_user"))
+    generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; font-size: 13px; }}
+th, td {{ border: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-align: top; }}
+th {{ background: #f3f3f3; }} .empty {{ color: #777; }} code {{ font-size: 12px; }}
+</style></head><body>
+<h1>{escape(title)}</h1>
+<p>Window: {escape(window)}. Generated {escape(generated)}.</p>
+<p>Chain verification: {escape(verify_summary)}</p>
+<h2>Labelled rows read per person per hour</h2>
+{svg_plot(plot_points)}
+<h2>Who read the most labelled records</h2>
+{_table(top_rows, _TOP_COLS)}
+<h2>Blocked statements</h2>
+{_table(blocked_rows, _BLOCKED_COLS)}
+</body></html>
+"""

@@ -1,0 +1,160 @@
+"""The SQLite writer process behind :class:`audit.sinks.sqlite.SQLiteSink`.
+
+    python -m audit.sinks.sqlite_writer PATH SYNCHRONOUS
+
+Frames on stdin: 4-byte big-endian length, then a pickle of ``(events, ledger)``: events as
+``(canonical JSON without hash, hash)`` pairs, ledger as
+``(chain_id, seq, kind, relation, n, packed digests)`` rows.
+For each frame it runs one transaction and answers a frame on stdout: ``ok`` once COMMIT
+has returned, or the error text.  It answers ``ok`` once at start-up when the schema exists.
+End of stdin (the parent closed it, or died) ends the process.
+"""
+
+from __future__ import annotations
+
+import pickle
+import signal
+import sqlite3
+import struct
+import sys
+from typing import IO
+
+import orjson
+
+from audit.events import COLUMNS
+
+_HDR = struct.Struct(">I")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id            INTEGER PRIMARY KEY,   -- storage order; verify compares it with seq
+    v             INTEGER NOT NULL,
+    chain_id      TEXT NOT NULL,
+    seq           INTEGER NOT NULL,
+    prev_hash     TEXT NOT NULL,
+    hash          TEXT NOT NULL,
+    ts            TEXT NOT NULL,         -- ISO-8601 UTC, microseconds, 'Z'
+    kind          TEXT NOT NULL,
+    session_id    TEXT,
+    db_user       TEXT,
+    database      TEXT,
+    application   TEXT,
+    client_addr   TEXT,
+    tls           INTEGER,
+    end_user      TEXT,
+    fingerprint   TEXT,
+    statement     TEXT,
+    full_text     TEXT,
+    relations     TEXT,                  -- JSON array
+    labels        TEXT,                  -- JSON array
+    rows          INTEGER,
+    bytes         INTEGER,
+    duration_ms   REAL,
+    verdict       TEXT,
+    rule_ids      TEXT,                  -- JSON array
+    sqlstate      TEXT,
+    severity      TEXT,
+    message       TEXT,
+    details       TEXT,                  -- JSON object
+    ledger_count  INTEGER,
+    ledger_digest TEXT
+);
+CREATE INDEX IF NOT EXISTS events_chain ON events (chain_id, seq);
+CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
+CREATE INDEX IF NOT EXISTS events_end_user ON events (end_user, ts);
+CREATE TABLE IF NOT EXISTS ledger (
+    id        INTEGER PRIMARY KEY,
+    chain_id  TEXT NOT NULL,
+    seq       INTEGER NOT NULL,
+    kind      TEXT NOT NULL,             -- 'k' primary key, 'v' labelled value
+    relation  TEXT NOT NULL,             -- schema.table for 'k', label for 'v'
+    n         INTEGER NOT NULL,          -- number of records
+    digests   BLOB NOT NULL              -- n HMAC-SHA256-128 digests, 16 bytes each
+);
+CREATE INDEX IF NOT EXISTS ledger_event ON ledger (chain_id, seq);
+"""
+
+INSERT_LEDGER = (
+    "INSERT INTO ledger (chain_id, seq, kind, relation, n, digests) VALUES (?, ?, ?, ?, ?, ?)"
+)
+
+
+_PLAIN = tuple(c for c in COLUMNS if c not in ("relations", "labels", "rule_ids", "details"))
+_ORDER = [*_PLAIN, "relations", "labels", "rule_ids", "details"]
+INSERT_EVENT = (
+    f"INSERT INTO events ({', '.join(chr(34) + c + chr(34) for c in _ORDER)}) "
+    f"VALUES ({', '.join('?' * len(_ORDER))})"
+)
+
+
+def _json(v: object) -> str | None:
+    return None if v is None else orjson.dumps(v).decode()
+
+
+def _json_sorted(v: object) -> str | None:
+    return None if v is None else orjson.dumps(v, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def _row(d: dict[str, object], h: str) -> tuple[object, ...]:
+    d["hash"] = h
+    return (
+        *[d[c] for c in _PLAIN],
+        _json(d["relations"]),
+        _json(d["labels"]),
+        _json(d["rule_ids"]),
+        _json_sorted(d["details"]),
+    )
+
+
+def _send(out: IO[bytes], msg: bytes) -> None:
+    out.write(_HDR.pack(len(msg)) + msg)
+    out.flush()
+
+
+def main(argv: list[str]) -> int:
+    """Serve write requests until stdin closes."""
+    path, synchronous = argv[1], argv[2]
+    # Ctrl-C and a service manager's SIGTERM reach the whole process group; the parent then
+    # flushes its last batches through us, so we stay until it closes our stdin.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    try:
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={synchronous}")
+        # Fewer, larger WAL checkpoints: each one is extra fsyncs inside some commit.
+        conn.execute("PRAGMA wal_autocheckpoint=10000")
+        conn.executescript(SCHEMA)
+    except sqlite3.Error as exc:
+        _send(out, f"cannot open {path}: {exc}".encode())
+        return 1
+    _send(out, b"ok")
+    while True:
+        hdr = inp.read(4)
+        if len(hdr) < 4:
+            break
+        (n,) = _HDR.unpack(hdr)
+        payload = inp.read(n)
+        if len(payload) < n:
+            break
+        events, ledger = pickle.loads(payload)
+        rows = [_row(orjson.loads(canon), h) for canon, h in events]
+        try:
+            conn.execute("BEGIN")
+            conn.executemany(INSERT_EVENT, rows)
+            if ledger:
+                conn.executemany(INSERT_LEDGER, ledger)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            _send(out, str(exc).encode() or b"sqlite error")
+            continue
+        _send(out, b"ok")
+    conn.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
