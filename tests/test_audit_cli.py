@@ -10,12 +10,12 @@ from typing import Any
 
 import orjson
 import pytest
-from audit_scenario import seed
 from click.testing import CliRunner
 
 from audit.cli import audit_group
 from audit.pipeline import PostgresSinkConfig
 from loadtests.cluster import Cluster
+from tests.audit_scenario import seed
 
 
 @pytest.fixture(scope="module")

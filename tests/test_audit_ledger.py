@@ -8,13 +8,13 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from audit_scenario import EXPECTED_DISTINCT, seed
 from click.testing import CliRunner
 
 from audit import query as q
 from audit.cli import audit_group
 from audit.ledger import RecordHasher, load_key, pk_text
 from loadtests.cluster import Cluster
+from tests.audit_scenario import EXPECTED_DISTINCT, seed
 
 
 @pytest.fixture(scope="module")

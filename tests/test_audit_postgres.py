@@ -11,10 +11,9 @@ import asyncpg
 import orjson
 import psycopg
 import pytest
-from audit_scenario import EXPECTED_DISTINCT, seed
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_audit_chain import events as any_event
+from tests.test_audit_chain import events as any_event
 
 from audit import query as q
 from audit.events import AuditEvent, Subject
@@ -27,6 +26,7 @@ from audit.pipeline import (
     SQLiteSinkConfig,
 )
 from loadtests.cluster import Cluster
+from tests.audit_scenario import EXPECTED_DISTINCT, seed
 
 SUBJ = Subject("app", "support", "helpdesk", "10.9.9.9", True, "gina")
 
