@@ -13,7 +13,6 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tests.test_audit_chain import events as any_event
 
 from audit import query as q
 from audit.events import AuditEvent, Subject
@@ -27,6 +26,7 @@ from audit.pipeline import (
 )
 from loadtests.cluster import Cluster
 from tests.audit_scenario import EXPECTED_DISTINCT, seed
+from tests.test_audit_chain import events as any_event
 
 SUBJ = Subject("app", "support", "helpdesk", "10.9.9.9", True, "gina")
 
