@@ -44,6 +44,7 @@ def _overrides(**flags: Any) -> dict[str, Any]:
         "allow_replication": "allow_replication",
         "policy": "policy_file",
         "catalog_user": "catalog_user",
+        "audit_db": "audit",
         "max_message_bytes": "max_message_bytes",
         "log_level": "log_level",
         "log_format": "log_format",
@@ -74,6 +75,9 @@ def _overrides(**flags: Any) -> dict[str, Any]:
 )
 @click.option("--policy", type=click.Path(dir_okay=False), help="Policy file to enforce.")
 @click.option("--catalog-user", help="Database role for pgwarden's read-only catalog connection.")
+@click.option(
+    "--audit-db", type=click.Path(dir_okay=False), help="Audit trail in this SQLite file."
+)
 @click.option("--max-message-bytes", type=int, help="Largest protocol message accepted.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--log-format", type=click.Choice(["json", "console"]))
@@ -83,7 +87,10 @@ def serve(config_file: str | None, **flags: Any) -> None:
     from proxy.server import install_uvloop
     from proxy.server import serve as run_server
 
+    audit_db = flags.pop("audit_db", None)
     overrides = _overrides(**flags)
+    if audit_db:
+        overrides["audit"] = {"sinks": [{"type": "sqlite", "path": audit_db}]}
 
     def load() -> ProxyConfig:
         return load_config(Path(config_file) if config_file else None, overrides)

@@ -99,11 +99,21 @@ class StatementDone:
 
     facts: Any
     rows: int
-    bytes: int
+    nbytes: int
     seconds: float
     sqlstate: str | None
-    cut: bool
-    records: dict[str, frozenset[str]]
+    cut: bool | str
+    records: dict[str, list[bytes]]  # table -> primary keys of the rows returned
+    end_user: str | None = None
+    rule_ids: tuple[str, ...] = ()
+    verdict: str = "allow"
+
+
+@dataclass(frozen=True, slots=True)
+class AwaitDurable:
+    """Persist this statement's audit event, then report with ``Session.durable_result``."""
+
+    done: StatementDone
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +144,7 @@ Command = (
     | CanaryHit
     | RecordUsage
     | StatementDone
+    | AwaitDurable
     | EndSession
     | Log
 )

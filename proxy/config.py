@@ -16,6 +16,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from audit.pipeline import AuditConfig
+
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message names the file, key and problem."""
@@ -121,6 +123,7 @@ class ProxyConfig(BaseModel):
     allow_replication: bool = False
     policy_file: Path | None = Field(None, description="policy YAML to enforce")
     catalog_user: str | None = Field(None, description="role for pgwarden's catalog connection")
+    audit: AuditConfig | None = Field(None, description="the audit trail (sinks, keys, alerts)")
     max_message_bytes: int = Field(default=256 * 1024 * 1024, ge=1024, le=2**30)
     connect_timeout: float = Field(default=10.0, gt=0)
     shutdown_timeout: float = Field(default=30.0, ge=0)
@@ -186,7 +189,7 @@ def load_config(
         if not isinstance(loaded, dict):
             raise ConfigError(f"{source}: the top level must be a mapping of settings")
         # Policy and audit settings live in the same file; their own loaders read them.
-        data = {k: v for k, v in loaded.items() if k not in ("policy", "audit")}
+        data = dict(loaded)
     for key, value in (overrides or {}).items():
         if value is None:
             continue

@@ -12,11 +12,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from policy.analyze import Analyzer
 from policy.engine import Engine, ResultPlan, Subject, Verdict
-from policy.facts import QueryFacts
+from policy.facts import OutputColumn, QueryFacts
 from policy.model import Action
 from policy.session_sql import SqlSession
 from proxy.messages import Field
@@ -78,6 +78,7 @@ class Guard:
     analyzer: Analyzer
     subject: Subject
     record_key: bytes
+    audit: bool = False  # an audit trail records every statement (and the record ledger)
     sql: SqlSession = field(init=False)
     end_user_sources: frozenset[str] = field(init=False)
 
@@ -147,6 +148,18 @@ class Guard:
         return hmac.new(self.record_key, table.encode() + b":" + key, hashlib.sha256).hexdigest()[
             :24
         ]
+
+    @property
+    def watchful(self) -> bool:
+        """Whether any rule applies to this subject (then results are cross-checked)."""
+        engine = self.engine
+        return bool(engine.rules_for(engine.subjects_of(self.subject)))
+
+    def redecide(self, decision: Decision, missed: frozenset[str]) -> Decision:
+        """Decide again, knowing the result carries labels the analysis did not see."""
+        extra = OutputColumn("(unanalysed)", frozenset(), missed)
+        facts = replace(decision.facts, output=(*decision.facts.output, extra))
+        return Decision(facts, self.engine.decide(self.subject, facts))
 
     def blocked(self, decisions: list[Decision]) -> Decision | None:
         for d in decisions:

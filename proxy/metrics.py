@@ -28,6 +28,8 @@ class Stats:
     """Process-wide counters. Single-threaded by design: the event loop owns them."""
 
     __slots__ = (
+        "audit_dropped",
+        "audit_failures",
         "auth_failures",
         "bytes_from_client",
         "bytes_from_server",
@@ -51,6 +53,8 @@ class Stats:
         self.connections_active = 0
         self.refused_connections = 0
         self.auth_failures = 0
+        self.audit_dropped = 0
+        self.audit_failures = 0
         self.statements = 0
         self.bytes_from_client = 0
         self.bytes_from_server = 0
@@ -94,6 +98,10 @@ class StatsCollector(Collector):
             ("pgwarden_policy_alerts", "Rules that fired without blocking (alert or monitor)",
              s.policy_alerts),
             ("pgwarden_results_cut", "Results cut off at a row or byte limit", s.results_cut),
+            ("pgwarden_audit_dropped", "Audit events lost because the queue was full",
+             s.audit_dropped),
+            ("pgwarden_audit_failures", "Labelled reads refused: no durable audit sink persisted",
+             s.audit_failures),
         ]  # fmt: skip
         for name, doc, value in counters:
             yield CounterMetricFamily(name, doc, value=value)

@@ -17,6 +17,9 @@ from typing import Any
 
 import structlog
 
+from audit.events import AuditEvent
+from audit.events import Subject as AuditSubject
+from audit.pipeline import AuditTrail, AuditUnavailable
 from policy.analyze import Analyzer
 from policy.catalog import Catalog
 from policy.engine import Engine, Subject
@@ -68,6 +71,7 @@ class PolicyRuntime:
         )
         self.counters = _Counters(self.store)
         self.record_key = self._record_key(policy)
+        self.trail: AuditTrail | None = None
         self._install(policy)
 
     def _install(self, policy: Policy) -> None:
@@ -148,9 +152,92 @@ class PolicyRuntime:
             analyzer = Analyzer(catalog, self.label_rules)
             self.analyzers[s.database] = analyzer
         subject = Subject(s.user, s.database, s.application_name, s.client_addr, None, frozenset())
-        guard = Guard(self.engine, analyzer, subject, self.record_key)
+        guard = Guard(self.engine, analyzer, subject, self.record_key, audit=self.trail is not None)
         guard.set_options(s.options)
         return guard
+
+    # --- audit -----------------------------------------------------------------------------
+
+    @staticmethod
+    def audit_subject(s: SessionSubject, end_user: str | None = None) -> AuditSubject:
+        return AuditSubject(s.user, s.database, s.application_name, s.client_addr, s.tls, end_user)
+
+    def session_event(
+        self, kind: str, session_id: str, s: SessionSubject, message: str | None = None
+    ) -> None:
+        if self.trail is None:
+            return
+        subject = self.audit_subject(s)
+        if kind == "start":
+            ev = AuditEvent.session_start(session_id, subject, details={"tls": s.tls})
+        elif kind == "auth_failure":
+            ev = AuditEvent.auth_failure(subject, message or "", session_id=session_id)
+        else:
+            ev = AuditEvent.session_end(session_id, subject, message=message)
+        self._submit_nowait(ev)
+
+    def statement_event(
+        self, c: cmd.StatementDone, session_id: str, s: SessionSubject
+    ) -> AuditEvent | None:
+        if self.trail is None:
+            return None
+        f = c.facts
+        return AuditEvent.statement_event(
+            session_id,
+            self.audit_subject(s, c.end_user),
+            fingerprint=f.fingerprint if f is not None else "",
+            statement=f.normalized if f is not None else "",
+            relations=sorted(f.relations_read) if f is not None else (),
+            labels=sorted(f.output_labels) if f is not None else (),
+            rows=c.rows,
+            bytes=c.nbytes,
+            duration_ms=c.seconds * 1000.0,
+            verdict=c.verdict,
+            rule_ids=c.rule_ids,
+            sqlstate=c.sqlstate,
+            ledger_keys={
+                t: [k.decode("utf-8", "replace") for k in keys] for t, keys in c.records.items()
+            }
+            or None,
+        )
+
+    def _submit_nowait(self, ev: AuditEvent) -> None:
+        assert self.trail is not None
+        try:
+            self.trail.submit_nowait(ev)
+        except AuditUnavailable as exc:
+            self.stats.audit_dropped += 1
+            log.error("audit_queue_full", error=str(exc))
+
+    def audit_statement(self, c: cmd.StatementDone, session_id: str, s: SessionSubject) -> None:
+        ev = self.statement_event(c, session_id, s)
+        if ev is not None:
+            self._submit_nowait(ev)
+
+    async def audit_durable(self, c: cmd.StatementDone, session_id: str, s: SessionSubject) -> bool:
+        """Persist a labelled statement's event; False when no durable sink could."""
+        ev = self.statement_event(c, session_id, s)
+        if ev is None or self.trail is None:
+            return True
+        try:
+            await self.trail.submit(ev)
+            return True
+        except AuditUnavailable as exc:
+            self.stats.audit_failures += 1
+            log.error("audit_unavailable", error=str(exc), refused="labelled read")
+            return False
+
+    def alert(self, kind: str, message: str, severity: str, subject: str, rule_id: str,
+              session_id: str | None = None) -> None:  # fmt: skip
+        if self.trail is None:
+            return
+        try:
+            self.trail.alert(
+                kind, message, severity=severity, session_id=session_id, rule_ids=(rule_id,),
+                details={"subject": subject},
+            )  # fmt: skip
+        except AuditUnavailable as exc:
+            log.error("alert_not_recorded", error=str(exc))
 
     async def handle(self, c: cmd.Command, log_: Any) -> None:
         """Carry out a policy command from a session (counters, quarantine, alerts)."""
@@ -203,6 +290,10 @@ class PolicyRuntime:
                 await self.store.quarantine(subject, until)
                 self.counters.quarantined[subject] = until
                 log_.error("subject_quarantined", subject=subject, blocks=blocks, until=until)
+                self.alert(
+                    "quarantine", f"{subject} quarantined for {int(q.duration)} s after {blocks} blocks",
+                    "critical", subject, "quarantine",
+                )  # fmt: skip
         except StoreUnavailable as exc:
             log_.error("window_store_unavailable", error=str(exc))
 
@@ -210,3 +301,5 @@ class PolicyRuntime:
         for catalog in self.catalogs.values():
             await catalog.close()
         await self.store.close()
+        if self.trail is not None:
+            await self.trail.close()

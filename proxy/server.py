@@ -38,6 +38,8 @@ WRITE_HIGH_WATER = 256 * 1024
 # How long a closing client connection keeps reading after our FIN (see _close_client).
 CLOSE_LINGER_SECONDS = 2.0
 _session_ids = itertools.count(1)
+# Audit session ids must not collide between worker processes writing to one store.
+_PROCESS_TAG = secrets.token_hex(3)
 
 
 def _certificate_der(path: str) -> bytes | None:
@@ -216,6 +218,8 @@ class ClientConnection(asyncio.Protocol):
             make_guard=proxy.runtime.make_guard if proxy.runtime is not None else None,
         )
         self.session_id = next(_session_ids)
+        self.audit_id = f"{_PROCESS_TAG}-{self.session_id}"
+        self._session_started = False
         self.log: Any = log
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -258,6 +262,8 @@ class ClientConnection(asyncio.Protocol):
         if self._linger is not None:
             self._linger.cancel()
         self.run(self.session.client_closed())
+        if self._session_started and self.proxy.runtime is not None:
+            self.proxy.runtime.session_event("end", self.audit_id, self.session.subject)
         self.proxy.connections.discard(self)
         self.proxy.stats.connections_active -= 1
         key = self.session.client_key
@@ -310,12 +316,34 @@ class ClientConnection(asyncio.Protocol):
                     self.transport.close()
                 if self.upstream is not None:
                     self.upstream.close()
+            elif type(c) is cmd.AwaitDurable:
+                self._spawn(self._await_durable(c.done))
             elif type(c) is cmd.Log:
                 getattr(self.log, c.level)(c.event, **(c.fields or {}))
+                runtime = self.proxy.runtime
+                if runtime is not None and c.event in ("session_ready", "auth_failed"):
+                    if c.event == "session_ready":
+                        self._session_started = True
+                        runtime.session_event("start", self.audit_id, self.session.subject)
+                    else:
+                        message = (c.fields or {}).get("message")
+                        runtime.session_event(
+                            "auth_failure", self.audit_id, self.session.subject, message
+                        )
             elif self.proxy.runtime is not None:
                 self._spawn(self.proxy.runtime.handle(c, self.log))
 
-    def _statement_done(self, c: cmd.StatementDone) -> None:
+    async def _await_durable(self, done: cmd.StatementDone) -> None:
+        runtime = self.proxy.runtime
+        assert runtime is not None
+        self._statement_done(done, audit=False)
+        ok = await runtime.audit_durable(done, self.audit_id, self.session.subject)
+        if not self._closed:
+            self.run(self.session.durable_result(ok))
+
+    def _statement_done(self, c: cmd.StatementDone, audit: bool = True) -> None:
+        if audit and self.proxy.runtime is not None:
+            self.proxy.runtime.audit_statement(c, self.audit_id, self.session.subject)
         facts = c.facts
         if facts is not None and facts.is_ddl and self.proxy.runtime is not None:
             # The catalog may have changed under the analysis: reload it soon.
@@ -561,16 +589,28 @@ async def serve(
     from proxy.logs import configure_logging
 
     runtime = None
-    if config.policy_file is not None:
-        from policy.model import load_policy
+    if config.policy_file is not None or config.audit is not None:
+        from policy.model import Policy, load_policy
         from proxy.policyrt import PolicyRuntime
 
         stats = Stats()
+        # Audit without a policy still analyses every statement (fingerprint, relations,
+        # labels, record keys); a policy without rules limits nobody.
+        policy = (
+            load_policy(config.policy_file)
+            if config.policy_file is not None
+            else Policy.model_validate({})
+        )
         runtime = PolicyRuntime(
-            load_policy(config.policy_file), config.policy_file,
+            policy, config.policy_file,
             (config.upstream.host, config.upstream.port), stats,
             ssl=_upstream_ssl_context(config), catalog_user=config.catalog_user,
         )  # fmt: skip
+        if config.audit is not None:
+            from audit.pipeline import AuditTrail
+
+            runtime.trail = AuditTrail(config.audit)
+            await runtime.trail.start()
         proxy = Proxy(config, stats, runtime)
     else:
         proxy = Proxy(config)

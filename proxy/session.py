@@ -505,9 +505,19 @@ class Session:
             return
         assert self._client_reader is not None
         tracker = Tracker(guard, self.stats, self.settings.max_message, self._parameter)
+        tracker.ledger = tracker.durable = guard.audit
         # Bytes the client sent early continue in the tracker's reader.
         tracker.client_reader = self._client_reader
         self.tracker = tracker
+
+    def durable_result(self, ok: bool) -> list[cmd.Command]:
+        """The audit trail persisted (or failed to persist) a held statement's event."""
+        if self.tracker is None or self.phase is not Phase.READY:
+            return []
+        out = self.tracker.durable_result(ok)
+        if self.shutting_down and self._idle:
+            out += self._end_upstream()
+        return out
 
     def _relay_tracked_server(self, data: bytes) -> list[cmd.Command]:
         assert self.tracker is not None

@@ -73,12 +73,17 @@ class Running:
     fields: tuple[Field, ...] | None = None
     columns: list[ColumnInfo] | None = None
     rows: int = 0
-    bytes: int = 0
+    nbytes: int = 0
     copy_out: bool = False
     started: float = field(default_factory=time.perf_counter)
-    records: dict[str, set[str]] = field(default_factory=dict)  # table -> record ids
+    keys: dict[str, list[bytes]] = field(default_factory=dict)  # table -> primary keys seen
     portal: str | None = None
     cursor: str | None = None
+    prepared: bool = False  # columns and what to watch worked out (at the first row)
+    watch: bool = False  # rows are inspected (limits, masks, canaries, record keys)
+    capture: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (table, key positions)
+    # False: not audited yet; True: persisted (or not needed); None: the audit trail failed.
+    durable_done: bool | None = False
 
 
 @dataclass(slots=True)
@@ -133,6 +138,12 @@ class Tracker:
         self.cancel_sent = False
         self.transaction_status = "I"
         self.cycles: deque[float] = deque()
+        # The audit trail: when on, labelled results keep their primary keys (the record
+        # ledger) and their CommandComplete waits until the event is persisted.
+        self.ledger = False
+        self.durable = False
+        self.awaiting: Running | None = None
+        self.server_pending = b""
 
     @property
     def busy(self) -> bool:
@@ -295,6 +306,9 @@ class Tracker:
     # --- server -> client --------------------------------------------------------------------
 
     def server_data(self, data: bytes) -> list[cmd.Command]:
+        if self.awaiting is not None:
+            self.server_pending += data
+            return []
         raw, frames = self.server_reader.feed(data)
         out: list[cmd.Command] = []
         parts: list[bytes] = []
@@ -330,7 +344,27 @@ class Tracker:
                     continue
                 tag = CommandComplete.decode(raw[start:end]).tag if t == _C else ""
                 running = self._current(entry)
-                out += self._finished(running, tag, None, suspended=t == _s)
+                if running.durable_done is None:
+                    # The audit trail could not persist this labelled read: it is refused.
+                    parts += (raw[fwd:head], self._refuse_unaudited(running, out))
+                    fwd = end
+                    continue
+                if not running.durable_done:
+                    done = self._finished(running, tag, None, suspended=t == _s)
+                    if self.durable and self._labelled(running):
+                        # Hold CommandComplete (and all after it) until the event is
+                        # persisted: libpq hands a result over only once it is complete.
+                        running.durable_done = True
+                        self.awaiting = running
+                        self.server_pending = raw[head:] + self.server_reader.take_pending()
+                        out += [
+                            cmd.AwaitDurable(c) if isinstance(c, cmd.StatementDone) else c
+                            for c in done
+                        ]
+                        parts.append(raw[fwd:head])
+                        data_out = b"".join(parts)
+                        return [cmd.SendToClient(data_out), *out] if data_out else out
+                    out += done
                 if entry.kind == EXECUTE:
                     fifo.popleft()
                 else:
@@ -368,6 +402,38 @@ class Tracker:
         data_out = b"".join(parts)
         return [cmd.SendToClient(data_out), *out] if data_out else out
 
+    def _labelled(self, running: Running) -> bool:
+        d = running.decision
+        return bool(running.keys) or (
+            d is not None and bool(d.facts.output_labels) and running.rows > 0
+        )
+
+    def durable_result(self, ok: bool) -> list[cmd.Command]:
+        """The audit trail answered for the statement whose CommandComplete is held."""
+        running, self.awaiting = self.awaiting, None
+        if running is None:
+            return []
+        if not ok:
+            running.durable_done = None
+        pending, self.server_pending = self.server_pending, b""
+        return self.server_data(pending) if pending else []
+
+    def _refuse_unaudited(self, running: Running, out: list[cmd.Command]) -> bytes:
+        message = "pgwarden: this read of labelled data cannot be recorded in the audit trail, so it is refused"
+        running.durable_done = True
+        self.stats.policy_blocks += 1
+        self.discarding = True
+        head = self.fifo[0] if self.fifo else None
+        self.cut_simple = head is not None and head.kind == QUERY
+        if not self.cut_simple:
+            self.skip_client_until_sync = True
+            out += self._release()
+        if head is not None and head.kind == EXECUTE:
+            self.fifo.popleft()
+        return ErrorResponse.make(
+            "58030", message, hint="the audit store is unavailable; try again when it is back"
+        ).encode()
+
     def _current(self, entry: Entry) -> Running:
         if entry.running is None:
             decision = None
@@ -393,13 +459,12 @@ class Tracker:
     def _row(self, running: Running, raw: bytes, start: int, end: int, rows: int, copy: bool,
              out: list[cmd.Command]) -> bytes | None:  # fmt: skip
         """Count one DataRow (or CopyData); returns bytes to send instead of it, or None."""
-        decision = running.decision
-        plan = decision.plan if decision is not None else None
-        if plan is None or not (plan.limits or plan.needs_rows):
+        if not running.prepared:
+            self._prepare(running, out)
+        plan = running.decision.plan if running.decision is not None else None
+        if plan is None or not running.watch:
             running.rows += rows
             return None
-        if running.columns is None:
-            running.columns = self._columns(running)
         earlier = 0
         if running.portal is not None and (portal := self.portals.get(running.portal)) is not None:
             earlier += portal.rows
@@ -410,7 +475,7 @@ class Tracker:
             over_rows = (
                 limit.max_rows is not None and earlier + running.rows + rows > limit.max_rows
             )
-            over_bytes = limit.max_bytes is not None and running.bytes + size > limit.max_bytes
+            over_bytes = limit.max_bytes is not None and running.nbytes + size > limit.max_bytes
             if not (over_rows or over_bytes):
                 continue
             if limit.monitored or limit.action in (Action.ALLOW, Action.ALERT):
@@ -422,7 +487,7 @@ class Tracker:
                 continue
             return self._cut(running, limit, out)
         running.rows += rows
-        running.bytes += size
+        running.nbytes += size
         if copy:
             return None
         return self._inspect(running, plan, raw[start:end], out)
@@ -440,6 +505,37 @@ class Tracker:
                 col.binary = col.binary or bind.result_format(i) == 1
         return columns
 
+    def _prepare(self, running: Running, out: list[cmd.Command]) -> None:
+        """At a statement's first row: map its columns, cross-check the analysis, and work
+        out what must be watched."""
+        running.prepared = True
+        decision = running.decision
+        if decision is None or decision.plan is None:
+            return
+        if self.guard.watchful or self.ledger:
+            running.columns = self._columns(running)
+            found = frozenset().union(*(c.labels for c in running.columns))
+            missed = found - decision.facts.output_labels
+            if missed:
+                # A result column the catalog knows is labelled, which the analysis did not
+                # see: treat it as labelled from here on, and say so.
+                out.append(cmd.Log("analysis_miss", "warning", {
+                    "labels": sorted(missed), "statement": decision.facts.normalized[:200],
+                }))  # fmt: skip
+                decision = self.guard.redecide(decision, missed)
+                running.decision = decision
+        plan = decision.plan
+        assert plan is not None
+        facts = decision.facts
+        if facts.output_labels and (self.ledger or plan.window_rules):
+            capture = [(k.relation, k.positions) for k in facts.record_keys]
+            if not capture and running.columns:
+                capture = [(c.pk_of, (i,)) for i, c in enumerate(running.columns) if c.pk_of]
+            running.capture = tuple(capture)
+        running.watch = bool(plan.limits or plan.needs_rows or running.capture)
+        if running.watch and running.columns is None:
+            running.columns = self._columns(running)
+
     def _inspect(
         self, running: Running, plan: ResultPlan, body: bytes, out: list[cmd.Command]
     ) -> bytes | None:
@@ -449,18 +545,23 @@ class Tracker:
             values = DataRow.decode(body).values
             if any(v in plan.canary_values for v in values if v is not None):
                 out += self._canary(plan)
-        has_pk = any(c.pk_of for c in columns)
-        if not (plan.mask or has_pk):
+        if not (plan.mask or running.capture or plan.canary_keys):
             return None
         if values is None:
             values = DataRow.decode(body).values
-        for i, col in enumerate(columns[: len(values)]):
-            v = values[i]
-            if col.pk_of and v is not None:
-                running.records.setdefault(col.pk_of, set()).add(self.guard.record_id(col.pk_of, v))
-                keys = plan.canary_keys.get(col.pk_of)
-                if keys and v.decode("utf-8", "replace") in keys:
-                    out += self._canary(plan)
+        for table, positions in running.capture:
+            if positions[-1] >= len(values):
+                continue
+            if len(positions) == 1:
+                key = values[positions[0]]
+            else:
+                key = pk_text([values[i] for i in positions])
+            if key is None:
+                continue
+            running.keys.setdefault(table, []).append(key)
+            wanted = plan.canary_keys.get(table)
+            if wanted and key.decode("utf-8", "replace") in wanted:
+                out += self._canary(plan)
         if not plan.mask:
             return None
         masked = list(values)
@@ -504,7 +605,7 @@ class Tracker:
         if not self.cancel_sent:
             out.append(cmd.CancelUpstream())
             self.cancel_sent = True
-        out += self._finished(running, "", "42501", cut=True)
+        out += self._finished(running, "", "42501", cut=rule)
         self.discarding = True
         head = self.fifo[0] if self.fifo else None
         self.cut_simple = head is not None and head.kind == QUERY
@@ -579,7 +680,7 @@ class Tracker:
         return True, out
 
     def _finished(self, running: Running, tag: str, sqlstate: str | None, *, suspended: bool = False,
-                  cut: bool = False) -> list[cmd.Command]:  # fmt: skip
+                  cut: bool | str = False) -> list[cmd.Command]:  # fmt: skip
         if (
             running.portal is not None
             and suspended
@@ -600,8 +701,8 @@ class Tracker:
         plan = decision.plan if decision is not None else None
         if plan is not None and plan.labels and plan.window_rules and rows:
             records: set[str] = set()
-            for ids in running.records.values():
-                records |= ids
+            for table, keys in running.keys.items():
+                records.update(self.guard.record_id(table, k) for k in keys)
             if not records:
                 # No primary key in the result: count each row as its own record (fail closed).
                 records = {f"row:{id(running):x}:{i}" for i in range(rows)}
@@ -619,11 +720,14 @@ class Tracker:
             cmd.StatementDone(
                 facts=decision.facts if decision is not None else None,
                 rows=rows,
-                bytes=running.bytes,
+                nbytes=running.nbytes,
                 seconds=time.perf_counter() - running.started,
                 sqlstate=sqlstate,
                 cut=cut,
-                records={k: frozenset(v) for k, v in running.records.items()},
+                records=running.keys,
+                end_user=self.guard.subject.end_user,
+                rule_ids=_rule_ids(decision, cut),
+                verdict=_verdict(decision, cut, sqlstate),
             )
         )
         return out
@@ -642,3 +746,40 @@ def _failing_extended() -> bytes:
 
 def _without_context(err: ErrorResponse) -> bytes:
     return ErrorResponse(tuple((k, v) for k, v in err.fields if k not in "WFLRqP")).encode()
+
+
+def pk_text(values: list[bytes | None]) -> bytes:
+    """A composite key as one text: a JSON array of the columns' texts (as the ledger wants)."""
+    import json
+
+    return json.dumps(
+        [None if v is None else v.decode("utf-8", "replace") for v in values]
+    ).encode()
+
+
+def _rule_ids(decision: Decision | None, cut: bool | str) -> tuple[str, ...]:
+    if decision is None:
+        return ()
+    v = decision.verdict
+    ids = [f.rule_id for f in v.findings]
+    if v.rule_id:
+        ids.append(v.rule_id)
+    if isinstance(cut, str):
+        ids.append(cut)
+    return tuple(dict.fromkeys(ids))
+
+
+def _verdict(decision: Decision | None, cut: bool | str, sqlstate: str | None) -> str:
+    if cut:
+        return "limit"
+    if decision is None:
+        return "allow"
+    v = decision.verdict
+    if v.blocks:
+        return "block"
+    plan = v.plan
+    if plan is not None and plan.mask:
+        return "mask"
+    if any(f.monitored for f in v.findings):
+        return "monitor"
+    return "allow"

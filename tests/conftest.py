@@ -12,6 +12,7 @@ import pytest
 
 from loadtests.cluster import Cluster, running_cluster
 from tests.proxyutil import ProxyProcess
+from tests.support_data import enforce_db  # noqa: F401 (a fixture)
 
 _proxy_dirs = itertools.count(1)
 

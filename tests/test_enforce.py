@@ -19,7 +19,7 @@ import psycopg
 import pytest
 import yaml
 
-from loadtests.cluster import Cluster, schema_sql
+from loadtests.cluster import Cluster
 from proxy.messages import (
     Bind,
     DataRow,
@@ -30,38 +30,7 @@ from proxy.messages import (
     Sync,
 )
 from tests.proxyutil import ProxyProcess, RawClient, error_of
-
-DB = "enforce"
-POLICY = Path(__file__).resolve().parent.parent / "config" / "policy.yaml"
-CUSTOMERS = 400
-
-DATA = f"""
-INSERT INTO agents (agent_id, username, full_name, email, team)
-SELECT i, 'agent' || i, 'Agent ' || i, 'agent' || i || '@support.example', 'tech'
-FROM generate_series(1, 3) i;
-INSERT INTO customers (customer_id, full_name, email, phone, country, tier)
-SELECT i, 'Customer ' || i,
-       CASE WHEN i = 333 THEN 'canary-1@pgwarden-canary.example' ELSE 'customer' || i || '@mail.example' END,
-       '+4420' || lpad(i::text, 7, '0'), 'GB', CASE WHEN i % 10 = 0 THEN 'vip' ELSE 'standard' END
-FROM generate_series(1, {CUSTOMERS}) i;
-INSERT INTO tickets (ticket_id, ticket_number, customer_id, assigned_agent_id, subject)
-SELECT i, 'TM-' || lpad(i::text, 7, '0'), i, 1 + i % 3, 'help' FROM generate_series(1, {CUSTOMERS}) i;
-INSERT INTO products VALUES (1, 'Widget', 'tools');
-"""
-
-
-@pytest.fixture(scope="module")
-def enforce_db(pg: Cluster) -> str:
-    pg.psql(f"DROP DATABASE IF EXISTS {DB}; CREATE DATABASE {DB};", database="postgres")
-    pg.psql(schema_sql() + DATA, database=DB)
-    pg.psql(
-        "GRANT USAGE ON SCHEMA public, reporting TO support_app, analyst;\n"
-        "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO support_app, analyst;\n"
-        "GRANT SELECT ON ALL TABLES IN SCHEMA reporting TO support_app, analyst;\n"
-        "GRANT CREATE ON SCHEMA public TO support_app;",
-        database=DB,
-    )
-    return DB
+from tests.support_data import CUSTOMERS, DB, POLICY
 
 
 def start_proxy(pg: Cluster, workdir: Path, policy_path: Path = POLICY) -> ProxyProcess:
