@@ -1,0 +1,71 @@
+"""A very short run of the proxy benchmark: the output format, never the timings."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loadtests import harness
+
+FIGURE = re.compile(r"^([a-z0-9_]+)=(nan|[0-9]+(?:\.[0-9]+)?)$")
+
+
+@pytest.mark.slow
+def test_bench_proxy_smoke(tmp_path: Path) -> None:
+    targets = ["direct", "pgbouncer", "bare"]
+    # pgwarden joins the smoke run as soon as this checkout has 'pgwarden serve'.
+    with_pgwarden = harness.pgwarden_serve_available() is None
+    if with_pgwarden:
+        targets.append("pgwarden")
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "loadtests.bench_proxy", "--duration", "2", "--rounds", "1",
+         "--targets", ",".join(targets), "--modes", "simple,extended", "--scale", "1",
+         "--warmup", "0", "--output", str(out)],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+
+    # Every figure line above the last is one name=value pair.
+    figures: dict[str, float] = {}
+    for line in lines[:-1]:
+        m = FIGURE.match(line)
+        if m:
+            figures[m.group(1)] = float(m.group(2))
+    for target in targets:
+        for mode in ("simple", "extended"):
+            assert figures[f"tps_{target}_{mode}"] > 0
+            assert figures[f"latency_ms_{target}_{mode}"] > 0
+    ratios = {k: v for k, v in figures.items() if k.startswith("ratio_")}
+    for name in ("bare_vs_direct", "pgbouncer_vs_direct"):
+        for mode in ("simple", "extended"):
+            assert ratios[f"ratio_{name}_{mode}"] > 0
+
+    # The last line holds several pairs and starts with the headline figure.
+    last = lines[-1].split()
+    assert last[0].startswith("ratio_vs_pgbouncer=")
+    pairs = dict(p.split("=", 1) for p in last)
+    assert all(FIGURE.match(f"{k}={v}") for k, v in pairs.items())
+    headline = float(pairs["ratio_vs_pgbouncer"])
+    assert figures["ratio_vs_pgbouncer"] == pytest.approx(headline, rel=1e-2, nan_ok=True)
+    if with_pgwarden:
+        assert headline > 0
+    else:
+        # Not measured is reported as such, never filled in from another target.
+        assert math.isnan(headline)
+        assert "pgwarden" in proc.stderr
+    for k, v in pairs.items():
+        if k != "ratio_vs_pgbouncer" or with_pgwarden:
+            assert float(v) > 0, k
+
+    data = json.loads(out.read_text())
+    assert data["figures"]["ratio_bare_vs_direct_simple"] > 0
+    assert {r["target"] for r in data["runs"]} == set(targets)
+    assert all(r["error"] is None for r in data["runs"])
