@@ -69,3 +69,30 @@ def test_bench_proxy_smoke(tmp_path: Path) -> None:
     assert data["figures"]["ratio_bare_vs_direct_simple"] > 0
     assert {r["target"] for r in data["runs"]} == set(targets)
     assert all(r["error"] is None for r in data["runs"])
+
+
+@pytest.mark.slow
+def test_support_load_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "support.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "loadtests.support_load", "--duration", "1", "--rounds", "1",
+         "--customers", "500", "--scale", "1", "--bulk-rows", "20000", "--modes", "simple",
+         "--targets", "direct,bare", "--output", str(out)],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert all(FIGURE.match(line) for line in lines[:-1])
+    last = dict(pair.split("=", 1) for pair in lines[-1].split())
+    assert list(last) == ["support_ratio", "bulk_select_ratio", "bulk_copy_ratio"]
+    data = json.loads(out.read_text())
+    figures = data["figures"]
+    for name in ("support", "select_only"):
+        assert figures[f"tps_{name}_direct_simple"] > 0
+        assert figures[f"ratio_{name}_bare_vs_direct_simple"] > 0
+        assert figures[f"p99_ms_{name}_bare_simple"] >= figures[f"p50_ms_{name}_bare_simple"] > 0
+    for op in ("select", "select_psql", "copy"):
+        assert figures[f"ratio_bulk_{op}_bare_vs_direct"] > 0
+    assert all(b["error"] is None and b["rows"] == 20000 for b in data["bulk_runs"])
+    assert all(r["error"] is None for r in data["pgbench_runs"])
+    assert data["setup"]["generation"]["counts"]["customers"] == 500
