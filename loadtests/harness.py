@@ -272,6 +272,8 @@ class PgbenchResult:
     seconds: float
     percentiles_ms: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    # 1-minute load average after the run: shows when other work on the machine interfered.
+    loadavg: float = 0.0
 
 
 _TPS = re.compile(r"^tps = ([0-9.]+)", re.M)
@@ -362,8 +364,9 @@ def run_pgbench(
         tps, lat, tx, failed = parse_pgbench(proc.stdout)
         pcts = latency_percentiles(sorted(logdir.iterdir())) if logdir else {}
         return PgbenchResult(
-            target.name, mode, workload, tps, lat, tx, failed, time.monotonic() - t0, pcts
-        )
+            target.name, mode, workload, tps, lat, tx, failed, time.monotonic() - t0, pcts,
+            loadavg=os.getloadavg()[0],
+        )  # fmt: skip
     except (ValueError, subprocess.TimeoutExpired) as exc:
         return PgbenchResult(
             target.name, mode, workload, 0.0, 0.0, 0, 0, time.monotonic() - t0, error=str(exc)
@@ -451,7 +454,7 @@ def environment() -> dict[str, Any]:
     with contextlib.suppress(Exception):
         import uvloop
 
-        info["uvloop"] = uvloop.__version__
+        info["uvloop"] = getattr(uvloop, "__version__", "?")
     return info
 
 

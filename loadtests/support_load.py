@@ -255,16 +255,16 @@ def summarise(
                     figures[f"{q}_ms_{key}"] = entry[f"{q}_ms"]
     for op in BULK_OPS:
         for target in targets:
-            runs = [r for r in bulk if (r.op, r.target) == (op, target) and not r.error]
-            if not runs:
+            streams = [b for b in bulk if (b.op, b.target) == (op, target) and not b.error]
+            if not streams:
                 continue
-            rate = harness.median([r.rows_per_s for r in runs])
+            rate = harness.median([b.rows_per_s for b in streams])
             summary.setdefault("bulk", {}).setdefault(target, {})[op] = {
                 "median_rows_per_s": rate,
-                "median_seconds": harness.median([r.seconds for r in runs]),
-                "rows": runs[0].rows,
-                "bytes": runs[0].bytes,
-                "runs": len(runs),
+                "median_seconds": harness.median([b.seconds for b in streams]),
+                "rows": streams[0].rows,
+                "bytes": streams[0].bytes,
+                "runs": len(streams),
             }
             figures[f"bulk_{op}_rows_per_s_{target}"] = rate
 

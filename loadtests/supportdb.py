@@ -373,14 +373,14 @@ def build_rows(
     manifest = []
     for cid in canary_ids:
         row = customer_rows[cid - 1]
-        tix = canary_ticket.get(cid)
+        ticket = canary_ticket.get(cid)
         manifest.append(
             Canary(
                 customer_id=cid,
                 email=row[2],
                 full_name=row[1],
                 phone=row[3] or "",
-                ticket_number=ticket_number(tix) if tix else None,
+                ticket_number=ticket_number(ticket) if ticket else None,
             )
         )
     rows = {
