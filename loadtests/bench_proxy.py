@@ -145,6 +145,26 @@ def summarise(
         figures[f"ratio_pgbouncer_vs_direct_{mode}"] = harness.ratio(
             t("pgbouncer", mode), t("direct", mode)
         )
+    # Paired ratios: within one round the runs are seconds apart, so the ratio of each
+    # round cancels slow drifts in machine load; their median is kept beside the ratio of
+    # medians (which the figure lines report) as a check on noise.
+    paired: dict[str, Any] = {}
+    rounds = sorted({r.round for r in results})
+    for mode in modes:
+        for a, b in (("pgwarden", "direct"), ("pgwarden", "pgbouncer"), ("bare", "direct"),
+                     ("pgbouncer", "direct")):  # fmt: skip
+            per_round = []
+            for rnd in rounds:
+                ta = [r.tps for r in results if (r.target, r.mode, r.round) == (a, mode, rnd)]
+                tb = [r.tps for r in results if (r.target, r.mode, r.round) == (b, mode, rnd)]
+                if ta and tb and ta[0] > 0 and tb[0] > 0:
+                    per_round.append(ta[0] / tb[0])
+            if per_round:
+                paired[f"{a}_vs_{b}_{mode}"] = {
+                    "median": harness.median(per_round),
+                    "each_round": per_round,
+                }
+    summary["paired_ratios"] = paired
     # Ratios of targets that were not measured are left out rather than printed as nan.
     figures = {k: v for k, v in figures.items() if not math.isnan(v)}
     # The headline: the worse of the two protocols pgwarden must handle on every statement.
@@ -206,6 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             args=["-S"], duration=args.duration, clients=args.clients,
                             jobs=args.jobs,
                         )  # fmt: skip
+                        r.round = rnd + 1
                         results.append(r)
                         done += 1
                         status = (

@@ -274,6 +274,7 @@ class PgbenchResult:
     error: str | None = None
     # 1-minute load average after the run: shows when other work on the machine interfered.
     loadavg: float = 0.0
+    round: int = 0
 
 
 _TPS = re.compile(r"^tps = ([0-9.]+)", re.M)

@@ -340,6 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 args=wl_args, duration=args.duration, clients=args.clients,
                                 jobs=args.jobs, percentiles=True,
                             )  # fmt: skip
+                            r.round = rnd + 1
                             pgbench_results.append(r)
                             done += 1
                             status = (
