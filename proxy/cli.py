@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
 import click
 
 from audit.cli import audit_group
-from policy.cli import policy_group
+from policy.cli import classify_command, policy_group
+from proxy.config import ConfigError, ProxyConfig, load_config
+from proxy.demo import demo_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -16,3 +23,74 @@ def main() -> None:
 
 main.add_command(policy_group)
 main.add_command(audit_group)
+main.add_command(classify_command)
+main.add_command(demo_command)
+
+
+def _overrides(**flags: Any) -> dict[str, Any]:
+    mapping = {
+        "listen": "listen",
+        "upstream": "upstream",
+        "admin": "admin_listen",
+        "tls_cert": "client_tls.cert",
+        "tls_key": "client_tls.key",
+        "require_tls": "client_tls.required",
+        "upstream_tls": "upstream_tls.mode",
+        "upstream_ca": "upstream_tls.ca",
+        "allow_replication": "allow_replication",
+        "max_message_bytes": "max_message_bytes",
+        "log_level": "log_level",
+        "log_format": "log_format",
+    }
+    return {mapping[k]: v for k, v in flags.items() if v is not None and v is not False}
+
+
+@main.command()
+@click.option(
+    "-c", "--config", "config_file", type=click.Path(dir_okay=False), help="YAML config file."
+)
+@click.option("--listen", help="Address to accept clients on, HOST:PORT (default 127.0.0.1:6432).")
+@click.option("--upstream", help="PostgreSQL server, HOST:PORT (default 127.0.0.1:5432).")
+@click.option("--admin", help="Admin HTTP address for /metrics and /healthz, or 'off'.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), help="Certificate for client TLS.")
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="Private key for client TLS.")
+@click.option(
+    "--require-tls", is_flag=True, default=None, help="Refuse clients that do not use TLS."
+)
+@click.option(
+    "--upstream-tls",
+    type=click.Choice(["disable", "prefer", "require", "verify-full"]),
+    help="TLS to PostgreSQL (default prefer).",
+)
+@click.option("--upstream-ca", type=click.Path(dir_okay=False), help="CA file for verify-full.")
+@click.option(
+    "--allow-replication", is_flag=True, default=None, help="Let replication connections through."
+)
+@click.option("--max-message-bytes", type=int, help="Largest protocol message accepted.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--log-format", type=click.Choice(["json", "console"]))
+def serve(config_file: str | None, **flags: Any) -> None:
+    """Run the proxy in the foreground (SIGTERM stops it gracefully, SIGHUP reloads)."""
+    from proxy.logs import configure_logging
+    from proxy.server import install_uvloop
+    from proxy.server import serve as run_server
+
+    overrides = _overrides(**flags)
+
+    def load() -> ProxyConfig:
+        return load_config(Path(config_file) if config_file else None, overrides)
+
+    try:
+        config = load()
+    except ConfigError as exc:
+        click.echo(f"pgwarden: {exc}", err=True)
+        sys.exit(2)
+    configure_logging(config.log_level, config.log_format)
+    install_uvloop()
+    try:
+        asyncio.run(run_server(config, reload=load))
+    except OSError as exc:
+        click.echo(f"pgwarden: cannot listen on {config.listen}: {exc.strerror or exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        pass

@@ -11,4 +11,6 @@ def test_each_auth_method_logs_in_directly(pg: Cluster) -> None:
 
 def test_tls_is_offered(pg: Cluster) -> None:
     with psycopg.connect(pg.dsn(sslmode="verify-full", sslrootcert=str(pg.ca_cert))) as conn:
-        assert conn.execute("select ssl from pg_stat_ssl where pid = pg_backend_pid()").fetchone() == (True,)
+        assert conn.execute(
+            "select ssl from pg_stat_ssl where pid = pg_backend_pid()"
+        ).fetchone() == (True,)

@@ -1,0 +1,435 @@
+"""SQL text -> ``QueryFacts``: what each statement reads, writes and can show its sender.
+
+Public API (what the proxy calls)::
+
+    analyzer = Analyzer(catalog: Catalog | CatalogSnapshot, label_rules: LabelRules,
+                        cache_size=10000)
+    facts: tuple[QueryFacts, ...] = analyzer.analyze(sql, search_path=("public",), user=None)
+    analyzer.column_at(table_oid, attnum) -> CatalogColumn | None   # labels included
+    analyzer.snapshot                                                # labelled snapshot in use
+
+One ``QueryFacts`` per statement of a multi-statement string, in order. A ``SET search_path``
+inside the string applies to the statements after it. ``analyze`` never raises: a statement
+that cannot be parsed or followed comes back with ``unanalysable`` set (parse errors keep
+their position), and an empty string gives ``()``.
+
+Results are cached by ``(search_path, user, text)`` in an LRU; the cache empties itself when
+the catalog snapshot changes (the facts depend on it). Session-level statements that refer
+to earlier ones (``EXECUTE``, ``FETCH``) are resolved by ``policy.session_sql.SqlSession``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from dataclasses import replace
+from typing import Any
+
+from pglast import parser as _pg
+
+from policy.catalog import Catalog, CatalogColumn, CatalogSnapshot
+from policy.facts import OutputColumn, QueryFacts
+from policy.labels import LabelRules
+from policy.lineage import (
+    Columns,
+    Node,
+    Shared,
+    StatementWalker,
+    Unanalysable,
+    const_int,
+    const_str,
+    iter_nodes,
+    names,
+    node_type,
+)
+from policy.normalize import fingerprint, normalize
+from policy.parse import parse_json
+from policy.search_path import DEFAULT_SEARCH_PATH, expand_user, parse_search_path
+
+_QUERY_KINDS = frozenset({"SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"})
+_DDL_KINDS = frozenset(
+    {
+        "ViewStmt",
+        "IndexStmt",
+        "RuleStmt",
+        "CommentStmt",
+        "RenameStmt",
+        "GrantStmt",
+        "GrantRoleStmt",
+        "CompositeTypeStmt",
+        "DefineStmt",
+        "CreateTableAsStmt",
+        "SecLabelStmt",
+        "ImportForeignSchemaStmt",
+    }
+)
+FETCH_ALL = 9223372036854775807
+_CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
+
+
+def kind_name(node_kind: str) -> str:
+    """``CreateTableAsStmt`` -> ``create_table_as``."""
+    base = node_kind[:-4] if node_kind.endswith("Stmt") else node_kind
+    return _CAMEL.sub("_", base).lower()
+
+
+class Analyzer:
+    """Analyses SQL text against a catalog with label rules; thread-compatible, not thread-safe."""
+
+    def __init__(
+        self,
+        catalog: Catalog | CatalogSnapshot,
+        label_rules: LabelRules | None = None,
+        cache_size: int = 10000,
+    ) -> None:
+        self._catalog = catalog
+        self._rules = label_rules or LabelRules()
+        self._cache_size = cache_size
+        self._cache: OrderedDict[tuple[Any, ...], tuple[QueryFacts, ...]] = OrderedDict()
+        self._source: CatalogSnapshot | None = None
+        self._shared: Shared | None = None
+        self.hits = 0
+        self.misses = 0
+
+    def _current(self) -> Shared:
+        snap = self._catalog.snapshot if isinstance(self._catalog, Catalog) else self._catalog
+        shared = self._shared
+        if shared is None or snap is not self._source:
+            # A new snapshot: labels, views and every cached answer may have changed.
+            labelled = snap.with_rules(self._rules) if self._rules.rules else snap
+            shared = Shared(labelled, self._rules.labels_for)
+            self._shared = shared
+            self._source = snap
+            self._cache.clear()
+        return shared
+
+    @property
+    def snapshot(self) -> CatalogSnapshot:
+        return self._current().snapshot
+
+    def set_rules(self, rules: LabelRules) -> None:
+        """New label rules (policy reload): drops the cache."""
+        self._rules = rules
+        self._source = None
+
+    def column_at(self, table_oid: int, attnum: int) -> CatalogColumn | None:
+        """The labelled catalog column behind a RowDescription field."""
+        return self._current().snapshot.column_at(table_oid, attnum)
+
+    def cache_clear(self) -> None:
+        self._cache.clear()
+
+    def analyze(
+        self,
+        sql: str,
+        search_path: tuple[str, ...] = DEFAULT_SEARCH_PATH,
+        user: str | None = None,
+    ) -> tuple[QueryFacts, ...]:
+        """Facts for each statement in ``sql``; cached; never raises."""
+        shared = self._current()
+        key = (search_path, user, sql)
+        cache = self._cache
+        hit = cache.get(key)
+        if hit is not None:
+            cache.move_to_end(key)
+            self.hits += 1
+            return hit
+        self.misses += 1
+        try:
+            result = analyze_text(sql, search_path, user, shared)
+        except Exception as exc:  # a bug here must not take the session down
+            norm = normalize(sql)
+            result = (
+                QueryFacts(
+                    kind="unknown",
+                    normalized=norm,
+                    fingerprint=fingerprint(sql, norm),
+                    unanalysable=f"internal error in analysis: {type(exc).__name__}",
+                ),
+            )
+        cache[key] = result
+        if len(cache) > self._cache_size:
+            cache.popitem(last=False)
+        return result
+
+
+def analyze_text(
+    sql: str, search_path: tuple[str, ...], user: str | None, shared: Shared
+) -> tuple[QueryFacts, ...]:
+    """Uncached analysis of every statement in ``sql``."""
+    try:
+        tree = parse_json(sql)
+    except _pg.ParseError as exc:
+        norm = normalize(sql)
+        pos = exc.args[1] if len(exc.args) > 1 else None
+        if not isinstance(pos, int):
+            pos = len(sql)  # "at end of input"
+        where = f" at offset {pos}"
+        message = _redact_error(str(exc.args[0]) if exc.args else str(exc))
+        return (
+            QueryFacts(
+                kind="unknown",
+                normalized=norm,
+                fingerprint=fingerprint(sql, norm),
+                unanalysable=f"parse error{where}: {message}",
+                error_position=pos,
+            ),
+        )
+    stmts = tree.get("stmts") or []
+    if not stmts:
+        return ()
+    raw_bytes = None if sql.isascii() else sql.encode()
+    path = search_path
+    out: list[QueryFacts] = []
+    for raw in stmts:
+        start = raw.get("stmt_location", 0)
+        length = raw.get("stmt_len", 0)
+        if raw_bytes is None:
+            text = sql[start : start + length] if length else sql[start:]
+            char_start = start
+        else:
+            chunk = raw_bytes[start : start + length] if length else raw_bytes[start:]
+            text = chunk.decode(errors="replace")
+            char_start = len(raw_bytes[:start].decode(errors="replace"))
+        facts = analyze_statement(raw["stmt"], text.strip(), expand_user(path, user), shared)
+        if char_start:
+            facts = replace(facts, location=char_start)
+        if facts.search_path is not None:
+            path = facts.search_path
+        out.append(facts)
+    return tuple(out)
+
+
+_NEAR_RE = re.compile(r'at or near "(.*)"$', re.DOTALL)
+
+
+def _redact_error(message: str) -> str:
+    """PostgreSQL quotes the offending text in parse errors; it may be a literal."""
+    return _NEAR_RE.sub(lambda m: f'at or near "{normalize(m.group(1))}"', message)
+
+
+def analyze_statement(
+    stmt: Node, text: str, search_path: tuple[str, ...], shared: Shared
+) -> QueryFacts:
+    """Facts for one parsed statement whose text is ``text``."""
+    kind, n = node_type(stmt)
+    norm = normalize(text)
+    fp = fingerprint(text, norm)
+    w = StatementWalker(shared, search_path)
+    f: dict[str, Any] = {"kind": kind_name(kind)}
+    output: Columns = []
+    try:
+        if kind in _QUERY_KINDS:
+            output = w.query(stmt, None, {})
+            _statement_shape(kind, n, f)
+            if kind == "SelectStmt":
+                if n.get("intoClause"):
+                    f["kind"] = "select_into"
+                    output = []
+                _set_config_calls(n, f)
+        elif kind == "CopyStmt":
+            output = _copy(w, n, f)
+        elif kind == "CreateTableAsStmt":
+            f["is_ddl"] = True
+            qk, _q = node_type(n["query"])
+            if qk == "ExecuteStmt":
+                raise Unanalysable(
+                    "CREATE TABLE AS EXECUTE: the prepared statement is not known here"
+                )
+            cols = w.query(n["query"], None, {})
+            w.write_copy(n["into"]["rel"], cols)
+        elif kind == "PrepareStmt":
+            f["prepared_name"] = n.get("name")
+            f["inner_sql"] = _after_keyword(text, "AS")
+            output = w.query(n["query"], None, {})
+        elif kind == "ExecuteStmt":
+            f["prepared_name"] = n.get("name")
+            w.expr(n.get("params"), None)
+        elif kind == "DeallocateStmt":
+            f["prepared_name"] = n.get("name")
+        elif kind == "DeclareCursorStmt":
+            f["cursor_name"] = n.get("portalname")
+            f["inner_sql"] = _after_keyword(text, "FOR")
+            output = w.query(n["query"], None, {})
+        elif kind == "FetchStmt":
+            f["kind"] = "move" if n.get("ismove") else "fetch"
+            f["cursor_name"] = n.get("portalname")
+            how = n.get("howMany", 0)
+            f["fetch_count"] = None if how == FETCH_ALL else how
+        elif kind == "ClosePortalStmt":
+            f["cursor_name"] = n.get("portalname")
+        elif kind == "VariableSetStmt":
+            _variable_set(n, f)
+        elif kind == "DoStmt":
+            raise Unanalysable("DO block: procedural code cannot be analysed")
+        elif kind == "CallStmt":
+            w.expr(n.get("funccall"), None)
+        elif kind == "ExplainStmt":
+            inner = analyze_statement(n["query"], text, search_path, shared)
+            analyse_run = any(
+                o.get("DefElem", {}).get("defname") == "analyze" for o in n.get("options") or ()
+            )
+            return replace(
+                inner,
+                kind="explain",
+                normalized=norm,
+                fingerprint=fp,
+                output=(),
+                # Plain EXPLAIN plans without running: nothing is written or copied.
+                relations_written=inner.relations_written if analyse_run else frozenset(),
+                copies=inner.copies if analyse_run else (),
+            )
+        elif kind == "ViewStmt":
+            f["is_ddl"] = True
+            schema, name = w.qualify_target(n["view"])
+            f["relations_written"] = frozenset({f"{schema}.{name}"})
+            w.query(n["query"], None, {})
+        elif kind == "TruncateStmt":
+            for rv in n.get("relations") or ():
+                schema, name = w.qualify_target(rv["RangeVar"])
+                w.writes.add(f"{schema}.{name}")
+        elif kind in _DDL_KINDS or kind.startswith(("Create", "Alter", "Drop")):
+            f["is_ddl"] = True
+    except Unanalysable as exc:
+        w.unanalysable.append(str(exc))
+    except RecursionError:
+        w.unanalysable.append("statement nests too deeply to analyse")
+    return _finish(w, f, output, norm, fp)
+
+
+def _finish(
+    w: StatementWalker, f: dict[str, Any], output: Columns, norm: str, fp: str
+) -> QueryFacts:
+    lab = w.shared.lineage_labels
+    out_cols = tuple(OutputColumn(name, lin, lab(lin)) for name, lin in output)
+    filters = frozenset(w.filters)
+    writes = frozenset(w.writes) | f.pop("relations_written", frozenset())
+    unanalysable = "; ".join(dict.fromkeys(w.unanalysable)) or None
+    return QueryFacts(
+        normalized=norm,
+        fingerprint=fp,
+        relations_read=frozenset(w.reads),
+        relations_written=writes,
+        output=out_cols,
+        filter_columns=filters,
+        filter_labels=lab(filters),
+        functions=frozenset(w.functions),
+        packing=tuple(dict.fromkeys(w.packing)),
+        star_tables=frozenset(w.star_tables),
+        copies=tuple(dict.fromkeys(w.copies)),
+        user_functions=frozenset(w.user_functions),
+        unresolved=tuple(dict.fromkeys(w.unresolved)),
+        unanalysable=unanalysable,
+        **f,
+    )
+
+
+def _statement_shape(kind: str, n: Node, f: dict[str, Any]) -> None:
+    """WHERE / LIMIT / OFFSET of the outermost query."""
+    if kind == "SelectStmt":
+        f["has_where"] = _select_has_where(n)
+        count = n.get("limitCount")
+        if count is not None and not _is_null_const(count):
+            f["has_limit"] = True
+            if n.get("limitOption") != "LIMIT_OPTION_WITH_TIES":
+                f["limit"] = const_int(count)
+        f["offset"] = const_int(n.get("limitOffset"))
+    elif kind in ("UpdateStmt", "DeleteStmt"):
+        f["has_where"] = n.get("whereClause") is not None
+
+
+def _select_has_where(n: Node) -> bool:
+    if n.get("op", "SETOP_NONE") != "SETOP_NONE":
+        return _select_has_where(n["larg"]) and _select_has_where(n["rarg"])
+    return n.get("whereClause") is not None
+
+
+def _is_null_const(node: Node) -> bool:
+    c = node.get("A_Const")
+    return bool(c is not None and c.get("isnull"))
+
+
+def _copy(w: StatementWalker, n: Node, f: dict[str, Any]) -> Columns:
+    is_from = bool(n.get("is_from"))
+    program = bool(n.get("is_program"))
+    target = "program" if program else ("file" if n.get("filename") else None)
+    f["copy_direction"] = "from" if is_from else "to"
+    f["copy_target"] = target or ("stdin" if is_from else "stdout")
+    f["copy_program"] = program
+    if n.get("query"):
+        f["copy_source"] = "query"
+        return w.query(n["query"], None, {})
+    rv = n["relation"]
+    attlist = names(n.get("attlist"))
+    if is_from:
+        schema, name = w.qualify_target(rv)
+        w.writes.add(f"{schema}.{name}")
+        return []
+    rel = w.range_var(rv, None, {})
+    f["copy_source"] = rel.relation
+    if not attlist:
+        w._mark_star(rel)
+        return list(rel.columns)
+    out: Columns = []
+    for a in attlist:
+        lin = rel.lookup(a)
+        out.append((a, lin if lin is not None else frozenset()))
+    return out
+
+
+def _variable_set(n: Node, f: dict[str, Any]) -> None:
+    name = n.get("name")
+    vkind = n.get("kind")
+    if vkind == "VAR_RESET_ALL" or (
+        name == "search_path" and vkind in ("VAR_RESET", "VAR_SET_DEFAULT")
+    ):
+        f["search_path"] = DEFAULT_SEARCH_PATH
+        f["search_path_local"] = bool(n.get("is_local"))
+        f["search_path_reset"] = True
+        return
+    if name != "search_path" or vkind != "VAR_SET_VALUE":
+        return
+    path: list[str] = []
+    for a in n.get("args") or ():
+        s = const_str(a)
+        if s is None:
+            raise Unanalysable("search_path set to a value that is not a constant")
+        # Each list element is one schema name, verbatim (PostgreSQL quotes it as needed).
+        path.append(s)
+    f["search_path"] = tuple(path)
+    f["search_path_local"] = bool(n.get("is_local"))
+
+
+def _set_config_calls(n: Node, f: dict[str, Any]) -> None:
+    for call in iter_nodes(n, "FuncCall"):
+        fname = names(call.get("funcname"))
+        if not fname or fname[-1] != "set_config":
+            continue
+        args = call.get("args") or []
+        if len(args) < 2 or const_str(args[0]) != "search_path":
+            if args and const_str(args[0]) is None:
+                raise Unanalysable("set_config() with a setting name chosen at run time")
+            continue
+        value = const_str(args[1])
+        if value is None:
+            raise Unanalysable("search_path set to a value that is not a constant")
+        f["search_path"] = parse_search_path(value)
+        local = args[2].get("A_Const", {}).get("boolval", {}) if len(args) > 2 else {}
+        f["search_path_local"] = bool(local.get("boolval"))
+
+
+def _after_keyword(text: str, keyword: str) -> str | None:
+    """The text after the first top-level ``keyword`` token (PREPARE ... AS, DECLARE ... FOR)."""
+    try:
+        tokens = _pg.scan(text)
+    except Exception:
+        return None
+    depth = 0
+    for t in tokens:
+        if t.name == "ASCII_40":
+            depth += 1
+        elif t.name == "ASCII_41":
+            depth -= 1
+        elif depth == 0 and t.name == keyword:
+            return text[t.end + 1 :].strip().rstrip(";").strip()
+    return None

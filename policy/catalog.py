@@ -1,0 +1,422 @@
+"""What the database holds: an immutable snapshot of pg_catalog, and a holder that refreshes it.
+
+Public API (what the proxy calls)::
+
+    snapshot: CatalogSnapshot = await load_catalog(conn)            # read-only queries
+    snapshot.relation(schema, name) -> CatalogRelation | None
+    snapshot.column_at(table_oid, attnum) -> CatalogColumn | None   # RowDescription fields
+    snapshot.with_rules(rules) -> CatalogSnapshot                   # labels = comments + rules
+
+    catalog = Catalog(connect, refresh_interval=60.0, rules=LabelRules(...))
+    await catalog.start(); catalog.snapshot; catalog.invalidate(); await catalog.close()
+
+A snapshot is also built without a database from Python values (:meth:`CatalogSnapshot.build`)
+or from CREATE statements (:func:`policy.schema_sql.snapshot_from_sql`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import re
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any
+
+from policy.labels import LabelRules, parse_comment_labels
+
+log = logging.getLogger(__name__)
+
+# Schemas whose relations we list (so name resolution knows pg_catalog shadows public) but
+# whose views we never expand: their definitions are internals, not customer data.
+SYSTEM_SCHEMAS = frozenset({"pg_catalog", "information_schema"})
+
+_versions = itertools.count(1)
+
+_DYNAMIC_SQL_RE = re.compile(r"\bexecute\b", re.IGNORECASE)
+
+
+def plpgsql_has_dynamic_sql(source: str) -> bool:
+    """A PL/pgSQL body that uses ``EXECUTE`` (dynamic SQL the analysis cannot follow)."""
+    return bool(_DYNAMIC_SQL_RE.search(source))
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogColumn:
+    """One column of a relation, with the labels policy gives it."""
+
+    schema: str
+    table: str
+    name: str
+    attnum: int
+    type_name: str
+    table_oid: int = 0
+    comment: str | None = None
+    labels: frozenset[str] = frozenset()
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.table}.{self.name}"
+
+    @property
+    def comment_labels(self) -> frozenset[str]:
+        return parse_comment_labels(self.comment)
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogRelation:
+    """A table, view, materialized view, foreign or partitioned table."""
+
+    oid: int
+    schema: str
+    name: str
+    kind: str  # pg_class.relkind: r table, v view, m matview, f foreign, p partitioned
+    columns: tuple[CatalogColumn, ...]
+    view_sql: str | None = None  # fully schema-qualified definition (see load_catalog)
+    view_search_path: tuple[str, ...] = ("pg_catalog",)
+    primary_key: tuple[str, ...] = ()
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    @property
+    def is_view(self) -> bool:
+        return self.view_sql is not None
+
+    @property
+    def labels(self) -> frozenset[str]:
+        out: set[str] = set()
+        for c in self.columns:
+            out |= c.labels
+        return frozenset(out)
+
+    def column(self, name: str) -> CatalogColumn | None:
+        for c in self.columns:
+            if c.name == name:
+                return c
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogFunction:
+    """A user-defined function or procedure (outside pg_catalog/information_schema)."""
+
+    schema: str
+    name: str
+    language: str
+    source: str
+    security_definer: bool = False
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    @property
+    def runs_dynamic_sql(self) -> bool:
+        """Whether the body builds SQL at run time, which analysis cannot follow."""
+        if self.language == "plpgsql":
+            return plpgsql_has_dynamic_sql(self.source)
+        return self.language not in ("sql", "internal", "c")
+
+
+@dataclass(frozen=True, eq=False)
+class CatalogSnapshot:
+    """Relations, columns, views and functions at one moment; never mutated.
+
+    ``version`` is unique per snapshot so caches keyed on it die with it.
+    """
+
+    relations: Mapping[tuple[str, str], CatalogRelation]
+    schemas: frozenset[str]
+    functions: Mapping[tuple[str, str], tuple[CatalogFunction, ...]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    version: int = field(default_factory=lambda: next(_versions))
+    _by_oid: Mapping[int, CatalogRelation] = field(init=False, repr=False)
+    _by_name: Mapping[str, tuple[CatalogRelation, ...]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        by_oid = {r.oid: r for r in self.relations.values()}
+        by_name: dict[str, list[CatalogRelation]] = {}
+        for r in self.relations.values():
+            by_name.setdefault(r.name, []).append(r)
+        object.__setattr__(self, "_by_oid", MappingProxyType(by_oid))
+        object.__setattr__(
+            self, "_by_name", MappingProxyType({k: tuple(v) for k, v in by_name.items()})
+        )
+
+    @classmethod
+    def build(
+        cls,
+        relations: Iterable[CatalogRelation],
+        schemas: Iterable[str] = (),
+        functions: Iterable[CatalogFunction] = (),
+    ) -> CatalogSnapshot:
+        """A snapshot from Python values (unit tests, schema files)."""
+        rels = {(r.schema, r.name): r for r in relations}
+        funcs: dict[tuple[str, str], list[CatalogFunction]] = {}
+        for f in functions:
+            funcs.setdefault((f.schema, f.name), []).append(f)
+        all_schemas = set(schemas) | {r.schema for r in rels.values()} | {"pg_catalog"}
+        return cls(
+            relations=MappingProxyType(rels),
+            schemas=frozenset(all_schemas),
+            functions=MappingProxyType({k: tuple(v) for k, v in funcs.items()}),
+        )
+
+    def relation(self, schema: str, name: str) -> CatalogRelation | None:
+        return self.relations.get((schema, name))
+
+    def relation_by_oid(self, oid: int) -> CatalogRelation | None:
+        return self._by_oid.get(oid)
+
+    def relations_named(self, name: str) -> tuple[CatalogRelation, ...]:
+        return self._by_name.get(name, ())
+
+    def column_at(self, table_oid: int, attnum: int) -> CatalogColumn | None:
+        """The catalog column behind a RowDescription field (table OID, attribute number)."""
+        rel = self._by_oid.get(table_oid)
+        if rel is None or attnum <= 0:
+            return None
+        for c in rel.columns:
+            if c.attnum == attnum:
+                return c
+        return None
+
+    def user_functions(self, schema: str, name: str) -> tuple[CatalogFunction, ...]:
+        return self.functions.get((schema, name), ())
+
+    def functions_named(self, name: str) -> tuple[CatalogFunction, ...]:
+        return tuple(f for (_s, n), fs in self.functions.items() if n == name for f in fs)
+
+    def with_rules(self, rules: LabelRules) -> CatalogSnapshot:
+        """A copy whose columns carry comment labels plus the labels ``rules`` assign.
+
+        The copy keeps this snapshot's version: it describes the same database state.
+        """
+        rels: dict[tuple[str, str], CatalogRelation] = {}
+        for key, rel in self.relations.items():
+            cols = tuple(
+                replace(
+                    c,
+                    labels=parse_comment_labels(c.comment)
+                    | rules.labels_for(c.schema, c.table, c.name),
+                )
+                for c in rel.columns
+            )
+            rels[key] = replace(rel, columns=cols)
+        return CatalogSnapshot(
+            relations=MappingProxyType(rels),
+            schemas=self.schemas,
+            functions=self.functions,
+            version=self.version,
+        )
+
+
+# --- loading from PostgreSQL -------------------------------------------------------------
+
+_RELATIONS_SQL = """
+SELECT c.oid::int8 AS oid, n.nspname AS schema, c.relname AS name, c.relkind::text AS kind,
+       CASE WHEN c.relkind IN ('v', 'm') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+            THEN pg_catalog.pg_get_viewdef(c.oid) END AS view_sql
+FROM pg_catalog.pg_class c
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'v', 'm', 'f', 'p')
+  AND n.nspname NOT LIKE 'pg\\_toast%'
+"""
+
+_COLUMNS_SQL = """
+SELECT a.attrelid::int8 AS oid, a.attnum::int4 AS attnum, a.attname AS name,
+       pg_catalog.format_type(a.atttypid, a.atttypmod) AS type_name,
+       pg_catalog.col_description(a.attrelid, a.attnum) AS comment
+FROM pg_catalog.pg_attribute a
+JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
+WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'v', 'm', 'f', 'p')
+ORDER BY a.attrelid, a.attnum
+"""
+
+_PKEYS_SQL = """
+SELECT con.conrelid::int8 AS oid,
+       array(SELECT a.attname::text FROM unnest(con.conkey) WITH ORDINALITY k(attnum, ord)
+             JOIN pg_catalog.pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum
+             ORDER BY k.ord) AS columns
+FROM pg_catalog.pg_constraint con WHERE con.contype = 'p'
+"""
+
+_FUNCTIONS_SQL = """
+SELECT n.nspname AS schema, p.proname AS name, l.lanname AS language,
+       coalesce(p.prosrc, '') AS source, p.prosecdef AS secdef
+FROM pg_catalog.pg_proc p
+JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+JOIN pg_catalog.pg_language l ON l.oid = p.prolang
+WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+"""
+
+
+async def load_catalog(conn: Any) -> CatalogSnapshot:
+    """Read a snapshot through an ``asyncpg.Connection`` with read-only catalog queries.
+
+    Runs in one READ ONLY transaction (one consistent picture) with ``search_path`` set to
+    ``pg_catalog`` only, so ``pg_get_viewdef`` schema-qualifies every name in view
+    definitions and we can resolve them without knowing who created the view.
+    """
+    async with conn.transaction(readonly=True, isolation="repeatable_read"):
+        await conn.execute("SET LOCAL search_path = pg_catalog")
+        rel_rows = await conn.fetch(_RELATIONS_SQL)
+        col_rows = await conn.fetch(_COLUMNS_SQL)
+        pk_rows = await conn.fetch(_PKEYS_SQL)
+        fn_rows = await conn.fetch(_FUNCTIONS_SQL)
+        schema_rows = await conn.fetch("SELECT nspname FROM pg_catalog.pg_namespace")
+    return snapshot_from_rows(
+        [dict(r) for r in rel_rows],
+        [dict(r) for r in col_rows],
+        [dict(r) for r in pk_rows],
+        [dict(r) for r in fn_rows],
+        [str(r["nspname"]) for r in schema_rows],
+    )
+
+
+def snapshot_from_rows(
+    rel_rows: Iterable[Mapping[str, Any]],
+    col_rows: Iterable[Mapping[str, Any]],
+    pk_rows: Iterable[Mapping[str, Any]] = (),
+    fn_rows: Iterable[Mapping[str, Any]] = (),
+    schemas: Iterable[str] = (),
+) -> CatalogSnapshot:
+    """Assemble a snapshot from catalog query rows (any driver)."""
+    rel_meta = {int(r["oid"]): r for r in rel_rows}
+    cols: dict[int, list[CatalogColumn]] = {}
+    for c in col_rows:
+        oid = int(c["oid"])
+        meta = rel_meta.get(oid)
+        if meta is None:
+            continue
+        cols.setdefault(oid, []).append(
+            CatalogColumn(
+                schema=str(meta["schema"]),
+                table=str(meta["name"]),
+                name=str(c["name"]),
+                attnum=int(c["attnum"]),
+                type_name=str(c["type_name"]),
+                table_oid=oid,
+                comment=c["comment"],
+                labels=parse_comment_labels(c["comment"]),
+            )
+        )
+    pkeys = {int(r["oid"]): tuple(r["columns"]) for r in pk_rows}
+    relations = [
+        CatalogRelation(
+            oid=oid,
+            schema=str(m["schema"]),
+            name=str(m["name"]),
+            kind=str(m["kind"]),
+            columns=tuple(cols.get(oid, ())),
+            view_sql=m["view_sql"],
+            primary_key=pkeys.get(oid, ()),
+        )
+        for oid, m in rel_meta.items()
+    ]
+    functions = [
+        CatalogFunction(
+            schema=str(f["schema"]),
+            name=str(f["name"]),
+            language=str(f["language"]),
+            source=str(f["source"]),
+            security_definer=bool(f["secdef"]),
+        )
+        for f in fn_rows
+    ]
+    return CatalogSnapshot.build(relations, schemas, functions)
+
+
+class Catalog:
+    """Holds the current snapshot; reloads it on an interval and soon after ``invalidate()``.
+
+    ``connect`` opens a new asyncpg connection (the holder keeps one open and reconnects on
+    failure). Readers take ``catalog.snapshot``: an attribute read, never an await, so the
+    proxy's hot path does not wait on the catalog. If a reload fails the previous snapshot
+    stays in force and the error is logged.
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], Awaitable[Any]],
+        refresh_interval: float = 60.0,
+        rules: LabelRules | None = None,
+    ) -> None:
+        self._connect = connect
+        self._interval = refresh_interval
+        self._rules = rules or LabelRules()
+        self._conn: Any = None
+        self._snapshot: CatalogSnapshot | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.last_error: BaseException | None = None
+
+    @property
+    def snapshot(self) -> CatalogSnapshot:
+        if self._snapshot is None:
+            raise RuntimeError("catalog not loaded yet: await Catalog.start() or refresh() first")
+        return self._snapshot
+
+    @property
+    def rules(self) -> LabelRules:
+        return self._rules
+
+    def set_rules(self, rules: LabelRules) -> None:
+        """Apply new label rules (policy reload) to the current snapshot at once."""
+        self._rules = rules
+        if self._snapshot is not None:
+            self._snapshot = self._snapshot.with_rules(rules)
+
+    async def refresh(self) -> CatalogSnapshot:
+        """Reload now; returns the new snapshot."""
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await self._connect()
+        try:
+            snap = await load_catalog(self._conn)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self._conn.close()
+            self._conn = None
+            raise
+        self._snapshot = snap.with_rules(self._rules)
+        self.last_error = None
+        return self._snapshot
+
+    def invalidate(self) -> None:
+        """Ask for a reload soon (DDL went through); safe to call from any coroutine."""
+        self._wake.set()
+
+    async def start(self) -> None:
+        """Load the first snapshot (errors propagate) and start the refresh loop."""
+        await self.refresh()
+        self._task = asyncio.create_task(self._loop(), name="pgwarden-catalog-refresh")
+
+    async def _loop(self) -> None:
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self._interval)
+            self._wake.clear()
+            try:
+                await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep serving the old snapshot
+                self.last_error = exc
+                log.warning("catalog refresh failed, keeping the previous snapshot: %s", exc)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await self._conn.close()
+            self._conn = None

@@ -1,0 +1,134 @@
+"""The result of analysing one statement: frozen values the engine and the audit trail read.
+
+``QueryFacts`` answers *which sensitive columns can this statement put in front of the person
+who sent it*, plus what policy rules need besides (relations, functions, packing aggregates,
+WHERE/LIMIT, COPY, copies into other tables, statements that cannot be followed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+
+class SourceColumn(NamedTuple):
+    """A column of a stored relation that data derives from (views are expanded away)."""
+
+    schema: str
+    table: str
+    column: str
+
+    def __str__(self) -> str:
+        return f"{self.schema}.{self.table}.{self.column}"
+
+
+@dataclass(frozen=True, slots=True)
+class OutputColumn:
+    """One column of the result the client receives, and where its values come from."""
+
+    name: str
+    sources: frozenset[SourceColumn]
+    labels: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class PackingCall:
+    """An aggregate or function that packs many values or a whole row into one value."""
+
+    function: str
+    sources: frozenset[SourceColumn]
+    labels: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class DataCopy:
+    """Data written into ``target`` derives from ``sources`` (CREATE TABLE AS, INSERT SELECT)."""
+
+    target: str
+    sources: frozenset[SourceColumn]
+    labels: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class QueryFacts:
+    """Everything policy needs to know about one statement.
+
+    ``kind`` is the statement's node name without ``Stmt`` in lower snake case (``select``,
+    ``insert``, ``copy``, ``declare_cursor``, ``fetch``, ``execute``, ``variable_set`` ...).
+    Relation names are ``schema.name``; source columns are ``(schema, table, column)``.
+    ``unanalysable`` is None when the statement was followed completely; otherwise it says
+    what could not be followed, and a fail-closed engine must treat the statement as reading
+    anything.
+    """
+
+    kind: str
+    normalized: str
+    fingerprint: str
+    relations_read: frozenset[str] = frozenset()
+    relations_written: frozenset[str] = frozenset()
+    output: tuple[OutputColumn, ...] = ()
+    filter_columns: frozenset[SourceColumn] = frozenset()
+    filter_labels: frozenset[str] = frozenset()
+    functions: frozenset[str] = frozenset()
+    packing: tuple[PackingCall, ...] = ()
+    has_where: bool = False
+    has_limit: bool = False
+    limit: int | None = None
+    offset: int | None = None
+    star_tables: frozenset[str] = frozenset()
+    copy_direction: str | None = None  # "to" (data leaves) or "from" (data arrives)
+    copy_target: str | None = None  # "stdout", "stdin", "program", "file"
+    copy_program: bool = False
+    copy_source: str | None = None  # table name, or "query"
+    copies: tuple[DataCopy, ...] = ()
+    prepared_name: str | None = None  # PREPARE name / EXECUTE name / DEALLOCATE name
+    inner_sql: str | None = None  # PREPARE's and DECLARE's query text, for re-analysis
+    cursor_name: str | None = None  # DECLARE / FETCH / MOVE / CLOSE
+    fetch_count: int | None = None  # FETCH n; None = ALL or unknown
+    search_path: tuple[str, ...] | None = None  # new search_path, when the statement sets one
+    search_path_local: bool = False
+    search_path_reset: bool = False  # RESET / SET ... TO DEFAULT: back to the session default
+    is_ddl: bool = False  # the catalog may have changed: invalidate it
+    user_functions: frozenset[str] = frozenset()
+    unresolved: tuple[str, ...] = ()  # names not in the catalog (followed by name only)
+    unanalysable: str | None = None
+    location: int = 0  # offset of the statement in the text the client sent
+    error_position: int | None = None  # where parsing failed
+
+    @property
+    def output_labels(self) -> frozenset[str]:
+        """Labels of every column the client can receive."""
+        out: set[str] = set()
+        for c in self.output:
+            out |= c.labels
+        for p in self.packing:
+            out |= p.labels
+        return frozenset(out)
+
+    @property
+    def output_sources(self) -> frozenset[SourceColumn]:
+        out: set[SourceColumn] = set()
+        for c in self.output:
+            out |= c.sources
+        return frozenset(out)
+
+    @property
+    def copied_labels(self) -> frozenset[str]:
+        out: set[str] = set()
+        for c in self.copies:
+            out |= c.labels
+        return frozenset(out)
+
+    @property
+    def labels(self) -> frozenset[str]:
+        """All labels the statement touches: output, copies and filters."""
+        return self.output_labels | self.copied_labels | self.filter_labels
+
+    @property
+    def select_star(self) -> bool:
+        """``*``, ``t.*`` or a whole-row reference read a labelled relation."""
+        return bool(self.star_tables)
+
+    @property
+    def reads_labelled(self) -> bool:
+        return bool(self.output_labels or self.copied_labels)

@@ -1,0 +1,515 @@
+"""The running proxy: listener, upstream connections, TLS, cancel, backpressure, shutdown.
+
+This is the only module that does I/O.  Each client connection gets one ``Session`` (the
+protocol logic) and, once it has sent its start-up packet, one upstream connection to
+PostgreSQL.  Both sides are asyncio Protocols rather than streams: data arrives in
+``data_received`` and goes straight to the other transport, with no task switch on the hot
+path.  When one side's transport buffers more than its high-water mark, the other side stops
+reading, so memory stays bounded whatever the result size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import itertools
+import secrets
+import signal
+import socket
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
+
+import structlog
+
+from proxy import commands as cmd
+from proxy.config import ProxyConfig, UpstreamTLSMode
+from proxy.messages import CancelRequest, ProtocolError, SSLRequest, StartupMessage
+from proxy.metrics import Stats
+from proxy.session import Session, SessionSettings
+
+log = structlog.get_logger("pgwarden")
+
+WRITE_HIGH_WATER = 256 * 1024
+_session_ids = itertools.count(1)
+
+
+def _client_ssl_context(config: ProxyConfig) -> ssl.SSLContext | None:
+    tls = config.client_tls
+    if not tls.enabled:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(tls.cert), str(tls.key))
+    return ctx
+
+
+def _certificate_der(path: Path | None) -> bytes | None:
+    """The DER bytes of the first certificate in a PEM file (the one a client is shown)."""
+    if path is None:
+        return None
+    pem = path.read_text()
+    begin = pem.find("-----BEGIN CERTIFICATE-----")
+    end = pem.find("-----END CERTIFICATE-----", begin)
+    if begin < 0 or end < 0:
+        return None
+    return ssl.PEM_cert_to_DER_cert(pem[begin : end + len("-----END CERTIFICATE-----")])
+
+
+def _upstream_ssl_context(config: ProxyConfig) -> ssl.SSLContext | None:
+    tls = config.upstream_tls
+    if tls.mode is UpstreamTLSMode.DISABLE:
+        return None
+    if tls.mode is UpstreamTLSMode.VERIFY_FULL:
+        ctx = ssl.create_default_context(cafile=str(tls.ca) if tls.ca else None)
+    else:
+        # 'prefer' and 'require' encrypt without checking who answers, as libpq's do.
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+class Proxy:
+    """Everything shared by the sessions of one process."""
+
+    def __init__(self, config: ProxyConfig, stats: Stats | None = None) -> None:
+        self.stats = stats or Stats()
+        self.connections: set[ClientConnection] = set()
+        self.by_cancel_pid: dict[int, ClientConnection] = {}
+        self.shutting_down = False
+        self._servers: list[asyncio.AbstractServer] = []
+        self.apply_config(config)
+
+    def apply_config(self, config: ProxyConfig) -> None:
+        """Take a new config; it applies to sessions that start from now on."""
+        self.config = config
+        self.client_ssl = _client_ssl_context(config)
+        self.client_cert_der = _certificate_der(config.client_tls.cert)
+        self.upstream_ssl = _upstream_ssl_context(config)
+        self.settings = SessionSettings(
+            tls_available=self.client_ssl is not None,
+            tls_required=config.client_tls.required,
+            allow_replication=config.allow_replication,
+            max_message=config.max_message_bytes,
+        )
+
+    async def start(self) -> list[tuple[str, int]]:
+        loop = asyncio.get_running_loop()
+        addr = self.config.listen
+        server = await loop.create_server(
+            lambda: ClientConnection(self), addr.host, addr.port, reuse_address=True, backlog=1024
+        )
+        self._servers.append(server)
+        return [s.getsockname()[:2] for s in server.sockets]
+
+    def issue_cancel_key(self, conn: ClientConnection, length: int) -> tuple[int, bytes]:
+        """A (pid, secret) pair for the client that no other live session holds."""
+        while True:
+            pid = secrets.randbelow(2**31 - 2) + 1
+            if pid not in self.by_cancel_pid:
+                self.by_cancel_pid[pid] = conn
+                return pid, secrets.token_bytes(length)
+
+    async def forward_cancel(self, pid: int, secret: bytes) -> None:
+        conn = self.by_cancel_pid.get(pid)
+        key = conn.session.client_key if conn else None
+        if conn is None or key is None or not hmac.compare_digest(key.secret, secret):
+            # Unknown or forged: drop it.  Never guess a backend, never tell the sender.
+            self.stats.cancels_dropped += 1
+            log.warning("cancel_dropped", reason="unknown or forged cancel key")
+            return
+        self.stats.cancels_forwarded += 1
+        await conn.cancel_upstream()
+
+    async def send_cancel(self, pid: int, secret: bytes) -> None:
+        """Open a fresh connection to PostgreSQL carrying a CancelRequest for a backend."""
+        up = self.config.upstream
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(up.host, up.port), self.config.connect_timeout
+            )
+        except (OSError, TimeoutError) as exc:
+            log.warning("cancel_failed", error=str(exc))
+            return
+        try:
+            if self.config.upstream_tls.mode in (
+                UpstreamTLSMode.REQUIRE,
+                UpstreamTLSMode.VERIFY_FULL,
+            ):
+                writer.write(SSLRequest().encode())
+                answer = await reader.readexactly(1)
+                if answer == b"S":
+                    await writer.start_tls(
+                        self.upstream_ssl,  # type: ignore[arg-type]
+                        server_hostname=self.config.upstream_tls.server_name or up.host,
+                    )
+            writer.write(CancelRequest(pid, secret).encode())
+            await writer.drain()
+            # PostgreSQL closes the connection once it has read the request.
+            await asyncio.wait_for(reader.read(), 5)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
+            log.warning("cancel_failed", error=str(exc))
+        finally:
+            writer.close()
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """Stop accepting, let running statements finish, then end what is left."""
+        if timeout is None:
+            timeout = self.config.shutdown_timeout
+        self.shutting_down = True
+        for server in self._servers:
+            server.close()
+        log.info("shutdown_started", sessions=len(self.connections), timeout=timeout)
+        for conn in list(self.connections):
+            conn.run(conn.session.begin_shutdown())
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.connections and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.run(conn.session.force_close())
+        for _ in range(40):
+            if not self.connections:
+                break
+            await asyncio.sleep(0.05)
+        for server in self._servers:
+            await server.wait_closed()
+        log.info("shutdown_complete")
+
+
+class ClientConnection(asyncio.Protocol):
+    """The client side of one session, and the owner of its upstream connection."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.transport: asyncio.Transport | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.session = Session(
+            proxy.settings, proxy.stats, lambda n: proxy.issue_cancel_key(self, n)
+        )
+        self.session_id = next(_session_ids)
+        self.log: Any = log
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    # --- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername") or ("", 0)
+        self.session.subject.client_addr = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        self.session.subject.client_port = int(peer[1]) if isinstance(peer, tuple) else 0
+        self.log = log.bind(session=self.session_id, client=f"{peer[0]}:{peer[1]}")
+        self.proxy.connections.add(self)
+        self.proxy.stats.connections_total += 1
+        self.proxy.stats.connections_active += 1
+        if self.proxy.shutting_down:
+            self.run(self.session.begin_shutdown())
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            commands = self.session.client_data(data)
+        except ProtocolError as exc:
+            commands = self.session.protocol_error(exc)
+        except Exception:
+            commands = self._internal_error()
+        self.run(commands)
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self.run(self.session.client_closed())
+        self.proxy.connections.discard(self)
+        self.proxy.stats.connections_active -= 1
+        key = self.session.client_key
+        if key is not None and self.proxy.by_cancel_pid.get(key.pid) is self:
+            del self.proxy.by_cancel_pid[key.pid]
+        else:
+            # The key may have been issued before start-up finished.
+            for pid, conn in list(self.proxy.by_cancel_pid.items()):
+                if conn is self:
+                    del self.proxy.by_cancel_pid[pid]
+
+    def pause_writing(self) -> None:
+        # The client reads slower than PostgreSQL sends: stop reading PostgreSQL.
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.resume_reading()
+
+    # --- commands --------------------------------------------------------------------------
+
+    def run(self, commands: list[cmd.Command]) -> None:
+        for c in commands:
+            if type(c) is cmd.SendToServer:
+                if self.upstream is not None:
+                    self.upstream.write(c.data)
+            elif type(c) is cmd.SendToClient:
+                if self.transport is not None and not self._closed:
+                    self.transport.write(c.data)
+            elif type(c) is cmd.CloseClient:
+                if self.transport is not None:
+                    self.transport.close()
+            elif type(c) is cmd.CloseServer:
+                if self.upstream is not None:
+                    self.upstream.close()
+            elif type(c) is cmd.OpenUpstream:
+                self._spawn(self._open_upstream(c.startup))
+            elif type(c) is cmd.StartClientTLS:
+                self._start_tls()
+            elif type(c) is cmd.ForwardCancel:
+                self._spawn(self.proxy.forward_cancel(c.pid, c.secret))
+            elif type(c) is cmd.CancelUpstream:
+                self._spawn(self.cancel_upstream())
+            elif type(c) is cmd.Log:
+                getattr(self.log, c.level)(c.event, **(c.fields or {}))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _internal_error(self) -> list[cmd.Command]:
+        self.log.exception("internal_error")
+        return self.session.protocol_error(
+            ProtocolError("pgwarden internal error; the session was closed")
+        )
+
+    async def cancel_upstream(self) -> None:
+        key = self.session.upstream_key
+        if key is not None:
+            await self.proxy.send_cancel(key.pid, key.secret)
+
+    def _start_tls(self) -> None:
+        assert self.transport is not None
+        # Stop reading now: the ClientHello must reach the TLS layer, not data_received.
+        self.transport.pause_reading()
+        self._spawn(self._tls_handshake())
+
+    async def _tls_handshake(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self.transport is not None and self.proxy.client_ssl is not None
+        try:
+            new = await loop.start_tls(
+                self.transport, self, self.proxy.client_ssl, server_side=True,
+                ssl_handshake_timeout=self.proxy.config.connect_timeout,
+            )  # fmt: skip
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            self.log.warning("client_tls_failed", error=str(exc))
+            self.transport.close()
+            return
+        if new is None:
+            return
+        self.transport = new
+        try:
+            commands = self.session.tls_established()
+        except ProtocolError as exc:
+            commands = self.session.protocol_error(exc)
+        self.run(commands)
+
+    async def _open_upstream(self, startup: StartupMessage) -> None:
+        loop = asyncio.get_running_loop()
+        config = self.proxy.config
+        up = config.upstream
+        try:
+            transport, proto = await asyncio.wait_for(
+                loop.create_connection(lambda: UpstreamConnection(self), up.host, up.port),
+                config.connect_timeout,
+            )
+            if config.upstream_tls.mode is not UpstreamTLSMode.DISABLE:
+                transport = await self._upstream_tls(transport, proto)
+            proto.transport = transport
+        except (OSError, TimeoutError, ssl.SSLError, UpstreamRefused) as exc:
+            self.run(self.session.upstream_failed(str(exc) or type(exc).__name__))
+            return
+        if self._closed:
+            transport.close()
+            return
+        self.upstream = proto
+        proto.negotiating = None
+        ssl_object = transport.get_extra_info("ssl_object")
+        same_cert = False
+        if ssl_object is not None and self.proxy.client_cert_der is not None:
+            same_cert = ssl_object.getpeercert(binary_form=True) == self.proxy.client_cert_der
+        try:
+            commands = self.session.upstream_ready(
+                startup, tls=ssl_object is not None, same_certificate=same_cert
+            )
+        except ProtocolError as exc:
+            commands = self.session.protocol_error(exc)
+        self.run(commands)
+
+    async def _upstream_tls(
+        self, transport: asyncio.Transport, proto: UpstreamConnection
+    ) -> asyncio.Transport:
+        config = self.proxy.config
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        proto.negotiating = fut
+        transport.write(SSLRequest().encode())
+        answer = await asyncio.wait_for(fut, config.connect_timeout)
+        if answer == b"S":
+            assert self.proxy.upstream_ssl is not None
+            new = await asyncio.get_running_loop().start_tls(
+                transport, proto, self.proxy.upstream_ssl,
+                server_hostname=config.upstream_tls.server_name or config.upstream.host,
+                ssl_handshake_timeout=config.connect_timeout,
+            )  # fmt: skip
+            assert new is not None
+            return new
+        if answer == b"N" and config.upstream_tls.mode is UpstreamTLSMode.PREFER:
+            return transport
+        transport.close()
+        if answer == b"N":
+            raise UpstreamRefused(
+                f"the server does not offer TLS, but upstream_tls.mode is {config.upstream_tls.mode.value}"
+            )
+        raise UpstreamRefused("the server answered the TLS request with something unexpected")
+
+
+class UpstreamRefused(Exception):
+    pass
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """The PostgreSQL side of one session."""
+
+    def __init__(self, client: ClientConnection) -> None:
+        self.client = client
+        self.transport: asyncio.Transport | None = None
+        self.negotiating: asyncio.Future[bytes] | None = None
+        self._paused = False
+        self._closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        if self.negotiating is not None:
+            if not self.negotiating.done():
+                self.negotiating.set_result(data[:1])
+            return
+        client = self.client
+        try:
+            commands = client.session.server_data(data)
+        except ProtocolError as exc:
+            commands = client.session.protocol_error(exc)
+        except Exception:
+            commands = client._internal_error()
+        client.run(commands)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        if self.negotiating is not None and not self.negotiating.done():
+            self.negotiating.set_exception(
+                ConnectionError("connection closed during TLS negotiation")
+            )
+            return
+        if self.client.upstream is self:
+            self.client.run(self.client.session.server_closed())
+
+    def pause_writing(self) -> None:
+        # PostgreSQL reads slower than the client sends (a big COPY FROM): stop the client.
+        t = self.client.transport
+        if t is not None:
+            t.pause_reading()
+
+    def resume_writing(self) -> None:
+        t = self.client.transport
+        if t is not None:
+            t.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self._closed:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and self._paused:
+            self._paused = False
+            self.transport.resume_reading()
+
+
+def install_uvloop() -> bool:
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+async def serve(
+    config: ProxyConfig,
+    reload: Callable[[], ProxyConfig] | None = None,
+    ready: Callable[[list[tuple[str, int]]], None] | None = None,
+) -> None:
+    """Run the proxy until SIGTERM or SIGINT; SIGHUP calls ``reload`` for a new config."""
+    from proxy.admin import AdminServer
+    from proxy.logs import configure_logging
+
+    proxy = Proxy(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    addresses = await proxy.start()
+    admin = None
+    if config.admin_listen is not None:
+        admin = AdminServer(proxy)
+        await admin.start(config.admin_listen.host, config.admin_listen.port)
+
+    def on_hup() -> None:
+        if reload is None:
+            return
+        try:
+            new = reload()
+        except Exception as exc:
+            log.error("config_reload_failed", error=str(exc), kept="previous configuration")
+            return
+        if new.listen != proxy.config.listen:
+            log.warning("config_listen_changed", note="a new listen address needs a restart")
+        configure_logging(new.log_level, new.log_format)
+        proxy.apply_config(new)
+        log.info("config_reloaded")
+
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    log.info(
+        "listening",
+        addresses=[f"{h}:{p}" for h, p in addresses],
+        upstream=str(config.upstream),
+        admin=str(config.admin_listen) if config.admin_listen else None,
+        client_tls=config.client_tls.enabled,
+        upstream_tls=config.upstream_tls.mode.value,
+    )
+    if ready is not None:
+        ready(addresses)
+    await stop.wait()
+    await proxy.shutdown()
+    if admin is not None:
+        await admin.stop()

@@ -1,0 +1,158 @@
+"""Catalog loading from a real PostgreSQL, RowDescription mapping, refresh and invalidation."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import asyncpg
+import psycopg
+import pytest
+
+from loadtests.cluster import Cluster, schema_sql
+from policy.analyze import Analyzer
+from policy.catalog import Catalog, CatalogSnapshot, load_catalog
+from policy.labels import LabelRules, parse_comment_labels
+
+DB = "analysis_catalog"
+
+
+@pytest.fixture(scope="module")
+def catalog_db(pg: Cluster) -> Iterator[str]:
+    pg.psql(f"DROP DATABASE IF EXISTS {DB}; CREATE DATABASE {DB};", database="postgres")
+    pg.psql(
+        schema_sql()
+        + """
+        CREATE TABLE notes (id int PRIMARY KEY, body text);
+        COMMENT ON COLUMN notes.body IS 'free text. pgwarden: pii.name, support.note';
+        CREATE FUNCTION all_emails() RETURNS SETOF text LANGUAGE sql
+            AS 'SELECT email FROM public.customers';
+        CREATE FUNCTION sneaky(t text) RETURNS SETOF record LANGUAGE plpgsql AS $$
+            BEGIN RETURN QUERY EXECUTE 'SELECT * FROM ' || t; END $$;
+        CREATE VIEW reporting.emails_upper AS SELECT upper(email) AS e FROM customers;
+        """,
+        database=DB,
+    )
+    yield f"postgresql://postgres@{pg.host}:{pg.port}/{DB}"
+
+
+async def _load(url: str) -> CatalogSnapshot:
+    conn = await asyncpg.connect(url)
+    try:
+        return await load_catalog(conn)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="module")
+def snapshot(catalog_db: str) -> CatalogSnapshot:
+    return asyncio.run(_load(catalog_db))
+
+
+def test_loaded_snapshot_has_relations_columns_keys_and_comment_labels(
+    snapshot: CatalogSnapshot,
+) -> None:
+    customers = snapshot.relation("public", "customers")
+    assert customers is not None and customers.kind == "r"
+    assert customers.primary_key == ("customer_id",)
+    email = customers.column("email")
+    assert email is not None and email.labels == {"pii.email"} and email.type_name == "text"
+    assert [c.attnum for c in customers.columns] == list(range(1, 11))
+    notes = snapshot.relation("public", "notes")
+    assert notes is not None and notes.column("body").labels == {"pii.name", "support.note"}  # type: ignore[union-attr]
+    view = snapshot.relation("reporting", "vip_contacts")
+    assert (
+        view is not None and view.is_view and "reporting.customer_contacts" in (view.view_sql or "")
+    )
+    assert snapshot.relation("pg_catalog", "pg_class") is not None
+    assert {"public", "reporting", "pg_catalog"} <= snapshot.schemas
+
+
+def test_column_at_maps_row_description_fields_back_to_labelled_columns(
+    catalog_db: str, snapshot: CatalogSnapshot
+) -> None:
+    with psycopg.connect(catalog_db) as conn:
+        cur = conn.execute("SELECT c.phone, t.ticket_number, 1 AS one FROM customers c, tickets t")
+        res = cur.pgresult
+        assert res is not None
+        fields = [snapshot.column_at(res.ftable(i), res.ftablecol(i)) for i in range(res.nfields)]
+    assert fields[0] is not None and fields[0].qualified == "public.customers.phone"
+    assert fields[0].labels == {"pii.phone"}
+    assert fields[1] is not None and fields[1].labels == {"support.ticket"}
+    assert fields[2] is None
+
+
+def test_views_loaded_from_postgres_expand_to_base_columns(snapshot: CatalogSnapshot) -> None:
+    a = Analyzer(snapshot)
+    (f,) = a.analyze("SELECT e FROM reporting.emails_upper", ("public",))
+    assert f.output_labels == {"pii.email"}
+    assert f.relations_read == {"reporting.emails_upper", "public.customers"}
+
+
+def test_sql_function_bodies_are_followed_and_dynamic_sql_is_unanalysable(
+    snapshot: CatalogSnapshot,
+) -> None:
+    a = Analyzer(snapshot)
+    (f,) = a.analyze("SELECT * FROM all_emails()", ("public",))
+    assert f.output_labels == {"pii.email"} and "public.all_emails" in f.user_functions
+    (g,) = a.analyze("SELECT all_emails()", ("public",))
+    assert g.output_labels == {"pii.email"}
+    (h,) = a.analyze("SELECT * FROM sneaky('customers') AS x(a text)", ("public",))
+    assert h.unanalysable and "dynamic SQL" in h.unanalysable
+
+
+def test_label_rules_apply_on_top_of_comments(snapshot: CatalogSnapshot) -> None:
+    labelled = snapshot.with_rules(LabelRules((("public.customers.tier", "customer.tier"),)))
+    cust = labelled.relation("public", "customers")
+    assert cust is not None
+    assert cust.column("tier").labels == {"customer.tier"}  # type: ignore[union-attr]
+    assert cust.column("email").labels == {"pii.email"}  # type: ignore[union-attr]
+    assert labelled.version == snapshot.version
+
+
+def test_catalog_holder_refreshes_on_invalidate(pg: Cluster, catalog_db: str) -> None:
+    async def scenario() -> None:
+        catalog = Catalog(lambda: asyncpg.connect(catalog_db), refresh_interval=3600)
+        await catalog.start()
+        try:
+            first = catalog.snapshot
+            analyzer = Analyzer(catalog)
+            assert analyzer.analyze("SELECT body FROM notes")[0].output_labels == {
+                "pii.name", "support.note",
+            }  # fmt: skip
+            conn = await asyncpg.connect(catalog_db)
+            try:
+                await conn.execute("COMMENT ON COLUMN notes.body IS 'pgwarden: support.note'")
+            finally:
+                await conn.close()
+            catalog.invalidate()
+            for _ in range(100):
+                if catalog.snapshot is not first:
+                    break
+                await asyncio.sleep(0.02)
+            assert catalog.snapshot is not first
+            assert analyzer.analyze("SELECT body FROM notes")[0].output_labels == {"support.note"}
+        finally:
+            await catalog.close()
+
+    asyncio.run(scenario())
+
+
+def test_snapshot_without_a_database_raises_a_clear_error_before_loading() -> None:
+    catalog = Catalog(lambda: asyncpg.connect("postgresql://nobody@127.0.0.1:1/x"))
+    with pytest.raises(RuntimeError, match="not loaded"):
+        _ = catalog.snapshot
+
+
+@pytest.mark.parametrize(
+    ("comment", "labels"),
+    [
+        ("pgwarden: pii.email", {"pii.email"}),
+        ("pgwarden: pii.email, pii.name", {"pii.email", "pii.name"}),
+        ("Customer's e-mail. PGWARDEN: Pii.Email", {"pii.email"}),
+        ("no labels here", set()),
+        (None, set()),
+    ],
+)
+def test_comment_labels(comment: str | None, labels: set[str]) -> None:
+    assert parse_comment_labels(comment) == labels
