@@ -47,8 +47,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options (all have defaults suitable for ``make bench``)."""
     p = argparse.ArgumentParser(prog="python -m loadtests.bench_proxy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--duration", type=int, default=8, help="seconds per pgbench run")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    p.add_argument("--duration", type=int, default=6, help="seconds per pgbench run")
+    # Many short rounds beat few long ones on a shared machine: bursts of other work then
+    # land in one run of each target rather than all runs of one.
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     p.add_argument("--clients", type=int, default=8, help="pgbench -c")
     p.add_argument("--jobs", type=int, default=2, help="pgbench -j")
     p.add_argument("--scale", type=int, default=10, help="pgbench -i -s")
@@ -145,26 +147,11 @@ def summarise(
         figures[f"ratio_pgbouncer_vs_direct_{mode}"] = harness.ratio(
             t("pgbouncer", mode), t("direct", mode)
         )
-    # Paired ratios: within one round the runs are seconds apart, so the ratio of each
-    # round cancels slow drifts in machine load; their median is kept beside the ratio of
-    # medians (which the figure lines report) as a check on noise.
-    paired: dict[str, Any] = {}
-    rounds = sorted({r.round for r in results})
-    for mode in modes:
-        for a, b in (("pgwarden", "direct"), ("pgwarden", "pgbouncer"), ("bare", "direct"),
-                     ("pgbouncer", "direct")):  # fmt: skip
-            per_round = []
-            for rnd in rounds:
-                ta = [r.tps for r in results if (r.target, r.mode, r.round) == (a, mode, rnd)]
-                tb = [r.tps for r in results if (r.target, r.mode, r.round) == (b, mode, rnd)]
-                if ta and tb and ta[0] > 0 and tb[0] > 0:
-                    per_round.append(ta[0] / tb[0])
-            if per_round:
-                paired[f"{a}_vs_{b}_{mode}"] = {
-                    "median": harness.median(per_round),
-                    "each_round": per_round,
-                }
-    summary["paired_ratios"] = paired
+    summary["paired_ratios"] = harness.paired_ratios(
+        [(r.target, r.mode, r.round, r.tps) for r in results if not r.error],
+        [("pgwarden", "direct"), ("pgwarden", "pgbouncer"), ("bare", "direct"),
+         ("pgbouncer", "direct")],
+    )  # fmt: skip
     # Ratios of targets that were not measured are left out rather than printed as nan.
     figures = {k: v for k, v in figures.items() if not math.isnan(v)}
     # The headline: the worse of the two protocols pgwarden must handle on every statement.

@@ -272,7 +272,7 @@ class PgbenchResult:
     seconds: float
     percentiles_ms: dict[str, float] = field(default_factory=dict)
     error: str | None = None
-    # 1-minute load average after the run: shows when other work on the machine interfered.
+    # 1-minute load average after the run (the benchmark's own processes included).
     loadavg: float = 0.0
     round: int = 0
 
@@ -410,6 +410,34 @@ def median(values: Sequence[float]) -> float:
     """Median of the successful measurements (NaN when there are none)."""
     good = [v for v in values if v > 0 and not math.isnan(v)]
     return statistics.median(good) if good else math.nan
+
+
+def paired_ratios(
+    samples: Sequence[tuple[str, str, int, float]], pairs: Sequence[tuple[str, str]]
+) -> dict[str, Any]:
+    """Per-round ratios of (target, kind, round, value) samples, and their median.
+
+    Within one round the runs are seconds apart, so each round's ratio cancels slow drifts
+    of machine load; the spread of the per-round ratios shows how far to trust the ratio of
+    medians that the figure lines report.
+    """
+    values = {(t, k, r): v for t, k, r, v in samples if v > 0}
+    kinds = sorted({k for _, k, _, _ in samples})
+    rounds = sorted({r for _, _, r, _ in samples})
+    out: dict[str, Any] = {}
+    for kind in kinds:
+        for a, b in pairs:
+            per_round = [
+                values[a, kind, r] / values[b, kind, r]
+                for r in rounds
+                if (a, kind, r) in values and (b, kind, r) in values
+            ]
+            if per_round:
+                out[f"{a}_vs_{b}_{kind}"] = {
+                    "median": median(per_round),
+                    "each_round": per_round,
+                }
+    return out
 
 
 def ratio(a: float, b: float) -> float:

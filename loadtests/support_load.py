@@ -62,6 +62,7 @@ class BulkResult:
     seconds: float
     rows_per_s: float
     error: str | None = None
+    round: int = 0
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -79,6 +80,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--scale", type=int, default=10, help="pgbench -i -s for the -S runs")
     p.add_argument("--bulk-rows", type=int, default=1_000_000)
+    # One 1M-row stream takes well under a second; several in a row make a measurement
+    # long enough that a scheduling hiccup does not decide it.
+    p.add_argument("--bulk-repeat", type=int, default=3, help="streams per bulk measurement")
     p.add_argument("--targets", default="direct,pgwarden,bare", help="comma-separated")
     p.add_argument("--modes", default="simple,extended", help="comma-separated -M modes")
     p.add_argument("--policy", type=Path, help="policy file passed to 'pgwarden serve --policy'")
@@ -97,8 +101,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"policy file {args.policy} does not exist")
     if not (1 <= args.duration <= 600 and 1 <= args.rounds <= 20 and 1 <= args.clients <= 100):
         p.error("--duration 1..600, --rounds 1..20, --clients 1..100")
-    if not (1 <= args.bulk_rows <= 20_000_000):
-        p.error("--bulk-rows 1..20000000")
+    if not (1 <= args.bulk_rows <= 20_000_000 and 1 <= args.bulk_repeat <= 20):
+        p.error("--bulk-rows 1..20000000, --bulk-repeat 1..20")
     return args
 
 
@@ -169,16 +173,26 @@ def _bulk_psql(target: Target, user: str, expected_rows: int) -> tuple[int, int,
     return expected_rows, 0, elapsed
 
 
-def run_bulk(target: Target, op: str, rows: int, user: str = "postgres") -> BulkResult:
-    """Stream the ``rows``-row bulk table once through ``target`` with ``op``; time it."""
+def run_bulk(
+    target: Target, op: str, rows: int, repeat: int = 1, user: str = "postgres"
+) -> BulkResult:
+    """Stream the ``rows``-row bulk table ``repeat`` times through ``target`` with ``op``."""
+    total_rows = total_bytes = 0
+    total_s = 0.0
     try:
-        if op == "select_psql":
-            got, size, elapsed = _bulk_psql(target, user, rows)
-        else:
-            got, size, elapsed = asyncio.run(asyncio.wait_for(_bulk_asyncpg(target, op, user), 600))
-        if got != rows:
-            raise RuntimeError(f"expected {rows} rows, got {got}")
-        return BulkResult(target.name, op, got, size, elapsed, got / elapsed)
+        for _ in range(repeat):
+            if op == "select_psql":
+                got, size, elapsed = _bulk_psql(target, user, rows)
+            else:
+                got, size, elapsed = asyncio.run(
+                    asyncio.wait_for(_bulk_asyncpg(target, op, user), 600)
+                )
+            if got != rows:
+                raise RuntimeError(f"expected {rows} rows, got {got}")
+            total_rows += got
+            total_bytes += size
+            total_s += elapsed
+        return BulkResult(target.name, op, total_rows, total_bytes, total_s, total_rows / total_s)
     except Exception as exc:  # one failed stream must not lose the others' figures
         return BulkResult(target.name, op, 0, 0, 0.0, 0.0, error=repr(exc))
 
@@ -283,6 +297,12 @@ def summarise(
             figures[f"ratio_bulk_{op}_{other}_vs_direct"] = harness.ratio(
                 fig(f"bulk_{op}_rows_per_s_{other}"), fig(f"bulk_{op}_rows_per_s_direct")
             )
+    others = [("pgwarden", "direct"), ("bare", "direct"), ("pgbouncer", "direct")]
+    summary["paired_ratios"] = harness.paired_ratios(
+        [(r.target, f"{r.workload}_{r.mode}", r.round, r.tps) for r in pgbench if not r.error]
+        + [(b.target, f"bulk_{b.op}", b.round, b.rows_per_s) for b in bulk if not b.error],
+        others,
+    )
     figures = {k: v for k, v in figures.items() if not math.isnan(v)}
     support = [fig(f"ratio_support_pgwarden_vs_direct_{m}") for m in ("simple", "extended")]
     figures["support_ratio"] = min(support) if not any(math.isnan(v) for v in support) else math.nan
@@ -356,7 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if not args.skip_bulk:
                     for op in BULK_OPS:
                         for name in order:
-                            b = run_bulk(running[name], op, args.bulk_rows)
+                            b = run_bulk(running[name], op, args.bulk_rows, args.bulk_repeat)
+                            b.round = rnd + 1
                             bulk_results.append(b)
                             status = (
                                 f"ERROR {b.error}"

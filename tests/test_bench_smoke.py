@@ -63,6 +63,7 @@ def test_bench_proxy_smoke(tmp_path: Path) -> None:
     assert data["figures"]["ratio_bare_vs_direct_simple"] > 0
     assert {r["target"] for r in data["runs"]} == set(targets)
     assert all(r["error"] is None for r in data["runs"])
+    assert data["summary"]["paired_ratios"]["bare_vs_direct_simple"]["median"] > 0
 
 
 @pytest.mark.slow
@@ -70,7 +71,8 @@ def test_support_load_smoke(tmp_path: Path) -> None:
     out = tmp_path / "support.json"
     proc = subprocess.run(
         [sys.executable, "-m", "loadtests.support_load", "--duration", "1", "--rounds", "1",
-         "--customers", "500", "--scale", "1", "--bulk-rows", "20000", "--modes", "simple",
+         "--customers", "500", "--scale", "1", "--bulk-rows", "20000", "--bulk-repeat", "1",
+         "--modes", "simple",
          "--targets", "direct,bare", "--output", str(out)],
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
@@ -90,6 +92,7 @@ def test_support_load_smoke(tmp_path: Path) -> None:
     assert all(b["error"] is None and b["rows"] == 20000 for b in data["bulk_runs"])
     assert all(r["error"] is None for r in data["pgbench_runs"])
     assert data["setup"]["generation"]["counts"]["customers"] == 500
+    assert data["summary"]["paired_ratios"]["bare_vs_direct_bulk_copy"]["median"] > 0
 
 
 @pytest.mark.slow
