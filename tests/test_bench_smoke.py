@@ -87,7 +87,7 @@ def test_support_load_smoke(tmp_path: Path) -> None:
         assert figures[f"tps_{name}_direct_simple"] > 0
         assert figures[f"ratio_{name}_bare_vs_direct_simple"] > 0
         assert figures[f"p99_ms_{name}_bare_simple"] >= figures[f"p50_ms_{name}_bare_simple"] > 0
-    for op in ("select", "select_psql", "copy"):
+    for op in ("select", "select_psql", "copy", "copy_asyncpg"):
         assert figures[f"ratio_bulk_{op}_bare_vs_direct"] > 0
     assert all(b["error"] is None and b["rows"] == 20000 for b in data["bulk_runs"])
     assert all(r["error"] is None for r in data["pgbench_runs"])
