@@ -129,6 +129,10 @@ def summarise(
             }
             figures[f"tps_{target}_{mode}"] = tps[target, mode]
             figures[f"latency_ms_{target}_{mode}"] = summary[target][mode]["mean_latency_ms"]
+            cpu = [r.proxy_cpu_us_per_tx for r in runs if r.proxy_cpu_us_per_tx is not None]
+            if cpu:
+                summary[target][mode]["proxy_cpu_us_per_tx"] = harness.median(cpu)
+                figures[f"proxy_cpu_us_per_tx_{target}_{mode}"] = harness.median(cpu)
 
     def t(target: str, mode: str) -> float:
         return tps.get((target, mode), math.nan)

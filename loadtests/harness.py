@@ -255,6 +255,30 @@ def bare_target(cluster: Cluster, workdir: Path, uvloop: bool = True) -> Iterato
         _stop(proc)
 
 
+def session_cpu_seconds(sid: int) -> float:
+    """User+system CPU seconds of every live process in session ``sid`` (Linux /proc).
+
+    Targets start in their own session, so this counts the proxy and any children (runuser
+    and PgBouncer).  CPU per transaction hardly moves with other load on the machine,
+    unlike tps, so it is the steadier measure of what a proxy costs.
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # The command name (field 2) may hold spaces; the fields after it are fixed.
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[3]) == sid:
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
 # --- pgbench ------------------------------------------------------------------------------
 
 
@@ -275,6 +299,8 @@ class PgbenchResult:
     # 1-minute load average after the run (the benchmark's own processes included).
     loadavg: float = 0.0
     round: int = 0
+    # CPU the target's own processes used per transaction (None for direct PostgreSQL).
+    proxy_cpu_us_per_tx: float | None = None
 
 
 _TPS = re.compile(r"^tps = ([0-9.]+)", re.M)
@@ -354,6 +380,8 @@ def run_pgbench(
         cmd += ["--log", f"--log-prefix={logdir / 'tx'}"]
     cmd.append(database)
     env = {**os.environ, **CLIENT_ENV}
+    sid = target.process.pid if target.process is not None else None
+    cpu0 = session_cpu_seconds(sid) if sid else 0.0
     t0 = time.monotonic()
     try:
         proc = subprocess.run(
@@ -363,10 +391,11 @@ def run_pgbench(
         if proc.returncode != 0:
             raise ValueError(f"pgbench exited with {proc.returncode}:\n{output[-2000:]}")
         tps, lat, tx, failed = parse_pgbench(proc.stdout)
+        cpu = (session_cpu_seconds(sid) - cpu0) / tx * 1e6 if sid and tx else None
         pcts = latency_percentiles(sorted(logdir.iterdir())) if logdir else {}
         return PgbenchResult(
             target.name, mode, workload, tps, lat, tx, failed, time.monotonic() - t0, pcts,
-            loadavg=os.getloadavg()[0],
+            loadavg=os.getloadavg()[0], proxy_cpu_us_per_tx=cpu,
         )  # fmt: skip
     except (ValueError, subprocess.TimeoutExpired) as exc:
         return PgbenchResult(

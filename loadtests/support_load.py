@@ -271,6 +271,10 @@ def summarise(
                 figures[f"latency_ms_{key}"] = entry["mean_latency_ms"]
                 for q in ("p50", "p95", "p99"):
                     figures[f"{q}_ms_{key}"] = entry[f"{q}_ms"]
+                cpu = [r.proxy_cpu_us_per_tx for r in runs if r.proxy_cpu_us_per_tx is not None]
+                if cpu:
+                    entry["proxy_cpu_us_per_tx"] = harness.median(cpu)
+                    figures[f"proxy_cpu_us_per_tx_{key}"] = entry["proxy_cpu_us_per_tx"]
     for op in BULK_OPS:
         for target in targets:
             streams = [b for b in bulk if (b.op, b.target) == (op, target) and not b.error]
