@@ -27,6 +27,9 @@ ROLES = {
     "trust_user": (None, "trust"),
     "md5_user": ("md5-secret", "md5"),
     "scram_user": ("scram-secret", "scram-sha-256"),
+    # The customer-support deployment's roles (config/policy.yaml names them).
+    "support_app": (None, "trust"),
+    "analyst": (None, "trust"),
 }
 SUPERUSER = "postgres"
 DATABASE = "support"
@@ -43,7 +46,9 @@ def find_bindir() -> Path:
         return Path(env)
     candidates = sorted(
         glob.glob("/usr/lib/postgresql/*/bin/postgres"),
-        key=lambda p: int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit() else 0,
+        key=lambda p: (
+            int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit() else 0
+        ),
     )
     if candidates:
         return Path(candidates[-1]).parent
@@ -85,7 +90,12 @@ class Cluster:
     def dsn(
         self, user: str = SUPERUSER, database: str = DATABASE, port: int | None = None, **extra: str
     ) -> str:
-        parts = [f"host={self.host}", f"port={port or self.port}", f"user={user}", f"dbname={database}"]
+        parts = [
+            f"host={self.host}",
+            f"port={port or self.port}",
+            f"user={user}",
+            f"dbname={database}",
+        ]
         password = ROLES.get(user, (None, ""))[0]
         if password and "password" not in extra:
             parts.append(f"password={password}")
@@ -202,7 +212,15 @@ class Cluster:
 
     def stop(self) -> None:
         if self._started:
-            self._run(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "immediate", "stop", check=False)
+            self._run(
+                str(self.bindir / "pg_ctl"),
+                "-D",
+                str(self.datadir),
+                "-m",
+                "immediate",
+                "stop",
+                check=False,
+            )
             self._started = False
 
     def setup_roles_and_database(self, schema: bool = True) -> None:

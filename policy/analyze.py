@@ -6,6 +6,7 @@ Public API (what the proxy calls)::
                         cache_size=10000)
     facts: tuple[QueryFacts, ...] = analyzer.analyze(sql, search_path=("public",), user=None)
     analyzer.column_at(table_oid, attnum) -> CatalogColumn | None   # labels included
+    analyzer.row_description_gaps(facts, [(table_oid, attnum), ...]) -> [(position, column)]
     analyzer.snapshot                                                # labelled snapshot in use
 
 One ``QueryFacts`` per statement of a multi-statement string, in order. A ``SET search_path``
@@ -14,23 +15,35 @@ that cannot be parsed or followed comes back with ``unanalysable`` set (parse er
 their position), and an empty string gives ``()``.
 
 Results are cached by ``(search_path, user, text)`` in an LRU; the cache empties itself when
-the catalog snapshot changes (the facts depend on it). Session-level statements that refer
-to earlier ones (``EXECUTE``, ``FETCH``) are resolved by ``policy.session_sql.SqlSession``.
+the catalog snapshot changes (the facts depend on it) and when labelled data is copied into
+a table (``CREATE TABLE AS``, ``INSERT ... SELECT``...): from then on every column of that
+table carries the copied labels (``analyzer.tainted``), in this analyzer, for all sessions.
+Likewise a function defined by ``CREATE FUNCTION`` is followed at once, until the catalog
+shows it; a call to a function that is neither builtin nor in the catalog is unanalysable.
+
+Session-level statements that refer to earlier ones (``EXECUTE``, ``FETCH``) and the running
+``search_path``/role are handled by ``policy.session_sql.SqlSession``, one per connection::
+
+    session = SqlSession(analyzer, search_path=startup_path, user=login_role)
+    facts = session.analyze(sql)
 """
 
 from __future__ import annotations
 
 import re
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
 from pglast import parser as _pg
 
-from policy.catalog import Catalog, CatalogColumn, CatalogSnapshot
-from policy.facts import OutputColumn, QueryFacts
+from policy.catalog import Catalog, CatalogColumn, CatalogFunction, CatalogSnapshot
+from policy.facts import OutputColumn, QueryFacts, RecordKey
 from policy.labels import LabelRules
 from policy.lineage import (
+    SERVER_FILES,
+    SERVER_FILES_TARGET,
     Columns,
     Node,
     Shared,
@@ -41,6 +54,7 @@ from policy.lineage import (
     iter_nodes,
     names,
     node_type,
+    sval,
 )
 from policy.normalize import fingerprint, normalize
 from policy.parse import parse_json
@@ -81,13 +95,17 @@ class Analyzer:
         catalog: Catalog | CatalogSnapshot,
         label_rules: LabelRules | None = None,
         cache_size: int = 10000,
+        max_cached_text: int = 65536,
     ) -> None:
         self._catalog = catalog
+        self._max_cached_text = max_cached_text
         self._rules = label_rules or LabelRules()
         self._cache_size = cache_size
         self._cache: OrderedDict[tuple[Any, ...], tuple[QueryFacts, ...]] = OrderedDict()
         self._source: CatalogSnapshot | None = None
         self._shared: Shared | None = None
+        self._taint: dict[tuple[str, str], frozenset[str]] = {}
+        self._pending: dict[tuple[str, str], CatalogFunction] = {}
         self.hits = 0
         self.misses = 0
 
@@ -97,7 +115,11 @@ class Analyzer:
         if shared is None or snap is not self._source:
             # A new snapshot: labels, views and every cached answer may have changed.
             labelled = snap.with_rules(self._rules) if self._rules.rules else snap
-            shared = Shared(labelled, self._rules.labels_for)
+            # Functions created through us that the new snapshot now shows need no stand-in.
+            for key in [k for k in self._pending if snap.user_functions(*k)]:
+                del self._pending[key]
+            pending = {k: (f,) for k, f in self._pending.items()}
+            shared = Shared(labelled, self._rules.labels_for, dict(self._taint), pending)
             self._shared = shared
             self._source = snap
             self._cache.clear()
@@ -113,8 +135,35 @@ class Analyzer:
         self._source = None
 
     def column_at(self, table_oid: int, attnum: int) -> CatalogColumn | None:
-        """The labelled catalog column behind a RowDescription field."""
-        return self._current().snapshot.column_at(table_oid, attnum)
+        """The labelled catalog column behind a RowDescription field (copy taint included)."""
+        col = self._current().snapshot.column_at(table_oid, attnum)
+        if col is not None:
+            tainted = self._taint.get((col.schema, col.table))
+            if tainted and not tainted <= col.labels:
+                col = replace(col, labels=col.labels | tainted)
+        return col
+
+    def row_description_gaps(
+        self, facts: QueryFacts, fields: Sequence[tuple[int, int]]
+    ) -> list[tuple[int, CatalogColumn]]:
+        """Cross-check the analysis against a RowDescription.
+
+        ``fields`` are the (table OID, attribute number) pairs of the result's columns, in
+        order. Returns the positions whose catalog column carries a label the analysis did not
+        give that output column (an empty list when the analysis covered everything). A gap
+        means the analysis missed something: the proxy should treat the statement as reading
+        those labels, and log it.
+        """
+        gaps: list[tuple[int, CatalogColumn]] = []
+        for i, (oid, attnum) in enumerate(fields):
+            if not oid:
+                continue
+            col = self.column_at(oid, attnum)
+            if col is None or not col.labels:
+                continue
+            if i >= len(facts.output) or not col.labels <= facts.output[i].labels:
+                gaps.append((i, col))
+        return gaps
 
     def cache_clear(self) -> None:
         self._cache.clear()
@@ -126,7 +175,20 @@ class Analyzer:
         user: str | None = None,
     ) -> tuple[QueryFacts, ...]:
         """Facts for each statement in ``sql``; cached; never raises."""
-        shared = self._current()
+        try:
+            shared = self._current()
+        except Exception as exc:  # no catalog yet: nothing can be resolved, fail closed
+            norm = normalize(sql)
+            return (
+                QueryFacts(
+                    kind="unknown",
+                    normalized=norm,
+                    fingerprint=fingerprint(sql, norm),
+                    unanalysable=f"no catalog to analyse against: {exc}",
+                ),
+            )
+        if type(search_path) is not tuple:
+            search_path = tuple(search_path)
         key = (search_path, user, sql)
         cache = self._cache
         hit = cache.get(key)
@@ -147,10 +209,44 @@ class Analyzer:
                     unanalysable=f"internal error in analysis: {type(exc).__name__}",
                 ),
             )
-        cache[key] = result
-        if len(cache) > self._cache_size:
-            cache.popitem(last=False)
+        if self._note_copies(result):
+            # Labelled data went into a table, or a function was defined: from now on the
+            # table is labelled and calls to the function are followed, for this text too (a
+            # later statement in the same string may use them).
+            shared = self._current()
+            result = analyze_text(sql, search_path, user, shared)
+            cache = self._cache
+        # Bulk INSERT ... VALUES texts are large and rarely repeat: keep them out of the cache.
+        if len(sql) <= self._max_cached_text:
+            cache[key] = result
+            if len(cache) > self._cache_size:
+                cache.popitem(last=False)
         return result
+
+    @property
+    def tainted(self) -> dict[tuple[str, str], frozenset[str]]:
+        """Relations labelled data was copied into, and the labels they now carry."""
+        return dict(self._taint)
+
+    def _note_copies(self, facts: tuple[QueryFacts, ...]) -> bool:
+        changed = False
+        for f in facts:
+            if f.defines_function is not None:
+                key = (f.defines_function.schema, f.defines_function.name)
+                if self._pending.get(key) != f.defines_function:
+                    self._pending[key] = f.defines_function
+                    changed = True
+            for cp in f.copies:
+                if not cp.labels:
+                    continue
+                schema, _, name = cp.target.partition(".")
+                old = self._taint.get((schema, name), frozenset())
+                if not cp.labels <= old:
+                    self._taint[(schema, name)] = old | cp.labels
+                    changed = True
+        if changed:
+            self._source = None  # rebuild labels and drop cached answers
+        return changed
 
 
 def analyze_text(
@@ -275,11 +371,19 @@ def analyze_statement(
                 normalized=norm,
                 fingerprint=fp,
                 output=(),
+                record_keys=(),
                 # Plain EXPLAIN plans without running: nothing is written or copied.
                 relations_written=inner.relations_written if analyse_run else frozenset(),
                 copies=inner.copies if analyse_run else (),
             )
+        elif kind == "CreateFunctionStmt":
+            f["kind"] = "create_procedure" if n.get("is_procedure") else "create_function"
+            f["is_ddl"] = True
+            defined = _defined_function(n, text, w)
+            if defined is not None:
+                f["defines_function"] = defined
         elif kind == "ViewStmt":
+            f["kind"] = "create_view"
             f["is_ddl"] = True
             schema, name = w.qualify_target(n["view"])
             f["relations_written"] = frozenset({f"{schema}.{name}"})
@@ -320,8 +424,40 @@ def _finish(
         user_functions=frozenset(w.user_functions),
         unresolved=tuple(dict.fromkeys(w.unresolved)),
         unanalysable=unanalysable,
+        record_keys=_record_keys(w.snapshot, out_cols),
         **f,
     )
+
+
+def _record_keys(snapshot: CatalogSnapshot, out: tuple[OutputColumn, ...]) -> tuple[RecordKey, ...]:
+    """Where the primary key of each labelled table sits in the output, when all of it does.
+
+    Only plain copies of a key column count (a column derived from the key alone, through
+    views and subqueries); the record ledger hashes these values to answer "which customers
+    did this person see".
+    """
+    if not out:
+        return ()
+    positions: dict[tuple[str, str], dict[str, int]] = {}
+    labelled: set[tuple[str, str]] = set()
+    for i, col in enumerate(out):
+        for src in col.sources:
+            if col.labels:
+                labelled.add((src.schema, src.table))
+        if len(col.sources) == 1:
+            (src,) = col.sources
+            positions.setdefault((src.schema, src.table), {}).setdefault(src.column, i)
+    keys: list[RecordKey] = []
+    for rel_key in sorted(labelled):
+        rel = snapshot.relation(*rel_key)
+        if rel is None or not rel.primary_key:
+            continue
+        found = positions.get(rel_key, {})
+        if all(k in found for k in rel.primary_key):
+            keys.append(
+                RecordKey(rel.qualified, rel.primary_key, tuple(found[k] for k in rel.primary_key))
+            )
+    return tuple(keys)
 
 
 def _statement_shape(kind: str, n: Node, f: dict[str, Any]) -> None:
@@ -335,13 +471,21 @@ def _statement_shape(kind: str, n: Node, f: dict[str, Any]) -> None:
                 f["limit"] = const_int(count)
         f["offset"] = const_int(n.get("limitOffset"))
     elif kind in ("UpdateStmt", "DeleteStmt"):
-        f["has_where"] = n.get("whereClause") is not None
+        f["has_where"] = _real_where(n.get("whereClause"))
 
 
 def _select_has_where(n: Node) -> bool:
     if n.get("op", "SETOP_NONE") != "SETOP_NONE":
         return _select_has_where(n["larg"]) and _select_has_where(n["rarg"])
-    return n.get("whereClause") is not None
+    return _real_where(n.get("whereClause"))
+
+
+def _real_where(where: Node | None) -> bool:
+    """A WHERE that mentions no column (``WHERE true``, ``WHERE 1 = 1``) filters nothing: it
+    is the classic way to get past a "no unfiltered scans" rule."""
+    if where is None:
+        return False
+    return any(True for _ in iter_nodes(where, "ColumnRef"))
 
 
 def _is_null_const(node: Node) -> bool:
@@ -356,6 +500,18 @@ def _copy(w: StatementWalker, n: Node, f: dict[str, Any]) -> Columns:
     f["copy_direction"] = "from" if is_from else "to"
     f["copy_target"] = target or ("stdin" if is_from else "stdout")
     f["copy_program"] = program
+    out = _copy_columns(w, n, f, is_from)
+    if target is not None:
+        # Server files are a place data can be parked and read back (pg_read_file, COPY FROM).
+        if is_from:
+            schema, name = w.qualify_target(n["relation"])
+            w.record_copy(f"{schema}.{name}", [("", frozenset((SERVER_FILES,)))])
+        else:
+            w.record_copy(SERVER_FILES_TARGET, out)
+    return out
+
+
+def _copy_columns(w: StatementWalker, n: Node, f: dict[str, Any], is_from: bool) -> Columns:
     if n.get("query"):
         f["copy_source"] = "query"
         return w.query(n["query"], None, {})
@@ -380,6 +536,11 @@ def _copy(w: StatementWalker, n: Node, f: dict[str, Any]) -> Columns:
 def _variable_set(n: Node, f: dict[str, Any]) -> None:
     name = n.get("name")
     vkind = n.get("kind")
+    if name in ("role", "session_authorization"):
+        args = n.get("args") or []
+        role = const_str(args[0]) if args and vkind == "VAR_SET_VALUE" else "none"
+        f["role"] = role if role is not None else "none"
+        return
     if vkind == "VAR_RESET_ALL" or (
         name == "search_path" and vkind in ("VAR_RESET", "VAR_SET_DEFAULT")
     ):
@@ -416,6 +577,69 @@ def _set_config_calls(n: Node, f: dict[str, Any]) -> None:
         f["search_path"] = parse_search_path(value)
         local = args[2].get("A_Const", {}).get("boolval", {}) if len(args) > 2 else {}
         f["search_path_local"] = bool(local.get("boolval"))
+
+
+def _defined_function(n: Node, text: str, w: StatementWalker) -> CatalogFunction | None:
+    """The function a CREATE FUNCTION/PROCEDURE defines, as the catalog will show it.
+
+    Calls to it may arrive before the catalog refresh that the DDL triggers completes (or in
+    the same query string); the analyzer uses this definition until then.
+    """
+    fname = names(n.get("funcname"))
+    if not fname:
+        return None
+    schema = fname[-2] if len(fname) > 1 else w.creation_schema()
+    language = "sql" if n.get("sql_body") else ""
+    source = ""
+    for o in n.get("options") or ():
+        d = o.get("DefElem", {})
+        if d.get("defname") == "language":
+            language = sval(d.get("arg", {})).lower()
+        elif d.get("defname") == "as":
+            items = d.get("arg", {}).get("List", {}).get("items", [])
+            source = sval(items[0]) if items else ""
+    if n.get("sql_body"):
+        source = _from_keyword(text, ("BEGIN_P", "RETURN")) or ""
+    arguments, result = _signature(text, bool(n.get("is_procedure")))
+    return CatalogFunction(schema, fname[-1], language, source, arguments=arguments, result=result)
+
+
+def _signature(text: str, is_procedure: bool) -> tuple[str, str]:
+    """Argument list and result type as ``pg_get_function_arguments``/``_result`` print them
+    (near enough for the PL/pgSQL parser's checks of RETURN forms)."""
+    from pglast import parse_sql  # node objects: slow, but CREATE FUNCTION is rare
+    from pglast.stream import RawStream
+
+    try:
+        node: Any = parse_sql(text)[0].stmt
+    except Exception:
+        return "", "void"
+    params = list(node.parameters or ())
+    table = [p for p in params if str(p.mode.value) == "t"]
+    args = ", ".join(RawStream()(p) for p in params if str(p.mode.value) != "t")
+    if table:
+        return args, "TABLE(" + ", ".join(RawStream()(p) for p in table) + ")"
+    if node.returnType is not None:
+        return args, RawStream()(node.returnType)
+    has_out = any(str(p.mode.value) in ("o", "b") for p in params)
+    return args, "record" if has_out and not is_procedure else "void"
+
+
+def _from_keyword(text: str, keywords: tuple[str, ...]) -> str | None:
+    """The text from the first top-level token among ``keywords`` to the end."""
+    try:
+        tokens = _pg.scan(text)
+    except Exception:
+        return None
+    depth = 0
+    for t in tokens:
+        if t.name == "ASCII_40":
+            depth += 1
+        elif t.name == "ASCII_41":
+            depth -= 1
+        elif depth == 0 and t.name in keywords:
+            return text[t.start :].strip().rstrip(";").strip()
+    return None
 
 
 def _after_keyword(text: str, keyword: str) -> str | None:

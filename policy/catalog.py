@@ -20,13 +20,13 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
 from policy.labels import LabelRules, parse_comment_labels
+from policy.parse import plpgsql_queries
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +35,6 @@ log = logging.getLogger(__name__)
 SYSTEM_SCHEMAS = frozenset({"pg_catalog", "information_schema"})
 
 _versions = itertools.count(1)
-
-_DYNAMIC_SQL_RE = re.compile(r"\bexecute\b", re.IGNORECASE)
-
-
-def plpgsql_has_dynamic_sql(source: str) -> bool:
-    """A PL/pgSQL body that uses ``EXECUTE`` (dynamic SQL the analysis cannot follow)."""
-    return bool(_DYNAMIC_SQL_RE.search(source))
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +71,7 @@ class CatalogRelation:
     view_sql: str | None = None  # fully schema-qualified definition (see load_catalog)
     view_search_path: tuple[str, ...] = ("pg_catalog",)
     primary_key: tuple[str, ...] = ()
+    parents: tuple[int, ...] = ()  # OIDs this table inherits from (partitions included)
 
     @property
     def qualified(self) -> str:
@@ -110,6 +104,8 @@ class CatalogFunction:
     language: str
     source: str
     security_definer: bool = False
+    arguments: str = ""  # pg_get_function_arguments: the body's parameter names
+    result: str = "void"  # pg_get_function_result
 
     @property
     def qualified(self) -> str:
@@ -117,9 +113,13 @@ class CatalogFunction:
 
     @property
     def runs_dynamic_sql(self) -> bool:
-        """Whether the body builds SQL at run time, which analysis cannot follow."""
+        """Whether the body builds SQL at run time, which analysis cannot follow (a body that
+        does not parse counts: nothing can be followed)."""
         if self.language == "plpgsql":
-            return plpgsql_has_dynamic_sql(self.source)
+            try:
+                return plpgsql_queries(self.arguments, self.result, self.source)[1]
+            except Exception:
+                return True
         return self.language not in ("sql", "internal", "c")
 
 
@@ -135,6 +135,9 @@ class CatalogSnapshot:
     functions: Mapping[tuple[str, str], tuple[CatalogFunction, ...]] = field(
         default_factory=lambda: MappingProxyType({})
     )
+    # Names of pg_catalog functions. Empty means "not known" (a snapshot built from a schema
+    # file): then a call to a function the catalog lacks cannot be told from a builtin.
+    builtin_functions: frozenset[str] = frozenset()
     version: int = field(default_factory=lambda: next(_versions))
     _by_oid: Mapping[int, CatalogRelation] = field(init=False, repr=False)
     _by_name: Mapping[str, tuple[CatalogRelation, ...]] = field(init=False, repr=False)
@@ -155,9 +158,10 @@ class CatalogSnapshot:
         relations: Iterable[CatalogRelation],
         schemas: Iterable[str] = (),
         functions: Iterable[CatalogFunction] = (),
+        builtin_functions: Iterable[str] = (),
     ) -> CatalogSnapshot:
         """A snapshot from Python values (unit tests, schema files)."""
-        rels = {(r.schema, r.name): r for r in relations}
+        rels = inherit_labels({(r.schema, r.name): r for r in relations})
         funcs: dict[tuple[str, str], list[CatalogFunction]] = {}
         for f in functions:
             funcs.setdefault((f.schema, f.name), []).append(f)
@@ -166,6 +170,7 @@ class CatalogSnapshot:
             relations=MappingProxyType(rels),
             schemas=frozenset(all_schemas),
             functions=MappingProxyType({k: tuple(v) for k, v in funcs.items()}),
+            builtin_functions=frozenset(builtin_functions),
         )
 
     def relation(self, schema: str, name: str) -> CatalogRelation | None:
@@ -210,11 +215,49 @@ class CatalogSnapshot:
             )
             rels[key] = replace(rel, columns=cols)
         return CatalogSnapshot(
-            relations=MappingProxyType(rels),
+            relations=MappingProxyType(inherit_labels(rels)),
             schemas=self.schemas,
             functions=self.functions,
+            builtin_functions=self.builtin_functions,
             version=self.version,
         )
+
+
+def inherit_labels(
+    rels: dict[tuple[str, str], CatalogRelation],
+) -> dict[tuple[str, str], CatalogRelation]:
+    """Give partitions and inheritance children their parents' column labels.
+
+    Comments are not inherited in PostgreSQL, so without this ``SELECT * FROM
+    customers_2024`` (a partition) would read labelled data unlabelled.
+    """
+    by_oid = {r.oid: key for key, r in rels.items()}
+    done: dict[int, CatalogRelation] = {}
+
+    def resolve(key: tuple[str, str], depth: int = 0) -> CatalogRelation:
+        rel = rels[key]
+        if rel.oid in done:
+            return done[rel.oid]
+        if not rel.parents or depth > 64:
+            done[rel.oid] = rel
+            return rel
+        inherited: dict[str, frozenset[str]] = {}
+        for p in rel.parents:
+            pkey = by_oid.get(p)
+            if pkey is None:
+                continue
+            for c in resolve(pkey, depth + 1).columns:
+                inherited[c.name] = inherited.get(c.name, frozenset()) | c.labels
+        cols = tuple(
+            replace(c, labels=c.labels | inherited.get(c.name, frozenset())) for c in rel.columns
+        )
+        out = replace(rel, columns=cols)
+        done[rel.oid] = out
+        return out
+
+    if not any(r.parents for r in rels.values()):
+        return rels
+    return {key: resolve(key) for key in rels}
 
 
 # --- loading from PostgreSQL -------------------------------------------------------------
@@ -247,9 +290,13 @@ SELECT con.conrelid::int8 AS oid,
 FROM pg_catalog.pg_constraint con WHERE con.contype = 'p'
 """
 
+# {source}: prosrc, or for SQL-standard bodies (BEGIN ATOMIC / RETURN, PostgreSQL 14+) their
+# text, because prosrc is empty for those.
 _FUNCTIONS_SQL = """
 SELECT n.nspname AS schema, p.proname AS name, l.lanname AS language,
-       coalesce(p.prosrc, '') AS source, p.prosecdef AS secdef
+       {source} AS source, p.prosecdef AS secdef,
+       coalesce(pg_catalog.pg_get_function_arguments(p.oid), '') AS arguments,
+       coalesce(pg_catalog.pg_get_function_result(p.oid), 'void') AS result
 FROM pg_catalog.pg_proc p
 JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
 JOIN pg_catalog.pg_language l ON l.oid = p.prolang
@@ -269,14 +316,30 @@ async def load_catalog(conn: Any) -> CatalogSnapshot:
         rel_rows = await conn.fetch(_RELATIONS_SQL)
         col_rows = await conn.fetch(_COLUMNS_SQL)
         pk_rows = await conn.fetch(_PKEYS_SQL)
-        fn_rows = await conn.fetch(_FUNCTIONS_SQL)
+        inh_rows = await conn.fetch(
+            "SELECT inhrelid::int8 AS child, inhparent::int8 AS parent FROM pg_catalog.pg_inherits"
+        )
+        version = int(await conn.fetchval("SELECT current_setting('server_version_num')"))
+        source = (
+            "CASE WHEN p.prosqlbody IS NOT NULL THEN pg_catalog.pg_get_function_sqlbody(p.oid)"
+            " ELSE coalesce(p.prosrc, '') END"
+            if version >= 140000
+            else "coalesce(p.prosrc, '')"
+        )
+        fn_rows = await conn.fetch(_FUNCTIONS_SQL.format(source=source))
+        builtin_rows = await conn.fetch(
+            "SELECT DISTINCT p.proname FROM pg_catalog.pg_proc p"
+            " WHERE p.pronamespace = 'pg_catalog'::pg_catalog.regnamespace"
+        )
         schema_rows = await conn.fetch("SELECT nspname FROM pg_catalog.pg_namespace")
     return snapshot_from_rows(
         [dict(r) for r in rel_rows],
         [dict(r) for r in col_rows],
         [dict(r) for r in pk_rows],
+        [dict(r) for r in inh_rows],
         [dict(r) for r in fn_rows],
         [str(r["nspname"]) for r in schema_rows],
+        [str(r["proname"]) for r in builtin_rows],
     )
 
 
@@ -284,8 +347,10 @@ def snapshot_from_rows(
     rel_rows: Iterable[Mapping[str, Any]],
     col_rows: Iterable[Mapping[str, Any]],
     pk_rows: Iterable[Mapping[str, Any]] = (),
+    inh_rows: Iterable[Mapping[str, Any]] = (),
     fn_rows: Iterable[Mapping[str, Any]] = (),
     schemas: Iterable[str] = (),
+    builtin_functions: Iterable[str] = (),
 ) -> CatalogSnapshot:
     """Assemble a snapshot from catalog query rows (any driver)."""
     rel_meta = {int(r["oid"]): r for r in rel_rows}
@@ -308,6 +373,9 @@ def snapshot_from_rows(
             )
         )
     pkeys = {int(r["oid"]): tuple(r["columns"]) for r in pk_rows}
+    parents: dict[int, list[int]] = {}
+    for r in inh_rows:
+        parents.setdefault(int(r["child"]), []).append(int(r["parent"]))
     relations = [
         CatalogRelation(
             oid=oid,
@@ -317,6 +385,7 @@ def snapshot_from_rows(
             columns=tuple(cols.get(oid, ())),
             view_sql=m["view_sql"],
             primary_key=pkeys.get(oid, ()),
+            parents=tuple(parents.get(oid, ())),
         )
         for oid, m in rel_meta.items()
     ]
@@ -327,10 +396,12 @@ def snapshot_from_rows(
             language=str(f["language"]),
             source=str(f["source"]),
             security_definer=bool(f["secdef"]),
+            arguments=str(f.get("arguments", "")),
+            result=str(f.get("result", "void")),
         )
         for f in fn_rows
     ]
-    return CatalogSnapshot.build(relations, schemas, functions)
+    return CatalogSnapshot.build(relations, schemas, functions, builtin_functions)
 
 
 class Catalog:
@@ -387,6 +458,10 @@ class Catalog:
         self._snapshot = snap.with_rules(self._rules)
         self.last_error = None
         return self._snapshot
+
+    def install(self, snapshot: CatalogSnapshot) -> None:
+        """Use ``snapshot`` from now on (loaded elsewhere, or built for a test)."""
+        self._snapshot = snapshot.with_rules(self._rules)
 
     def invalidate(self) -> None:
         """Ask for a reload soon (DDL went through); safe to call from any coroutine."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -307,17 +307,45 @@ class Suggestion:
     by_name: bool
     examples: tuple[str, ...] = field(default=())  # masked
     already_labelled: bool = False
+    embedded_in: bool = False  # found inside longer text rather than as the whole value
 
     @property
     def evidence(self) -> str:
         parts = []
-        if self.sampled:
+        if self.sampled and self.embedded_in:
+            parts.append(f"{self.share:.0%} of {self.sampled} sampled values contain one")
+        elif self.sampled and self.share > 0:
             parts.append(f"{self.share:.0%} of {self.sampled} sampled values match")
+        elif self.sampled:
+            parts.append(f"no detector for this label matched the {self.sampled} sampled values")
         if self.by_name:
             parts.append("column name")
         if self.already_labelled:
             parts.append("already labelled in a column comment")
         return "; ".join(parts)
+
+
+# Free text (ticket bodies, notes, JSON) that carries personal data inside it.
+EMBEDDED_THRESHOLD = 0.2
+_EMBEDDED_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
+_EMBEDDED_PHONE = re.compile(r"(?<![\w+])\+\d{1,3}[ \-]?(?:\(?\d+\)?[ \-]?){2,6}\d(?!\w)")
+_EMBEDDED_CARD = re.compile(r"(?<!\d)\d(?:[ \-]?\d){12,18}(?!\d)")
+
+
+def embedded(value: str) -> set[str]:
+    """Labels of personal data found *inside* a longer value (not the whole value)."""
+    found: set[str] = set()
+    if _EMBEDDED_EMAIL.search(value):
+        found.add("pii.email")
+    for m in _EMBEDDED_PHONE.finditer(value):
+        if 7 <= sum(ch.isdigit() for ch in m.group(0)) <= 15:
+            found.add("pii.phone")
+            break
+    for m in _EMBEDDED_CARD.finditer(value):
+        if luhn_ok(re.sub(r"\D", "", m.group(0))):
+            found.add("pii.card")
+            break
+    return found
 
 
 def classify_values(
@@ -328,12 +356,17 @@ def classify_values(
     counts: dict[str, int] = {}
     examples: dict[str, list[str]] = {}
     hint = name_hint(column)
+    inside: dict[str, int] = {}
     for v in nonempty:
-        for label in detect(v, names_by_shape=hint == "pii.name"):
+        whole = detect(v, names_by_shape=hint == "pii.name")
+        for label in whole:
             counts[label] = counts.get(label, 0) + 1
             ex = examples.setdefault(label, [])
             if len(ex) < 3:
                 ex.append(mask(v))
+        if len(v) > 24:
+            for label in embedded(v) - whole:
+                inside[label] = inside.get(label, 0) + 1
     out: list[Suggestion] = []
     n = len(nonempty)
     for label, k in sorted(counts.items()):
@@ -344,6 +377,9 @@ def classify_values(
                     qualified or column, label, share, n, label == hint, tuple(examples[label])
                 )
             )
+    for label, k in sorted(inside.items()):
+        if k / n >= EMBEDDED_THRESHOLD and not any(s.label == label for s in out):
+            out.append(Suggestion(qualified or column, label, k / n, n, False, embedded_in=True))
     if hint and not any(s.label == hint for s in out):
         # A telling name with no contradicting values (or none sampled): still worth a look.
         share = counts.get(hint, 0) / n if n else 0.0
@@ -357,9 +393,7 @@ def suggest(samples: Iterable[ColumnSample]) -> list[Suggestion]:
     for s in samples:
         for sug in classify_values(s.values, s.column, s.qualified):
             if sug.label in s.existing_labels:
-                sug = Suggestion(
-                    sug.column, sug.label, sug.share, sug.sampled, sug.by_name, sug.examples, True
-                )
+                sug = replace(sug, already_labelled=True)
             out.append(sug)
     return out
 

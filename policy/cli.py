@@ -74,37 +74,7 @@ def _snapshot(dsn: str | None, schema_sql: Path | None) -> CatalogSnapshot:
 
 def facts_to_dict(f: QueryFacts) -> dict[str, Any]:
     """A JSON-friendly view of one statement's facts (sets sorted)."""
-    return {
-        "kind": f.kind,
-        "normalized": f.normalized,
-        "fingerprint": f.fingerprint,
-        "relations_read": sorted(f.relations_read),
-        "relations_written": sorted(f.relations_written),
-        "output": [
-            {"name": c.name, "labels": sorted(c.labels), "sources": sorted(map(str, c.sources))}
-            for c in f.output
-        ],
-        "labels": sorted(f.labels),
-        "output_labels": sorted(f.output_labels),
-        "filter_labels": sorted(f.filter_labels),
-        "functions": sorted(f.functions),
-        "packing": [{"function": p.function, "labels": sorted(p.labels)} for p in f.packing],
-        "copies": [{"target": c.target, "labels": sorted(c.labels)} for c in f.copies],
-        "star_tables": sorted(f.star_tables),
-        "has_where": f.has_where,
-        "has_limit": f.has_limit,
-        "limit": f.limit,
-        "offset": f.offset,
-        "copy": (
-            {"direction": f.copy_direction, "target": f.copy_target, "source": f.copy_source}
-            if f.copy_direction
-            else None
-        ),
-        "search_path": list(f.search_path) if f.search_path is not None else None,
-        "user_functions": sorted(f.user_functions),
-        "unresolved": list(f.unresolved),
-        "unanalysable": f.unanalysable,
-    }
+    return f.as_dict()
 
 
 def _print_facts(console: Console, i: int, f: QueryFacts) -> None:

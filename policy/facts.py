@@ -8,7 +8,10 @@ WHERE/LIMIT, COPY, copies into other tables, statements that cannot be followed)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    from policy.catalog import CatalogFunction
 
 
 class SourceColumn(NamedTuple):
@@ -50,6 +53,15 @@ class DataCopy:
 
 
 @dataclass(frozen=True, slots=True)
+class RecordKey:
+    """The output positions holding the primary key of a labelled relation's rows."""
+
+    relation: str
+    columns: tuple[str, ...]
+    positions: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class QueryFacts:
     """Everything policy needs to know about one statement.
 
@@ -88,6 +100,9 @@ class QueryFacts:
     search_path: tuple[str, ...] | None = None  # new search_path, when the statement sets one
     search_path_local: bool = False
     search_path_reset: bool = False  # RESET / SET ... TO DEFAULT: back to the session default
+    record_keys: tuple[RecordKey, ...] = ()  # for the record ledger
+    defines_function: CatalogFunction | None = None  # CREATE FUNCTION / PROCEDURE
+    role: str | None = None  # SET ROLE / SET SESSION AUTHORIZATION: "$user" follows it
     is_ddl: bool = False  # the catalog may have changed: invalidate it
     user_functions: frozenset[str] = frozenset()
     unresolved: tuple[str, ...] = ()  # names not in the catalog (followed by name only)
@@ -97,12 +112,11 @@ class QueryFacts:
 
     @property
     def output_labels(self) -> frozenset[str]:
-        """Labels of every column the client can receive."""
+        """Labels of every column the client can receive (packing that reaches the output is
+        part of an output column's lineage; packing inside e.g. CREATE TABLE AS is not)."""
         out: set[str] = set()
         for c in self.output:
             out |= c.labels
-        for p in self.packing:
-            out |= p.labels
         return frozenset(out)
 
     @property
@@ -132,3 +146,43 @@ class QueryFacts:
     @property
     def reads_labelled(self) -> bool:
         return bool(self.output_labels or self.copied_labels)
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-friendly view (sets sorted), for explain output and audit records."""
+        f = self
+        return {
+            "kind": f.kind,
+            "normalized": f.normalized,
+            "fingerprint": f.fingerprint,
+            "relations_read": sorted(f.relations_read),
+            "relations_written": sorted(f.relations_written),
+            "output": [
+                {"name": c.name, "labels": sorted(c.labels), "sources": sorted(map(str, c.sources))}
+                for c in f.output
+            ],
+            "labels": sorted(f.labels),
+            "output_labels": sorted(f.output_labels),
+            "filter_labels": sorted(f.filter_labels),
+            "functions": sorted(f.functions),
+            "packing": [{"function": p.function, "labels": sorted(p.labels)} for p in f.packing],
+            "copies": [{"target": c.target, "labels": sorted(c.labels)} for c in f.copies],
+            "star_tables": sorted(f.star_tables),
+            "has_where": f.has_where,
+            "has_limit": f.has_limit,
+            "limit": f.limit,
+            "offset": f.offset,
+            "copy": (
+                {"direction": f.copy_direction, "target": f.copy_target, "source": f.copy_source}
+                if f.copy_direction
+                else None
+            ),
+            "search_path": list(f.search_path) if f.search_path is not None else None,
+            "record_keys": [
+                {"relation": k.relation, "columns": list(k.columns), "positions": list(k.positions)}
+                for k in f.record_keys
+            ],
+            "user_functions": sorted(f.user_functions),
+            "defines_function": f.defines_function.qualified if f.defines_function else None,
+            "unresolved": list(f.unresolved),
+            "unanalysable": f.unanalysable,
+        }

@@ -15,12 +15,13 @@ relation missing from the catalog), we union them rather than guess.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from policy.catalog import SYSTEM_SCHEMAS, CatalogRelation, CatalogSnapshot
+from policy.catalog import SYSTEM_SCHEMAS, CatalogFunction, CatalogRelation, CatalogSnapshot
 from policy.facts import DataCopy, PackingCall, SourceColumn
+from policy.parse import function_body_statements, plpgsql_queries
 
 Lineage = frozenset[SourceColumn]
 Node = dict[str, Any]
@@ -70,6 +71,8 @@ _PACKING_NODES = {
     "JsonArrayAgg": "json_arrayagg",
     "JsonObjectAgg": "json_objectagg",
     "JsonArrayQueryConstructor": "json_array",
+    "JsonArrayConstructor": "json_array",
+    "JsonObjectConstructor": "json_object",
 }
 
 # Functions that run SQL given as text: nothing in the statement says what that SQL reads.
@@ -88,6 +91,29 @@ SQL_TEXT_FUNCTIONS = frozenset(
         "dblink_get_result",
     }
 )
+
+# Functions that dump every table of a schema or database as XML.
+WHOLE_SCHEMA_FUNCTIONS = frozenset(
+    {
+        "schema_to_xml",
+        "schema_to_xmlschema",
+        "schema_to_xml_and_xmlschema",
+        "database_to_xml",
+        "database_to_xmlschema",
+        "database_to_xml_and_xmlschema",
+    }
+)
+
+# Side channels: data written into large objects or NOTIFY payloads leaves the table it came
+# from; reading large objects back returns whatever was put there (tracked as a copy target).
+LARGE_OBJECT = SourceColumn("pg_catalog", "pg_largeobject", "data")
+LO_WRITE_FUNCTIONS = frozenset({"lo_from_bytea", "lo_put", "lowrite"})
+LO_READ_FUNCTIONS = frozenset({"lo_get", "loread", "lo_export"})
+NOTIFY_TARGET = "pg_catalog.pg_notify"
+# Files on the database server (COPY ... TO 'file' / PROGRAM, then pg_read_file).
+SERVER_FILES = SourceColumn("pg_catalog", "server_files", "data")
+SERVER_FILES_TARGET = "pg_catalog.server_files"
+FILE_READ_FUNCTIONS = frozenset({"pg_read_file", "pg_read_binary_file", "lo_import"})
 
 # Functions that read a whole table named by a regclass argument.
 TABLE_TEXT_FUNCTIONS = frozenset(
@@ -194,14 +220,28 @@ class ViewExpansion:
     functions: frozenset[str]
     user_functions: frozenset[str]
     unanalysable: str | None
+    packing: tuple[PackingCall, ...] = ()
 
 
 class Shared:
     """Per-snapshot memo shared by all walkers: view expansions and column labels."""
 
-    def __init__(self, snapshot: CatalogSnapshot, rules_labels: Any) -> None:
+    def __init__(
+        self,
+        snapshot: CatalogSnapshot,
+        rules_labels: Any,
+        taint: Mapping[tuple[str, str], frozenset[str]] | None = None,
+        pending_functions: Mapping[tuple[str, str], tuple[CatalogFunction, ...]] | None = None,
+    ) -> None:
         self.snapshot = snapshot
         self.rules_labels = rules_labels  # callable(schema, table, column) -> frozenset
+        # Tables that labelled data was copied into (CREATE TABLE AS, INSERT ... SELECT):
+        # every column of them carries those labels from then on.
+        self.taint: Mapping[tuple[str, str], frozenset[str]] = taint or {}
+        # Functions created through us that the catalog does not show yet.
+        self.pending_functions: Mapping[tuple[str, str], tuple[CatalogFunction, ...]] = (
+            pending_functions or {}
+        )
         self.views: dict[int, ViewExpansion] = {}
         self.labels: dict[SourceColumn, frozenset[str]] = {}
         self.rel_columns: dict[int, Columns] = {}
@@ -213,7 +253,13 @@ class Shared:
         rel = self.snapshot.relation(src.schema, src.table)
         col = rel.column(src.column) if rel is not None else None
         labels = col.labels if col is not None else self.rules_labels(*src)
-        self.labels[src] = labels
+        tainted = self.taint.get((src.schema, src.table))
+        if tainted:
+            labels = labels | tainted
+        # Names of relations missing from the catalog come from client text: do not let
+        # them grow the memo without bound.
+        if rel is not None or len(self.labels) < 50_000:
+            self.labels[src] = labels
         return labels
 
     def lineage_labels(self, lin: Iterable[SourceColumn]) -> frozenset[str]:
@@ -252,6 +298,7 @@ class StatementWalker:
         self.copies: list[DataCopy] = []
         self.unresolved: list[str] = []
         self.unanalysable: list[str] = []
+        self.function_stack: set[str] = set()
 
     # --- names ---------------------------------------------------------------------------
 
@@ -317,6 +364,8 @@ class StatementWalker:
         self.reads |= hit.reads
         self.functions |= hit.functions
         self.user_functions |= hit.user_functions
+        # A view that packs (json_agg over customers) packs for whoever reads it.
+        self.packing.extend(hit.packing)
         if hit.unanalysable:
             self.unanalysable.append(hit.unanalysable)
         return hit
@@ -359,6 +408,7 @@ class StatementWalker:
             frozenset(sub.functions),
             frozenset(sub.user_functions),
             problem,
+            tuple(sub.packing),
         )
 
     def range_var(self, rv: Node, scope: Scope | None, ctes: dict[str, Columns]) -> Rel:
@@ -372,13 +422,13 @@ class StatementWalker:
                 return _rename(Rel(alias, cte), alias_node)
         rel = self.find_relation(schema, name)
         if rel is None:
-            target_schema = schema or self.creation_schema()
+            target_schema = schema or (
+                "pg_temp" if ("pg_temp", name) in self.shared.taint else self.creation_schema()
+            )
             qualified = f"{target_schema}.{name}"
             self.reads.add(qualified)
             self.unresolved.append(f"relation {qualified}")
-            return _rename(
-                Rel(alias, [], relation=qualified, schema=target_schema, table=name), alias_node
-            )
+            return _rename(self._unknown_rel(alias, target_schema, name), alias_node)
         self.reads.add(rel.qualified)
         cols = self.relation_columns(rel)
         labelled = any(self.shared.lineage_labels(lin) for _n, lin in cols)
@@ -391,7 +441,7 @@ class StatementWalker:
         kind, n = node_type(item)
         if kind == "RangeVar":
             r = self.range_var(n, scope, ctes)
-            return [r], self._star_of(r)
+            return [r], r.columns
         if kind == "RangeSubselect":
             cols = self.query(n["subquery"], scope, ctes)
             alias_node = n.get("alias")
@@ -414,12 +464,19 @@ class StatementWalker:
         r = _rename(Rel(alias, cols or [(alias or "?column?", lin)], opaque=lin), alias_node)
         return [r], r.columns
 
-    def _star_of(self, r: Rel) -> Columns:
-        if r.relation is not None and r.schema is not None and not r.columns:
-            self.unresolved.append(f"* over {r.relation}")
-        if r.labelled and r.relation is not None:
-            pass  # the caller marks star reads; joins reuse this without a star
-        return r.columns
+    def _unknown_rel(self, alias: str, schema: str, name: str) -> Rel:
+        """A relation the catalog does not have (yet): columns are followed by name, and ``*``
+        or a whole-row reference yields the pseudo column ``schema.name.*``, which carries
+        the labels of data copied into it earlier (``Shared.taint``)."""
+        whole = frozenset((SourceColumn(schema, name, "*"),))
+        return Rel(
+            alias,
+            [("*", whole)],
+            relation=f"{schema}.{name}",
+            labelled=bool(self.shared.lineage_labels(whole)),
+            schema=schema,
+            table=name,
+        )
 
     def join(self, n: Node, scope: Scope, ctes: dict[str, Columns]) -> tuple[list[Rel], Columns]:
         lrels, lstar = self.from_item(n["larg"], scope, ctes)
@@ -505,44 +562,55 @@ class StatementWalker:
             return ctes
         ctes = dict(ctes)
         body = wc.get("WithClause", wc)
-        recursive = bool(body.get("recursive"))
-        for item in body.get("ctes") or ():
-            cte = item["CommonTableExpr"]
-            name = cte["ctename"]
-            aliases = names(cte.get("aliascolnames"))
-            q = cte["ctequery"]
-            if recursive and _refers_to(q, name):
-                ctes[name] = self._recursive_cte(name, aliases, q, scope, ctes)
-            else:
-                cols = self.query(q, scope, ctes)
-                ctes[name] = _apply_colnames(cols, aliases)
-        return ctes
+        items = [
+            (c["ctename"], names(c.get("aliascolnames")), c["ctequery"])
+            for item in body.get("ctes") or ()
+            for c in (item["CommonTableExpr"],)
+        ]
+        if not body.get("recursive"):
+            for name, aliases, q in items:
+                ctes[name] = _apply_colnames(self.query(q, scope, ctes), aliases)
+            return ctes
+        return self._recursive_with(items, scope, ctes)
 
-    def _recursive_cte(
+    def _recursive_with(
         self,
-        name: str,
-        aliases: list[str],
-        q: Node,
+        items: list[tuple[str, list[str], Node]],
         scope: Scope | None,
         ctes: dict[str, Columns],
-    ) -> Columns:
-        kind, sel = node_type(q)
-        if kind == "SelectStmt" and sel.get("op", "SETOP_NONE") != "SETOP_NONE":
-            seed = self.select(sel["larg"], scope, ctes)
-        else:
-            seed = []
-        current = _apply_colnames(seed, aliases)
-        # The recursive term can only add lineage; iterate to the fixpoint (bounded: every
-        # round adds at least one source column or stops).
-        for _ in range(32):
-            trial = dict(ctes)
-            trial[name] = current
-            cols = _apply_colnames(self.query(q, scope, trial), aliases)
-            merged = _merge_positional(current, cols) if current else cols
-            if merged == current:
+    ) -> dict[str, Columns]:
+        """WITH RECURSIVE: any CTE may refer to itself or to any other, in any order.
+
+        Lineage only grows, so iterate to the fixpoint on a scratch walker, starting from
+        each CTE's non-recursive term; then walk once more for real (reads, filters ...).
+        """
+        approx: dict[str, Columns] = {name: [] for name, _a, _q in items}
+        scratch = self._scratch()
+        for name, aliases, q in items:
+            kind, sel = node_type(q)
+            if kind == "SelectStmt" and sel.get("op", "SETOP_NONE") != "SETOP_NONE":
+                seed = scratch.select(sel["larg"], scope, {**ctes, **approx})
+                approx[name] = _apply_colnames(seed, aliases)
+        for _ in range(2 * len(items) + 16):
+            changed = False
+            scratch = self._scratch()
+            for name, aliases, q in items:
+                cols = _apply_colnames(scratch.query(q, scope, {**ctes, **approx}), aliases)
+                merged = _merge_positional(approx[name], cols) if approx[name] else cols
+                if merged != approx[name]:
+                    approx[name] = merged
+                    changed = True
+            if not changed:
                 break
-            current = merged
-        return current
+        for _name, _aliases, q in items:
+            self.query(q, scope, {**ctes, **approx})
+        ctes.update(approx)
+        return ctes
+
+    def _scratch(self) -> StatementWalker:
+        w = StatementWalker(self.shared, self.search_path, self.view_stack)
+        w.function_stack = self.function_stack
+        return w
 
     def select(self, n: Node, scope: Scope | None, ctes: dict[str, Columns]) -> Columns:
         ctes = self.with_clause(n, scope, ctes)
@@ -563,11 +631,12 @@ class StatementWalker:
             local.rels.extend(rels)
             local.star = local.star + star
         out = self.target_list(n.get("targetList") or (), local)
-        for key in ("whereClause", "havingClause", "groupClause", "distinctClause"):
+        for key in ("whereClause", "havingClause"):
             self.filters |= self.expr(n.get(key), local)
-        # ORDER BY may name output columns; those resolve through the inputs anyway.
+        # GROUP BY, DISTINCT ON and ORDER BY may name output columns (after input columns).
         sort_scope = Scope([*local.rels, Rel("", out)], local.star, scope, ctes)
-        self.filters |= self.expr(n.get("sortClause"), sort_scope)
+        for key in ("groupClause", "distinctClause", "sortClause"):
+            self.filters |= self.expr(n.get(key), sort_scope)
         self.filters |= self.expr(n.get("windowClause"), local)
         self.expr(n.get("limitCount"), local)
         self.expr(n.get("limitOffset"), local)
@@ -618,6 +687,8 @@ class StatementWalker:
         if len(fields) == 1:
             for r in scope.rels:
                 self._mark_star(r)
+                if r.schema is not None:
+                    self.unresolved.append(f"* over {r.relation}")
             return list(scope.star)
         qual = [sval(f) for f in fields[:-1]]
         found = self.find_rel(qual, scope)
@@ -626,8 +697,8 @@ class StatementWalker:
             return []
         r = found
         self._mark_star(r)
-        if r.schema is not None and not r.columns:
-            self.unresolved.append(f"{'.'.join(qual)}.* over {r.relation}")
+        if r.schema is not None:
+            self.unresolved.append(f"* over {r.relation}")
         return list(r.columns)
 
     def _mark_star(self, r: Rel) -> None:
@@ -676,7 +747,7 @@ class StatementWalker:
         alias_node = rv.get("alias")
         alias = alias_node["aliasname"] if alias_node else name
         if rel is None:
-            return Rel(alias, [], relation=f"{schema}.{name}", schema=schema, table=name)
+            return self._unknown_rel(alias, schema, name)
         cols = [(c, lin | assigned.get(c, EMPTY)) for c, lin in self.relation_columns(rel)]
         labelled = any(self.shared.lineage_labels(lin) for _n, lin in cols)
         return Rel(alias, cols, relation=rel.qualified, labelled=labelled)
@@ -795,20 +866,22 @@ class StatementWalker:
     def _column_lookup(self, fields: list[str], scope: Scope | None) -> Lineage | None:
         if len(fields) == 1:
             name = fields[0]
+            # A relation whose columns we do not know may or may not have this column; if it
+            # does not, PostgreSQL looks further out. Keep both readings (superset).
+            soft: list[Lineage] = []
             s = scope
             while s is not None:
                 hits = [lin for r in s.rels if (lin := r.colmap.get(name)) is not None]
-                if not hits:
-                    hits = [
-                        lin
-                        for r in s.rels
-                        if r.opaque is not None or r.schema is not None
-                        if (lin := r.lookup(name)) is not None
-                    ]
                 if hits:
-                    return frozenset().union(*hits)
+                    return frozenset().union(*hits, *soft)
+                soft.extend(
+                    lin
+                    for r in s.rels
+                    if r.opaque is not None or r.schema is not None
+                    if (lin := r.lookup(name)) is not None
+                )
                 s = s.parent
-            return None
+            return frozenset().union(*soft) if soft else None
         r = self.find_rel(fields[:-1], scope)
         if r is None:
             return None
@@ -924,9 +997,27 @@ class StatementWalker:
         self.filters |= self.expr(v.get("over"), scope)
         if name in SQL_TEXT_FUNCTIONS and (len(fname) == 1 or fname[0] == "pg_catalog"):
             self.unanalysable.append(f"{name}() runs SQL given as text")
+        elif name in WHOLE_SCHEMA_FUNCTIONS and (len(fname) == 1 or fname[0] == "pg_catalog"):
+            self.unanalysable.append(f"{name}() dumps every table of a schema or database")
         elif name in TABLE_TEXT_FUNCTIONS and args:
             inner |= self._table_argument(args[0], name)
-        self.user_function(fname, inner)
+        builtin = len(fname) == 1 or fname[0] == "pg_catalog"
+        if builtin and name in LO_WRITE_FUNCTIONS:
+            self.record_copy("pg_catalog.pg_largeobject", [("", frozenset(inner))])
+        elif builtin and name in LO_READ_FUNCTIONS:
+            inner.add(LARGE_OBJECT)
+        elif builtin and name in FILE_READ_FUNCTIONS:
+            inner.add(SERVER_FILES)
+            if name == "lo_import":
+                self.record_copy("pg_catalog.pg_largeobject", [("", frozenset((SERVER_FILES,)))])
+        elif builtin and name == "pg_notify":
+            self.record_copy(NOTIFY_TARGET, [("", frozenset(inner))])
+        found = self.user_function(fname, inner)
+        builtins = self.snapshot.builtin_functions
+        if not found and builtins and name not in builtins:
+            # Not builtin and not in the catalog: created since the last refresh (perhaps
+            # earlier in this very string). Whatever its body reads cannot be followed.
+            self.unanalysable.append(f"function {qualified} is not in the catalog")
         if name in PACKING_FUNCTIONS:
             self.add_packing(name, frozenset(inner))
         acc |= inner
@@ -948,42 +1039,79 @@ class StatementWalker:
             self.star_tables.add(rel.qualified)
         return lin
 
-    def user_function(self, fname: list[str], acc: set[SourceColumn]) -> None:
-        if not self.snapshot.functions:
-            return
+    def _function_candidates(self, schema: str, name: str) -> tuple[CatalogFunction, ...]:
+        found = self.snapshot.user_functions(schema, name)
+        pending = self.shared.pending_functions.get((schema, name))
+        return found + pending if pending else found
+
+    def user_function(self, fname: list[str], acc: set[SourceColumn]) -> bool:
+        """Follow a call into a user-defined function; False if there is none by that name."""
+        if not self.snapshot.functions and not self.shared.pending_functions:
+            return False
         if len(fname) > 1:
-            candidates = self.snapshot.user_functions(fname[-2], fname[-1])
+            candidates = self._function_candidates(fname[-2], fname[-1])
         else:
             candidates = ()
             for s in self.search_path:
-                candidates = self.snapshot.user_functions(s, fname[0])
+                candidates = self._function_candidates(s, fname[0])
                 if candidates:
                     break
         for f in candidates:
             self.user_functions.add(f.qualified)
-            if f.runs_dynamic_sql:
-                self.unanalysable.append(f"function {f.qualified} runs dynamic SQL")
-            elif f.language == "sql":
-                acc |= self._sql_function_body(f.qualified, f.source)
+            if f.qualified in self.function_stack:
+                continue  # a recursive call adds nothing its first expansion did not
+            if f.language == "sql":
+                queries: tuple[str, ...] = (f.source,)
             elif f.language == "plpgsql":
-                # Static SQL inside PL/pgSQL is not followed yet: fail closed.
-                self.unanalysable.append(f"function {f.qualified} is PL/pgSQL")
+                try:
+                    queries, dynamic = plpgsql_queries(f.arguments, f.result, f.source)
+                except Exception:
+                    self.unanalysable.append(f"body of function {f.qualified} does not parse")
+                    continue
+                if dynamic:
+                    self.unanalysable.append(f"function {f.qualified} runs dynamic SQL")
+                    continue
+            elif f.language in ("internal", "c"):
+                continue
+            else:
+                self.unanalysable.append(f"function {f.qualified} is written in {f.language}")
+                continue
+            self.function_stack.add(f.qualified)
+            try:
+                for q in queries:
+                    acc |= self._function_query(f.qualified, q)
+            finally:
+                self.function_stack.discard(f.qualified)
+        return bool(candidates)
 
-    def _sql_function_body(self, qualified: str, source: str) -> Lineage:
-        from policy.parse import parse_json
+    def _function_query(self, qualified: str, source: str) -> Lineage:
+        """What a statement inside a function body can return: the union of its outputs.
 
+        A sub-walker keeps the body's unresolved names (its parameters and variables) out of
+        the caller's facts; what it reads, writes and copies counts for the caller.
+        """
         try:
-            tree = parse_json(source)
+            stmts = function_body_statements(source)
         except Exception:
             self.unanalysable.append(f"body of function {qualified} could not be parsed")
             return EMPTY
+        sub = StatementWalker(self.shared, self.search_path, self.view_stack)
+        sub.function_stack = self.function_stack
         out: set[SourceColumn] = set()
-        for raw in tree.get("stmts", ()):
-            stmt = raw["stmt"]
-            kind, _ = node_type(stmt)
+        for stmt in stmts:
+            kind, n = node_type(stmt)
             if kind in ("SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"):
-                for _n, lin in self.query(stmt, None, {}):
+                for _n, lin in sub.query(stmt, None, {}):
                     out |= lin
+            elif kind == "ReturnStmt":
+                out |= sub.expr(n.get("returnval"), None)
+        self.reads |= sub.reads
+        self.writes |= sub.writes
+        self.functions |= sub.functions
+        self.user_functions |= sub.user_functions
+        self.packing.extend(sub.packing)
+        self.copies.extend(sub.copies)
+        self.unanalysable.extend(sub.unanalysable)
         return frozenset(out)
 
     def add_packing(self, name: str, lin: Lineage) -> None:
@@ -1030,13 +1158,6 @@ def _merge_positional(left: Columns, right: Columns) -> Columns:
         lin = (left[i][1] if i < len(left) else EMPTY) | (right[i][1] if i < len(right) else EMPTY)
         out.append((name, lin))
     return out
-
-
-def _refers_to(node: Any, name: str) -> bool:
-    for rv in iter_nodes(node, "RangeVar"):
-        if rv.get("relname") == name and "schemaname" not in rv:
-            return True
-    return False
 
 
 def iter_nodes(node: Any, kind: str) -> Iterator[Node]:

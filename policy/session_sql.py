@@ -38,6 +38,7 @@ class SqlSession:
         self._session_path = search_path
         self._local_path: tuple[str, ...] | None = None
         self.user = user
+        self.session_user = user
         self.prepared: dict[str, str] = {}  # name -> query text
         self.cursors: dict[str, QueryFacts] = {}
 
@@ -65,6 +66,9 @@ class SqlSession:
         return tuple(out)
 
     def _apply(self, f: QueryFacts) -> QueryFacts:
+        if f.role is not None:
+            # "$user" in search_path means current_user, which SET ROLE changes.
+            self.user = self.session_user if f.role == "none" else f.role
         if f.search_path is not None:
             path = f.search_path
             if f.search_path_reset:

@@ -11,6 +11,7 @@ import click
 
 from audit.cli import audit_group
 from policy.cli import classify_command, policy_group
+from policy.commands import check_command, schema_command, test_command
 from proxy.config import ConfigError, ProxyConfig, load_config
 from proxy.demo import demo_command
 
@@ -21,6 +22,9 @@ def main() -> None:
     """pgwarden: a PostgreSQL proxy that watches for bulk reads of customer data."""
 
 
+policy_group.add_command(check_command)
+policy_group.add_command(test_command)
+policy_group.add_command(schema_command)
 main.add_command(policy_group)
 main.add_command(audit_group)
 main.add_command(classify_command)
@@ -38,6 +42,8 @@ def _overrides(**flags: Any) -> dict[str, Any]:
         "upstream_tls": "upstream_tls.mode",
         "upstream_ca": "upstream_tls.ca",
         "allow_replication": "allow_replication",
+        "policy": "policy_file",
+        "catalog_user": "catalog_user",
         "max_message_bytes": "max_message_bytes",
         "log_level": "log_level",
         "log_format": "log_format",
@@ -66,6 +72,8 @@ def _overrides(**flags: Any) -> dict[str, Any]:
 @click.option(
     "--allow-replication", is_flag=True, default=None, help="Let replication connections through."
 )
+@click.option("--policy", type=click.Path(dir_okay=False), help="Policy file to enforce.")
+@click.option("--catalog-user", help="Database role for pgwarden's read-only catalog connection.")
 @click.option("--max-message-bytes", type=int, help="Largest protocol message accepted.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--log-format", type=click.Choice(["json", "console"]))
@@ -90,7 +98,8 @@ def serve(config_file: str | None, **flags: Any) -> None:
     try:
         asyncio.run(run_server(config, reload=load))
     except OSError as exc:
-        click.echo(f"pgwarden: cannot listen on {config.listen}: {exc.strerror or exc}", err=True)
+        # asyncio's bind error names the address itself, which may be the admin one.
+        click.echo(f"pgwarden: cannot listen: {exc.strerror or exc}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         pass

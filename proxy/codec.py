@@ -83,42 +83,54 @@ class FrameReader:
     ``raw``.  An incomplete trailing frame is kept until the rest arrives.
     """
 
-    __slots__ = ("_from_client", "_pending", "max_message")
+    __slots__ = ("_from_client", "_have", "_need", "_parts", "max_message")
 
     def __init__(self, max_message: int = DEFAULT_MAX_MESSAGE, *, from_client: bool) -> None:
         self.max_message = max_message
         self._from_client = from_client
-        self._pending = b""
+        # An incomplete trailing frame, kept as the chunks it arrived in: joining them on
+        # every feed would copy a large message (a 50 MB Bind) once per chunk, quadratically.
+        self._parts: list[bytes] = []
+        self._have = 0  # bytes in _parts
+        self._need = 0  # bytes that complete the pending frame (5 while its header is short)
 
     @property
     def buffered(self) -> int:
-        return len(self._pending)
+        return self._have
 
     def take_pending(self) -> bytes:
         """Hand over the bytes of an incomplete frame (when another reader takes over)."""
-        pending, self._pending = self._pending, b""
+        pending = b"".join(self._parts)
+        self._parts, self._have, self._need = [], 0, 0
         return pending
 
     def feed(self, data: bytes) -> tuple[bytes, list[tuple[int, int, int]]]:
-        if self._pending:
-            data = self._pending + data
-            self._pending = b""
+        if self._parts:
+            self._parts.append(data)
+            self._have += len(data)
+            if self._have < self._need:
+                return b"", []
+            data = self.take_pending()
         frames: list[tuple[int, int, int]] = []
         pos = 0
         n = len(data)
         limit = self.max_message
+        need = 5
         while n - pos >= 5:
             t, length = _HEADER.unpack_from(data, pos)
             if length < 4 or length > limit:
                 raise self._bad_length(t, length)
             end = pos + 1 + length
             if end > n:
+                need = end - pos
                 break
             frames.append((t, pos + 5, end))
             pos = end
         if pos < n:
             # The partial frame's header was already checked above when it was complete.
-            self._pending = data[pos:]
+            self._parts = [data[pos:]]
+            self._have = n - pos
+            self._need = need
             return data[:pos], frames
         return data, frames
 
@@ -132,6 +144,10 @@ class FrameScanner:
     ``scan(chunk)`` returns ``(type, end, body)`` for each message that *ends* in this chunk,
     ``end`` being the offset just past it in ``chunk``.  ``body`` is the message body for the
     types in ``wanted`` and None for all others, whose bytes are only skipped.
+
+    ``max_message`` bounds only the wanted types, the bodies it copies: a skipped body costs
+    no memory, and a legal 100 MB DataRow must not end the session because the limit was
+    set low to stop huge client messages.
     """
 
     __slots__ = ("_body", "_from_client", "_header", "_remaining", "_type", "max_message", "wanted")
@@ -187,7 +203,7 @@ class FrameScanner:
                 self._header = chunk[pos:]
                 break
             t, length = _HEADER.unpack_from(chunk, pos)
-            if length < 4 or length > limit:
+            if length < 4 or (length > limit and t in wanted):
                 raise self._bad_length(t, length)
             end = pos + 1 + length
             if end <= n:
@@ -204,7 +220,7 @@ class FrameScanner:
         self, t: int, length: int, chunk: bytes, pos: int, out: list[tuple[int, int, bytes | None]]
     ) -> int:
         """Begin a message whose header straddled the previous chunk; returns the new pos."""
-        if length < 4 or length > self.max_message:
+        if length < 4 or (length > self.max_message and t in self.wanted):
             raise self._bad_length(t, length)
         body_len = length - 4
         avail = len(chunk) - pos

@@ -54,6 +54,66 @@ class CloseServer:
 
 
 @dataclass(frozen=True, slots=True)
+class PolicyBlock:
+    """A statement was refused or its result cut off."""
+
+    subject: str
+    rule_id: str
+    action: str
+    message: str
+    facts: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyAlert:
+    """A rule fired that allows (action alert) or only watches (monitor mode)."""
+
+    subject: str
+    rule_id: str
+    reason: str
+    monitored: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CanaryHit:
+    subject: str
+    rule_id: str
+    action: str
+    monitored: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RecordUsage:
+    """Add a statement's labelled rows and record identities to the subject's windows."""
+
+    subject: str
+    label: str
+    rows: int
+    records: frozenset[str]
+    windows: tuple[float, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class StatementDone:
+    """One statement finished (for the audit trail)."""
+
+    facts: Any
+    rows: int
+    bytes: int
+    seconds: float
+    sqlstate: str | None
+    cut: bool
+    records: dict[str, frozenset[str]]
+
+
+@dataclass(frozen=True, slots=True)
+class EndSession:
+    """A rule's action ends the session after the client has been told why."""
+
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class Log:
     event: str
     level: str = "info"
@@ -69,5 +129,11 @@ Command = (
     | CancelUpstream
     | CloseClient
     | CloseServer
+    | PolicyBlock
+    | PolicyAlert
+    | CanaryHit
+    | RecordUsage
+    | StatementDone
+    | EndSession
     | Log
 )

@@ -8,6 +8,7 @@ last.
 from __future__ import annotations
 
 import os
+import ssl
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,17 @@ class ClientTLS(BaseModel):
         for p in (self.cert, self.key):
             if p is not None and not p.is_file():
                 raise ValueError(f"file {str(p)!r} does not exist")
+        if self.cert is not None and self.key is not None:
+            # Load them now: a file that is there but unusable must be a config error (exit
+            # 2 at start, old config kept on reload), not a failure half-way through.
+            try:
+                ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                ctx.load_cert_chain(str(self.cert), str(self.key))
+            except (ssl.SSLError, OSError) as exc:
+                raise ValueError(
+                    f"cannot load {str(self.cert)!r} and {str(self.key)!r} as a PEM "
+                    f"certificate and its private key ({exc})"
+                ) from None
         return self
 
     @property
@@ -84,6 +96,19 @@ class UpstreamTLS(BaseModel):
     ca: Path | None = None  # CA bundle for verify-full; the system store when absent
     server_name: str | None = None  # name to verify; the upstream host when absent
 
+    @field_validator("ca")
+    @classmethod
+    def _ca(cls, v: Path | None) -> Path | None:
+        if v is None:
+            return v
+        if not v.is_file():
+            raise ValueError(f"file {str(v)!r} does not exist")
+        try:
+            ssl.create_default_context(cafile=str(v))
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(f"cannot load {str(v)!r} as PEM CA certificates ({exc})") from None
+        return v
+
 
 class ProxyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -94,6 +119,8 @@ class ProxyConfig(BaseModel):
     client_tls: ClientTLS = ClientTLS()
     upstream_tls: UpstreamTLS = UpstreamTLS()
     allow_replication: bool = False
+    policy_file: Path | None = Field(None, description="policy YAML to enforce")
+    catalog_user: str | None = Field(None, description="role for pgwarden's catalog connection")
     max_message_bytes: int = Field(default=256 * 1024 * 1024, ge=1024, le=2**30)
     connect_timeout: float = Field(default=10.0, gt=0)
     shutdown_timeout: float = Field(default=30.0, ge=0)

@@ -38,8 +38,11 @@ class Stats:
         "latency_buckets",
         "latency_count",
         "latency_sum",
+        "policy_alerts",
+        "policy_blocks",
         "protocol_errors",
         "refused_connections",
+        "results_cut",
         "statements",
     )
 
@@ -54,6 +57,9 @@ class Stats:
         self.protocol_errors = 0
         self.cancels_forwarded = 0
         self.cancels_dropped = 0
+        self.policy_blocks = 0
+        self.policy_alerts = 0
+        self.results_cut = 0
         self.latency_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
         self.latency_count = 0
@@ -84,6 +90,10 @@ class StatsCollector(Collector):
              s.cancels_forwarded),
             ("pgwarden_cancels_dropped", "Cancel requests with unknown or forged keys",
              s.cancels_dropped),
+            ("pgwarden_policy_blocks", "Statements refused or cut off by policy", s.policy_blocks),
+            ("pgwarden_policy_alerts", "Rules that fired without blocking (alert or monitor)",
+             s.policy_alerts),
+            ("pgwarden_results_cut", "Results cut off at a row or byte limit", s.results_cut),
         ]  # fmt: skip
         for name, doc, value in counters:
             yield CounterMetricFamily(name, doc, value=value)

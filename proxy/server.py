@@ -19,7 +19,7 @@ import socket
 import ssl
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 
@@ -27,12 +27,29 @@ from proxy import commands as cmd
 from proxy.config import ProxyConfig, UpstreamTLSMode
 from proxy.messages import CancelRequest, ProtocolError, SSLRequest, StartupMessage
 from proxy.metrics import Stats
-from proxy.session import Session, SessionSettings
+from proxy.session import Session, SessionSettings, error_bytes
+
+if TYPE_CHECKING:
+    from proxy.policyrt import PolicyRuntime
 
 log = structlog.get_logger("pgwarden")
 
 WRITE_HIGH_WATER = 256 * 1024
+# How long a closing client connection keeps reading after our FIN (see _close_client).
+CLOSE_LINGER_SECONDS = 2.0
 _session_ids = itertools.count(1)
+
+
+def _certificate_der(path: str) -> bytes | None:
+    """The first certificate of a PEM file, DER-encoded (what TLS puts on the wire)."""
+    try:
+        text = Path(path).read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+    end = text.find("-----END CERTIFICATE-----")
+    if end < 0:
+        return None
+    return ssl.PEM_cert_to_DER_cert(text[: end + len("-----END CERTIFICATE-----")])
 
 
 def _client_ssl_context(config: ProxyConfig) -> ssl.SSLContext | None:
@@ -43,18 +60,6 @@ def _client_ssl_context(config: ProxyConfig) -> ssl.SSLContext | None:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(str(tls.cert), str(tls.key))
     return ctx
-
-
-def _certificate_der(path: Path | None) -> bytes | None:
-    """The DER bytes of the first certificate in a PEM file (the one a client is shown)."""
-    if path is None:
-        return None
-    pem = path.read_text()
-    begin = pem.find("-----BEGIN CERTIFICATE-----")
-    end = pem.find("-----END CERTIFICATE-----", begin)
-    if begin < 0 or end < 0:
-        return None
-    return ssl.PEM_cert_to_DER_cert(pem[begin : end + len("-----END CERTIFICATE-----")])
 
 
 def _upstream_ssl_context(config: ProxyConfig) -> ssl.SSLContext | None:
@@ -75,8 +80,11 @@ def _upstream_ssl_context(config: ProxyConfig) -> ssl.SSLContext | None:
 class Proxy:
     """Everything shared by the sessions of one process."""
 
-    def __init__(self, config: ProxyConfig, stats: Stats | None = None) -> None:
+    def __init__(
+        self, config: ProxyConfig, stats: Stats | None = None, runtime: PolicyRuntime | None = None
+    ) -> None:
         self.stats = stats or Stats()
+        self.runtime = runtime
         self.connections: set[ClientConnection] = set()
         self.by_cancel_pid: dict[int, ClientConnection] = {}
         self.shutting_down = False
@@ -84,17 +92,26 @@ class Proxy:
         self.apply_config(config)
 
     def apply_config(self, config: ProxyConfig) -> None:
-        """Take a new config; it applies to sessions that start from now on."""
-        self.config = config
-        self.client_ssl = _client_ssl_context(config)
-        self.client_cert_der = _certificate_der(config.client_tls.cert)
-        self.upstream_ssl = _upstream_ssl_context(config)
-        self.settings = SessionSettings(
-            tls_available=self.client_ssl is not None,
+        """Take a new config; it applies to sessions that start from now on.
+
+        Everything is built before anything is replaced: if a part fails (a certificate
+        changed on disk since validation), the running config stays whole.
+        """
+        client_ssl = _client_ssl_context(config)
+        cert = config.client_tls.cert
+        client_cert_der = _certificate_der(str(cert)) if cert is not None else None
+        upstream_ssl = _upstream_ssl_context(config)
+        settings = SessionSettings(
+            tls_available=client_ssl is not None,
             tls_required=config.client_tls.required,
             allow_replication=config.allow_replication,
             max_message=config.max_message_bytes,
         )
+        self.config = config
+        self.client_ssl = client_ssl
+        self.client_cert_der = client_cert_der
+        self.upstream_ssl = upstream_ssl
+        self.settings = settings
 
     async def start(self) -> list[tuple[str, int]]:
         loop = asyncio.get_running_loop()
@@ -166,10 +183,16 @@ class Proxy:
         for conn in list(self.connections):
             conn.run(conn.session.begin_shutdown())
         deadline = asyncio.get_running_loop().time() + timeout
-        while self.connections and asyncio.get_running_loop().time() < deadline:
+        # Sessions whose backend is gone only wait to tell their client; they do not hold
+        # the shutdown up.
+        while (
+            any(c.session.working for c in self.connections)
+            and asyncio.get_running_loop().time() < deadline
+        ):
             await asyncio.sleep(0.05)
         for conn in list(self.connections):
             conn.run(conn.session.force_close())
+            conn.close_now()
         for _ in range(40):
             if not self.connections:
                 break
@@ -187,12 +210,16 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.upstream: UpstreamConnection | None = None
         self.session = Session(
-            proxy.settings, proxy.stats, lambda n: proxy.issue_cancel_key(self, n)
+            proxy.settings,
+            proxy.stats,
+            lambda n: proxy.issue_cancel_key(self, n),
+            make_guard=proxy.runtime.make_guard if proxy.runtime is not None else None,
         )
         self.session_id = next(_session_ids)
         self.log: Any = log
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._linger: asyncio.TimerHandle | None = None
 
     # --- asyncio.Protocol ------------------------------------------------------------------
 
@@ -228,6 +255,8 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        if self._linger is not None:
+            self._linger.cancel()
         self.run(self.session.client_closed())
         self.proxy.connections.discard(self)
         self.proxy.stats.connections_active -= 1
@@ -260,8 +289,7 @@ class ClientConnection(asyncio.Protocol):
                 if self.transport is not None and not self._closed:
                     self.transport.write(c.data)
             elif type(c) is cmd.CloseClient:
-                if self.transport is not None:
-                    self.transport.close()
+                self._close_client()
             elif type(c) is cmd.CloseServer:
                 if self.upstream is not None:
                     self.upstream.close()
@@ -273,8 +301,52 @@ class ClientConnection(asyncio.Protocol):
                 self._spawn(self.proxy.forward_cancel(c.pid, c.secret))
             elif type(c) is cmd.CancelUpstream:
                 self._spawn(self.cancel_upstream())
+            elif type(c) is cmd.StatementDone:
+                self._statement_done(c)
+            elif type(c) is cmd.EndSession:
+                self.log.warning("session_ended_by_policy", reason=c.message)
+                if self.transport is not None:
+                    self.transport.write(error_bytes("42501", c.message, fatal=True))
+                    self.transport.close()
+                if self.upstream is not None:
+                    self.upstream.close()
             elif type(c) is cmd.Log:
                 getattr(self.log, c.level)(c.event, **(c.fields or {}))
+            elif self.proxy.runtime is not None:
+                self._spawn(self.proxy.runtime.handle(c, self.log))
+
+    def _statement_done(self, c: cmd.StatementDone) -> None:
+        facts = c.facts
+        if facts is not None and facts.is_ddl and self.proxy.runtime is not None:
+            # The catalog may have changed under the analysis: reload it soon.
+            self.proxy.runtime.invalidate(self.session.subject.database)
+
+    def _close_client(self) -> None:
+        """Flush, send FIN, and keep reading (and discarding) until the client closes.
+
+        Closing a socket that still holds unread client bytes makes the kernel answer with
+        RST, and a client that receives RST throws away what it had not read yet: the FATAL
+        error saying why the session ended.  That happens whenever the client is still
+        sending (the rest of an oversized message) or writes its next query into a session
+        we ended while it sat idle (shutdown).
+        """
+        t = self.transport
+        if t is None or self._closed or self._linger is not None:
+            return
+        if not t.can_write_eof():  # TLS: close_notify is the best we can do
+            t.close()
+            return
+        t.write_eof()
+        if not t.is_reading():
+            t.resume_reading()
+        self._linger = asyncio.get_running_loop().call_later(CLOSE_LINGER_SECONDS, t.close)
+
+    def close_now(self) -> None:
+        """Close the client connection without waiting for the client."""
+        if self._linger is not None:
+            self._linger.cancel()
+        if self.transport is not None:
+            self.transport.close()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -339,6 +411,21 @@ class ClientConnection(asyncio.Protocol):
             return
         self.upstream = proto
         proto.negotiating = None
+        runtime = self.proxy.runtime
+        if runtime is not None:
+            try:
+                await runtime.ensure_catalog(self.session.subject.database)
+            except Exception as exc:
+                self.log.error("catalog_unavailable", error=str(exc))
+                transport.close()
+                self.upstream = None
+                self.run(
+                    self.session.upstream_failed(
+                        f"policy cannot be enforced: the catalog of database "
+                        f"{self.session.subject.database!r} could not be loaded ({exc})"
+                    )
+                )
+                return
         ssl_object = transport.get_extra_info("ssl_object")
         same_cert = False
         if ssl_object is not None and self.proxy.client_cert_der is not None:
@@ -473,7 +560,20 @@ async def serve(
     from proxy.admin import AdminServer
     from proxy.logs import configure_logging
 
-    proxy = Proxy(config)
+    runtime = None
+    if config.policy_file is not None:
+        from policy.model import load_policy
+        from proxy.policyrt import PolicyRuntime
+
+        stats = Stats()
+        runtime = PolicyRuntime(
+            load_policy(config.policy_file), config.policy_file,
+            (config.upstream.host, config.upstream.port), stats,
+            ssl=_upstream_ssl_context(config), catalog_user=config.catalog_user,
+        )  # fmt: skip
+        proxy = Proxy(config, stats, runtime)
+    else:
+        proxy = Proxy(config)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     addresses = await proxy.start()
@@ -485,15 +585,22 @@ async def serve(
     def on_hup() -> None:
         if reload is None:
             return
+        old_listen = proxy.config.listen
         try:
             new = reload()
+            proxy.apply_config(new)
         except Exception as exc:
             log.error("config_reload_failed", error=str(exc), kept="previous configuration")
             return
-        if new.listen != proxy.config.listen:
+        if new.listen != old_listen:
             log.warning("config_listen_changed", note="a new listen address needs a restart")
+        if runtime is not None:
+            try:
+                runtime.reload()
+                log.info("policy_reloaded", file=str(runtime.source))
+            except Exception as exc:
+                log.error("policy_reload_failed", error=str(exc), kept="previous policy")
         configure_logging(new.log_level, new.log_format)
-        proxy.apply_config(new)
         log.info("config_reloaded")
 
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -511,5 +618,7 @@ async def serve(
         ready(addresses)
     await stop.wait()
     await proxy.shutdown()
+    if runtime is not None:
+        await runtime.close()
     if admin is not None:
         await admin.stop()

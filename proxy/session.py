@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from proxy import commands as cmd
 from proxy.codec import FrameReader, FrameScanner, StartupReader
@@ -38,6 +39,10 @@ from proxy.messages import (
     decode_startup,
 )
 from proxy.metrics import Stats
+from proxy.tracker import Tracker
+
+if TYPE_CHECKING:
+    from proxy.guard import Guard
 
 
 class Phase(enum.Enum):
@@ -46,6 +51,7 @@ class Phase(enum.Enum):
     CONNECTING = "connecting"  # StartupMessage received, upstream connection being opened
     AUTH = "auth"  # relaying the authentication exchange PostgreSQL drives
     READY = "ready"  # authenticated: relaying queries and results
+    ENDING = "ending"  # shutting down: upstream ended; the client is told at its next message
     CLOSED = "closed"
 
 
@@ -54,7 +60,8 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     Phase.TLS: frozenset({Phase.STARTUP, Phase.CLOSED}),
     Phase.CONNECTING: frozenset({Phase.AUTH, Phase.CLOSED}),
     Phase.AUTH: frozenset({Phase.READY, Phase.CLOSED}),
-    Phase.READY: frozenset({Phase.CLOSED}),
+    Phase.READY: frozenset({Phase.ENDING, Phase.CLOSED}),
+    Phase.ENDING: frozenset({Phase.CLOSED}),
     Phase.CLOSED: frozenset(),
 }
 
@@ -70,6 +77,8 @@ _CYCLE_TYPES = frozenset((_Q, _S, _F))
 _SERVER_WANTED = frozenset((_Z, _S, _E))
 
 _REPLICATION_ON = frozenset({"true", "on", "yes", "1", "database"})
+
+_SHUTTING_DOWN = "pgwarden: terminating connection: proxy is shutting down"
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +133,9 @@ class Session:
     upstream_tls: bool = False
     channel_binding_passes: bool = False
     _server_sent_fatal: bool = False
+    # With a policy in force, the READY phase is relayed by a Tracker built from a Guard.
+    make_guard: Callable[[Subject], Guard | None] | None = None
+    tracker: Tracker | None = None
 
     def __post_init__(self) -> None:
         limit = self.settings.max_message
@@ -141,7 +153,14 @@ class Session:
     @property
     def busy(self) -> bool:
         """True while PostgreSQL owes the client a ReadyForQuery."""
+        if self.tracker is not None:
+            return self.tracker.busy
         return bool(self._cycles)
+
+    @property
+    def _idle(self) -> bool:
+        status = self.tracker.transaction_status if self.tracker else self.transaction_status
+        return not self.busy and status == "I"
 
     def _close_with(
         self, sqlstate: str, message: str, *, hint: str | None = None
@@ -173,6 +192,12 @@ class Session:
 
     def client_data(self, data: bytes) -> list[cmd.Command]:
         if self.phase is Phase.READY:
+            if self.tracker is not None:
+                self.stats.bytes_from_client += len(data)
+                out = self.tracker.client_data(data)
+                if self.tracker.closed:
+                    self.phase = Phase.CLOSED
+                return out
             return self._relay_client(data)
         self.stats.bytes_from_client += len(data)
         if self.phase is Phase.STARTUP:
@@ -189,6 +214,8 @@ class Session:
             return []
         if self.phase is Phase.TLS:
             raise ClientProtocolError("client sent data during the TLS handshake")
+        if self.phase is Phase.ENDING:
+            return self._close_with("57P01", _SHUTTING_DOWN)
         return []
 
     def _read_startup(self) -> list[cmd.Command]:
@@ -275,7 +302,7 @@ class Session:
         PostgreSQL showed pgwarden, so SCRAM channel binding holds end to end.
         """
         self.upstream_tls = tls
-        self.channel_binding_passes = same_certificate
+        self.channel_binding_passes = same_certificate and self.subject.tls
         self._set_phase(Phase.AUTH)
         out: list[cmd.Command] = [cmd.SendToServer(startup.encode())]
         if self._early_client_bytes:
@@ -348,11 +375,13 @@ class Session:
 
     def server_data(self, data: bytes) -> list[cmd.Command]:
         if self.phase is Phase.READY:
+            if self.tracker is not None:
+                return self._relay_tracked_server(data)
             return self._relay_server(data)
         self.stats.bytes_from_server += len(data)
         if self.phase is Phase.AUTH:
             return self._auth_server(data)
-        if self.phase is Phase.CLOSED:
+        if self.phase in (Phase.ENDING, Phase.CLOSED):
             return []
         raise ServerProtocolError(f"server sent data while the session is {self.phase.value}")
 
@@ -368,10 +397,9 @@ class Session:
                 auth = Authentication.decode(body)
                 if auth.code == AUTH_SASL:
                     self._expect_sasl_initial = True
-                    if not self.channel_binding_passes:
-                        whole, refusal = self._filter_sasl(auth)
-                        if refusal:
-                            return refusal
+                    whole, refusal = self._filter_sasl(auth)
+                    if refusal:
+                        return refusal
                 pieces.append(whole)
                 if auth.code == AUTH_OK:
                     out.append(cmd.Log("authenticated"))
@@ -405,10 +433,11 @@ class Session:
                 self._set_phase(Phase.READY)
                 out.insert(0, cmd.SendToClient(b"".join(pieces)))
                 out.append(cmd.Log("session_ready"))
+                self._start_tracking()
                 # Anything after ReadyForQuery belongs to the relay (e.g. a NOTIFY).
                 leftover = raw[end:] + self._server_reader.take_pending()
                 if leftover:
-                    out += self._relay_server(leftover)
+                    out += self.server_data(leftover)
                 return out
             elif t in (_N, _v):
                 pieces.append(whole)
@@ -424,7 +453,12 @@ class Session:
         # With TLS terminated here, channel binding would bind the client to pgwarden's
         # certificate and the server to its own: SCRAM-SHA-256-PLUS can never succeed, so
         # offer only what survives.  A client that requires channel binding then fails
-        # with libpq's own clear message.
+        # with libpq's own clear message.  The exception: when pgwarden presents the same
+        # certificate as PostgreSQL, both ends compute the same binding and -PLUS works.
+        # (Without -PLUS, libpq on TLS sends the gs2 flag 'y', which PostgreSQL on a TLS
+        # link refuses as a downgrade: plain SCRAM then needs a non-TLS upstream link.)
+        if self.channel_binding_passes:
+            return Authentication.sasl(auth.mechanisms).encode(), []
         kept = tuple(m for m in auth.mechanisms if not m.endswith("-PLUS"))
         if not kept:
             return b"", self._close_with(
@@ -460,6 +494,30 @@ class Session:
         self.server_params[name] = value
         if name == "application_name":
             self.subject.application_name = value
+            if self.tracker is not None:
+                self.tracker.guard.set_application(value)
+
+    def _start_tracking(self) -> None:
+        if self.make_guard is None:
+            return
+        guard = self.make_guard(self.subject)
+        if guard is None:
+            return
+        assert self._client_reader is not None
+        tracker = Tracker(guard, self.stats, self.settings.max_message, self._parameter)
+        # Bytes the client sent early continue in the tracker's reader.
+        tracker.client_reader = self._client_reader
+        self.tracker = tracker
+
+    def _relay_tracked_server(self, data: bytes) -> list[cmd.Command]:
+        assert self.tracker is not None
+        self.stats.bytes_from_server += len(data)
+        out = self.tracker.server_data(data)
+        if self.tracker.server_sent_fatal:
+            self._server_sent_fatal = True
+        if self.shutting_down and self._idle:
+            out += self._end_upstream()
+        return out
 
     def _relay_server(self, data: bytes) -> list[cmd.Command]:
         self.stats.bytes_from_server += len(data)
@@ -479,7 +537,7 @@ class Session:
                 if err.get("V") in ("FATAL", "PANIC") or err.get("S") in ("FATAL", "PANIC"):
                     self._server_sent_fatal = True
         if self.shutting_down and not self._cycles and self.transaction_status == "I":
-            out += self._shutdown_now()
+            out += self._end_upstream()
         return out
 
     def _ready_for_query(self, body: bytes) -> None:
@@ -494,6 +552,8 @@ class Session:
         """PostgreSQL closed the connection (terminated backend, crash, network)."""
         if self.phase is Phase.CLOSED:
             return [cmd.CloseClient()]
+        if self.phase is Phase.ENDING:
+            return []  # we ended it; the client hears why at its next message
         self.phase = Phase.CLOSED
         if self._server_sent_fatal:
             # PostgreSQL already told the client why (e.g. authentication failed).
@@ -517,32 +577,36 @@ class Session:
         statement (and transaction) completes."""
         self.shutting_down = True
         if self.phase is not Phase.READY:
-            if self.phase is Phase.CLOSED:
+            if self.phase in (Phase.ENDING, Phase.CLOSED):
                 return []
-            return self._close_with(
-                "57P01", "pgwarden: terminating connection: proxy is shutting down"
-            )
-        if not self._cycles and self.transaction_status == "I":
-            return self._shutdown_now()
+            return self._close_with("57P01", _SHUTTING_DOWN)
+        if self._idle:
+            return self._end_upstream() + self._close_with("57P01", _SHUTTING_DOWN)
         return []
 
-    def _shutdown_now(self) -> list[cmd.Command]:
-        self.phase = Phase.CLOSED
-        return [
-            cmd.SendToClient(
-                error_bytes(
-                    "57P01", "pgwarden: terminating connection: proxy is shutting down", fatal=True
-                )
-            ),
-            cmd.SendToServer(b"X\x00\x00\x00\x04"),
-            cmd.CloseServer(),
-            cmd.CloseClient(),
-        ]
+    def _end_upstream(self) -> list[cmd.Command]:
+        """The last statement of a shutting-down session is done: end the backend, and keep
+        the client connection until the client sends its next message.
+
+        A FATAL sent right behind the ReadyForQuery reaches libpq while it is idle, and
+        libpq then shows it only as a notice; the client's next query meets a closed
+        connection with no reason given.  Sent as the answer to that query, it is an error
+        the client sees (57P01, as PostgreSQL's own shutdown gives).
+        """
+        self._set_phase(Phase.ENDING)
+        return [cmd.SendToServer(b"X\x00\x00\x00\x04"), cmd.CloseServer()]
+
+    @property
+    def working(self) -> bool:
+        """True while shutdown must wait for this session (it still has a backend)."""
+        return self.phase not in (Phase.ENDING, Phase.CLOSED)
 
     def force_close(self) -> list[cmd.Command]:
         """Shutdown timeout reached: end the session whatever it is doing."""
         if self.phase is Phase.CLOSED:
             return [cmd.CloseClient(), cmd.CloseServer()]
+        if self.phase is Phase.ENDING:
+            return self._close_with("57P01", _SHUTTING_DOWN)
         out: list[cmd.Command] = [cmd.CancelUpstream()] if self.busy else []
         return out + self._close_with(
             "57P01", "pgwarden: terminating connection: proxy shutdown timeout reached"

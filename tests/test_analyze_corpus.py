@@ -79,9 +79,14 @@ def check_case(case: dict[str, Any], facts: tuple[QueryFacts, ...]) -> None:
         assert frozenset(case["filter"]) <= f.filter_labels, sql
 
 
-@pytest.fixture(scope="module")
+FILE_SNAPSHOT = snapshot_from_sql(schema_sql() + "\n" + EXTRA_SQL)
+
+
+@pytest.fixture()
 def file_analyzer() -> Analyzer:
-    return Analyzer(snapshot_from_sql(schema_sql() + "\n" + EXTRA_SQL))
+    # A fresh analyzer per case: copies into tables taint them for later statements, and
+    # each corpus case stands alone.
+    return Analyzer(FILE_SNAPSHOT)
 
 
 def test_corpus_is_large_enough() -> None:
@@ -127,11 +132,10 @@ def _asyncpg_dsn(dsn: str) -> str:
 
 
 def test_corpus_against_live_catalog(db_snapshot: CatalogSnapshot) -> None:
-    analyzer = Analyzer(db_snapshot)
     failures = []
     for case in CASES:
         try:
-            check_case(case, analyzer.analyze(case["sql"], _path(case)))
+            check_case(case, Analyzer(db_snapshot).analyze(case["sql"], _path(case)))
         except AssertionError as exc:
             failures.append(f"{case['sql']}: {exc}")
     assert not failures, "\n".join(failures)
@@ -141,7 +145,6 @@ def test_row_description_labels_are_covered_by_analysis(
     corpus_db: str, db_snapshot: CatalogSnapshot
 ) -> None:
     """Run each runnable statement; what PostgreSQL says a column comes from must be labelled."""
-    analyzer = Analyzer(db_snapshot)
     checked_labelled = 0
     problems = []
     with psycopg.connect(corpus_db, autocommit=False) as conn:
@@ -152,7 +155,7 @@ def test_row_description_labels_are_covered_by_analysis(
         for case in CASES:
             if case.get("run") is False or case.get("unanalysable"):
                 continue
-            facts = analyzer.analyze(case["sql"], _path(case))[0]
+            facts = Analyzer(db_snapshot).analyze(case["sql"], _path(case))[0]
             with conn.cursor() as cur:
                 cur.execute("SAVEPOINT s")
                 cur.execute(f"SET LOCAL search_path = {case.get('path', 'public')}")
@@ -164,13 +167,12 @@ def test_row_description_labels_are_covered_by_analysis(
                     continue
                 res = cur.pgresult
                 assert res is not None
-                for i in range(res.nfields):
-                    col = db_snapshot.column_at(res.ftable(i), res.ftablecol(i))
-                    if col is None or not col.labels:
-                        continue
-                    checked_labelled += 1
-                    if i >= len(facts.output) or not col.labels <= facts.output[i].labels:
-                        problems.append(f"{case['sql']}: column {i} ({col.qualified}) not labelled")
+                fields = [(res.ftable(i), res.ftablecol(i)) for i in range(res.nfields)]
+                checked_labelled += sum(
+                    1 for oid, att in fields if (c := db_snapshot.column_at(oid, att)) and c.labels
+                )
+                for i, col in Analyzer(db_snapshot).row_description_gaps(facts, fields):
+                    problems.append(f"{case['sql']}: column {i} ({col.qualified}) not labelled")
                 cur.execute("ROLLBACK TO SAVEPOINT s")
         conn.rollback()
     assert not problems, "\n".join(problems)

@@ -222,22 +222,24 @@ def test_cache_is_bounded() -> None:
 
 
 def test_new_snapshot_invalidates_cached_answers() -> None:
-    class Holder:
-        snapshot = SNAPSHOT
-
     from policy.catalog import Catalog
 
-    holder = Catalog.__new__(Catalog)
-    holder._snapshot = SNAPSHOT
-    a = Analyzer(holder)
-    assert a.analyze('SELECT note FROM "Mixed"."Customers"')[0].output_labels == set()
-    relabelled = snapshot_from_sql(
-        schema_sql()
-        + EXTRA_SQL
-        + '\nCOMMENT ON COLUMN "Mixed"."Customers".note IS \'pgwarden: pii.note\';'
+    async def unused() -> None:
+        raise AssertionError("not called")
+
+    catalog = Catalog(unused)
+    catalog.install(SNAPSHOT)
+    a = Analyzer(catalog)
+    sql = 'SELECT note FROM "Mixed"."Customers"'
+    assert a.analyze(sql)[0].output_labels == set()
+    catalog.install(
+        snapshot_from_sql(
+            schema_sql()
+            + EXTRA_SQL
+            + """\nCOMMENT ON COLUMN "Mixed"."Customers".note IS 'pgwarden: pii.note';"""
+        )
     )
-    holder._snapshot = relabelled
-    assert a.analyze('SELECT note FROM "Mixed"."Customers"')[0].output_labels == {"pii.note"}
+    assert a.analyze(sql)[0].output_labels == {"pii.note"}
 
 
 def test_label_rules_add_labels_by_glob(analyzer: Analyzer) -> None:
@@ -339,3 +341,170 @@ def test_unknown_relation_is_followed_by_name_and_reported(analyzer: Analyzer) -
     assert f.output[0].sources == {SourceColumn("public", "new_people", "email")}
     assert f.output_labels == {"pii.email"}
     assert "relation public.new_people" in f.unresolved
+
+
+def test_data_copied_into_a_table_keeps_its_labels_there() -> None:
+    a = Analyzer(SNAPSHOT)
+    create, copy = a.analyze(
+        "CREATE TEMP TABLE stash AS SELECT email FROM customers; COPY stash TO STDOUT"
+    )
+    assert create.copied_labels == {"pii.email"}
+    assert copy.output_labels == {"pii.email"} and copy.select_star
+    assert a.analyze("SELECT * FROM stash")[0].output_labels == {"pii.email"}
+    a.analyze("INSERT INTO archive (payload) SELECT phone FROM customers")
+    assert a.analyze("SELECT payload FROM archive")[0].output_labels == {"pii.phone"}
+    assert a.tainted[("public", "archive")] == {"pii.phone"}
+    # Another analyzer (another snapshot holder) knows nothing of it.
+    assert Analyzer(SNAPSHOT).analyze("SELECT payload FROM archive")[0].output_labels == set()
+
+
+def test_set_role_changes_what_dollar_user_means(analyzer: Analyzer) -> None:
+    s = SqlSession(analyzer, ("$user", "public"), user="alice")
+    assert s.analyze("SELECT * FROM customers")[0].relations_read == {"public.customers"}
+    s.analyze("SET ROLE shadow")
+    assert s.analyze("SELECT * FROM customers")[0].relations_read == {"shadow.customers"}
+    s.analyze("RESET ROLE")
+    assert s.analyze("SELECT * FROM customers")[0].relations_read == {"public.customers"}
+
+
+def test_unqualified_column_in_subquery_over_unknown_table_may_be_the_outer_one(
+    analyzer: Analyzer,
+) -> None:
+    # If new_t has no column "email", PostgreSQL binds it to the outer customers.email.
+    (f,) = analyzer.analyze("SELECT (SELECT email FROM new_t LIMIT 1) FROM customers")
+    assert f.output_labels == {"pii.email"}
+
+
+def test_group_by_output_alias_resolves_without_noise(analyzer: Analyzer) -> None:
+    (f,) = analyzer.analyze(
+        "SELECT split_part(email, '@', 2) AS domain, count(*) FROM customers GROUP BY domain"
+    )
+    assert f.unresolved == () and f.filter_labels == {"pii.email"}
+
+
+def test_huge_statements_are_analysed_but_not_cached() -> None:
+    a = Analyzer(SNAPSHOT, max_cached_text=1000)
+    sql = "INSERT INTO archive VALUES " + ", ".join(f"({i}, 'x')" for i in range(500))
+    (f,) = a.analyze(sql)
+    assert f.kind == "insert" and f.relations_written == {"public.archive"}
+    a.analyze(sql)
+    assert a.hits == 0 and len(a._cache) == 0
+
+
+def test_quoted_names_keep_their_case(analyzer: Analyzer) -> None:
+    (f,) = analyzer.analyze('SELECT email FROM "Customers"')
+    assert f.relations_read == {"public.Customers"} and "relation public.Customers" in f.unresolved
+    (g,) = analyzer.analyze('SELECT "Email" FROM "Mixed"."Customers"')
+    assert g.output_labels == {"pii.email"}
+    (h,) = analyzer.analyze('SELECT "EMAIL" FROM customers')
+    assert h.output_labels == set() and "column EMAIL" in h.unresolved
+
+
+def test_column_at_includes_copy_taint() -> None:
+    a = Analyzer(SNAPSHOT)
+    archive = SNAPSHOT.relation("public", "archive")
+    assert archive is not None
+    assert a.column_at(archive.oid, 2).labels == set()  # type: ignore[union-attr]
+    a.analyze("INSERT INTO archive SELECT customer_id, email FROM customers")
+    assert a.column_at(archive.oid, 2).labels == {"pii.email"}  # type: ignore[union-attr]
+
+
+def test_packing_inside_a_view_is_reported_to_its_readers() -> None:
+    snap = snapshot_from_sql(
+        schema_sql()
+        + "\nCREATE VIEW reporting.all_mail AS SELECT json_agg(email) AS j FROM customers;"
+    )
+    (f,) = Analyzer(snap).analyze("SELECT j FROM reporting.all_mail")
+    assert [(p.function, p.labels) for p in f.packing] == [("json_agg", {"pii.email"})]
+    assert f.output_labels == {"pii.email"}
+
+
+def test_analysis_before_the_catalog_is_loaded_fails_closed_without_raising() -> None:
+    from policy.catalog import Catalog
+
+    async def never() -> None:
+        raise AssertionError("not called")
+
+    a = Analyzer(Catalog(never))
+    (f,) = a.analyze("SELECT email FROM customers WHERE email = 'ann@x.example'")
+    assert f.unanalysable and "catalog" in f.unanalysable
+    assert "ann@x.example" not in f.normalized
+
+
+def test_row_description_gaps_name_what_the_analysis_missed(analyzer: Analyzer) -> None:
+    customers = SNAPSHOT.relation("public", "customers")
+    assert customers is not None
+    email = customers.column("email")
+    assert email is not None
+    (f,) = analyzer.analyze("SELECT email, 1 FROM customers")
+    assert analyzer.row_description_gaps(f, [(customers.oid, email.attnum), (0, 0)]) == []
+    (g,) = analyzer.analyze("SELECT 'x' AS email")
+    assert analyzer.row_description_gaps(g, [(customers.oid, email.attnum)]) == [(0, email)]
+
+
+@pytest.mark.parametrize(
+    ("create", "call", "labels"),
+    [
+        ("CREATE FUNCTION f1() RETURNS text BEGIN ATOMIC SELECT max(phone) FROM customers; END",
+         "SELECT f1()", {"pii.phone"}),
+        ("CREATE FUNCTION f2() RETURNS text RETURN (SELECT min(street) FROM customers)",
+         "SELECT f2()", {"pii.address"}),
+        ("CREATE FUNCTION f3() RETURNS TABLE(e text) LANGUAGE plpgsql AS $$ BEGIN"
+         " RETURN QUERY SELECT full_name FROM customers; END $$",
+         "SELECT * FROM f3()", {"pii.name"}),
+    ],
+)  # fmt: skip
+def test_functions_created_in_the_session_are_followed_before_the_catalog_knows_them(
+    create: str, call: str, labels: set[str]
+) -> None:
+    a = Analyzer(SNAPSHOT)
+    (c,) = a.analyze(create)
+    assert c.defines_function is not None and c.is_ddl
+    (f,) = a.analyze(call)
+    assert f.output_labels == labels and f.unanalysable is None
+
+
+def test_large_objects_and_notify_are_tracked_as_copies() -> None:
+    a = Analyzer(SNAPSHOT)
+    (w,) = a.analyze(
+        "SELECT lo_from_bytea(0, convert_to(string_agg(email, ','), 'UTF8')) FROM customers"
+    )
+    assert w.copied_labels == {"pii.email"}
+    (r,) = a.analyze("SELECT lo_get(16400)")
+    assert r.output_labels == {"pii.email"}
+    (n,) = a.analyze("SELECT pg_notify('leak', phone) FROM customers")
+    assert [(c.target, c.labels) for c in n.copies] == [("pg_catalog.pg_notify", {"pii.phone"})]
+
+
+def test_server_files_are_tracked_as_copies() -> None:
+    a = Analyzer(SNAPSHOT)
+    (c,) = a.analyze("COPY (SELECT email FROM customers) TO '/tmp/out.csv'")
+    assert [(x.target, x.labels) for x in c.copies] == [("pg_catalog.server_files", {"pii.email"})]
+    (r,) = a.analyze("SELECT pg_read_file('/tmp/out.csv')")
+    assert r.output_labels == {"pii.email"}
+    a.analyze("COPY archive FROM '/tmp/out.csv'")
+    assert a.analyze("SELECT payload FROM archive")[0].output_labels == {"pii.email"}
+
+
+def test_record_keys_locate_primary_keys_of_labelled_rows(analyzer: Analyzer) -> None:
+    (f,) = analyzer.analyze("SELECT email, customer_id FROM customers")
+    assert [(k.relation, k.positions) for k in f.record_keys] == [("public.customers", (1,))]
+    (v,) = analyzer.analyze("SELECT name, customer_id FROM reporting.customer_contacts")
+    assert [(k.relation, k.columns, k.positions) for k in v.record_keys] == [
+        ("public.customers", ("customer_id",), (1,))
+    ]
+    (n,) = analyzer.analyze("SELECT email FROM customers")  # no key in the output
+    assert n.record_keys == ()
+    (p,) = analyzer.analyze("SELECT product_id, name FROM products")  # nothing labelled
+    assert p.record_keys == ()
+
+
+def test_output_labels_are_what_reaches_the_client(analyzer: Analyzer) -> None:
+    (ctas,) = analyzer.analyze("CREATE TABLE x AS SELECT json_agg(email) FROM customers")
+    assert ctas.output_labels == set() and ctas.copied_labels == {"pii.email"}
+    (explain,) = analyzer.analyze("EXPLAIN SELECT json_agg(email) FROM customers")
+    assert explain.output_labels == set() and explain.relations_read == {"public.customers"}
+    (count,) = analyzer.analyze(
+        "SELECT count(*) FROM (SELECT json_agg(email) AS j FROM customers) s"
+    )
+    assert count.output_labels == set() and count.packing[0].labels == {"pii.email"}

@@ -30,6 +30,20 @@ def catalog_db(pg: Cluster) -> Iterator[str]:
         CREATE FUNCTION sneaky(t text) RETURNS SETOF record LANGUAGE plpgsql AS $$
             BEGIN RETURN QUERY EXECUTE 'SELECT * FROM ' || t; END $$;
         CREATE VIEW reporting.emails_upper AS SELECT upper(email) AS e FROM customers;
+        CREATE FUNCTION static_pl() RETURNS SETOF text LANGUAGE plpgsql AS $$
+            BEGIN RETURN QUERY SELECT phone FROM public.customers; END $$;
+        CREATE FUNCTION out_pl(OUT a text, OUT b text) LANGUAGE plpgsql AS $$
+            BEGIN SELECT full_name, street INTO a, b FROM public.customers LIMIT 1; END $$;
+        CREATE FUNCTION atomic_phone() RETURNS text BEGIN ATOMIC
+            SELECT max(phone) FROM public.customers; END;
+        CREATE FUNCTION return_city() RETURNS text RETURN (SELECT min(city) FROM public.customers);
+        SET check_function_bodies = off;
+        CREATE FUNCTION loop_a() RETURNS SETOF text LANGUAGE sql
+            AS 'SELECT email FROM public.customers UNION ALL SELECT * FROM public.loop_a()';
+        CREATE TABLE contacts_part (id int, email text) PARTITION BY RANGE (id);
+        COMMENT ON COLUMN contacts_part.email IS 'pgwarden: pii.email';
+        CREATE TABLE contacts_p1 PARTITION OF contacts_part FOR VALUES FROM (0) TO (1000);
+        CREATE TABLE customers_legacy (note text) INHERITS (customers);
         """,
         database=DB,
     )
@@ -89,7 +103,7 @@ def test_views_loaded_from_postgres_expand_to_base_columns(snapshot: CatalogSnap
     assert f.relations_read == {"reporting.emails_upper", "public.customers"}
 
 
-def test_sql_function_bodies_are_followed_and_dynamic_sql_is_unanalysable(
+def test_function_bodies_are_followed_and_dynamic_sql_is_unanalysable(
     snapshot: CatalogSnapshot,
 ) -> None:
     a = Analyzer(snapshot)
@@ -97,8 +111,46 @@ def test_sql_function_bodies_are_followed_and_dynamic_sql_is_unanalysable(
     assert f.output_labels == {"pii.email"} and "public.all_emails" in f.user_functions
     (g,) = a.analyze("SELECT all_emails()", ("public",))
     assert g.output_labels == {"pii.email"}
+    (p,) = a.analyze("SELECT static_pl()", ("public",))
+    assert p.output_labels == {"pii.phone"} and p.unanalysable is None
+    assert p.relations_read == {"public.customers"}
+    (o,) = a.analyze("SELECT * FROM out_pl()", ("public",))
+    assert o.output_labels == {"pii.name", "pii.address"} and o.unanalysable is None
+    (sb,) = a.analyze("SELECT atomic_phone(), return_city()", ("public",))
+    assert sb.output_labels == {"pii.phone", "pii.address"} and sb.unanalysable is None
+    (r,) = a.analyze("SELECT loop_a()", ("public",))
+    assert r.output_labels == {"pii.email"} and r.unanalysable is None
     (h,) = a.analyze("SELECT * FROM sneaky('customers') AS x(a text)", ("public",))
     assert h.unanalysable and "dynamic SQL" in h.unanalysable
+
+
+def test_partitions_and_inheritance_children_carry_their_parents_labels(
+    snapshot: CatalogSnapshot,
+) -> None:
+    a = Analyzer(snapshot)
+    assert a.analyze("SELECT email FROM contacts_p1")[0].output_labels == {"pii.email"}
+    (f,) = a.analyze("SELECT * FROM customers_legacy")
+    assert f.output_labels == {"pii.name", "pii.email", "pii.phone", "pii.address"}
+    ruled = Analyzer(snapshot, LabelRules((("public.customers.tier", "customer.tier"),)))
+    assert ruled.analyze("SELECT tier FROM customers_legacy")[0].output_labels == {"customer.tier"}
+
+
+def test_calls_to_functions_missing_from_the_catalog_are_unanalysable(
+    snapshot: CatalogSnapshot,
+) -> None:
+    a = Analyzer(snapshot)
+    assert (
+        a.analyze("SELECT lower(email), count(*) FROM customers GROUP BY 1")[0].unanalysable is None
+    )
+    (f,) = a.analyze("SELECT created_since_refresh()")
+    assert f.unanalysable and "not in the catalog" in f.unanalysable
+    # Defined through the proxy: followed at once, before any refresh.
+    create, call = a.analyze(
+        "CREATE FUNCTION created_since_refresh() RETURNS SETOF text LANGUAGE sql"
+        " AS 'SELECT email FROM customers'; SELECT created_since_refresh()"
+    )
+    assert create.kind == "create_function" and create.is_ddl
+    assert call.unanalysable is None and call.output_labels == {"pii.email"}
 
 
 def test_label_rules_apply_on_top_of_comments(snapshot: CatalogSnapshot) -> None:
@@ -156,3 +208,33 @@ def test_snapshot_without_a_database_raises_a_clear_error_before_loading() -> No
 )
 def test_comment_labels(comment: str | None, labels: set[str]) -> None:
     assert parse_comment_labels(comment) == labels
+
+
+def test_catalog_holder_refreshes_on_its_interval_and_survives_failures(catalog_db: str) -> None:
+    async def scenario() -> None:
+        attempts = 0
+
+        async def connect() -> asyncpg.Connection:
+            nonlocal attempts
+            attempts += 1
+            if attempts == 2:
+                raise OSError("database briefly unreachable")
+            return await asyncpg.connect(catalog_db)
+
+        catalog = Catalog(connect, refresh_interval=0.05)
+        await catalog.start()
+        try:
+            first = catalog.snapshot
+            # Force the held connection closed so the next refresh reconnects (and fails once).
+            await catalog._conn.close()
+            for _ in range(200):
+                if catalog.snapshot is not first and catalog.last_error is None:
+                    break
+                await asyncio.sleep(0.02)
+            assert attempts >= 3
+            assert catalog.snapshot is not first
+            assert catalog.snapshot.relation("public", "customers") is not None
+        finally:
+            await catalog.close()
+
+    asyncio.run(scenario())

@@ -65,6 +65,18 @@ def test_name_column_of_product_names_is_not_a_personal_name() -> None:
     assert s.label == "pii.name" and s.by_name and s.share == 1.0
 
 
+def test_free_text_carrying_contact_details_is_reported() -> None:
+    bodies = [
+        "Please call me back on +31 6 1234 5678 about my order",
+        "My new address is ann@x.example, please update it",
+        "The widget broke again after the update",
+        "Card 4111 1111 1111 1111 was charged twice!",
+    ]
+    got = {s.label: s for s in classify_values(bodies, "body")}
+    assert set(got) == {"pii.phone", "pii.email", "pii.card"}
+    assert got["pii.email"].embedded_in and "contain one" in got["pii.email"].evidence
+
+
 def test_mixed_column_reports_share() -> None:
     values = ["ann@x.example"] * 7 + ["n/a"] * 3
     (s,) = classify_values(values, "contact")
@@ -85,6 +97,11 @@ def classify_db(pg: Cluster) -> str:
         schema_sql()
         + f"\nINSERT INTO customers VALUES {rows};\n"
         + "INSERT INTO products VALUES (1, 'Widget Pro', 'tools'), (2, 'Gadget Max', 'toys');\n"
+        + "INSERT INTO tickets VALUES (1, 'T-1', 1, NULL, 'help', 'open', 'normal', now(),"
+        + " now());\n"
+        + "INSERT INTO ticket_messages SELECT g, 1, 'customer', NULL,"
+        + " 'reach me at user' || g || '@mail.example or later', now()"
+        + " FROM generate_series(1, 20) g;\n"
         + "CREATE TABLE payments (id int, card text, client_addr text, memo text);\n"
         + "INSERT INTO payments SELECT g, '4111 1111 1111 1111', '10.1.2.' || g, 'thanks'"
         + " FROM generate_series(1, 30) g;\n",
@@ -111,6 +128,7 @@ def test_classify_command_suggests_labels_from_sampled_data(
         ("public.payments.card", "pii.card"),
         ("public.payments.client_addr", "pii.ip"),
         ("public.tickets.ticket_number", "support.ticket"),
+        ("public.ticket_messages.body", "pii.email"),
     ]:
         assert expected in got
     assert not any(col.startswith("public.products.") for col, _l in got)
@@ -149,3 +167,26 @@ def test_explain_with_search_path_and_live_catalog(classify_db: str) -> None:
     (f,) = json.loads(result.output)
     assert "reporting.customer_contacts" in f["relations_read"]
     assert f["output_labels"] == ["pii.email", "pii.name", "pii.phone"]
+
+
+def test_explain_with_schema_file_and_labels_file(tmp_path: Path) -> None:
+    labels = tmp_path / "labels.yaml"
+    labels.write_text("labels:\n  - column: public.products.name\n    label: catalog.product\n")
+    result = CliRunner().invoke(
+        main,
+        ["policy", "explain", "--schema-sql", "config/support_schema.sql", "--labels", str(labels),
+         "--json", "SELECT name FROM products; SET search_path = reporting;"
+         " SELECT * FROM open_tickets"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    first, setp, third = json.loads(result.output)
+    assert first["output_labels"] == ["catalog.product"]
+    assert setp["search_path"] == ["reporting"]
+    assert third["output_labels"] == ["support.ticket"]
+
+
+def test_explain_rejects_a_bad_labels_file(tmp_path: Path) -> None:
+    labels = tmp_path / "labels.yaml"
+    labels.write_text("labels:\n  - column: public.products.name\n    label: Not A Label\n")
+    result = CliRunner().invoke(main, ["policy", "explain", "--labels", str(labels), "SELECT 1"])
+    assert result.exit_code != 0 and "not a dotted lowercase name" in result.output

@@ -319,10 +319,15 @@ def test_shutdown_waits_for_the_running_statement_and_transaction() -> None:
     )
     s.client_data(m.Query("commit").encode())
     out = s.server_data(m.CommandComplete("COMMIT").encode() + m.ReadyForQuery("I").encode())
-    msgs = client_messages(to_client(out))
-    assert msgs[:2] == [m.CommandComplete("COMMIT"), m.ReadyForQuery("I")]
-    assert isinstance(msgs[2], m.ErrorResponse) and msgs[2].sqlstate == "57P01"
-    assert cmd.CloseClient() in out
+    assert client_messages(to_client(out)) == [m.CommandComplete("COMMIT"), m.ReadyForQuery("I")]
+    # The backend is ended now; the client hears why as the answer to its next message
+    # (a FATAL sent while libpq is idle would only show as a notice).
+    assert to_server(out) == m.Terminate().encode()
+    assert cmd.CloseServer() in out
+    later = s.client_data(m.Query("select 1").encode())
+    (err,) = client_messages(to_client(later))
+    assert isinstance(err, m.ErrorResponse) and err.sqlstate == "57P01"
+    assert cmd.CloseClient() in later
 
 
 def test_idle_sessions_end_at_once_on_shutdown() -> None:

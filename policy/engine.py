@@ -1,0 +1,412 @@
+"""(Subject, QueryFacts) -> Verdict, and the plan for watching the result as it streams.
+
+Decisions are values: the engine never raises to carry a refusal and never does I/O. What it
+needs from the window counters it reads through the store's synchronous ``cached_totals``
+(exact for the in-memory store, the latest seen value for Redis); what must be counted after a
+statement the session reports back through ``ResultPlan.window_rules``.
+
+Order of evaluation for one statement, first refusal wins:
+
+1. the subject is quarantined;
+2. the statement cannot be analysed and the subject has any limit (fail closed);
+3. statement rules (``deny``);
+4. window limits already used up (refused before execution);
+then the statement runs with a ``ResultPlan``: per-statement and remaining-window row limits,
+masking, canaries.  Rules in monitor mode are evaluated the same way but only reported.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Protocol
+
+from policy.facts import QueryFacts
+from policy.model import (
+    DANGEROUS_FUNCTIONS,
+    Action,
+    Check,
+    Mode,
+    Policy,
+    Rule,
+    SubjectMatch,
+    parse_hours,
+)
+
+BLOCK_SQLSTATE = "42501"  # insufficient_privilege: what PostgreSQL itself uses for "not allowed"
+
+
+@dataclass(frozen=True, slots=True)
+class Subject:
+    """Who sent a statement, as the proxy knows it."""
+
+    user: str
+    database: str = ""
+    application: str = ""
+    client_addr: str = ""
+    end_user: str | None = None
+    roles: frozenset[str] = frozenset()
+
+    @property
+    def key(self) -> str:
+        """The identity window counters and quarantine are kept under."""
+        return f"end_user:{self.end_user}" if self.end_user else f"user:{self.user}"
+
+
+class CountersView(Protocol):
+    """What the engine reads from the window store, synchronously."""
+
+    def cached_totals(self, subject: str, label: str, window: float) -> tuple[int, int] | None:
+        """(rows, records) seen in the window, or None if unknown."""
+        ...
+
+    def cached_quarantine(self, subject: str) -> float | None:
+        """Until when (epoch seconds) the subject is quarantined, or None."""
+        ...
+
+
+class NoCounters:
+    def cached_totals(self, subject: str, label: str, window: float) -> tuple[int, int] | None:
+        return None
+
+    def cached_quarantine(self, subject: str) -> float | None:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One rule that fired."""
+
+    rule_id: str
+    action: Action
+    reason: str
+    monitored: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RowLimit:
+    """A cap on labelled rows/bytes for one statement's result."""
+
+    rule_id: str
+    max_rows: int | None
+    max_bytes: int | None
+    labels: frozenset[str]
+    reason: str
+    action: Action
+    monitored: bool
+    window: float | None = None  # set when the cap is what is left of a window
+
+
+@dataclass(frozen=True, slots=True)
+class ResultPlan:
+    """How the session watches one statement's result."""
+
+    labels: frozenset[str]
+    limits: tuple[RowLimit, ...] = ()
+    mask: dict[str, str] = field(default_factory=dict)  # label -> style
+    canary_values: tuple[bytes, ...] = ()
+    canary_keys: dict[str, frozenset[str]] = field(default_factory=dict)  # table -> keys
+    canary_rules: tuple[Finding, ...] = ()
+    window_rules: tuple[Rule, ...] = ()
+
+    @property
+    def needs_rows(self) -> bool:
+        """Whether the session must look at rows at all (beyond counting them)."""
+        return bool(self.mask or self.canary_values or self.canary_keys)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    action: Action
+    rule_id: str | None = None
+    message: str = ""
+    hint: str | None = None
+    sqlstate: str = BLOCK_SQLSTATE
+    findings: tuple[Finding, ...] = ()
+    plan: ResultPlan | None = None
+
+    @property
+    def blocks(self) -> bool:
+        return self.action in (Action.BLOCK, Action.END_SESSION, Action.QUARANTINE)
+
+
+ALLOW = Verdict(Action.ALLOW)
+
+
+def refusal(rule_id: str, reason: str, action: Action = Action.BLOCK, hint: str | None = None,
+            findings: tuple[Finding, ...] = ()) -> Verdict:  # fmt: skip
+    return Verdict(
+        action, rule_id, f"pgwarden: blocked by rule {rule_id}: {reason}", hint, BLOCK_SQLSTATE,
+        findings,
+    )  # fmt: skip
+
+
+def _glob_any(value: str | None, patterns: Iterable[str]) -> bool:
+    return value is not None and any(fnmatch.fnmatchcase(value, p) for p in patterns)
+
+
+def subject_matches(match: SubjectMatch, s: Subject, now: datetime) -> bool:
+    if match.users is not None and not _glob_any(s.user, match.users):
+        return False
+    if match.roles is not None and not (set(match.roles) & (s.roles | {s.user})):
+        return False
+    if match.applications is not None and not _glob_any(s.application, match.applications):
+        return False
+    if match.end_users is not None and not _glob_any(s.end_user, match.end_users):
+        return False
+    if match.client_cidrs is not None:
+        try:
+            addr = ipaddress.ip_address(s.client_addr)
+        except ValueError:
+            return False
+        if not any(addr in ipaddress.ip_network(c, strict=False) for c in match.client_cidrs):
+            return False
+    if match.hours is not None:
+        start, end = parse_hours(match.hours)
+        t = now.time()
+        inside = start <= t <= end if start <= end else (t >= start or t <= end)
+        if not inside:
+            return False
+    return True
+
+
+class Engine:
+    """Decides for one policy; cheap to call per statement (decisions are cached by facts)."""
+
+    def __init__(self, policy: Policy, counters: CountersView | None = None) -> None:
+        self.policy = policy
+        self.counters: CountersView = counters or NoCounters()
+        self._subject_cache: dict[tuple[Subject, int], frozenset[str]] = {}
+
+    # --- subjects ------------------------------------------------------------------------
+
+    def subjects_of(self, s: Subject, now: float | None = None) -> frozenset[str]:
+        """Names of the policy's subjects this session is (cached per minute)."""
+        t = time.time() if now is None else now
+        key = (s, int(t // 60))
+        hit = self._subject_cache.get(key)
+        if hit is not None:
+            return hit
+        dt = datetime.fromtimestamp(t, UTC)
+        names = frozenset(n for n, m in self.policy.subjects.items() if subject_matches(m, s, dt))
+        if len(self._subject_cache) > 10_000:
+            self._subject_cache.clear()
+        self._subject_cache[key] = names
+        return names
+
+    def trusted_end_user_sources(self, s: Subject) -> frozenset[str]:
+        """Where an end-user name may come from for this session ('comment', 'set')."""
+        sources: set[str] = set()
+        base = Subject(s.user, s.database, s.application, s.client_addr, None, s.roles)
+        for name in self.subjects_of(base):
+            sources.update(self.policy.subjects[name].end_user_from)
+        if not self.policy.subjects:
+            sources.update(("comment", "set"))
+        return frozenset(sources)
+
+    def rules_for(self, names: frozenset[str]) -> list[Rule]:
+        return [r for r in self.policy.rules if "*" in r.subjects or names.intersection(r.subjects)]
+
+    def _monitored(self, rule: Rule) -> bool:
+        return (rule.mode or self.policy.mode) is Mode.MONITOR
+
+    def has_limits(self, rules: list[Rule]) -> bool:
+        return any(r.kind in ("statement_limit", "window", "deny", "need_to_know") for r in rules)
+
+    # --- one statement ----------------------------------------------------------------------
+
+    def decide(self, s: Subject, facts: QueryFacts, now: float | None = None) -> Verdict:
+        t = time.time() if now is None else now
+        names = self.subjects_of(s, t)
+        rules = self.rules_for(names)
+        findings: list[Finding] = []
+
+        until = self.counters.cached_quarantine(s.key)
+        if until is not None and until > t and self.policy.quarantine is not None:
+            left = int(until - t)
+            return refusal(
+                "quarantine", f"{s.key.split(':', 1)[1]} is quarantined after repeated blocks",
+                Action.QUARANTINE, hint=f"the quarantine ends in {left} s; ask a security admin",
+            )  # fmt: skip
+
+        if not rules:
+            return (
+                Verdict(Action.ALLOW, plan=self._plan(facts, [], s, t)) if facts.output else ALLOW
+            )
+
+        if facts.unanalysable and self.policy.fail_closed and self.has_limits(rules):
+            deny_rule = next((r for r in rules if r.deny and Check.UNANALYSABLE in r.deny), None)
+            reason = f"the statement cannot be analysed ({facts.unanalysable})"
+            if deny_rule is not None and self._monitored(deny_rule):
+                findings.append(Finding(deny_rule.id, Action.BLOCK, reason, monitored=True))
+            else:
+                return refusal(
+                    deny_rule.id if deny_rule else "fail-closed", reason,
+                    hint="statements pgwarden cannot follow are refused for subjects with limits",
+                )  # fmt: skip
+
+        for rule in rules:
+            if rule.deny is None:
+                continue
+            denied = self._deny_reason(rule, facts)
+            if denied is None:
+                continue
+            reason = denied
+            if self._monitored(rule):
+                findings.append(Finding(rule.id, rule.action, reason, monitored=True))
+            elif rule.action in (Action.ALLOW, Action.ALERT):
+                findings.append(Finding(rule.id, rule.action, reason))
+            else:
+                return refusal(
+                    rule.id,
+                    reason,
+                    rule.action,
+                    findings=(*findings, Finding(rule.id, rule.action, reason)),
+                )
+
+        labels = facts.output_labels
+        for rule in rules:
+            if rule.kind != "window" or not labels:
+                continue
+            covered = frozenset(lb for lb in labels if rule.covers_label(lb))
+            if not covered:
+                continue
+            used = self._window_used(s, rule, covered)
+            cap = rule.max_records if rule.max_records is not None else rule.max_rows
+            assert cap is not None and rule.window is not None
+            if used >= cap:
+                what = "records" if rule.max_records is not None else "rows"
+                reason = f"{used} {what} of {', '.join(sorted(covered))} read in the last {_human(rule.window)} (limit {cap})"
+                if self._monitored(rule):
+                    findings.append(Finding(rule.id, rule.action, reason, monitored=True))
+                elif rule.action not in (Action.ALLOW, Action.ALERT):
+                    return refusal(
+                        rule.id, reason, rule.action,
+                        hint=f"the limit is {cap} {what} per {_human(rule.window)}",
+                        findings=(*findings, Finding(rule.id, rule.action, reason)),
+                    )  # fmt: skip
+
+        plan = self._plan(facts, rules, s, t)
+        return Verdict(Action.ALLOW, findings=tuple(findings), plan=plan)
+
+    def _deny_reason(self, rule: Rule, f: QueryFacts) -> str | None:
+        assert rule.deny is not None
+        labelled = frozenset(
+            lb for lb in f.output_labels | f.copied_labels if rule.covers_label(lb)
+        )
+        for check in rule.deny:
+            if check is Check.COPY_PROGRAM and f.copy_program:
+                return "COPY ... PROGRAM runs commands on the database server"
+            if (
+                check is Check.COPY_OUT
+                and f.copy_direction == "to"
+                and (labelled or f.copy_program)
+            ):
+                return (
+                    f"COPY ... TO of labelled data ({', '.join(sorted(labelled))}) is not allowed"
+                )
+            if check is Check.SELECT_STAR and f.star_tables and labelled:
+                return f"SELECT * or a whole-row read of {', '.join(sorted(f.star_tables))} returns labelled columns"
+            if (
+                check is Check.UNBOUNDED_SCAN
+                and labelled
+                and not f.has_where
+                and not f.has_limit
+                and f.kind in ("select", "copy", "declare_cursor", "execute")
+            ):
+                return "reading labelled data needs a WHERE clause or a LIMIT"
+            if check is Check.DANGEROUS_FUNCTIONS:
+                bad = sorted(
+                    fn for fn in f.functions if fn.rsplit(".", 1)[-1] in DANGEROUS_FUNCTIONS
+                )
+                if bad:
+                    return f"function {', '.join(bad)} reads server files or other databases"
+            if check is Check.PACKING_AGGREGATES:
+                for p in f.packing:
+                    packed = frozenset(lb for lb in p.labels if rule.covers_label(lb))
+                    if packed:
+                        return f"{p.function}() packs many rows of {', '.join(sorted(packed))} into one value"
+            if check is Check.COPY_INTO_TABLES:
+                for c in f.copies:
+                    copied = frozenset(lb for lb in c.labels if rule.covers_label(lb))
+                    if copied:
+                        return f"copying {', '.join(sorted(copied))} into {c.target} is not allowed"
+            if check is Check.UNANALYSABLE and f.unanalysable:
+                return f"the statement cannot be analysed ({f.unanalysable})"
+        return None
+
+    def _window_used(self, s: Subject, rule: Rule, labels: frozenset[str]) -> int:
+        assert rule.window is not None
+        used = 0
+        for label in labels:
+            totals = self.counters.cached_totals(s.key, label, rule.window)
+            if totals is not None:
+                used = max(used, totals[1] if rule.max_records is not None else totals[0])
+        return used
+
+    def _plan(self, facts: QueryFacts, rules: list[Rule], s: Subject, now: float) -> ResultPlan:
+        labels = facts.output_labels
+        limits: list[RowLimit] = []
+        mask: dict[str, str] = {}
+        canary_values: list[bytes] = []
+        canary_keys: dict[str, set[str]] = {}
+        canary_rules: list[Finding] = []
+        window_rules: list[Rule] = []
+        for rule in rules:
+            kind = rule.kind
+            if kind == "statement_limit":
+                covered = frozenset(lb for lb in labels if rule.covers_label(lb))
+                if covered or (not facts.output and rule.labels == ["*"]):
+                    limits.append(RowLimit(
+                        rule.id, rule.max_rows, rule.max_bytes, covered,
+                        f"more than {rule.max_rows} rows of {', '.join(sorted(covered)) or 'labelled data'} in one statement"
+                        if rule.max_rows is not None else
+                        f"more than {rule.max_bytes} bytes of {', '.join(sorted(covered))} in one statement",
+                        rule.action, self._monitored(rule),
+                    ))  # fmt: skip
+            elif kind == "window":
+                window_rules.append(rule)
+                covered = frozenset(lb for lb in labels if rule.covers_label(lb))
+                if covered:
+                    cap = rule.max_records if rule.max_records is not None else rule.max_rows
+                    assert cap is not None and rule.window is not None
+                    left = max(0, cap - self._window_used(s, rule, covered))
+                    what = "records" if rule.max_records is not None else "rows"
+                    limits.append(RowLimit(
+                        rule.id, left, None, covered,
+                        f"more than {cap} {what} of {', '.join(sorted(covered))} in {_human(rule.window)}",
+                        rule.action, self._monitored(rule), rule.window,
+                    ))  # fmt: skip
+            elif kind == "mask" and not self._monitored(rule):
+                assert rule.mask is not None
+                for lb in labels:
+                    if rule.covers_label(lb):
+                        mask[lb] = rule.mask.style
+            elif kind == "canary":
+                assert rule.canary is not None
+                canary_values.extend(v.encode() for v in rule.canary.values)
+                if rule.canary.table and rule.canary.keys:
+                    canary_keys.setdefault(rule.canary.table, set()).update(rule.canary.keys)
+                canary_rules.append(
+                    Finding(rule.id, rule.action, "a canary record was read", self._monitored(rule))
+                )
+        return ResultPlan(
+            labels=labels,
+            limits=tuple(limits),
+            mask=mask,
+            canary_values=tuple(canary_values),
+            canary_keys={k: frozenset(v) for k, v in canary_keys.items()},
+            canary_rules=tuple(canary_rules),
+            window_rules=tuple(window_rules),
+        )
+
+
+def _human(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"

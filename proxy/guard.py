@@ -1,0 +1,159 @@
+"""Policy for one session: SQL in, decisions out, and what to record when a statement ends.
+
+The tracker (``proxy.tracker``) follows the protocol; the guard knows the policy.  It owns the
+session's SQL state (search_path, SQL-level prepared statements and cursors, the end user
+named by the application), asks the analyser for facts and the engine for a verdict, and
+maps result columns to labels using both the analysis and the catalog (RowDescription's
+table OID and column number), so a column the analysis missed is still treated as labelled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from dataclasses import dataclass, field
+
+from policy.analyze import Analyzer
+from policy.engine import Engine, ResultPlan, Subject, Verdict
+from policy.facts import QueryFacts
+from policy.model import Action
+from policy.session_sql import SqlSession
+from proxy.messages import Field
+
+# sqlcommenter puts key='value' pairs in a trailing /* */ comment; values are URL-encoded.
+_COMMENT_END_USER = re.compile(r"/\*[^*]*?\bend_user\s*=\s*'([^']{1,200})'[^*]*\*/")
+_SET_END_USER = re.compile(
+    r"^\s*set\s+(?:session\s+|local\s+)?pgwarden\.end_user\s*(?:=|to)\s*'([^']{0,200})'\s*;?\s*$",
+    re.IGNORECASE,
+)
+_RESET_END_USER = re.compile(r"^\s*reset\s+pgwarden\.end_user\s*;?\s*$", re.IGNORECASE)
+
+
+def raise_statement(message: str, hint: str | None, sqlstate: str) -> str:
+    """SQL that makes PostgreSQL itself raise our refusal.
+
+    Sending this instead of a refused statement lets the server fail exactly as it would
+    for any error at that point: the transaction is aborted, the rest of a multi-statement
+    string is skipped, a pipeline skips to Sync.  The refused text never reaches the server.
+    """
+
+    def lit(s: str) -> str:
+        return "'" + s.replace("'", "''") + "'"
+
+    using = f"ERRCODE = {lit(sqlstate)}, MESSAGE = {lit(message)}"
+    if hint:
+        using += f", HINT = {lit(hint)}"
+    return f"DO $pgwarden$ BEGIN RAISE EXCEPTION USING {using}; END $pgwarden$"
+
+
+@dataclass(slots=True)
+class Decision:
+    """What the guard decided for one statement."""
+
+    facts: QueryFacts
+    verdict: Verdict
+
+    @property
+    def plan(self) -> ResultPlan | None:
+        return self.verdict.plan
+
+    @property
+    def limited(self) -> bool:
+        """True when the result must be watched row by row (limits, masks, canaries)."""
+        plan = self.verdict.plan
+        return plan is not None and bool(plan.limits or plan.needs_rows)
+
+
+@dataclass(slots=True)
+class ColumnInfo:
+    labels: frozenset[str]
+    binary: bool
+    pk_of: str | None  # "schema.table" when this column is that table's primary key
+
+
+@dataclass(slots=True)
+class Guard:
+    engine: Engine
+    analyzer: Analyzer
+    subject: Subject
+    record_key: bytes
+    sql: SqlSession = field(init=False)
+    end_user_sources: frozenset[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sql = SqlSession(self.analyzer, user=self.subject.user)
+        self.end_user_sources = self.engine.trusted_end_user_sources(self.subject)
+
+    def set_options(self, options: str | None) -> None:
+        self.sql.set_startup_options(options)
+
+    def _end_user(self, sql: str) -> None:
+        if "comment" in self.end_user_sources and "end_user" in sql:
+            m = _COMMENT_END_USER.search(sql)
+            if m:
+                self._set_end_user(m.group(1))
+        if "set" in self.end_user_sources and "pgwarden" in sql:
+            m = _SET_END_USER.match(sql)
+            if m:
+                self._set_end_user(m.group(1) or None)
+            elif _RESET_END_USER.match(sql):
+                self._set_end_user(None)
+
+    def _set_end_user(self, name: str | None) -> None:
+        s = self.subject
+        if name != s.end_user:
+            self.subject = Subject(s.user, s.database, s.application, s.client_addr, name, s.roles)
+
+    def set_application(self, name: str) -> None:
+        s = self.subject
+        if name != s.application:
+            self.subject = Subject(s.user, s.database, name, s.client_addr, s.end_user, s.roles)
+
+    def check(self, sql: str) -> list[Decision]:
+        """Decisions for every statement of a Query (or the one of a Parse)."""
+        self._end_user(sql)
+        return [Decision(f, self.engine.decide(self.subject, f)) for f in self.sql.analyze(sql)]
+
+    def columns(
+        self, decision: Decision | None, fields: tuple[Field, ...] | None
+    ) -> list[ColumnInfo]:
+        """Labels (analysis and catalog together) and format of each result column."""
+        out: list[ColumnInfo] = []
+        outputs = decision.facts.output if decision is not None else ()
+        snapshot = self.analyzer.snapshot
+        n = len(fields) if fields is not None else len(outputs)
+        for i in range(n):
+            labels = outputs[i].labels if i < len(outputs) else frozenset()
+            binary = False
+            pk_of = None
+            if fields is not None:
+                f = fields[i]
+                binary = f.format == 1
+                if f.table_oid:
+                    col = snapshot.column_at(f.table_oid, f.column)
+                    if col is not None:
+                        # The cross-check: the catalog knows this column is labelled even if
+                        # the analysis did not follow the expression that produced it.
+                        labels = labels | col.labels
+                        rel = snapshot.relation(col.schema, col.table)
+                        if rel is not None and rel.primary_key == (col.name,):
+                            pk_of = rel.qualified
+            out.append(ColumnInfo(labels, binary, pk_of))
+        return out
+
+    def record_id(self, table: str, key: bytes) -> str:
+        """A keyed hash naming one record: countable and joinable, not reversible."""
+        return hmac.new(self.record_key, table.encode() + b":" + key, hashlib.sha256).hexdigest()[
+            :24
+        ]
+
+    def blocked(self, decisions: list[Decision]) -> Decision | None:
+        for d in decisions:
+            if d.verdict.blocks:
+                return d
+        return None
+
+
+def blocked_action(decision: Decision) -> Action:
+    return decision.verdict.action

@@ -1,0 +1,617 @@
+"""Follows statements through the protocol so policy can act on them; sans-IO.
+
+PostgreSQL answers client messages strictly in order, so a FIFO of what the client sent
+attributes every server message to the statement it belongs to: rows to the Query statement
+or Execute that produced them, a RowDescription to the Describe that asked for it.  After an
+error the server skips to the next Sync; the FIFO skips the same way.
+
+What policy needs from here:
+
+* **refusal before execution**: a refused statement is replaced by one that makes PostgreSQL
+  raise our error (``guard.raise_statement``), so the server fails exactly as it would on any
+  error at that point (transaction aborted, rest of the string or pipeline skipped) while the
+  refused text never reaches it;
+* **exact streaming limits**: the client gets at most the allowed rows, then an
+  ErrorResponse; the statement is cancelled upstream, everything up to ReadyForQuery is
+  discarded, and the server's transaction is made to fail as the client was told it did.
+  While a watched statement runs, later client messages are held back, so nothing the client
+  pipelined after it can run on the server when the client will be told it did not;
+* masking of labelled values in text-format rows, canaries, and record identities (keyed
+  hashes of primary keys) for window counters and the audit ledger.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from policy.engine import ResultPlan, RowLimit
+from policy.model import Action
+from proxy import commands as cmd
+from proxy.codec import FrameReader
+from proxy.guard import ColumnInfo, Decision, Guard, raise_statement
+from proxy.masking import mask_value
+from proxy.messages import (
+    Bind,
+    ClientProtocolError,
+    Close,
+    CommandComplete,
+    DataRow,
+    Describe,
+    ErrorResponse,
+    Execute,
+    Field,
+    ParameterStatus,
+    Parse,
+    Query,
+    RowDescription,
+)
+from proxy.metrics import Stats
+
+_Q, _P, _B, _D, _E, _C, _S, _H, _F, _X = (ord(c) for c in "QPBDECSHFX")
+_d, _c, _f = (ord(c) for c in "dcf")
+_ONE, _TWO, _THREE, _n, _T, _I, _s, _Z = (ord(c) for c in "123nTIsZ")
+_COPY_OUT = ord("H")
+_PS = ord("S")  # from the server, 'S' is ParameterStatus  # from the server, 'H' is CopyOutResponse
+_FRONTEND = frozenset((_Q, _P, _B, _D, _E, _C, _S, _H, _F, _X, _d, _c, _f))
+
+SERVER_MESSAGE_LIMIT = 2**30 + 2**20
+
+# What a FIFO entry waits for.
+PARSE, BIND, DESCRIBE, EXECUTE, CLOSE, SYNC, QUERY, FUNC, FIXUP = range(9)
+_SYNC_POINTS = (SYNC, QUERY, FUNC, FIXUP)  # entries answered by ReadyForQuery
+
+
+@dataclass(slots=True)
+class Running:
+    """One row-producing statement: a statement of a Query, or an Execute of a portal."""
+
+    decision: Decision | None
+    fields: tuple[Field, ...] | None = None
+    columns: list[ColumnInfo] | None = None
+    rows: int = 0
+    bytes: int = 0
+    copy_out: bool = False
+    started: float = field(default_factory=time.perf_counter)
+    records: dict[str, set[str]] = field(default_factory=dict)  # table -> record ids
+    portal: str | None = None
+    cursor: str | None = None
+
+
+@dataclass(slots=True)
+class Entry:
+    kind: int
+    running: Running | None = None
+    statements: list[Decision] | None = None  # QUERY: every statement of the string
+    index: int = 0  # QUERY: the statement producing output now
+    name: str = ""  # DESCRIBE: 'S' or 'P' followed by the name
+
+
+@dataclass(slots=True)
+class Portal:
+    decision: Decision | None
+    fields: tuple[Field, ...] | None = None
+    rows: int = 0  # rows sent by earlier Execute calls (max_rows > 0)
+
+
+class Tracker:
+    """The READY-phase relay when a policy is in force. Owned by ``Session``."""
+
+    def __init__(
+        self,
+        guard: Guard,
+        stats: Stats,
+        max_message: int,
+        on_parameter: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.guard = guard
+        self.on_parameter = on_parameter
+        self.server_sent_fatal = False
+        self.closed = False
+        self.stats = stats
+        self.max_message = max_message
+        self.client_reader = FrameReader(max_message, from_client=True)
+        # Server messages are whole-buffered here (a row may have to be cut or rewritten),
+        # so their bound is PostgreSQL's own (1 GB fields), not the client-message limit.
+        self.server_reader = FrameReader(SERVER_MESSAGE_LIMIT, from_client=False)
+        self.fifo: deque[Entry] = deque()
+        self.prepared: dict[str, Decision | None] = {}
+        self.statement_fields: dict[str, tuple[Field, ...]] = {}
+        self.portals: dict[str, Portal] = {}
+        self.cursor_rows: dict[str, int] = {}
+        self.held = b""  # client bytes held back while a watched statement runs
+        self.holding = False
+        # After a cut-off: server output is discarded up to ReadyForQuery; in the extended
+        # protocol client messages are dropped up to Sync, as the server drops them.
+        self.discarding = False
+        self.cut_simple = False
+        self.skip_client_until_sync = False
+        self.cancel_sent = False
+        self.transaction_status = "I"
+        self.cycles: deque[float] = deque()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.cycles)
+
+    # --- client -> server ------------------------------------------------------------------
+
+    def client_data(self, data: bytes) -> list[cmd.Command]:
+        raw, frames = self.client_reader.feed(data)
+        return self._client_frames(raw, frames)
+
+    def _client_frames(self, raw: bytes, frames: list[tuple[int, int, int]]) -> list[cmd.Command]:
+        if self.holding:
+            self.held += raw
+            return []
+        out: list[cmd.Command] = []
+        parts: list[bytes] = []
+        fwd = 0
+        for t, start, end in frames:
+            head = start - 5
+            if self.skip_client_until_sync and t != _S:
+                parts.append(raw[fwd:head])  # the server would ignore it after the error
+                fwd = end
+                continue
+            if t == _Q:
+                self.stats.statements += 1
+                self.cycles.append(time.perf_counter())
+                sql = Query.decode(raw[start:end]).sql
+                decisions = self.guard.check(sql)
+                blocked = self.guard.blocked(decisions)
+                self.fifo.append(Entry(QUERY, statements=decisions))
+                if blocked is not None:
+                    parts += (raw[fwd:head], Query(self._substitute(sql, blocked)).encode())
+                    fwd = end
+                    out.append(self._block_command(blocked))
+                elif any(d.limited for d in decisions):
+                    return self._hold_after(out, parts, raw, fwd, end)
+            elif t == _P:
+                msg = Parse.decode(raw[start:end])
+                decisions = self.guard.check(msg.sql)
+                blocked = self.guard.blocked(decisions)
+                decision = decisions[0] if decisions else None
+                if blocked is not None:
+                    v = blocked.verdict
+                    substitute = Parse(msg.name, raise_statement(v.message, v.hint, v.sqlstate))
+                    parts += (raw[fwd:head], substitute.encode())
+                    fwd = end
+                    out.append(self._block_command(blocked))
+                    decision = None
+                self.prepared[msg.name] = decision
+                self.statement_fields.pop(msg.name, None)
+                self.fifo.append(Entry(PARSE))
+            elif t == _B:
+                bind = Bind.decode(raw[start:end])
+                fields = self.statement_fields.get(bind.statement)
+                if fields is not None:
+                    fields = tuple(
+                        replace(f, format=bind.result_format(i)) for i, f in enumerate(fields)
+                    )
+                self.portals[bind.portal] = Portal(self.prepared.get(bind.statement), fields)
+                self.fifo.append(Entry(BIND))
+            elif t == _D:
+                desc = Describe.decode(raw[start:end])
+                self.fifo.append(Entry(DESCRIBE, name=desc.kind + desc.name))
+            elif t == _E:
+                self.stats.statements += 1
+                ex = Execute.decode(raw[start:end])
+                portal = self.portals.get(ex.portal)
+                decision = portal.decision if portal is not None else None
+                running = self._running(decision)
+                running.portal = ex.portal
+                running.fields = portal.fields if portal is not None else None
+                self.fifo.append(Entry(EXECUTE, running=running))
+                if decision is not None and decision.limited:
+                    return self._hold_after(out, parts, raw, fwd, end)
+            elif t == _C:
+                close = Close.decode(raw[start:end])
+                if close.kind == "S":
+                    self.prepared.pop(close.name, None)
+                    self.statement_fields.pop(close.name, None)
+                else:
+                    self.portals.pop(close.name, None)
+                self.fifo.append(Entry(CLOSE))
+            elif t == _S:
+                self.cycles.append(time.perf_counter())
+                if self.skip_client_until_sync:
+                    # Whatever the cancel achieved, make the server fail the way the client
+                    # was told it failed before this Sync ends the implicit transaction.
+                    self.skip_client_until_sync = False
+                    parts += (raw[fwd:head], _failing_extended())
+                    fwd = head
+                self.fifo.append(Entry(SYNC))
+            elif t == _F:
+                self.stats.statements += 1
+                self.cycles.append(time.perf_counter())
+                self.fifo.append(Entry(FUNC))
+            elif t == _X:
+                parts.append(raw[fwd:end])
+                self.closed = True
+                return [
+                    *out,
+                    cmd.SendToServer(b"".join(parts)),
+                    cmd.CloseServer(),
+                    cmd.CloseClient(),
+                ]
+            elif t not in _FRONTEND:
+                raise ClientProtocolError(f"unknown message type {chr(t)!r}")
+        return self._send(out, parts, raw, fwd, len(raw))
+
+    @staticmethod
+    def _send(
+        out: list[cmd.Command], parts: list[bytes], raw: bytes, fwd: int, end: int
+    ) -> list[cmd.Command]:
+        parts.append(raw[fwd:end])
+        data = b"".join(parts)
+        return [cmd.SendToServer(data), *out] if data else out
+
+    def _hold_after(
+        self, out: list[cmd.Command], parts: list[bytes], raw: bytes, fwd: int, end: int
+    ) -> list[cmd.Command]:
+        """Forward up to a watched statement and hold back what the client sent after it."""
+        self.holding = True
+        self.held = raw[end:] + self.held
+        return self._send(out, parts, raw, fwd, end)
+
+    def _release(self) -> list[cmd.Command]:
+        self.holding = False
+        if not self.held:
+            return []
+        held, self.held = self.held, b""
+        raw, frames = FrameReader(self.max_message, from_client=True).feed(held)
+        return self._client_frames(raw, frames)
+
+    def _running(self, decision: Decision | None) -> Running:
+        running = Running(decision)
+        if decision is not None and decision.facts.kind == "fetch":
+            running.cursor = decision.facts.cursor_name
+        return running
+
+    @staticmethod
+    def _substitute(sql: str, blocked: Decision) -> str:
+        v = blocked.verdict
+        raising = raise_statement(v.message, v.hint, v.sqlstate)
+        # Statements before the refused one run as PostgreSQL would run them; the refused one
+        # and everything after it are replaced by the raise (nothing after an error runs).
+        loc = blocked.facts.location
+        prefix = sql[:loc].rstrip().rstrip(";") if 0 < loc <= len(sql) else ""
+        return f"{prefix};\n{raising}" if prefix.strip() else raising
+
+    def _block_command(self, blocked: Decision) -> cmd.Command:
+        v = blocked.verdict
+        return cmd.PolicyBlock(
+            subject=self.guard.subject.key, rule_id=v.rule_id or "", action=v.action.value,
+            message=v.message, facts=blocked.facts,
+        )  # fmt: skip
+
+    # --- server -> client --------------------------------------------------------------------
+
+    def server_data(self, data: bytes) -> list[cmd.Command]:
+        raw, frames = self.server_reader.feed(data)
+        out: list[cmd.Command] = []
+        parts: list[bytes] = []
+        fwd = 0
+        fifo = self.fifo
+        for t, start, end in frames:
+            head = start - 5
+            if self.discarding and t != _Z:
+                # After a cut-off: the server's cancel error, the tag of a statement that
+                # finished anyway, the output of later statements: none of it reaches the client.
+                parts.append(raw[fwd:head])
+                fwd = end
+                if t == _E:
+                    self._skip_to_sync()
+                continue
+            if t in (_D, _d):
+                entry = fifo[0] if fifo else None
+                if entry is None or entry.kind not in (EXECUTE, QUERY):
+                    continue
+                running = self._current(entry)
+                if t == _d and not running.copy_out:
+                    continue
+                rows = raw.count(b"\n", start, end) if t == _d else 1
+                replacement = self._row(running, raw, start, end, rows, t == _d, out)
+                if replacement is not None:
+                    parts += (raw[fwd:head], replacement)
+                    fwd = end
+            elif t == _T:
+                self._row_description(RowDescription.decode(raw[start:end]).fields)
+            elif t in (_C, _I, _s):
+                entry = fifo[0] if fifo else None
+                if entry is None or entry.kind not in (EXECUTE, QUERY):
+                    continue
+                tag = CommandComplete.decode(raw[start:end]).tag if t == _C else ""
+                running = self._current(entry)
+                out += self._finished(running, tag, None, suspended=t == _s)
+                if entry.kind == EXECUTE:
+                    fifo.popleft()
+                else:
+                    entry.index += 1
+                    entry.running = None
+                if self.holding and running.decision is not None and running.decision.limited:
+                    out += self._release()
+            elif t == _E:
+                err = ErrorResponse.decode(raw[start:end])
+                if err.get("V") in ("FATAL", "PANIC") or err.get("S") in ("FATAL", "PANIC"):
+                    self.server_sent_fatal = True
+                self._error(err, out)
+            elif t == _PS:
+                if self.on_parameter is not None:
+                    p = ParameterStatus.decode(raw[start:end])
+                    self.on_parameter(p.name, p.value)
+            elif t in (_ONE, _TWO, _THREE, _n):
+                if fifo and fifo[0].kind in (PARSE, BIND, CLOSE, DESCRIBE):
+                    fifo.popleft()
+            elif t == _COPY_OUT:
+                if fifo and fifo[0].kind in (EXECUTE, QUERY):
+                    self._current(fifo[0]).copy_out = True
+            elif t == _Z:
+                forward, more = self._ready(raw[start:end])
+                out += more
+                if not forward:
+                    parts.append(raw[fwd:head])
+                    fwd = end
+        parts.append(raw[fwd:])
+        data_out = b"".join(parts)
+        return [cmd.SendToClient(data_out), *out] if data_out else out
+
+    def _current(self, entry: Entry) -> Running:
+        if entry.running is None:
+            decision = None
+            if entry.statements:
+                decision = entry.statements[min(entry.index, len(entry.statements) - 1)]
+            entry.running = self._running(decision)
+        return entry.running
+
+    def _row_description(self, fields: tuple[Field, ...]) -> None:
+        if not self.fifo:
+            return
+        entry = self.fifo[0]
+        if entry.kind == DESCRIBE:
+            self.fifo.popleft()
+            kind, name = entry.name[0], entry.name[1:]
+            if kind == "S":
+                self.statement_fields[name] = fields
+            elif (portal := self.portals.get(name)) is not None:
+                portal.fields = fields
+        elif entry.kind == QUERY:
+            self._current(entry).fields = fields
+
+    def _row(self, running: Running, raw: bytes, start: int, end: int, rows: int, copy: bool,
+             out: list[cmd.Command]) -> bytes | None:  # fmt: skip
+        """Count one DataRow (or CopyData); returns bytes to send instead of it, or None."""
+        decision = running.decision
+        plan = decision.plan if decision is not None else None
+        if plan is None or not (plan.limits or plan.needs_rows):
+            running.rows += rows
+            return None
+        if running.columns is None:
+            running.columns = self.guard.columns(decision, running.fields)
+        earlier = 0
+        if running.portal is not None and (portal := self.portals.get(running.portal)) is not None:
+            earlier += portal.rows
+        if running.cursor is not None:
+            earlier += self.cursor_rows.get(running.cursor, 0)
+        size = end - start
+        for limit in plan.limits:
+            over_rows = (
+                limit.max_rows is not None and earlier + running.rows + rows > limit.max_rows
+            )
+            over_bytes = limit.max_bytes is not None and running.bytes + size > limit.max_bytes
+            if not (over_rows or over_bytes):
+                continue
+            if limit.monitored or limit.action in (Action.ALLOW, Action.ALERT):
+                out.append(
+                    cmd.PolicyAlert(
+                        self.guard.subject.key, limit.rule_id, limit.reason, limit.monitored
+                    )
+                )
+                continue
+            return self._cut(running, limit, out)
+        running.rows += rows
+        running.bytes += size
+        if copy:
+            return None
+        return self._inspect(running, plan, raw[start:end], out)
+
+    def _inspect(
+        self, running: Running, plan: ResultPlan, body: bytes, out: list[cmd.Command]
+    ) -> bytes | None:
+        columns = running.columns or []
+        values: tuple[bytes | None, ...] | None = None
+        if plan.canary_values and any(v in body for v in plan.canary_values):
+            values = DataRow.decode(body).values
+            if any(v in plan.canary_values for v in values if v is not None):
+                out += self._canary(plan)
+        has_pk = any(c.pk_of for c in columns)
+        if not (plan.mask or has_pk):
+            return None
+        if values is None:
+            values = DataRow.decode(body).values
+        for i, col in enumerate(columns[: len(values)]):
+            v = values[i]
+            if col.pk_of and v is not None:
+                running.records.setdefault(col.pk_of, set()).add(self.guard.record_id(col.pk_of, v))
+                keys = plan.canary_keys.get(col.pk_of)
+                if keys and v.decode("utf-8", "replace") in keys:
+                    out += self._canary(plan)
+        if not plan.mask:
+            return None
+        masked = list(values)
+        changed = False
+        for i, col in enumerate(columns[: len(values)]):
+            styles = [plan.mask[lb] for lb in sorted(col.labels) if lb in plan.mask]
+            current = masked[i]
+            if not styles or current is None:
+                continue
+            if col.binary:
+                return self._cut(running, None, out)
+            masked[i] = mask_value(current, styles[0], self.guard.record_key)
+            changed = True
+        return DataRow(tuple(masked)).encode() if changed else None
+
+    def _cut(self, running: Running, limit: RowLimit | None, out: list[cmd.Command]) -> bytes:
+        """End the result here: our error to the client; cancel and discard upstream."""
+        if limit is not None:
+            rule, action = limit.rule_id, limit.action
+            message = f"pgwarden: blocked by rule {rule}: {limit.reason}"
+            if limit.max_rows is not None:
+                hint = f"{limit.max_rows} rows is the most allowed; narrow the query with WHERE or LIMIT"
+            else:
+                hint = f"at most {limit.max_bytes} bytes of labelled data per statement"
+        else:
+            rule, action = "mask-binary", Action.BLOCK
+            message = (
+                f"pgwarden: blocked by rule {rule}: a masked column was requested in binary format"
+            )
+            hint = "request this result in text format; masking rewrites text values"
+        self.stats.results_cut += 1
+        out.append(
+            cmd.PolicyBlock(
+                self.guard.subject.key,
+                rule,
+                action.value,
+                message,
+                running.decision.facts if running.decision else None,
+            )
+        )
+        if not self.cancel_sent:
+            out.append(cmd.CancelUpstream())
+            self.cancel_sent = True
+        out += self._finished(running, "", "42501", cut=True)
+        self.discarding = True
+        head = self.fifo[0] if self.fifo else None
+        self.cut_simple = head is not None and head.kind == QUERY
+        if action is Action.END_SESSION:
+            out.append(cmd.EndSession(message))
+        if not self.cut_simple:
+            # Extended protocol: what the client pipelined up to its Sync is skipped, as the
+            # server skips after an error; held messages are judged now.
+            self.skip_client_until_sync = True
+            out += self._release()
+        return ErrorResponse.make("42501", message, hint=hint).encode()
+
+    def _skip_to_sync(self) -> None:
+        fifo = self.fifo
+        while fifo and fifo[0].kind not in _SYNC_POINTS:
+            fifo.popleft()
+
+    def _error(self, err: ErrorResponse, out: list[cmd.Command]) -> None:
+        fifo = self.fifo
+        if not fifo:
+            return
+        entry = fifo[0]
+        running = entry.running
+        if entry.kind == QUERY:
+            running = self._current(entry)
+            entry.index = len(entry.statements or ())
+            entry.running = None
+        if running is not None:
+            out += self._finished(running, "", err.sqlstate or "")
+        if entry.kind != QUERY:
+            self._skip_to_sync()  # extended protocol: the server now skips to Sync
+        if self.holding:
+            # The watched statement failed by itself: what was held is judged as usual.
+            out += self._release()
+
+    def _ready(self, body: bytes) -> tuple[bool, list[cmd.Command]]:
+        """ReadyForQuery: returns whether to forward it, and commands."""
+        status = chr(body[0]) if body else "I"
+        out: list[cmd.Command] = []
+        self._skip_to_sync()
+        entry = self.fifo.popleft() if self.fifo else None
+        if entry is not None and entry.kind == FIXUP:
+            # The forced failure after a cut-off is answered: the client gets this
+            # ReadyForQuery ('E') in place of the one we held back.
+            self.discarding = False
+            self.cancel_sent = False
+            self.transaction_status = status
+            return True, out + self._release()
+        if entry is not None and entry.running is not None:
+            out += self._finished(entry.running, "", None)
+        if self.cycles:
+            self.stats.observe_latency(time.perf_counter() - self.cycles.popleft())
+        if self.discarding:
+            if self.cut_simple and status == "T":
+                # The cancel came too late: the statement succeeded inside a transaction
+                # block the client now believes failed. Make it fail on the server too, or
+                # the client's COMMIT would commit what it was told had failed.
+                self.fifo.appendleft(Entry(FIXUP))
+                out.append(
+                    cmd.SendToServer(
+                        Query(raise_statement("pgwarden: result cut off", None, "42501")).encode()
+                    )
+                )
+                return False, out
+            self.discarding = False
+            self.cancel_sent = False
+            self.transaction_status = status
+            return True, out + (self._release() if self.cut_simple else [])
+        self.transaction_status = status
+        if status == "I":
+            self.guard.sql.end_transaction()
+        return True, out
+
+    def _finished(self, running: Running, tag: str, sqlstate: str | None, *, suspended: bool = False,
+                  cut: bool = False) -> list[cmd.Command]:  # fmt: skip
+        if (
+            running.portal is not None
+            and suspended
+            and (portal := self.portals.get(running.portal))
+        ):
+            portal.rows += running.rows
+        if running.cursor is not None:
+            self.cursor_rows[running.cursor] = (
+                self.cursor_rows.get(running.cursor, 0) + running.rows
+            )
+        decision = running.decision
+        rows = running.rows
+        if tag and not (decision is not None and decision.limited):
+            last = tag.rsplit(" ", 1)[-1]
+            if last.isdigit():
+                rows = int(last)
+        out: list[cmd.Command] = []
+        plan = decision.plan if decision is not None else None
+        if plan is not None and plan.labels and plan.window_rules and rows:
+            records: set[str] = set()
+            for ids in running.records.values():
+                records |= ids
+            if not records:
+                # No primary key in the result: count each row as its own record (fail closed).
+                records = {f"row:{id(running):x}:{i}" for i in range(rows)}
+            for label in plan.labels:
+                windows = tuple(
+                    r.window for r in plan.window_rules if r.window and r.covers_label(label)
+                )
+                if windows:
+                    out.append(
+                        cmd.RecordUsage(
+                            self.guard.subject.key, label, rows, frozenset(records), windows
+                        )
+                    )
+        out.append(
+            cmd.StatementDone(
+                facts=decision.facts if decision is not None else None,
+                rows=rows,
+                bytes=running.bytes,
+                seconds=time.perf_counter() - running.started,
+                sqlstate=sqlstate,
+                cut=cut,
+                records={k: frozenset(v) for k, v in running.records.items()},
+            )
+        )
+        return out
+
+    def _canary(self, plan: ResultPlan) -> list[cmd.Command]:
+        return [
+            cmd.CanaryHit(self.guard.subject.key, f.rule_id, f.action.value, f.monitored)
+            for f in plan.canary_rules
+        ]
+
+
+def _failing_extended() -> bytes:
+    sql = raise_statement("pgwarden: result cut off", None, "42501")
+    return Parse("", sql).encode() + Bind("", "").encode() + Execute("").encode()
