@@ -215,8 +215,13 @@ def pgwarden_target(
         "--listen", f"127.0.0.1:{port}",
         "--upstream", f"{cluster.host}:{cluster.port}",
         "--admin", f"127.0.0.1:{admin}",
-        *extra_args,
     ]  # fmt: skip
+    if cluster.ca_cert is None:
+        # The benchmark cluster runs without TLS.  Say so rather than leave pgwarden on its
+        # default 'prefer': with a policy, pgwarden's catalog connection did not fall back
+        # to plain TCP when PostgreSQL refused the SSL upgrade (seen on main at 06:30 UTC).
+        cmd += ["--upstream-tls", "disable"]
+    cmd += list(extra_args)
     workdir.mkdir(parents=True, exist_ok=True)
     proc = _spawn(cmd, workdir / "pgwarden.log", "pgwarden", port)
     try:
