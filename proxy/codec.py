@@ -104,13 +104,54 @@ class FrameReader:
         self._parts, self._have, self._need = [], 0, 0
         return pending
 
+    def _join(self, data: bytes) -> bytes | None:
+        """``data`` behind any pending partial frame; None while that frame is incomplete."""
+        self._parts.append(data)
+        self._have += len(data)
+        if self._have < self._need:
+            return None
+        return self.take_pending()
+
+    def _keep(self, data: bytes, pos: int, need: int) -> bytes:
+        """Keep the incomplete tail from ``pos``; return the complete part."""
+        # The partial frame's header was already checked when it was complete.
+        self._parts = [data[pos:]]
+        self._have = len(data) - pos
+        self._need = need
+        return data[:pos]
+
+    def feed_types(self, data: bytes) -> tuple[bytes, bytearray]:
+        """Like ``feed`` for callers that need only each frame's type (the relay's hot
+        path): no offsets, no tuples, one small bytearray."""
+        if self._parts:
+            joined = self._join(data)
+            if joined is None:
+                return b"", bytearray()
+            data = joined
+        types = bytearray()
+        pos = 0
+        n = len(data)
+        limit = self.max_message
+        unpack = _HEADER.unpack_from
+        while n - pos >= 5:
+            t, length = unpack(data, pos)
+            if length < 4 or length > limit:
+                raise self._bad_length(t, length)
+            end = pos + 1 + length
+            if end > n:
+                return self._keep(data, pos, end - pos), types
+            types.append(t)
+            pos = end
+        if pos < n:
+            return self._keep(data, pos, 5), types
+        return data, types
+
     def feed(self, data: bytes) -> tuple[bytes, list[tuple[int, int, int]]]:
         if self._parts:
-            self._parts.append(data)
-            self._have += len(data)
-            if self._have < self._need:
+            joined = self._join(data)
+            if joined is None:
                 return b"", []
-            data = self.take_pending()
+            data = joined
         frames: list[tuple[int, int, int]] = []
         pos = 0
         n = len(data)
@@ -127,11 +168,7 @@ class FrameReader:
             frames.append((t, pos + 5, end))
             pos = end
         if pos < n:
-            # The partial frame's header was already checked above when it was complete.
-            self._parts = [data[pos:]]
-            self._have = n - pos
-            self._need = need
-            return data[:pos], frames
+            return self._keep(data, pos, need), frames
         return data, frames
 
     def _bad_length(self, t: int, length: int) -> ProtocolError:
@@ -150,7 +187,10 @@ class FrameScanner:
     set low to stop huge client messages.
     """
 
-    __slots__ = ("_body", "_from_client", "_header", "_remaining", "_type", "max_message", "wanted")
+    __slots__ = (
+        "_body", "_from_client", "_header", "_remaining", "_type", "max_message", "report_all",
+        "wanted",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -158,8 +198,12 @@ class FrameScanner:
         max_message: int = DEFAULT_MAX_MESSAGE,
         *,
         from_client: bool = False,
+        report_all: bool = True,
     ) -> None:
         self.wanted = wanted
+        # False: report only the wanted messages (the relay needs nothing about the others,
+        # and not building a tuple per DataRow is most of the cost of scanning).
+        self.report_all = report_all
         self.max_message = max_message
         self._from_client = from_client
         self._header = b""  # a header split across chunks
@@ -186,7 +230,8 @@ class FrameScanner:
                 return out
             body = b"".join(self._body) if self._body is not None else None
             self._body = None
-            out.append((self._type, pos, body))
+            if body is not None or self.report_all:
+                out.append((self._type, pos, body))
         elif self._header:
             need = 5 - len(self._header)
             self._header += chunk[:need]
@@ -198,6 +243,7 @@ class FrameScanner:
             pos = self._start(t, length, chunk, pos, out)
         wanted = self.wanted
         limit = self.max_message
+        report_all = self.report_all
         while pos < n:
             if n - pos < 5:
                 self._header = chunk[pos:]
@@ -207,7 +253,10 @@ class FrameScanner:
                 raise self._bad_length(t, length)
             end = pos + 1 + length
             if end <= n:
-                out.append((t, end, chunk[pos + 5 : end] if t in wanted else None))
+                if t in wanted:
+                    out.append((t, end, chunk[pos + 5 : end]))
+                elif report_all:
+                    out.append((t, end, None))
                 pos = end
             else:
                 self._type = t
@@ -226,7 +275,10 @@ class FrameScanner:
         avail = len(chunk) - pos
         if body_len <= avail:
             end = pos + body_len
-            out.append((t, end, chunk[pos:end] if t in self.wanted else None))
+            if t in self.wanted:
+                out.append((t, end, chunk[pos:end]))
+            elif self.report_all:
+                out.append((t, end, None))
             return end
         self._type = t
         self._remaining = body_len - avail

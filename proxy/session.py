@@ -141,7 +141,7 @@ class Session:
         limit = self.settings.max_message
         self._client_reader = FrameReader(limit, from_client=True)
         self._server_reader = FrameReader(limit, from_client=False)
-        self._scanner = FrameScanner(_SERVER_WANTED, limit, from_client=False)
+        self._scanner = FrameScanner(_SERVER_WANTED, limit, from_client=False, report_all=False)
 
     # --- phase bookkeeping ------------------------------------------------------------
 
@@ -340,9 +340,9 @@ class Session:
         stats = self.stats
         stats.bytes_from_client += len(data)
         assert self._client_reader is not None
-        raw, frames = self._client_reader.feed(data)
+        raw, types = self._client_reader.feed_types(data)
         cycles = self._cycles
-        for t, _start, _end in frames:
+        for t in types:
             if t in _CYCLE_TYPES:
                 cycles.append(time.perf_counter())
                 if t == _Q:

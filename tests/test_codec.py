@@ -245,20 +245,28 @@ def test_scanner_and_reader_see_the_same_frames_however_the_stream_is_cut(
 
     wanted = {ord("Z"), ord("D"), ord("S")}
     scanner = FrameScanner(wanted)
+    quiet = FrameScanner(wanted, report_all=False)
     reader = FrameReader(from_client=False)
-    scanned, read, forwarded = [], [], b""
+    typer = FrameReader(from_client=False)
+    scanned, only_wanted, read, types, forwarded, forwarded2 = [], [], [], bytearray(), b"", b""
     for chunk in chunks:
         for t, end, body in scanner.scan(chunk):
             assert 0 < end <= len(chunk)
             scanned.append((t, body))
+        only_wanted += [(t, body) for t, _end, body in quiet.scan(chunk)]
         raw, frames = reader.feed(chunk)
         forwarded += raw
         read += [(t, raw[s:e]) for t, s, e in frames]
-    assert scanner.at_boundary
-    assert forwarded == wire  # the reader hands on every byte, in order, nothing twice
+        raw2, got_types = typer.feed_types(chunk)
+        forwarded2 += raw2
+        types += got_types
+    assert scanner.at_boundary and quiet.at_boundary
+    assert forwarded == forwarded2 == wire  # every byte handed on, in order, nothing twice
     expected = [_split(x.encode()) for x in msgs]
     assert read == expected
+    assert bytes(types) == bytes(t for t, _ in expected)
     assert scanned == [(t, body if t in wanted else None) for t, body in expected]
+    assert only_wanted == [(t, body) for t, body in expected if t in wanted]
 
 
 def test_scanner_reports_message_ends_inside_the_chunk() -> None:
