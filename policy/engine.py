@@ -181,6 +181,8 @@ class Engine:
         self.policy = policy
         self.counters: CountersView = counters or NoCounters()
         self._subject_cache: dict[tuple[Subject, int], frozenset[str]] = {}
+        self._verdicts: dict[tuple[int, int], tuple[QueryFacts, Subject, int, Verdict]] = {}
+        self._uses_counters = False
 
     # --- subjects ------------------------------------------------------------------------
 
@@ -220,12 +222,36 @@ class Engine:
     # --- one statement ----------------------------------------------------------------------
 
     def decide(self, s: Subject, facts: QueryFacts, now: float | None = None) -> Verdict:
+        """The verdict for one statement of one subject.
+
+        Verdicts that do not depend on window counters are cached per (facts, subject,
+        minute): the analyser hands out the same facts object for the same text, and a
+        session keeps its subject object, so a repeated statement costs a dict lookup.
+        """
         t = time.time() if now is None else now
+        minute = int(t // 60)
+        key = (id(facts), id(s))
+        hit = self._verdicts.get(key)
+        if hit is not None and hit[0] is facts and hit[1] is s and hit[2] == minute:
+            until = self.counters.cached_quarantine(s.key)
+            if until is None or until <= t:
+                return hit[3]
+        self._uses_counters = False
+        verdict = self._decide(s, facts, t)
+        if not self._uses_counters:
+            if len(self._verdicts) > 50_000:
+                self._verdicts.clear()
+            self._verdicts[key] = (facts, s, minute, verdict)
+        return verdict
+
+    def _decide(self, s: Subject, facts: QueryFacts, t: float) -> Verdict:
         names = self.subjects_of(s, t)
         rules = self.rules_for(names)
         findings: list[Finding] = []
 
         until = self.counters.cached_quarantine(s.key)
+        if until is not None:
+            self._uses_counters = True  # the answer changes when the quarantine ends
         if until is not None and until > t and self.policy.quarantine is not None:
             left = int(until - t)
             return refusal(
@@ -341,6 +367,7 @@ class Engine:
 
     def _window_used(self, s: Subject, rule: Rule, labels: frozenset[str]) -> int:
         assert rule.window is not None
+        self._uses_counters = True
         used = 0
         for label in labels:
             totals = self.counters.cached_totals(s.key, label, rule.window)

@@ -72,7 +72,7 @@ class ColumnInfo:
     pk_of: str | None  # "schema.table" when this column is that table's primary key
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, weakref_slot=True, eq=False)
 class Guard:
     engine: Engine
     analyzer: Analyzer
@@ -81,10 +81,16 @@ class Guard:
     audit: bool = False  # an audit trail records every statement (and the record ledger)
     sql: SqlSession = field(init=False)
     end_user_sources: frozenset[str] = field(init=False)
+    _watchful: tuple[Subject, Engine, bool] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.sql = SqlSession(self.analyzer, user=self.subject.user)
         self.end_user_sources = self.engine.trusted_end_user_sources(self.subject)
+
+    def use_engine(self, engine: Engine) -> None:
+        """A reloaded policy: decide with the new engine from the next statement on."""
+        self.engine = engine
+        self.end_user_sources = engine.trusted_end_user_sources(self.subject)
 
     def set_options(self, options: str | None) -> None:
         self.sql.set_startup_options(options)
@@ -152,8 +158,13 @@ class Guard:
     @property
     def watchful(self) -> bool:
         """Whether any rule applies to this subject (then results are cross-checked)."""
+        cached = self._watchful
+        if cached is not None and cached[0] is self.subject and cached[1] is self.engine:
+            return cached[2]
         engine = self.engine
-        return bool(engine.rules_for(engine.subjects_of(self.subject)))
+        value = bool(engine.rules_for(engine.subjects_of(self.subject)))
+        self._watchful = (self.subject, engine, value)
+        return value
 
     def redecide(self, decision: Decision, missed: frozenset[str]) -> Decision:
         """Decide again, knowing the result carries labels the analysis did not see."""

@@ -12,6 +12,7 @@ import asyncio
 import os
 import secrets
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -78,9 +79,17 @@ class PolicyRuntime:
         self.policy = policy
         self.label_rules = policy.label_rules()
         self.engine = Engine(policy, self.counters)
-        self.analyzers: dict[str, Analyzer] = {}
         for catalog in self.catalogs.values():
             catalog.set_rules(self.label_rules)
+        if not hasattr(self, "analyzers"):
+            self.analyzers: dict[str, Analyzer] = {}
+            self.guards: weakref.WeakSet[Guard] = weakref.WeakSet()
+        for analyzer in self.analyzers.values():
+            analyzer.set_rules(self.label_rules)
+        # Sessions already open follow the new policy from their next statement: a reload
+        # never drops a connection, and never leaves one on the old rules.
+        for guard in list(self.guards):
+            guard.use_engine(self.engine)
 
     @staticmethod
     def _record_key(policy: Policy) -> bytes:
@@ -93,6 +102,51 @@ class PolicyRuntime:
         if self.source is None:
             return
         self._install(load_policy(self.source))
+
+    def reload_logged(self, reason: str) -> bool:
+        """Reload, log it, record it in the audit trail; an invalid policy keeps the old one
+        and raises an alert."""
+        try:
+            self.reload()
+        except Exception as exc:
+            log.error("policy_reload_failed", reason=reason, error=str(exc), kept="previous policy")
+            if self.trail is not None:
+                self._submit_nowait(AuditEvent.policy_reload(ok=False, message=str(exc)[:2000]))
+                self.alert(
+                    "policy_rejected",
+                    f"invalid policy not loaded: {exc}"[:2000],
+                    "error",
+                    "-",
+                    "policy",
+                )
+            return False
+        log.info(
+            "policy_reloaded", reason=reason, file=str(self.source), rules=len(self.policy.rules)
+        )
+        if self.trail is not None:
+            self._submit_nowait(
+                AuditEvent.policy_reload(ok=True, message=f"{self.source} ({reason})")
+            )
+        return True
+
+    async def watch_file(self, interval: float = 1.0) -> None:
+        """Reload when the policy file changes on disk (as well as on SIGHUP)."""
+        assert self.source is not None
+
+        def stamp() -> tuple[float, int] | None:
+            try:
+                st = os.stat(self.source)  # type: ignore[arg-type]
+            except OSError:
+                return None
+            return st.st_mtime, st.st_size
+
+        last = stamp()
+        while True:
+            await asyncio.sleep(interval)
+            now = stamp()
+            if now is not None and now != last:
+                last = now
+                self.reload_logged("file changed")
 
     # --- catalogs ----------------------------------------------------------------------------
 
@@ -143,6 +197,20 @@ class PolicyRuntime:
 
     # --- sessions ----------------------------------------------------------------------------
 
+    def _may_apply(self, subject: Subject) -> bool:
+        """Whether any rule could ever apply to this session.
+
+        The end user and application_name can change mid-session, so subjects that match on
+        them keep every session under watch; otherwise the start-up subject decides.
+        """
+        if any(
+            m.end_users is not None or m.applications is not None
+            for m in self.policy.subjects.values()
+        ):
+            return True
+        engine = self.engine
+        return bool(engine.rules_for(engine.subjects_of(subject)))
+
     def make_guard(self, s: SessionSubject) -> Guard | None:
         catalog = self.catalogs.get(s.database)
         if catalog is None:
@@ -152,8 +220,12 @@ class PolicyRuntime:
             analyzer = Analyzer(catalog, self.label_rules)
             self.analyzers[s.database] = analyzer
         subject = Subject(s.user, s.database, s.application_name, s.client_addr, None, frozenset())
+        if self.trail is None and not self._may_apply(subject):
+            # Nothing to enforce and nothing to record: the session is relayed untouched.
+            return None
         guard = Guard(self.engine, analyzer, subject, self.record_key, audit=self.trail is not None)
         guard.set_options(s.options)
+        self.guards.add(guard)
         return guard
 
     # --- audit -----------------------------------------------------------------------------

@@ -635,14 +635,13 @@ async def serve(
         if new.listen != old_listen:
             log.warning("config_listen_changed", note="a new listen address needs a restart")
         if runtime is not None:
-            try:
-                runtime.reload()
-                log.info("policy_reloaded", file=str(runtime.source))
-            except Exception as exc:
-                log.error("policy_reload_failed", error=str(exc), kept="previous policy")
+            runtime.reload_logged("SIGHUP")
         configure_logging(new.log_level, new.log_format)
         log.info("config_reloaded")
 
+    watcher = None
+    if runtime is not None and runtime.source is not None:
+        watcher = asyncio.create_task(runtime.watch_file(), name="pgwarden-policy-watch")
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
@@ -657,6 +656,8 @@ async def serve(
     if ready is not None:
         ready(addresses)
     await stop.wait()
+    if watcher is not None:
+        watcher.cancel()
     await proxy.shutdown()
     if runtime is not None:
         await runtime.close()

@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from policy.engine import ResultPlan, RowLimit
 from policy.model import Action
@@ -36,17 +36,19 @@ from proxy.masking import mask_value
 from proxy.messages import (
     Bind,
     ClientProtocolError,
-    Close,
     CommandComplete,
     DataRow,
-    Describe,
     ErrorResponse,
     Execute,
-    Field,
     ParameterStatus,
     Parse,
     Query,
     RowDescription,
+    bind_head,
+    execute_head,
+    parse_head,
+    result_format,
+    target_head,
 )
 from proxy.metrics import Stats
 
@@ -70,7 +72,7 @@ class Running:
     """One row-producing statement: a statement of a Query, or an Execute of a portal."""
 
     decision: Decision | None
-    fields: tuple[Field, ...] | None = None
+    fields: bytes | None = None  # the RowDescription body
     columns: list[ColumnInfo] | None = None
     rows: int = 0
     nbytes: int = 0
@@ -98,8 +100,8 @@ class Entry:
 @dataclass(slots=True)
 class Portal:
     decision: Decision | None
-    fields: tuple[Field, ...] | None = None
-    bind: Bind | None = None  # result format codes, known before any RowDescription
+    fields: bytes | None = None  # the RowDescription body from a Describe
+    formats: tuple[int, ...] = ()  # Bind's result format codes, known before any RowDescription
     rows: int = 0  # rows sent by earlier Execute calls (max_rows > 0)
 
 
@@ -125,7 +127,7 @@ class Tracker:
         self.server_reader = FrameReader(SERVER_MESSAGE_LIMIT, from_client=False)
         self.fifo: deque[Entry] = deque()
         self.prepared: dict[str, Decision | None] = {}
-        self.statement_fields: dict[str, tuple[Field, ...]] = {}
+        self.statement_fields: dict[str, bytes] = {}
         self.portals: dict[str, Portal] = {}
         self.cursor_rows: dict[str, int] = {}
         self.held = b""  # client bytes held back while a watched statement runs
@@ -182,39 +184,36 @@ class Tracker:
                 elif any(d.limited for d in decisions):
                     return self._hold_after(out, parts, raw, fwd, end)
             elif t == _P:
-                msg = Parse.decode(raw[start:end])
-                decisions = self.guard.check(msg.sql)
+                name, sql = parse_head(raw[start:end])
+                decisions = self.guard.check(sql)
                 blocked = self.guard.blocked(decisions)
                 decision = decisions[0] if decisions else None
                 if blocked is not None:
                     v = blocked.verdict
-                    substitute = Parse(msg.name, raise_statement(v.message, v.hint, v.sqlstate))
+                    substitute = Parse(name, raise_statement(v.message, v.hint, v.sqlstate))
                     parts += (raw[fwd:head], substitute.encode())
                     fwd = end
                     out.append(self._block_command(blocked))
                     decision = None
-                self.prepared[msg.name] = decision
-                self.statement_fields.pop(msg.name, None)
+                self.prepared[name] = decision
+                self.statement_fields.pop(name, None)
                 self.fifo.append(Entry(PARSE))
             elif t == _B:
-                bind = Bind.decode(raw[start:end])
-                fields = self.statement_fields.get(bind.statement)
-                if fields is not None:
-                    fields = tuple(
-                        replace(f, format=bind.result_format(i)) for i, f in enumerate(fields)
-                    )
-                self.portals[bind.portal] = Portal(self.prepared.get(bind.statement), fields, bind)
+                portal_name, statement, formats = bind_head(raw[start:end])
+                self.portals[portal_name] = Portal(
+                    self.prepared.get(statement), self.statement_fields.get(statement), formats
+                )
                 self.fifo.append(Entry(BIND))
             elif t == _D:
-                desc = Describe.decode(raw[start:end])
-                self.fifo.append(Entry(DESCRIBE, name=desc.kind + desc.name))
+                kind, name = target_head(raw[start:end])
+                self.fifo.append(Entry(DESCRIBE, name=kind + name))
             elif t == _E:
                 self.stats.statements += 1
-                ex = Execute.decode(raw[start:end])
-                portal = self.portals.get(ex.portal)
+                portal_name, _max_rows = execute_head(raw[start:end])
+                portal = self.portals.get(portal_name)
                 decision = portal.decision if portal is not None else None
                 running = self._running(decision)
-                running.portal = ex.portal
+                running.portal = portal_name
                 running.fields = portal.fields if portal is not None else None
                 self.fifo.append(Entry(EXECUTE, running=running))
                 if decision is not None and decision.limited:
@@ -223,12 +222,12 @@ class Tracker:
                     parts += (raw[fwd:end], FLUSH)
                     return self._hold_after(out, parts, raw, end, end)
             elif t == _C:
-                close = Close.decode(raw[start:end])
-                if close.kind == "S":
-                    self.prepared.pop(close.name, None)
-                    self.statement_fields.pop(close.name, None)
+                kind, name = target_head(raw[start:end])
+                if kind == "S":
+                    self.prepared.pop(name, None)
+                    self.statement_fields.pop(name, None)
                 else:
-                    self.portals.pop(close.name, None)
+                    self.portals.pop(name, None)
                 self.fifo.append(Entry(CLOSE))
             elif t == _S:
                 self.cycles.append(time.perf_counter())
@@ -337,7 +336,7 @@ class Tracker:
                     parts += (raw[fwd:head], replacement)
                     fwd = end
             elif t == _T:
-                self._row_description(RowDescription.decode(raw[start:end]).fields)
+                self._row_description(raw[start:end])
             elif t in (_C, _I, _s):
                 entry = fifo[0] if fifo else None
                 if entry is None or entry.kind not in (EXECUTE, QUERY):
@@ -442,7 +441,8 @@ class Tracker:
             entry.running = self._running(decision)
         return entry.running
 
-    def _row_description(self, fields: tuple[Field, ...]) -> None:
+    def _row_description(self, body: bytes) -> None:
+        # Kept as bytes: most results never need their columns decoded.
         if not self.fifo:
             return
         entry = self.fifo[0]
@@ -450,11 +450,11 @@ class Tracker:
             self.fifo.popleft()
             kind, name = entry.name[0], entry.name[1:]
             if kind == "S":
-                self.statement_fields[name] = fields
+                self.statement_fields[name] = body
             elif (portal := self.portals.get(name)) is not None:
-                portal.fields = fields
+                portal.fields = body
         elif entry.kind == QUERY:
-            self._current(entry).fields = fields
+            self._current(entry).fields = body
 
     def _row(self, running: Running, raw: bytes, start: int, end: int, rows: int, copy: bool,
              out: list[cmd.Command]) -> bytes | None:  # fmt: skip
@@ -494,15 +494,15 @@ class Tracker:
 
     def _columns(self, running: Running) -> list[ColumnInfo]:
         fields = running.fields
-        bind = None
+        formats: tuple[int, ...] = ()
         if running.portal is not None and (portal := self.portals.get(running.portal)) is not None:
             # A pipelined Describe's RowDescription may have come in after the Execute.
             fields = fields or portal.fields
-            bind = portal.bind
-        columns = self.guard.columns(running.decision, fields)
-        if bind is not None:
-            for i, col in enumerate(columns):
-                col.binary = col.binary or bind.result_format(i) == 1
+            formats = portal.formats
+        decoded = RowDescription.decode(fields).fields if fields is not None else None
+        columns = self.guard.columns(running.decision, decoded)
+        for i, col in enumerate(columns):
+            col.binary = col.binary or result_format(formats, i) == 1
         return columns
 
     def _prepare(self, running: Running, out: list[cmd.Command]) -> None:
@@ -716,6 +716,8 @@ class Tracker:
                             self.guard.subject.key, label, rows, frozenset(records), windows
                         )
                     )
+        if not (self.ledger or (decision is not None and decision.facts.is_ddl)):
+            return out  # nobody consumes the event (no audit trail, catalog unchanged)
         out.append(
             cmd.StatementDone(
                 facts=decision.facts if decision is not None else None,

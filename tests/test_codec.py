@@ -323,3 +323,27 @@ def test_sasl_mechanism_list() -> None:
     auth = m.Authentication.sasl(("SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"))
     assert auth.mechanisms == ("SCRAM-SHA-256-PLUS", "SCRAM-SHA-256")
     assert auth.data == b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0"
+
+
+@settings(max_examples=300)
+@given(st.one_of(FRONTEND_STRATEGIES))
+def test_relay_field_readers_agree_with_full_decoding(msg: m.Message) -> None:
+    t, body = _split(msg.encode())
+    if isinstance(msg, m.Parse):
+        assert m.parse_head(body) == (msg.name, msg.sql)
+    elif isinstance(msg, m.Bind):
+        assert m.bind_head(body) == (msg.portal, msg.statement, msg.result_formats)
+        for i in range(4):
+            assert m.result_format(msg.result_formats, i) == msg.result_format(i)
+    elif isinstance(msg, m.Describe | m.Close):
+        assert m.target_head(body) == (msg.kind, msg.name)
+    elif isinstance(msg, m.Execute):
+        assert m.execute_head(body) == (msg.portal, msg.max_rows)
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=64))
+def test_relay_field_readers_refuse_garbage_with_protocol_errors(body: bytes) -> None:
+    for read in (m.parse_head, m.bind_head, m.target_head, m.execute_head):
+        with contextlib.suppress(m.ProtocolError):
+            read(body)

@@ -386,3 +386,30 @@ def test_datarow_values_reach_the_client_unchanged_when_nothing_is_masked(
         msgs = c.read_until_ready()
         (row,) = [DataRow.decode(b) for t, b in msgs if t == "D"]
         assert row.values == (b"customer7@mail.example",)
+
+
+def test_policy_changes_apply_to_open_sessions_and_bad_files_are_refused(
+    pg: Cluster, enforce_db: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(POLICY.read_text())
+    p = start_proxy(pg, tmp_path / "proxy", path)
+    try:
+        with raw_session(p, "support_app") as c:
+
+            def rows_before_cut() -> int:
+                c.send(Query(LOOKUP_MANY).encode())
+                rows, err = rows_and_error(c.read_until_ready())
+                assert err is not None and "agent-statement-rows" in err.message
+                return rows
+
+            assert rows_before_cut() == 20
+            path.write_text(POLICY.read_text().replace("max_rows: 20", "max_rows: 5"))
+            p.wait_for_log_event("policy_reloaded")
+            assert rows_before_cut() == 5  # same connection, new policy
+            path.write_text(POLICY.read_text().replace("max_rows: 20", "max_rows: many"))
+            event = p.wait_for_log_event("policy_reload_failed")
+            assert "max_rows" in event["error"]
+            assert rows_before_cut() == 5  # the running policy stays
+    finally:
+        assert p.stop() == 0
