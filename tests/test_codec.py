@@ -328,7 +328,7 @@ def test_sasl_mechanism_list() -> None:
 @settings(max_examples=300)
 @given(st.one_of(FRONTEND_STRATEGIES))
 def test_relay_field_readers_agree_with_full_decoding(msg: m.Message) -> None:
-    t, body = _split(msg.encode())
+    _t, body = _split(msg.encode())
     if isinstance(msg, m.Parse):
         assert m.parse_head(body) == (msg.name, msg.sql)
     elif isinstance(msg, m.Bind):
