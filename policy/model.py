@@ -204,7 +204,8 @@ class Rule(_Strict):
                     "limit",
                     self.max_rows is not None
                     or self.max_bytes is not None
-                    or self.max_records is not None,
+                    or self.max_records is not None
+                    or self.window is not None,
                 ),
                 ("deny", self.deny is not None),
                 ("mask", self.mask is not None),

@@ -64,7 +64,7 @@ def test_errors_name_the_line_and_the_problem(text: str, line: int, says: str) -
 
 
 def test_yaml_syntax_errors_have_a_line_too() -> None:
-    with pytest.raises(PolicyError, match=r"p.yaml:2: not valid YAML"):
+    with pytest.raises(PolicyError, match=r"p.yaml:[23]: not valid YAML"):
         load_policy_text("rules:\n  - id: [unclosed\n", "p.yaml")
 
 
