@@ -68,8 +68,15 @@ class CountersView(Protocol):
         """Until when (epoch seconds) the subject is quarantined, or None."""
         ...
 
+    @property
+    def available(self) -> bool:
+        """False while the shared counter store cannot be reached: windows fail closed."""
+        ...
+
 
 class NoCounters:
+    available = True
+
     def cached_totals(self, subject: str, label: str, window: float) -> tuple[int, int] | None:
         return None
 
@@ -301,6 +308,17 @@ class Engine:
             covered = frozenset(lb for lb in labels if rule.covers_label(lb))
             if not covered:
                 continue
+            if not self.counters.available:
+                self._uses_counters = True
+                reason = "the window counters are unavailable, so reads of labelled data cannot be counted"
+                if self._monitored(rule):
+                    findings.append(Finding(rule.id, rule.action, reason, monitored=True))
+                    continue
+                return refusal(
+                    rule.id, reason, Action.BLOCK,
+                    hint="the shared counter store (Redis) is unreachable; try again when it is back",
+                    findings=(*findings, Finding(rule.id, Action.BLOCK, reason)),
+                )  # fmt: skip
             used = self._window_used(s, rule, covered)
             cap = rule.max_records if rule.max_records is not None else rule.max_rows
             assert cap is not None and rule.window is not None

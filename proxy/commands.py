@@ -94,6 +94,14 @@ class RecordUsage:
 
 
 @dataclass(frozen=True, slots=True)
+class RefreshCounts:
+    """Read the subject's window totals from the shared store before judging a statement."""
+
+    subject: str
+    labels: tuple[tuple[str, tuple[float, ...]], ...]  # label -> windows
+
+
+@dataclass(frozen=True, slots=True)
 class StatementDone:
     """One statement finished (for the audit trail)."""
 
@@ -143,6 +151,7 @@ Command = (
     | PolicyAlert
     | CanaryHit
     | RecordUsage
+    | RefreshCounts
     | StatementDone
     | AwaitDurable
     | EndSession

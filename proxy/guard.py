@@ -79,6 +79,7 @@ class Guard:
     subject: Subject
     record_key: bytes
     audit: bool = False  # an audit trail records every statement (and the record ledger)
+    shared_counts: bool = False  # window counters live in a store other processes write too
     sql: SqlSession = field(init=False)
     end_user_sources: frozenset[str] = field(init=False)
     _watchful: tuple[Subject, Engine, bool] | None = field(init=False, default=None)

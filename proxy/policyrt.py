@@ -42,6 +42,10 @@ class _Counters:
         self.quarantined: dict[str, float] = {}
         self.unavailable = False
 
+    @property
+    def available(self) -> bool:
+        return not self.unavailable
+
     def cached_totals(self, subject: str, label: str, window: float) -> tuple[int, int] | None:
         totals = self.store.cached_totals(subject, label, window)
         return None if totals is None else (totals.rows, totals.records)
@@ -73,6 +77,7 @@ class PolicyRuntime:
         self.counters = _Counters(self.store)
         self.record_key = self._record_key(policy)
         self.trail: AuditTrail | None = None
+        self._probe: asyncio.Task[None] | None = None
         self._install(policy)
 
     def _install(self, policy: Policy) -> None:
@@ -224,6 +229,7 @@ class PolicyRuntime:
             # Nothing to enforce and nothing to record: the session is relayed untouched.
             return None
         guard = Guard(self.engine, analyzer, subject, self.record_key, audit=self.trail is not None)
+        guard.shared_counts = self.policy.store.backend == "redis"
         guard.set_options(s.options)
         self.guards.add(guard)
         return guard
@@ -313,13 +319,19 @@ class PolicyRuntime:
 
     async def handle(self, c: cmd.Command, log_: Any) -> None:
         """Carry out a policy command from a session (counters, quarantine, alerts)."""
-        if isinstance(c, cmd.RecordUsage):
+        if isinstance(c, cmd.RefreshCounts):
+            try:
+                for label, windows in c.labels:
+                    await self.store.totals(c.subject, label, windows)
+                self.counters.unavailable = False
+            except StoreUnavailable as exc:
+                self._store_down(exc)
+        elif isinstance(c, cmd.RecordUsage):
             try:
                 await self.store.record(c.subject, c.label, c.rows, c.records, c.windows)
                 self.counters.unavailable = False
             except StoreUnavailable as exc:
-                self.counters.unavailable = True
-                log_.error("window_store_unavailable", error=str(exc))
+                self._store_down(exc)
         elif isinstance(c, cmd.PolicyBlock):
             self.stats.policy_blocks += 1
             log_.warning(
@@ -367,9 +379,34 @@ class PolicyRuntime:
                     "critical", subject, "quarantine",
                 )  # fmt: skip
         except StoreUnavailable as exc:
-            log_.error("window_store_unavailable", error=str(exc))
+            self._store_down(exc)
+
+    def _store_down(self, exc: Exception) -> None:
+        """Windows fail closed until the store answers again (probed every second)."""
+        if not self.counters.unavailable:
+            log.error("window_store_unavailable", error=str(exc), effect="windowed reads refused")
+            self.alert(
+                "store_unavailable", f"window counters unavailable: {exc}", "critical", "-", "store"
+            )
+        self.counters.unavailable = True
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.create_task(self._probe_store())
+
+    async def _probe_store(self) -> None:
+        ping = getattr(self.store, "ping", None)
+        while self.counters.unavailable:
+            await asyncio.sleep(1.0)
+            try:
+                if ping is not None:
+                    await ping()
+            except StoreUnavailable:
+                continue
+            self.counters.unavailable = False
+            log.info("window_store_available")
 
     async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
         for catalog in self.catalogs.values():
             await catalog.close()
         await self.store.close()

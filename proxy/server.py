@@ -330,8 +330,19 @@ class ClientConnection(asyncio.Protocol):
                         runtime.session_event(
                             "auth_failure", self.audit_id, self.session.subject, message
                         )
+            elif type(c) is cmd.RecordUsage or type(c) is cmd.RefreshCounts:
+                self._spawn(self._record_usage(c))
             elif self.proxy.runtime is not None:
                 self._spawn(self.proxy.runtime.handle(c, self.log))
+
+    async def _record_usage(self, c: cmd.RecordUsage | cmd.RefreshCounts) -> None:
+        runtime = self.proxy.runtime
+        try:
+            if runtime is not None:
+                await runtime.handle(c, self.log)
+        finally:
+            if not self._closed:
+                self.run(self.session.counts_recorded())
 
     async def _await_durable(self, done: cmd.StatementDone) -> None:
         runtime = self.proxy.runtime

@@ -510,6 +510,12 @@ class Session:
         tracker.client_reader = self._client_reader
         self.tracker = tracker
 
+    def counts_recorded(self) -> list[cmd.Command]:
+        """A RecordUsage has been carried out (or failed): held statements may go on."""
+        if self.tracker is None or self.phase is not Phase.READY:
+            return []
+        return self.tracker.counts_recorded()
+
     def durable_result(self, ok: bool) -> list[cmd.Command]:
         """The audit trail persisted (or failed to persist) a held statement's event."""
         if self.tracker is None or self.phase is not Phase.READY:

@@ -145,6 +145,10 @@ class Tracker:
         self.ledger = False
         self.durable = False
         self.awaiting: Running | None = None
+        # Usage sent to the window store and not yet counted there: the client's next
+        # statements wait, so they are judged on totals that include it (across processes).
+        self.pending_counts = 0
+        self._fresh = False
         self.server_pending = b""
 
     @property
@@ -158,7 +162,7 @@ class Tracker:
         return self._client_frames(raw, frames)
 
     def _client_frames(self, raw: bytes, frames: list[tuple[int, int, int]]) -> list[cmd.Command]:
-        if self.holding:
+        if self.holding or self.pending_counts:
             self.held += raw
             return []
         out: list[cmd.Command] = []
@@ -171,10 +175,13 @@ class Tracker:
                 fwd = end
                 continue
             if t == _Q:
-                self.stats.statements += 1
-                self.cycles.append(time.perf_counter())
                 sql = Query.decode(raw[start:end]).sql
                 decisions = self.guard.check(sql)
+                refresh = self._needs_fresh_counts(decisions)
+                if refresh is not None:
+                    return self._refresh_first(refresh, out, parts, raw, fwd, head)
+                self.stats.statements += 1
+                self.cycles.append(time.perf_counter())
                 blocked = self.guard.blocked(decisions)
                 self.fifo.append(Entry(QUERY, statements=decisions))
                 if blocked is not None:
@@ -186,6 +193,9 @@ class Tracker:
             elif t == _P:
                 name, sql = parse_head(raw[start:end])
                 decisions = self.guard.check(sql)
+                refresh = self._needs_fresh_counts(decisions)
+                if refresh is not None:
+                    return self._refresh_first(refresh, out, parts, raw, fwd, head)
                 blocked = self.guard.blocked(decisions)
                 decision = decisions[0] if decisions else None
                 if blocked is not None:
@@ -271,9 +281,51 @@ class Tracker:
         self.held = raw[end:] + self.held
         return self._send(out, parts, raw, fwd, end)
 
+    def _needs_fresh_counts(self, decisions: list[Decision]) -> cmd.RefreshCounts | None:
+        """With counters shared between processes, a statement under a window limit is
+        judged on totals read from the store just before it (once per statement)."""
+        if not self.guard.shared_counts:
+            return None
+        if self._fresh:
+            self._fresh = False
+            return None
+        wanted: dict[str, set[float]] = {}
+        for d in decisions:
+            plan = d.plan
+            if plan is None:
+                continue
+            for limit in plan.limits:
+                if limit.window is not None:
+                    for label in limit.labels:
+                        wanted.setdefault(label, set()).add(limit.window)
+        if not wanted:
+            return None
+        return cmd.RefreshCounts(
+            self.guard.subject.key,
+            tuple((lb, tuple(sorted(w))) for lb, w in sorted(wanted.items())),
+        )
+
+    def _refresh_first(
+        self, refresh: cmd.RefreshCounts, out: list[cmd.Command], parts: list[bytes],
+        raw: bytes, fwd: int, head: int,
+    ) -> list[cmd.Command]:  # fmt: skip
+        """Hold this message (and all after it) until the store has answered; it is then
+        judged again on the fresh totals."""
+        self._fresh = True
+        self.pending_counts += 1
+        self.held = raw[head:] + self.held
+        return self._send([*out, refresh], parts, raw, fwd, head)
+
+    def counts_recorded(self) -> list[cmd.Command]:
+        """A statement's usage is in the window store: the next statement may be judged."""
+        self.pending_counts = max(0, self.pending_counts - 1)
+        if self.pending_counts or self.holding:
+            return []
+        return self._release()
+
     def _release(self) -> list[cmd.Command]:
         self.holding = False
-        if not self.held:
+        if not self.held or self.pending_counts:
             return []
         held, self.held = self.held, b""
         raw, frames = FrameReader(self.max_message, from_client=True).feed(held)
@@ -711,6 +763,7 @@ class Tracker:
                     r.window for r in plan.window_rules if r.window and r.covers_label(label)
                 )
                 if windows:
+                    self.pending_counts += 1
                     out.append(
                         cmd.RecordUsage(
                             self.guard.subject.key, label, rows, frozenset(records), windows
