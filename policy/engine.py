@@ -109,6 +109,17 @@ class RowLimit:
 
 
 @dataclass(frozen=True, slots=True)
+class KnowCheck:
+    """Rows of ``table`` may reach the subject only if their key is in the rule's lookup."""
+
+    rule_id: str
+    table: str  # schema.table
+    key_column: str
+    withhold: bool  # True: drop the row; False: refuse the statement
+    monitored: bool
+
+
+@dataclass(frozen=True, slots=True)
 class ResultPlan:
     """How the session watches one statement's result."""
 
@@ -119,11 +130,12 @@ class ResultPlan:
     canary_keys: dict[str, frozenset[str]] = field(default_factory=dict)  # table -> keys
     canary_rules: tuple[Finding, ...] = ()
     window_rules: tuple[Rule, ...] = ()
+    need_to_know: tuple[KnowCheck, ...] = ()
 
     @property
     def needs_rows(self) -> bool:
         """Whether the session must look at rows at all (beyond counting them)."""
-        return bool(self.mask or self.canary_values or self.canary_keys)
+        return bool(self.mask or self.canary_values or self.canary_keys or self.need_to_know)
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,6 +413,7 @@ class Engine:
         canary_keys: dict[str, set[str]] = {}
         canary_rules: list[Finding] = []
         window_rules: list[Rule] = []
+        know: list[KnowCheck] = []
         for rule in rules:
             kind = rule.kind
             if kind == "statement_limit":
@@ -431,6 +444,15 @@ class Engine:
                 for lb in labels:
                     if rule.covers_label(lb):
                         mask[lb] = rule.mask.style
+            elif kind == "need_to_know":
+                ntk = rule.need_to_know
+                assert ntk is not None
+                table = ntk.table if "." in ntk.table else f"public.{ntk.table}"
+                if table in facts.relations_read and facts.output:
+                    know.append(KnowCheck(
+                        rule.id, table, ntk.key_column, ntk.on_violation == "withhold",
+                        self._monitored(rule),
+                    ))  # fmt: skip
             elif kind == "canary":
                 assert rule.canary is not None
                 canary_values.extend(v.encode() for v in rule.canary.values)
@@ -447,6 +469,7 @@ class Engine:
             canary_keys={k: frozenset(v) for k, v in canary_keys.items()},
             canary_rules=tuple(canary_rules),
             window_rules=tuple(window_rules),
+            need_to_know=tuple(know),
         )
 
 

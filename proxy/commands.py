@@ -102,6 +102,14 @@ class RefreshCounts:
 
 
 @dataclass(frozen=True, slots=True)
+class LookupAllowed:
+    """Run a need-to-know rule's lookup for a person; the answer goes to the session's guard."""
+
+    rule_id: str
+    person: str
+
+
+@dataclass(frozen=True, slots=True)
 class StatementDone:
     """One statement finished (for the audit trail)."""
 
@@ -152,6 +160,7 @@ Command = (
     | CanaryHit
     | RecordUsage
     | RefreshCounts
+    | LookupAllowed
     | StatementDone
     | AwaitDurable
     | EndSession

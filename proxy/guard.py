@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+import time
 from dataclasses import dataclass, field, replace
 
 from policy.analyze import Analyzer
@@ -80,6 +81,8 @@ class Guard:
     record_key: bytes
     audit: bool = False  # an audit trail records every statement (and the record ledger)
     shared_counts: bool = False  # window counters live in a store other processes write too
+    # Need-to-know lookups: (rule id, person) -> (valid until, keys the person may see).
+    allowed: dict[tuple[str, str], tuple[float, frozenset[bytes]]] = field(default_factory=dict)
     sql: SqlSession = field(init=False)
     end_user_sources: frozenset[str] = field(init=False)
     _watchful: tuple[Subject, Engine, bool] | None = field(init=False, default=None)
@@ -172,6 +175,17 @@ class Guard:
         extra = OutputColumn("(unanalysed)", frozenset(), missed)
         facts = replace(decision.facts, output=(*decision.facts.output, extra))
         return Decision(facts, self.engine.decide(self.subject, facts))
+
+    @property
+    def person(self) -> str:
+        """Who need-to-know lookups are run for: the end user, else the database user."""
+        return self.subject.end_user or self.subject.user
+
+    def allowed_keys(self, rule_id: str) -> frozenset[bytes] | None:
+        hit = self.allowed.get((rule_id, self.person))
+        if hit is None or hit[0] < time.monotonic():
+            return None
+        return hit[1]
 
     def blocked(self, decisions: list[Decision]) -> Decision | None:
         for d in decisions:

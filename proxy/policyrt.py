@@ -9,6 +9,7 @@ seam to memory or Redis; when it cannot be reached, subjects with limits fail cl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import time
@@ -78,6 +79,8 @@ class PolicyRuntime:
         self.record_key = self._record_key(policy)
         self.trail: AuditTrail | None = None
         self._probe: asyncio.Task[None] | None = None
+        self._allowed: dict[tuple[str, str, str], tuple[float, frozenset[bytes]]] = {}
+        self._lookup_conns: dict[str, Any] = {}
         self._install(policy)
 
     def _install(self, policy: Policy) -> None:
@@ -168,7 +171,8 @@ class PolicyRuntime:
         finally:
             self._loading.pop(database, None)
 
-    async def _load_catalog(self, database: str) -> Catalog:
+    async def _connect(self, database: str, application: str) -> Any:
+        """pgwarden's own read-only connection to a database (the catalog role)."""
         import asyncpg
 
         host, port = self.upstream
@@ -178,22 +182,54 @@ class PolicyRuntime:
             or os.environ.get("PGWARDEN_CATALOG_USER")
             or "postgres"
         )
-        password = (
-            os.environ.get(self.policy.catalog_password_env)
-            if self.policy.catalog_password_env
-            else None
-        )
+        env = self.policy.catalog_password_env
+        password = os.environ.get(env) if env else None
+        return await asyncpg.connect(
+            host=host, port=port, user=user, password=password, database=database,
+            ssl=self.ssl, server_settings={"application_name": application},
+        )  # fmt: skip
 
+    async def _load_catalog(self, database: str) -> Catalog:
         async def connect() -> Any:
-            return await asyncpg.connect(
-                host=host, port=port, user=user, password=password, database=database,
-                ssl=self.ssl, server_settings={"application_name": "pgwarden-catalog"},
-            )  # fmt: skip
+            return await self._connect(database, "pgwarden-catalog")
 
         catalog = Catalog(connect, rules=self.label_rules)
         await catalog.start()
         log.info("catalog_loaded", database=database, relations=len(catalog.snapshot.relations))
         return catalog
+
+    async def lookup_allowed(
+        self, database: str, rule_id: str, person: str
+    ) -> tuple[float, frozenset[bytes]]:
+        """The keys a need-to-know rule lets ``person`` see, and until when that answer holds.
+
+        Run on pgwarden's own connection to the database (the catalog role); answers are
+        shared by every session of the process for ``cache_seconds``.  A lookup that fails
+        allows nothing (fail closed) and is retried at the next statement.
+        """
+        rule = next((r for r in self.policy.rules if r.id == rule_id), None)
+        now = time.monotonic()
+        if rule is None or rule.need_to_know is None:
+            return now + 1.0, frozenset()
+        ntk = rule.need_to_know
+        key = (database, rule_id, person)
+        hit = self._allowed.get(key)
+        if hit is not None and hit[0] > now:
+            return hit
+        try:
+            conn = self._lookup_conns.get(database)
+            if conn is None or conn.is_closed():
+                conn = await self._connect(database, "pgwarden-need-to-know")
+                self._lookup_conns[database] = conn
+            rows = await conn.fetch(ntk.lookup, person)
+        except Exception as exc:
+            log.error(
+                "need_to_know_lookup_failed", rule=rule_id, error=str(exc), effect="nothing allowed"
+            )
+            return now, frozenset()
+        answer = (now + ntk.cache_seconds, frozenset(str(r[0]).encode() for r in rows))
+        self._allowed[key] = answer
+        return answer
 
     def invalidate(self, database: str) -> None:
         catalog = self.catalogs.get(database)
@@ -407,6 +443,9 @@ class PolicyRuntime:
     async def close(self) -> None:
         if self._probe is not None:
             self._probe.cancel()
+        for conn in self._lookup_conns.values():
+            with contextlib.suppress(Exception):
+                await conn.close()
         for catalog in self.catalogs.values():
             await catalog.close()
         await self.store.close()

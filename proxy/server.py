@@ -64,6 +64,19 @@ def _client_ssl_context(config: ProxyConfig) -> ssl.SSLContext | None:
     return ctx
 
 
+def _asyncpg_ssl(config: ProxyConfig) -> Any:
+    """The same TLS mode for pgwarden's own connections (catalog, lookups) as for sessions'.
+
+    asyncpg takes libpq's mode names; an SSLContext would mean 'require' even for 'prefer'.
+    """
+    mode = config.upstream_tls.mode
+    if mode is UpstreamTLSMode.DISABLE:
+        return False
+    if mode is UpstreamTLSMode.VERIFY_FULL:
+        return _upstream_ssl_context(config)
+    return mode.value
+
+
 def _upstream_ssl_context(config: ProxyConfig) -> ssl.SSLContext | None:
     tls = config.upstream_tls
     if tls.mode is UpstreamTLSMode.DISABLE:
@@ -332,8 +345,23 @@ class ClientConnection(asyncio.Protocol):
                         )
             elif type(c) is cmd.RecordUsage or type(c) is cmd.RefreshCounts:
                 self._spawn(self._record_usage(c))
+            elif type(c) is cmd.LookupAllowed:
+                self._spawn(self._lookup_allowed(c))
             elif self.proxy.runtime is not None:
                 self._spawn(self.proxy.runtime.handle(c, self.log))
+
+    async def _lookup_allowed(self, c: cmd.LookupAllowed) -> None:
+        runtime = self.proxy.runtime
+        try:
+            tracker = self.session.tracker
+            if runtime is not None and tracker is not None:
+                expires, keys = await runtime.lookup_allowed(
+                    self.session.subject.database, c.rule_id, c.person
+                )
+                tracker.guard.allowed[(c.rule_id, c.person)] = (expires, keys)
+        finally:
+            if not self._closed:
+                self.run(self.session.counts_recorded())
 
     async def _record_usage(self, c: cmd.RecordUsage | cmd.RefreshCounts) -> None:
         runtime = self.proxy.runtime
@@ -615,7 +643,7 @@ async def serve(
         runtime = PolicyRuntime(
             policy, config.policy_file,
             (config.upstream.host, config.upstream.port), stats,
-            ssl=_upstream_ssl_context(config), catalog_user=config.catalog_user,
+            ssl=_asyncpg_ssl(config), catalog_user=config.catalog_user,
         )  # fmt: skip
         if config.audit is not None:
             from audit.pipeline import AuditTrail

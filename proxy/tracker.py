@@ -27,7 +27,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from policy.engine import ResultPlan, RowLimit
+from policy.engine import KnowCheck, ResultPlan, RowLimit
+from policy.facts import SourceColumn
 from policy.model import Action
 from proxy import commands as cmd
 from proxy.codec import FrameReader
@@ -84,6 +85,8 @@ class Running:
     prepared: bool = False  # columns and what to watch worked out (at the first row)
     watch: bool = False  # rows are inspected (limits, masks, canaries, record keys)
     capture: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (table, key positions)
+    know: tuple[tuple[KnowCheck, int, frozenset[bytes]], ...] = ()  # (check, key position, allowed)
+    withheld: int = 0  # rows need-to-know kept from the client
     # False: not audited yet; True: persisted (or not needed); None: the audit trail failed.
     durable_done: bool | None = False
 
@@ -281,40 +284,43 @@ class Tracker:
         self.held = raw[end:] + self.held
         return self._send(out, parts, raw, fwd, end)
 
-    def _needs_fresh_counts(self, decisions: list[Decision]) -> cmd.RefreshCounts | None:
-        """With counters shared between processes, a statement under a window limit is
-        judged on totals read from the store just before it (once per statement)."""
-        if not self.guard.shared_counts:
-            return None
+    def _needs_fresh_counts(self, decisions: list[Decision]) -> list[cmd.Command] | None:
+        """What must be read before these statements are judged (once per statement): a
+        shared store's window totals, and need-to-know lookups not in the cache."""
         if self._fresh:
             self._fresh = False
             return None
         wanted: dict[str, set[float]] = {}
+        lookups: dict[str, cmd.Command] = {}
         for d in decisions:
             plan = d.plan
             if plan is None:
                 continue
-            for limit in plan.limits:
-                if limit.window is not None:
-                    for label in limit.labels:
-                        wanted.setdefault(label, set()).add(limit.window)
-        if not wanted:
-            return None
-        return cmd.RefreshCounts(
-            self.guard.subject.key,
-            tuple((lb, tuple(sorted(w))) for lb, w in sorted(wanted.items())),
-        )
+            if self.guard.shared_counts:
+                for limit in plan.limits:
+                    if limit.window is not None:
+                        for label in limit.labels:
+                            wanted.setdefault(label, set()).add(limit.window)
+            for check in plan.need_to_know:
+                if self.guard.allowed_keys(check.rule_id) is None:
+                    lookups[check.rule_id] = cmd.LookupAllowed(check.rule_id, self.guard.person)
+        todo: list[cmd.Command] = list(lookups.values())
+        if wanted:
+            todo.append(cmd.RefreshCounts(
+                self.guard.subject.key, tuple((lb, tuple(sorted(w))) for lb, w in sorted(wanted.items()))
+            ))  # fmt: skip
+        return todo or None
 
     def _refresh_first(
-        self, refresh: cmd.RefreshCounts, out: list[cmd.Command], parts: list[bytes],
+        self, todo: list[cmd.Command], out: list[cmd.Command], parts: list[bytes],
         raw: bytes, fwd: int, head: int,
     ) -> list[cmd.Command]:  # fmt: skip
-        """Hold this message (and all after it) until the store has answered; it is then
-        judged again on the fresh totals."""
+        """Hold this message (and all after it) until every answer is in; it is then judged
+        again with them."""
         self._fresh = True
-        self.pending_counts += 1
+        self.pending_counts += len(todo)
         self.held = raw[head:] + self.held
-        return self._send([*out, refresh], parts, raw, fwd, head)
+        return self._send([*out, *todo], parts, raw, fwd, head)
 
     def counts_recorded(self) -> list[cmd.Command]:
         """A statement's usage is in the window store: the next statement may be judged."""
@@ -395,6 +401,11 @@ class Tracker:
                     continue
                 tag = CommandComplete.decode(raw[start:end]).tag if t == _C else ""
                 running = self._current(entry)
+                if running.withheld and tag:
+                    # Rows need-to-know kept back are not in the client's count either.
+                    tag = _recount(tag, running.withheld)
+                    parts += (raw[fwd:head], CommandComplete(tag).encode())
+                    fwd = end
                 if running.durable_done is None:
                     # The audit trail could not persist this labelled read: it is refused.
                     parts += (raw[fwd:head], self._refuse_unaudited(running, out))
@@ -584,6 +595,17 @@ class Tracker:
             if not capture and running.columns:
                 capture = [(c.pk_of, (i,)) for i, c in enumerate(running.columns) if c.pk_of]
             running.capture = tuple(capture)
+        know = []
+        for check in plan.need_to_know:
+            schema, _, table = check.table.partition(".")
+            position = next(
+                (i for i, col in enumerate(facts.output)
+                 if SourceColumn(schema, table, check.key_column) in col.sources),
+                None,
+            )  # fmt: skip
+            know.append((check, -1 if position is None else position,
+                         self.guard.allowed_keys(check.rule_id) or frozenset()))  # fmt: skip
+        running.know = tuple(know)
         running.watch = bool(plan.limits or plan.needs_rows or running.capture)
         if running.watch and running.columns is None:
             running.columns = self._columns(running)
@@ -597,10 +619,25 @@ class Tracker:
             values = DataRow.decode(body).values
             if any(v in plan.canary_values for v in values if v is not None):
                 out += self._canary(plan)
-        if not (plan.mask or running.capture or plan.canary_keys):
+        if not (plan.mask or running.capture or plan.canary_keys or running.know):
             return None
         if values is None:
             values = DataRow.decode(body).values
+        for check, position, allowed in running.know:
+            key = values[position] if 0 <= position < len(values) else None
+            if key is not None and key in allowed:
+                continue
+            if check.monitored:
+                out.append(cmd.PolicyAlert(self.guard.subject.key, check.rule_id,
+                                           f"a row of {check.table} outside the need-to-know lookup", True))  # fmt: skip
+                continue
+            if position < 0:
+                return self._cut(running, None, out, know=check)
+            if check.withhold:
+                running.withheld += 1
+                running.rows -= 1
+                return b""
+            return self._cut(running, None, out, know=check)
         for table, positions in running.capture:
             if positions[-1] >= len(values):
                 continue
@@ -629,9 +666,21 @@ class Tracker:
             changed = True
         return DataRow(tuple(masked)).encode() if changed else None
 
-    def _cut(self, running: Running, limit: RowLimit | None, out: list[cmd.Command]) -> bytes:
+    def _cut(
+        self, running: Running, limit: RowLimit | None, out: list[cmd.Command],
+        know: KnowCheck | None = None,
+    ) -> bytes:  # fmt: skip
         """End the result here: our error to the client; cancel and discard upstream."""
-        if limit is not None:
+        if know is not None:
+            rule, action = know.rule_id, Action.BLOCK
+            if any(k is know and p < 0 for k, p, _ in running.know):
+                message = (f"pgwarden: blocked by rule {rule}: need-to-know cannot be checked, the "
+                           f"result does not carry {know.table}.{know.key_column}")  # fmt: skip
+                hint = f"select {know.key_column} as well, so each row can be checked"
+            else:
+                message = f"pgwarden: blocked by rule {rule}: a row of {know.table} outside what you need to know"
+                hint = f"only {know.table} rows related to your own work can be read"
+        elif limit is not None:
             rule, action = limit.rule_id, limit.action
             message = f"pgwarden: blocked by rule {rule}: {limit.reason}"
             if limit.max_rows is not None:
@@ -838,3 +887,10 @@ def _verdict(decision: Decision | None, cut: bool | str, sqlstate: str | None) -
     if any(f.monitored for f in v.findings):
         return "monitor"
     return "allow"
+
+
+def _recount(tag: str, withheld: int) -> str:
+    head, _, last = tag.rpartition(" ")
+    if not last.isdigit():
+        return tag
+    return f"{head} {max(0, int(last) - withheld)}"

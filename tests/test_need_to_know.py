@@ -1,0 +1,103 @@
+"""Need-to-know: an agent sees a customer only while one of that customer's tickets is theirs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg
+import pytest
+import yaml
+
+from loadtests.cluster import Cluster
+from tests.proxyutil import ProxyProcess
+from tests.support_data import DB
+
+LOOKUP = (
+    "SELECT t.customer_id FROM tickets t JOIN agents a ON a.agent_id = t.assigned_agent_id "
+    "WHERE a.username = $1 AND t.status <> 'closed'"
+)
+
+
+def start(pg: Cluster, tmp_path: Path, on_violation: str) -> ProxyProcess:
+    policy = {
+        "subjects": {"agents": {"users": ["support_app"], "end_user_from": ["set"]}},
+        "rules": [
+            {
+                "id": "their-customers",
+                "subjects": ["agents"],
+                "need_to_know": {
+                    "table": "public.customers", "key_column": "customer_id",
+                    "lookup": LOOKUP, "on_violation": on_violation, "cache_seconds": 5,
+                },
+            }
+        ],
+    }  # fmt: skip
+    path = tmp_path / f"{on_violation}.yaml"
+    path.write_text(yaml.safe_dump(policy))
+    return ProxyProcess(
+        pg, tmp_path / on_violation, ["--policy", str(path), "--catalog-user", "postgres"]
+    )
+
+
+def agent(p: ProxyProcess, name: str) -> psycopg.Connection[tuple[object, ...]]:
+    conn = psycopg.connect(
+        p.pg.dsn(user="support_app", port=p.port, dbname=DB, sslmode="disable"), autocommit=True
+    )
+    conn.execute(f"SET pgwarden.end_user = '{name}'")
+    return conn
+
+
+def test_rows_outside_an_agents_tickets_are_withheld(
+    pg: Cluster, enforce_db: str, tmp_path: Path
+) -> None:
+    p = start(pg, tmp_path, "withhold")
+    try:
+        # Ticket i belongs to customer i and is assigned to agent (1 + i % 3): agent1 has
+        # the tickets of customers 3, 6, 9, ...
+        with agent(p, "agent1") as conn:
+            cur = conn.execute(
+                "SELECT customer_id, email FROM customers WHERE customer_id <= 9 ORDER BY 1"
+            )
+            assert [r[0] for r in cur.fetchall()] == [3, 6, 9]
+            assert cur.rowcount == 3  # the command tag counts what the client got
+        with agent(p, "agent2") as conn:
+            rows = conn.execute(
+                "SELECT customer_id FROM customers WHERE customer_id <= 9 ORDER BY 1"
+            ).fetchall()
+            assert [r[0] for r in rows] == [1, 4, 7]
+        with agent(p, "somebody") as conn:  # no tickets at all: no customers
+            assert (
+                conn.execute(
+                    "SELECT customer_id, phone FROM customers WHERE customer_id < 50"
+                ).fetchall()
+                == []
+            )
+            # Tables the rule is not about are untouched.
+            assert conn.execute("SELECT count(*) FROM products").fetchone() == (1,)
+    finally:
+        assert p.stop() == 0
+
+
+def test_block_mode_refuses_and_a_result_without_the_key_cannot_be_checked(
+    pg: Cluster, enforce_db: str, tmp_path: Path
+) -> None:
+    p = start(pg, tmp_path, "block")
+    try:
+        with agent(p, "agent1") as conn:
+            assert conn.execute(
+                "SELECT customer_id, email FROM customers WHERE customer_id = 3"
+            ).fetchall()
+            with pytest.raises(
+                psycopg.errors.InsufficientPrivilege, match="outside what you need to know"
+            ):
+                conn.execute(
+                    "SELECT customer_id, email FROM customers WHERE customer_id = 4"
+                ).fetchall()
+            with pytest.raises(
+                psycopg.errors.InsufficientPrivilege,
+                match=r"does not carry public\.customers\.customer_id",
+            ):
+                conn.execute("SELECT email FROM customers WHERE customer_id = 3").fetchall()
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        assert p.stop() == 0
