@@ -38,7 +38,9 @@ from loadtests import harness
 from loadtests.cluster import running_cluster
 from loadtests.harness import PgbenchResult, Target, TargetUnavailable, progress
 
-ALL_TARGETS = ("direct", "pgbouncer", "pgwarden", "bare")
+ALL_TARGETS = ("direct", "pgbouncer", "pgwarden", "bare", "pgwarden-policy", "pgwarden-audit")
+DEFAULT_TARGETS = ("direct", "pgbouncer", "pgwarden", "bare", "pgwarden-policy", "pgwarden-audit")
+POLICY = Path(__file__).resolve().parent.parent / "config" / "policy.yaml"
 ALL_MODES = ("simple", "extended", "prepared")
 DATABASE = "bench"
 
@@ -54,7 +56,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=8, help="pgbench -c")
     p.add_argument("--jobs", type=int, default=2, help="pgbench -j")
     p.add_argument("--scale", type=int, default=10, help="pgbench -i -s")
-    p.add_argument("--targets", default=",".join(ALL_TARGETS), help="comma-separated")
+    p.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="comma-separated")
     p.add_argument("--modes", default=",".join(ALL_MODES), help="comma-separated -M modes")
     p.add_argument("--warmup", type=int, default=2, help="seconds of unrecorded warm-up/target")
     p.add_argument("--no-uvloop", action="store_true", help="bare forwarder on stdlib asyncio")
@@ -92,6 +94,25 @@ def start_targets(
                         cluster, workdir / "pgwarden", harness.split_args(args.pgwarden_args)
                     )
                 )
+            elif name == "pgwarden-policy":
+                # config/policy.yaml enforcing, pgbench as the agents' account: every
+                # statement is analysed and judged (pgbench's tables carry no labels, so
+                # nothing is refused).
+                target = stack.enter_context(
+                    harness.pgwarden_target(
+                        cluster, workdir / name,
+                        ["--policy", str(POLICY), "--catalog-user", "postgres"],
+                        name=name, user="support_app",
+                    )
+                )  # fmt: skip
+            elif name == "pgwarden-audit":
+                # Pass-through plus the audit trail: one chained event per statement.
+                target = stack.enter_context(
+                    harness.pgwarden_target(
+                        cluster, workdir / name, ["--audit-db", str(workdir / "audit.db")],
+                        name=name,
+                    )
+                )  # fmt: skip
             else:
                 target = stack.enter_context(
                     harness.bare_target(cluster, workdir / "bare", uvloop=not args.no_uvloop)
@@ -151,6 +172,12 @@ def summarise(
         figures[f"ratio_pgbouncer_vs_direct_{mode}"] = harness.ratio(
             t("pgbouncer", mode), t("direct", mode)
         )
+        figures[f"ratio_policy_vs_passthrough_{mode}"] = harness.ratio(
+            t("pgwarden-policy", mode), t("pgwarden", mode)
+        )
+        figures[f"ratio_audit_vs_noaudit_{mode}"] = harness.ratio(
+            t("pgwarden-audit", mode), t("pgwarden", mode)
+        )
     summary["paired_ratios"] = harness.paired_ratios(
         [(r.target, r.mode, r.round, r.tps) for r in results if not r.error],
         [("pgwarden", "direct"), ("pgwarden", "pgbouncer"), ("bare", "direct"),
@@ -164,6 +191,10 @@ def summarise(
     ]
     measured = [v for v in headline if not math.isnan(v)]
     figures["ratio_vs_pgbouncer"] = min(measured) if len(measured) == 2 else math.nan
+    for name in ("ratio_policy_vs_passthrough", "ratio_audit_vs_noaudit"):
+        both = [figures.get(f"{name}_{m}", math.nan) for m in ("simple", "extended")]
+        if not any(math.isnan(v) for v in both):
+            figures[name] = min(both)
     return figures, summary
 
 
@@ -171,6 +202,8 @@ def last_line(figures: dict[str, float]) -> str:
     """The summary line; it starts with ``ratio_vs_pgbouncer`` as the harness expects."""
     names = [
         "ratio_vs_pgbouncer",
+        "ratio_policy_vs_passthrough",
+        "ratio_audit_vs_noaudit",
         "ratio_pgwarden_vs_direct_simple",
         "ratio_pgwarden_vs_direct_extended",
         "ratio_bare_vs_direct_simple",

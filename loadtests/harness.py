@@ -55,6 +55,7 @@ class Target:
     port: int
     process: subprocess.Popen[bytes] | None = None
     log: Path | None = None
+    user: str = "postgres"  # the role pgbench connects as
 
 
 def pgbench_binary() -> str:
@@ -202,7 +203,11 @@ def pgwarden_serve_available() -> str | None:
 
 @contextlib.contextmanager
 def pgwarden_target(
-    cluster: Cluster, workdir: Path, extra_args: Sequence[str] = ()
+    cluster: Cluster,
+    workdir: Path,
+    extra_args: Sequence[str] = (),
+    name: str = "pgwarden",
+    user: str = "postgres",
 ) -> Iterator[Target]:
     """``pgwarden serve`` in front of ``cluster`` (pass-through unless ``extra_args`` add a
     policy)."""
@@ -226,7 +231,7 @@ def pgwarden_target(
     proc = _spawn(cmd, workdir / "pgwarden.log", "pgwarden", port)
     try:
         _check_healthz(admin)
-        yield Target("pgwarden", "127.0.0.1", port, proc, workdir / "pgwarden.log")
+        yield Target(name, "127.0.0.1", port, proc, workdir / "pgwarden.log", user)
     finally:
         _stop(proc)
 
@@ -366,7 +371,7 @@ def run_pgbench(
     duration: int,
     clients: int,
     jobs: int,
-    user: str = "postgres",
+    user: str | None = None,
     percentiles: bool = False,
 ) -> PgbenchResult:
     """Run pgbench once against ``target`` and parse its summary.
@@ -378,7 +383,7 @@ def run_pgbench(
     logdir = Path(tempfile.mkdtemp(prefix="pgwarden-pgbench-")) if percentiles else None
     cmd = [
         pgbench_binary(), "-n", "-M", mode, "-c", str(clients), "-j", str(jobs),
-        "-T", str(duration), "-h", target.host, "-p", str(target.port), "-U", user,
+        "-T", str(duration), "-h", target.host, "-p", str(target.port), "-U", user or target.user,
         *args,
     ]  # fmt: skip
     if logdir is not None:
@@ -421,13 +426,15 @@ def pgbench_init(cluster: Cluster, database: str, scale: int) -> float:
         capture_output=True, text=True, check=True, timeout=600,
     )  # fmt: skip
     cluster.psql("VACUUM ANALYZE;", database=database)
+    # The agents' account reads them too (the policy-enforcing target runs pgbench as it).
+    cluster.psql("GRANT SELECT ON ALL TABLES IN SCHEMA public TO support_app;", database=database)
     return time.monotonic() - t0
 
 
-def check_target(target: Target, database: str, user: str = "postgres") -> None:
+def check_target(target: Target, database: str, user: str | None = None) -> None:
     """One query through the target, so a broken target fails loudly before measuring."""
     proc = subprocess.run(
-        [psql_binary(), "-X", "-At", "-h", target.host, "-p", str(target.port), "-U", user,
+        [psql_binary(), "-X", "-At", "-h", target.host, "-p", str(target.port), "-U", user or target.user,
          "-d", database, "-c", "SELECT 1"],
         capture_output=True, text=True, env={**os.environ, **CLIENT_ENV}, timeout=30,
     )  # fmt: skip
