@@ -126,6 +126,7 @@ class Tracker:
         self.fifo: deque[Entry] = deque()
         self.prepared: dict[str, Decision | None] = {}
         self.statement_fields: dict[str, tuple[Field, ...]] = {}
+        self.refused: set[str] = set()  # prepared statements replaced by a refusal
         self.portals: dict[str, Portal] = {}
         self.cursor_rows: dict[str, int] = {}
         self.held = b""  # client bytes held back while a watched statement runs
@@ -192,12 +193,24 @@ class Tracker:
                     parts += (raw[fwd:head], substitute.encode())
                     fwd = end
                     out.append(self._block_command(blocked))
-                    decision = None
+                    # Kept (its plan is None, so nothing is watched) so that the Execute of
+                    # the substitute is audited as this refusal, not as an anonymous allow.
+                    decision = blocked
+                    self.refused.add(msg.name)
+                else:
+                    self.refused.discard(msg.name)
                 self.prepared[msg.name] = decision
                 self.statement_fields.pop(msg.name, None)
                 self.fifo.append(Entry(PARSE))
             elif t == _B:
                 bind = Bind.decode(raw[start:end])
+                if bind.statement in self.refused:
+                    # The substitute takes no parameters and returns no columns: the client's
+                    # parameters would make PostgreSQL fail the Bind with a protocol error
+                    # (08P01) instead of running the substitute that raises our refusal.
+                    bind = Bind(bind.portal, bind.statement)
+                    parts += (raw[fwd:head], bind.encode())
+                    fwd = end
                 fields = self.statement_fields.get(bind.statement)
                 if fields is not None:
                     fields = tuple(
@@ -226,6 +239,7 @@ class Tracker:
                 close = Close.decode(raw[start:end])
                 if close.kind == "S":
                     self.prepared.pop(close.name, None)
+                    self.refused.discard(close.name)
                     self.statement_fields.pop(close.name, None)
                 else:
                     self.portals.pop(close.name, None)
