@@ -229,7 +229,7 @@ class Engine:
         if until is not None and until > t and self.policy.quarantine is not None:
             left = int(until - t)
             return refusal(
-                "quarantine", f"{s.key.split(':', 1)[1]} is quarantined after repeated blocks",
+                "quarantine", f"{s.key.split(':', 1)[1]} is quarantined (a canary read or repeated blocks)",
                 Action.QUARANTINE, hint=f"the quarantine ends in {left} s; ask a security admin",
             )  # fmt: skip
 
