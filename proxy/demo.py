@@ -40,7 +40,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-console = Console(highlight=False, width=120)
+console = Console(highlight=False)
 
 CUSTOMERS = 20_000
 SEED = 7

@@ -251,6 +251,21 @@ def test_bulk_shapes_are_refused_whatever_the_client(
         assert conn.execute("SELECT 6").fetchone() == (6,)
 
 
+def test_a_refused_statement_with_parameters_gets_the_refusal_not_a_protocol_error(
+    proxy: ProxyProcess,
+) -> None:
+    # The substitute that raises the refusal takes no parameters: the client's Bind must not
+    # hand it the refused statement's (PostgreSQL would fail the Bind with 08P01 instead).
+    sql = "SELECT json_agg(email) FROM customers WHERE customer_id > %s"
+    with psycopg.connect(dsn(proxy, "support_app"), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="json_agg"):
+            conn.execute(sql, (0,))
+        for _ in range(2):  # a named prepared statement, executed again: refused each time
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="json_agg"):
+                conn.execute(sql, (0,), prepare=True)
+        assert conn.execute("SELECT %s::int", (7,)).fetchone() == (7,)
+
+
 def test_the_dba_is_not_limited(proxy: ProxyProcess) -> None:
     with psycopg.connect(dsn(proxy, "postgres")) as conn:
         assert len(conn.execute("SELECT * FROM customers").fetchall()) == CUSTOMERS
