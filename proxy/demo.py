@@ -649,6 +649,7 @@ class Demo:
             f"sslrootcert={pg.ca_cert}"
         )
         canaries = ", ".join(str(c.customer_id) for c in self.canaries)
+        pgwarden = " ".join(_pgwarden_executable())
         console.print(
             f"""
 Try it by hand (Ctrl-C stops everything):
@@ -664,8 +665,8 @@ Try it by hand (Ctrl-C stops everything):
   [bold]as the DBA[/] (not limited, audited):
     psql '{conn} user=postgres' -c 'SELECT count(*) FROM customers'
   [bold]the audit trail[/] (written as you go):
-    pgwarden audit top --db {db} --since 1h
-    pgwarden audit records-seen --db {db} --ledger-key {key} --end-user alice --table customers
+    {pgwarden} audit top --db {db} --since 1h
+    {pgwarden} audit records-seen --db {db} --ledger-key {key} --end-user alice --table customers
   canary customers (reading one quarantines the reader): {canaries}
   metrics: curl http://127.0.0.1:{self.admin}/metrics""",
             soft_wrap=True,
