@@ -342,7 +342,7 @@ class Engine:
     def _window_used(self, s: Subject, rule: Rule, labels: frozenset[str]) -> int:
         assert rule.window is not None
         used = 0
-        for label in labels:
+        for label in (window_rule_key(rule.id), *labels):
             totals = self.counters.cached_totals(s.key, label, rule.window)
             if totals is not None:
                 used = max(used, totals[1] if rule.max_records is not None else totals[0])
@@ -403,6 +403,11 @@ class Engine:
             canary_rules=tuple(canary_rules),
             window_rules=tuple(window_rules),
         )
+
+
+def window_rule_key(rule_id: str) -> str:
+    """The window-store 'label' under which a window rule counts everything it covers."""
+    return f"rule:{rule_id}"
 
 
 def _human(seconds: float) -> str:

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from policy.engine import ResultPlan, RowLimit
+from policy.engine import ResultPlan, RowLimit, window_rule_key
 from policy.model import Action
 from proxy import commands as cmd
 from proxy.codec import FrameReader
@@ -730,6 +730,17 @@ class Tracker:
                             self.guard.subject.key, label, rows, frozenset(records), windows
                         )
                     )
+            # Per rule as well: a rule over several labels limits distinct records carrying
+            # any of them, or 200 emails, then 200 other customers' phones, then 200 more
+            # names would each pass a per-label count.
+            for r in plan.window_rules:
+                if r.window and any(r.covers_label(label) for label in plan.labels):
+                    out.append(
+                        cmd.RecordUsage(
+                            self.guard.subject.key, window_rule_key(r.id), rows,
+                            frozenset(records), (r.window,),
+                        )
+                    )  # fmt: skip
         out.append(
             cmd.StatementDone(
                 facts=decision.facts if decision is not None else None,

@@ -290,6 +290,21 @@ def test_paging_with_offset_adds_up_to_the_hourly_limit_per_end_user(proxy: Prox
         assert len(conn.execute(page.format(who="alice", off=0)).fetchall()) == 20
 
 
+def test_the_hourly_budget_counts_customers_across_labels(proxy: ProxyProcess) -> None:
+    # 200 customers' emails, then other customers' phones: the rule covers pii.*, so the
+    # second read is over the same budget, not a fresh one per label.
+    sql = (
+        "/* end_user='oscar' */ SELECT customer_id, {col} FROM customers "
+        "WHERE customer_id BETWEEN {lo} AND {hi}"
+    )
+    with psycopg.connect(dsn(proxy, "support_app"), autocommit=True) as conn:
+        for lo in range(1, 201, 20):
+            rows = conn.execute(sql.format(col="email", lo=lo, hi=lo + 19)).fetchall()
+            assert len(rows) == 20
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="agent-hourly-records"):
+            conn.execute(sql.format(col="phone", lo=201, hi=210)).fetchall()
+
+
 def test_re_reading_the_same_customers_does_not_use_up_the_budget(proxy: ProxyProcess) -> None:
     sql = "SET pgwarden.end_user = 'bob'"
     with psycopg.connect(dsn(proxy, "support_app"), autocommit=True) as conn:
