@@ -130,17 +130,21 @@ def _catch(outcome: Outcome, fn: Callable[[], None]) -> Outcome:
 
 
 class Agent:
-    """One person working through the helpdesk account (db user ``support_app``): every
-    statement names them in a sqlcommenter comment, as the support tool would."""
+    """One person working through the helpdesk account (db user ``support_app``), named as
+    the support tool would name them: in a sqlcommenter comment on every statement, or once
+    per connection with ``SET pgwarden.end_user``."""
 
-    def __init__(self, dsn: str, name: str) -> None:
+    def __init__(self, dsn: str, name: str, by_set: bool = False) -> None:
         import psycopg
 
         self.name = name
+        self.by_set = by_set
         self.conn = psycopg.connect(dsn, autocommit=True)
+        if by_set:
+            self.conn.execute(f"SET pgwarden.end_user = '{name}'")
 
     def sql(self, text: str) -> str:
-        return f"{text} /* end_user='{self.name}' */"
+        return text if self.by_set else f"{text} /* end_user='{self.name}' */"
 
     def read(self, text: str, params: Any = None, id_col: int | None = 0) -> Outcome:
         """Run a query in single-row mode, counting every row as it arrives: a result cut
@@ -242,8 +246,8 @@ class Demo:
             )
         )
 
-    def agent(self, name: str) -> Agent:
-        return Agent(self.dsn("support_app"), name)
+    def agent(self, name: str, by_set: bool = False) -> Agent:
+        return Agent(self.dsn("support_app"), name, by_set)
 
     # --- act 1: every client works -------------------------------------------------------------
 
@@ -361,7 +365,7 @@ class Demo:
         statements = blocked = customers = 0
         problems: list[str] = []
         for name, (agent_id, tickets) in zip(people, sorted(by_agent.items()), strict=False):
-            a = self.agent(name)
+            a = self.agent(name, by_set=name in ("bob", "dave"))
             try:
                 work: list[tuple[str, Any]] = [
                     ("SELECT ticket_number, subject, status, priority FROM tickets "
@@ -403,7 +407,9 @@ class Demo:
         console.print(
             f"{_mark(ok)} {', '.join(people)}: {statements} statements (their open tickets, the "
             f"customer of each ticket by ticket number, the messages, a status update) — "
-            f"{customers} customer lookups, [bold]{blocked} blocked[/]"
+            f"{customers} customer lookups, [bold]{blocked} blocked[/]. [dim](alice and carol are "
+            "named in a sqlcommenter comment on each statement, bob and dave by SET "
+            "pgwarden.end_user.)[/]"
         )
         if problems:
             raise DemoFailed("act 2 (normal work): refused: " + "; ".join(problems))
@@ -591,7 +597,7 @@ class Demo:
         console.print(top)
 
         table = _table("end user", "records-seen (ledger)", "their clients received", "")
-        for who in ("mallory", "trudy", "eve"):
+        for who in ("mallory", "trudy", "eve", "alice"):
             out_csv = self.workdir / f"{who}-customers.csv"
             res = self._audit_json(
                 "records-seen", *db, "--ledger-key", str(self.workdir / "ledger.key"),
