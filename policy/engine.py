@@ -274,7 +274,7 @@ class Engine:
         if until is not None and until > t and self.policy.quarantine is not None:
             left = int(until - t)
             return refusal(
-                "quarantine", f"{s.key.split(':', 1)[1]} is quarantined after repeated blocks",
+                "quarantine", f"{s.key.split(':', 1)[1]} is quarantined (a canary read or repeated blocks)",
                 Action.QUARANTINE, hint=f"the quarantine ends in {left} s; ask a security admin",
             )  # fmt: skip
 
@@ -399,7 +399,7 @@ class Engine:
         assert rule.window is not None
         self._uses_counters = True
         used = 0
-        for label in labels:
+        for label in (window_rule_key(rule.id), *labels):
             totals = self.counters.cached_totals(s.key, label, rule.window)
             if totals is not None:
                 used = max(used, totals[1] if rule.max_records is not None else totals[0])
@@ -471,6 +471,11 @@ class Engine:
             window_rules=tuple(window_rules),
             need_to_know=tuple(know),
         )
+
+
+def window_rule_key(rule_id: str) -> str:
+    """The window-store 'label' under which a window rule counts everything it covers."""
+    return f"rule:{rule_id}"
 
 
 def _human(seconds: float) -> str:

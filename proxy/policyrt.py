@@ -377,7 +377,14 @@ class PolicyRuntime:
                 action=c.action,
                 message=c.message,
             )
-            await self._maybe_quarantine(c.subject, c.action == Action.QUARANTINE.value, log_)
+            # Responders and alert channels hear of every refusal, not only of quarantines.
+            self.alert("block", f"{_who(c.subject)}: {c.message}", "warning", c.subject, c.rule_id)
+            if c.rule_id != "quarantine":
+                # A refusal because the subject is already quarantined is no new offence:
+                # counting it would re-quarantine (and re-alert) on every statement.
+                await self._maybe_quarantine(
+                    c.subject, c.action == Action.QUARANTINE.value, log_, f"rule {c.rule_id}"
+                )
         elif isinstance(c, cmd.PolicyAlert):
             self.stats.policy_alerts += 1
             log_.warning(
@@ -396,10 +403,16 @@ class PolicyRuntime:
                 action=c.action,
                 monitor=c.monitored,
             )
+            self.alert(
+                "canary", f"{_who(c.subject)} read a canary record (rule {c.rule_id})",
+                "critical", c.subject, c.rule_id,
+            )  # fmt: skip
             if not c.monitored and c.action == Action.QUARANTINE.value:
-                await self._maybe_quarantine(c.subject, True, log_)
+                await self._maybe_quarantine(c.subject, True, log_, "a canary read")
 
-    async def _maybe_quarantine(self, subject: str, now_: bool, log_: Any) -> None:
+    async def _maybe_quarantine(
+        self, subject: str, now_: bool, log_: Any, cause: str = "a block"
+    ) -> None:
         q = self.policy.quarantine
         if q is None:
             return
@@ -410,8 +423,9 @@ class PolicyRuntime:
                 await self.store.quarantine(subject, until)
                 self.counters.quarantined[subject] = until
                 log_.error("subject_quarantined", subject=subject, blocks=blocks, until=until)
+                why = cause if now_ else f"{blocks} blocks in {int(q.window)} s"
                 self.alert(
-                    "quarantine", f"{subject} quarantined for {int(q.duration)} s after {blocks} blocks",
+                    "quarantine", f"{_who(subject)} quarantined for {int(q.duration)} s after {why}",
                     "critical", subject, "quarantine",
                 )  # fmt: skip
         except StoreUnavailable as exc:
@@ -451,3 +465,8 @@ class PolicyRuntime:
         await self.store.close()
         if self.trail is not None:
             await self.trail.close()
+
+
+def _who(subject_key: str) -> str:
+    """'end_user:alice' -> 'alice', 'user:bob' -> 'bob' (the key window counters use)."""
+    return subject_key.split(":", 1)[-1]

@@ -236,6 +236,7 @@ class ClientConnection(asyncio.Protocol):
         self.log: Any = log
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._cancelling = False  # a CancelRequest is being forwarded; close after it
         self._linger: asyncio.TimerHandle | None = None
 
     # --- asyncio.Protocol ------------------------------------------------------------------
@@ -308,7 +309,8 @@ class ClientConnection(asyncio.Protocol):
                 if self.transport is not None and not self._closed:
                     self.transport.write(c.data)
             elif type(c) is cmd.CloseClient:
-                self._close_client()
+                if not self._cancelling:
+                    self._close_client()
             elif type(c) is cmd.CloseServer:
                 if self.upstream is not None:
                     self.upstream.close()
@@ -317,7 +319,8 @@ class ClientConnection(asyncio.Protocol):
             elif type(c) is cmd.StartClientTLS:
                 self._start_tls()
             elif type(c) is cmd.ForwardCancel:
-                self._spawn(self.proxy.forward_cancel(c.pid, c.secret))
+                self._cancelling = True
+                self._spawn(self._forward_cancel(c.pid, c.secret))
             elif type(c) is cmd.CancelUpstream:
                 self._spawn(self.cancel_upstream())
             elif type(c) is cmd.StatementDone:
@@ -414,6 +417,16 @@ class ClientConnection(asyncio.Protocol):
             self._linger.cancel()
         if self.transport is not None:
             self.transport.close()
+
+    async def _forward_cancel(self, pid: int, secret: bytes) -> None:
+        # libpq's PQcancel returns when the server closes the cancel connection, which
+        # PostgreSQL does only after signalling the backend.  Clients rely on that: once it
+        # returns, the cancel cannot hit their next statement.  So the client's connection
+        # is closed only once the cancel has reached PostgreSQL (or failed to).
+        try:
+            await self.proxy.forward_cancel(pid, secret)
+        finally:
+            self._close_client()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from policy.engine import KnowCheck, ResultPlan, RowLimit
+from policy.engine import KnowCheck, ResultPlan, RowLimit, window_rule_key
 from policy.facts import SourceColumn
 from policy.model import Action
 from proxy import commands as cmd
@@ -131,6 +131,7 @@ class Tracker:
         self.fifo: deque[Entry] = deque()
         self.prepared: dict[str, Decision | None] = {}
         self.statement_fields: dict[str, bytes] = {}
+        self.refused: set[str] = set()  # prepared statements replaced by a refusal
         self.portals: dict[str, Portal] = {}
         self.cursor_rows: dict[str, int] = {}
         self.held = b""  # client bytes held back while a watched statement runs
@@ -207,12 +208,24 @@ class Tracker:
                     parts += (raw[fwd:head], substitute.encode())
                     fwd = end
                     out.append(self._block_command(blocked))
-                    decision = None
+                    # Kept (its plan is None, so nothing is watched) so that the Execute of
+                    # the substitute is audited as this refusal, not as an anonymous allow.
+                    decision = blocked
+                    self.refused.add(name)
+                else:
+                    self.refused.discard(name)
                 self.prepared[name] = decision
                 self.statement_fields.pop(name, None)
                 self.fifo.append(Entry(PARSE))
             elif t == _B:
                 portal_name, statement, formats = bind_head(raw[start:end])
+                if statement in self.refused:
+                    # The substitute takes no parameters and returns no columns: the client's
+                    # parameters would make PostgreSQL fail the Bind with a protocol error
+                    # (08P01) instead of running the substitute that raises our refusal.
+                    parts += (raw[fwd:head], Bind(portal_name, statement).encode())
+                    fwd = end
+                    formats = ()
                 self.portals[portal_name] = Portal(
                     self.prepared.get(statement), self.statement_fields.get(statement), formats
                 )
@@ -238,6 +251,7 @@ class Tracker:
                 kind, name = target_head(raw[start:end])
                 if kind == "S":
                     self.prepared.pop(name, None)
+                    self.refused.discard(name)
                     self.statement_fields.pop(name, None)
                 else:
                     self.portals.pop(name, None)
@@ -299,7 +313,7 @@ class Tracker:
             if self.guard.shared_counts:
                 for limit in plan.limits:
                     if limit.window is not None:
-                        for label in limit.labels:
+                        for label in (*limit.labels, window_rule_key(limit.rule_id)):
                             wanted.setdefault(label, set()).add(limit.window)
             for check in plan.need_to_know:
                 if self.guard.allowed_keys(check.rule_id) is None:
@@ -818,6 +832,18 @@ class Tracker:
                             self.guard.subject.key, label, rows, frozenset(records), windows
                         )
                     )
+            # Per rule as well: a rule over several labels limits distinct records carrying
+            # any of them, or 200 emails, then 200 other customers' phones, then 200 more
+            # names would each pass a per-label count.
+            for r in plan.window_rules:
+                if r.window and any(r.covers_label(label) for label in plan.labels):
+                    self.pending_counts += 1
+                    out.append(
+                        cmd.RecordUsage(
+                            self.guard.subject.key, window_rule_key(r.id), rows,
+                            frozenset(records), (r.window,),
+                        )
+                    )  # fmt: skip
         if not (self.ledger or (decision is not None and decision.facts.is_ddl)):
             return out  # nobody consumes the event (no audit trail, catalog unchanged)
         out.append(

@@ -105,6 +105,29 @@ def test_every_statement_is_recorded_without_its_literals(
         assert secret not in everything  # the trail is not a second copy of the data
 
 
+def test_refusals_and_canary_reads_are_recorded_and_alerted(
+    audited: tuple[ProxyProcess, Path],
+) -> None:
+    p, db = audited
+    with psycopg.connect(dsn(p, "support_app"), autocommit=True) as conn:
+        # Extended protocol with a parameter: audited as the refusal, not as an allow.
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(
+                "/* end_user='mallory' */ SELECT json_agg(email) FROM customers "
+                "WHERE customer_id > %s",
+                (0,),
+            )
+    p.stop()
+    rows = events(db)
+    (refused,) = [r for r in rows if r["kind"] == "statement" and r["end_user"] == "mallory"]
+    assert refused["verdict"] == "block" and refused["sqlstate"] == "42501"
+    assert json.loads(refused["rule_ids"]) == ["agent-statement-shapes"]
+    assert "json_agg" in refused["statement"]
+    alerts = [r for r in rows if r["kind"] == "alert"]
+    assert [a["verdict"] for a in alerts] == ["block"]
+    assert alerts[0]["message"].startswith("mallory: pgwarden: blocked by rule")
+
+
 def test_records_seen_is_exactly_what_each_person_received(
     audited: tuple[ProxyProcess, Path], keys: tuple[Path, Path]
 ) -> None:

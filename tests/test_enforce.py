@@ -251,6 +251,21 @@ def test_bulk_shapes_are_refused_whatever_the_client(
         assert conn.execute("SELECT 6").fetchone() == (6,)
 
 
+def test_a_refused_statement_with_parameters_gets_the_refusal_not_a_protocol_error(
+    proxy: ProxyProcess,
+) -> None:
+    # The substitute that raises the refusal takes no parameters: the client's Bind must not
+    # hand it the refused statement's (PostgreSQL would fail the Bind with 08P01 instead).
+    sql = "SELECT json_agg(email) FROM customers WHERE customer_id > %s"
+    with psycopg.connect(dsn(proxy, "support_app"), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="json_agg"):
+            conn.execute(sql, (0,))
+        for _ in range(2):  # a named prepared statement, executed again: refused each time
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="json_agg"):
+                conn.execute(sql, (0,), prepare=True)
+        assert conn.execute("SELECT %s::int", (7,)).fetchone() == (7,)
+
+
 def test_the_dba_is_not_limited(proxy: ProxyProcess) -> None:
     with psycopg.connect(dsn(proxy, "postgres")) as conn:
         assert len(conn.execute("SELECT * FROM customers").fetchall()) == CUSTOMERS
@@ -273,6 +288,21 @@ def test_paging_with_offset_adds_up_to_the_hourly_limit_per_end_user(proxy: Prox
         assert "agent-hourly-records" in str(err.value)
         # Another agent behind the same application account has their own budget.
         assert len(conn.execute(page.format(who="alice", off=0)).fetchall()) == 20
+
+
+def test_the_hourly_budget_counts_customers_across_labels(proxy: ProxyProcess) -> None:
+    # 200 customers' emails, then other customers' phones: the rule covers pii.*, so the
+    # second read is over the same budget, not a fresh one per label.
+    sql = (
+        "/* end_user='oscar' */ SELECT customer_id, {col} FROM customers "
+        "WHERE customer_id BETWEEN {lo} AND {hi}"
+    )
+    with psycopg.connect(dsn(proxy, "support_app"), autocommit=True) as conn:
+        for lo in range(1, 201, 20):
+            rows = conn.execute(sql.format(col="email", lo=lo, hi=lo + 19)).fetchall()
+            assert len(rows) == 20
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="agent-hourly-records"):
+            conn.execute(sql.format(col="phone", lo=201, hi=210)).fetchall()
 
 
 def test_re_reading_the_same_customers_does_not_use_up_the_budget(proxy: ProxyProcess) -> None:

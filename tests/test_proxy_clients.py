@@ -395,6 +395,21 @@ def test_psycopg_cancel_through_proxy(proxy: ProxyProcess, pg: Cluster, method: 
         assert conn.execute("select 'usable'").fetchone() == ("usable",)
 
 
+@pytest.mark.parametrize("method", ["cancel", "cancel_safe"])
+def test_a_cancel_is_done_when_the_client_sees_it_done(proxy: ProxyProcess, method: str) -> None:
+    # libpq's cancel returns once the server closes the cancel connection, which PostgreSQL
+    # does after signalling the backend.  If pgwarden closed it first and forwarded later, a
+    # cancel sent as a statement was ending (psycopg's stream() does that on an error) would
+    # land on the client's next statement instead.
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        for _ in range(5):
+            getattr(conn, method)()
+            assert conn.execute("select pg_sleep(0.05), 'not cancelled'").fetchone() == (
+                "",
+                "not cancelled",
+            )
+
+
 def test_asyncpg_timeout_cancels_through_proxy(proxy: ProxyProcess, pg: Cluster) -> None:
     async def run() -> None:
         conn = await asyncpg.connect(
