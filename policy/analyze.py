@@ -102,6 +102,10 @@ class Analyzer:
         self._rules = label_rules or LabelRules()
         self._cache_size = cache_size
         self._cache: OrderedDict[tuple[Any, ...], tuple[QueryFacts, ...]] = OrderedDict()
+        # Facts by statement *shape* (literals blanked), for applications that inline values
+        # (simple protocol): only for shapes whose facts cannot depend on a literal.
+        self._shapes: dict[tuple[Any, ...], tuple[QueryFacts, ...]] = {}
+        self.shape_hits = 0
         self._source: CatalogSnapshot | None = None
         self._shared: Shared | None = None
         self._taint: dict[tuple[str, str], frozenset[str]] = {}
@@ -123,6 +127,7 @@ class Analyzer:
             self._shared = shared
             self._source = snap
             self._cache.clear()
+            self._shapes.clear()
         return shared
 
     @property
@@ -167,6 +172,7 @@ class Analyzer:
 
     def cache_clear(self) -> None:
         self._cache.clear()
+        self._shapes.clear()
 
     def analyze(
         self,
@@ -197,6 +203,12 @@ class Analyzer:
             self.hits += 1
             return hit
         self.misses += 1
+        shape = shape_key(sql)
+        if shape is not None:
+            reused = self._shapes.get((search_path, user, shape))
+            if reused is not None:
+                self.shape_hits += 1
+                return reused
         try:
             result = analyze_text(sql, search_path, user, shared)
         except Exception as exc:  # a bug here must not take the session down
@@ -221,6 +233,13 @@ class Analyzer:
             cache[key] = result
             if len(cache) > self._cache_size:
                 cache.popitem(last=False)
+            if shape is not None and shape_reusable(result):
+                shapes = self._shapes
+                shapes[(search_path, user, shape)] = tuple(
+                    replace(f, limit=None, offset=None, fetch_count=None) for f in result
+                )
+                if len(shapes) > self._cache_size:
+                    shapes.pop(next(iter(shapes)))
         return result
 
     @property
@@ -660,3 +679,57 @@ def _after_keyword(text: str, keyword: str) -> str | None:
         elif depth == 0 and t.name == keyword:
             return text[t.end + 1 :].strip().rstrip(";").strip()
     return None
+
+
+# --- statement shapes -------------------------------------------------------------------------
+#
+# Applications that inline values (``WHERE aid = 48121``) send a new text for every statement,
+# and analysing each from scratch costs ~100 us.  Two texts that differ only inside literals
+# have the same lineage, unless a literal *names* something: SQL in query_to_xml('...'), a
+# setting in set_config('search_path', ...), a file, a sequence.  So a shape is shared only
+#
+# * when the text is lexically plain: no comments, no dollar quoting or parameters, no
+#   backslashes (no escape-string rules), a single statement; anything else is analysed in
+#   full, so no lexing subtlety can make two different statements look alike; and
+# * when the facts are of a plain query (SELECT/INSERT/UPDATE/DELETE), fully analysed,
+#   changing no setting, calling only functions from an allowlist of value functions.
+#
+# The blanked key keeps everything but the contents of '...' literals and numbers verbatim,
+# double-quoted identifiers included.
+
+_SHAPE_TOKEN = re.compile(
+    r"""'(?:[^']|'')*'|"(?:[^"]|"")*"|(?<![\w$"])\d+(?:\.\d+)?(?:[eE][+-]?\d+)?"""
+)
+_SHAPE_UNSAFE = re.compile(r"/\*|--|\$|\\|;.*\S", re.DOTALL)
+_SHAPE_KINDS = frozenset({"select", "insert", "update", "delete"})
+SHAPE_SAFE_FUNCTIONS = frozenset({
+    "count", "sum", "avg", "min", "max", "lower", "upper", "coalesce", "nullif", "greatest",
+    "least", "length", "char_length", "trim", "btrim", "ltrim", "rtrim", "substr", "substring",
+    "left", "right", "concat", "concat_ws", "replace", "abs", "round", "floor", "ceil",
+    "now", "current_date", "current_timestamp", "date_trunc", "date_part", "extract", "age",
+    "to_char", "to_date", "to_timestamp", "position", "strpos", "split_part", "initcap",
+    "bool_and", "bool_or", "every", "row_number", "rank", "dense_rank", "random",
+})  # fmt: skip
+
+
+def shape_key(sql: str) -> str | None:
+    """The text with literal contents blanked, or None when the text is not plain enough."""
+    if len(sql) > 8192 or _SHAPE_UNSAFE.search(sql) or sql.count("'") % 2 or sql.count('"') % 2:
+        return None
+    return _SHAPE_TOKEN.sub(lambda m: m.group(0) if m.group(0)[0] == '"' else "?", sql)
+
+
+def shape_reusable(facts: tuple[QueryFacts, ...]) -> bool:
+    """Whether these facts hold for every text of the same shape (see above)."""
+    if len(facts) != 1:
+        return False
+    f = facts[0]
+    return (
+        f.kind in _SHAPE_KINDS
+        and f.unanalysable is None
+        and f.search_path is None
+        and not f.is_ddl
+        and not f.copies
+        and not f.user_functions
+        and all(fn.rsplit(".", 1)[-1] in SHAPE_SAFE_FUNCTIONS for fn in f.functions)
+    )

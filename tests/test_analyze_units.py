@@ -213,11 +213,11 @@ def test_cache_hits_and_keys_include_search_path(analyzer: Analyzer) -> None:
 def test_cache_is_bounded() -> None:
     a = Analyzer(SNAPSHOT, cache_size=3)
     for i in range(10):
-        a.analyze(f"SELECT {i}")
-    assert len(a._cache) == 3
-    a.analyze("SELECT 9")
+        a.analyze(f"SELECT {i} AS c{i}")  # distinct shapes too (the alias differs)
+    assert len(a._cache) == 3 and len(a._shapes) == 3
+    a.analyze("SELECT 9 AS c9")
     assert a.hits == 1
-    a.analyze("SELECT 0")
+    a.analyze("SELECT 0 AS c0")
     assert a.misses == 11
 
 
@@ -526,3 +526,48 @@ def test_cursor_and_prepared_statements_carry_their_querys_where_and_limit() -> 
     assert fetch.has_where and fetch.output_labels == declare.output_labels
     (prep,) = s.analyze("PREPARE p AS SELECT email FROM customers")
     assert not prep.has_where and not prep.has_limit
+
+
+def _shape_analyzer() -> Analyzer:
+    return Analyzer(snapshot_from_sql(schema_sql()))
+
+
+def test_texts_differing_only_in_literals_share_their_analysis() -> None:
+    a = _shape_analyzer()
+    (f1,) = a.analyze("SELECT email FROM customers WHERE customer_id = 42", ("public",))
+    (f2,) = a.analyze("SELECT email FROM customers WHERE customer_id = 4711", ("public",))
+    assert a.shape_hits == 1
+    assert f2.output_labels == f1.output_labels == {"pii.email"}
+    assert f2.normalized == f1.normalized
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        # A literal that is SQL: the second must be analysed on its own.
+        ("SELECT query_to_xml('SELECT 1', true, true, '')",
+         "SELECT query_to_xml('SELECT email FROM customers', true, true, '')"),
+        ("SELECT set_config('search_path', 'public', false)",
+         "SELECT set_config('search_path', 'shadow', false)"),
+        # Not lexically plain: comments, dollar quotes, several statements.
+        ("SELECT 1 /* x */, email FROM customers WHERE customer_id = 1",
+         "SELECT 2 /* x */, email FROM customers WHERE customer_id = 1"),
+        ("SELECT $$a$$, email FROM customers WHERE customer_id = 1",
+         "SELECT $$b$$, email FROM customers WHERE customer_id = 1"),
+        ("SELECT 1; SELECT email FROM customers WHERE customer_id = 1",
+         "SELECT 2; SELECT email FROM customers WHERE customer_id = 1"),
+    ],
+)  # fmt: skip
+def test_shapes_are_not_shared_where_a_literal_could_matter(first: str, second: str) -> None:
+    a = _shape_analyzer()
+    a.analyze(first, ("public",))
+    a.analyze(second, ("public",))
+    assert a.shape_hits == 0
+
+
+def test_a_quote_inside_an_identifier_cannot_hide_a_different_statement() -> None:
+    a = _shape_analyzer()
+    a.analyze("""SELECT "x'" FROM products WHERE name = 'a' """.strip(), ("public",))
+    (f,) = a.analyze("""SELECT "x'" FROM customers WHERE email = 'a' """.strip(), ("public",))
+    assert a.shape_hits == 0
+    assert "public.customers" in f.relations_read
