@@ -61,9 +61,14 @@ class Decision:
 
     @property
     def limited(self) -> bool:
-        """True when the result must be watched row by row (limits, masks, canaries)."""
+        """True when the result may be cut off part-way (row or byte limits, a refusing
+        need-to-know rule, a mask that refuses binary results): what the client sent after
+        it is then held back until it has finished.  Canaries and withholding never cut, so
+        they cost no such wait."""
         plan = self.verdict.plan
-        return plan is not None and bool(plan.limits or plan.needs_rows)
+        if plan is None:
+            return False
+        return bool(plan.limits or plan.mask or any(not k.withhold for k in plan.need_to_know))
 
 
 @dataclass(slots=True)
