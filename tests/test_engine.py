@@ -1,0 +1,136 @@
+"""Verdicts as a table: (who, statement) -> what the engine decides, for the shipped policy."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from loadtests.cluster import schema_sql
+from policy.analyze import Analyzer
+from policy.engine import Engine, Subject, Verdict
+from policy.model import Action, load_policy_text
+from policy.schema_sql import snapshot_from_sql
+from policy.state import MemoryWindowStore
+from proxy.policyrt import _Counters
+
+POLICY_TEXT = (Path(__file__).resolve().parent.parent / "config" / "policy.yaml").read_text()
+SNAPSHOT = snapshot_from_sql(schema_sql())
+
+AGENT = Subject("support_app", "support", "helpdesk", "10.1.2.3", "alice")
+ANALYST = Subject("analyst", "support", "bi", "10.1.2.4")
+DBA = Subject("postgres", "support", "psql", "10.1.2.5")
+
+
+def decide(engine: Engine, who: Subject, sql: str, now: float | None = None) -> Verdict:
+    # A fresh analyser each time: an analysed copy of labelled data into a table labels that
+    # table from then on, which would leak between the rows of the table.
+    analyzer = Analyzer(SNAPSHOT, engine.policy.label_rules())
+    (facts,) = analyzer.analyze(sql, ("public",), who.user)
+    return engine.decide(who, facts, now)
+
+
+def limits(v: Verdict) -> dict[str, int | None]:
+    assert v.plan is not None
+    return {lim.rule_id: lim.max_rows for lim in v.plan.limits}
+
+
+TABLE = [
+    # who, statement, expected action, deciding rule (None: allowed)
+    (AGENT, "SELECT c.email FROM tickets t JOIN customers c USING (customer_id) WHERE t.ticket_number = 'TM-1'", Action.ALLOW, None),
+    (AGENT, "SELECT status, count(*) FROM tickets GROUP BY status", Action.ALLOW, None),
+    (AGENT, "SELECT * FROM customers WHERE customer_id = 1", Action.BLOCK, "agent-statement-shapes"),
+    (AGENT, "SELECT c FROM customers c WHERE customer_id = 1", Action.BLOCK, "agent-statement-shapes"),
+    (AGENT, "SELECT lower(email) FROM customers", Action.BLOCK, "agent-statement-shapes"),
+    (AGENT, "SELECT string_agg(phone, ',') FROM customers WHERE tier = 'vip'", Action.BLOCK, "agent-statement-shapes"),
+    (AGENT, "COPY customers TO STDOUT", Action.BLOCK, "agent-statement-shapes"),
+    (AGENT, "INSERT INTO products SELECT customer_id::int, email, 'x' FROM customers WHERE customer_id < 9", Action.BLOCK, "agent-statement-shapes"),
+    (AGENT, "SELECT pg_read_file('/etc/passwd')", Action.BLOCK, "agent-statement-shapes"),
+    (AGENT, "DO $$ BEGIN PERFORM 1; END $$", Action.BLOCK, "agent-statement-shapes"),
+    (AGENT, "SELECT name FROM products", Action.ALLOW, None),
+    (ANALYST, "SELECT * FROM customers", Action.ALLOW, None),
+    (ANALYST, "CREATE TABLE x AS SELECT email FROM customers", Action.BLOCK, "analytics-no-export"),
+    (DBA, "SELECT * FROM customers", Action.ALLOW, None),
+    (DBA, "COPY customers TO STDOUT", Action.ALLOW, None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("who", "sql", "action", "rule"), TABLE, ids=[f"{w.user}:{s[:40]}" for w, s, _, _ in TABLE]
+)
+def test_verdicts(who: Subject, sql: str, action: Action, rule: str | None) -> None:
+    v = decide(Engine(load_policy_text(POLICY_TEXT)), who, sql)
+    assert (v.action, v.rule_id) == (action, rule), v.message
+
+
+def test_agent_reads_run_under_the_statement_and_window_limits() -> None:
+    v = decide(
+        Engine(load_policy_text(POLICY_TEXT)),
+        AGENT,
+        "SELECT email FROM customers WHERE tier = 'vip'",
+    )
+    assert limits(v) == {
+        "agent-statement-rows": 20,
+        "agent-hourly-records": 200,
+        "agent-daily-records": 1000,
+    }
+
+
+def test_analytics_gets_masks_not_limits() -> None:
+    v = decide(
+        Engine(load_policy_text(POLICY_TEXT)), ANALYST, "SELECT email, phone, tier FROM customers"
+    )
+    assert v.plan is not None and v.plan.mask == {"pii.email": "partial", "pii.phone": "partial"}
+
+
+def test_monitor_mode_reports_what_it_would_have_blocked() -> None:
+    policy = yaml.safe_load(POLICY_TEXT)
+    policy["mode"] = "monitor"
+    v = decide(Engine(load_policy_text(yaml.safe_dump(policy))), AGENT, "SELECT * FROM customers")
+    assert v.action is Action.ALLOW
+    assert [(f.rule_id, f.monitored) for f in v.findings] == [("agent-statement-shapes", True)]
+
+
+def test_a_used_up_window_refuses_before_execution_and_the_remainder_caps_the_next_read() -> None:
+    store = MemoryWindowStore()
+    engine = Engine(load_policy_text(POLICY_TEXT), _Counters(store))
+    now = time.time()
+    asyncio.run(
+        store.record(
+            AGENT.key,
+            "rule:agent-hourly-records",
+            150,
+            [f"k{i}" for i in range(150)],
+            [3600.0],
+            now,
+        )
+    )
+    v = decide(engine, AGENT, "SELECT email FROM customers WHERE tier = 'vip'", now)
+    assert limits(v)["agent-hourly-records"] == 50
+    asyncio.run(
+        store.record(
+            AGENT.key, "rule:agent-hourly-records", 50, [f"j{i}" for i in range(50)], [3600.0], now
+        )
+    )
+    v = decide(engine, AGENT, "SELECT email FROM customers WHERE tier = 'vip'", now)
+    assert (v.action, v.rule_id) == (Action.BLOCK, "agent-hourly-records")
+    assert "200 records" in v.message
+    # Another agent behind the same account has their own window.
+    other = Subject("support_app", "support", "helpdesk", "10.1.2.3", "bob")
+    assert (
+        decide(engine, other, "SELECT email FROM customers WHERE tier = 'vip'", now).action
+        is Action.ALLOW
+    )
+
+
+def test_quarantine_refuses_everything_until_it_ends() -> None:
+    counters = _Counters(MemoryWindowStore())
+    engine = Engine(load_policy_text(POLICY_TEXT), counters)
+    now = time.time()
+    counters.quarantined[AGENT.key] = now + 60
+    v = decide(engine, AGENT, "SELECT name FROM products", now)
+    assert (v.action, v.rule_id) == (Action.QUARANTINE, "quarantine")
+    assert decide(engine, AGENT, "SELECT name FROM products", now + 61).action is Action.ALLOW
