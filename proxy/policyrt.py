@@ -34,6 +34,15 @@ from proxy.session import Subject as SessionSubject
 
 log = structlog.get_logger("pgwarden.policy")
 
+_ROLES_SQL = """
+WITH RECURSIVE m(oid) AS (
+    SELECT oid FROM pg_roles WHERE rolname = $1
+    UNION
+    SELECT am.roleid FROM pg_auth_members am JOIN m ON am.member = m.oid
+)
+SELECT r.rolname FROM pg_roles r JOIN m USING (oid)
+"""
+
 
 class _Counters:
     """The engine's synchronous view of the window store (see ``policy.engine.CountersView``)."""
@@ -81,6 +90,7 @@ class PolicyRuntime:
         self._probe: asyncio.Task[None] | None = None
         self._allowed: dict[tuple[str, str, str], tuple[float, frozenset[bytes]]] = {}
         self._lookup_conns: dict[str, Any] = {}
+        self._roles: dict[tuple[str, str], tuple[float, frozenset[str]]] = {}
         self._install(policy)
 
     def _install(self, policy: Policy) -> None:
@@ -231,6 +241,30 @@ class PolicyRuntime:
         self._allowed[key] = answer
         return answer
 
+    async def roles_of(self, database: str, user: str) -> frozenset[str]:
+        """The roles ``user`` is a member of, directly or through other roles (cached a
+        minute), for subjects that match on role membership."""
+        if not any(m.roles is not None for m in self.policy.subjects.values()):
+            return frozenset()
+        now = time.monotonic()
+        hit = self._roles.get((database, user))
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        try:
+            conn = self._lookup_conns.get(database)
+            if conn is None or conn.is_closed():
+                conn = await self._connect(database, "pgwarden-need-to-know")
+                self._lookup_conns[database] = conn
+            rows = await conn.fetch(_ROLES_SQL, user)
+        except Exception as exc:
+            # Fail closed in the sense that matters: a subject defined by role membership
+            # that cannot be confirmed is not granted (nor exempted from) anything by it.
+            log.error("role_lookup_failed", user=user, error=str(exc))
+            return frozenset()
+        roles = frozenset(r[0] for r in rows)
+        self._roles[(database, user)] = (now + 60.0, roles)
+        return roles
+
     def invalidate(self, database: str) -> None:
         catalog = self.catalogs.get(database)
         if catalog is not None:
@@ -260,7 +294,7 @@ class PolicyRuntime:
         if analyzer is None:
             analyzer = Analyzer(catalog, self.label_rules)
             self.analyzers[s.database] = analyzer
-        subject = Subject(s.user, s.database, s.application_name, s.client_addr, None, frozenset())
+        subject = Subject(s.user, s.database, s.application_name, s.client_addr, None, s.roles)
         if self.trail is None and not self._may_apply(subject):
             # Nothing to enforce and nothing to record: the session is relayed untouched.
             return None

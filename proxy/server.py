@@ -506,6 +506,8 @@ class ClientConnection(asyncio.Protocol):
                     )
                 )
                 return
+            subject = self.session.subject
+            subject.roles = await runtime.roles_of(subject.database, subject.user)
         ssl_object = transport.get_extra_info("ssl_object")
         same_cert = False
         if ssl_object is not None and self.proxy.client_cert_der is not None:

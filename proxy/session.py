@@ -100,6 +100,7 @@ class Subject:
     client_port: int = 0
     tls: bool = False
     options: str = ""
+    roles: frozenset[str] = frozenset()  # roles the user is a member of (policy subjects)
 
 
 def error_bytes(

@@ -443,3 +443,32 @@ def test_policy_changes_apply_to_open_sessions_and_bad_files_are_refused(
             assert rows_before_cut() == 5  # the running policy stays
     finally:
         assert p.stop() == 0
+
+
+def test_subjects_can_be_defined_by_role_membership(
+    pg: Cluster, enforce_db: str, tmp_path: Path
+) -> None:
+    pg.psql(
+        "DO $$ BEGIN CREATE ROLE support_agents NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;\n"
+        "GRANT support_agents TO trust_user;\n",
+        database="postgres",
+    )
+    pg.psql("GRANT SELECT ON ALL TABLES IN SCHEMA public TO support_agents, md5_user;", database=DB)
+    policy = {
+        "subjects": {"agents": {"roles": ["support_agents"]}},
+        "rules": [{"id": "agent-rows", "subjects": ["agents"], "labels": ["pii.*"], "max_rows": 5}],
+    }
+    path = tmp_path / "roles.yaml"
+    path.write_text(yaml.safe_dump(policy))
+    p = start_proxy(pg, tmp_path / "proxy", path)
+    try:
+        with raw_session(p, "trust_user") as c:  # a member, through GRANT
+            c.send(Query(LOOKUP_MANY).encode())
+            rows, err = rows_and_error(c.read_until_ready())
+            assert rows == 5 and err is not None and "agent-rows" in err.message
+        with psycopg.connect(
+            p.pg.dsn(user="md5_user", port=p.port, dbname=DB, sslmode="disable")
+        ) as conn:
+            assert len(conn.execute(LOOKUP_MANY).fetchall()) == 50  # not a member: not limited
+    finally:
+        assert p.stop() == 0
