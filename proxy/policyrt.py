@@ -227,11 +227,7 @@ class PolicyRuntime:
         if hit is not None and hit[0] > now:
             return hit
         try:
-            conn = self._lookup_conns.get(database)
-            if conn is None or conn.is_closed():
-                conn = await self._connect(database, "pgwarden-need-to-know")
-                self._lookup_conns[database] = conn
-            rows = await conn.fetch(ntk.lookup, person)
+            rows = await (await self._lookup_conn(database)).fetch(ntk.lookup, person)
         except Exception as exc:
             log.error(
                 "need_to_know_lookup_failed", rule=rule_id, error=str(exc), effect="nothing allowed"
@@ -240,6 +236,14 @@ class PolicyRuntime:
         answer = (now + ntk.cache_seconds, frozenset(str(r[0]).encode() for r in rows))
         self._allowed[key] = answer
         return answer
+
+    async def _lookup_conn(self, database: str) -> Any:
+        """pgwarden's connection for lookups (need-to-know, role membership), reopened if lost."""
+        conn = self._lookup_conns.get(database)
+        if conn is None or conn.is_closed():
+            conn = await self._connect(database, "pgwarden-lookups")
+            self._lookup_conns[database] = conn
+        return conn
 
     async def roles_of(self, database: str, user: str) -> frozenset[str]:
         """The roles ``user`` is a member of, directly or through other roles (cached a
@@ -251,11 +255,7 @@ class PolicyRuntime:
         if hit is not None and hit[0] > now:
             return hit[1]
         try:
-            conn = self._lookup_conns.get(database)
-            if conn is None or conn.is_closed():
-                conn = await self._connect(database, "pgwarden-need-to-know")
-                self._lookup_conns[database] = conn
-            rows = await conn.fetch(_ROLES_SQL, user)
+            rows = await (await self._lookup_conn(database)).fetch(_ROLES_SQL, user)
         except Exception as exc:
             # Fail closed in the sense that matters: a subject defined by role membership
             # that cannot be confirmed is not granted (nor exempted from) anything by it.
