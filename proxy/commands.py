@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.messages import StartupMessage
@@ -120,6 +120,7 @@ class StatementDone:
     sqlstate: str | None
     cut: bool | str
     records: dict[str, list[bytes]]  # table -> primary keys of the rows returned
+    values: dict[str, list[bytes]] = field(default_factory=dict)  # label -> values, when no key
     end_user: str | None = None
     rule_ids: tuple[str, ...] = ()
     verdict: str = "allow"

@@ -347,6 +347,10 @@ class PolicyRuntime:
                 t: [k.decode("utf-8", "replace") for k in keys] for t, keys in c.records.items()
             }
             or None,
+            ledger_values={
+                lb: [v.decode("utf-8", "replace") for v in vals] for lb, vals in c.values.items()
+            }
+            or None,
         )
 
     def _submit_nowait(self, ev: AuditEvent) -> None:

@@ -80,6 +80,8 @@ class Running:
     copy_out: bool = False
     started: float = field(default_factory=time.perf_counter)
     keys: dict[str, list[bytes]] = field(default_factory=dict)  # table -> primary keys seen
+    value_capture: tuple[tuple[int, str], ...] = ()  # (column, label) when there is no key
+    values: dict[str, list[bytes]] = field(default_factory=dict)  # label -> values seen
     portal: str | None = None
     cursor: str | None = None
     prepared: bool = False  # columns and what to watch worked out (at the first row)
@@ -609,6 +611,14 @@ class Tracker:
             if not capture and running.columns:
                 capture = [(c.pk_of, (i,)) for i, c in enumerate(running.columns) if c.pk_of]
             running.capture = tuple(capture)
+            if self.ledger and not capture:
+                # No primary key in the result: the ledger keeps keyed hashes of the labelled
+                # values instead, so "who saw alice@example.com" still has an answer.
+                running.value_capture = tuple(
+                    (i, label)
+                    for i, col in enumerate(running.columns or ())
+                    for label in sorted(col.labels)
+                )
         know = []
         for check in plan.need_to_know:
             schema, _, table = check.table.partition(".")
@@ -620,7 +630,9 @@ class Tracker:
             know.append((check, -1 if position is None else position,
                          self.guard.allowed_keys(check.rule_id) or frozenset()))  # fmt: skip
         running.know = tuple(know)
-        running.watch = bool(plan.limits or plan.needs_rows or running.capture)
+        running.watch = bool(
+            plan.limits or plan.needs_rows or running.capture or running.value_capture
+        )
         if running.watch and running.columns is None:
             running.columns = self._columns(running)
 
@@ -633,7 +645,10 @@ class Tracker:
             values = DataRow.decode(body).values
             if any(v in plan.canary_values for v in values if v is not None):
                 out += self._canary(plan)
-        if not (plan.mask or running.capture or plan.canary_keys or running.know):
+        if not (
+            plan.mask or running.capture or plan.canary_keys or running.know
+            or running.value_capture
+        ):  # fmt: skip
             return None
         if values is None:
             values = DataRow.decode(body).values
@@ -652,6 +667,9 @@ class Tracker:
                 running.rows -= 1
                 return b""
             return self._cut(running, None, out, know=check)
+        for i, label in running.value_capture:
+            if i < len(values) and (v := values[i]) is not None:
+                running.values.setdefault(label, []).append(v)
         for table, positions in running.capture:
             if positions[-1] >= len(values):
                 continue
@@ -855,6 +873,7 @@ class Tracker:
                 sqlstate=sqlstate,
                 cut=cut,
                 records=running.keys,
+                values=running.values,
                 end_user=self.guard.subject.end_user,
                 rule_ids=_rule_ids(decision, cut),
                 verdict=_verdict(decision, cut, sqlstate),

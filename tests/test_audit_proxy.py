@@ -211,3 +211,26 @@ def _sqlite_writer_pid(p: ProxyProcess) -> int | None:
     )
     pids = [int(x) for x in out.stdout.split()]
     return pids[0] if pids else None
+
+
+def test_who_saw_a_value_when_the_result_carried_no_key(
+    audited: tuple[ProxyProcess, Path], keys: tuple[Path, Path]
+) -> None:
+    p, db = audited
+    with psycopg.connect(dsn(p, "support_app"), autocommit=True) as conn:
+        conn.execute("SET pgwarden.end_user = 'olga'")
+        # No customer_id in the result: the ledger keeps the (keyed hash of the) email.
+        assert conn.execute("SELECT email FROM customers WHERE customer_id = 17").fetchone() == (
+            "customer17@mail.example",
+        )
+    p.stop()
+    who = audit_cli("who-saw", "--db", str(db), "--ledger-key", str(keys[0]),
+                    "--value", "customer17@mail.example", "--label", "pii.email", "--json")  # fmt: skip
+    assert who.returncode == 0, who.stderr
+    assert {row["end_user"] for row in json.loads(who.stdout)} == {"olga"}
+    nobody = audit_cli("who-saw", "--db", str(db), "--ledger-key", str(keys[0]),
+                       "--value", "customer18@mail.example", "--label", "pii.email", "--json")  # fmt: skip
+    assert json.loads(nobody.stdout) == []
+    # The value itself is not in the trail (database, WAL or journal), only its keyed hash.
+    stored = b"".join(f.read_bytes() for f in db.parent.glob(db.name + "*"))
+    assert len(stored) > 0 and b"customer17@mail.example" not in stored
