@@ -46,6 +46,7 @@ def _overrides(**flags: Any) -> dict[str, Any]:
         "catalog_user": "catalog_user",
         "audit_db": "audit",
         "max_message_bytes": "max_message_bytes",
+        "workers": "workers",
         "log_level": "log_level",
         "log_format": "log_format",
     }
@@ -78,6 +79,8 @@ def _overrides(**flags: Any) -> dict[str, Any]:
 @click.option(
     "--audit-db", type=click.Path(dir_okay=False), help="Audit trail in this SQLite file."
 )
+@click.option("--workers", type=int, help="Processes sharing the port (SO_REUSEPORT).")
+@click.option("--worker-index", type=int, default=None, hidden=True)
 @click.option("--max-message-bytes", type=int, help="Largest protocol message accepted.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--log-format", type=click.Choice(["json", "console"]))
@@ -87,6 +90,7 @@ def serve(config_file: str | None, **flags: Any) -> None:
     from proxy.server import install_uvloop
     from proxy.server import serve as run_server
 
+    worker_index = flags.pop("worker_index", None)
     audit_db = flags.pop("audit_db", None)
     overrides = _overrides(**flags)
     if audit_db:
@@ -101,12 +105,40 @@ def serve(config_file: str | None, **flags: Any) -> None:
         click.echo(f"pgwarden: {exc}", err=True)
         sys.exit(2)
     configure_logging(config.log_level, config.log_format)
+    if config.workers > 1 and worker_index is None:
+        sys.exit(_supervise(config.workers))
     install_uvloop()
     try:
-        asyncio.run(run_server(config, reload=load))
+        asyncio.run(run_server(config, reload=load, worker=worker_index or 0))
     except OSError as exc:
         # asyncio's bind error names the address itself, which may be the admin one.
         click.echo(f"pgwarden: cannot listen: {exc.strerror or exc}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         pass
+
+
+def _supervise(workers: int) -> int:
+    """Run ``workers`` copies of this very command line, each with its worker index, and pass
+    SIGTERM, SIGINT and SIGHUP on to them; return the worst exit code.
+
+    The workers share the listen port through SO_REUSEPORT, so the kernel spreads new
+    connections over them.  State that must be exact across them (window counters,
+    quarantine) needs ``store: {backend: redis}``; the audit trail needs a sink that several
+    writers may share (PostgreSQL) or one file per worker.
+    """
+    import signal
+    import subprocess
+
+    argv = [sys.executable, "-m", "proxy", *sys.argv[1:]]
+    children = [subprocess.Popen([*argv, "--worker-index", str(i)]) for i in range(workers)]
+
+    def forward(signum: int, _frame: Any) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    codes = [child.wait() for child in children]
+    return max((abs(c) for c in codes), default=0)

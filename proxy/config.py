@@ -121,6 +121,11 @@ class ProxyConfig(BaseModel):
     client_tls: ClientTLS = ClientTLS()
     upstream_tls: UpstreamTLS = UpstreamTLS()
     allow_replication: bool = False
+    workers: int = Field(
+        default=1, ge=1, le=64,
+        description="processes sharing the listen port (SO_REUSEPORT); worker i's admin "
+        "listener is admin_listen's port + i",
+    )  # fmt: skip
     policy_file: Path | None = Field(None, description="policy YAML to enforce")
     catalog_user: str | None = Field(None, description="role for pgwarden's catalog connection")
     audit: AuditConfig | None = Field(None, description="the audit trail (sinks, keys, alerts)")

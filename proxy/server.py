@@ -132,8 +132,9 @@ class Proxy:
         loop = asyncio.get_running_loop()
         addr = self.config.listen
         server = await loop.create_server(
-            lambda: ClientConnection(self), addr.host, addr.port, reuse_address=True, backlog=1024
-        )
+            lambda: ClientConnection(self), addr.host, addr.port, reuse_address=True,
+            reuse_port=self.config.workers > 1, backlog=1024,
+        )  # fmt: skip
         self._servers.append(server)
         return [s.getsockname()[:2] for s in server.sockets]
 
@@ -637,6 +638,7 @@ async def serve(
     config: ProxyConfig,
     reload: Callable[[], ProxyConfig] | None = None,
     ready: Callable[[list[tuple[str, int]]], None] | None = None,
+    worker: int = 0,
 ) -> None:
     """Run the proxy until SIGTERM or SIGINT; SIGHUP calls ``reload`` for a new config."""
     from proxy.admin import AdminServer
@@ -674,7 +676,8 @@ async def serve(
     admin = None
     if config.admin_listen is not None:
         admin = AdminServer(proxy)
-        await admin.start(config.admin_listen.host, config.admin_listen.port)
+        port = config.admin_listen.port
+        await admin.start(config.admin_listen.host, port + worker if port else 0)
 
     def on_hup() -> None:
         if reload is None:
