@@ -82,3 +82,26 @@ def test_policy_check_command_reports_ok_and_errors(tmp_path: Path) -> None:
     )
     assert out.returncode == 1
     assert f"{bad}:3: rules.0.max_rows" in out.stderr
+
+
+def test_the_compose_policy_is_the_shipped_one_with_redis_and_a_catalog_password() -> None:
+    shipped = load_policy(CONFIG / "policy.yaml")
+    compose = load_policy(CONFIG / "compose" / "policy.yaml")
+    assert compose.store.backend == "redis" and compose.catalog_password_env
+    same = {"labels", "subjects", "rules", "quarantine", "tests", "mode", "fail_closed"}
+    assert compose.model_dump(include=same) == shipped.model_dump(include=same)
+
+
+def test_the_grafana_dashboard_only_queries_metrics_pgwarden_exports() -> None:
+    import re
+
+    from proxy.metrics import Stats, StatsCollector
+
+    exported = {m.name for m in StatsCollector(Stats()).collect()}
+    dashboard = json.loads((CONFIG / "grafana-dashboard.json").read_text())
+    used = {
+        name.removesuffix("_total").removesuffix("_bucket")
+        for p in dashboard["panels"] for t in p["targets"]
+        for name in re.findall(r"pgwarden_[a-z_]+", t["expr"])
+    }  # fmt: skip
+    assert used and used <= exported, used - exported
