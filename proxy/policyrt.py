@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import secrets
 import time
@@ -180,6 +181,10 @@ class PolicyRuntime:
             self.catalogs[database] = await task
         finally:
             self._loading.pop(database, None)
+        # The catalog and the parser's structures live as long as the process: keep them out
+        # of the collector's way, or every full collection walks them again (measured with
+        # pgbench -S as an agent: 60 -> 54 us of proxy CPU per statement).
+        gc.freeze()
 
     async def _connect(self, database: str, application: str) -> Any:
         """pgwarden's own read-only connection to a database (the catalog role)."""

@@ -11,6 +11,7 @@ reading, so memory stays bounded whatever the result size.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import itertools
 import secrets
@@ -673,6 +674,7 @@ async def serve(
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     addresses = await proxy.start()
+    gc.freeze()  # what start-up built lives as long as the process (see PolicyRuntime)
     admin = None
     if config.admin_listen is not None:
         admin = AdminServer(proxy)
