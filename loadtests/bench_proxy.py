@@ -57,7 +57,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=2, help="pgbench -j")
     p.add_argument("--scale", type=int, default=10, help="pgbench -i -s")
     p.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="comma-separated")
-    p.add_argument("--modes", default=",".join(ALL_MODES), help="comma-separated -M modes")
+    p.add_argument(
+        "--modes", default="simple,extended", help="comma-separated -M modes (also: prepared)"
+    )
     p.add_argument("--warmup", type=int, default=2, help="seconds of unrecorded warm-up/target")
     p.add_argument("--no-uvloop", action="store_true", help="bare forwarder on stdlib asyncio")
     p.add_argument("--pgwarden-args", default="", help="extra arguments for 'pgwarden serve'")
