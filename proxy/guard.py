@@ -18,7 +18,6 @@ from dataclasses import dataclass, field, replace
 from policy.analyze import Analyzer
 from policy.engine import Engine, ResultPlan, Subject, Verdict
 from policy.facts import OutputColumn, QueryFacts
-from policy.model import Action
 from policy.session_sql import SqlSession
 from proxy.messages import Field
 
@@ -198,6 +197,3 @@ class Guard:
                 return d
         return None
 
-
-def blocked_action(decision: Decision) -> Action:
-    return decision.verdict.action
