@@ -196,4 +196,3 @@ class Guard:
             if d.verdict.blocks:
                 return d
         return None
-
