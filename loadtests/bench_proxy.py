@@ -285,7 +285,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(payload, indent=2) + "\n")
-    progress(f"bench: results written to {args.output}")
+    chart = args.output.with_suffix(".html")
+    harness.write_chart(
+        chart, "pgbench -S: median transactions per second",
+        {mode: {t: figures.get(f"tps_{t}_{mode}", math.nan) for t in args.targets}
+         for mode in args.modes},
+        "tps",
+    )  # fmt: skip
+    progress(f"bench: results written to {args.output} and {chart}")
 
     print_table(summary, args.targets, args.modes)
     for line in harness.figure_lines(figures):

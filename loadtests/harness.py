@@ -531,3 +531,43 @@ def environment() -> dict[str, Any]:
 def split_args(value: str | None) -> list[str]:
     """Shell-style splitting for options that pass arguments through to a target."""
     return shlex.split(value) if value else []
+
+
+def write_chart(path: Path, title: str, groups: dict[str, dict[str, float]], unit: str) -> None:
+    """A self-contained HTML page with one horizontal bar chart (inline SVG) per group.
+
+    ``groups`` maps a group title (e.g. a pgbench mode) to {bar label: value}; NaN values
+    are drawn as missing, never as zero.
+    """
+    import html
+    import math
+
+    bar_h, gap, label_w, width = 22, 6, 170, 760
+    parts = [
+        "<!doctype html><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title>",
+        "<style>body{font:14px system-ui,sans-serif;margin:2em}text{font-size:12px}</style>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
+    for group, values in groups.items():
+        finite = [v for v in values.values() if not math.isnan(v)]
+        top = max(finite, default=1.0) or 1.0
+        height = len(values) * (bar_h + gap) + gap
+        parts.append(f"<h2>{html.escape(group)}</h2>")
+        parts.append(f"<svg width='{width}' height='{height}' role='img'>")
+        for i, (name, value) in enumerate(values.items()):
+            y = gap + i * (bar_h + gap)
+            parts.append(
+                f"<text x='{label_w - 8}' y='{y + bar_h * 0.7}' text-anchor='end'>"
+                f"{html.escape(name)}</text>"
+            )
+            if math.isnan(value):
+                parts.append(f"<text x='{label_w}' y='{y + bar_h * 0.7}'>not measured</text>")
+                continue
+            w = max(1.0, (width - label_w - 120) * value / top)
+            parts.append(
+                f"<rect x='{label_w}' y='{y}' width='{w:.1f}' height='{bar_h}' fill='#4a7bb7'/>"
+                f"<text x='{label_w + w + 6:.1f}' y='{y + bar_h * 0.7}'>{value:,.0f} {unit}</text>"
+            )
+        parts.append("</svg>")
+    path.write_text("\n".join(parts) + "\n")

@@ -113,3 +113,13 @@ def test_bench_proxy_smoke_with_pgwarden(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     assert not data["skipped"]
     assert all(r["error"] is None for r in data["runs"])
+
+
+def test_the_chart_draws_every_bar_and_says_what_was_not_measured(tmp_path: Path) -> None:
+    from loadtests.harness import write_chart
+
+    out = tmp_path / "chart.html"
+    write_chart(out, "t", {"simple": {"direct": 100.0, "pgwarden": 70.0, "bare": math.nan}}, "tps")
+    page = out.read_text()
+    assert page.count("<rect") == 2
+    assert "100 tps" in page and "70 tps" in page and "not measured" in page
