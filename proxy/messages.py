@@ -14,7 +14,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import ClassVar, Protocol, Self
 
 _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
@@ -305,23 +305,30 @@ def _count(r: _Reader) -> int:
 
 
 @dataclass(frozen=True, slots=True)
-class Describe:  # 'D' Describe (frontend)
-    TYPE: ClassVar[bytes] = b"D"
-    kind: str  # 'S' statement or 'P' portal
+class _Target:
+    """Describe and Close: a kind ('S' statement or 'P' portal) and a name."""
+
+    TYPE: ClassVar[bytes] = b""
+    kind: str
     name: str
 
     def encode(self) -> bytes:
         return frame(self.TYPE, self.kind.encode() + _cstr(self.name))
 
     @classmethod
-    def decode(cls, body: bytes) -> Describe:
+    def decode(cls, body: bytes) -> Self:
         r = _Reader(body)
         kind = chr(r.byte())
         if kind not in "SP":
-            raise ProtocolError(f"Describe of unknown kind {kind!r}")
+            raise ProtocolError(f"{cls.__name__} of unknown kind {kind!r}")
         name = r.cstring()
         r.done()
         return cls(kind, name)
+
+
+@dataclass(frozen=True, slots=True)
+class Describe(_Target):  # 'D' Describe (frontend)
+    TYPE: ClassVar[bytes] = b"D"
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,23 +349,8 @@ class Execute:  # 'E' Execute
 
 
 @dataclass(frozen=True, slots=True)
-class Close:  # 'C' Close (frontend)
+class Close(_Target):  # 'C' Close (frontend)
     TYPE: ClassVar[bytes] = b"C"
-    kind: str  # 'S' statement or 'P' portal
-    name: str
-
-    def encode(self) -> bytes:
-        return frame(self.TYPE, self.kind.encode() + _cstr(self.name))
-
-    @classmethod
-    def decode(cls, body: bytes) -> Close:
-        r = _Reader(body)
-        kind = chr(r.byte())
-        if kind not in "SP":
-            raise ProtocolError(f"Close of unknown kind {kind!r}")
-        name = r.cstring()
-        r.done()
-        return cls(kind, name)
 
 
 @dataclass(frozen=True, slots=True)
