@@ -647,8 +647,8 @@ def _signature(text: str, is_procedure: bool) -> tuple[str, str]:
     return args, "record" if has_out and not is_procedure else "void"
 
 
-def _from_keyword(text: str, keywords: tuple[str, ...]) -> str | None:
-    """The text from the first top-level token among ``keywords`` to the end."""
+def _top_level_token(text: str, keywords: tuple[str, ...]) -> Any:
+    """The first token among ``keywords`` outside parentheses, or None."""
     try:
         tokens = _pg.scan(text)
     except Exception:
@@ -660,25 +660,20 @@ def _from_keyword(text: str, keywords: tuple[str, ...]) -> str | None:
         elif t.name == "ASCII_41":
             depth -= 1
         elif depth == 0 and t.name in keywords:
-            return text[t.start :].strip().rstrip(";").strip()
+            return t
     return None
+
+
+def _from_keyword(text: str, keywords: tuple[str, ...]) -> str | None:
+    """The text from the first top-level token among ``keywords`` to the end."""
+    t = _top_level_token(text, keywords)
+    return None if t is None else text[t.start :].strip().rstrip(";").strip()
 
 
 def _after_keyword(text: str, keyword: str) -> str | None:
     """The text after the first top-level ``keyword`` token (PREPARE ... AS, DECLARE ... FOR)."""
-    try:
-        tokens = _pg.scan(text)
-    except Exception:
-        return None
-    depth = 0
-    for t in tokens:
-        if t.name == "ASCII_40":
-            depth += 1
-        elif t.name == "ASCII_41":
-            depth -= 1
-        elif depth == 0 and t.name == keyword:
-            return text[t.end + 1 :].strip().rstrip(";").strip()
-    return None
+    t = _top_level_token(text, (keyword,))
+    return None if t is None else text[t.end + 1 :].strip().rstrip(";").strip()
 
 
 # --- statement shapes -------------------------------------------------------------------------
