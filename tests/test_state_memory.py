@@ -21,14 +21,19 @@ def test_memory_is_released_after_every_window_has_passed() -> None:
             await st.quarantine(f"end_user:{u}", 100)
         stats = st.stats()
         assert (stats.series, stats.live_records, stats.block_subjects) == (300, 6000, 300)
-        # One call after the longest window triggers the periodic sweep.
-        await st.record("end_user:new", L, 1, ["x"], [60], now=H + 1)
+        # Calls after the longest window run the periodic sweep, a few hundred series a call.
+        for i in range(3):
+            await st.record("end_user:new", L, 1, ["x"], [60], now=H + 1 + i / 10)
         stats = st.stats()
         assert stats.series == 1
         assert stats.live_records == 1
-        assert stats.row_entries == 1
+        assert stats.row_entries == 3  # one per call of end_user:new
         assert stats.block_subjects == 0
         assert stats.quarantined == 0
+        # sweep() does it all at once.
+        await st.record("end_user:z", L, 1, ["x"], [60], now=2 * H)
+        st.sweep(now=3 * H)
+        assert st.stats().series == 0
 
     asyncio.run(body())
 

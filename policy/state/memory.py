@@ -30,6 +30,10 @@ from policy.state._common import ZERO, WindowTotals, check_rows, check_windows, 
 # prefix is large, so the cost is amortised to O(1) per entry.
 _COMPACT_MIN = 4096
 
+# Series visited per call by the periodic sweep: a full pass over 100,000 subjects at once
+# would stall the event loop (and every connection of this worker) for a noticeable time.
+_SWEEP_BATCH = 256
+
 
 class _Cursor:
     __slots__ = ("count", "pos", "window")
@@ -205,7 +209,8 @@ class MemoryWindowStore:
 
     ``resolution``: seconds; event times are rounded up to a multiple of it (0 keeps them
     exact). Counts are never too low; an event may stay counted up to ``resolution`` seconds
-    past its window. ``sweep_interval``: seconds of store time between sweeps of all series.
+    past its window. ``sweep_interval``: seconds of store time between sweeps of all series;
+    a sweep visits a few hundred series per call, so it never stalls the event loop.
 
     Memory: a distinct record costs about 145 bytes (16-character keys) while it is inside
     the longest window (``loadtests/bench_state.py`` measures it); a subject reading one
@@ -221,6 +226,7 @@ class MemoryWindowStore:
         self._blocks: dict[str, _Blocks] = {}
         self._quarantine: dict[str, float] = {}
         self._next_sweep: float | None = None
+        self._sweep_todo: list[tuple[str, str]] = []  # series the current sweep has yet to visit
 
     async def record(
         self,
@@ -245,7 +251,9 @@ class MemoryWindowStore:
         t = series.clock(now)
         curs = [series.ensure(w, t) for w in wins]
         series.advance(t)
-        series.add(rows, records, stamp_for(now, self.resolution))
+        # Stamped at the series' clock, so an entry is never born outside a window it is
+        # counted in, even when the caller's clock stepped back.
+        series.add(rows, records, stamp_for(t, self.resolution))
         return {w: series.window_totals(c, t) for w, c in zip(wins, curs, strict=True)}
 
     async def totals(
@@ -306,13 +314,24 @@ class MemoryWindowStore:
         return None
 
     def sweep(self, now: float | None = None) -> None:
-        """Drop what every window has left behind, for all subjects."""
+        """Drop what every window has left behind, for all subjects, now."""
         if now is None:
             now = time.time()
-        for key, series in list(self._series.items()):
-            series.advance(series.clock(now))
-            if series.empty():
-                del self._series[key]
+        self._start_sweep(now)
+        self._sweep_some(now, len(self._sweep_todo))
+
+    def _maybe_sweep(self, now: float) -> None:
+        if self._sweep_todo:
+            self._sweep_some(now, _SWEEP_BATCH)
+        elif self._next_sweep is None:
+            self._next_sweep = now + self.sweep_interval
+        elif now >= self._next_sweep:
+            self._next_sweep = now + self.sweep_interval
+            self._start_sweep(now)
+            self._sweep_some(now, _SWEEP_BATCH)
+
+    def _start_sweep(self, now: float) -> None:
+        # Blocks and quarantines are few (one per misbehaving subject): swept in one go.
         for subject, blocks in list(self._blocks.items()):
             while blocks.stamps and blocks.stamps[0] <= now - blocks.horizon:
                 blocks.stamps.popleft()
@@ -321,13 +340,18 @@ class MemoryWindowStore:
         for subject, until in list(self._quarantine.items()):
             if until <= now:
                 del self._quarantine[subject]
+        self._sweep_todo = list(self._series)
 
-    def _maybe_sweep(self, now: float) -> None:
-        if self._next_sweep is None:
-            self._next_sweep = now + self.sweep_interval
-        elif now >= self._next_sweep:
-            self._next_sweep = now + self.sweep_interval
-            self.sweep(now)
+    def _sweep_some(self, now: float, n: int) -> None:
+        todo = self._sweep_todo
+        for _ in range(min(n, len(todo))):
+            key = todo.pop()
+            series = self._series.get(key)
+            if series is None:
+                continue
+            series.advance(series.clock(now))
+            if series.empty():
+                del self._series[key]
 
     def stats(self) -> MemoryStats:
         """Entry counts, for tests, benchmarks and metrics."""
@@ -345,5 +369,6 @@ class MemoryWindowStore:
     async def close(self) -> None:
         """Forget everything."""
         self._series.clear()
+        self._sweep_todo.clear()
         self._blocks.clear()
         self._quarantine.clear()
