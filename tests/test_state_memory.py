@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as hs
+
 from policy.state import MemoryWindowStore, WindowTotals
 from policy.state.memory import _COMPACT_MIN
 
@@ -95,3 +98,57 @@ def test_a_clock_stepping_back_never_lowers_counts() -> None:
         assert (await st.totals(S, L, [60], now=1060))[60] == WindowTotals(0, 0)
 
     asyncio.run(body())
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    steps=hs.lists(
+        hs.tuples(
+            hs.sampled_from([0.0, 0.25, 1.0, 4.0, 9.0, 30.0]),  # time gap
+            hs.integers(0, 5),  # rows
+            hs.lists(hs.integers(0, 12), max_size=6),  # record keys
+            hs.sets(hs.sampled_from([5.0, 20.0, 50.0]), min_size=1),  # windows asked
+        ),
+        max_size=60,
+    ),
+    resolution=hs.sampled_from([0.0, 0.5, 2.0]),
+)
+def test_memory_store_matches_the_model_even_while_compacting(
+    steps: list[tuple[float, int, list[int], set[float]]], resolution: float
+) -> None:
+    """Hypothesis drives random reads; the log compaction threshold is lowered so every
+    path that renumbers entries runs constantly."""
+    import policy.state.memory as memory
+
+    saved = memory._COMPACT_MIN
+    memory._COMPACT_MIN = 1
+    try:
+
+        async def body() -> None:
+            store = MemoryWindowStore(resolution=resolution, sweep_interval=15)
+            events: list[tuple[float, int, set[str]]] = []
+            now = 100.0
+            # The longest window first, so nothing a later question needs is dropped.
+            await store.record(S, L, 0, [], [50.0], now=now)
+            for gap, rows, keys, windows in steps:
+                now += gap
+                recs = {f"k{k}" for k in keys}
+                events.append((now, rows, recs))
+                got = await store.record(S, L, rows, [f"k{k}" for k in keys], windows, now=now)
+                for w in windows:
+                    exact = [e for e in events if e[0] > now - w]
+                    late = [e for e in events if e[0] > now - w - resolution]
+                    lo = WindowTotals(
+                        sum(e[1] for e in exact), len(set().union(*(e[2] for e in exact)))
+                    )
+                    hi = WindowTotals(
+                        sum(e[1] for e in late), len(set().union(*(e[2] for e in late)))
+                    )
+                    assert lo.rows <= got[w].rows <= hi.rows
+                    assert lo.records <= got[w].records <= hi.records
+                    if resolution == 0:
+                        assert got[w] == lo
+
+        asyncio.run(body())
+    finally:
+        memory._COMPACT_MIN = saved
