@@ -176,6 +176,8 @@ def test_bad_arguments_are_refused(make_store: StoreFactory) -> None:
             await st.record(S, L, 1, [], [], now=0)
         with pytest.raises(ValueError, match="positive"):
             await st.note_block(S, -5, now=0)
+        with pytest.raises(ValueError, match="finite"):
+            await st.quarantine(S, float("inf"), now=0)
 
     run(make_store(), body)
 

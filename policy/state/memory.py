@@ -24,7 +24,14 @@ from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from policy.state._common import ZERO, WindowTotals, check_rows, check_windows, stamp_for
+from policy.state._common import (
+    ZERO,
+    WindowTotals,
+    check_rows,
+    check_until,
+    check_windows,
+    stamp_for,
+)
 
 # Physically dropping a log prefix moves the rest of the array; only do it when the dead
 # prefix is large, so the cost is amortised to O(1) per entry.
@@ -301,6 +308,7 @@ class MemoryWindowStore:
 
     async def quarantine(self, subject: str, until: float, now: float | None = None) -> None:
         """Quarantine ``subject`` until ``until`` (keeps a later end already set)."""
+        check_until(until)
         if until > self._quarantine.get(subject, float("-inf")):
             self._quarantine[subject] = until
 

@@ -39,7 +39,13 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from policy.state._common import StoreUnavailable, WindowTotals, check_rows, check_windows
+from policy.state._common import (
+    StoreUnavailable,
+    WindowTotals,
+    check_rows,
+    check_until,
+    check_windows,
+)
 
 # One script call carries at most this many record keys; a larger result goes as several
 # calls in one pipelined round trip. 10,000 keys is ~0.5 MB of arguments and a few ms of
@@ -377,6 +383,7 @@ class RedisWindowStore:
     async def quarantine(self, subject: str, until: float, now: float | None = None) -> None:
         """Quarantine ``subject`` until ``until`` (keeps a later end already set). The key
         expires by itself shortly after ``until``."""
+        check_until(until)
         args = [repr(float(until)), _num(now), repr(TTL_MARGIN)]
         await self._call(
             "quarantine", self._quarantine(keys=[self._quarantine_key(subject)], args=args)
