@@ -143,6 +143,19 @@ def test_a_longer_window_asked_by_another_caller_keeps_its_data(
     run(make_store(resolution=0), body)
 
 
+def test_a_clock_stepping_back_never_lowers_counts(make_store: StoreFactory) -> None:
+    """A worker whose clock is behind (or stepped back by NTP) stamps no earlier than the
+    latest stamp already stored, so its reads never leave a window before earlier ones."""
+
+    async def body(st: WindowStore) -> None:
+        await st.record(S, L, 1, ["a"], [60], now=1000)
+        await st.record(S, L, 1, ["b"], [60], now=990)
+        assert (await st.totals(S, L, [60], now=1059))[60] == T(2, 2)
+        assert (await st.totals(S, L, [60], now=1060))[60] == T(0, 0)
+
+    run(make_store(resolution=0), body)
+
+
 def test_records_only_and_rows_only(make_store: StoreFactory) -> None:
     async def body(st: WindowStore) -> None:
         assert await st.record(S, L, 0, ["a", "b"], [H], now=5) == {H: T(0, 2)}

@@ -88,18 +88,6 @@ def test_a_million_distinct_records_in_one_window() -> None:
     asyncio.run(body())
 
 
-def test_a_clock_stepping_back_never_lowers_counts() -> None:
-    async def body() -> None:
-        st = MemoryWindowStore(resolution=0)
-        await st.record(S, L, 1, ["a"], [60], now=1000)
-        await st.record(S, L, 1, ["b"], [60], now=990)  # NTP stepped the clock back
-        # Answered as of the latest time seen, with "b" stamped no earlier than "a".
-        assert (await st.totals(S, L, [60], now=1059))[60] == WindowTotals(2, 2)
-        assert (await st.totals(S, L, [60], now=1060))[60] == WindowTotals(0, 0)
-
-    asyncio.run(body())
-
-
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     steps=hs.lists(

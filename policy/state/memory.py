@@ -57,6 +57,7 @@ class _Series:
         "horizon",
         "last_now",
         "last_stamp",
+        "last_write",
         "rec_keys",
         "rec_last",
         "rec_off",
@@ -73,6 +74,7 @@ class _Series:
         self.cursors: dict[float, _Cursor] = {}
         self.horizon = 0.0  # longest window asked about: nothing older is kept
         self.last_now = float("-inf")
+        self.last_write = float("-inf")  # store time of the last record()
         self.last_stamp = float("-inf")
         self.total_rows = 0
         self.row_stamps = array("d")
@@ -187,8 +189,15 @@ class _Series:
             # A record read again re-enters a window its last read had already left.
             cur.count += fresh + sum(1 for i in back if i < cur.pos)
 
-    def empty(self) -> bool:
-        return not self.rec_last and self.row_start >= len(self.row_stamps)
+    def idle(self, now: float) -> bool:
+        # Kept until the horizon has passed since the last write even when nothing is left
+        # to count, as a Redis key's TTL would: forgetting the horizon early would let a
+        # caller passing only a short window trim what a longer rule still needs.
+        return (
+            not self.rec_last
+            and self.row_start >= len(self.row_stamps)
+            and now >= self.last_write + self.horizon
+        )
 
 
 class _Blocks:
@@ -256,6 +265,7 @@ class MemoryWindowStore:
         if series is None:
             series = self._series[(subject, label)] = _Series()
         t = series.clock(now)
+        series.last_write = t
         curs = [series.ensure(w, t) for w in wins]
         series.advance(t)
         # Stamped at the series' clock, so an entry is never born outside a window it is
@@ -358,7 +368,7 @@ class MemoryWindowStore:
             if series is None:
                 continue
             series.advance(series.clock(now))
-            if series.empty():
+            if series.idle(now):
                 del self._series[key]
 
     def stats(self) -> MemoryStats:
