@@ -180,6 +180,11 @@ def test_unreachable_redis_raises_store_unavailable_then_recovers(own_redis_serv
             assert (await store.record(S, L, 1, ["b"], [H], now=12))[H] == WindowTotals(1, 1)
             await store.quarantine(S, 100, now=12)
             assert await store.quarantined_until(S, now=13) == 100
+            # A restart between two calls: the pooled connection is dead, the retry on a new
+            # one succeeds, and the caller never sees the restart.
+            server.stop()
+            server.start()
+            assert (await store.record(S, L, 1, ["c"], [H], now=14))[H] == WindowTotals(1, 1)
         finally:
             await store.close()
 
