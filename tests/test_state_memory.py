@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 
@@ -73,6 +74,7 @@ def test_rereads_within_one_slot_add_no_entries() -> None:
     asyncio.run(body())
 
 
+@pytest.mark.slow
 def test_a_million_distinct_records_in_one_window() -> None:
     async def body() -> None:
         st = MemoryWindowStore()
