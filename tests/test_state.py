@@ -143,6 +143,19 @@ def test_a_longer_window_asked_by_another_caller_keeps_its_data(
     run(make_store(resolution=0), body)
 
 
+def test_a_clock_stepping_back_never_lowers_counts(make_store: StoreFactory) -> None:
+    """A worker whose clock is behind (or stepped back by NTP) stamps no earlier than the
+    latest stamp already stored, so its reads never leave a window before earlier ones."""
+
+    async def body(st: WindowStore) -> None:
+        await st.record(S, L, 1, ["a"], [60], now=1000)
+        await st.record(S, L, 1, ["b"], [60], now=990)
+        assert (await st.totals(S, L, [60], now=1059))[60] == T(2, 2)
+        assert (await st.totals(S, L, [60], now=1060))[60] == T(0, 0)
+
+    run(make_store(resolution=0), body)
+
+
 def test_records_only_and_rows_only(make_store: StoreFactory) -> None:
     async def body(st: WindowStore) -> None:
         assert await st.record(S, L, 0, ["a", "b"], [H], now=5) == {H: T(0, 2)}
@@ -176,6 +189,8 @@ def test_bad_arguments_are_refused(make_store: StoreFactory) -> None:
             await st.record(S, L, 1, [], [], now=0)
         with pytest.raises(ValueError, match="positive"):
             await st.note_block(S, -5, now=0)
+        with pytest.raises(ValueError, match="finite"):
+            await st.quarantine(S, float("inf"), now=0)
 
     run(make_store(), body)
 

@@ -103,15 +103,27 @@ def test_large_results_go_in_chunks_and_count_exactly(redis_server: Any) -> None
     prefix = _prefix()
     big = [f"c{i}" for i in range(CHUNK * 2 + 123)]
 
+    async def evalsha_calls(raw: aioredis.Redis) -> int:
+        stats = await raw.info("commandstats")
+        return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
     async def body() -> None:
         store = RedisWindowStore(redis_server.url, prefix=prefix, resolution=0)
+        raw = aioredis.Redis.from_url(redis_server.url)
         try:
+            await store.record(S, L, 0, [], [H], now=99)  # loads the script
+            before = await evalsha_calls(raw)
+            # A 10,000-row result is one script call; a larger one goes in CHUNK-sized calls.
+            await store.record("end_user:bob", L, CHUNK, big[:CHUNK], [H], now=100)
+            assert await evalsha_calls(raw) == before + 1
             got = await store.record(S, L, len(big), big, [H], now=100)
+            assert await evalsha_calls(raw) == before + 1 + 3
             assert got == {H: WindowTotals(len(big), len(big))}
             again = await store.record(S, L, 10, big[:5] + ["new"], [H], now=101)
             assert again == {H: WindowTotals(len(big) + 10, len(big) + 1)}
         finally:
             await store.close()
+            await raw.aclose()
 
     asyncio.run(body())
 
@@ -180,6 +192,11 @@ def test_unreachable_redis_raises_store_unavailable_then_recovers(own_redis_serv
             assert (await store.record(S, L, 1, ["b"], [H], now=12))[H] == WindowTotals(1, 1)
             await store.quarantine(S, 100, now=12)
             assert await store.quarantined_until(S, now=13) == 100
+            # A restart between two calls: the pooled connection is dead, the retry on a new
+            # one succeeds, and the caller never sees the restart.
+            server.stop()
+            server.start()
+            assert (await store.record(S, L, 1, ["c"], [H], now=14))[H] == WindowTotals(1, 1)
         finally:
             await store.close()
 

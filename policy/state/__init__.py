@@ -48,7 +48,9 @@ class WindowStore(Protocol):
     ``now`` is seconds since the epoch; ``None`` means the store's clock (``time.time()`` for
     memory, the Redis server's ``TIME`` for Redis, so that every host shares one clock).
     Window lengths are seconds (> 0). A store keeps the data of a (subject, label) for the
-    longest window it was ever asked about for that pair.
+    longest window passed to ``record``/``totals`` for that pair (until the pair has been
+    idle for that long). So pass, on every ``record`` call, every window length any rule may
+    ask about for that label: a longer window asked for later sees only what was kept.
     """
 
     async def record(

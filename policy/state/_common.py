@@ -48,3 +48,9 @@ def check_rows(rows: int) -> None:
     """Refuse negative row counts: they would let a caller erase what a subject has read."""
     if rows < 0:
         raise ValueError(f"rows must be >= 0, got {rows!r}")
+
+
+def check_until(until: float) -> None:
+    """Refuse a quarantine end that is not a finite time (``inf`` cannot become a TTL)."""
+    if not math.isfinite(until):
+        raise ValueError(f"quarantine end must be a finite time, got {until!r}")

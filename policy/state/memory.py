@@ -24,11 +24,22 @@ from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from policy.state._common import ZERO, WindowTotals, check_rows, check_windows, stamp_for
+from policy.state._common import (
+    ZERO,
+    WindowTotals,
+    check_rows,
+    check_until,
+    check_windows,
+    stamp_for,
+)
 
 # Physically dropping a log prefix moves the rest of the array; only do it when the dead
 # prefix is large, so the cost is amortised to O(1) per entry.
 _COMPACT_MIN = 4096
+
+# Series visited per call by the periodic sweep: a full pass over 100,000 subjects at once
+# would stall the event loop (and every connection of this worker) for a noticeable time.
+_SWEEP_BATCH = 256
 
 
 class _Cursor:
@@ -46,6 +57,7 @@ class _Series:
         "horizon",
         "last_now",
         "last_stamp",
+        "last_write",
         "rec_keys",
         "rec_last",
         "rec_off",
@@ -62,6 +74,7 @@ class _Series:
         self.cursors: dict[float, _Cursor] = {}
         self.horizon = 0.0  # longest window asked about: nothing older is kept
         self.last_now = float("-inf")
+        self.last_write = float("-inf")  # store time of the last record()
         self.last_stamp = float("-inf")
         self.total_rows = 0
         self.row_stamps = array("d")
@@ -154,25 +167,37 @@ class _Series:
                 self.row_cum.append(self.total_rows)
         if not records:
             return
-        stamps, keys, last, off = self.rec_stamps, self.rec_keys, self.rec_last, self.rec_off
-        cursors = list(self.cursors.values())
+        stamps, keys, last = self.rec_stamps, self.rec_keys, self.rec_last
+        off = self.rec_off
+        pos = first = off + len(keys)
+        fresh = 0  # records never seen in the longest window
+        back: list[int] = []  # previous live entries of records read again
+        get, append = last.get, keys.append
         for key in records:
-            i = last.get(key)
-            if i is not None:
-                if stamps[i - off] == stamp:
-                    continue  # already read in this slot: nothing changes
-                for cur in cursors:
-                    if i < cur.pos:  # its last read had left this window: it re-enters
-                        cur.count += 1
+            i = get(key)
+            if i is None:
+                fresh += 1
+            elif i >= first or stamps[i - off] == stamp:
+                continue  # already read in this slot (or earlier in this call)
             else:
-                for cur in cursors:
-                    cur.count += 1
-            last[key] = off + len(keys)
-            keys.append(key)
-            stamps.append(stamp)
+                back.append(i)
+            last[key] = pos
+            pos += 1
+            append(key)
+        stamps.extend(array("d", (stamp,)) * (pos - first))
+        for cur in self.cursors.values():
+            # A record read again re-enters a window its last read had already left.
+            cur.count += fresh + sum(1 for i in back if i < cur.pos)
 
-    def empty(self) -> bool:
-        return not self.rec_last and self.row_start >= len(self.row_stamps)
+    def idle(self, now: float) -> bool:
+        # Kept until the horizon has passed since the last write even when nothing is left
+        # to count, as a Redis key's TTL would: forgetting the horizon early would let a
+        # caller passing only a short window trim what a longer rule still needs.
+        return (
+            not self.rec_last
+            and self.row_start >= len(self.row_stamps)
+            and now >= self.last_write + self.horizon
+        )
 
 
 class _Blocks:
@@ -200,11 +225,12 @@ class MemoryWindowStore:
 
     ``resolution``: seconds; event times are rounded up to a multiple of it (0 keeps them
     exact). Counts are never too low; an event may stay counted up to ``resolution`` seconds
-    past its window. ``sweep_interval``: seconds of store time between sweeps of all series.
+    past its window. ``sweep_interval``: seconds of store time between sweeps of all series;
+    a sweep visits a few hundred series per call, so it never stalls the event loop.
 
-    Memory: a distinct record costs about 150-200 bytes while it is inside the longest
-    window (``loadtests/bench_state.py`` measures it); a subject reading one million distinct
-    records in a day therefore holds roughly 150-200 MB until they slide out.
+    Memory: a distinct record costs about 145 bytes (16-character keys) while it is inside
+    the longest window (``loadtests/bench_state.py`` measures it); a subject reading one
+    million distinct records in a day holds about 140 MiB until they slide out.
     """
 
     def __init__(self, *, resolution: float = 1.0, sweep_interval: float = 60.0) -> None:
@@ -216,6 +242,7 @@ class MemoryWindowStore:
         self._blocks: dict[str, _Blocks] = {}
         self._quarantine: dict[str, float] = {}
         self._next_sweep: float | None = None
+        self._sweep_todo: list[tuple[str, str]] = []  # series the current sweep has yet to visit
 
     async def record(
         self,
@@ -238,9 +265,12 @@ class MemoryWindowStore:
         if series is None:
             series = self._series[(subject, label)] = _Series()
         t = series.clock(now)
+        series.last_write = t
         curs = [series.ensure(w, t) for w in wins]
         series.advance(t)
-        series.add(rows, records, stamp_for(now, self.resolution))
+        # Stamped at the series' clock, so an entry is never born outside a window it is
+        # counted in, even when the caller's clock stepped back.
+        series.add(rows, records, stamp_for(t, self.resolution))
         return {w: series.window_totals(c, t) for w, c in zip(wins, curs, strict=True)}
 
     async def totals(
@@ -288,6 +318,7 @@ class MemoryWindowStore:
 
     async def quarantine(self, subject: str, until: float, now: float | None = None) -> None:
         """Quarantine ``subject`` until ``until`` (keeps a later end already set)."""
+        check_until(until)
         if until > self._quarantine.get(subject, float("-inf")):
             self._quarantine[subject] = until
 
@@ -301,13 +332,24 @@ class MemoryWindowStore:
         return None
 
     def sweep(self, now: float | None = None) -> None:
-        """Drop what every window has left behind, for all subjects."""
+        """Drop what every window has left behind, for all subjects, now."""
         if now is None:
             now = time.time()
-        for key, series in list(self._series.items()):
-            series.advance(series.clock(now))
-            if series.empty():
-                del self._series[key]
+        self._start_sweep(now)
+        self._sweep_some(now, len(self._sweep_todo))
+
+    def _maybe_sweep(self, now: float) -> None:
+        if self._sweep_todo:
+            self._sweep_some(now, _SWEEP_BATCH)
+        elif self._next_sweep is None:
+            self._next_sweep = now + self.sweep_interval
+        elif now >= self._next_sweep:
+            self._next_sweep = now + self.sweep_interval
+            self._start_sweep(now)
+            self._sweep_some(now, _SWEEP_BATCH)
+
+    def _start_sweep(self, now: float) -> None:
+        # Blocks and quarantines are few (one per misbehaving subject): swept in one go.
         for subject, blocks in list(self._blocks.items()):
             while blocks.stamps and blocks.stamps[0] <= now - blocks.horizon:
                 blocks.stamps.popleft()
@@ -316,13 +358,18 @@ class MemoryWindowStore:
         for subject, until in list(self._quarantine.items()):
             if until <= now:
                 del self._quarantine[subject]
+        self._sweep_todo = list(self._series)
 
-    def _maybe_sweep(self, now: float) -> None:
-        if self._next_sweep is None:
-            self._next_sweep = now + self.sweep_interval
-        elif now >= self._next_sweep:
-            self._next_sweep = now + self.sweep_interval
-            self.sweep(now)
+    def _sweep_some(self, now: float, n: int) -> None:
+        todo = self._sweep_todo
+        for _ in range(min(n, len(todo))):
+            key = todo.pop()
+            series = self._series.get(key)
+            if series is None:
+                continue
+            series.advance(series.clock(now))
+            if series.idle(now):
+                del self._series[key]
 
     def stats(self) -> MemoryStats:
         """Entry counts, for tests, benchmarks and metrics."""
@@ -340,5 +387,6 @@ class MemoryWindowStore:
     async def close(self) -> None:
         """Forget everything."""
         self._series.clear()
+        self._sweep_todo.clear()
         self._blocks.clear()
         self._quarantine.clear()

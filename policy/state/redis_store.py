@@ -39,7 +39,13 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from policy.state._common import StoreUnavailable, WindowTotals, check_rows, check_windows
+from policy.state._common import (
+    StoreUnavailable,
+    WindowTotals,
+    check_rows,
+    check_until,
+    check_windows,
+)
 
 # One script call carries at most this many record keys; a larger result goes as several
 # calls in one pipelined round trip. 10,000 keys is ~0.5 MB of arguments and a few ms of
@@ -58,20 +64,15 @@ local function clock(arg)
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
-local function window_totals(st, rowsk, reck, now, wins)
+-- total: rows ever added; base: cumulative rows of the last entry trimmed (nil: no state).
+local function window_totals(rowsk, reck, now, wins, total, base)
   local out = {}
-  local state = redis.call('HMGET', st, 'total', 'base')
-  local live = redis.call('EXISTS', st) == 1
-  local total = tonumber(state[1]) or 0
-  local base = tonumber(state[2]) or 0
   for _, w in ipairs(wins) do
     local b = fmt(now - w)
     local rows = 0
-    if live then
+    if total then
       local m = redis.call('ZREVRANGEBYSCORE', rowsk, b, '-inf', 'LIMIT', 0, 1)
-      local before = base
-      if m[1] then before = tonumber(m[1]) end
-      rows = total - before
+      rows = total - (tonumber(m[1]) or base)
     end
     out[#out + 1] = rows
     out[#out + 1] = redis.call('ZCOUNT', reck, '(' .. b, '+inf')
@@ -90,7 +91,7 @@ local res = tonumber(ARGV[2])
 local add = tonumber(ARGV[3])
 local margin = tonumber(ARGV[4])
 local nwin = tonumber(ARGV[5])
-local state = redis.call('HMGET', st, 'horizon', 'last')
+local state = redis.call('HMGET', st, 'horizon', 'last', 'total', 'base')
 -- Without the state hash (expired, or never written) the cumulative values in rows have no
 -- total to be subtracted from: drop them rather than report nonsense.
 if not state[1] then redis.call('DEL', rowsk) end
@@ -109,8 +110,10 @@ end
 local last = tonumber(state[2])
 if last and stamp < last then stamp = last end
 local sstamp = fmt(stamp)
+local total = tonumber(state[3]) or 0
+local base = tonumber(state[4]) or 0
 if add > 0 then
-  local total = redis.call('HINCRBY', st, 'total', add)
+  total = redis.call('HINCRBY', st, 'total', add)
   local top = redis.call('ZRANGE', rowsk, -1, -1, 'WITHSCORES')
   if top[1] and tonumber(top[2]) == stamp then redis.call('ZREM', rowsk, top[1]) end
   redis.call('ZADD', rowsk, sstamp, string.format('%d', total))
@@ -129,16 +132,16 @@ if #batch > 0 then redis.call('ZADD', reck, 'GT', unpack(batch)) end
 local hb = fmt(now - horizon)
 local cut = redis.call('ZREVRANGEBYSCORE', rowsk, hb, '-inf', 'LIMIT', 0, 1)
 if cut[1] then
-  redis.call('HSET', st, 'base', cut[1])
+  base = tonumber(cut[1])
   redis.call('ZREMRANGEBYSCORE', rowsk, '-inf', hb)
 end
 redis.call('ZREMRANGEBYSCORE', reck, '-inf', hb)
-redis.call('HSET', st, 'horizon', fmt(horizon), 'last', sstamp)
+redis.call('HSET', st, 'horizon', fmt(horizon), 'last', sstamp, 'base', string.format('%d', base))
 local ttl = math.ceil((horizon + res + margin) * 1000)
 redis.call('PEXPIRE', st, ttl)
 redis.call('PEXPIRE', rowsk, ttl)
 redis.call('PEXPIRE', reck, ttl)
-return window_totals(st, rowsk, reck, now, wins)
+return window_totals(rowsk, reck, now, wins, total, base)
 """
 )
 
@@ -148,7 +151,11 @@ _LUA_TOTALS = (
     + """
 local wins = {}
 for i = 2, #ARGV do wins[#wins + 1] = tonumber(ARGV[i]) end
-return window_totals(KEYS[1], KEYS[2], KEYS[3], clock(ARGV[1]), wins)
+-- horizon is always set while the state hash exists; without it, row entries are orphans.
+local state = redis.call('HMGET', KEYS[1], 'horizon', 'total', 'base')
+local total = nil
+if state[1] then total = tonumber(state[2]) or 0 end
+return window_totals(KEYS[2], KEYS[3], clock(ARGV[1]), wins, total, tonumber(state[3]) or 0)
 """
 )
 
@@ -377,6 +384,7 @@ class RedisWindowStore:
     async def quarantine(self, subject: str, until: float, now: float | None = None) -> None:
         """Quarantine ``subject`` until ``until`` (keeps a later end already set). The key
         expires by itself shortly after ``until``."""
+        check_until(until)
         args = [repr(float(until)), _num(now), repr(TTL_MARGIN)]
         await self._call(
             "quarantine", self._quarantine(keys=[self._quarantine_key(subject)], args=args)
