@@ -11,13 +11,16 @@ reading, so memory stays bounded whatever the result size.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hmac
 import itertools
+import os
 import secrets
 import signal
 import socket
 import ssl
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -26,7 +29,7 @@ import structlog
 
 from proxy import commands as cmd
 from proxy.config import ProxyConfig, UpstreamTLSMode
-from proxy.messages import CancelRequest, ProtocolError, SSLRequest, StartupMessage
+from proxy.messages import CancelRequest, ProtocolError, SSLRequest, StartupMessage, decode_startup
 from proxy.metrics import Stats
 from proxy.session import Session, SessionSettings, error_bytes
 
@@ -97,8 +100,13 @@ class Proxy:
     """Everything shared by the sessions of one process."""
 
     def __init__(
-        self, config: ProxyConfig, stats: Stats | None = None, runtime: PolicyRuntime | None = None
+        self,
+        config: ProxyConfig,
+        stats: Stats | None = None,
+        runtime: PolicyRuntime | None = None,
+        worker: int = 0,
     ) -> None:
+        self.worker = worker
         self.stats = stats or Stats()
         self.runtime = runtime
         self.connections: set[ClientConnection] = set()
@@ -140,14 +148,24 @@ class Proxy:
         return [s.getsockname()[:2] for s in server.sockets]
 
     def issue_cancel_key(self, conn: ClientConnection, length: int) -> tuple[int, bytes]:
-        """A (pid, secret) pair for the client that no other live session holds."""
+        """A (pid, secret) pair for the client that no other live session holds.
+
+        With several workers the pid also says which worker owns the session (pid modulo
+        the number of workers), so a cancel request that the kernel hands to another worker
+        can be passed to the right one.
+        """
+        workers = self.config.workers
         while True:
-            pid = secrets.randbelow(2**31 - 2) + 1
-            if pid not in self.by_cancel_pid:
+            pid = secrets.randbelow((2**31 - 2) // workers) * workers + self.worker
+            if pid and pid not in self.by_cancel_pid:
                 self.by_cancel_pid[pid] = conn
                 return pid, secrets.token_bytes(length)
 
     async def forward_cancel(self, pid: int, secret: bytes) -> None:
+        workers = self.config.workers
+        if workers > 1 and pid % workers != self.worker:
+            await self._pass_cancel(pid % workers, pid, secret)
+            return
         conn = self.by_cancel_pid.get(pid)
         key = conn.session.client_key if conn else None
         if conn is None or key is None or not hmac.compare_digest(key.secret, secret):
@@ -157,6 +175,46 @@ class Proxy:
             return
         self.stats.cancels_forwarded += 1
         await conn.cancel_upstream()
+
+    def cancel_socket(self, worker: int) -> str:
+        """Where worker ``worker`` takes cancel requests passed on by its siblings."""
+        base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+        listen = self.config.listen
+        return os.path.join(base, f"pgwarden-{listen.port}-cancel-{worker}.sock")
+
+    async def start_cancel_listener(self) -> None:
+        """With several workers: accept CancelRequests other workers pass on (Unix socket,
+        owner-only permissions)."""
+        path = self.cancel_socket(self.worker)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                packet = await asyncio.wait_for(reader.read(300), 5)
+                parsed = decode_startup(packet[4:]) if len(packet) >= 8 else None
+                if isinstance(parsed, CancelRequest):
+                    await self.forward_cancel(parsed.pid, parsed.secret)
+            except (OSError, TimeoutError, ProtocolError):
+                pass
+            finally:
+                writer.close()
+
+        server = await asyncio.start_unix_server(handle, path)
+        os.chmod(path, 0o600)
+        self._servers.append(server)
+
+    async def _pass_cancel(self, worker: int, pid: int, secret: bytes) -> None:
+        try:
+            _reader, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(self.cancel_socket(worker)), 5
+            )
+            writer.write(CancelRequest(pid, secret).encode())
+            await writer.drain()
+            writer.close()
+        except (OSError, TimeoutError) as exc:
+            self.stats.cancels_dropped += 1
+            log.warning("cancel_not_passed_on", worker=worker, error=str(exc))
 
     async def send_cancel(self, pid: int, secret: bytes) -> None:
         """Open a fresh connection to PostgreSQL carrying a CancelRequest for a backend."""
@@ -668,12 +726,14 @@ async def serve(
 
             runtime.trail = AuditTrail(config.audit)
             await runtime.trail.start()
-        proxy = Proxy(config, stats, runtime)
+        proxy = Proxy(config, stats, runtime, worker)
     else:
-        proxy = Proxy(config)
+        proxy = Proxy(config, worker=worker)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     addresses = await proxy.start()
+    if config.workers > 1:
+        await proxy.start_cancel_listener()
     gc.freeze()  # what start-up built lives as long as the process (see PolicyRuntime)
     admin = None
     if config.admin_listen is not None:

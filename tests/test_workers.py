@@ -41,3 +41,26 @@ def _answers(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def test_a_cancel_reaches_the_session_whichever_worker_takes_it(
+    pg: Cluster, tmp_path: Path
+) -> None:
+    import threading
+    import time
+
+    import pytest
+
+    p = ProxyProcess(pg, tmp_path / "proxy", ["--workers", "2"])
+    try:
+        # Each cancel arrives on a new connection, which the kernel gives to either worker:
+        # over 8 tries some land on the worker that does not own the session.
+        for _ in range(8):
+            with psycopg.connect(p.dsn()) as conn:
+                threading.Timer(0.3, conn.cancel_safe).start()
+                started = time.monotonic()
+                with pytest.raises(psycopg.errors.QueryCanceled):
+                    conn.execute("select pg_sleep(20)")
+                assert time.monotonic() - started < 10
+    finally:
+        assert p.stop() == 0
