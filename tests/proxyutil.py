@@ -43,6 +43,27 @@ def pgwarden_command() -> list[str]:
     return [script]
 
 
+def free_ports(n: int, avoid: int = 0) -> int:
+    """The first of ``n`` consecutive free loopback ports (none of them ``avoid``)."""
+    for _ in range(200):
+        base = free_port()
+        if avoid in range(base, base + n):
+            continue
+        socks = []
+        try:
+            for port in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports found")
+
+
 def wait_until(
     predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, what: str = ""
 ) -> Any:
@@ -67,13 +88,15 @@ class ProxyProcess:
         args: Iterable[str] = (),
         config: dict[str, Any] | None = None,
         admin: bool = True,
+        admin_ports: int = 1,
     ) -> None:
         self.pg = pg
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.host = "127.0.0.1"
         self.port = free_port()
-        self.admin_port = free_port() if admin else None
+        # Workers each take the admin port + their index: find a run of free ports.
+        self.admin_port = free_ports(admin_ports, avoid=self.port) if admin else None
         self.log_path = workdir / "pgwarden.log"
         self.config_path: Path | None = None
         self._terminated = False

@@ -20,7 +20,7 @@ def connections_total(admin_port: int) -> float:
 
 
 def test_two_workers_share_the_port_and_stop_together(pg: Cluster, tmp_path: Path) -> None:
-    p = ProxyProcess(pg, tmp_path / "proxy", ["--workers", "2"])
+    p = ProxyProcess(pg, tmp_path / "proxy", ["--workers", "2"], admin_ports=2)
     assert p.admin_port is not None
     # Worker 1's admin listener is on the next port; wait until it answers too.
     wait_until(lambda: _answers(p.admin_port + 1), what="worker 1's admin listener")  # type: ignore[operator]
@@ -51,7 +51,7 @@ def test_a_cancel_reaches_the_session_whichever_worker_takes_it(
 
     import pytest
 
-    p = ProxyProcess(pg, tmp_path / "proxy", ["--workers", "2"])
+    p = ProxyProcess(pg, tmp_path / "proxy", ["--workers", "2"], admin_ports=2)
     try:
         # Each cancel arrives on a new connection, which the kernel gives to either worker:
         # over 8 tries some land on the worker that does not own the session.
