@@ -777,12 +777,7 @@ class StatementWalker:
         self.reads.add(target)
         base = self._target_rel(rv, schema, name, {})
         local = Scope([base], list(base.columns), scope, ctes)
-        others: list[Rel] = []
-        for item in n.get("fromClause") or ():
-            rels, star = self.from_item(item, local, ctes)
-            local.rels.extend(rels)
-            local.star = local.star + star
-            others.extend(rels)
+        others = self._join_into(n.get("fromClause") or (), local, ctes)
         assigned: dict[str, Lineage] = {}
         for t in n.get("targetList") or ():
             rt = t["ResTarget"]
@@ -793,6 +788,16 @@ class StatementWalker:
         own = self._target_rel(rv, schema, name, assigned)
         return self.returning(n, own, others, scope, ctes)
 
+    def _join_into(self, items: Any, local: Scope, ctes: dict[str, Columns]) -> list[Rel]:
+        """UPDATE ... FROM / DELETE ... USING: add the extra relations to the statement's scope."""
+        others: list[Rel] = []
+        for item in items:
+            rels, star = self.from_item(item, local, ctes)
+            local.rels.extend(rels)
+            local.star = local.star + star
+            others.extend(rels)
+        return others
+
     def delete(self, n: Node, scope: Scope | None, ctes: dict[str, Columns]) -> Columns:
         ctes = self.with_clause(n, scope, ctes)
         rv = n["relation"]
@@ -801,12 +806,7 @@ class StatementWalker:
         self.reads.add(f"{schema}.{name}")
         own = self._target_rel(rv, schema, name, {})
         local = Scope([own], list(own.columns), scope, ctes)
-        others: list[Rel] = []
-        for item in n.get("usingClause") or ():
-            rels, star = self.from_item(item, local, ctes)
-            local.rels.extend(rels)
-            local.star = local.star + star
-            others.extend(rels)
+        others = self._join_into(n.get("usingClause") or (), local, ctes)
         self.filters |= self.expr(n.get("whereClause"), local)
         return self.returning(n, own, others, scope, ctes)
 

@@ -15,6 +15,7 @@ import os
 import secrets
 import time
 import weakref
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -399,18 +400,13 @@ class PolicyRuntime:
     async def handle(self, c: cmd.Command, log_: Any) -> None:
         """Carry out a policy command from a session (counters, quarantine, alerts)."""
         if isinstance(c, cmd.RefreshCounts):
-            try:
-                for label, windows in c.labels:
-                    await self.store.totals(c.subject, label, windows)
-                self.counters.unavailable = False
-            except StoreUnavailable as exc:
-                self._store_down(exc)
+            for label, windows in c.labels:
+                if not await self._store_call(self.store.totals(c.subject, label, windows)):
+                    break
         elif isinstance(c, cmd.RecordUsage):
-            try:
-                await self.store.record(c.subject, c.label, c.rows, c.records, c.windows)
-                self.counters.unavailable = False
-            except StoreUnavailable as exc:
-                self._store_down(exc)
+            await self._store_call(
+                self.store.record(c.subject, c.label, c.rows, c.records, c.windows)
+            )
         elif isinstance(c, cmd.PolicyBlock):
             self.stats.policy_blocks += 1
             log_.warning(
@@ -473,6 +469,16 @@ class PolicyRuntime:
                 )  # fmt: skip
         except StoreUnavailable as exc:
             self._store_down(exc)
+
+    async def _store_call(self, call: Awaitable[object]) -> bool:
+        """Await one window-store call; a store that cannot be reached fails windows closed."""
+        try:
+            await call
+        except StoreUnavailable as exc:
+            self._store_down(exc)
+            return False
+        self.counters.unavailable = False
+        return True
 
     def _store_down(self, exc: Exception) -> None:
         """Windows fail closed until the store answers again (probed every second)."""
