@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import fnmatch
 import ipaddress
+import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
@@ -131,6 +132,15 @@ class ResultPlan:
     canary_rules: tuple[Finding, ...] = ()
     window_rules: tuple[Rule, ...] = ()
     need_to_know: tuple[KnowCheck, ...] = ()
+    # One search for all canary values: a row is scanned once, not once per value.
+    canary_search: Callable[[bytes], re.Match[bytes] | None] | None = field(
+        default=None, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        if self.canary_values and self.canary_search is None:
+            pattern = re.compile(b"|".join(re.escape(v) for v in self.canary_values))
+            object.__setattr__(self, "canary_search", pattern.search)
 
     @property
     def needs_rows(self) -> bool:

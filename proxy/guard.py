@@ -16,10 +16,11 @@ import time
 from dataclasses import dataclass, field, replace
 
 from policy.analyze import Analyzer
+from policy.catalog import CatalogSnapshot
 from policy.engine import Engine, ResultPlan, Subject, Verdict
 from policy.facts import OutputColumn, QueryFacts
 from policy.session_sql import SqlSession
-from proxy.messages import Field
+from proxy.messages import RowDescription, result_format
 
 # sqlcommenter puts key='value' pairs in a trailing /* */ comment; values are URL-encoded.
 _COMMENT_END_USER = re.compile(r"/\*[^*]*?\bend_user\s*=\s*'([^']{1,200})'[^*]*\*/")
@@ -77,6 +78,33 @@ class ColumnInfo:
     pk_of: str | None  # "schema.table" when this column is that table's primary key
 
 
+@dataclass(frozen=True, slots=True)
+class ResultShape:
+    """A RowDescription as the catalog sees it."""
+
+    columns: tuple[tuple[frozenset[str], bool, str | None], ...]  # (labels, binary, pk of)
+    labels: frozenset[str]  # every label the catalog puts on these columns
+
+
+_SHAPE_CACHE_SIZE = 512
+
+
+def _result_shape(snapshot: CatalogSnapshot, fields: bytes) -> ResultShape:
+    columns = []
+    for f in RowDescription.decode(fields).fields:
+        labels: frozenset[str] = frozenset()
+        pk_of = None
+        if f.table_oid:
+            col = snapshot.column_at(f.table_oid, f.column)
+            if col is not None:
+                labels = col.labels
+                rel = snapshot.relation(col.schema, col.table)
+                if rel is not None and rel.primary_key == (col.name,):
+                    pk_of = rel.qualified
+        columns.append((labels, f.format == 1, pk_of))
+    return ResultShape(tuple(columns), frozenset().union(*(c[0] for c in columns)))
+
+
 @dataclass(slots=True, weakref_slot=True, eq=False)
 class Guard:
     engine: Engine
@@ -90,6 +118,8 @@ class Guard:
     sql: SqlSession = field(init=False)
     end_user_sources: frozenset[str] = field(init=False)
     _watchful: tuple[Subject, Engine, bool] | None = field(init=False, default=None)
+    _shapes: dict[bytes, ResultShape] = field(init=False, default_factory=dict)
+    _shapes_of: CatalogSnapshot | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.sql = SqlSession(self.analyzer, user=self.subject.user)
@@ -130,31 +160,40 @@ class Guard:
         self._end_user(sql)
         return [Decision(f, self.engine.decide(self.subject, f)) for f in self.sql.analyze(sql)]
 
-    def columns(
-        self, decision: Decision | None, fields: tuple[Field, ...] | None
-    ) -> list[ColumnInfo]:
-        """Labels (analysis and catalog together) and format of each result column."""
-        out: list[ColumnInfo] = []
-        outputs = decision.facts.output if decision is not None else ()
+    def result_shape(self, fields: bytes) -> ResultShape:
+        """What the catalog says about a RowDescription body (cached: one statement's
+        results all carry the same bytes, so this is decoded once, not per execution)."""
         snapshot = self.analyzer.snapshot
-        n = len(fields) if fields is not None else len(outputs)
-        for i in range(n):
-            labels = outputs[i].labels if i < len(outputs) else frozenset()
-            binary = False
-            pk_of = None
-            if fields is not None:
-                f = fields[i]
-                binary = f.format == 1
-                if f.table_oid:
-                    col = snapshot.column_at(f.table_oid, f.column)
-                    if col is not None:
-                        # The cross-check: the catalog knows this column is labelled even if
-                        # the analysis did not follow the expression that produced it.
-                        labels = labels | col.labels
-                        rel = snapshot.relation(col.schema, col.table)
-                        if rel is not None and rel.primary_key == (col.name,):
-                            pk_of = rel.qualified
-            out.append(ColumnInfo(labels, binary, pk_of))
+        if snapshot is not self._shapes_of:
+            self._shapes.clear()
+            self._shapes_of = snapshot
+        shape = self._shapes.get(fields)
+        if shape is None:
+            if len(self._shapes) >= _SHAPE_CACHE_SIZE:
+                self._shapes.clear()
+            shape = self._shapes[fields] = _result_shape(snapshot, fields)
+        return shape
+
+    def columns(
+        self, decision: Decision | None, shape: ResultShape | None, formats: tuple[int, ...] = ()
+    ) -> list[ColumnInfo]:
+        """Labels (analysis and catalog together) and format of each result column.
+
+        ``formats`` are Bind's result format codes, which decide the format of a portal's
+        columns before its RowDescription is seen."""
+        outputs = decision.facts.output if decision is not None else ()
+        if shape is None:
+            return [
+                ColumnInfo(o.labels, result_format(formats, i) == 1, None)
+                for i, o in enumerate(outputs)
+            ]
+        out: list[ColumnInfo] = []
+        for i, (labels, binary, pk_of) in enumerate(shape.columns):
+            if i < len(outputs):
+                # The cross-check: the catalog knows a column is labelled even where the
+                # analysis did not follow the expression that produced it.
+                labels = labels | outputs[i].labels
+            out.append(ColumnInfo(labels, binary or result_format(formats, i) == 1, pk_of))
         return out
 
     def record_id(self, table: str, key: bytes) -> str:

@@ -32,7 +32,7 @@ from policy.facts import SourceColumn
 from policy.model import Action
 from proxy import commands as cmd
 from proxy.codec import FrameReader
-from proxy.guard import ColumnInfo, Decision, Guard, raise_statement
+from proxy.guard import ColumnInfo, Decision, Guard, ResultShape, raise_statement
 from proxy.masking import mask_value
 from proxy.messages import (
     Bind,
@@ -44,11 +44,9 @@ from proxy.messages import (
     ParameterStatus,
     Parse,
     Query,
-    RowDescription,
     bind_head,
     execute_head,
     parse_head,
-    result_format,
     target_head,
 )
 from proxy.metrics import Stats
@@ -571,30 +569,29 @@ class Tracker:
             return None
         return self._inspect(running, plan, raw[start:end], out)
 
-    def _columns(self, running: Running) -> list[ColumnInfo]:
+    def _shape(self, running: Running) -> tuple[ResultShape | None, tuple[int, ...]]:
         fields = running.fields
         formats: tuple[int, ...] = ()
         if running.portal is not None and (portal := self.portals.get(running.portal)) is not None:
             # A pipelined Describe's RowDescription may have come in after the Execute.
             fields = fields or portal.fields
             formats = portal.formats
-        decoded = RowDescription.decode(fields).fields if fields is not None else None
-        columns = self.guard.columns(running.decision, decoded)
-        for i, col in enumerate(columns):
-            col.binary = col.binary or result_format(formats, i) == 1
-        return columns
+        return (self.guard.result_shape(fields) if fields is not None else None), formats
+
+    def _columns(self, running: Running) -> list[ColumnInfo]:
+        shape, formats = self._shape(running)
+        return self.guard.columns(running.decision, shape, formats)
 
     def _prepare(self, running: Running, out: list[cmd.Command]) -> None:
-        """At a statement's first row: map its columns, cross-check the analysis, and work
+        """At a statement's first row: cross-check the analysis against the catalog and work
         out what must be watched."""
         running.prepared = True
         decision = running.decision
         if decision is None or decision.plan is None:
             return
         if self.guard.watchful or self.ledger:
-            running.columns = self._columns(running)
-            found = frozenset().union(*(c.labels for c in running.columns))
-            missed = found - decision.facts.output_labels
+            shape, _formats = self._shape(running)
+            missed = shape.labels - decision.facts.output_labels if shape is not None else None
             if missed:
                 # A result column the catalog knows is labelled, which the analysis did not
                 # see: treat it as labelled from here on, and say so.
@@ -608,7 +605,8 @@ class Tracker:
         facts = decision.facts
         if facts.output_labels and (self.ledger or plan.window_rules):
             capture = [(k.relation, k.positions) for k in facts.record_keys]
-            if not capture and running.columns:
+            if not capture:
+                running.columns = running.columns or self._columns(running)
                 capture = [(c.pk_of, (i,)) for i, c in enumerate(running.columns) if c.pk_of]
             running.capture = tuple(capture)
             if self.ledger and not capture:
@@ -633,7 +631,7 @@ class Tracker:
         running.watch = bool(
             plan.limits or plan.needs_rows or running.capture or running.value_capture
         )
-        if running.watch and running.columns is None:
+        if plan.mask and running.columns is None:
             running.columns = self._columns(running)
 
     def _inspect(
@@ -641,7 +639,7 @@ class Tracker:
     ) -> bytes | None:
         columns = running.columns or []
         values: tuple[bytes | None, ...] | None = None
-        if plan.canary_values and any(v in body for v in plan.canary_values):
+        if plan.canary_search is not None and plan.canary_search(body):
             values = DataRow.decode(body).values
             if any(v in plan.canary_values for v in values if v is not None):
                 out += self._canary(plan)
