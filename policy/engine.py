@@ -116,8 +116,9 @@ class KnowCheck:
     rule_id: str
     table: str  # schema.table
     key_column: str
-    withhold: bool  # True: drop the row; False: refuse the statement
+    withhold: bool  # True: drop the row; False: refuse the statement (or mask it)
     monitored: bool
+    mask_style: str | None = None  # set: the row passes with its labelled values masked
 
 
 @dataclass(frozen=True, slots=True)
@@ -462,6 +463,7 @@ class Engine:
                     know.append(KnowCheck(
                         rule.id, table, ntk.key_column, ntk.on_violation == "withhold",
                         self._monitored(rule),
+                        ntk.mask_style if ntk.on_violation == "mask" else None,
                     ))  # fmt: skip
             elif kind == "canary":
                 assert rule.canary is not None

@@ -159,7 +159,14 @@ class NeedToKnow(_Strict):
     lookup: str = Field(
         description="SQL run by pgwarden with $1 = the end user; returns the allowed keys"
     )
-    on_violation: Literal["withhold", "block"] = "block"
+    on_violation: Literal["withhold", "mask", "block"] = Field(
+        "block",
+        description="withhold: drop the row; mask: pass the row with its labelled values "
+        "masked; block: refuse the statement",
+    )
+    mask_style: Literal["redact", "partial", "hash"] = Field(
+        "redact", description="how on_violation: mask masks (see Masking)"
+    )
     cache_seconds: float = Field(30.0, gt=0)
 
 

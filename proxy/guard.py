@@ -61,10 +61,10 @@ class Decision:
 
     @property
     def limited(self) -> bool:
-        """True when the result may be cut off part-way (row or byte limits, a refusing
-        need-to-know rule, a mask that refuses binary results): what the client sent after
-        it is then held back until it has finished.  Canaries and withholding never cut, so
-        they cost no such wait."""
+        """True when the result may be cut off part-way (row or byte limits, a refusing or
+        masking need-to-know rule, a mask that refuses binary results): what the client sent
+        after it is then held back until it has finished.  Canaries and withholding never
+        cut, so they cost no such wait."""
         plan = self.verdict.plan
         if plan is None:
             return False
@@ -76,13 +76,15 @@ class ColumnInfo:
     labels: frozenset[str]
     binary: bool
     pk_of: str | None  # "schema.table" when this column is that table's primary key
+    type_oid: int = 0  # 0: not known (no RowDescription seen)
 
 
 @dataclass(frozen=True, slots=True)
 class ResultShape:
     """A RowDescription as the catalog sees it."""
 
-    columns: tuple[tuple[frozenset[str], bool, str | None], ...]  # (labels, binary, pk of)
+    # (labels, binary, primary key of, type OID) per column
+    columns: tuple[tuple[frozenset[str], bool, str | None, int], ...]
     labels: frozenset[str]  # every label the catalog puts on these columns
 
 
@@ -101,7 +103,7 @@ def _result_shape(snapshot: CatalogSnapshot, fields: bytes) -> ResultShape:
                 rel = snapshot.relation(col.schema, col.table)
                 if rel is not None and rel.primary_key == (col.name,):
                     pk_of = rel.qualified
-        columns.append((labels, f.format == 1, pk_of))
+        columns.append((labels, f.format == 1, pk_of, f.type_oid))
     return ResultShape(tuple(columns), frozenset().union(*(c[0] for c in columns)))
 
 
@@ -184,16 +186,18 @@ class Guard:
         outputs = decision.facts.output if decision is not None else ()
         if shape is None:
             return [
-                ColumnInfo(o.labels, result_format(formats, i) == 1, None)
+                ColumnInfo(o.labels, result_format(formats, i) == 1, None, 0)
                 for i, o in enumerate(outputs)
             ]
         out: list[ColumnInfo] = []
-        for i, (labels, binary, pk_of) in enumerate(shape.columns):
+        for i, (labels, binary, pk_of, type_oid) in enumerate(shape.columns):
             if i < len(outputs):
                 # The cross-check: the catalog knows a column is labelled even where the
                 # analysis did not follow the expression that produced it.
                 labels = labels | outputs[i].labels
-            out.append(ColumnInfo(labels, binary or result_format(formats, i) == 1, pk_of))
+            out.append(
+                ColumnInfo(labels, binary or result_format(formats, i) == 1, pk_of, type_oid)
+            )
         return out
 
     def record_id(self, table: str, key: bytes) -> str:

@@ -59,6 +59,9 @@ _PS = ord("S")  # from the server, 'S' is ParameterStatus  # from the server, 'H
 _FRONTEND = frozenset((_Q, _P, _B, _D, _E, _C, _S, _H, _F, _X, _d, _c, _f))
 
 SERVER_MESSAGE_LIMIT = 2**30 + 2**20
+NO_KEY, BINARY_KEY = -1, -2  # need-to-know: where a row's key cannot be found
+_BINARY_INTS = frozenset((20, 21, 23))  # int8, int2, int4
+_BINARY_AS_TEXT = frozenset((19, 25, 1042, 1043))  # name, text, char(n), varchar: same bytes
 FLUSH = b"H\x00\x00\x00\x04"
 
 # What a FIFO entry waits for.
@@ -85,7 +88,9 @@ class Running:
     prepared: bool = False  # columns and what to watch worked out (at the first row)
     watch: bool = False  # rows are inspected (limits, masks, canaries, record keys)
     capture: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (table, key positions)
-    know: tuple[tuple[KnowCheck, int, frozenset[bytes]], ...] = ()  # (check, key position, allowed)
+    # (check, key position, allowed keys, reads a binary key as text or None); the position
+    # is NO_KEY when the result lacks the key column, BINARY_KEY when its format is unreadable
+    know: tuple[tuple[KnowCheck, int, frozenset[bytes], Callable[[bytes], bytes] | None], ...] = ()
     withheld: int = 0  # rows need-to-know kept from the client
     # False: not audited yet; True: persisted (or not needed); None: the audit trail failed.
     durable_done: bool | None = False
@@ -625,13 +630,28 @@ class Tracker:
                  if SourceColumn(schema, table, check.key_column) in col.sources),
                 None,
             )  # fmt: skip
-            know.append((check, -1 if position is None else position,
-                         self.guard.allowed_keys(check.rule_id) or frozenset()))  # fmt: skip
+            reader = None
+            if position is None:
+                position = NO_KEY
+            else:
+                if running.columns is None:
+                    running.columns = self._columns(running)
+                col = running.columns[position] if position < len(running.columns) else None
+                if col is not None and col.binary and col.type_oid not in _BINARY_AS_TEXT:
+                    # The lookup's keys are text; a binary integer key is turned into text,
+                    # any other binary key cannot be compared.
+                    reader = _binary_int if col.type_oid in _BINARY_INTS else None
+                    position = position if reader is not None else BINARY_KEY
+            know.append(
+                (check, position, self.guard.allowed_keys(check.rule_id) or frozenset(), reader)
+            )
         running.know = tuple(know)
         running.watch = bool(
             plan.limits or plan.needs_rows or running.capture or running.value_capture
         )
-        if plan.mask and running.columns is None:
+        if running.columns is None and (
+            plan.mask or any(k.mask_style is not None for k in plan.need_to_know)
+        ):
             running.columns = self._columns(running)
 
     def _inspect(
@@ -650,8 +670,11 @@ class Tracker:
             return None
         if values is None:
             values = DataRow.decode(body).values
-        for check, position, allowed in running.know:
+        know_mask: str | None = None  # a need-to-know rule lets this row pass masked
+        for check, position, allowed, reader in running.know:
             key = values[position] if 0 <= position < len(values) else None
+            if key is not None and reader is not None:
+                key = reader(key)
             if key is not None and key in allowed:
                 continue
             if check.monitored:
@@ -664,6 +687,9 @@ class Tracker:
                 running.withheld += 1
                 running.rows -= 1
                 return b""
+            if check.mask_style is not None:
+                know_mask = know_mask or check.mask_style
+                continue
             return self._cut(running, None, out, know=check)
         for i, label in running.value_capture:
             if i < len(values) and (v := values[i]) is not None:
@@ -681,12 +707,14 @@ class Tracker:
             wanted = plan.canary_keys.get(table)
             if wanted and key.decode("utf-8", "replace") in wanted:
                 out += self._canary(plan)
-        if not plan.mask:
+        if not plan.mask and know_mask is None:
             return None
         masked = list(values)
         changed = False
         for i, col in enumerate(columns[: len(values)]):
             styles = [plan.mask[lb] for lb in sorted(col.labels) if lb in plan.mask]
+            if know_mask is not None and col.labels:
+                styles.append(know_mask)
             current = masked[i]
             if not styles or current is None:
                 continue
@@ -703,10 +731,15 @@ class Tracker:
         """End the result here: our error to the client; cancel and discard upstream."""
         if know is not None:
             rule, action = know.rule_id, Action.BLOCK
-            if any(k is know and p < 0 for k, p, _ in running.know):
+            position = next((p for k, p, _, _ in running.know if k is know), 0)
+            if position == NO_KEY:
                 message = (f"pgwarden: blocked by rule {rule}: need-to-know cannot be checked, the "
                            f"result does not carry {know.table}.{know.key_column}")  # fmt: skip
                 hint = f"select {know.key_column} as well, so each row can be checked"
+            elif position == BINARY_KEY:
+                message = (f"pgwarden: blocked by rule {rule}: need-to-know cannot be checked, "
+                           f"{know.table}.{know.key_column} was requested in binary format")  # fmt: skip
+                hint = f"request {know.key_column} in text format"
             else:
                 message = f"pgwarden: blocked by rule {rule}: a row of {know.table} outside what you need to know"
                 hint = f"only {know.table} rows related to your own work can be read"
@@ -893,6 +926,10 @@ def _failing_extended() -> bytes:
 
 def _without_context(err: ErrorResponse) -> bytes:
     return ErrorResponse(tuple((k, v) for k, v in err.fields if k not in "WFLRqP")).encode()
+
+
+def _binary_int(value: bytes) -> bytes:
+    return str(int.from_bytes(value, "big", signed=True)).encode()
 
 
 def pk_text(values: list[bytes | None]) -> bytes:

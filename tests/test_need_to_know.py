@@ -60,6 +60,12 @@ def test_rows_outside_an_agents_tickets_are_withheld(
             )
             assert [r[0] for r in cur.fetchall()] == [3, 6, 9]
             assert cur.rowcount == 3  # the command tag counts what the client got
+            # Binary format: the integer keys are compared as the lookup's text keys.
+            cur = conn.execute(
+                "SELECT customer_id, email FROM customers WHERE customer_id <= 9 ORDER BY 1",
+                binary=True,
+            )
+            assert [r[0] for r in cur.fetchall()] == [3, 6, 9]
         with agent(p, "agent2") as conn:
             rows = conn.execute(
                 "SELECT customer_id FROM customers WHERE customer_id <= 9 ORDER BY 1"
@@ -99,5 +105,35 @@ def test_block_mode_refuses_and_a_result_without_the_key_cannot_be_checked(
             ):
                 conn.execute("SELECT email FROM customers WHERE customer_id = 3").fetchall()
             assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        assert p.stop() == 0
+
+
+def test_mask_mode_passes_other_customers_rows_with_their_contact_data_masked(
+    pg: Cluster, enforce_db: str, tmp_path: Path
+) -> None:
+    p = start(pg, tmp_path, "mask")
+    try:
+        with agent(p, "agent1") as conn:
+            rows = conn.execute(
+                "SELECT customer_id, email, phone, country FROM customers"
+                " WHERE customer_id BETWEEN 3 AND 5 ORDER BY 1"
+            ).fetchall()
+            # Every row arrives; only customer 3 (a ticket of agent1's) is readable.  The
+            # labelled columns of the others are masked, the unlabelled ones are not.
+            assert rows == [
+                (3, "customer3@mail.example", "+44200000003", "GB"),
+                (4, "****", "****", "GB"),
+                (5, "****", "****", "GB"),
+            ]
+            # Masking rewrites text; a binary-format result of a masked column is refused.
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="binary format"):
+                conn.execute(
+                    "SELECT customer_id, email FROM customers WHERE customer_id = 4", binary=True
+                ).fetchall()
+            # A row the agent may read needs no masking, so binary format is fine for it.
+            assert conn.execute(
+                "SELECT customer_id, email FROM customers WHERE customer_id = 3", binary=True
+            ).fetchone() == (3, "customer3@mail.example")
     finally:
         assert p.stop() == 0
