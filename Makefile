@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo serve test lint typecheck check bench bench-analysis bench-audit loadtest sysdeps clean
+.PHONY: demo serve test lint typecheck check bench bench-analysis bench-audit bench-ledger loadtest sysdeps clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,9 @@ bench-analysis: $(STAMP)
 
 bench-audit: $(STAMP)
 	@$(BIN)/python -m loadtests.bench_audit
+
+bench-ledger: $(STAMP) sysdeps
+	@$(BIN)/python -m loadtests.bench_ledger
 
 loadtest: $(STAMP) sysdeps
 	@$(BIN)/python -m loadtests.support_load

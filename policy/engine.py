@@ -134,7 +134,7 @@ class ResultPlan:
     window_rules: tuple[Rule, ...] = ()
     need_to_know: tuple[KnowCheck, ...] = ()
     # One search for all canary values: a row is scanned once, not once per value.
-    canary_search: Callable[[bytes], re.Match[bytes] | None] | None = field(
+    canary_search: Callable[[bytes, int, int], re.Match[bytes] | None] | None = field(
         default=None, compare=False
     )
 

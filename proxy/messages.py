@@ -643,10 +643,48 @@ class DataRow:  # 'D' DataRow
 
     @classmethod
     def decode(cls, body: bytes) -> DataRow:
-        r = _Reader(body)
-        values = tuple(r.nullable() for _ in range(_count(r)))
-        r.done()
-        return cls(values)
+        if type(body) is not bytes:
+            body = bytes(body)
+        return cls(row_values(body, 0, len(body)))
+
+
+def row_values(buf: bytes, start: int, end: int, upto: int = -1) -> tuple[bytes | None, ...]:
+    """The values of the DataRow whose body is ``buf[start:end]``, without copying the body.
+
+    With ``upto`` >= 0 only the first ``upto + 1`` values are read (a key at a known
+    position), and the rest of the body is not checked.  Rows are the bulk of every result,
+    so this is one tight loop rather than a reader object; bounds are checked all the same.
+    """
+    if end - start < 2:
+        raise ProtocolError("message body is shorter than its fields")
+    (n,) = _I16.unpack_from(buf, start)
+    if n < 0:
+        raise ProtocolError("negative count")
+    if 0 <= upto < n:
+        n = upto + 1
+        check_end = False
+    else:
+        check_end = True
+    pos = start + 2
+    out: list[bytes | None] = []
+    unpack = _I32.unpack_from
+    for _ in range(n):
+        if pos + 4 > end:
+            raise ProtocolError("message body is shorter than its fields")
+        (size,) = unpack(buf, pos)
+        pos += 4
+        if size < 0:
+            if size != -1:
+                raise ProtocolError(f"negative value length {size}")
+            out.append(None)
+            continue
+        if pos + size > end:
+            raise ProtocolError("message body is shorter than its fields")
+        out.append(buf[pos : pos + size])
+        pos += size
+    if check_end and pos != end:
+        raise ProtocolError("message body has trailing bytes")
+    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)

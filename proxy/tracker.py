@@ -47,6 +47,7 @@ from proxy.messages import (
     bind_head,
     execute_head,
     parse_head,
+    row_values,
     target_head,
 )
 from proxy.metrics import Stats
@@ -92,6 +93,8 @@ class Running:
     # is NO_KEY when the result lacks the key column, BINARY_KEY when its format is unreadable
     know: tuple[tuple[KnowCheck, int, frozenset[bytes], Callable[[bytes], bytes] | None], ...] = ()
     withheld: int = 0  # rows need-to-know kept from the client
+    key_upto: int = -1  # >= 0: rows are read only up to this column (record keys alone)
+    key_list: list[bytes] | None = None  # set: each row's key (at key_upto) goes here, no more
     # False: not audited yet; True: persisted (or not needed); None: the audit trail failed.
     durable_done: bool | None = False
 
@@ -404,6 +407,15 @@ class Tracker:
                 entry = fifo[0] if fifo else None
                 if entry is None or entry.kind not in (EXECUTE, QUERY):
                     continue
+                if t == _D and (r := entry.running) is not None and r.key_list is not None:
+                    # A row whose only use is its record key (the ledger of a big result):
+                    # no further calls per row.
+                    r.rows += 1
+                    r.nbytes += end - start
+                    key = row_values(raw, start, end, r.key_upto)[r.key_upto]
+                    if key is not None:
+                        r.key_list.append(key)
+                    continue
                 running = self._current(entry)
                 if t == _d and not running.copy_out:
                     continue
@@ -547,12 +559,27 @@ class Tracker:
         if plan is None or not running.watch:
             running.rows += rows
             return None
+        size = end - start
+        if plan.limits:
+            limit_out = self._over_limit(running, plan, rows, size, out)
+            if limit_out is not None:
+                return limit_out
+        running.rows += rows
+        running.nbytes += size
+        if copy:
+            return None
+        return self._inspect(running, plan, raw, start, end, out)
+
+    def _over_limit(
+        self, running: Running, plan: ResultPlan, rows: int, size: int, out: list[cmd.Command]
+    ) -> bytes | None:
+        """The cut-off error if these rows would pass a limit (alerts for those that only
+        watch), else None."""
         earlier = 0
         if running.portal is not None and (portal := self.portals.get(running.portal)) is not None:
             earlier += portal.rows
         if running.cursor is not None:
             earlier += self.cursor_rows.get(running.cursor, 0)
-        size = end - start
         for limit in plan.limits:
             over_rows = (
                 limit.max_rows is not None and earlier + running.rows + rows > limit.max_rows
@@ -568,11 +595,7 @@ class Tracker:
                 )
                 continue
             return self._cut(running, limit, out)
-        running.rows += rows
-        running.nbytes += size
-        if copy:
-            return None
-        return self._inspect(running, plan, raw[start:end], out)
+        return None
 
     def _shape(self, running: Running) -> tuple[ResultShape | None, tuple[int, ...]]:
         fields = running.fields
@@ -649,18 +672,29 @@ class Tracker:
         running.watch = bool(
             plan.limits or plan.needs_rows or running.capture or running.value_capture
         )
+        if running.capture and not (plan.mask or running.know or running.value_capture):
+            running.key_upto = max(max(positions) for _table, positions in running.capture)
+            if (
+                len(running.capture) == 1
+                and len(running.capture[0][1]) == 1
+                and not (plan.limits or plan.canary_search or plan.canary_keys)
+            ):
+                running.key_list = running.keys.setdefault(running.capture[0][0], [])
         if running.columns is None and (
             plan.mask or any(k.mask_style is not None for k in plan.need_to_know)
         ):
             running.columns = self._columns(running)
 
     def _inspect(
-        self, running: Running, plan: ResultPlan, body: bytes, out: list[cmd.Command]
-    ) -> bytes | None:
+        self, running: Running, plan: ResultPlan, raw: bytes, start: int, end: int,
+        out: list[cmd.Command],
+    ) -> bytes | None:  # fmt: skip
+        """One DataRow (``raw[start:end]``) of a watched result; returns bytes to send
+        instead of it, or None."""
         columns = running.columns or []
         values: tuple[bytes | None, ...] | None = None
-        if plan.canary_search is not None and plan.canary_search(body):
-            values = DataRow.decode(body).values
+        if plan.canary_search is not None and plan.canary_search(raw, start, end):
+            values = row_values(raw, start, end)
             if any(v in plan.canary_values for v in values if v is not None):
                 out += self._canary(plan)
         if not (
@@ -669,7 +703,8 @@ class Tracker:
         ):  # fmt: skip
             return None
         if values is None:
-            values = DataRow.decode(body).values
+            # Only the key columns when nothing else reads the row (the common ledger case).
+            values = row_values(raw, start, end, running.key_upto)
         know_mask: str | None = None  # a need-to-know rule lets this row pass masked
         for check, position, allowed, reader in running.know:
             key = values[position] if 0 <= position < len(values) else None
