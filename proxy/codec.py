@@ -24,6 +24,7 @@ from proxy.messages import ClientProtocolError, ProtocolError, ServerProtocolErr
 
 _HEADER = struct.Struct("!Bi")  # type byte, length (which counts itself)
 _LEN = struct.Struct("!i")
+_DATA_ROW, _COPY_DATA = ord("D"), ord("d")
 
 # PostgreSQL itself refuses start-up packets over 10000 bytes (MAX_STARTUP_PACKET_LENGTH).
 MAX_STARTUP_PACKET = 10_000
@@ -167,6 +168,49 @@ class FrameReader:
                 break
             frames.append((t, pos + 5, end))
             pos = end
+        if pos < n:
+            return self._keep(data, pos, need), frames
+        return data, frames
+
+    def feed_runs(self, data: bytes) -> tuple[bytes, list[tuple[int, int, int, int]]]:
+        """Like ``feed``, but ``(type, body_start, end, count)``: consecutive DataRow (or
+        CopyData) messages come as one run, ``body_start`` being the first one's and ``end``
+        the last one's.  A big result is then a few entries per chunk instead of one per
+        row, for a caller that can count or scan a run in one go."""
+        if self._parts:
+            joined = self._join(data)
+            if joined is None:
+                return b"", []
+            data = joined
+        frames: list[tuple[int, int, int, int]] = []
+        pos = 0
+        n = len(data)
+        limit = self.max_message
+        need = 5
+        unpack = _HEADER.unpack_from
+        run_t, run_start, run_end, run_n = -1, 0, 0, 0  # the run being gathered
+        while n - pos >= 5:
+            t, length = unpack(data, pos)
+            if length < 4 or length > limit:
+                raise self._bad_length(t, length)
+            end = pos + 1 + length
+            if end > n:
+                need = end - pos
+                break
+            if t == run_t:
+                run_end = end
+                run_n += 1
+            else:
+                if run_n:
+                    frames.append((run_t, run_start, run_end, run_n))
+                    run_t, run_n = -1, 0
+                if t in (_DATA_ROW, _COPY_DATA):
+                    run_t, run_start, run_end, run_n = t, pos + 5, end, 1
+                else:
+                    frames.append((t, pos + 5, end, 1))
+            pos = end
+        if run_n:
+            frames.append((run_t, run_start, run_end, run_n))
         if pos < n:
             return self._keep(data, pos, need), frames
         return data, frames

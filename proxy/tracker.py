@@ -22,6 +22,7 @@ What policy needs from here:
 
 from __future__ import annotations
 
+import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -43,6 +44,7 @@ from proxy.messages import (
     Execute,
     ParameterStatus,
     Parse,
+    ProtocolError,
     Query,
     bind_head,
     execute_head,
@@ -60,6 +62,8 @@ _PS = ord("S")  # from the server, 'S' is ParameterStatus  # from the server, 'H
 _FRONTEND = frozenset((_Q, _P, _B, _D, _E, _C, _S, _H, _F, _X, _d, _c, _f))
 
 SERVER_MESSAGE_LIMIT = 2**30 + 2**20
+_LENGTH = struct.Struct("!i")  # a message's length, after its type byte
+_ROW_HEAD = struct.Struct("!ihi")  # DataRow: length, column count, first value's length
 NO_KEY, BINARY_KEY = -1, -2  # need-to-know: where a row's key cannot be found
 _BINARY_INTS = frozenset((20, 21, 23))  # int8, int2, int4
 _BINARY_AS_TEXT = frozenset((19, 25, 1042, 1043))  # name, text, char(n), varchar: same bytes
@@ -388,12 +392,12 @@ class Tracker:
         if self.awaiting is not None:
             self.server_pending += data
             return []
-        raw, frames = self.server_reader.feed(data)
+        raw, frames = self.server_reader.feed_runs(data)
         out: list[cmd.Command] = []
         parts: list[bytes] = []
         fwd = 0
         fifo = self.fifo
-        for t, start, end in frames:
+        for t, start, end, n in frames:
             head = start - 5
             if self.discarding and t != _Z:
                 # After a cut-off: the server's cancel error, the tag of a statement that
@@ -404,26 +408,42 @@ class Tracker:
                     self._skip_to_sync()
                 continue
             if t in (_D, _d):
+                # A run of n rows (DataRow or CopyData) from raw[head] to raw[end].
                 entry = fifo[0] if fifo else None
                 if entry is None or entry.kind not in (EXECUTE, QUERY):
                     continue
-                if t == _D and (r := entry.running) is not None and r.key_list is not None:
-                    # A row whose only use is its record key (the ledger of a big result):
-                    # no further calls per row.
-                    r.rows += 1
-                    r.nbytes += end - start
-                    key = row_values(raw, start, end, r.key_upto)[r.key_upto]
-                    if key is not None:
-                        r.key_list.append(key)
-                    continue
-                running = self._current(entry)
-                if t == _d and not running.copy_out:
-                    continue
-                rows = raw.count(b"\n", start, end) if t == _d else 1
-                replacement = self._row(running, raw, start, end, rows, t == _d, out)
-                if replacement is not None:
-                    parts += (raw[fwd:head], replacement)
-                    fwd = end
+                r = entry.running
+                if r is not None and r.prepared and (t == _D or r.copy_out):
+                    # The bulk of every big result: rows nobody inspects are only counted,
+                    # and rows whose only use is their record key (the ledger) give just
+                    # that, with no call per row.
+                    if not r.watch:
+                        r.rows += n if t == _D else _copy_rows(raw, head, end)
+                        r.nbytes += end - start - 5 * (n - 1)
+                        continue
+                    if t == _D and r.key_list is not None:
+                        r.rows += n
+                        r.nbytes += end - start - 5 * (n - 1)
+                        _collect_keys(raw, head, end, r.key_upto, r.key_list)
+                        continue
+                pos = head
+                while pos < end:
+                    (length,) = _LENGTH.unpack_from(raw, pos + 1)
+                    row_start, row_end = pos + 5, pos + 1 + length
+                    running = self._current(entry)
+                    if t == _d and not running.copy_out:
+                        break
+                    rows = raw.count(b"\n", row_start, row_end) if t == _d else 1
+                    replacement = self._row(running, raw, row_start, row_end, rows, t == _d, out)
+                    if replacement is not None:
+                        parts += (raw[fwd:pos], replacement)
+                        fwd = row_end
+                    if self.discarding:
+                        # Cut off here: the rest of the run never reaches the client.
+                        parts.append(raw[fwd:row_end])
+                        fwd = end
+                        break
+                    pos = row_end
             elif t == _T:
                 self._row_description(raw[start:end])
             elif t in (_C, _I, _s):
@@ -558,6 +578,7 @@ class Tracker:
         plan = running.decision.plan if running.decision is not None else None
         if plan is None or not running.watch:
             running.rows += rows
+            running.nbytes += end - start
             return None
         size = end - start
         if plan.limits:
@@ -961,6 +982,40 @@ def _failing_extended() -> bytes:
 
 def _without_context(err: ErrorResponse) -> bytes:
     return ErrorResponse(tuple((k, v) for k, v in err.fields if k not in "WFLRqP")).encode()
+
+
+def _copy_rows(raw: bytes, pos: int, end: int) -> int:
+    """Lines in a run of CopyData messages (their headers may hold a newline byte)."""
+    rows = 0
+    while pos < end:
+        (length,) = _LENGTH.unpack_from(raw, pos + 1)
+        rows += raw.count(b"\n", pos + 5, pos + 1 + length)
+        pos += 1 + length
+    return rows
+
+
+def _collect_keys(raw: bytes, pos: int, end: int, column: int, keys: list[bytes]) -> None:
+    """Append the value at ``column`` of each DataRow in ``raw[pos:end]`` to ``keys``."""
+    if column == 0:
+        # The common case, a result that starts with its primary key: one unpack per row.
+        unpack = _ROW_HEAD.unpack_from
+        while pos < end:
+            if pos + 11 > end:
+                raise ProtocolError("malformed DataRow")
+            length, ncols, size = unpack(raw, pos + 1)
+            row_end = pos + 1 + length
+            if ncols < 1 or size < -1 or pos + 11 + size > row_end:
+                raise ProtocolError("malformed DataRow")
+            if size >= 0:
+                keys.append(raw[pos + 11 : pos + 11 + size])
+            pos = row_end
+        return
+    while pos < end:
+        (length,) = _LENGTH.unpack_from(raw, pos + 1)
+        key = row_values(raw, pos + 5, pos + 1 + length, column)[column]
+        if key is not None:
+            keys.append(key)
+        pos += 1 + length
 
 
 def _binary_int(value: bytes) -> bytes:

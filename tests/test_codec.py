@@ -269,6 +269,44 @@ def test_scanner_and_reader_see_the_same_frames_however_the_stream_is_cut(
     assert only_wanted == [(t, body) for t, body in expected if t in wanted]
 
 
+rows_and_more = st.lists(
+    st.one_of(
+        st.builds(m.DataRow, st.lists(value, max_size=3).map(tuple)),
+        st.builds(m.CopyData, st.binary(max_size=12)),
+        *BACKEND_STRATEGIES,
+    ),
+    min_size=1,
+    max_size=20,
+)
+
+
+@settings(max_examples=300)
+@given(rows_and_more, st.lists(st.integers(1, 40), max_size=30))
+def test_runs_of_rows_hold_exactly_the_frames_the_reader_sees(
+    msgs: list[m.Message], cuts: list[int]
+) -> None:
+    wire = b"".join(x.encode() for x in msgs)
+    runner = FrameReader(from_client=False)
+    forwarded, frames, pos = b"", [], 0
+    for n in [*cuts, len(wire)]:
+        raw, runs = runner.feed_runs(wire[pos : pos + n])
+        pos += n
+        forwarded += raw
+        for t, start, end, count in runs:
+            # Walk the run message by message: each is whole and of the run's type.
+            at, seen = start - 5, 0
+            while at < end:
+                assert raw[at] == t
+                length = int.from_bytes(raw[at + 1 : at + 5], "big")
+                frames.append((t, raw[at + 5 : at + 1 + length]))
+                at += 1 + length
+                seen += 1
+            assert at == end and seen == count
+            assert count == 1 or t in (ord("D"), ord("d"))
+    assert forwarded == wire
+    assert frames == [_split(x.encode()) for x in msgs]
+
+
 def test_scanner_reports_message_ends_inside_the_chunk() -> None:
     wire = m.DataRow((b"a",)).encode() + m.CommandComplete("SELECT 1").encode()
     ends = [end for _, end, _ in FrameScanner(set()).scan(wire)]
