@@ -131,12 +131,16 @@ class Subject:
     end_user: str | None = None
 
 
+# A primary key as text, or as the UTF-8 bytes the proxy reads from a result.
+LedgerKey = str | bytes
+
+
 @dataclass(slots=True)
 class AuditEvent:
     """One thing that happened.  Build with the class-method constructors.
 
-    ``ledger_keys`` maps a labelled table (``schema.table``) to the primary keys, as text, of
-    the rows a statement returned; ``ledger_values`` maps a label (``pii.email``) to labelled
+    ``ledger_keys`` maps a labelled table (``schema.table``) to the primary keys, as text or
+    its UTF-8 bytes, of the rows a statement returned; ``ledger_values`` maps a label (``pii.email``) to labelled
     values seen.  Both are turned into keyed hashes by the pipeline and never reach a sink as
     text.  Use :func:`audit.ledger.pk_text` to spell composite keys.
     """
@@ -159,7 +163,7 @@ class AuditEvent:
     severity: str | None = None
     message: str | None = None
     details: Mapping[str, Any] | None = None
-    ledger_keys: Mapping[str, Sequence[str]] | None = None
+    ledger_keys: Mapping[str, Sequence[LedgerKey]] | None = None
     ledger_values: Mapping[str, Sequence[str]] | None = None
 
     # --- constructors the proxy calls ----------------------------------------------------
@@ -208,7 +212,7 @@ class AuditEvent:
         sqlstate: str | None = None,
         message: str | None = None,
         full_text: str | None = None,
-        ledger_keys: Mapping[str, Sequence[str]] | None = None,
+        ledger_keys: Mapping[str, Sequence[LedgerKey]] | None = None,
         ledger_values: Mapping[str, Sequence[str]] | None = None,
         ts: float | None = None,
     ) -> AuditEvent:

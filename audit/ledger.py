@@ -133,13 +133,15 @@ class RecordHasher:
         """Digests of the distinct keys among ``pks``, in first-seen order."""
         return list(self._packed_keys(table, pks)[1])
 
-    def _packed_keys(self, table: str, pks: Iterable[str]) -> tuple[str, dict[bytes, None]]:
+    def _packed_keys(self, table: str, pks: Iterable[str | bytes]) -> tuple[str, dict[bytes, None]]:
+        """Keys are text, or its UTF-8 bytes as the proxy reads them from a result (the same
+        digest either way).  A key seen twice is hashed once."""
         rel, base = self._table(table)
         outer = self._outer
         seen: dict[bytes, None] = {}
-        for pk in pks:
+        for pk in dict.fromkeys(pks):
             i = base.copy()
-            i.update(pk.encode("utf-8", "surrogateescape"))
+            i.update(pk if isinstance(pk, bytes) else pk.encode("utf-8", "surrogateescape"))
             o = outer.copy()
             o.update(i.digest())
             seen[o.digest()[:DIGEST_SIZE]] = None
@@ -147,7 +149,7 @@ class RecordHasher:
 
     def entries(
         self,
-        keys: Mapping[str, Sequence[str]] | None,
+        keys: Mapping[str, Sequence[str | bytes]] | None,
         values: Mapping[str, Sequence[str]] | None,
     ) -> tuple[LedgerGroup, ...]:
         """Ledger groups for one statement: per table (or label) the packed digests of the

@@ -349,10 +349,8 @@ class PolicyRuntime:
             verdict=c.verdict,
             rule_ids=c.rule_ids,
             sqlstate=c.sqlstate,
-            ledger_keys={
-                t: [k.decode("utf-8", "replace") for k in keys] for t, keys in c.records.items()
-            }
-            or None,
+            # As read from the result: the ledger hashes the bytes (no copy per key here).
+            ledger_keys=dict(c.records) or None,
             ledger_values={
                 lb: [v.decode("utf-8", "replace") for v in vals] for lb, vals in c.values.items()
             }
