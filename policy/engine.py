@@ -138,7 +138,15 @@ class ResultPlan:
         default=None, compare=False
     )
 
+    # Whether the result may be cut off part-way (see proxy.guard.Decision.limited).
+    may_cut: bool = field(default=False, init=False, compare=False)
+
     def __post_init__(self) -> None:
+        object.__setattr__(
+            self,
+            "may_cut",
+            bool(self.limits or self.mask or any(not k.withhold for k in self.need_to_know)),
+        )
         if self.canary_values and self.canary_search is None:
             pattern = re.compile(b"|".join(re.escape(v) for v in self.canary_values))
             object.__setattr__(self, "canary_search", pattern.search)

@@ -66,9 +66,7 @@ class Decision:
         after it is then held back until it has finished.  Canaries and withholding never
         cut, so they cost no such wait."""
         plan = self.verdict.plan
-        if plan is None:
-            return False
-        return bool(plan.limits or plan.mask or any(not k.withhold for k in plan.need_to_know))
+        return plan is not None and plan.may_cut
 
 
 @dataclass(slots=True)
