@@ -50,10 +50,18 @@ def raise_statement(message: str, hint: str | None, sqlstate: str) -> str:
 
 @dataclass(slots=True)
 class Decision:
-    """What the guard decided for one statement."""
+    """What the guard decided for one statement, and for whom: a prepared statement keeps
+    the end user its text named, however often it is executed and whoever the session names
+    in between."""
 
     facts: QueryFacts
     verdict: Verdict
+    subject: Subject
+
+    @property
+    def person(self) -> str:
+        """Who need-to-know lookups are run for: the end user, else the database user."""
+        return self.subject.end_user or self.subject.user
 
     @property
     def plan(self) -> ResultPlan | None:
@@ -158,7 +166,8 @@ class Guard:
     def check(self, sql: str) -> list[Decision]:
         """Decisions for every statement of a Query (or the one of a Parse)."""
         self._end_user(sql)
-        return [Decision(f, self.engine.decide(self.subject, f)) for f in self.sql.analyze(sql)]
+        s = self.subject
+        return [Decision(f, self.engine.decide(s, f), s) for f in self.sql.analyze(sql)]
 
     def result_shape(self, fields: bytes) -> ResultShape:
         """What the catalog says about a RowDescription body (cached: one statement's
@@ -219,16 +228,21 @@ class Guard:
         """Decide again, knowing the result carries labels the analysis did not see."""
         extra = OutputColumn("(unanalysed)", frozenset(), missed)
         facts = replace(decision.facts, output=(*decision.facts.output, extra))
-        return Decision(facts, self.engine.decide(self.subject, facts))
+        return Decision(facts, self.engine.decide(decision.subject, facts), decision.subject)
 
     @property
     def person(self) -> str:
         """Who need-to-know lookups are run for: the end user, else the database user."""
         return self.subject.end_user or self.subject.user
 
-    def allowed_keys(self, rule_id: str) -> frozenset[bytes] | None:
-        hit = self.allowed.get((rule_id, self.person))
-        if hit is None or hit[0] < time.monotonic():
+    def allowed_keys(
+        self, rule_id: str, person: str | None = None, *, fresh: bool = True
+    ) -> frozenset[bytes] | None:
+        """The keys ``person`` (default: the session's current one) may see, if cached (and
+        not expired, unless ``fresh`` is False: a statement judged with a fresh answer keeps
+        it for its result even if the cache time runs out in between)."""
+        hit = self.allowed.get((rule_id, person or self.person))
+        if hit is None or (fresh and hit[0] < time.monotonic()):
             return None
         return hit[1]
 

@@ -246,10 +246,20 @@ class Tracker:
                 kind, name = target_head(raw[start:end])
                 self.fifo.append(Entry(DESCRIBE, name=kind + name))
             elif t == _E:
-                self.stats.statements += 1
                 portal_name, _max_rows = execute_head(raw[start:end])
                 portal = self.portals.get(portal_name)
                 decision = portal.decision if portal is not None else None
+                if (
+                    decision is not None
+                    and decision.plan is not None
+                    and decision.plan.need_to_know
+                ):
+                    # A prepared statement run again, maybe long after its Parse: the lookup
+                    # for the person it was prepared for may have expired since.
+                    refresh = self._needs_fresh_counts([decision], windows=False)
+                    if refresh is not None:
+                        return self._refresh_first(refresh, out, parts, raw, fwd, head)
+                self.stats.statements += 1
                 running = self._running(decision)
                 running.portal = portal_name
                 running.fields = portal.fields if portal is not None else None
@@ -310,9 +320,12 @@ class Tracker:
         self.held = raw[end:] + self.held
         return self._send(out, parts, raw, fwd, end)
 
-    def _needs_fresh_counts(self, decisions: list[Decision]) -> list[cmd.Command] | None:
+    def _needs_fresh_counts(
+        self, decisions: list[Decision], windows: bool = True
+    ) -> list[cmd.Command] | None:
         """What must be read before these statements are judged (once per statement): a
-        shared store's window totals, and need-to-know lookups not in the cache."""
+        shared store's window totals (unless ``windows`` is False), and need-to-know lookups
+        not in the cache."""
         if self._fresh:
             self._fresh = False
             return None
@@ -322,18 +335,18 @@ class Tracker:
             plan = d.plan
             if plan is None:
                 continue
-            if self.guard.shared_counts:
+            if windows and self.guard.shared_counts:
                 for limit in plan.limits:
                     if limit.window is not None:
                         for label in (*limit.labels, window_rule_key(limit.rule_id)):
                             wanted.setdefault(label, set()).add(limit.window)
             for check in plan.need_to_know:
-                if self.guard.allowed_keys(check.rule_id) is None:
-                    lookups[check.rule_id] = cmd.LookupAllowed(check.rule_id, self.guard.person)
+                if self.guard.allowed_keys(check.rule_id, d.person) is None:
+                    lookups[check.rule_id] = cmd.LookupAllowed(check.rule_id, d.person)
         todo: list[cmd.Command] = list(lookups.values())
         if wanted:
             todo.append(cmd.RefreshCounts(
-                self.guard.subject.key, tuple((lb, tuple(sorted(w))) for lb, w in sorted(wanted.items()))
+                decisions[0].subject.key, tuple((lb, tuple(sorted(w))) for lb, w in sorted(wanted.items()))
             ))  # fmt: skip
         return todo or None
 
@@ -382,7 +395,7 @@ class Tracker:
     def _block_command(self, blocked: Decision) -> cmd.Command:
         v = blocked.verdict
         return cmd.PolicyBlock(
-            subject=self.guard.subject.key, rule_id=v.rule_id or "", action=v.action.value,
+            subject=blocked.subject.key, rule_id=v.rule_id or "", action=v.action.value,
             message=v.message, facts=blocked.facts,
         )  # fmt: skip
 
@@ -611,7 +624,7 @@ class Tracker:
             if limit.monitored or limit.action in (Action.ALLOW, Action.ALERT):
                 out.append(
                     cmd.PolicyAlert(
-                        self.guard.subject.key, limit.rule_id, limit.reason, limit.monitored
+                        self._who(running), limit.rule_id, limit.reason, limit.monitored
                     )
                 )
                 continue
@@ -687,7 +700,12 @@ class Tracker:
                     reader = _binary_int if col.type_oid in _BINARY_INTS else None
                     position = position if reader is not None else BINARY_KEY
             know.append(
-                (check, position, self.guard.allowed_keys(check.rule_id) or frozenset(), reader)
+                (
+                    check,
+                    position,
+                    self.guard.allowed_keys(check.rule_id, decision.person, fresh=False) or frozenset(),
+                    reader,
+                )
             )
         running.know = tuple(know)
         running.watch = bool(
@@ -717,7 +735,7 @@ class Tracker:
         if plan.canary_search is not None and plan.canary_search(raw, start, end):
             values = row_values(raw, start, end)
             if any(v in plan.canary_values for v in values if v is not None):
-                out += self._canary(plan)
+                out += self._canary(running, plan)
         if not (
             plan.mask or running.capture or plan.canary_keys or running.know
             or running.value_capture
@@ -734,7 +752,7 @@ class Tracker:
             if key is not None and key in allowed:
                 continue
             if check.monitored:
-                out.append(cmd.PolicyAlert(self.guard.subject.key, check.rule_id,
+                out.append(cmd.PolicyAlert(self._who(running), check.rule_id,
                                            f"a row of {check.table} outside the need-to-know lookup", True))  # fmt: skip
                 continue
             if position < 0:
@@ -762,7 +780,7 @@ class Tracker:
             running.keys.setdefault(table, []).append(key)
             wanted = plan.canary_keys.get(table)
             if wanted and key.decode("utf-8", "replace") in wanted:
-                out += self._canary(plan)
+                out += self._canary(running, plan)
         if not plan.mask and know_mask is None:
             return None
         masked = list(values)
@@ -815,7 +833,7 @@ class Tracker:
         self.stats.results_cut += 1
         out.append(
             cmd.PolicyBlock(
-                self.guard.subject.key,
+                self._who(running),
                 rule,
                 action.value,
                 message,
@@ -920,6 +938,7 @@ class Tracker:
         out: list[cmd.Command] = []
         plan = decision.plan if decision is not None else None
         if plan is not None and plan.labels and plan.window_rules and rows:
+            who = self._who(running)
             records: set[str] = set()
             for table, keys in running.keys.items():
                 records.update(self.guard.record_id(table, k) for k in keys)
@@ -932,11 +951,7 @@ class Tracker:
                 )
                 if windows:
                     self.pending_counts += 1
-                    out.append(
-                        cmd.RecordUsage(
-                            self.guard.subject.key, label, rows, frozenset(records), windows
-                        )
-                    )
+                    out.append(cmd.RecordUsage(who, label, rows, frozenset(records), windows))
             # Per rule as well: a rule over several labels limits distinct records carrying
             # any of them, or 200 emails, then 200 other customers' phones, then 200 more
             # names would each pass a per-label count.
@@ -945,7 +960,7 @@ class Tracker:
                     self.pending_counts += 1
                     out.append(
                         cmd.RecordUsage(
-                            self.guard.subject.key, window_rule_key(r.id), rows,
+                            who, window_rule_key(r.id), rows,
                             frozenset(records), (r.window,),
                         )
                     )  # fmt: skip
@@ -961,16 +976,23 @@ class Tracker:
                 cut=cut,
                 records=running.keys,
                 values=running.values,
-                end_user=self.guard.subject.end_user,
+                end_user=(
+                    decision.subject if decision is not None else self.guard.subject
+                ).end_user,
                 rule_ids=_rule_ids(decision, cut),
                 verdict=_verdict(decision, cut, sqlstate),
             )
         )
         return out
 
-    def _canary(self, plan: ResultPlan) -> list[cmd.Command]:
+    def _who(self, running: Running) -> str:
+        """The subject key a statement's counters, alerts and blocks go under."""
+        d = running.decision
+        return (d.subject if d is not None else self.guard.subject).key
+
+    def _canary(self, running: Running, plan: ResultPlan) -> list[cmd.Command]:
         return [
-            cmd.CanaryHit(self.guard.subject.key, f.rule_id, f.action.value, f.monitored)
+            cmd.CanaryHit(self._who(running), f.rule_id, f.action.value, f.monitored)
             for f in plan.canary_rules
         ]
 
