@@ -703,7 +703,8 @@ class Tracker:
                 (
                     check,
                     position,
-                    self.guard.allowed_keys(check.rule_id, decision.person, fresh=False) or frozenset(),
+                    self.guard.allowed_keys(check.rule_id, decision.person, fresh=False)
+                    or frozenset(),
                     reader,
                 )
             )
