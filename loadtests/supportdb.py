@@ -332,6 +332,10 @@ def build_rows(
             ticket_customers[tix] = cid
             canary_ticket[cid] = tix + 1
     statuses = _weighted(rng, STATUSES, n_tickets)
+    # A canary's one ticket is closed: the customer asked for help once, long ago, so no
+    # agent's queue (and no need-to-know lookup) ever leads to it; only a sweep does.
+    for tix in canary_ticket.values():
+        statuses[tix - 1] = "closed"
     priorities = _weighted(rng, PRIORITIES, n_tickets)
     tickets: list[tuple[Any, ...]] = []
     messages: list[tuple[Any, ...]] = []
