@@ -140,7 +140,8 @@ def pgbouncer_target(cluster: Cluster, workdir: Path, pool_size: int = 20) -> It
     d = workdir / "pgbouncer"
     d.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    (d / "userlist.txt").write_text('"postgres" ""\n')
+    # auth_type=trust still wants every user listed; support_app runs the agents' workload.
+    (d / "userlist.txt").write_text('"postgres" ""\n"support_app" ""\n')
     (d / "pgbouncer.ini").write_text(
         "\n".join(
             [
@@ -282,6 +283,17 @@ def _wait_for_workers(
         time.sleep(0.05)
 
 
+def pgwarden_refusals(target: Target) -> int | None:
+    """Statements the target has refused so far, over all its workers (None when it is not
+    pgwarden or its /metrics do not say)."""
+    if not target.admin_ports:
+        return None
+    values = pgwarden_metric(target, "pgwarden_policy_blocks_total") + pgwarden_metric(
+        target, "pgwarden_audit_failures_total"
+    )
+    return None if any(math.isnan(v) for v in values) else int(sum(values))
+
+
 def pgwarden_metric(target: Target, name: str) -> list[float]:
     """The value of the unlabelled Prometheus metric ``name`` on each of the target's
     workers (NaN for a worker whose /metrics does not answer or lacks it)."""
@@ -368,6 +380,9 @@ class PgbenchResult:
     # pgbench clients that stopped on an SQL error (a refusal among them): pgbench 15 has
     # no way to go on after one, so the run is incomplete and carries an error as well.
     aborted_clients: int = 0
+    # Statements pgwarden refused during the run (policy blocks and labelled reads refused
+    # for want of a durable audit sink, from its /metrics); None when not read.
+    refusals: int | None = None
 
 
 _TPS = re.compile(r"^tps = ([0-9.]+)", re.M)
