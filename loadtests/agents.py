@@ -97,12 +97,14 @@ def sqlite_audit_config(out: Path, db: Path, synchronous: str) -> Path:
     return out
 
 
-def postgres_audit_config(out: Path, dsn: str, workers: int) -> Path:
+def postgres_audit_config(
+    out: Path, dsn: str, workers: int, schema: str = "pgwarden_audit"
+) -> Path:
     """A ``pgwarden serve -c`` file with ``workers`` processes and the audit trail in
     PostgreSQL (one sink all workers share, one hash chain per worker)."""
     config = {
         "workers": workers,
-        "audit": {"sinks": [{"type": "postgres", "dsn": dsn, "schema_name": "pgwarden_audit"}]},
+        "audit": {"sinks": [{"type": "postgres", "dsn": dsn, "schema_name": schema}]},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(config, sort_keys=False))

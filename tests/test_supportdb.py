@@ -112,6 +112,10 @@ def test_canaries_are_planted_and_listed(
         ).strip()
         # Closed: no agent's queue leads to a canary, only a sweep does.
         assert owner == f"{canary.customer_id}|closed"
+        tickets = pg.psql(
+            f"SELECT count(*) FROM tickets WHERE customer_id = {canary.customer_id}", database=db
+        ).strip()
+        assert tickets == "1"
     in_db = int(
         pg.psql(f"SELECT count(*) FROM customers WHERE email LIKE '%@{CANARY_DOMAIN}'", database=db)
     )
