@@ -83,7 +83,7 @@ class BulkResult:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """Command-line options (defaults suit ``make loadtest``)."""
+    """Command-line options (``make loadtest`` adds ``--enforce --audit-sync FULL,NORMAL``)."""
     p = argparse.ArgumentParser(
         prog="python -m loadtests.support_load",
         description=__doc__,
@@ -446,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"support_load: generated {report.counts['customers']} customers, "
                 f"{report.counts['tickets']} tickets in {report.seconds:.1f}s"
             )
-            if not args.skip_pgbench:
+            if not args.skip_pgbench and "select_only" in args.workloads:
                 setup["pgbench_init_seconds"] = harness.pgbench_init(cluster, "bench", args.scale)
                 progress(f"support_load: pgbench -i -s {args.scale} done")
             if not args.skip_bulk:
@@ -458,9 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 2
             names = list(running)
             setup["pgwarden"] = {
-                n: describe_setup(args, n)
-                for n in names
-                if n in running and n.startswith("pgwarden")
+                n: describe_setup(args, n) for n in names if n.startswith("pgwarden")
             }
             defines = [
                 "-D", f"ntickets={report.counts['tickets']}",
