@@ -67,6 +67,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(n: int, avoid: int = 0) -> int:
+    """The first of ``n`` consecutive free loopback ports (none of them ``avoid``)."""
+    for _ in range(200):
+        base = free_port()
+        if avoid in range(base, base + n):
+            continue
+        socks = []
+        try:
+            for port in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports found")
+
+
 @dataclass
 class Cluster:
     """One running PostgreSQL server and what a client needs to reach it."""

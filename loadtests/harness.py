@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtests.cluster import Cluster, find_bindir, free_port, wait_for_port
+from loadtests.cluster import Cluster, find_bindir, free_port, free_ports, wait_for_port
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -56,6 +56,8 @@ class Target:
     process: subprocess.Popen[bytes] | None = None
     log: Path | None = None
     user: str = "postgres"  # the role pgbench connects as
+    # pgwarden's admin listeners, one per worker (/metrics of each).
+    admin_ports: tuple[int, ...] = ()
 
 
 def pgbench_binary() -> str:
@@ -138,7 +140,8 @@ def pgbouncer_target(cluster: Cluster, workdir: Path, pool_size: int = 20) -> It
     d = workdir / "pgbouncer"
     d.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    (d / "userlist.txt").write_text('"postgres" ""\n')
+    # auth_type=trust still wants every user listed; support_app runs the agents' workload.
+    (d / "userlist.txt").write_text('"postgres" ""\n"support_app" ""\n')
     (d / "pgbouncer.ini").write_text(
         "\n".join(
             [
@@ -208,19 +211,24 @@ def pgwarden_target(
     extra_args: Sequence[str] = (),
     name: str = "pgwarden",
     user: str = "postgres",
+    workers: int = 1,
 ) -> Iterator[Target]:
     """``pgwarden serve`` in front of ``cluster`` (pass-through unless ``extra_args`` add a
-    policy)."""
+    policy), with ``workers`` processes sharing its port."""
     reason = pgwarden_serve_available()
     if reason:
         raise TargetUnavailable(reason)
-    port, admin = free_port(), free_port()
+    port = free_port()
+    # Worker i's admin listener is on the admin port + i: take a run of free ports.
+    admin = free_ports(workers, avoid=port)
     cmd = [
         *pgwarden_command(), "serve",
         "--listen", f"127.0.0.1:{port}",
         "--upstream", f"{cluster.host}:{cluster.port}",
         "--admin", f"127.0.0.1:{admin}",
     ]  # fmt: skip
+    if workers > 1:
+        cmd += ["--workers", str(workers)]
     if cluster.ca_cert is None:
         # The benchmark cluster runs without TLS.  Say so rather than leave pgwarden on its
         # default 'prefer': with a policy, pgwarden's catalog connection did not fall back
@@ -229,9 +237,14 @@ def pgwarden_target(
     cmd += list(extra_args)
     workdir.mkdir(parents=True, exist_ok=True)
     proc = _spawn(cmd, workdir / "pgwarden.log", "pgwarden", port)
+    admin_ports = tuple(range(admin, admin + workers))
     try:
-        _check_healthz(admin)
-        yield Target(name, "127.0.0.1", port, proc, workdir / "pgwarden.log", user)
+        if workers > 1:
+            # The port answers as soon as one worker listens; measure only once all do.
+            _wait_for_workers(proc, admin_ports, workdir / "pgwarden.log")
+        else:
+            _check_healthz(admin)
+        yield Target(name, "127.0.0.1", port, proc, workdir / "pgwarden.log", user, admin_ports)
     finally:
         _stop(proc)
 
@@ -245,6 +258,59 @@ def _check_healthz(admin_port: int) -> None:
                 progress(f"warning: pgwarden /healthz answered {r.status}")
     except OSError as exc:
         progress(f"warning: pgwarden /healthz not reachable: {exc}")
+
+
+def _wait_for_workers(
+    proc: subprocess.Popen[bytes], admin_ports: Sequence[int], log: Path, timeout: float = 20
+) -> None:
+    waiting = set(admin_ports)
+    deadline = time.monotonic() + timeout
+    while waiting:
+        if proc.poll() is not None:
+            raise TargetUnavailable(
+                f"pgwarden exited with code {proc.returncode} while its workers started:\n"
+                + log.read_text(errors="replace")[-2000:]
+            )
+        if time.monotonic() > deadline:
+            raise TargetUnavailable(
+                f"pgwarden workers on admin ports {sorted(waiting)} did not answer /healthz"
+            )
+        for admin in sorted(waiting):
+            url = f"http://127.0.0.1:{admin}/healthz"
+            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    waiting.discard(admin)
+        time.sleep(0.05)
+
+
+def pgwarden_refusals(target: Target) -> int | None:
+    """Statements the target has refused so far, over all its workers (None when it is not
+    pgwarden or its /metrics do not say)."""
+    if not target.admin_ports:
+        return None
+    values = pgwarden_metric(target, "pgwarden_policy_blocks_total") + pgwarden_metric(
+        target, "pgwarden_audit_failures_total"
+    )
+    return None if any(math.isnan(v) for v in values) else int(sum(values))
+
+
+def pgwarden_metric(target: Target, name: str) -> list[float]:
+    """The value of the unlabelled Prometheus metric ``name`` on each of the target's
+    workers (NaN for a worker whose /metrics does not answer or lacks it)."""
+    values = []
+    for admin in target.admin_ports:
+        value = math.nan
+        try:
+            url = f"http://127.0.0.1:{admin}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                for line in resp.read().decode().splitlines():
+                    if line.startswith(name + " "):
+                        value = float(line.split()[1])
+                        break
+        except OSError as exc:
+            progress(f"warning: pgwarden /metrics on port {admin} not reachable: {exc}")
+        values.append(value)
+    return values
 
 
 @contextlib.contextmanager
@@ -311,12 +377,19 @@ class PgbenchResult:
     round: int = 0
     # CPU the target's own processes used per transaction (None for direct PostgreSQL).
     proxy_cpu_us_per_tx: float | None = None
+    # pgbench clients that stopped on an SQL error (a refusal among them): pgbench 15 has
+    # no way to go on after one, so the run is incomplete and carries an error as well.
+    aborted_clients: int = 0
+    # Statements pgwarden refused during the run (policy blocks and labelled reads refused
+    # for want of a durable audit sink, from its /metrics); None when not read.
+    refusals: int | None = None
 
 
 _TPS = re.compile(r"^tps = ([0-9.]+)", re.M)
 _LAT = re.compile(r"^latency average = ([0-9.]+) ms", re.M)
 _TX = re.compile(r"^number of transactions actually processed: (\d+)", re.M)
 _FAILED = re.compile(r"^number of failed transactions: (\d+)", re.M)
+_ABORTED = re.compile(r"client \d+ (?:script \d+ )?aborted in command")
 
 
 def parse_pgbench(output: str) -> tuple[float, float, int, int]:
@@ -393,11 +466,13 @@ def run_pgbench(
     sid = target.process.pid if target.process is not None else None
     cpu0 = session_cpu_seconds(sid) if sid else 0.0
     t0 = time.monotonic()
+    aborted = 0
     try:
         proc = subprocess.run(
             cmd, capture_output=True, text=True, env=env, timeout=duration + 60, check=False
         )
         output = proc.stdout + proc.stderr
+        aborted = len(_ABORTED.findall(proc.stderr))
         if proc.returncode != 0:
             raise ValueError(f"pgbench exited with {proc.returncode}:\n{output[-2000:]}")
         tps, lat, tx, failed = parse_pgbench(proc.stdout)
@@ -409,8 +484,9 @@ def run_pgbench(
         )  # fmt: skip
     except (ValueError, subprocess.TimeoutExpired) as exc:
         return PgbenchResult(
-            target.name, mode, workload, 0.0, 0.0, 0, 0, time.monotonic() - t0, error=str(exc)
-        )
+            target.name, mode, workload, 0.0, 0.0, 0, 0, time.monotonic() - t0, error=str(exc),
+            aborted_clients=aborted,
+        )  # fmt: skip
     finally:
         if logdir is not None:
             shutil.rmtree(logdir, ignore_errors=True)

@@ -4,10 +4,21 @@
    (``loadtests/supportdb.py``, 20,000 customers by default), a ``bench`` database with
    ``pgbench -i``, and a 1,000,000-row table ``loadtest.bulk_rows`` (no labelled columns, so
    a policy does not stop the streaming measurement itself).
-2. Starts the targets (direct, pgwarden with ``--policy FILE`` when given, and the bare
-   forwarder for reference) and runs, interleaved over several rounds:
-   ``loadtests/support_workload.sql`` and ``pgbench -S``, in simple and extended protocol,
-   with per-transaction latency percentiles.
+2. Starts the targets (direct, pgwarden with ``--policy FILE`` or ``--enforce`` when given,
+   and the bare forwarder for reference) and runs, interleaved over several rounds, in
+   simple and extended protocol with per-transaction latency percentiles:
+
+   * ``support``: ``loadtests/support_workload.sql`` as ``postgres``, which
+     ``config/policy.yaml`` treats as the DBA (analysed and audited, never limited);
+   * ``agents``: ``loadtests/support_agent_workload.sql`` as the helpdesk's shared account
+     ``support_app``, each statement naming a randomly chosen agent in a sqlcommenter
+     comment, so the policy judges every agent (``loadtests/agents.py``); refusals are
+     counted from pgwarden's ``/metrics`` and pgbench's aborted clients;
+   * ``select_only``: ``pgbench -S``.
+
+   ``--audit-sync FULL,NORMAL`` gives pgwarden an SQLite audit trail and runs one pgwarden
+   per setting side by side: ``pgwarden`` with the first, ``pgwarden_normal`` with
+   the others, so the price of fsync at every group commit is measured in one run.
 3. Bulk streaming of the 1M-row table through each target, as a privileged role:
    ``SELECT`` over the simple protocol with the client discarding rows (asyncpg
    ``execute``: this isolates the path through the proxy), the same ``SELECT`` with psql
@@ -19,8 +30,9 @@
 
 stdout ends with ``name=value`` figure lines; the last line is
 ``support_ratio=<n> bulk_select_ratio=<n> bulk_copy_ratio=<n>`` (pgwarden / direct; the
-support ratio is the lower of simple and extended protocol).  Figures that could not be
-measured are ``nan``.  Progress goes to stderr; results to
+support ratio is the lower of simple and extended protocol, for the ``support`` workload and
+the ``pgwarden`` target -- with ``--audit-sync`` the first setting given).  Figures that
+could not be measured are ``nan``.  Progress goes to stderr; results to
 ``loadtests/results/support_load.json``.
 """
 
@@ -44,14 +56,16 @@ from typing import Any
 
 import asyncpg
 
-from loadtests import harness
+from loadtests import agents, harness
 from loadtests.cluster import Cluster, running_cluster
 from loadtests.harness import PgbenchResult, Target, TargetUnavailable, progress
 from loadtests.supportdb import generate
 
 SCRIPT = Path(__file__).resolve().parent / "support_workload.sql"
 ALL_TARGETS = ("direct", "pgwarden", "bare", "pgbouncer")
+ALL_WORKLOADS = ("support", "agents", "select_only")
 BULK_OPS = ("select", "select_psql", "copy", "copy_asyncpg")
+SYNC_SETTINGS = ("FULL", "NORMAL")
 
 
 @dataclass
@@ -69,7 +83,7 @@ class BulkResult:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """Command-line options (defaults suit ``make loadtest``)."""
+    """Command-line options (``make loadtest`` adds ``--enforce --audit-sync FULL,NORMAL``)."""
     p = argparse.ArgumentParser(
         prog="python -m loadtests.support_load",
         description=__doc__,
@@ -88,7 +102,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--bulk-repeat", type=int, default=3, help="streams per bulk measurement")
     p.add_argument("--targets", default="direct,pgwarden,bare", help="comma-separated")
     p.add_argument("--modes", default="simple,extended", help="comma-separated -M modes")
+    p.add_argument(
+        "--workloads", default=",".join(ALL_WORKLOADS), help="comma-separated pgbench workloads"
+    )
     p.add_argument("--policy", type=Path, help="policy file passed to 'pgwarden serve --policy'")
+    p.add_argument(
+        "--enforce", action="store_true",
+        help="pgwarden enforces config/policy.yaml with need-to-know enabled (loadtests/agents.py)",
+    )  # fmt: skip
+    p.add_argument(
+        "--audit-sync", default="",
+        help="SQLite audit trail for pgwarden: FULL, NORMAL, or FULL,NORMAL for one pgwarden "
+        "each (pgwarden, pgwarden_normal)",
+    )  # fmt: skip
+    p.add_argument(
+        "--agent-queue", type=int, default=20,
+        help="open tickets each agent works on in the agents workload",
+    )  # fmt: skip
     p.add_argument("--pgwarden-args", default="", help="more arguments for 'pgwarden serve'")
     p.add_argument("--skip-bulk", action="store_true")
     p.add_argument("--skip-pgbench", action="store_true")
@@ -96,8 +126,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    args.audit_sync = [v.strip().upper() for v in args.audit_sync.split(",") if v.strip()]
     if set(args.targets) - set(ALL_TARGETS):
         p.error(f"targets are among {', '.join(ALL_TARGETS)}")
+    if set(args.workloads) - set(ALL_WORKLOADS):
+        p.error(f"workloads are among {', '.join(ALL_WORKLOADS)}")
+    if set(args.audit_sync) - set(SYNC_SETTINGS) or len(set(args.audit_sync)) != len(
+        args.audit_sync
+    ):
+        p.error("--audit-sync takes FULL, NORMAL or both, each once")
+    if args.enforce and args.policy is not None:
+        p.error("--enforce and --policy both choose the policy: give one")
+    if args.agent_queue < 1:
+        p.error("--agent-queue is at least 1")
+    # One pgwarden per audit setting; the first keeps the name the headline figures use.
+    if args.audit_sync and "pgwarden" in args.targets:
+        at = args.targets.index("pgwarden") + 1
+        extra = [f"pgwarden_{v.lower()}" for v in args.audit_sync[1:]]
+        args.targets[at:at] = extra
     if set(args.modes) - {"simple", "extended", "prepared"}:
         p.error("modes are among simple, extended, prepared")
     if args.policy is not None and not args.policy.is_file():
@@ -201,23 +248,58 @@ def run_bulk(
         return BulkResult(target.name, op, 0, 0, 0.0, 0.0, error=repr(exc))
 
 
+def pgwarden_setups(args: argparse.Namespace, workdir: Path) -> dict[str, list[str]]:
+    """'pgwarden serve' arguments of each pgwarden target, by target name."""
+    common = harness.split_args(args.pgwarden_args)
+    if args.enforce:
+        policy = agents.agent_policy(workdir / "policy.yaml")
+        common = ["--policy", str(policy), "--catalog-user", "postgres", *common]
+    elif args.policy is not None:
+        common = ["--policy", str(args.policy.resolve()), *common]
+    names = [t for t in args.targets if t.startswith("pgwarden")]
+    if not args.audit_sync:
+        return {name: common for name in names}
+    setups = {}
+    for name, sync in zip(names, args.audit_sync, strict=False):
+        config = agents.sqlite_audit_config(
+            workdir / f"{name}.yaml", workdir / f"{name}-audit.db", sync
+        )
+        setups[name] = ["-c", str(config), *common]
+    return setups
+
+
+def describe_setup(args: argparse.Namespace, name: str) -> str:
+    """What a pgwarden target enforces and how it audits, in one line for the log and JSON."""
+    if args.enforce:
+        policy = "config/policy.yaml + need-to-know (loadtests/agents.py)"
+    elif args.policy is not None:
+        policy = str(args.policy)
+    else:
+        policy = "none (pass-through)"
+    names = [t for t in args.targets if t.startswith("pgwarden")]
+    if args.audit_sync:
+        audit = f"SQLite, synchronous={args.audit_sync[names.index(name)]}"
+    else:
+        audit = "none" if "audit" not in args.pgwarden_args else "from --pgwarden-args"
+    return f"policy: {policy}; audit trail: {audit}"
+
+
 def start_targets(
     stack: contextlib.ExitStack, cluster: Cluster, workdir: Path, args: argparse.Namespace
 ) -> tuple[dict[str, Target], dict[str, str]]:
     """Start the requested targets; returns the running ones and why others were skipped."""
     running: dict[str, Target] = {}
     skipped: dict[str, str] = {}
-    pgwarden_args = harness.split_args(args.pgwarden_args)
-    if args.policy is not None:
-        pgwarden_args = ["--policy", str(args.policy.resolve()), *pgwarden_args]
+    setups = pgwarden_setups(args, workdir)
     for name in args.targets:
         try:
             if name == "direct":
                 target = stack.enter_context(harness.direct_target(cluster))
-            elif name == "pgwarden":
+            elif name in setups:
                 target = stack.enter_context(
-                    harness.pgwarden_target(cluster, workdir / "pgwarden", pgwarden_args)
+                    harness.pgwarden_target(cluster, workdir / name, setups[name], name=name)
                 )
+                progress(f"support_load: {name}: {describe_setup(args, name)}")
             elif name == "pgbouncer":
                 target = stack.enter_context(harness.pgbouncer_target(cluster, workdir))
             else:
@@ -245,9 +327,22 @@ def summarise(
     """Figures for the figure lines and a nested summary for the JSON."""
     figures: dict[str, float] = {}
     summary: dict[str, Any] = {}
-    for workload in ("support", "select_only"):
+    for workload in ALL_WORKLOADS:
         for mode in modes:
             for target in targets:
+                counted = [
+                    r
+                    for r in pgbench
+                    if (r.workload, r.mode, r.target) == (workload, mode, target)
+                    and r.refusals is not None
+                ]
+                if counted:
+                    # Over every run, complete or not: a refusal aborts a pgbench client.
+                    key = f"{workload}_{target}_{mode}"
+                    figures[f"refused_{key}"] = float(sum(r.refusals or 0 for r in counted))
+                    figures[f"aborted_clients_{key}"] = float(
+                        sum(r.aborted_clients for r in counted)
+                    )
                 runs = [
                     r
                     for r in pgbench
@@ -293,10 +388,9 @@ def summarise(
     def fig(name: str) -> float:
         return figures.get(name, math.nan)
 
-    for other in ("pgwarden", "bare", "pgbouncer"):
-        if other not in targets:
-            continue
-        for workload in ("support", "select_only"):
+    others = [t for t in targets if t != "direct"]
+    for other in others:
+        for workload in ALL_WORKLOADS:
             for mode in modes:
                 figures[f"ratio_{workload}_{other}_vs_direct_{mode}"] = harness.ratio(
                     fig(f"tps_{workload}_{other}_{mode}"), fig(f"tps_{workload}_direct_{mode}")
@@ -305,15 +399,30 @@ def summarise(
             figures[f"ratio_bulk_{op}_{other}_vs_direct"] = harness.ratio(
                 fig(f"bulk_{op}_rows_per_s_{other}"), fig(f"bulk_{op}_rows_per_s_direct")
             )
-    others = [("pgwarden", "direct"), ("bare", "direct"), ("pgbouncer", "direct")]
+    pairs = [(o, "direct") for o in others]
+    # The audit settings side by side: pgwarden_normal / pgwarden, run by run.
+    pairs += [(o, "pgwarden") for o in others if o.startswith("pgwarden_")]
     summary["paired_ratios"] = harness.paired_ratios(
         [(r.target, f"{r.workload}_{r.mode}", r.round, r.tps) for r in pgbench if not r.error]
         + [(b.target, f"bulk_{b.op}", b.round, b.rows_per_s) for b in bulk if not b.error],
-        others,
+        pairs,
     )
     figures = {k: v for k, v in figures.items() if not math.isnan(v)}
-    support = [fig(f"ratio_support_pgwarden_vs_direct_{m}") for m in ("simple", "extended")]
-    figures["support_ratio"] = min(support) if not any(math.isnan(v) for v in support) else math.nan
+
+    def lower(name: str) -> float:
+        both = [fig(f"{name}_{m}") for m in ("simple", "extended")]
+        return min(both) if not any(math.isnan(v) for v in both) else math.nan
+
+    for variant in [o for o in others if o.startswith("pgwarden")]:
+        suffix = variant.removeprefix("pgwarden")
+        for workload in ("support", "agents"):
+            value = lower(f"ratio_{workload}_{variant}_vs_direct")
+            if not math.isnan(value):
+                figures[f"{workload}_ratio{suffix}"] = value
+        refused = [v for k, v in figures.items() if k.startswith(f"refused_agents_{variant}_")]
+        if refused:
+            figures[f"agent_refusals{suffix}"] = sum(refused)
+    figures["support_ratio"] = lower("ratio_support_pgwarden_vs_direct")
     figures["bulk_select_ratio"] = fig("ratio_bulk_select_pgwarden_vs_direct")
     figures["bulk_copy_ratio"] = fig("ratio_bulk_copy_pgwarden_vs_direct")
     return figures, summary
@@ -337,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"support_load: generated {report.counts['customers']} customers, "
                 f"{report.counts['tickets']} tickets in {report.seconds:.1f}s"
             )
-            if not args.skip_pgbench:
+            if not args.skip_pgbench and "select_only" in args.workloads:
                 setup["pgbench_init_seconds"] = harness.pgbench_init(cluster, "bench", args.scale)
                 progress(f"support_load: pgbench -i -s {args.scale} done")
             if not args.skip_bulk:
@@ -348,26 +457,47 @@ def main(argv: Sequence[str] | None = None) -> int:
                 progress("support_load: no target could be started")
                 return 2
             names = list(running)
+            setup["pgwarden"] = {
+                n: describe_setup(args, n) for n in names if n.startswith("pgwarden")
+            }
             defines = [
                 "-D", f"ntickets={report.counts['tickets']}",
                 "-D", f"nagents={report.counts['agents']}",
             ]  # fmt: skip
-            workloads: list[tuple[str, str, list[str]]] = []
+            # (workload, database, pgbench arguments, role)
+            workloads: list[tuple[str, str, list[str], str]] = []
             if not args.skip_pgbench:
-                workloads = [("support", "support", ["-f", str(SCRIPT), *defines])]
-                workloads.append(("select_only", "bench", ["-S"]))
+                if "support" in args.workloads:
+                    workloads.append(
+                        ("support", "support", ["-f", str(SCRIPT), *defines], "postgres")
+                    )
+                if "agents" in args.workloads:
+                    scripts = agents.agent_scripts(
+                        workdir / "agents", report.counts["agents"], args.agent_queue
+                    )
+                    setup["agents"] = {
+                        "agents": min(report.counts["agents"], agents.MAX_AGENT_SCRIPTS),
+                        "queue": args.agent_queue,
+                    }
+                    workloads.append(("agents", "support", scripts, agents.AGENT_USER))
+                if "select_only" in args.workloads:
+                    workloads.append(("select_only", "bench", ["-S"], "postgres"))
             total = args.rounds * len(workloads) * len(args.modes) * len(names)
             done = 0
             for rnd in range(args.rounds):
                 order = names[rnd % len(names) :] + names[: rnd % len(names)]
-                for workload, database, wl_args in workloads:
+                for workload, database, wl_args, user in workloads:
                     for mode in args.modes:
                         for name in order:
+                            before = harness.pgwarden_refusals(running[name])
                             r = harness.run_pgbench(
                                 running[name], database, mode=mode, workload=workload,
                                 args=wl_args, duration=args.duration, clients=args.clients,
-                                jobs=args.jobs, percentiles=True,
+                                jobs=args.jobs, user=user, percentiles=True,
                             )  # fmt: skip
+                            after = harness.pgwarden_refusals(running[name])
+                            if before is not None and after is not None:
+                                r.refusals = after - before
                             r.round = rnd + 1
                             pgbench_results.append(r)
                             done += 1
@@ -377,6 +507,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 else f"tps={r.tps:9.1f} p50={r.percentiles_ms.get('p50', 0):.3f}ms"
                                 f" p99={r.percentiles_ms.get('p99', 0):.3f}ms"
                             )
+                            if r.refusals or r.aborted_clients:
+                                status += (
+                                    f" refused={r.refusals} aborted_clients={r.aborted_clients}"
+                                )
                             progress(
                                 f"support_load: [{done}/{total}] round {rnd + 1} {workload:11s} "
                                 f"{mode:8s} {name:9s} {status}"

@@ -325,6 +325,13 @@ def build_rows(
         )
 
     ticket_customers = [rng.randrange(1, customers + 1) for _ in range(n_tickets)]
+    # A ticket drawn for a canary goes to the next ordinary customer instead (no draw from
+    # rng, so every other row stays as it was): a canary has exactly its one ticket below.
+    if n_canaries < customers:
+        for t, cid in enumerate(ticket_customers):
+            while cid in canary_index:
+                cid = cid % customers + 1
+            ticket_customers[t] = cid
     # Every canary gets one ticket, so it looks like a customer who once asked for help.
     canary_ticket: dict[int, int] = {}
     if n_tickets >= n_canaries:
@@ -332,6 +339,10 @@ def build_rows(
             ticket_customers[tix] = cid
             canary_ticket[cid] = tix + 1
     statuses = _weighted(rng, STATUSES, n_tickets)
+    # A canary's one ticket is closed: the customer asked for help once, long ago, so no
+    # agent's queue (and no need-to-know lookup) ever leads to it; only a sweep does.
+    for tix in canary_ticket.values():
+        statuses[tix - 1] = "closed"
     priorities = _weighted(rng, PRIORITIES, n_tickets)
     tickets: list[tuple[Any, ...]] = []
     messages: list[tuple[Any, ...]] = []

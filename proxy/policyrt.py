@@ -92,6 +92,11 @@ class PolicyRuntime:
         self._probe: asyncio.Task[None] | None = None
         self._allowed: dict[tuple[str, str, str], tuple[float, frozenset[bytes]]] = {}
         self._lookup_conns: dict[str, Any] = {}
+        # The lookup connections are shared by every session, and asyncpg runs one operation
+        # at a time on a connection: concurrent lookups must take turns (an overlapping one
+        # fails with "another operation is in progress", and a failed need-to-know lookup
+        # allows nothing).
+        self._lookup_lock = asyncio.Lock()
         self._roles: dict[tuple[str, str], tuple[float, frozenset[str]]] = {}
         self._install(policy)
 
@@ -232,16 +237,23 @@ class PolicyRuntime:
         hit = self._allowed.get(key)
         if hit is not None and hit[0] > now:
             return hit
-        try:
-            rows = await (await self._lookup_conn(database)).fetch(ntk.lookup, person)
-        except Exception as exc:
-            log.error(
-                "need_to_know_lookup_failed", rule=rule_id, error=str(exc), effect="nothing allowed"
-            )
-            return now, frozenset()
-        answer = (now + ntk.cache_seconds, frozenset(str(r[0]).encode() for r in rows))
-        self._allowed[key] = answer
-        return answer
+        async with self._lookup_lock:
+            # Sessions that waited for the lock find the answer the first one fetched.
+            now = time.monotonic()
+            hit = self._allowed.get(key)
+            if hit is not None and hit[0] > now:
+                return hit
+            try:
+                rows = await (await self._lookup_conn(database)).fetch(ntk.lookup, person)
+            except Exception as exc:
+                log.error(
+                    "need_to_know_lookup_failed", rule=rule_id, error=str(exc),
+                    effect="nothing allowed",
+                )  # fmt: skip
+                return now, frozenset()
+            answer = (now + ntk.cache_seconds, frozenset(str(r[0]).encode() for r in rows))
+            self._allowed[key] = answer
+            return answer
 
     async def _lookup_conn(self, database: str) -> Any:
         """pgwarden's connection for lookups (need-to-know, role membership), reopened if lost."""
@@ -261,7 +273,8 @@ class PolicyRuntime:
         if hit is not None and hit[0] > now:
             return hit[1]
         try:
-            rows = await (await self._lookup_conn(database)).fetch(_ROLES_SQL, user)
+            async with self._lookup_lock:
+                rows = await (await self._lookup_conn(database)).fetch(_ROLES_SQL, user)
         except Exception as exc:
             # Fail closed in the sense that matters: a subject defined by role membership
             # that cannot be confirmed is not granted (nor exempted from) anything by it.

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from loadtests.cluster import Cluster, running_cluster
+from loadtests.redis_server import RedisServer, RedisUnavailable
 from tests.proxyutil import ProxyProcess
 from tests.support_data import enforce_db  # noqa: F401 (a fixture)
 
@@ -57,70 +58,18 @@ def proxy_factory(pg: Cluster, tmp_path: Path) -> Iterator[ProxyFactory]:
 # -- Redis (window counters shared between workers) ------------------------------------------
 
 
-class RedisServer:
-    """A throwaway ``redis-server`` on a free loopback port, in a temporary directory, with
-    persistence off. ``stop()``/``start()`` simulate an outage on the same address."""
-
-    def __init__(self, workdir: str) -> None:
-        # Imports stay local so this block can be appended without touching the file's head.
-        import os
-        import shutil
-
-        from loadtests.cluster import free_port
-
-        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-        if not os.path.exists(binary):
-            pytest.skip("redis-server is not installed (apt-get install redis-server)")
-        self.binary = binary
-        self.workdir = workdir
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc = None
-
-    def start(self) -> None:
-        import os
-        import socket
-        import subprocess
-        import time
-
-        self.proc = subprocess.Popen(
-            [
-                self.binary,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", self.workdir,
-                "--logfile", os.path.join(self.workdir, "redis.log"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError("redis-server did not answer PING within 20 s")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.proc = None
+def _redis(workdir: str) -> RedisServer:
+    """A Redis server, or a skip where ``redis-server`` is not installed."""
+    try:
+        return RedisServer(workdir)
+    except RedisUnavailable as exc:
+        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """One Redis for the whole session; tests keep apart by using their own key prefix."""
-    server = RedisServer(str(tmp_path_factory.mktemp("redis")))
+    server = _redis(str(tmp_path_factory.mktemp("redis")))
     server.start()
     try:
         yield server
@@ -131,7 +80,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 @pytest.fixture
 def own_redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """A Redis for one test that may kill and restart it."""
-    server = RedisServer(str(tmp_path_factory.mktemp("redis-own")))
+    server = _redis(str(tmp_path_factory.mktemp("redis-own")))
     server.start()
     try:
         yield server

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from loadtests.cluster import Cluster, free_port
+from loadtests.cluster import Cluster, free_port, free_ports
 from proxy.messages import PROTOCOL_3_0, ErrorResponse, SSLRequest, StartupMessage
 
 _HEADER = struct.Struct("!BI")
@@ -41,27 +41,6 @@ def pgwarden_command() -> list[str]:
             "'pip install -e .[dev]' in the virtualenv"
         )
     return [script]
-
-
-def free_ports(n: int, avoid: int = 0) -> int:
-    """The first of ``n`` consecutive free loopback ports (none of them ``avoid``)."""
-    for _ in range(200):
-        base = free_port()
-        if avoid in range(base, base + n):
-            continue
-        socks = []
-        try:
-            for port in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no {n} consecutive free ports found")
 
 
 def wait_until(

@@ -107,10 +107,15 @@ def test_canaries_are_planted_and_listed(
         assert canary.email.endswith("@" + CANARY_DOMAIN)
         assert canary.ticket_number is not None
         owner = pg.psql(
-            f"SELECT customer_id FROM tickets WHERE ticket_number = '{canary.ticket_number}'",
+            f"SELECT customer_id, status FROM tickets WHERE ticket_number = '{canary.ticket_number}'",
             database=db,
         ).strip()
-        assert owner == str(canary.customer_id)
+        # Closed: no agent's queue leads to a canary, only a sweep does.
+        assert owner == f"{canary.customer_id}|closed"
+        tickets = pg.psql(
+            f"SELECT count(*) FROM tickets WHERE customer_id = {canary.customer_id}", database=db
+        ).strip()
+        assert tickets == "1"
     in_db = int(
         pg.psql(f"SELECT count(*) FROM customers WHERE email LIKE '%@{CANARY_DOMAIN}'", database=db)
     )
