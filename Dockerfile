@@ -27,8 +27,13 @@ RUN pip install --no-cache-dir --disable-pip-version-check . \
  && pgwarden --help >/dev/null
 
 FROM python:3.11-slim-bookworm
+# /var/lib/pgwarden is the state directory (SQLite audit trail, ledger key): owned by the
+# user, private, and without /etc/skel's dotfiles (a named volume mounted there is seeded
+# from it).
 RUN groupadd --system pgwarden \
- && useradd --system --gid pgwarden --home-dir /var/lib/pgwarden --create-home pgwarden
+ && useradd --system --gid pgwarden --home-dir /var/lib/pgwarden --no-create-home \
+      --shell /usr/sbin/nologin pgwarden \
+ && install -d -o pgwarden -g pgwarden -m 0750 /var/lib/pgwarden
 COPY --from=build /opt/pgwarden /opt/pgwarden
 ENV PATH=/opt/pgwarden/bin:$PATH \
     PGWARDEN_HEALTHCHECK_URL=http://127.0.0.1:9930/healthz
