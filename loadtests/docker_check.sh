@@ -32,16 +32,17 @@ cleanup() {
     for f in redis.pid fwd.pid; do
         [ -f "$WORK/$f" ] && kill "$(cat "$WORK/$f")" 2>/dev/null || true
     done
-    # The cluster's holder stops and removes PostgreSQL itself once pg.hold is gone (a
+    # A cluster's holder stops and removes PostgreSQL itself once its .hold is gone (a
     # signal would skip that); give it time, then insist.
-    rm -f "$WORK/pg.hold"
-    if [ -f "$WORK/pg.pid" ]; then
+    rm -f "$WORK"/*.hold
+    for f in pg.pid pgimage.pid; do
+        [ -f "$WORK/$f" ] || continue
         i=0
-        while kill -0 "$(cat "$WORK/pg.pid")" 2>/dev/null && [ $i -lt 30 ]; do
+        while kill -0 "$(cat "$WORK/$f")" 2>/dev/null && [ $i -lt 30 ]; do
             sleep 1; i=$((i + 1))
         done
-        kill "$(cat "$WORK/pg.pid")" 2>/dev/null || true
-    fi
+        kill "$(cat "$WORK/$f")" 2>/dev/null || true
+    done
     rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM
@@ -77,22 +78,49 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
 fi
 
 # 2. A throwaway PostgreSQL (roles postgres, trust_user, support_app, analyst; database
-#    support with config/support_schema.sql), held open until we remove $WORK/pg.hold.
-touch "$WORK/pg.hold"
-"$PYTHON" - "$WORK" >"$WORK/pg.log" 2>&1 <<'EOF' &
-import os, sys, time
-from loadtests.cluster import running_cluster
-work = sys.argv[1]
-with running_cluster() as c:
-    with open(os.path.join(work, "pg.port.tmp"), "w") as f:
+#    support with config/support_schema.sql), held open until cleanup removes its .hold.
+#    Kind "image" is set up the way the postgres image and config/docker-compose.yml do it
+#    instead: password on postgres, scram-sha-256 for every TCP login, then the compose
+#    init scripts (support_schema.sql, compose/roles.sql).
+start_cluster() {  # name kind; sets $WORK/name.port
+    touch "$WORK/$1.hold"
+    "$PYTHON" - "$WORK" "$1" "$2" >"$WORK/$1.log" 2>&1 <<'EOF' &
+import os, shutil, sys, tempfile, time
+from pathlib import Path
+from loadtests.cluster import Cluster, find_bindir, free_port, running_cluster
+work, name, kind = sys.argv[1:4]
+def hold(c):
+    with open(os.path.join(work, name + ".port.tmp"), "w") as f:
         f.write(str(c.port))
-    os.rename(os.path.join(work, "pg.port.tmp"), os.path.join(work, "pg.port"))
-    while os.path.exists(os.path.join(work, "pg.hold")):
+    os.rename(os.path.join(work, name + ".port.tmp"), os.path.join(work, name + ".port"))
+    while os.path.exists(os.path.join(work, name + ".hold")):
         time.sleep(0.5)
+if kind == "plain":
+    with running_cluster() as c:
+        hold(c)
+else:
+    root = Path(tempfile.mkdtemp(prefix="pgwarden-check-"))
+    c = Cluster(root=root, port=free_port(), bindir=find_bindir())
+    try:
+        c.init(tls=False)
+        (c.datadir / "pg_hba.conf").write_text(
+            "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n"
+        )
+        c.start()
+        c.psql("ALTER ROLE postgres PASSWORD 'change-me'; CREATE DATABASE support;",
+               database="postgres")
+        c.psql(Path("config/support_schema.sql").read_text())
+        c.psql(Path("config/compose/roles.sql").read_text())
+        hold(c)
+    finally:
+        c.stop()
+        shutil.rmtree(root, ignore_errors=True)
 EOF
-echo $! >"$WORK/pg.pid"
-i=0; while [ ! -f "$WORK/pg.port" ] && [ $i -lt 60 ]; do sleep 1; i=$((i + 1)); done
-[ -f "$WORK/pg.port" ] || { cat "$WORK/pg.log" >&2; say "PostgreSQL did not start"; exit 1; }
+    echo $! >"$WORK/$1.pid"
+    i=0; while [ ! -f "$WORK/$1.port" ] && [ $i -lt 60 ]; do sleep 1; i=$((i + 1)); done
+    [ -f "$WORK/$1.port" ] || { cat "$WORK/$1.log" >&2; say "PostgreSQL ($2) did not start"; exit 1; }
+}
+start_cluster pg plain
 PG=$(cat "$WORK/pg.port")
 ok "PostgreSQL on 127.0.0.1:$PG"
 
@@ -156,8 +184,9 @@ fi
 
 # 6. The compose pgwarden service as compose runs it (its config, policy and entrypoint,
 #    two workers, Redis window store, PostgreSQL audit sink), on the host network with the
-#    names postgres and redis pointing at 127.0.0.1.  Needs redis-server and free ports
-#    5432, 6379, 6432, 9930, 9931.
+#    names postgres and redis pointing at 127.0.0.1, against a PostgreSQL set up like the
+#    postgres image (SCRAM, compose/roles.sql).  Needs redis-server and free ports 5432,
+#    6379, 6432, 9930, 9931.
 busy=""
 for p in 5432 6379 6432 9930 9931; do port_free $p || busy="$busy $p"; done
 if ! command -v redis-server >/dev/null; then
@@ -165,9 +194,12 @@ if ! command -v redis-server >/dev/null; then
 elif [ -n "$busy" ]; then
     say "skip compose-service step: ports in use:$busy"
 else
+    start_cluster pgimage image
+    PGI=$(cat "$WORK/pgimage.port")
+    ok "PostgreSQL set up like the postgres image on 127.0.0.1:$PGI"
     redis-server --port 6379 --bind 127.0.0.1 --save '' --appendonly no >"$WORK/redis.log" 2>&1 &
     echo $! >"$WORK/redis.pid"
-    "$PYTHON" - "$PG" >"$WORK/fwd.log" 2>&1 <<'EOF' &
+    "$PYTHON" - "$PGI" >"$WORK/fwd.log" 2>&1 <<'EOF' &
 # 127.0.0.1:5432 -> the throwaway cluster, so the compose DSN postgres:5432 reaches it.
 import asyncio, sys
 target = int(sys.argv[1])
@@ -201,13 +233,25 @@ EOF
         'test -s /var/lib/pgwarden/ledger.key || pgwarden audit keygen --hmac --out /var/lib/pgwarden/ledger.key; exec pgwarden "$@"' \
         pgwarden serve -c /etc/pgwarden/pgwarden.yaml >/dev/null
     sleep 6
+    export PGPASSWORD=change-me
     out=$(psql -h 127.0.0.1 -p 6432 -U postgres -d support -Atc 'select 1' 2>&1 || true)
-    [ "$out" = 1 ] && ok "compose service: psql through two workers" || bad "compose service psql: $out"
+    [ "$out" = 1 ] && ok "compose service: psql (SCRAM) through two workers" ||
+        bad "compose service psql: $out"
+    psql -h 127.0.0.1 -p 6432 -U postgres -d support -qAtc "INSERT INTO customers
+        (customer_id, full_name, email, phone, tier, country)
+        VALUES (1, 'Ann Example', 'ann@example.com', '+1 555 0100', 'vip', 'DE')" >/dev/null 2>&1 || true
+    out=$(psql -h 127.0.0.1 -p 6432 -U support_app -d support -Atc 'select email from customers where customer_id = 1' 2>&1 || true)
+    [ "$out" = ann@example.com ] && ok "compose service: support_app looks up one customer" ||
+        bad "compose service, support_app lookup: $out"
     out=$(psql -h 127.0.0.1 -p 6432 -U support_app -d support -Atc 'select * from customers' 2>&1 || true)
     case $out in
         *blocked*) ok "compose service: policy blocks support_app SELECT *" ;;
         *) bad "compose service policy: $out" ;;
     esac
+    out=$(psql -h 127.0.0.1 -p 6432 -U analyst -d support -Atc "select email from customers where tier = 'vip'" 2>&1 || true)
+    [ "$out" = "a*n@example.com" ] && ok "compose service: analyst sees $out" ||
+        bad "compose service, analyst mask: $out"
+    unset PGPASSWORD
     for p in 9930 9931; do
         code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$p/metrics" || true)
         [ "$code" = 200 ] && ok "compose service: worker /metrics on $p" || bad "/metrics on $p: $code"
@@ -225,6 +269,5 @@ EOF
     [ "$FAILED" = 0 ] || docker logs "$NAME-c" 2>&1 | tail -20 >&2
 fi
 
-rm -f "$WORK/pg.hold"
 if [ "$FAILED" = 0 ]; then say "all checks passed"; else say "some checks FAILED"; fi
 exit "$FAILED"
