@@ -77,15 +77,23 @@ def run_test(engine: Engine, analyzer: Analyzer, t: PolicyTest) -> tuple[bool, s
 @click.option(
     "--schema-sql",
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    default=DEFAULT_SCHEMA,
-    show_default=True,
-    help="CREATE statements describing the database the policy guards.",
+    default=None,
+    help="CREATE statements describing the database the policy guards "
+    "[default: support_schema.sql beside FILE, else the repository's config/support_schema.sql].",
 )
-def test_command(file: str, schema_sql: Path) -> None:
+def test_command(file: str, schema_sql: Path | None) -> None:
     """Run the test cases written beside a policy (statement + subject -> expected verdict)."""
     from policy.schema_sql import snapshot_from_sql
 
     policy = _load(file)
+    if schema_sql is None:
+        beside = Path(file).resolve().parent / DEFAULT_SCHEMA.name
+        schema_sql = beside if beside.is_file() else DEFAULT_SCHEMA
+        if not schema_sql.is_file():
+            raise click.ClickException(
+                f"no schema to test against: neither {beside} nor {DEFAULT_SCHEMA} exists; "
+                "give --schema-sql FILE with the CREATE statements of the guarded database"
+            )
     snapshot: CatalogSnapshot = snapshot_from_sql(schema_sql.read_text())
     analyzer = Analyzer(snapshot, policy.label_rules())
     engine = Engine(policy)

@@ -108,8 +108,19 @@ def serve(config_file: str | None, **flags: Any) -> None:
     if config.workers > 1 and worker_index is None:
         sys.exit(_supervise(config.workers))
     install_uvloop()
+    from audit.chain import SigningKeyError
+    from audit.ledger import LedgerKeyError
+    from audit.pipeline import AuditUnavailable
+    from policy.model import PolicyError
+
     try:
         asyncio.run(run_server(config, reload=load, worker=worker_index or 0))
+    except PolicyError as exc:
+        click.echo(f"pgwarden: the policy cannot be loaded:\n{exc}", err=True)
+        sys.exit(2)
+    except (AuditUnavailable, LedgerKeyError, SigningKeyError) as exc:
+        click.echo(f"pgwarden: the audit trail cannot start: {exc}", err=True)
+        sys.exit(1)
     except OSError as exc:
         # asyncio's bind error names the address itself, which may be the admin one.
         click.echo(f"pgwarden: cannot listen: {exc.strerror or exc}", err=True)

@@ -736,10 +736,13 @@ async def serve(
         await proxy.start_cancel_listener()
     gc.freeze()  # what start-up built lives as long as the process (see PolicyRuntime)
     admin = None
+    admin_address = None
     if config.admin_listen is not None:
         admin = AdminServer(proxy)
         port = config.admin_listen.port
-        await admin.start(config.admin_listen.host, port + worker if port else 0)
+        # Worker i serves its own /metrics on the configured port + i.
+        host, bound = await admin.start(config.admin_listen.host, port + worker if port else 0)
+        admin_address = f"{host}:{bound}"
 
     def on_hup() -> None:
         if reload is None:
@@ -768,7 +771,8 @@ async def serve(
         "listening",
         addresses=[f"{h}:{p}" for h, p in addresses],
         upstream=str(config.upstream),
-        admin=str(config.admin_listen) if config.admin_listen else None,
+        admin=admin_address,
+        worker=worker,
         client_tls=config.client_tls.enabled,
         upstream_tls=config.upstream_tls.mode.value,
     )

@@ -340,6 +340,24 @@ def test_config_errors_exit_2_naming_the_key(
     assert "Traceback" not in out.stderr
 
 
+def test_a_bad_policy_file_exits_2_naming_the_line(tmp_path: Path, pg: Cluster) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("rules:\n  - id: r1\n    max_rowz: 5\n")
+    out = _serve(tmp_path, pg, None, "--policy", str(policy))
+    assert out.returncode == 2, out.stderr
+    assert f"{policy}:3" in out.stderr and "max_rowz" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_an_audit_store_that_cannot_open_exits_1_saying_why(tmp_path: Path, pg: Cluster) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    out = _serve(tmp_path, pg, None, "--audit-db", str(blocker / "audit.db"))
+    assert out.returncode == 1, out.stderr
+    assert "the audit trail cannot start" in out.stderr and str(blocker) in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_bad_flag_value_exits_2(tmp_path: Path, pg: Cluster) -> None:
     out = _serve(tmp_path, pg, None, "--upstream-tls", "sometimes")
     assert out.returncode == 2
