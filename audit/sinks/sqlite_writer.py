@@ -2,9 +2,11 @@
 
     python -m audit.sinks.sqlite_writer PATH SYNCHRONOUS
 
-Frames on stdin: 4-byte big-endian length, then a pickle of ``(events, ledger)``: events as
-``(canonical JSON without hash, hash)`` pairs, ledger as
-``(chain_id, seq, kind, relation, n, packed digests)`` rows.
+Frames on stdin: 4-byte big-endian length of the rest, 4-byte big-endian length ``m`` of the
+events, ``m`` bytes of events, then (to the end of the frame, possibly empty) a pickle of the
+ledger rows ``(chain_id, seq, kind, relation, n, packed digests)``.  Each event is one line:
+its 64-character hash, then the canonical JSON the hash covers (orjson never writes a raw
+newline), then ``\n``.
 For each frame it runs one transaction and answers a frame on stdout: ``ok`` once COMMIT
 has returned, or the error text.  It answers ``ok`` once at start-up when the schema exists.
 End of stdin (the parent closed it, or died) ends the process.
@@ -23,7 +25,8 @@ import orjson
 
 from audit.events import COLUMNS
 
-_HDR = struct.Struct(">I")
+HDR = struct.Struct(">I")
+FRAME = struct.Struct(">II")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -95,8 +98,9 @@ def _json_sorted(v: object) -> str | None:
     return None if v is None else orjson.dumps(v, option=orjson.OPT_SORT_KEYS).decode()
 
 
-def _row(d: dict[str, object], h: str) -> tuple[object, ...]:
-    d["hash"] = h
+def _row(line: bytes) -> tuple[object, ...]:
+    d = orjson.loads(line[64:])
+    d["hash"] = line[:64].decode()
     return (
         *[d[c] for c in _PLAIN],
         _json(d["relations"]),
@@ -107,7 +111,7 @@ def _row(d: dict[str, object], h: str) -> tuple[object, ...]:
 
 
 def _send(out: IO[bytes], msg: bytes) -> None:
-    out.write(_HDR.pack(len(msg)) + msg)
+    out.write(HDR.pack(len(msg)) + msg)
     out.flush()
 
 
@@ -131,15 +135,15 @@ def main(argv: list[str]) -> int:
         return 1
     _send(out, b"ok")
     while True:
-        hdr = inp.read(4)
-        if len(hdr) < 4:
+        hdr = inp.read(FRAME.size)
+        if len(hdr) < FRAME.size:
             break
-        (n,) = _HDR.unpack(hdr)
-        payload = inp.read(n)
-        if len(payload) < n:
+        n, m = FRAME.unpack(hdr)
+        payload = inp.read(n - 4)
+        if len(payload) < n - 4:
             break
-        events, ledger = pickle.loads(payload)
-        rows = [_row(orjson.loads(canon), h) for canon, h in events]
+        rows = [_row(line) for line in payload[:m].split(b"\n")[:-1]]
+        ledger = pickle.loads(payload[m:]) if len(payload) > m else None
         try:
             conn.execute("BEGIN")
             conn.executemany(INSERT_EVENT, rows)
