@@ -134,6 +134,12 @@ class AuditConfig(_Model):
     queue_size: int = Field(10_000, gt=0)
     overflow: Literal["block", "raise"] = "block"
     max_batch: int = Field(2_000, gt=0)
+    # Events nobody waits on (everything but labelled statements) wait up to this long for
+    # company before they are sealed and written, so that a burst costs one commit (one
+    # fsync, one set of index pages) instead of one each.  A submit() that someone awaits
+    # cuts the wait short.  What a crash can lose of unacknowledged events grows by at most
+    # this much; acknowledged ones are never lost.  0 writes at once.
+    batch_linger_s: float = Field(0.01, ge=0, le=1)
     # A sink writes all its queued batches in one transaction, so a short queue costs no
     # group-commit efficiency; a long one only holds more records in memory.
     sink_queue_batches: int = Field(4, gt=0)
@@ -184,8 +190,10 @@ _Item = tuple[AuditEvent, "asyncio.Future[Receipt] | None"]
 _STOP: Any = object()
 
 # Above either bound a batch is sealed on the chainer thread rather than on the event loop
-# (about 4 us an event, 1 us a ledger key).
-_INLINE_EVENTS = 64
+# (about 4 us an event, 1 us a ledger key).  The chainer needs the GIL for nearly all of
+# that work too, so it spares the loop little on an ordinary batch; it is there so that a
+# huge ledger is interrupted every switch interval instead of blocking the loop outright.
+_INLINE_EVENTS = 256
 _INLINE_LEDGER_KEYS = 64
 
 
@@ -218,6 +226,11 @@ class _Ticket:
             for fut, _ in self.waiters:
                 if not fut.done():
                     fut.set_exception(AuditUnavailable(exc_text))
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def _fail(fut: asyncio.Future[Receipt], message: str) -> None:
@@ -339,7 +352,13 @@ class AuditTrail:
         # A deque and two events rather than asyncio.Queue: put/get on the hot path cost a
         # fraction as much, and the dispatcher takes a whole batch at once.
         self._items: deque[_Item] = deque()
-        self._wakeup = asyncio.Event()  # set when there is something for the dispatcher
+        # The dispatcher sleeps on this future; _push resolves it when there is something to
+        # do (a cheaper wake-up than an asyncio.Event and wait_for's task per batch).
+        self._waiter: asyncio.Future[None] | None = None
+        # While the dispatcher lingers only an awaited event, a full batch or close wakes it.
+        self._lingering = False
+        # An awaited event is queued: do not linger until the queue has been emptied.
+        self._urgent = False
         self._room = asyncio.Event()  # set when blocked producers may retry
         self._stop = False
         self._runners = [_SinkRunner(s, config.sink_queue_batches) for s in self.sinks]
@@ -410,7 +429,7 @@ class AuditTrail:
             return
         self._state = "closing"
         self._stop = True
-        self._wakeup.set()
+        self._wake()
         self._room.set()  # producers waiting for room get AuditUnavailable
         assert self._dispatcher is not None
         await self._dispatcher
@@ -457,10 +476,31 @@ class AuditTrail:
         return fut
 
     def _push(self, item: _Item) -> None:
-        self._items.append(item)
+        q = self._items
+        q.append(item)
         self.submitted += 1
-        if not self._wakeup.is_set():
-            self._wakeup.set()
+        if item[1] is not None:
+            self._urgent = True
+        elif self._lingering and len(q) < self.config.max_batch:
+            return
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def _sleep(self, timeout: float, *, linger: bool) -> None:
+        """Sleep until ``timeout`` or until :meth:`_push` (or close) wakes the dispatcher."""
+        loop = asyncio.get_running_loop()
+        w: asyncio.Future[None] = loop.create_future()
+        self._waiter, self._lingering = w, linger
+        handle = loop.call_later(timeout, _resolve, w)
+        try:
+            await w
+        finally:
+            handle.cancel()
+            self._waiter, self._lingering = None, False
 
     def _arm_timeout(self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[Receipt]) -> None:
         timeout = self.config.durable_timeout_s
@@ -568,19 +608,22 @@ class AuditTrail:
         loop = asyncio.get_running_loop()
         q = self._items
         max_batch = self.config.max_batch
+        linger = self.config.batch_linger_s
         stopping = False
         while not stopping:
             if not q and not self._stop:
-                self._wakeup.clear()
                 timeout = self.config.checkpoint_interval_s - (
                     time.monotonic() - self._last_checkpoint
                 )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), max(timeout, 0.001))
+                await self._sleep(max(timeout, 0.001), linger=False)
+            if linger and q and not self._urgent and not self._stop and len(q) < max_batch:
+                await self._sleep(linger, linger=True)
             n = min(len(q), max_batch)
             items: list[_Item] = [q.popleft() for _ in range(n)]
             if n:
                 self._room.set()
+            if not q:
+                self._urgent = False
             stopping = self._stop and not q
             force_cp = stopping or (
                 time.monotonic() - self._last_checkpoint >= self.config.checkpoint_interval_s
