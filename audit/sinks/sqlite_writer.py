@@ -19,6 +19,7 @@ import signal
 import sqlite3
 import struct
 import sys
+from operator import itemgetter
 from typing import IO
 
 import orjson
@@ -64,7 +65,9 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_chain ON events (chain_id, seq);
 CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
-CREATE INDEX IF NOT EXISTS events_end_user ON events (end_user, ts);
+-- Partial: most statements name no end user, and "what did bob do" always names one.
+-- (Stores created before this keep their full index; both answer the same queries.)
+CREATE INDEX IF NOT EXISTS events_end_user ON events (end_user, ts) WHERE end_user IS NOT NULL;
 CREATE TABLE IF NOT EXISTS ledger (
     id        INTEGER PRIMARY KEY,
     chain_id  TEXT NOT NULL,
@@ -90,23 +93,25 @@ INSERT_EVENT = (
 )
 
 
+_plain = itemgetter(*_PLAIN)
+
+
 def _json(v: object) -> str | None:
-    return None if v is None else orjson.dumps(v).decode()
-
-
-def _json_sorted(v: object) -> str | None:
-    return None if v is None else orjson.dumps(v, option=orjson.OPT_SORT_KEYS).decode()
+    if v is None:
+        return None
+    return orjson.dumps(v).decode() if v else "[]"
 
 
 def _row(line: bytes) -> tuple[object, ...]:
     d = orjson.loads(line[64:])
     d["hash"] = line[:64].decode()
+    details = d["details"]
     return (
-        *[d[c] for c in _PLAIN],
+        *_plain(d),
         _json(d["relations"]),
         _json(d["labels"]),
         _json(d["rule_ids"]),
-        _json_sorted(d["details"]),
+        None if details is None else orjson.dumps(details, option=orjson.OPT_SORT_KEYS).decode(),
     )
 
 
