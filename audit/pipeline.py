@@ -763,7 +763,7 @@ class AuditTrail:
             if entries:
                 rec["ledger_count"] = ledger_count(entries)
                 rec["ledger_digest"] = ledger_digest(entries)
-        return rec, entries, self.chain.seal_canonical(rec)
+        return rec, entries, self.chain.seal_canonical(rec, presorted=True)
 
     def _checkpoint(self, out: list[Sealed]) -> dict[str, Any]:
         chain = self.chain
