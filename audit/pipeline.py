@@ -9,15 +9,16 @@
     await trail.close()                   # flushes, writes a final checkpoint
 
 ``submit`` only puts the event on a bounded queue.  A dispatcher task takes whatever has
-queued up as one batch, seals it (record building, redaction, ledger HMACs, hashing,
-checkpoint signing) and hands it to every sink's own bounded queue.  A small batch is sealed
-right there on the event loop: that takes a few microseconds an event, less than handing it
-to another thread and back costs while the loop is busy.  A batch that is large, carries a
-big ledger or is due a checkpoint (a signature, maybe an fsync of the checkpoint file) goes
-to a single chainer thread instead, so a 100k-key ledger never stalls the proxy.  Each sink writes its
-queue in order; the first durable sink to commit a batch resolves the batch's futures, and if
-every durable sink fails they raise :class:`AuditUnavailable` -- the proxy then fails the
-labelled read closed.
+queued up as one batch (events nobody awaits first linger up to ``batch_linger_s`` for
+company), seals it (record building, redaction, ledger HMACs, hashing, checkpoint signing)
+and hands it to every sink's own bounded queue.  An ordinary batch is sealed right there on
+the event loop: that takes a few microseconds an event, less than handing it to another
+thread and back costs while the loop is busy.  A batch that is very large, carries a big
+ledger or is due a checkpoint (a signature, maybe an fsync of the checkpoint file) goes to a
+single chainer thread instead, so a 100k-key ledger never stalls the proxy.  Each sink
+writes its queue in order; the first durable sink to commit a batch resolves the batch's
+futures, and if every durable sink fails they raise :class:`AuditUnavailable` -- the proxy
+then fails the labelled read closed.
 
 Backpressure: when sinks are slow the sink queues fill, the dispatcher waits, the main queue
 fills, and ``submit`` either waits for room (``overflow="block"``) or fails at once
@@ -349,8 +350,8 @@ class AuditTrail:
         self._signer = load_signing_key(config.signing_key) if config.signing_key else None
         self._key_id = key_id(self._signer.public_key()) if self._signer else None
         self.chain = Chain(config.chain_id or _default_chain_id())
-        # A deque and two events rather than asyncio.Queue: put/get on the hot path cost a
-        # fraction as much, and the dispatcher takes a whole batch at once.
+        # A deque rather than asyncio.Queue: put/get on the hot path cost a fraction as
+        # much, and the dispatcher takes a whole batch at once.
         self._items: deque[_Item] = deque()
         # The dispatcher sleeps on this future; _push resolves it when there is something to
         # do (a cheaper wake-up than an asyncio.Event and wait_for's task per batch).
