@@ -9,12 +9,16 @@
     await trail.close()                   # flushes, writes a final checkpoint
 
 ``submit`` only puts the event on a bounded queue.  A dispatcher task takes whatever has
-queued up as one batch, hands it to a single chainer thread (record building, redaction,
-ledger HMACs, hashing, checkpoint signing: CPU work that should not stall the proxy's event
-loop on a 100k-key ledger) and then to every sink's own bounded queue.  Each sink writes its
-queue in order; the first durable sink to commit a batch resolves the batch's futures, and if
-every durable sink fails they raise :class:`AuditUnavailable` -- the proxy then fails the
-labelled read closed.
+queued up as one batch (events nobody awaits first linger up to ``batch_linger_s`` for
+company), seals it (record building, redaction, ledger HMACs, hashing, checkpoint signing)
+and hands it to every sink's own bounded queue.  An ordinary batch is sealed right there on
+the event loop: that takes a few microseconds an event, less than handing it to another
+thread and back costs while the loop is busy.  A batch that is very large, carries a big
+ledger or is due a checkpoint (a signature, maybe an fsync of the checkpoint file) goes to a
+single chainer thread instead, so a 100k-key ledger never stalls the proxy.  Each sink
+writes its queue in order; the first durable sink to commit a batch resolves the batch's
+futures, and if every durable sink fails they raise :class:`AuditUnavailable` -- the proxy
+then fails the labelled read closed.
 
 Backpressure: when sinks are slow the sink queues fill, the dispatcher waits, the main queue
 fills, and ``submit`` either waits for room (``overflow="block"``) or fails at once
@@ -131,6 +135,12 @@ class AuditConfig(_Model):
     queue_size: int = Field(10_000, gt=0)
     overflow: Literal["block", "raise"] = "block"
     max_batch: int = Field(2_000, gt=0)
+    # Events nobody waits on (everything but labelled statements) wait up to this long for
+    # company before they are sealed and written, so that a burst costs one commit (one
+    # fsync, one set of index pages) instead of one each.  A submit() that someone awaits
+    # cuts the wait short.  What a crash can lose of unacknowledged events grows by at most
+    # this much; acknowledged ones are never lost.  0 writes at once.
+    batch_linger_s: float = Field(0.01, ge=0, le=1)
     # A sink writes all its queued batches in one transaction, so a short queue costs no
     # group-commit efficiency; a long one only holds more records in memory.
     sink_queue_batches: int = Field(4, gt=0)
@@ -180,6 +190,13 @@ class Receipt:
 _Item = tuple[AuditEvent, "asyncio.Future[Receipt] | None"]
 _STOP: Any = object()
 
+# Above either bound a batch is sealed on the chainer thread rather than on the event loop
+# (about 4 us an event, 1 us a ledger key).  The chainer needs the GIL for nearly all of
+# that work too, so it spares the loop little on an ordinary batch; it is there so that a
+# huge ledger is interrupted every switch interval instead of blocking the loop outright.
+_INLINE_EVENTS = 256
+_INLINE_LEDGER_KEYS = 64
+
 
 @dataclass(slots=True)
 class _Ticket:
@@ -210,6 +227,11 @@ class _Ticket:
             for fut, _ in self.waiters:
                 if not fut.done():
                     fut.set_exception(AuditUnavailable(exc_text))
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def _fail(fut: asyncio.Future[Receipt], message: str) -> None:
@@ -328,15 +350,22 @@ class AuditTrail:
         self._signer = load_signing_key(config.signing_key) if config.signing_key else None
         self._key_id = key_id(self._signer.public_key()) if self._signer else None
         self.chain = Chain(config.chain_id or _default_chain_id())
-        # A deque and two events rather than asyncio.Queue: put/get on the hot path cost a
-        # fraction as much, and the dispatcher takes a whole batch at once.
+        # A deque rather than asyncio.Queue: put/get on the hot path cost a fraction as
+        # much, and the dispatcher takes a whole batch at once.
         self._items: deque[_Item] = deque()
-        self._wakeup = asyncio.Event()  # set when there is something for the dispatcher
+        # The dispatcher sleeps on this future; _push resolves it when there is something to
+        # do (a cheaper wake-up than an asyncio.Event and wait_for's task per batch).
+        self._waiter: asyncio.Future[None] | None = None
+        # While the dispatcher lingers only an awaited event, a full batch or close wakes it.
+        self._lingering = False
+        # An awaited event is queued: do not linger until the queue has been emptied.
+        self._urgent = False
         self._room = asyncio.Event()  # set when blocked producers may retry
         self._stop = False
         self._runners = [_SinkRunner(s, config.sink_queue_batches) for s in self.sinks]
         self._durable_count = sum(1 for s in self.sinks if s.durable)
-        # One thread: the chain is a sequence, so sealing must be too.
+        # One thread: the chain is a sequence, so sealing must be too.  Batches sealed inline
+        # on the loop never overlap with it: the dispatcher awaits each batch's sealing.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="pgwarden-audit-chain")
         self._dispatcher: asyncio.Task[None] | None = None
         self._since_checkpoint = 0
@@ -401,7 +430,7 @@ class AuditTrail:
             return
         self._state = "closing"
         self._stop = True
-        self._wakeup.set()
+        self._wake()
         self._room.set()  # producers waiting for room get AuditUnavailable
         assert self._dispatcher is not None
         await self._dispatcher
@@ -448,10 +477,31 @@ class AuditTrail:
         return fut
 
     def _push(self, item: _Item) -> None:
-        self._items.append(item)
+        q = self._items
+        q.append(item)
         self.submitted += 1
-        if not self._wakeup.is_set():
-            self._wakeup.set()
+        if item[1] is not None:
+            self._urgent = True
+        elif self._lingering and len(q) < self.config.max_batch:
+            return
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def _sleep(self, timeout: float, *, linger: bool) -> None:
+        """Sleep until ``timeout`` or until :meth:`_push` (or close) wakes the dispatcher."""
+        loop = asyncio.get_running_loop()
+        w: asyncio.Future[None] = loop.create_future()
+        self._waiter, self._lingering = w, linger
+        handle = loop.call_later(timeout, _resolve, w)
+        try:
+            await w
+        finally:
+            handle.cancel()
+            self._waiter, self._lingering = None, False
 
     def _arm_timeout(self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[Receipt]) -> None:
         timeout = self.config.durable_timeout_s
@@ -559,19 +609,22 @@ class AuditTrail:
         loop = asyncio.get_running_loop()
         q = self._items
         max_batch = self.config.max_batch
+        linger = self.config.batch_linger_s
         stopping = False
         while not stopping:
             if not q and not self._stop:
-                self._wakeup.clear()
                 timeout = self.config.checkpoint_interval_s - (
                     time.monotonic() - self._last_checkpoint
                 )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), max(timeout, 0.001))
+                await self._sleep(max(timeout, 0.001), linger=False)
+            if linger and q and not self._urgent and not self._stop and len(q) < max_batch:
+                await self._sleep(linger, linger=True)
             n = min(len(q), max_batch)
             items: list[_Item] = [q.popleft() for _ in range(n)]
             if n:
                 self._room.set()
+            if not q:
+                self._urgent = False
             stopping = self._stop and not q
             force_cp = stopping or (
                 time.monotonic() - self._last_checkpoint >= self.config.checkpoint_interval_s
@@ -581,9 +634,12 @@ class AuditTrail:
                     self._last_checkpoint = time.monotonic()
                 continue
             try:
-                sealed, waiters, cps = await loop.run_in_executor(
-                    self._executor, self._seal, items, force_cp
-                )
+                if self._seal_inline(items, force_cp):
+                    sealed, waiters, cps = self._seal(items, force_cp)
+                else:
+                    sealed, waiters, cps = await loop.run_in_executor(
+                        self._executor, self._seal, items, force_cp
+                    )
             except Exception as exc:  # a bug in sealing must not kill the trail silently
                 log.error("audit_seal_failed", error=repr(exc))
                 for _, fut in items:
@@ -598,6 +654,24 @@ class AuditTrail:
                     r.queue.put_nowait((sealed, ticket))
                 except asyncio.QueueFull:
                     await self._put_or_drop(r, sealed, ticket)
+
+    def _seal_inline(self, items: list[_Item], force_checkpoint: bool) -> bool:
+        """Whether sealing ``items`` is cheap enough to do on the event loop."""
+        if (
+            force_checkpoint
+            or len(items) > _INLINE_EVENTS
+            or self._since_checkpoint + len(items) >= self.config.checkpoint_every
+        ):
+            return False
+        keys = 0
+        for ev, _ in items:
+            if ev.ledger_keys:
+                keys += sum(map(len, ev.ledger_keys.values()))
+            if ev.ledger_values:
+                keys += sum(map(len, ev.ledger_values.values()))
+            if keys > _INLINE_LEDGER_KEYS:
+                return False
+        return True
 
     async def _put_or_drop(self, r: _SinkRunner, sealed: list[Sealed], ticket: _Ticket) -> None:
         try:
@@ -624,7 +698,8 @@ class AuditTrail:
     def _seal(
         self, items: list[_Item], force_checkpoint: bool
     ) -> tuple[list[Sealed], list[tuple[asyncio.Future[Receipt], Receipt]], list[dict[str, Any]]]:
-        """Runs on the chainer thread: redact, hash the ledger, chain, checkpoint."""
+        """Redact, hash the ledger, chain, checkpoint (on the chainer thread or, for a small
+        batch, on the loop; never both at once)."""
         chain = self.chain
         hasher = self.hasher
         keep_full = self.config.store_full_text
@@ -689,7 +764,7 @@ class AuditTrail:
             if entries:
                 rec["ledger_count"] = ledger_count(entries)
                 rec["ledger_digest"] = ledger_digest(entries)
-        return rec, entries, self.chain.seal_canonical(rec)
+        return rec, entries, self.chain.seal_canonical(rec, presorted=True)
 
     def _checkpoint(self, out: list[Sealed]) -> dict[str, Any]:
         chain = self.chain

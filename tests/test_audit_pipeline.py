@@ -51,6 +51,28 @@ def test_submit_resolves_once_committed(tmp_path: Path) -> None:
     asyncio.run(go())
 
 
+def test_an_awaited_event_does_not_wait_for_lingering_company(tmp_path: Path) -> None:
+    # Unawaited events may linger to share a commit; a labelled statement's event takes
+    # them along at once.  Were it to wait out the linger, it would miss its durable
+    # deadline and the labelled read would be refused.
+    cfg = AuditConfig(
+        sinks=[SQLiteSinkConfig(path=tmp_path / "a.db")], batch_linger_s=1.0, durable_timeout_s=0.9
+    )
+
+    async def go() -> None:
+        async with AuditTrail(cfg) as t:
+            for i in range(5):
+                t.submit_nowait(stmt(f"SELECT {i}"))
+            await asyncio.sleep(0)
+            receipt = await t.submit(stmt("SELECT labelled"))
+            assert receipt.seq == 6
+            conn = sqlite3.connect(tmp_path / "a.db")
+            assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 6
+            conn.close()
+
+    asyncio.run(go())
+
+
 def test_no_durable_sink_means_audit_unavailable() -> None:
     async def go() -> None:
         async with AuditTrail(AuditConfig(sinks=[dead_pg()])) as t:

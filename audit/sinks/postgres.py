@@ -173,10 +173,18 @@ class PostgresSink:
                             schema_name=self.schema,
                             timeout=self.timeout,
                         )
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except (
+                OSError,
+                TimeoutError,
+                asyncpg.PostgresError,
+                asyncpg.InterfaceError,
+                # A connection the server has just terminated, whose goodbye asyncpg has not
+                # read yet, refuses the COPY this way.
+                asyncpg.InternalClientError,
+            ) as exc:
                 # A broken connection is replaced on the next batch.
                 if not conn.is_closed():
-                    await conn.close()
+                    conn.terminate()
                 self._conn = None
                 raise SinkError(
                     f"the PostgreSQL audit store could not write {len(events)} events: {exc}"

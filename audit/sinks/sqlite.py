@@ -12,22 +12,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import pickle
-import queue
 import sqlite3
-import struct
-import subprocess
 import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import orjson
 
 from audit.sinks import Sealed, SinkError
-from audit.sinks.sqlite_writer import INSERT_EVENT, INSERT_LEDGER, SCHEMA
+from audit.sinks.sqlite_writer import FRAME, HDR, INSERT_EVENT, INSERT_LEDGER, SCHEMA
 
-__all__ = ["INSERT_EVENT", "INSERT_LEDGER", "SCHEMA", "SQLiteSink", "connect"]
+__all__ = ["INSERT_EVENT", "INSERT_LEDGER", "SCHEMA", "SQLiteSink", "connect", "encode_batch"]
 
 
 def connect(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
@@ -42,15 +38,28 @@ def connect(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
-_STOP = object()
-_HDR = struct.Struct(">I")
+def encode_batch(batch: Sequence[Sealed]) -> bytes:
+    """One frame for the writer process (layout in :mod:`audit.sinks.sqlite_writer`).
 
-
-def _read_exact(f: IO[bytes], n: int) -> bytes:
-    data = f.read(n)
-    if data is None or len(data) < n:
-        raise EOFError("the SQLite writer process went away")
-    return data
+    Events travel as the canonical JSON already made for the hash, one per line behind its
+    hash, so this side only joins bytes: no pickling of per-event objects, and the child
+    parses on its own core.
+    """
+    parts: list[bytes] = []
+    ledger: list[tuple[Any, ...]] = []
+    for s in batch:
+        rec = s.record
+        canon = s.canonical or orjson.dumps(
+            {k: v for k, v in rec.items() if k != "hash"}, option=orjson.OPT_SORT_KEYS
+        )
+        parts += (rec["hash"].encode(), canon, b"\n")
+        if s.ledger:
+            cid, seq = rec["chain_id"], rec["seq"]
+            for k, rel, p in s.ledger:
+                ledger.append((cid, seq, k, rel, len(p) // 16, p))
+    events = b"".join(parts)
+    tail = pickle.dumps(ledger, protocol=pickle.HIGHEST_PROTOCOL) if ledger else b""
+    return FRAME.pack(4 + len(events) + len(tail), len(events)) + events + tail
 
 
 class SQLiteSink:
@@ -59,10 +68,14 @@ class SQLiteSink:
     Why a process: Python's sqlite3 module releases the GIL around every row it inserts and
     must win it back for the next one.  With the proxy's event loop busy, every one of those
     hand-overs waits for the interpreter's switch interval, and inserts slow down ten-fold.
-    A child process (``python -m audit.sinks.sqlite_writer``) has its own interpreter; this
-    side only pickles a batch and waits on a pipe, which costs the GIL nothing.  A batch is
-    acknowledged only after the child's COMMIT returned, so a kill -9 of either process loses
-    no acknowledged event; if the child dies, the batch fails and the next one restarts it.
+    A child process (``python -m audit.sinks.sqlite_writer``) has its own interpreter.
+
+    The event loop talks to it over non-blocking pipes: a batch is one ``write`` of joined
+    bytes and the answer arrives like any socket read.  No thread sits in between, so a
+    batch costs no thread wake-ups and no GIL hand-overs (each of which, with the loop busy,
+    costs more CPU than building the frame).  A batch is acknowledged only after the
+    child's COMMIT returned, so a kill -9 of either process loses no acknowledged event; if
+    the child dies, the batch fails and the next one starts a new child.
     """
 
     durable = True
@@ -75,43 +88,46 @@ class SQLiteSink:
         self.path = Path(path)
         self.synchronous = synchronous
         self.name = name
-        self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        # One frame in flight: the writer answers frames in order, but a second writer
+        # interleaving its bytes would corrupt the stream.
+        self._lock = asyncio.Lock()
+        self._started = False
 
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
         try:
-            await asyncio.to_thread(self._spawn)
-        except (OSError, EOFError, SinkError) as exc:
+            await self._spawn()
+        except (OSError, EOFError, SinkError, asyncio.IncompleteReadError) as exc:
             raise SinkError(f"the SQLite audit store {self.path} cannot be opened: {exc}") from exc
-        self._thread = threading.Thread(
-            target=self._run, name=f"pgwarden-audit-{self.name}", daemon=True
-        )
-        self._thread.start()
+        self._started = True
 
-    def _spawn(self) -> None:
+    async def _spawn(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "audit.sinks.sqlite_writer", str(self.path), self.synchronous],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "audit.sinks.sqlite_writer",
+            str(self.path),
+            self.synchronous,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
             stderr=None,
         )
-        assert proc.stdout is not None
-        reply = self._reply(proc)
+        try:
+            reply = await self._reply(proc)
+        except BaseException:
+            await self._kill(proc)
+            raise
         if reply != b"ok":
-            proc.kill()
-            proc.wait()
+            await self._kill(proc)
             raise SinkError(reply.decode(errors="replace"))
         self._proc = proc
 
     @staticmethod
-    def _reply(proc: subprocess.Popen[bytes]) -> bytes:
+    async def _reply(proc: asyncio.subprocess.Process) -> bytes:
         assert proc.stdout is not None
-        (n,) = _HDR.unpack(_read_exact(proc.stdout, 4))
-        return _read_exact(proc.stdout, n)
+        (n,) = HDR.unpack(await proc.stdout.readexactly(HDR.size))
+        return await proc.stdout.readexactly(n)
 
     async def head(self, chain_id: str) -> tuple[int, str] | None:
         def q() -> tuple[int, str] | None:
@@ -128,99 +144,57 @@ class SQLiteSink:
         return await asyncio.to_thread(q)
 
     async def write(self, batch: Sequence[Sealed]) -> None:
-        if self._thread is None or self._loop is None:
+        if not self._started:
             raise SinkError(f"the SQLite audit store {self.path} is not started")
-        fut: asyncio.Future[None] = self._loop.create_future()
-        self._q.put((batch, fut))
-        await fut
-
-    def _run(self) -> None:
-        assert self._loop is not None
-        loop = self._loop
-        stop = False
-        while not stop:
-            items = [self._q.get()]
-            # Group commit: everything that queued up during the last commit goes in one
-            # transaction and costs one fsync.
-            while True:
-                try:
-                    items.append(self._q.get_nowait())
-                except queue.Empty:
-                    break
-            work = []
-            for it in items:
-                if it is _STOP:
-                    stop = True
-                else:
-                    work.append(it)
-            if not work:
-                continue
-            err: BaseException | None = None
+        frame = encode_batch(batch)
+        async with self._lock:
             try:
-                self._commit(work)
-            except (OSError, EOFError, SinkError) as exc:
-                err = SinkError(f"the SQLite audit store {self.path} could not write: {exc}")
-                self._discard_proc()
-            for _batch, fut in work:
-                loop.call_soon_threadsafe(_settle, fut, err)
-        self._discard_proc(graceful=True)
-
-    def _commit(self, work: list[tuple[Sequence[Sealed], Any]]) -> None:
-        # The canonical JSON (already made for the hash) goes over the pipe; the child turns
-        # it into a row on its own core.
-        events: list[tuple[bytes, str]] = []
-        ledger: list[tuple[Any, ...]] = []
-        for batch, _fut in work:
-            for s in batch:
-                rec = s.record
-                canon = s.canonical or orjson.dumps(
-                    {k: v for k, v in rec.items() if k != "hash"}, option=orjson.OPT_SORT_KEYS
-                )
-                events.append((canon, rec["hash"]))
-                if s.ledger:
-                    cid, seq = rec["chain_id"], rec["seq"]
-                    for k, rel, p in s.ledger:
-                        ledger.append((cid, seq, k, rel, len(p) // 16, p))
-        if self._proc is None or self._proc.poll() is not None:
-            self._spawn()
-        proc = self._proc
-        assert proc is not None and proc.stdin is not None
-        payload = pickle.dumps((events, ledger), protocol=pickle.HIGHEST_PROTOCOL)
-        proc.stdin.write(_HDR.pack(len(payload)))
-        proc.stdin.write(payload)
-        proc.stdin.flush()
-        reply = self._reply(proc)
+                if self._proc is None or self._proc.returncode is not None:
+                    await self._discard_proc()
+                    await self._spawn()
+                proc = self._proc
+                assert proc is not None and proc.stdin is not None
+                proc.stdin.write(frame)
+                await proc.stdin.drain()
+                reply = await self._reply(proc)
+            except (OSError, EOFError, asyncio.IncompleteReadError, SinkError) as exc:
+                await self._discard_proc()
+                raise SinkError(
+                    f"the SQLite audit store {self.path} could not write: {exc}"
+                ) from exc
+            except asyncio.CancelledError:
+                # The frame may be half written: the stream is unusable.
+                await self._discard_proc()
+                raise
         if reply != b"ok":
-            raise SinkError(reply.decode(errors="replace"))
+            raise SinkError(
+                f"the SQLite audit store {self.path} could not write: "
+                f"{reply.decode(errors='replace')}"
+            )
 
-    def _discard_proc(self, graceful: bool = False) -> None:
+    @staticmethod
+    async def _kill(proc: asyncio.subprocess.Process) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+
+    async def _discard_proc(self, graceful: bool = False) -> None:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        with contextlib.suppress(OSError):
-            if proc.stdin is not None:
+        if proc.stdin is not None:
+            with contextlib.suppress(OSError):
                 proc.stdin.close()
         if not graceful:
-            proc.kill()
+            await self._kill(proc)
+            return
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+            await asyncio.wait_for(proc.wait(), 30)
+        except TimeoutError:
+            await self._kill(proc)
 
     async def close(self) -> None:
-        if self._thread is not None:
-            self._q.put(_STOP)
-            await asyncio.to_thread(self._thread.join)
-            self._thread = None
-
-
-def _settle(fut: asyncio.Future[None], err: BaseException | None) -> None:
-    if fut.done():
-        return
-    if err is None:
-        fut.set_result(None)
-    else:
-        fut.set_exception(err)
+        if self._started:
+            self._started = False
+            async with self._lock:
+                await self._discard_proc(graceful=True)
