@@ -32,9 +32,12 @@ SELECT m.message_id, m.author_kind, m.agent_id, m.body, m.created_at
 
 -- 4. sometimes the agent moves the ticket on and takes it
 \if :change = 1
+-- (a closed ticket stays closed: reopening one could put a canary customer -- planted with
+-- one closed ticket -- into an agent's queue, and the agents' workload that runs on the same
+-- data afterwards would then trip the canary rule)
 UPDATE tickets
    SET status = (ARRAY['open', 'pending', 'closed'])[:st],
        assigned_agent_id = :aid,
        updated_at = now()
- WHERE ticket_id = :tid;
+ WHERE ticket_id = :tid AND status <> 'closed';
 \endif
