@@ -698,6 +698,8 @@ _SHAPE_TOKEN = re.compile(
 # The same without quoted identifiers, for the common text that has none: a plain
 # replacement, with no Python callback per literal.
 _SHAPE_LITERAL = re.compile(r"""'(?:[^']|'')*'|(?<![\w$"])\d+(?:\.\d+)?(?:[eE][+-]?\d+)?""")
+# The text before a final /* ... */ (no '*' inside it) and an optional ';' after it.
+_TRAILING_COMMENT = re.compile(r"(?s)^(.*?)\s*/\*[^*]*\*/\s*(;?)\s*$")
 _SHAPE_UNSAFE = re.compile(r"/\*|--|\$|\\|;.*\S", re.DOTALL)
 _SHAPE_KINDS = frozenset({"select", "insert", "update", "delete"})
 SHAPE_SAFE_FUNCTIONS = frozenset({
@@ -711,8 +713,19 @@ SHAPE_SAFE_FUNCTIONS = frozenset({
 
 
 def shape_key(sql: str) -> str | None:
-    """The text with literal contents blanked, or None when the text is not plain enough."""
-    if len(sql) > 8192 or _SHAPE_UNSAFE.search(sql) or sql.count("'") % 2 or sql.count('"') % 2:
+    """The text with literal contents blanked, or None when the text is not plain enough.
+
+    A trailing comment (sqlcommenter's ``/* end_user='alice' */``, which applications add to
+    every statement) is dropped first: the parser ignores it, so facts cannot depend on it,
+    and the rest of the text must pass the same checks as any other."""
+    if len(sql) > 8192:
+        return None
+    if sql.rstrip().endswith(("*/", "*/;")):
+        m = _TRAILING_COMMENT.match(sql)
+        if m is None:
+            return None
+        sql = m.group(1) + m.group(2)
+    if _SHAPE_UNSAFE.search(sql) or sql.count("'") % 2 or sql.count('"') % 2:
         return None
     if '"' not in sql:
         return _SHAPE_LITERAL.sub("?", sql)

@@ -565,6 +565,40 @@ def test_shapes_are_not_shared_where_a_literal_could_matter(first: str, second: 
     assert a.shape_hits == 0
 
 
+def test_statements_naming_different_end_users_share_their_analysis() -> None:
+    # sqlcommenter puts the end user in a trailing comment of every statement; the parser
+    # ignores it, so agents' statements of one shape are analysed once.
+    a = _shape_analyzer()
+    (f1,) = a.analyze(
+        "SELECT email FROM customers WHERE customer_id = 42 /* end_user='agent001' */",
+        ("public",),
+    )
+    (f2,) = a.analyze(
+        "SELECT email FROM customers WHERE customer_id = 7 /* end_user='agent002' */",
+        ("public",),
+    )
+    assert a.shape_hits == 1
+    assert f2.output_labels == {"pii.email"} and f2.normalized == f1.normalized
+    assert "agent" not in f2.normalized
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        # The comment is not the text's end, or a literal would swallow it.
+        ("SELECT 1 /* a */ , email FROM customers /* b */",
+         "SELECT 2 /* a */ , email FROM customers /* b */"),
+        ("SELECT email FROM customers WHERE email = '/* x */' /* c */",
+         "SELECT email FROM customers WHERE email = '/* y */' /* c */"),
+    ],
+)  # fmt: skip
+def test_only_a_plain_trailing_comment_is_set_aside(first: str, second: str) -> None:
+    a = _shape_analyzer()
+    a.analyze(first, ("public",))
+    a.analyze(second, ("public",))
+    assert a.shape_hits == 0
+
+
 def test_a_quote_inside_an_identifier_cannot_hide_a_different_statement() -> None:
     a = _shape_analyzer()
     a.analyze("""SELECT "x'" FROM products WHERE name = 'a' """.strip(), ("public",))
