@@ -709,6 +709,11 @@ SHAPE_SAFE_FUNCTIONS = frozenset({
     "now", "current_date", "current_timestamp", "date_trunc", "date_part", "extract", "age",
     "to_char", "to_date", "to_timestamp", "position", "strpos", "split_part", "initcap",
     "bool_and", "bool_or", "every", "row_number", "rank", "dense_rank", "random",
+    # Pure text, number and date helpers: a literal argument cannot change what is read.
+    "lpad", "rpad", "reverse", "repeat", "translate", "starts_with", "md5", "to_number",
+    "format", "octet_length", "bit_length", "mod", "power", "sqrt", "trunc", "sign",
+    "make_date", "make_time", "make_timestamp", "make_timestamptz", "make_interval",
+    "date_bin", "justify_days", "justify_hours", "array_length", "cardinality",
 })  # fmt: skip
 
 

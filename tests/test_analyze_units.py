@@ -565,6 +565,20 @@ def test_shapes_are_not_shared_where_a_literal_could_matter(first: str, second: 
     assert a.shape_hits == 0
 
 
+def test_pure_helper_functions_do_not_stop_texts_sharing_their_analysis() -> None:
+    # A support tool looks tickets up by the number typed in: 'TM-' || lpad(...).
+    a = _shape_analyzer()
+    sql = (
+        "SELECT c.email FROM tickets t JOIN customers c ON c.customer_id = t.customer_id"
+        " WHERE t.ticket_number = 'TM-' || lpad(CAST({} AS text), 7, '0')"
+    )
+    a.analyze(sql.format(17), ("public",))
+    (f,) = a.analyze(sql.format(4711), ("public",))
+    assert a.shape_hits == 1
+    assert f.output_labels == {"pii.email"}
+    assert {"public.tickets", "public.customers"} <= f.relations_read
+
+
 def test_statements_naming_different_end_users_share_their_analysis() -> None:
     # sqlcommenter puts the end user in a trailing comment of every statement; the parser
     # ignores it, so agents' statements of one shape are analysed once.
