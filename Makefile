@@ -66,9 +66,11 @@ bench-workers: $(STAMP) sysdeps
 
 # The reference setup: config/policy.yaml with need-to-know enforcing, and the audit trail in
 # SQLite with synchronous=FULL (the shipped default) -- the headline support_ratio -- beside
-# the same with synchronous=NORMAL (support_ratio_normal), measured in the same run.
+# the same with synchronous=NORMAL (support_ratio_normal), measured in the same run beside
+# PostgreSQL itself, PgBouncer and pgwarden as a pass-through relay.
 loadtest: $(STAMP) sysdeps
-	@$(BIN)/python -m loadtests.support_load --enforce --audit-sync FULL,NORMAL
+	@$(BIN)/python -m loadtests.support_load --enforce --audit-sync FULL,NORMAL \
+	    --targets direct,pgbouncer,passthrough,pgwarden
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -62,7 +62,8 @@ from loadtests.harness import PgbenchResult, Target, TargetUnavailable, progress
 from loadtests.supportdb import generate
 
 SCRIPT = Path(__file__).resolve().parent / "support_workload.sql"
-ALL_TARGETS = ("direct", "pgwarden", "bare", "pgbouncer")
+# passthrough: pgwarden with no policy and no audit trail (what the relay alone costs).
+ALL_TARGETS = ("direct", "pgwarden", "bare", "pgbouncer", "passthrough")
 ALL_WORKLOADS = ("support", "agents", "select_only")
 BULK_OPS = ("select", "select_psql", "copy", "copy_asyncpg")
 SYNC_SETTINGS = ("FULL", "NORMAL")
@@ -302,6 +303,12 @@ def start_targets(
                 progress(f"support_load: {name}: {describe_setup(args, name)}")
             elif name == "pgbouncer":
                 target = stack.enter_context(harness.pgbouncer_target(cluster, workdir))
+            elif name == "passthrough":
+                target = stack.enter_context(
+                    harness.pgwarden_target(
+                        cluster, workdir / name, harness.split_args(args.pgwarden_args), name=name
+                    )
+                )
             else:
                 target = stack.enter_context(harness.bare_target(cluster, workdir / "bare"))
             harness.check_target(target, "support")
@@ -402,6 +409,10 @@ def summarise(
     pairs = [(o, "direct") for o in others]
     # The audit settings side by side: pgwarden_normal / pgwarden, run by run.
     pairs += [(o, "pgwarden") for o in others if o.startswith("pgwarden_")]
+    # What enforcement and the audit trail cost over pgwarden's relay alone.
+    pairs += [
+        (o, "passthrough") for o in others if o.startswith("pgwarden") and "passthrough" in others
+    ]
     summary["paired_ratios"] = harness.paired_ratios(
         [(r.target, f"{r.workload}_{r.mode}", r.round, r.tps) for r in pgbench if not r.error]
         + [(b.target, f"bulk_{b.op}", b.round, b.rows_per_s) for b in bulk if not b.error],
