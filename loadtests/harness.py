@@ -340,6 +340,15 @@ def session_cpu_seconds(sid: int) -> float:
     """
     tick = os.sysconf("SC_CLK_TCK")
     total = 0
+    for _pid, fields in process_stats():
+        if int(fields[3]) == sid:
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+def process_stats() -> Iterator[tuple[int, list[str]]]:
+    """(pid, the fields of /proc/PID/stat after the command name) of every live process:
+    fields[1] is the parent, fields[3] the session, fields[11:13] user and system ticks."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -349,10 +358,7 @@ def session_cpu_seconds(sid: int) -> float:
         except OSError:
             continue
         # The command name (field 2) may hold spaces; the fields after it are fixed.
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[3]) == sid:
-            total += int(fields[11]) + int(fields[12])
-    return total / tick
+        yield int(entry), stat[stat.rindex(")") + 2 :].split()
 
 
 # --- pgbench ------------------------------------------------------------------------------

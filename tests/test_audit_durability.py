@@ -14,6 +14,7 @@ import psycopg
 import pytest
 
 from loadtests.cluster import Cluster
+from loadtests.harness import process_stats
 from tests.proxyutil import ProxyProcess
 from tests.support_data import DB, POLICY
 
@@ -52,15 +53,4 @@ def test_kill_9_of_pgwarden_and_its_writer_loses_no_completed_labelled_read(
 
 def _children(pid: int) -> list[int]:
     """Direct children of ``pid`` (the SQLite writer process), from /proc."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
-            out.append(int(entry))
-    return out
+    return [child for child, fields in process_stats() if int(fields[1]) == pid]
