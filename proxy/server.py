@@ -46,6 +46,17 @@ _session_ids = itertools.count(1)
 _PROCESS_TAG = secrets.token_hex(3)
 
 
+def _set_up(transport: asyncio.BaseTransport) -> asyncio.Transport:
+    """A new TCP or Unix connection, either side: bounded write buffer, no Nagle delay."""
+    # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
+    t = cast(asyncio.Transport, transport)
+    t.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+    sock = t.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return t
+
+
 def _certificate_der(path: str) -> bytes | None:
     """The first certificate of a PEM file, DER-encoded (what TLS puts on the wire)."""
     try:
@@ -302,13 +313,7 @@ class ClientConnection(asyncio.Protocol):
     # --- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
-        transport = cast(asyncio.Transport, transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.transport = transport = _set_up(transport)
         peer = transport.get_extra_info("peername") or ("", 0)
         self.session.subject.client_addr = str(peer[0]) if isinstance(peer, tuple) else str(peer)
         self.session.subject.client_port = int(peer[1]) if isinstance(peer, tuple) else 0
@@ -622,13 +627,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
-        transport = cast(asyncio.Transport, transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.transport = _set_up(transport)
 
     def data_received(self, data: bytes) -> None:
         if self.negotiating is not None:
