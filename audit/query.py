@@ -24,6 +24,8 @@ from audit.events import COLUMNS, normalise_record, ts_of
 from audit.ledger import (
     KIND_KEY,
     KIND_VALUE,
+    LEGACY_KIND_KEY,
+    LEGACY_KIND_VALUE,
     RecordHasher,
     ledger_update,
     pk_text,
@@ -371,7 +373,7 @@ async def top(
         f"""
         SELECT COALESCE(e.end_user, e.db_user) AS person, l.relation, l.digests
         FROM {{events}} e JOIN {{ledger}} l ON l.chain_id = e.chain_id AND l.seq = e.seq
-        WHERE {where} AND l.kind = 'k'
+        WHERE {where} AND l.kind IN ('k2', 'k')
         """,
         *args,
     ):
@@ -487,7 +489,11 @@ async def who_saw(
     if key is not None:
         if table is None:
             raise QueryError("--key needs --table: a primary key only means something in its table")
-        targets = [(KIND_KEY, qualify(table), hasher.key(table, key))]
+        rel = qualify(table)
+        targets = [
+            (KIND_KEY, rel, hasher.key(table, key)),
+            (LEGACY_KIND_KEY, rel, hasher.legacy_key(table, key)),
+        ]
     elif value is not None:
         labels = (
             [label]
@@ -495,11 +501,12 @@ async def who_saw(
             else [
                 r["relation"]
                 for r in await store.fetch(
-                    "SELECT DISTINCT relation FROM {ledger} WHERE kind = 'v'"
+                    "SELECT DISTINCT relation FROM {ledger} WHERE kind IN ('v2', 'v')"
                 )
             ]
         )
         targets = [(KIND_VALUE, lb, hasher.value(lb, value)) for lb in labels]
+        targets += [(LEGACY_KIND_VALUE, lb, hasher.legacy_value(lb, value)) for lb in labels]
     else:
         raise QueryError("say what to look for: --key (with --table) or --value")
     out: list[Row] = []
@@ -554,7 +561,7 @@ async def records_seen(
 ) -> RecordsSeen:
     """Distinct records of ``table`` that ``end_user`` received in the window."""
     rel = qualify(table)
-    conds: list[str] = ["e.end_user = ?", "l.kind = 'k'", "l.relation = ?"]
+    conds: list[str] = ["e.end_user = ?", "l.kind IN ('k2', 'k')", "l.relation = ?"]
     args: list[Any] = [end_user, rel]
     if since is not None:
         conds.append("e.ts >= ?")
@@ -563,9 +570,10 @@ async def records_seen(
         conds.append("e.ts < ?")
         args.append(until)
     seen: dict[bytes, list[Any]] = {}  # digest -> [first, last, times]
+    legacy: set[bytes] = set()  # digests from trails written before CMAC
     async for r in store.stream(
         f"""
-        SELECT e.ts, l.digests
+        SELECT e.ts, l.kind, l.digests
         FROM {{events}} e JOIN {{ledger}} l ON l.chain_id = e.chain_id AND l.seq = e.seq
         WHERE {" AND ".join(conds)}
         ORDER BY e.ts
@@ -573,7 +581,10 @@ async def records_seen(
         *args,
     ):
         ts = _scalar(r["ts"])
-        for d in split(bytes(r["digests"])):
+        digests = split(bytes(r["digests"]))
+        if r["kind"] == LEGACY_KIND_KEY:
+            legacy.update(digests)
+        for d in digests:
             s = seen.get(d)
             if s is None:
                 seen[d] = [ts, ts, 1]
@@ -582,6 +593,7 @@ async def records_seen(
                 s[2] += 1
     recs = [
         {"digest": d.hex(), "first_seen": f, "last_seen": la, "times": n}
+        | ({"legacy": True} if d in legacy else {})
         for d, (f, la, n) in sorted(seen.items(), key=lambda kv: (kv[1][0], kv[0]))
     ]
     return RecordsSeen(end_user, rel, recs)
@@ -616,18 +628,22 @@ async def resolve_keys(
             raise QueryError(f"{result.table} has no primary key in the monitored database")
         idents = ", ".join(f'"{c["attname"]}"::text' for c in cols)
         want = {r["digest"]: r for r in result.records}
+        legacy = any(r.get("legacy") for r in result.records)
         found = 0
         async with conn.transaction(readonly=True):
             async for row in conn.cursor(
                 f'SELECT {idents} FROM "{schema}"."{name}"', prefetch=5000
             ):
                 pk = pk_text(list(row.values()))
-                d = hasher.key(result.table, pk).hex()
-                if d in want:
-                    want[d]["key"] = pk
-                    found += 1
-                    if found == len(want):
-                        break
+                ds = [hasher.key(result.table, pk).hex()]
+                if legacy:
+                    ds.append(hasher.legacy_key(result.table, pk).hex())
+                for d in ds:
+                    if d in want:
+                        want[d]["key"] = pk
+                        found += 1
+                if found == len(want):
+                    break
         result.resolved = found
         return result
     finally:

@@ -101,7 +101,7 @@ def ledger_keys_per_statement(db: Path) -> list[int]:
             int(n)
             for (n,) in conn.execute(
                 "SELECT sum(l.n) FROM events e JOIN ledger l ON l.chain_id = e.chain_id"
-                " AND l.seq = e.seq WHERE e.kind = 'statement' AND l.kind = 'k'"
+                " AND l.seq = e.seq WHERE e.kind = 'statement' AND l.kind = 'k2'"
                 " AND l.relation = 'public.customers' GROUP BY e.chain_id, e.seq"
             )
         ]

@@ -74,10 +74,10 @@ CREATE TABLE IF NOT EXISTS ledger (
     id        INTEGER PRIMARY KEY,
     chain_id  TEXT NOT NULL,
     seq       INTEGER NOT NULL,
-    kind      TEXT NOT NULL,             -- 'k' primary key, 'v' labelled value
-    relation  TEXT NOT NULL,             -- schema.table for 'k', label for 'v'
+    kind      TEXT NOT NULL,             -- 'k2' primary key, 'v2' labelled value (SCHEMA.md)
+    relation  TEXT NOT NULL,             -- schema.table for keys, label for values
     n         INTEGER NOT NULL,          -- number of records
-    digests   BLOB NOT NULL              -- n HMAC-SHA256-128 digests, 16 bytes each
+    digests   BLOB NOT NULL              -- n digests of 16 bytes each (SCHEMA.md)
 );
 CREATE INDEX IF NOT EXISTS ledger_event ON ledger (chain_id, seq);
 """
