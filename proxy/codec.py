@@ -19,6 +19,7 @@ configured maximum is a ``ProtocolError``.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 from proxy.messages import ClientProtocolError, ProtocolError, ServerProtocolError
 
@@ -172,18 +173,25 @@ class FrameReader:
             return self._keep(data, pos, need), frames
         return data, frames
 
-    def feed_runs(self, data: bytes) -> tuple[bytes, list[tuple[int, int, int, int]]]:
+    def feed_runs(
+        self, data: bytes, lead: Callable[[bytes], int] | None = None
+    ) -> tuple[bytes, list[tuple[int, int, int, int]]]:
         """Like ``feed``, but ``(type, body_start, end, count)``: consecutive DataRow (or
         CopyData) messages come as one run, ``body_start`` being the first one's and ``end``
         the last one's.  A big result is then a few entries per chunk instead of one per
-        row, for a caller that can count or scan a run in one go."""
+        row, for a caller that can count or scan a run in one go.
+
+        ``lead``, when given, walks the complete frames at the start of the (joined) data
+        itself and returns where it stopped; they are in ``raw`` but not in ``frames``.  A
+        caller that must look into every row of a big result so avoids walking each row's
+        header twice.  It must stop at any frame it does not fully vouch for."""
         if self._parts:
             joined = self._join(data)
             if joined is None:
                 return b"", []
             data = joined
         frames: list[tuple[int, int, int, int]] = []
-        pos = 0
+        pos = lead(data) if lead is not None else 0
         n = len(data)
         limit = self.max_message
         need = 5

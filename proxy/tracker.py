@@ -64,6 +64,7 @@ _FRONTEND = frozenset((_Q, _P, _B, _D, _E, _C, _S, _H, _F, _X, _d, _c, _f))
 SERVER_MESSAGE_LIMIT = 2**30 + 2**20
 _LENGTH = struct.Struct("!i")  # a message's length, after its type byte
 _ROW_HEAD = struct.Struct("!ihi")  # DataRow: length, column count, first value's length
+_ROW_FRAME = struct.Struct("!BIHI")  # the same, unsigned, with the type byte in front
 NO_KEY, BINARY_KEY = -1, -2  # need-to-know: where a row's key cannot be found
 _BINARY_INTS = frozenset((20, 21, 23))  # int8, int2, int4
 _BINARY_AS_TEXT = frozenset((19, 25, 1042, 1043))  # name, text, char(n), varchar: same bytes
@@ -392,6 +393,31 @@ class Tracker:
         prefix = sql[:loc].rstrip().rstrip(";") if 0 < loc <= len(sql) else ""
         return f"{prefix};\n{raising}" if prefix.strip() else raising
 
+    def _key_rows_lead(self) -> Callable[[bytes], int] | None:
+        """While a result's rows are read only for their record key (the ledger's use): a
+        walker for the rows that open the next chunk, which for a big result is all of
+        them but the chunk's last, cut-off one.  It reads each row's header once, where
+        ``feed_runs`` and then ``_collect_keys`` would each walk it."""
+        fifo = self.fifo
+        if self.discarding or not fifo:
+            return None
+        entry = fifo[0]
+        r = entry.running
+        if (
+            r is None or r.key_list is None or r.key_upto != 0 or not r.watch
+            or not r.prepared or r.copy_out or entry.kind not in (EXECUTE, QUERY)
+        ):  # fmt: skip
+            return None
+        keys, limit = r.key_list, self.server_reader.max_message
+
+        def lead(raw: bytes) -> int:
+            pos, rows = _lead_key_rows(raw, keys, limit)
+            r.rows += rows
+            r.nbytes += pos - 5 * rows
+            return pos
+
+        return lead
+
     def _block_command(self, blocked: Decision) -> cmd.Command:
         v = blocked.verdict
         return cmd.PolicyBlock(
@@ -405,7 +431,7 @@ class Tracker:
         if self.awaiting is not None:
             self.server_pending += data
             return []
-        raw, frames = self.server_reader.feed_runs(data)
+        raw, frames = self.server_reader.feed_runs(data, self._key_rows_lead())
         out: list[cmd.Command] = []
         parts: list[bytes] = []
         fwd = 0
@@ -1017,6 +1043,29 @@ def _copy_rows(raw: bytes, pos: int, end: int) -> int:
     return rows
 
 
+def _lead_key_rows(raw: bytes, keys: list[bytes], limit: int) -> tuple[int, int]:
+    """Append the first value of each whole DataRow at the start of ``raw`` to ``keys``;
+    return where the rows end and how many there were.  Stops at any other message, an
+    incomplete one, or a row that is not plainly well formed or has a NULL first value (the
+    general path then reads it, and reports what is wrong)."""
+    pos = 0
+    n = len(raw)
+    had = len(keys)
+    unpack = _ROW_FRAME.unpack_from
+    append = keys.append
+    while n - pos >= 11:
+        # Unsigned fields: a NULL (-1) or negative size fails the bounds check below, and a
+        # row too short to hold its first value's header does too (10 + size > length).
+        t, length, ncols, size = unpack(raw, pos)
+        row_end = pos + 1 + length
+        key_end = pos + 11 + size
+        if t != _D or key_end > row_end or row_end > n or not ncols or length > limit:
+            break
+        append(raw[pos + 11 : key_end])
+        pos = row_end
+    return pos, len(keys) - had
+
+
 def _collect_keys(raw: bytes, pos: int, end: int, column: int, keys: list[bytes]) -> None:
     """Append the value at ``column`` of each DataRow in ``raw[pos:end]`` to ``keys``."""
     if column == 0:
@@ -1027,7 +1076,7 @@ def _collect_keys(raw: bytes, pos: int, end: int, column: int, keys: list[bytes]
                 raise ProtocolError("malformed DataRow")
             length, ncols, size = unpack(raw, pos + 1)
             row_end = pos + 1 + length
-            if ncols < 1 or size < -1 or pos + 11 + size > row_end:
+            if length < 10 or ncols < 1 or size < -1 or pos + 11 + size > row_end:
                 raise ProtocolError("malformed DataRow")
             if size >= 0:
                 keys.append(raw[pos + 11 : pos + 11 + size])

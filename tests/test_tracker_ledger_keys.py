@@ -1,0 +1,101 @@
+"""The tracker hands the ledger exactly the keys of the rows the client received, however
+the server's bytes are cut into chunks (the bulk of a big result takes a fast path that
+reads only each row's key; a row cut in two, a NULL key or a malformed row leaves it)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import asyncpg
+import pytest
+
+from loadtests.cluster import Cluster
+from policy.model import Policy
+from proxy import commands as cmd
+from proxy.messages import (
+    CommandComplete,
+    DataRow,
+    Field,
+    ProtocolError,
+    Query,
+    ReadyForQuery,
+    RowDescription,
+)
+from proxy.metrics import Stats
+from proxy.policyrt import PolicyRuntime
+from proxy.session import Subject
+from proxy.tracker import Tracker
+from tests.support_data import DB
+
+SQL = "SELECT customer_id, full_name, email FROM customers"
+
+
+def _tracker(pg: Cluster) -> tuple[Tracker, bytes]:
+    async def setup() -> tuple[Tracker, int]:
+        conn = await asyncpg.connect(pg.url(database=DB))
+        oid = await conn.fetchval("SELECT 'customers'::regclass::oid")
+        await conn.close()
+        stats = Stats()
+        rt = PolicyRuntime(
+            Policy.model_validate({}), None, (pg.host, pg.port), stats, catalog_user="postgres"
+        )
+        await rt.ensure_catalog(DB)
+        rt.trail = object()  # as with an audit trail: every session is followed
+        tracker = Tracker(rt.make_guard(Subject(user="postgres", database=DB)), stats, 1 << 20)
+        tracker.ledger = True
+        tracker.durable = False
+        return tracker, oid
+
+    tracker, oid = asyncio.run(setup())
+    head = RowDescription(
+        (
+            Field("customer_id", oid, 1, 20, 8, -1, 0),
+            Field("full_name", oid, 2, 25, -1, -1, 0),
+            Field("email", oid, 3, 25, -1, -1, 0),
+        )
+    ).encode()
+    return tracker, head
+
+
+def _run(tracker: Tracker, stream: bytes, cuts: list[int]) -> tuple[bytes, list[cmd.Command]]:
+    tracker.client_data(Query(SQL).encode())
+    sent, done = b"", []
+    for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+        for c in tracker.server_data(stream[a:b]):
+            if isinstance(c, cmd.SendToClient):
+                sent += c.data
+            else:
+                done.append(c)
+    return sent, done
+
+
+def test_keys_and_counts_survive_any_chunking(pg: Cluster, enforce_db: str) -> None:
+    rng = random.Random(5)
+    rows = [
+        DataRow((str(i).encode(), b"Name %d" % i, b"c%d@mail.example" % i * rng.randint(1, 40)))
+        for i in range(1, 3001)
+    ]
+    rows[1500] = DataRow((None, b"no key", b"x@y"))  # a NULL key: no ledger entry, still a row
+    tail = CommandComplete("SELECT 3000").encode() + ReadyForQuery("I").encode()
+    for trial in range(12):
+        tracker, head = _tracker(pg)
+        stream = head + b"".join(r.encode() for r in rows) + tail
+        size = rng.choice([1, 7, 11, 12, 100, 4096, 65536])
+        cuts = sorted(rng.sample(range(1, len(stream)), min(len(stream) - 1, len(stream) // size)))
+        sent, done = _run(tracker, stream, cuts)
+        assert sent == stream, trial  # forwarded unchanged
+        (finished,) = [c for c in done if isinstance(c, cmd.StatementDone)]
+        assert finished.rows == 3000
+        want = [str(i).encode() for i in range(1, 3001) if i != 1501]
+        assert list(finished.records.values()) == [want], trial
+
+
+def test_a_malformed_row_in_the_bulk_ends_the_session(pg: Cluster, enforce_db: str) -> None:
+    tracker, head = _tracker(pg)
+    good = b"".join(DataRow((str(i).encode(), b"n", b"e")).encode() for i in range(50))
+    bad = b"D" + (12).to_bytes(4, "big") + (3).to_bytes(2, "big") + (400).to_bytes(4, "big") + b"12"
+    tracker.client_data(Query(SQL).encode())
+    tracker.server_data(head + good[:100])
+    with pytest.raises(ProtocolError):
+        tracker.server_data(good[100:] + bad + good)
