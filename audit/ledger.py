@@ -28,11 +28,10 @@ KIND_KEY = "k2"  # primary keys, AES-CMAC digests
 KIND_VALUE = "v2"  # labelled values, AES-CMAC digests
 LEGACY_KIND_KEY = "k"  # the HMAC digests of trails written before CMAC; still searched
 LEGACY_KIND_VALUE = "v"
-KEY_KINDS = (KIND_KEY, LEGACY_KIND_KEY)
 DIGEST_SIZE = 16
 
-# One ledger row: (kind, relation or label, the 16-byte digests of the distinct records,
-# concatenated).  One row per statement and table rather than per record: a 100k-row result
+# One ledger row: (kind, relation or label, the 16-byte digests of the records, one per row
+# returned, concatenated).  One row per statement and table rather than per record: a 100k-row result
 # is one 1.6 MB insert instead of 100k index insertions, which is what keeps the ledger from
 # doubling the time a large result takes to reach the client.  "Who saw record X" becomes a
 # scan for the digest inside the packed values (an aligned substring search), which the
@@ -130,7 +129,7 @@ class RecordHasher:
         return self._one(KIND_VALUE, label, _utf8(normalise_value(value)))
 
     def keys(self, table: str, pks: Iterable[str | bytes]) -> list[bytes]:
-        """Digests of the distinct keys among ``pks``, in first-seen order."""
+        """The digest of each of ``pks``, in order."""
         return split(self._packed(KIND_KEY, qualify(table), pks))
 
     def _one(self, kind: str, rel: str, msg: bytes) -> bytes:
@@ -139,18 +138,25 @@ class RecordHasher:
         return mac.finalize()
 
     def _packed(self, kind: str, rel: str, texts: Iterable[str | bytes]) -> bytes:
-        """The concatenated digests of the distinct ``texts`` (bytes as read from a result,
-        or text), in first-seen order."""
-        msgs = [_utf8(t) for t in dict.fromkeys(texts)]
+        """The concatenated digests of ``texts`` (bytes as read from a result, or text), in
+        their order.  A text that repeats is there each time: a row returned twice was
+        returned twice, and finding repeats would cost as much as the hashing."""
+        msgs = texts if isinstance(texts, list) else list(texts)
         if not msgs:
             return b""
+        try:
+            return self._packed_messages(kind, rel, msgs)
+        except struct.error:  # text rather than bytes among them
+            return self._packed_messages(kind, rel, [_utf8(t) for t in msgs])
+
+    def _packed_messages(self, kind: str, rel: str, msgs: list[Any]) -> bytes:
         if max(map(len, msgs)) > _BLOCK:
-            return b"".join(self._one(kind, rel, m) for m in msgs)
+            return b"".join(self._one(kind, rel, _utf8(m)) for m in msgs)
         # Every message is one block: CMAC is then AES(block XOR K1), done for all at once.
         _subkey, ecb, k1 = self._rel(kind, rel)
         n = len(msgs)
         blocks = b"".join(
-            _pack_blocks(len(part)).pack(*part)
+            _pack_blocks(len(part)).pack(*part)  # each padded with zeros to 16 bytes
             for part in (msgs[i : i + _PACK_RUN] for i in range(0, n, _PACK_RUN))
         )
         mask = int.from_bytes(k1 * n, "little")
@@ -165,7 +171,7 @@ class RecordHasher:
         values: Mapping[str, Sequence[str]] | None,
     ) -> tuple[LedgerGroup, ...]:
         """Ledger groups for one statement: per table (or label) the packed digests of the
-        distinct keys (or values), in first-seen order.  A tuple, which the garbage collector
+        keys (or values) of the rows returned, in order.  A tuple, which the garbage collector
         can stop tracking, as it holds only strings and bytes."""
         out: list[LedgerGroup] = []
         if keys:

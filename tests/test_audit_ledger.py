@@ -164,7 +164,8 @@ def test_digests_are_the_aes_cmac_that_schema_md_documents(tmp_path: Path) -> No
     # a whole result at once (the one-encryption path, and the mixed one) gives the same
     short = [str(i) for i in range(5000)]
     assert hasher.keys("public.customers", short) == [hasher.key("customers", t) for t in short]
-    assert hasher.keys("customers", texts + texts) == [hasher.key("customers", t) for t in texts]
+    again = texts + texts  # a record returned twice is in the ledger twice
+    assert hasher.keys("customers", again) == [hasher.key("customers", t) for t in again]
     # tables and labels are kept apart; values are compared case- and space-insensitively
     assert hasher.key("tickets", "1") != hasher.key("customers", "1")
     assert hasher.value("pii.email", " Carol@Example.COM") == documented(

@@ -76,7 +76,7 @@ CREATE TABLE IF NOT EXISTS ledger (
     seq       INTEGER NOT NULL,
     kind      TEXT NOT NULL,             -- 'k2' primary key, 'v2' labelled value (SCHEMA.md)
     relation  TEXT NOT NULL,             -- schema.table for keys, label for values
-    n         INTEGER NOT NULL,          -- number of records
+    n         INTEGER NOT NULL,          -- number of digests (one per row returned)
     digests   BLOB NOT NULL              -- n digests of 16 bytes each (SCHEMA.md)
 );
 CREATE INDEX IF NOT EXISTS ledger_event ON ledger (chain_id, seq);
