@@ -64,7 +64,7 @@ _FRONTEND = frozenset((_Q, _P, _B, _D, _E, _C, _S, _H, _F, _X, _d, _c, _f))
 SERVER_MESSAGE_LIMIT = 2**30 + 2**20
 _LENGTH = struct.Struct("!i")  # a message's length, after its type byte
 _ROW_HEAD = struct.Struct("!ihi")  # DataRow: length, column count, first value's length
-_ROW_FRAME = struct.Struct("!BIHI")  # the same, unsigned, with the type byte in front
+_ROW_FRAME = struct.Struct("!BI2xI")  # type, length, (column count), first value's size
 NO_KEY, BINARY_KEY = -1, -2  # need-to-know: where a row's key cannot be found
 _BINARY_INTS = frozenset((20, 21, 23))  # int8, int2, int4
 _BINARY_AS_TEXT = frozenset((19, 25, 1042, 1043))  # name, text, char(n), varchar: same bytes
@@ -1050,18 +1050,20 @@ def _lead_key_rows(raw: bytes, keys: list[bytes], limit: int) -> tuple[int, int]
     general path then reads it, and reports what is wrong)."""
     pos = 0
     n = len(raw)
+    last = n - 11  # the last offset where a row's header and first value's size fit
     had = len(keys)
     unpack = _ROW_FRAME.unpack_from
     append = keys.append
-    while n - pos >= 11:
-        # Unsigned fields: a NULL (-1) or negative size fails the bounds check below, and a
-        # row too short to hold its first value's header does too (10 + size > length).
-        t, length, ncols, size = unpack(raw, pos)
+    while pos <= last:
+        # Unsigned sizes: a NULL (-1) fails the bounds check below, and so does a row too
+        # short to hold its first value, or with no columns (10 + size > length).
+        t, length, size = unpack(raw, pos)
         row_end = pos + 1 + length
-        key_end = pos + 11 + size
-        if t != _D or key_end > row_end or row_end > n or not ncols or length > limit:
+        pos += 11
+        if t != _D or pos + size > row_end or row_end > n or length > limit:
+            pos -= 11
             break
-        append(raw[pos + 11 : key_end])
+        append(raw[pos : pos + size])
         pos = row_end
     return pos, len(keys) - had
 
