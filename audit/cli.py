@@ -159,17 +159,18 @@ def audit_group() -> None:
     help="Key file to create.",
 )
 @click.option(
+    "--ledger",
     "--hmac",
     "hmac_key",
     is_flag=True,
-    help="Make a record-ledger HMAC key instead of a signing key.",
+    help="Make a record-ledger key (a 256-bit secret) instead of a signing key.",
 )
 def keygen(out: Path, hmac_key: bool) -> None:
-    """Create a checkpoint signing key (Ed25519, plus OUT.pub) or a ledger HMAC key."""
+    """Create a checkpoint signing key (Ed25519, plus OUT.pub) or a record-ledger key."""
     try:
         if hmac_key:
             generate_key_file(out)
-            click.echo(f"wrote ledger HMAC key {out} (mode 600); set audit.ledger_key to it")
+            click.echo(f"wrote ledger key {out} (mode 600); set audit.ledger_key to it")
         else:
             pub = generate_signing_key(out)
             click.echo(f"wrote signing key {out} (mode 600) and public key {pub}")
@@ -471,7 +472,7 @@ def ledger_key_option(fn: F) -> F:
         "--ledger-key",
         type=click.Path(exists=True, dir_okay=False, path_type=Path),
         required=True,
-        help="The HMAC key file the proxy's audit.ledger_key names.",
+        help="The ledger key file the proxy's audit.ledger_key names.",
     )(fn)
 
 

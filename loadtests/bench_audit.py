@@ -5,9 +5,9 @@
 Each event is what the proxy emits for a typical support-tool statement: one relation, two
 labels, a ~20-byte normalised text, a small ledger (3 primary keys), and a subject.  The
 trail runs as in production: WAL + synchronous=FULL SQLite with group commit, Ed25519
-checkpoints, ledger HMACs.  Time runs from the first submit to ``close()`` returning, so every
+checkpoints, ledger digests.  Time runs from the first submit to ``close()`` returning, so every
 event is on disk.  The second part measures the record ledger for one 100k-row result: the
-HMAC cost per key and the time to persist the statement's ledger.
+digest (AES-CMAC) cost per key and the time to persist the statement's ledger.
 
 The last line is ``events_per_s=<n>`` for scripts.
 """
@@ -141,7 +141,7 @@ def main() -> None:
         generate_signing_key(tmp / "sign.key")
         hmac_s, persist_s = asyncio.run(run_ledger(tmp, args.ledger_rows))
         print(
-            f"ledger: {args.ledger_rows} keys, HMAC {hmac_s * 1e3:.1f} ms "
+            f"ledger: {args.ledger_rows} keys, digests {hmac_s * 1e3:.1f} ms "
             f"({hmac_s / args.ledger_rows * 1e6:.2f} us/key); submit-to-durable for the "
             f"statement {persist_s * 1e3:.1f} ms ({persist_s / args.ledger_rows * 1e6:.2f} us/key)"
         )
