@@ -630,20 +630,37 @@ async def resolve_keys(
         want = {r["digest"]: r for r in result.records}
         legacy = any(r.get("legacy") for r in result.records)
         found = 0
+        table = result.table
+
+        def match(pks: list[str]) -> int:
+            """Name the wanted digests among these keys' (hashed as one batch)."""
+            hit = 0
+            for pk, d in zip(pks, hasher.keys(table, pks), strict=True):
+                r = want.get(d.hex())
+                if r is not None and "key" not in r:
+                    r["key"] = pk
+                    hit += 1
+            if legacy:
+                for pk in pks:
+                    r = want.get(hasher.legacy_key(table, pk).hex())
+                    if r is not None and "key" not in r:
+                        r["key"] = pk
+                        hit += 1
+            return hit
+
         async with conn.transaction(readonly=True):
+            batch: list[str] = []
             async for row in conn.cursor(
                 f'SELECT {idents} FROM "{schema}"."{name}"', prefetch=5000
             ):
-                pk = pk_text(list(row.values()))
-                ds = [hasher.key(result.table, pk).hex()]
-                if legacy:
-                    ds.append(hasher.legacy_key(result.table, pk).hex())
-                for d in ds:
-                    if d in want:
-                        want[d]["key"] = pk
-                        found += 1
-                if found == len(want):
-                    break
+                batch.append(pk_text(list(row.values())))
+                if len(batch) == 5000:
+                    found += match(batch)
+                    batch = []
+                    if found == len(want):
+                        break
+            if batch:
+                found += match(batch)
         result.resolved = found
         return result
     finally:
