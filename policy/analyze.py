@@ -522,6 +522,7 @@ def _copy(w: StatementWalker, n: Node, f: dict[str, Any]) -> Columns:
     f["copy_direction"] = "from" if is_from else "to"
     f["copy_target"] = target or ("stdin" if is_from else "stdout")
     f["copy_program"] = program
+    f["copy_options"] = _copy_options(n)
     out = _copy_columns(w, n, f, is_from)
     if target is not None:
         # Server files are a place data can be parked and read back (pg_read_file, COPY FROM).
@@ -531,6 +532,27 @@ def _copy(w: StatementWalker, n: Node, f: dict[str, Any]) -> Columns:
         else:
             w.record_copy(SERVER_FILES_TARGET, out)
     return out
+
+
+def _copy_options(n: Node) -> tuple[tuple[str, str], ...]:
+    """``WITH (FORMAT csv, DELIMITER ';', HEADER)`` -> (("format", "csv"), ...): what the
+    proxy needs to read the rows of the COPY's output.  List-valued options are left out."""
+    out: list[tuple[str, str]] = []
+    for item in n.get("options") or ():
+        d = item.get("DefElem") or {}
+        arg = d.get("arg")
+        if arg is None:
+            value = "true"
+        elif "String" in arg:
+            value = str(arg["String"].get("sval", ""))
+        elif "Boolean" in arg:
+            value = "true" if arg["Boolean"].get("boolval") else "false"
+        elif "Integer" in arg:
+            value = str(arg["Integer"].get("ival", 0))
+        else:
+            continue
+        out.append((str(d.get("defname", "")).lower(), value))
+    return tuple(out)
 
 
 def _copy_columns(w: StatementWalker, n: Node, f: dict[str, Any], is_from: bool) -> Columns:

@@ -366,7 +366,38 @@ class Engine:
                     )  # fmt: skip
 
         plan = self._plan(facts, rules, s, t)
+        if facts.copy_direction == "to" and facts.copy_target == "stdout":
+            unmasked = self._copy_unmasked(facts, rules, plan)
+            if unmasked is not None:
+                rule_id, reason = unmasked
+                return refusal(
+                    rule_id, reason, Action.BLOCK,
+                    hint="read these columns with SELECT, where pgwarden applies the rule",
+                    findings=(*findings, Finding(rule_id, Action.BLOCK, reason)),
+                )  # fmt: skip
         return Verdict(Action.ALLOW, findings=tuple(findings), plan=plan)
+
+    def _copy_unmasked(
+        self, facts: QueryFacts, rules: list[Rule], plan: ResultPlan
+    ) -> tuple[str, str] | None:
+        """A COPY's output goes out as COPY data, which pgwarden does not rewrite: for a
+        subject whose rules mask columns of it, or check its rows against a need-to-know
+        lookup, the COPY would hand them over unmasked and unchecked.  (rule id, reason)."""
+        if plan.mask:
+            rule = next(
+                r for r in rules
+                if r.kind == "mask" and not self._monitored(r)
+                and any(r.covers_label(lb) for lb in plan.mask)
+            )  # fmt: skip
+            labels = ", ".join(sorted(plan.mask))
+            return rule.id, f"COPY ... TO would return {labels} unmasked"
+        know = next((k for k in plan.need_to_know if not k.monitored), None)
+        if know is not None:
+            return know.rule_id, (
+                f"COPY ... TO of {know.table} rows cannot be checked against the "
+                "need-to-know lookup"
+            )
+        return None
 
     def _deny_reason(self, rule: Rule, f: QueryFacts) -> str | None:
         assert rule.deny is not None

@@ -92,6 +92,7 @@ class QueryFacts:
     copy_target: str | None = None  # "stdout", "stdin", "program", "file"
     copy_program: bool = False
     copy_source: str | None = None  # table name, or "query"
+    copy_options: tuple[tuple[str, str], ...] = ()  # (("format", "csv"), ("header", "true"))
     copies: tuple[DataCopy, ...] = ()
     prepared_name: str | None = None  # PREPARE name / EXECUTE name / DEALLOCATE name
     inner_sql: str | None = None  # PREPARE's and DECLARE's query text, for re-analysis

@@ -33,6 +33,7 @@ from policy.facts import SourceColumn
 from policy.model import Action
 from proxy import commands as cmd
 from proxy.codec import FrameReader
+from proxy.copyrows import CopyRowReader, reader_for
 from proxy.guard import ColumnInfo, Decision, Guard, ResultShape, raise_statement
 from proxy.masking import mask_value
 from proxy.messages import (
@@ -85,6 +86,8 @@ class Running:
     rows: int = 0
     nbytes: int = 0
     copy_out: bool = False
+    copy_binary: bool = False  # CopyOutResponse said binary
+    copy_reader: CopyRowReader | None = None  # reads COPY output rows' keys, when wanted
     started: float = field(default_factory=time.perf_counter)
     keys: dict[str, list[bytes]] = field(default_factory=dict)  # table -> primary keys seen
     value_capture: tuple[tuple[int, str], ...] = ()  # (column, label) when there is no key
@@ -543,7 +546,9 @@ class Tracker:
                     fifo.popleft()
             elif t == _COPY_OUT:
                 if fifo and fifo[0].kind in (EXECUTE, QUERY):
-                    self._current(fifo[0]).copy_out = True
+                    running = self._current(fifo[0])
+                    running.copy_out = True
+                    running.copy_binary = end > start and raw[start] == 1
             elif t == _Z:
                 forward, more = self._ready(raw[start:end])
                 out += more
@@ -627,8 +632,37 @@ class Tracker:
         running.rows += rows
         running.nbytes += size
         if copy:
+            if running.copy_reader is not None:
+                self._inspect_copy(running, plan, raw, start, end, out)
             return None
         return self._inspect(running, plan, raw, start, end, out)
+
+    def _inspect_copy(
+        self, running: Running, plan: ResultPlan, raw: bytes, start: int, end: int,
+        out: list[cmd.Command],
+    ) -> None:  # fmt: skip
+        """The rows of one CopyData message of a COPY's output: their record keys (ledger,
+        windows, canary keys) and canary values.  Masks and need-to-know do not apply here:
+        a COPY of data they would change is refused before it runs."""
+        assert running.copy_reader is not None
+        canary_values = plan.canary_search is not None and plan.canary_search(raw, start, end)
+        for fields in running.copy_reader.rows(raw[start:end]):
+            if canary_values and any(v in plan.canary_values for v in fields if v is not None):
+                out += self._canary(running, plan)
+                canary_values = False
+            for table, positions in running.capture:
+                if positions[-1] >= len(fields):
+                    continue
+                if len(positions) == 1:
+                    key = fields[positions[0]]
+                else:
+                    key = pk_text([fields[i] for i in positions])
+                if key is None:
+                    continue
+                running.keys.setdefault(table, []).append(key)
+                wanted = plan.canary_keys.get(table)
+                if wanted and key.decode("utf-8", "replace") in wanted:
+                    out += self._canary(running, plan)
 
     def _over_limit(
         self, running: Running, plan: ResultPlan, rows: int, size: int, out: list[cmd.Command]
@@ -746,6 +780,14 @@ class Tracker:
                 and not (plan.limits or plan.canary_search or plan.canary_keys)
             ):
                 running.key_list = running.keys.setdefault(running.capture[0][0], [])
+        if running.copy_out and (running.capture or plan.canary_keys or plan.canary_search):
+            running.copy_reader = reader_for(facts.copy_options, running.copy_binary)
+            if running.copy_reader is None and running.capture:
+                out.append(cmd.Log("copy_keys_unread", "warning", {
+                    "reason": "binary COPY output carries no types: its record keys are not "
+                              "in the ledger or the windows",
+                    "statement": facts.normalized[:200],
+                }))  # fmt: skip
         if running.columns is None and (
             plan.mask or any(k.mask_style is not None for k in plan.need_to_know)
         ):

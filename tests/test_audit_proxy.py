@@ -156,6 +156,38 @@ def test_records_seen_is_exactly_what_each_person_received(
     assert audit_cli("verify", "--db", str(db)).returncode == 0
 
 
+def test_copy_output_is_in_the_ledger(
+    audited: tuple[ProxyProcess, Path], keys: tuple[Path, Path]
+) -> None:
+    # The DBA may COPY labelled data out; who-saw must still find every customer it sent,
+    # in text and CSV format.  Binary COPY carries no types, so its keys cannot be read:
+    # the event still records the statement and its row count.
+    p, db = audited
+    out: dict[str, bytes] = {}
+    with psycopg.connect(dsn(p, "postgres"), autocommit=True) as conn:
+        cur = conn.cursor()
+        for name, sql in (
+            ("text", "COPY (SELECT customer_id, email FROM customers WHERE customer_id <= 20) TO STDOUT"),
+            ("csv", "COPY (SELECT email, customer_id FROM customers WHERE customer_id BETWEEN 21 AND 30) "
+                    "TO STDOUT WITH (FORMAT csv, HEADER, DELIMITER ';')"),
+            ("binary", "COPY (SELECT customer_id, email FROM customers WHERE customer_id BETWEEN 31 AND 35) "
+                       "TO STDOUT (FORMAT binary)"),
+        ):  # fmt: skip
+            with cur.copy(sql) as copy:
+                out[name] = b"".join(bytes(chunk) for chunk in copy)
+    p.stop()
+    assert len(out["text"].splitlines()) == 20 and b"customer7@mail.example" in out["text"]
+    assert out["csv"].splitlines()[0] == b"email;customer_id"
+    copies = [r for r in events(db) if r["kind"] == "statement" and "COPY" in r["statement"]]
+    assert [r["rows"] for r in copies] == [20, 10, 5]  # the CSV header is not a row
+    for key, expected in (("7", {"postgres"}), ("25", {"postgres"}), ("33", set())):
+        who = audit_cli("who-saw", "--db", str(db), "--ledger-key", str(keys[0]),
+                        "--table", "customers", "--key", key, "--json")  # fmt: skip
+        assert who.returncode == 0, who.stderr
+        assert {row["db_user"] for row in json.loads(who.stdout)} == expected, key
+    assert audit_cli("verify", "--db", str(db)).returncode == 0
+
+
 def test_a_completed_labelled_read_survives_kill_9(
     pg: Cluster,
     enforce_db: str,

@@ -338,6 +338,25 @@ def test_binary_results_of_masked_columns_are_refused(proxy: ProxyProcess) -> No
             ).fetchall()
 
 
+def test_copy_cannot_bypass_masks(proxy: ProxyProcess) -> None:
+    # COPY output is not rewritten, so a COPY of columns the analyst sees masked is refused;
+    # one of columns no mask touches still works.
+    with psycopg.connect(dsn(proxy, "analyst"), autocommit=True) as conn:
+        cur = conn.cursor()
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="unmasked") as info:
+            with cur.copy(
+                "COPY (SELECT customer_id, email FROM customers WHERE customer_id < 5) TO STDOUT"
+            ) as copy:
+                b"".join(bytes(chunk) for chunk in copy)
+        assert "analytics-mask-contact" in str(info.value)
+        with cur.copy(
+            "COPY (SELECT customer_id, country FROM customers WHERE customer_id < 5) TO STDOUT"
+        ) as copy:
+            data = b"".join(bytes(chunk) for chunk in copy)
+        assert data.splitlines()[0] == b"1\tGB"
+        assert len(data.splitlines()) == 4
+
+
 def test_reading_a_canary_quarantines_the_agent(proxy: ProxyProcess) -> None:
     with psycopg.connect(dsn(proxy, "support_app"), autocommit=True) as conn:
         conn.execute("SET pgwarden.end_user = 'eve'")

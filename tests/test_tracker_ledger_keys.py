@@ -1,6 +1,7 @@
 """The tracker hands the ledger exactly the keys of the rows the client received, however
 the server's bytes are cut into chunks (the bulk of a big result takes a fast path that
-reads only each row's key; a row cut in two, a NULL key or a malformed row leaves it)."""
+reads only each row's key; a row cut in two, a NULL key or a malformed row leaves it), and
+for COPY ... TO STDOUT in text and CSV format too, where a planted canary is also seen."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from policy.model import Policy
 from proxy import commands as cmd
 from proxy.messages import (
     CommandComplete,
+    CopyData,
+    CopyDone,
+    CopyOutResponse,
     DataRow,
     Field,
     ProtocolError,
@@ -31,14 +35,18 @@ from tests.support_data import DB
 SQL = "SELECT customer_id, full_name, email FROM customers"
 
 
-def _tracker(pg: Cluster) -> tuple[Tracker, bytes]:
+def _tracker(pg: Cluster, policy: dict[str, object] | None = None) -> tuple[Tracker, bytes]:
     async def setup() -> tuple[Tracker, int]:
         conn = await asyncpg.connect(pg.url(database=DB))
         oid = await conn.fetchval("SELECT 'customers'::regclass::oid")
         await conn.close()
         stats = Stats()
         rt = PolicyRuntime(
-            Policy.model_validate({}), None, (pg.host, pg.port), stats, catalog_user="postgres"
+            Policy.model_validate(policy or {}),
+            None,
+            (pg.host, pg.port),
+            stats,
+            catalog_user="postgres",
         )
         await rt.ensure_catalog(DB)
         rt.trail = object()  # as with an audit trail: every session is followed
@@ -58,8 +66,10 @@ def _tracker(pg: Cluster) -> tuple[Tracker, bytes]:
     return tracker, head
 
 
-def _run(tracker: Tracker, stream: bytes, cuts: list[int]) -> tuple[bytes, list[cmd.Command]]:
-    tracker.client_data(Query(SQL).encode())
+def _run(
+    tracker: Tracker, stream: bytes, cuts: list[int], sql: str = SQL
+) -> tuple[bytes, list[cmd.Command]]:
+    tracker.client_data(Query(sql).encode())
     sent, done = b"", []
     for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True):
         for c in tracker.server_data(stream[a:b]):
@@ -99,3 +109,66 @@ def test_a_malformed_row_in_the_bulk_ends_the_session(pg: Cluster, enforce_db: s
     tracker.server_data(head + good[:100])
     with pytest.raises(ProtocolError):
         tracker.server_data(good[100:] + bad + good)
+
+
+def _copy_out(lines: list[bytes], binary: bool = False) -> bytes:
+    return (
+        CopyOutResponse(1 if binary else 0, (1 if binary else 0,) * 2).encode()
+        + b"".join(CopyData(line).encode() for line in lines)
+        + CopyDone().encode()
+        + CommandComplete(f"COPY {len(lines)}").encode()
+        + ReadyForQuery("I").encode()
+    )
+
+
+@pytest.mark.parametrize(
+    ("sql", "lines", "want"),
+    [
+        (
+            "COPY (SELECT customer_id, email FROM customers) TO STDOUT",
+            [b"1\tc1@x\n", b"2\tc\\t2@x\n", b"3\t\\N\n"],
+            [b"1", b"2", b"3"],
+        ),
+        (  # the key in the second column, a header line, another delimiter, quoted fields
+            "COPY (SELECT email, customer_id FROM customers) TO STDOUT "
+            "WITH (FORMAT csv, HEADER, DELIMITER ';')",
+            [b"email;customer_id\n", b'"a;b@x";7\n', b'"line\nbreak@x";8\n', b"c@x;9\n"],
+            [b"7", b"8", b"9"],
+        ),
+        (  # a message that ends inside a row (not what PostgreSQL sends, but legal)
+            "COPY (SELECT customer_id, email FROM customers) TO STDOUT",
+            [b"10\ta@x\n11\tb", b"@x\n12\tc@x\n"],
+            [b"10", b"11", b"12"],
+        ),
+        (  # binary COPY carries no types: no keys, and the proxy says so in its log
+            "COPY (SELECT customer_id, email FROM customers) TO STDOUT (FORMAT binary)",
+            [b"PGCOPY\n\xff\r\n\x00" + bytes(8)],
+            [],
+        ),
+    ],
+)
+def test_copy_output_keys_reach_the_ledger(
+    pg: Cluster, enforce_db: str, sql: str, lines: list[bytes], want: list[bytes]
+) -> None:
+    tracker, _head = _tracker(pg)
+    stream = _copy_out(lines, binary="binary" in sql)
+    sent, done = _run(tracker, stream, [7, 20, 33], sql)
+    assert sent == stream  # COPY output is never rewritten
+    (finished,) = [c for c in done if isinstance(c, cmd.StatementDone)]
+    assert finished.records.get("public.customers", []) == want
+    unread = [c for c in done if isinstance(c, cmd.Log) and c.event == "copy_keys_unread"]
+    assert bool(unread) == ("binary" in sql)
+
+
+def test_a_canary_in_copy_output_is_seen(pg: Cluster, enforce_db: str) -> None:
+    policy = {
+        "rules": [
+            {"id": "canary", "subjects": ["*"], "action": "quarantine",
+             "canary": {"values": ["canary-1@pgwarden-canary.example"]}},
+        ],
+    }  # fmt: skip
+    tracker, _head = _tracker(pg, policy)
+    sql = "COPY (SELECT customer_id, email FROM customers) TO STDOUT"
+    lines = [b"332\tc332@x\n", b"333\tcanary-1@pgwarden-canary.example\n"]
+    _sent, done = _run(tracker, _copy_out(lines), [], sql)
+    assert [c.rule_id for c in done if isinstance(c, cmd.CanaryHit)] == ["canary"]

@@ -1,0 +1,98 @@
+"""Reading the fields of ``COPY ... TO STDOUT`` rows, for the ledger and canary keys.
+
+The server sends a COPY's output as CopyData messages, one row each (PostgreSQL's
+behaviour; a message that ends inside a row is carried over to the next).  Text format:
+fields split by the delimiter (tab by default), ``\\N`` for NULL, backslash escapes.  CSV:
+the ``csv`` module with the statement's delimiter, quote and escape, an optional header
+line.  The options come from the statement (``Facts.copy_options``); the protocol's
+CopyOutResponse only says text or binary.  Binary COPY carries no type information, so
+its keys are not read (``reader_for`` returns None and the caller says so).
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections.abc import Iterator
+
+_TEXT_ESCAPE = re.compile(rb"\\(?:([0-7]{1,3})|x([0-9a-fA-F]{1,2})|(.))", re.DOTALL)
+_SIMPLE_ESCAPES = {b"b": b"\b", b"f": b"\f", b"n": b"\n", b"r": b"\r", b"t": b"\t", b"v": b"\v"}
+_TRUE = frozenset(("true", "on", "1", "match"))
+
+
+def _unescape(m: re.Match[bytes]) -> bytes:
+    octal, hexa, char = m.groups()
+    if octal is not None:
+        return bytes((int(octal, 8) & 0xFF,))
+    if hexa is not None:
+        return bytes((int(hexa, 16),))
+    return _SIMPLE_ESCAPES.get(char, char)
+
+
+class CopyRowReader:
+    """Splits CopyData payloads into rows of fields (bytes, or None for NULL)."""
+
+    __slots__ = ("_carry", "_csv", "_delimiter", "_escape", "_header", "_null", "_quote")
+
+    def __init__(self, options: dict[str, str]) -> None:
+        self._csv = options.get("format", "text").lower() == "csv"
+        self._delimiter = options.get("delimiter", "," if self._csv else "\t")
+        self._null = options.get("null", "" if self._csv else "\\N").encode()
+        self._quote = options.get("quote", '"')
+        self._escape = options.get("escape", self._quote)
+        self._header = options.get("header", "false").lower() in _TRUE
+        self._carry = b""
+
+    def rows(self, data: bytes) -> Iterator[list[bytes | None]]:
+        """The complete rows in ``data`` (after any carried-over part of a row)."""
+        if self._carry:
+            data, self._carry = self._carry + data, b""
+        cut = data.rfind(b"\n") + 1
+        if cut < len(data):
+            self._carry = data[cut:]
+            data = data[:cut]
+        if not data:
+            return
+        lines = self._csv_rows(data) if self._csv else self._text_rows(data)
+        if self._header:
+            self._header = False
+            next(lines, None)
+        yield from lines
+
+    def _text_rows(self, data: bytes) -> Iterator[list[bytes | None]]:
+        delimiter = self._delimiter.encode()
+        null = self._null
+        for line in data.split(b"\n")[:-1]:
+            fields: list[bytes | None] = []
+            for raw in line.split(delimiter):
+                if raw == null:
+                    fields.append(None)
+                elif b"\\" in raw:
+                    fields.append(_TEXT_ESCAPE.sub(_unescape, raw))
+                else:
+                    fields.append(raw)
+            yield fields
+
+    def _csv_rows(self, data: bytes) -> Iterator[list[bytes | None]]:
+        # latin-1 maps bytes to characters one to one, so fields come back byte for byte.
+        text = data.decode("latin-1")
+        doublequote = self._escape == self._quote
+        reader = csv.reader(
+            text.splitlines(keepends=True),
+            delimiter=self._delimiter,
+            quotechar=self._quote,
+            escapechar=None if doublequote else self._escape,
+            doublequote=doublequote,
+            strict=False,
+        )
+        null = self._null.decode("latin-1")
+        for row in reader:
+            yield [None if f == null and null else f.encode("latin-1") for f in row]
+
+
+def reader_for(options: tuple[tuple[str, str], ...], binary: bool) -> CopyRowReader | None:
+    """A reader for a COPY's output, or None for binary COPY (no types to read keys with)."""
+    opts = dict(options)
+    if binary or opts.get("format", "text").lower() == "binary":
+        return None
+    return CopyRowReader(opts)
