@@ -12,6 +12,7 @@ its keys are not read (``reader_for`` returns None and the caller says so).
 from __future__ import annotations
 
 import csv
+import io
 import re
 from collections.abc import Iterator
 
@@ -63,31 +64,74 @@ class CopyRowReader:
         delimiter = self._delimiter.encode()
         null = self._null
         for line in data.split(b"\n")[:-1]:
-            fields: list[bytes | None] = []
-            for raw in line.split(delimiter):
-                if raw == null:
-                    fields.append(None)
-                elif b"\\" in raw:
-                    fields.append(_TEXT_ESCAPE.sub(_unescape, raw))
-                else:
-                    fields.append(raw)
-            yield fields
+            if b"\\" not in line:
+                yield [None if raw == null else raw for raw in line.split(delimiter)]
+                continue
+            # A delimiter inside a value comes escaped (\|): split where it is not.
+            yield [
+                None if raw == null else _TEXT_ESCAPE.sub(_unescape, raw)
+                for raw in _split_escaped(line, delimiter)
+            ]
 
     def _csv_rows(self, data: bytes) -> Iterator[list[bytes | None]]:
         # latin-1 maps bytes to characters one to one, so fields come back byte for byte.
         text = data.decode("latin-1")
-        doublequote = self._escape == self._quote
+        if self._escape != self._quote:
+            yield from self._csv_rows_escaped(text)
+            return
         reader = csv.reader(
-            text.splitlines(keepends=True),
+            io.StringIO(text, newline=""),  # not splitlines: it also splits at \x85 and more
             delimiter=self._delimiter,
             quotechar=self._quote,
-            escapechar=None if doublequote else self._escape,
-            doublequote=doublequote,
+            doublequote=True,
             strict=False,
         )
         null = self._null.decode("latin-1")
         for row in reader:
             yield [None if f == null and null else f.encode("latin-1") for f in row]
+
+    def _csv_rows_escaped(self, text: str) -> Iterator[list[bytes | None]]:
+        """CSV with an ESCAPE other than the quote: PostgreSQL escapes with it only inside
+        quotes (an unquoted field keeps its backslashes), which the csv module cannot
+        express."""
+        q, e, d = (re.escape(c) for c in (self._quote, self._escape, self._delimiter))
+        field = re.compile(f"(?:{q}((?:[^{q}{e}]|{e}.)*){q}|([^{d}{q}\n]*))({d}|\n|$)", re.DOTALL)
+        unescape = re.compile(f"{e}(.)", re.DOTALL)
+        null = self._null.decode("latin-1")
+        row: list[bytes | None] = []
+        pos = 0
+        while pos < len(text):
+            m = field.match(text, pos)
+            if m is None or m.end() == pos:
+                break
+            quoted, plain, sep = m.groups()
+            if quoted is not None:
+                row.append(unescape.sub(r"\1", quoted).encode("latin-1"))
+            else:
+                row.append(None if plain == null else plain.encode("latin-1"))
+            pos = m.end()
+            if sep != self._delimiter:
+                yield row
+                row = []
+
+
+def _split_escaped(line: bytes, delimiter: bytes) -> list[bytes]:
+    """``line`` split at each delimiter that no backslash escapes (escapes kept)."""
+    fields: list[bytes] = []
+    start = i = 0
+    n = len(line)
+    while i < n:
+        c = line[i : i + 1]
+        if c == b"\\":
+            i += 2
+        elif c == delimiter:
+            fields.append(line[start:i])
+            i += 1
+            start = i
+        else:
+            i += 1
+    fields.append(line[start:])
+    return fields
 
 
 def reader_for(options: tuple[tuple[str, str], ...], binary: bool) -> CopyRowReader | None:
