@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import struct
 import time
+import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from policy.engine import KnowCheck, ResultPlan, RowLimit, window_rule_key
@@ -67,7 +68,6 @@ _LENGTH = struct.Struct("!i")  # a message's length, after its type byte
 _ROW_HEAD = struct.Struct("!ihi")  # DataRow: length, column count, first value's length
 _ROW_FRAME = struct.Struct("!BI2xI")  # type, length, (column count), first value's size
 NO_KEY, BINARY_KEY = -1, -2  # need-to-know: where a row's key cannot be found
-_BINARY_INTS = frozenset((20, 21, 23))  # int8, int2, int4
 _BINARY_AS_TEXT = frozenset((19, 25, 1042, 1043))  # name, text, char(n), varchar: same bytes
 FLUSH = b"H\x00\x00\x00\x04"
 
@@ -88,6 +88,9 @@ class Running:
     copy_out: bool = False
     copy_binary: bool = False  # CopyOutResponse said binary
     copy_reader: CopyRowReader | None = None  # reads COPY output rows' keys, when wanted
+    # Key columns in binary format: position -> reader giving the key's text (None: no
+    # reader for that type; such keys are left out and logged)
+    key_readers: dict[int, Callable[[bytes], bytes] | None] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
     keys: dict[str, list[bytes]] = field(default_factory=dict)  # table -> primary keys seen
     value_capture: tuple[tuple[int, str], ...] = ()  # (column, label) when there is no key
@@ -650,19 +653,31 @@ class Tracker:
             if canary_values and any(v in plan.canary_values for v in fields if v is not None):
                 out += self._canary(running, plan)
                 canary_values = False
-            for table, positions in running.capture:
-                if positions[-1] >= len(fields):
-                    continue
-                if len(positions) == 1:
-                    key = fields[positions[0]]
-                else:
-                    key = pk_text([fields[i] for i in positions])
-                if key is None:
-                    continue
-                running.keys.setdefault(table, []).append(key)
-                wanted = plan.canary_keys.get(table)
-                if wanted and key.decode("utf-8", "replace") in wanted:
-                    out += self._canary(running, plan)
+            self._capture(running, plan, fields, out)
+
+    def _capture(
+        self, running: Running, plan: ResultPlan, values: Sequence[bytes | None],
+        out: list[cmd.Command],
+    ) -> None:  # fmt: skip
+        """Record one row's primary keys (as text: binary-format keys are turned into it),
+        and see whether one is a canary."""
+        readers = running.key_readers
+        for table, positions in running.capture:
+            if positions[-1] >= len(values):
+                continue
+            if readers:
+                if any(i in readers and readers[i] is None for i in positions):
+                    continue  # a binary key of a type with no reader (logged)
+                parts = [_read_key(readers, i, values[i]) for i in positions]
+            else:
+                parts = [values[i] for i in positions]
+            key = parts[0] if len(parts) == 1 else pk_text(parts)
+            if key is None:
+                continue
+            running.keys.setdefault(table, []).append(key)
+            wanted = plan.canary_keys.get(table)
+            if wanted and key.decode("utf-8", "replace") in wanted:
+                out += self._canary(running, plan)
 
     def _over_limit(
         self, running: Running, plan: ResultPlan, rows: int, size: int, out: list[cmd.Command]
@@ -755,9 +770,9 @@ class Tracker:
                     running.columns = self._columns(running)
                 col = running.columns[position] if position < len(running.columns) else None
                 if col is not None and col.binary and col.type_oid not in _BINARY_AS_TEXT:
-                    # The lookup's keys are text; a binary integer key is turned into text,
-                    # any other binary key cannot be compared.
-                    reader = _binary_int if col.type_oid in _BINARY_INTS else None
+                    # The lookup's keys are text; a binary integer or uuid key is turned
+                    # into text, any other binary key cannot be compared.
+                    reader = _BINARY_KEY_READERS.get(col.type_oid)
                     position = position if reader is not None else BINARY_KEY
             know.append(
                 (
@@ -769,10 +784,14 @@ class Tracker:
                 )
             )
         running.know = tuple(know)
+        if running.capture:
+            self._key_readers(running, out)
         running.watch = bool(
             plan.limits or plan.needs_rows or running.capture or running.value_capture
         )
-        if running.capture and not (plan.mask or running.know or running.value_capture):
+        if running.capture and not (
+            plan.mask or running.know or running.value_capture or running.key_readers
+        ):
             running.key_upto = max(max(positions) for _table, positions in running.capture)
             if (
                 len(running.capture) == 1
@@ -792,6 +811,30 @@ class Tracker:
             plan.mask or any(k.mask_style is not None for k in plan.need_to_know)
         ):
             running.columns = self._columns(running)
+
+    def _key_readers(self, running: Running, out: list[cmd.Command]) -> None:
+        """Record keys are kept as text, as responders type them and as need-to-know and the
+        windows compare them.  A key column the client asked for in binary format (asyncpg
+        does for integers) gets a reader that turns it into its text."""
+        shape, formats = self._shape(running)
+        if not any(formats) and not (shape is not None and any(c[1] for c in shape.columns)):
+            return  # all text: the common case, decided without building column info
+        running.columns = running.columns or self._columns(running)
+        readers: dict[int, Callable[[bytes], bytes] | None] = {}
+        for _table, positions in running.capture:
+            for i in positions:
+                col = running.columns[i] if i < len(running.columns) else None
+                if col is None or not col.binary or col.type_oid in _BINARY_AS_TEXT:
+                    continue
+                readers[i] = _BINARY_KEY_READERS.get(col.type_oid)
+        if any(r is None for r in readers.values()):
+            out.append(cmd.Log("ledger_key_unreadable", "warning", {
+                "reason": "a record key column was requested in a binary format pgwarden "
+                          "cannot turn into text; those keys are not in the ledger",
+                "statement": running.decision.facts.normalized[:200]
+                if running.decision is not None else "",
+            }))  # fmt: skip
+        running.key_readers = readers
 
     def _inspect(
         self, running: Running, plan: ResultPlan, raw: bytes, start: int, end: int,
@@ -837,19 +880,8 @@ class Tracker:
         for i, label in running.value_capture:
             if i < len(values) and (v := values[i]) is not None:
                 running.values.setdefault(label, []).append(v)
-        for table, positions in running.capture:
-            if positions[-1] >= len(values):
-                continue
-            if len(positions) == 1:
-                key = values[positions[0]]
-            else:
-                key = pk_text([values[i] for i in positions])
-            if key is None:
-                continue
-            running.keys.setdefault(table, []).append(key)
-            wanted = plan.canary_keys.get(table)
-            if wanted and key.decode("utf-8", "replace") in wanted:
-                out += self._canary(running, plan)
+        if running.capture:
+            self._capture(running, plan, values, out)
         if not plan.mask and know_mask is None:
             return None
         masked = list(values)
@@ -1136,6 +1168,23 @@ def _collect_keys(raw: bytes, pos: int, end: int, column: int, keys: list[bytes]
 
 def _binary_int(value: bytes) -> bytes:
     return str(int.from_bytes(value, "big", signed=True)).encode()
+
+
+def _binary_uuid(value: bytes) -> bytes:
+    return str(uuid.UUID(bytes=value)).encode()
+
+
+# int8, int2, int4, uuid: binary key values whose text pgwarden can give
+_BINARY_KEY_READERS: dict[int, Callable[[bytes], bytes]] = {
+    20: _binary_int, 21: _binary_int, 23: _binary_int, 2950: _binary_uuid,
+}  # fmt: skip
+
+
+def _read_key(
+    readers: dict[int, Callable[[bytes], bytes] | None], i: int, value: bytes | None
+) -> bytes | None:
+    reader = readers.get(i)
+    return value if value is None or reader is None else reader(value)
 
 
 def pk_text(values: list[bytes | None]) -> bytes:

@@ -7,6 +7,7 @@ person received, hold no literal from any statement, verify intact, and survive 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import sqlite3
@@ -14,6 +15,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import psycopg
 import pytest
 
@@ -186,6 +188,38 @@ def test_copy_output_is_in_the_ledger(
         assert who.returncode == 0, who.stderr
         assert {row["db_user"] for row in json.loads(who.stdout)} == expected, key
     assert audit_cli("verify", "--db", str(db)).returncode == 0
+
+
+def test_binary_format_keys_reach_the_ledger_as_text(
+    audited: tuple[ProxyProcess, Path], keys: tuple[Path, Path]
+) -> None:
+    # asyncpg asks for integers in binary format; a responder types the key as text.
+    p, db = audited
+
+    async def read() -> int:
+        conn = await asyncpg.connect(
+            host=p.pg.host, port=p.port, user="postgres", database=DB, ssl=False
+        )
+        try:
+            rows = await conn.fetch(
+                "SELECT customer_id, email FROM customers WHERE customer_id <= $1", 5
+            )
+            rows += await conn.fetch(  # the key in another column, of a join
+                "SELECT t.ticket_id, c.customer_id, c.email FROM tickets t"
+                " JOIN customers c ON c.customer_id = t.customer_id WHERE t.ticket_id = $1",
+                9,
+            )
+            return len(rows)
+        finally:
+            await conn.close()
+
+    assert asyncio.run(read()) == 6
+    p.stop()
+    for key, found in (("3", True), ("9", True), ("6", False)):
+        who = audit_cli("who-saw", "--db", str(db), "--ledger-key", str(keys[0]),
+                        "--table", "customers", "--key", key, "--json")  # fmt: skip
+        assert who.returncode == 0, who.stderr
+        assert bool(json.loads(who.stdout)) is found, key
 
 
 def test_a_completed_labelled_read_survives_kill_9(

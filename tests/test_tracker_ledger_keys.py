@@ -51,6 +51,8 @@ def _tracker(pg: Cluster, policy: dict[str, object] | None = None) -> tuple[Trac
         await rt.ensure_catalog(DB)
         rt.trail = object()  # as with an audit trail: every session is followed
         tracker = Tracker(rt.make_guard(Subject(user="postgres", database=DB)), stats, 1 << 20)
+        rt.trail = None
+        await rt.close()  # the catalog is loaded: no connection left behind
         tracker.ledger = True
         tracker.durable = False
         return tracker, oid
