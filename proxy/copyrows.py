@@ -5,8 +5,9 @@ behaviour; a message that ends inside a row is carried over to the next).  Text 
 fields split by the delimiter (tab by default), ``\\N`` for NULL, backslash escapes.  CSV:
 the ``csv`` module with the statement's delimiter, quote and escape, an optional header
 line.  The options come from the statement (``Facts.copy_options``); the protocol's
-CopyOutResponse only says text or binary.  Binary COPY carries no type information, so
-its keys are not read (``reader_for`` returns None and the caller says so).
+CopyOutResponse only says text or binary.  Binary: the header, then per tuple a field count
+and each field's length and bytes; the values stay binary (the caller turns key columns into
+text with the types the catalog gives).
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ from __future__ import annotations
 import csv
 import io
 import re
+import struct
 from collections.abc import Iterator
+
+from proxy.messages import ProtocolError
 
 _TEXT_ESCAPE = re.compile(rb"\\(?:([0-7]{1,3})|x([0-9a-fA-F]{1,2})|(.))", re.DOTALL)
 _SIMPLE_ESCAPES = {b"b": b"\b", b"f": b"\f", b"n": b"\n", b"r": b"\r", b"t": b"\t", b"v": b"\v"}
@@ -134,9 +138,70 @@ def _split_escaped(line: bytes, delimiter: bytes) -> list[bytes]:
     return fields
 
 
-def reader_for(options: tuple[tuple[str, str], ...], binary: bool) -> CopyRowReader | None:
-    """A reader for a COPY's output, or None for binary COPY (no types to read keys with)."""
+class BinaryCopyRowReader:
+    """Splits binary COPY output into tuples of fields (bytes in the column's binary
+    format, or None for NULL), carrying an incomplete tuple over to the next message."""
+
+    __slots__ = ("_carry", "_in_header")
+
+    SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
+
+    def __init__(self) -> None:
+        self._carry = b""
+        self._in_header = True
+
+    def rows(self, data: bytes) -> list[list[bytes | None]]:
+        buf = self._carry + data if self._carry else data
+        pos = 0
+        if self._in_header:
+            if len(buf) < 19:
+                self._carry = buf
+                return []
+            if buf[:11] != self.SIGNATURE:
+                raise ProtocolError("binary COPY output without its signature")
+            (extension,) = _U32.unpack_from(buf, 15)
+            if len(buf) < 19 + extension:
+                self._carry = buf
+                return []
+            pos = 19 + extension
+            self._in_header = False
+        out: list[list[bytes | None]] = []
+        n = len(buf)
+        while pos + 2 <= n:
+            (count,) = _I16.unpack_from(buf, pos)
+            if count < 0:  # the trailer
+                pos = n
+                break
+            p = pos + 2
+            fields: list[bytes | None] = []
+            while len(fields) < count and p + 4 <= n:
+                (size,) = _I32.unpack_from(buf, p)
+                p += 4
+                if size < 0:
+                    fields.append(None)
+                elif p + size <= n:
+                    fields.append(buf[p : p + size])
+                    p += size
+                else:
+                    break
+            if len(fields) < count:
+                break  # the tuple goes on in the next message
+            out.append(fields)
+            pos = p
+        self._carry = buf[pos:]
+        return out
+
+
+_I16 = struct.Struct("!h")
+_I32 = struct.Struct("!i")
+_U32 = struct.Struct("!I")
+
+
+def reader_for(
+    options: tuple[tuple[str, str], ...], binary: bool
+) -> CopyRowReader | BinaryCopyRowReader:
+    """The reader for a COPY's output."""
     opts = dict(options)
     if binary or opts.get("format", "text").lower() == "binary":
-        return None
+        return BinaryCopyRowReader()
     return CopyRowReader(opts)

@@ -183,6 +183,14 @@ class Guard:
             shape = self._shapes[fields] = _result_shape(snapshot, fields)
         return shape
 
+    def column_type(self, relation: str, column: str) -> str | None:
+        """The catalog's type name (``format_type``) of ``schema.table.column``, if known."""
+        schema, _, name = relation.partition(".")
+        rel = self.analyzer.snapshot.relation(schema, name)
+        if rel is None:
+            return None
+        return next((c.type_name for c in rel.columns if c.name == column), None)
+
     def columns(
         self, decision: Decision | None, shape: ResultShape | None, formats: tuple[int, ...] = ()
     ) -> list[ColumnInfo]:

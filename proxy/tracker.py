@@ -34,7 +34,7 @@ from policy.facts import SourceColumn
 from policy.model import Action
 from proxy import commands as cmd
 from proxy.codec import FrameReader
-from proxy.copyrows import CopyRowReader, reader_for
+from proxy.copyrows import BinaryCopyRowReader, CopyRowReader, reader_for
 from proxy.guard import ColumnInfo, Decision, Guard, ResultShape, raise_statement
 from proxy.masking import mask_value
 from proxy.messages import (
@@ -87,7 +87,7 @@ class Running:
     nbytes: int = 0
     copy_out: bool = False
     copy_binary: bool = False  # CopyOutResponse said binary
-    copy_reader: CopyRowReader | None = None  # reads COPY output rows' keys, when wanted
+    copy_reader: CopyRowReader | BinaryCopyRowReader | None = None  # COPY rows, when wanted
     # Key columns in binary format: position -> reader giving the key's text (None: no
     # reader for that type; such keys are left out and logged)
     key_readers: dict[int, Callable[[bytes], bytes] | None] = field(default_factory=dict)
@@ -801,12 +801,16 @@ class Tracker:
                 running.key_list = running.keys.setdefault(running.capture[0][0], [])
         if running.copy_out and (running.capture or plan.canary_keys or plan.canary_search):
             running.copy_reader = reader_for(facts.copy_options, running.copy_binary)
-            if running.copy_reader is None and running.capture:
-                out.append(cmd.Log("copy_keys_unread", "warning", {
-                    "reason": "binary COPY output carries no types: its record keys are not "
-                              "in the ledger or the windows",
-                    "statement": facts.normalized[:200],
-                }))  # fmt: skip
+            if isinstance(running.copy_reader, BinaryCopyRowReader) and running.capture:
+                # Binary COPY output says nothing of its types: the catalog's give the readers.
+                readers: dict[int, Callable[[bytes], bytes] | None] = {}
+                for k in facts.record_keys:
+                    for column, i in zip(k.columns, k.positions, strict=True):
+                        type_name = self.guard.column_type(k.relation, column) or ""
+                        if not type_name.startswith(_TEXT_TYPE_NAMES):
+                            readers[i] = _BINARY_KEY_READERS_BY_NAME.get(type_name)
+                running.key_readers = readers
+                self._unreadable_keys(running, out)
         if running.columns is None and (
             plan.mask or any(k.mask_style is not None for k in plan.need_to_know)
         ):
@@ -827,14 +831,17 @@ class Tracker:
                 if col is None or not col.binary or col.type_oid in _BINARY_AS_TEXT:
                     continue
                 readers[i] = _BINARY_KEY_READERS.get(col.type_oid)
-        if any(r is None for r in readers.values()):
+        running.key_readers = readers
+        self._unreadable_keys(running, out)
+
+    def _unreadable_keys(self, running: Running, out: list[cmd.Command]) -> None:
+        if any(r is None for r in running.key_readers.values()):
             out.append(cmd.Log("ledger_key_unreadable", "warning", {
-                "reason": "a record key column was requested in a binary format pgwarden "
-                          "cannot turn into text; those keys are not in the ledger",
+                "reason": "a record key column comes in a binary format pgwarden cannot turn "
+                          "into text; those keys are not in the ledger or the windows",
                 "statement": running.decision.facts.normalized[:200]
                 if running.decision is not None else "",
             }))  # fmt: skip
-        running.key_readers = readers
 
     def _inspect(
         self, running: Running, plan: ResultPlan, raw: bytes, start: int, end: int,
@@ -1178,6 +1185,13 @@ def _binary_uuid(value: bytes) -> bytes:
 _BINARY_KEY_READERS: dict[int, Callable[[bytes], bytes]] = {
     20: _binary_int, 21: _binary_int, 23: _binary_int, 2950: _binary_uuid,
 }  # fmt: skip
+# The same by the catalog's type names (binary COPY output carries no type OIDs); text
+# types' binary form is their text.
+_BINARY_KEY_READERS_BY_NAME: dict[str, Callable[[bytes], bytes]] = {
+    "bigint": _binary_int, "smallint": _binary_int, "integer": _binary_int,
+    "uuid": _binary_uuid,
+}  # fmt: skip
+_TEXT_TYPE_NAMES = ("text", "character varying", "character", "name")
 
 
 def _read_key(

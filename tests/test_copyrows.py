@@ -12,6 +12,7 @@ from pglast.parser import parse_sql_json
 from loadtests.cluster import Cluster
 from policy.analyze import _copy_options
 from proxy.copyrows import reader_for
+from proxy.messages import ProtocolError
 
 TRICKY = [
     "plain",
@@ -73,6 +74,18 @@ def test_a_row_split_across_messages_is_carried_over() -> None:
     assert got == [[b"1", b"a"], [b"2", b"bc"], [b"3", None]]
 
 
-def test_binary_copy_has_no_reader() -> None:
-    assert reader_for((("format", "binary"),), binary=False) is None
-    assert reader_for((), binary=True) is None
+def test_binary_tuples_come_back_as_postgresql_wrote_them(pg: Cluster, table: str) -> None:
+    sql = f"COPY (SELECT id, v FROM {table} ORDER BY id) TO STDOUT (FORMAT binary)"
+    with psycopg.connect(pg.dsn(database="postgres")) as conn:
+        with conn.cursor().copy(sql) as copy:
+            stream = b"".join(bytes(m) for m in copy)
+    reader = reader_for((("format", "binary"),), binary=True)
+    # cut anywhere: a tuple (or the header) left incomplete is carried over
+    rows = [fields for i in range(0, len(stream), 7) for fields in reader.rows(stream[i : i + 7])]
+    got = [(int.from_bytes(i or b"", "big"), v) for i, v in rows]
+    assert got == [(i, None if v is None else v.encode()) for i, v in enumerate(TRICKY)]
+
+
+def test_binary_output_without_its_signature_ends_the_session() -> None:
+    with pytest.raises(ProtocolError):
+        reader_for((), binary=True).rows(b"NOTPGCOPY" + bytes(20))
