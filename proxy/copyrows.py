@@ -20,6 +20,10 @@ from collections.abc import Iterator
 
 from proxy.messages import ProtocolError
 
+# A COPY field can be as big as a PostgreSQL value (1 GB); the csv module stops at 128 KB
+# unless told otherwise, which would end the session of whoever copies a long text.
+csv.field_size_limit(1 << 30)
+
 _TEXT_ESCAPE = re.compile(rb"\\(?:([0-7]{1,3})|x([0-9a-fA-F]{1,2})|(.))", re.DOTALL)
 _SIMPLE_ESCAPES = {b"b": b"\b", b"f": b"\f", b"n": b"\n", b"r": b"\r", b"t": b"\t", b"v": b"\v"}
 _TRUE = frozenset(("true", "on", "1", "match"))
