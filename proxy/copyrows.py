@@ -41,7 +41,9 @@ def _unescape(m: re.Match[bytes]) -> bytes:
 class CopyRowReader:
     """Splits CopyData payloads into rows of fields (bytes, or None for NULL)."""
 
-    __slots__ = ("_carry", "_csv", "_delimiter", "_escape", "_header", "_null", "_quote")
+    __slots__ = (
+        "_carry", "_columns", "_csv", "_delimiter", "_escape", "_header", "_null", "_quote",
+    )  # fmt: skip
 
     def __init__(self, options: dict[str, str]) -> None:
         self._csv = options.get("format", "text").lower() == "csv"
@@ -51,15 +53,11 @@ class CopyRowReader:
         self._escape = options.get("escape", self._quote)
         self._header = options.get("header", "false").lower() in _TRUE
         self._carry = b""
+        self._columns: dict[int, re.Pattern[bytes]] = {}  # field -> its pattern
 
     def rows(self, data: bytes) -> Iterator[list[bytes | None]]:
         """The complete rows in ``data`` (after any carried-over part of a row)."""
-        if self._carry:
-            data, self._carry = self._carry + data, b""
-        cut = data.rfind(b"\n") + 1
-        if cut < len(data):
-            self._carry = data[cut:]
-            data = data[:cut]
+        data = self._complete(data)
         if not data:
             return
         lines = self._csv_rows(data) if self._csv else self._text_rows(data)
@@ -67,6 +65,41 @@ class CopyRowReader:
             self._header = False
             next(lines, None)
         yield from lines
+
+    def column(self, data: bytes, i: int) -> list[bytes] | None:
+        """Field ``i`` of each complete row in ``data``, in one pass of a regular expression
+        (the bulk of a COPY whose rows are read for one key), or None where that would not
+        be exact: CSV, a header still to skip, a backslash (an escape, or a NULL) anywhere,
+        or a row with fewer fields.  Then nothing was consumed: use :meth:`rows`."""
+        if self._csv or self._header:
+            return None
+        whole = self._carry + data if self._carry else data
+        cut = whole.rfind(b"\n") + 1
+        block = whole[:cut]
+        if b"\\" in block:
+            return None
+        pattern = self._columns.get(i)
+        if pattern is None:
+            d = re.escape(self._delimiter.encode())
+            pattern = re.compile(rb"^(?:[^%s\n]*%s){%d}([^%s\n]*)" % (d, d, i, d), re.M)
+            self._columns[i] = pattern
+        # Up to the last row's newline, not past it: ^ would match once more there.
+        keys: list[bytes] = pattern.findall(block, 0, cut - 1) if cut else []
+        if len(keys) != block.count(b"\n"):
+            return None
+        self._carry = whole[cut:]
+        return keys
+
+    def _complete(self, data: bytes) -> bytes:
+        """``data`` behind the carried-over start of a row, up to its last complete row
+        (the rest is carried over)."""
+        if self._carry:
+            data, self._carry = self._carry + data, b""
+        cut = data.rfind(b"\n") + 1
+        if cut < len(data):
+            self._carry = data[cut:]
+            data = data[:cut]
+        return data
 
     def _text_rows(self, data: bytes) -> Iterator[list[bytes | None]]:
         delimiter = self._delimiter.encode()

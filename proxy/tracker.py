@@ -88,6 +88,7 @@ class Running:
     copy_out: bool = False
     copy_binary: bool = False  # CopyOutResponse said binary
     copy_reader: CopyRowReader | BinaryCopyRowReader | None = None  # COPY rows, when wanted
+    copy_bulk: bool = False  # the reader takes whole runs of CopyData: no limit to apply
     # Key columns in binary format: position -> reader giving the key's text (None: no
     # reader for that type; such keys are left out and logged)
     key_readers: dict[int, Callable[[bytes], bytes] | None] = field(default_factory=dict)
@@ -471,6 +472,14 @@ class Tracker:
                         r.nbytes += end - start - 5 * (n - 1)
                         _collect_keys(raw, head, end, r.key_upto, r.key_list)
                         continue
+                    if t == _d and r.copy_bulk:
+                        # COPY output read for keys with no limit to apply: the run's
+                        # rows as one block of text.
+                        block = _copy_payloads(raw, head, end)
+                        r.rows += block.count(b"\n")
+                        r.nbytes += end - start - 5 * (n - 1)
+                        self._inspect_copy(r, block, out)
+                        continue
                 pos = head
                 while pos < end:
                     (length,) = _LENGTH.unpack_from(raw, pos + 1)
@@ -636,20 +645,30 @@ class Tracker:
         running.nbytes += size
         if copy:
             if running.copy_reader is not None:
-                self._inspect_copy(running, plan, raw, start, end, out)
+                self._inspect_copy(running, raw[start:end], out)
             return None
         return self._inspect(running, plan, raw, start, end, out)
 
-    def _inspect_copy(
-        self, running: Running, plan: ResultPlan, raw: bytes, start: int, end: int,
-        out: list[cmd.Command],
-    ) -> None:  # fmt: skip
-        """The rows of one CopyData message of a COPY's output: their record keys (ledger,
-        windows, canary keys) and canary values.  Masks and need-to-know do not apply here:
-        a COPY of data they would change is refused before it runs."""
-        assert running.copy_reader is not None
-        canary_values = plan.canary_search is not None and plan.canary_search(raw, start, end)
-        for fields in running.copy_reader.rows(raw[start:end]):
+    def _inspect_copy(self, running: Running, data: bytes, out: list[cmd.Command]) -> None:
+        """Rows of a COPY's output (one CopyData message's, or a run's joined): their record
+        keys (ledger, windows, canary keys) and canary values.  Masks and need-to-know do
+        not apply here: a COPY of data they would change is refused before it runs."""
+        reader = running.copy_reader
+        plan = running.decision.plan if running.decision is not None else None
+        assert reader is not None and plan is not None
+        canary_values = plan.canary_search is not None and plan.canary_search(data, 0, len(data))
+        capture = running.capture
+        if (
+            not canary_values and len(capture) == 1 and len(capture[0][1]) == 1
+            and not (running.key_readers or plan.canary_keys)
+            and isinstance(reader, CopyRowReader)
+        ):  # fmt: skip
+            # One key column and nothing else to look for: all its values in one pass.
+            keys = reader.column(data, capture[0][1][0])
+            if keys is not None:
+                running.keys.setdefault(capture[0][0], []).extend(keys)
+                return
+        for fields in reader.rows(data):
             if canary_values and any(v in plan.canary_values for v in fields if v is not None):
                 out += self._canary(running, plan)
                 canary_values = False
@@ -801,6 +820,7 @@ class Tracker:
                 running.key_list = running.keys.setdefault(running.capture[0][0], [])
         if running.copy_out and (running.capture or plan.canary_keys or plan.canary_search):
             running.copy_reader = reader_for(facts.copy_options, running.copy_binary)
+            running.copy_bulk = not plan.limits
             if isinstance(running.copy_reader, BinaryCopyRowReader) and running.capture:
                 # Binary COPY output says nothing of its types: the catalog's give the readers.
                 readers: dict[int, Callable[[bytes], bytes] | None] = {}
@@ -1112,6 +1132,16 @@ def _failing_extended() -> bytes:
 
 def _without_context(err: ErrorResponse) -> bytes:
     return ErrorResponse(tuple((k, v) for k, v in err.fields if k not in "WFLRqP")).encode()
+
+
+def _copy_payloads(raw: bytes, pos: int, end: int) -> bytes:
+    """The data of a run of CopyData messages, joined."""
+    parts = []
+    while pos < end:
+        (length,) = _LENGTH.unpack_from(raw, pos + 1)
+        parts.append(raw[pos + 5 : pos + 1 + length])
+        pos += 1 + length
+    return b"".join(parts)
 
 
 def _copy_rows(raw: bytes, pos: int, end: int) -> int:
