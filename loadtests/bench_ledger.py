@@ -10,7 +10,7 @@ the primary key) as the DBA through three targets, in interleaved rounds:
 * ``direct``: PostgreSQL itself, for scale;
 * ``pgwarden``: pass-through, no audit trail;
 * ``pgwarden-ledger``: the audit trail on (SQLite, synchronous=FULL) with a ledger key, so
-  every row's primary key is captured, HMACed and written, and the CommandComplete is held
+  every row's primary key is captured, hashed (AES-CMAC) and written, and the CommandComplete is held
   until the statement's event and ledger are on disk.
 
 The client is asyncpg in the simple protocol: it reads every row and drops it, so the time

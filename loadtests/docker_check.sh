@@ -230,7 +230,7 @@ EOF
         -v "$PWD/config/compose/pgwarden.yaml:/etc/pgwarden/pgwarden.yaml:ro" \
         -v "$PWD/config/compose/policy.yaml:/etc/pgwarden/policy.yaml:ro" \
         --entrypoint sh "$IMAGE" -c \
-        'test -s /var/lib/pgwarden/ledger.key || pgwarden audit keygen --hmac --out /var/lib/pgwarden/ledger.key; exec pgwarden "$@"' \
+        'test -s /var/lib/pgwarden/ledger.key || pgwarden audit keygen --ledger --out /var/lib/pgwarden/ledger.key; exec pgwarden "$@"' \
         pgwarden serve -c /etc/pgwarden/pgwarden.yaml >/dev/null
     sleep 6
     export PGPASSWORD=change-me

@@ -203,7 +203,7 @@ class Demo:
     def write_config(self) -> Path:
         from loadtests.cluster import free_port
 
-        for args in (("--hmac", "--out", "ledger.key"), ("--out", "audit-sign.key")):
+        for args in (("--ledger", "--out", "ledger.key"), ("--out", "audit-sign.key")):
             done = _pgwarden("audit", "keygen", *args[:-1], str(self.workdir / args[-1]))
             if done.returncode != 0:
                 raise DemoFailed(f"setup: pgwarden audit keygen failed: {done.stderr.strip()}")
