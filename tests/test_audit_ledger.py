@@ -145,6 +145,7 @@ def test_digests_are_the_aes_cmac_that_schema_md_documents(tmp_path: Path) -> No
     # with only SCHEMA.md and the key file can search the ledger by hand.
     import hmac as hmac_mod
     import os
+    import uuid
 
     from cryptography.hazmat.primitives.ciphers import algorithms
     from cryptography.hazmat.primitives.cmac import CMAC
@@ -164,6 +165,10 @@ def test_digests_are_the_aes_cmac_that_schema_md_documents(tmp_path: Path) -> No
     # a whole result at once (the one-encryption path, and the mixed one) gives the same
     short = [str(i) for i in range(5000)]
     assert hasher.keys("public.customers", short) == [hasher.key("customers", t) for t in short]
+    uuids = [str(uuid.UUID(int=i * 7919)) for i in range(300)]  # one length: the join path
+    assert hasher.keys("customers", uuids) == [
+        documented("k2", "public.customers", t) for t in uuids
+    ]
     again = texts + texts  # a record returned twice is in the ledger twice
     assert hasher.keys("customers", again) == [hasher.key("customers", t) for t in again]
     # tables and labels are kept apart; values are compared case- and space-insensitively
