@@ -464,7 +464,7 @@ class Tracker:
                     # and rows whose only use is their record key (the ledger) give just
                     # that, with no call per row.
                     if not r.watch:
-                        r.rows += n if t == _D else _copy_rows(raw, head, end)
+                        r.rows += n if t == _D else _copy_rows(raw, head, end, r.copy_binary)
                         r.nbytes += end - start - 5 * (n - 1)
                         continue
                     if t == _D and r.key_list is not None:
@@ -476,7 +476,10 @@ class Tracker:
                         # COPY output read for keys with no limit to apply: the run's
                         # rows as one block of text.
                         block = _copy_payloads(raw, head, end)
-                        r.rows += block.count(b"\n")
+                        r.rows += (
+                            _copy_rows(raw, head, end, True) if r.copy_binary
+                            else block.count(b"\n")
+                        )  # fmt: skip
                         r.nbytes += end - start - 5 * (n - 1)
                         self._inspect_copy(r, block, out)
                         continue
@@ -487,7 +490,9 @@ class Tracker:
                     running = self._current(entry)
                     if t == _d and not running.copy_out:
                         break
-                    rows = raw.count(b"\n", row_start, row_end) if t == _d else 1
+                    rows = 1
+                    if t == _d:
+                        rows = _copy_rows(raw, pos, row_end, running.copy_binary)
                     replacement = self._row(running, raw, row_start, row_end, rows, t == _d, out)
                     if replacement is not None:
                         parts += (raw[fwd:pos], replacement)
@@ -1144,14 +1149,22 @@ def _copy_payloads(raw: bytes, pos: int, end: int) -> bytes:
     return b"".join(parts)
 
 
-def _copy_rows(raw: bytes, pos: int, end: int) -> int:
-    """Lines in a run of CopyData messages (their headers may hold a newline byte)."""
+def _copy_rows(raw: bytes, pos: int, end: int, binary: bool = False) -> int:
+    """Rows in a run of CopyData messages: lines of text or CSV (a message's header may
+    hold a newline byte, so each is counted within its data), or for binary COPY one tuple
+    per message (PostgreSQL's way; the header rides with the first) but the trailer's."""
     rows = 0
     while pos < end:
         (length,) = _LENGTH.unpack_from(raw, pos + 1)
-        rows += raw.count(b"\n", pos + 5, pos + 1 + length)
+        if binary:
+            rows += raw[pos + 5 : pos + 1 + length] != _BINARY_TRAILER
+        else:
+            rows += raw.count(b"\n", pos + 5, pos + 1 + length)
         pos += 1 + length
     return rows
+
+
+_BINARY_TRAILER = b"\xff\xff"
 
 
 def _lead_key_rows(raw: bytes, keys: list[bytes], limit: int) -> tuple[int, int]:

@@ -213,3 +213,26 @@ def test_big_copy_output_keys_survive_any_chunking(pg: Cluster, enforce_db: str,
         (finished,) = [c for c in done if isinstance(c, cmd.StatementDone)]
         assert finished.rows == 3000
         assert finished.records["public.customers"] == want, (trial, size)
+
+
+def test_binary_copy_rows_count_against_a_statement_limit(pg: Cluster, enforce_db: str) -> None:
+    # Binary COPY data has no newlines to count: its tuples must still count, or a row
+    # limit could be walked past in binary format.
+    policy = {
+        "rules": [
+            {"id": "ten-rows", "subjects": ["*"], "labels": ["pii.*"], "max_rows": 10,
+             "action": "block"},
+        ],
+    }  # fmt: skip
+    tracker, _head = _tracker(pg, policy)
+    sql = "COPY (SELECT customer_id, email FROM customers) TO STDOUT (FORMAT binary)"
+    header = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
+    lines = [header + _tuple(100, b"a@x"), *(_tuple(i, b"a@x") for i in range(101, 150))]
+    lines.append(b"\xff\xff")
+    assert not any(b"\n" in line for line in lines[1:])
+    for cuts in ([], [200], [40, 41, 300]):
+        tracker, _head = _tracker(pg, policy)
+        sent, done = _run(tracker, _copy_out(lines, binary=True), cuts, sql)
+        blocks = [c for c in done if isinstance(c, cmd.PolicyBlock)]
+        assert [b.rule_id for b in blocks] == ["ten-rows"], cuts
+        assert b"more than 10 rows" in sent
