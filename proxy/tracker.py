@@ -684,7 +684,11 @@ class Tracker:
         out: list[cmd.Command],
     ) -> None:  # fmt: skip
         """Record one row's primary keys (as text: binary-format keys are turned into it),
-        and see whether one is a canary."""
+        or its labelled values where the result has no key, and see whether a key is a
+        canary."""
+        for i, label in running.value_capture:
+            if i < len(values) and (v := values[i]) is not None:
+                running.values.setdefault(label, []).append(v)
         readers = running.key_readers
         for table, positions in running.capture:
             if positions[-1] >= len(values):
@@ -823,7 +827,9 @@ class Tracker:
                 and not (plan.limits or plan.canary_search or plan.canary_keys)
             ):
                 running.key_list = running.keys.setdefault(running.capture[0][0], [])
-        if running.copy_out and (running.capture or plan.canary_keys or plan.canary_search):
+        if running.copy_out and (
+            running.capture or running.value_capture or plan.canary_keys or plan.canary_search
+        ):
             running.copy_reader = reader_for(facts.copy_options, running.copy_binary)
             running.copy_bulk = not plan.limits
             if isinstance(running.copy_reader, BinaryCopyRowReader) and running.capture:
@@ -909,10 +915,7 @@ class Tracker:
                 know_mask = know_mask or check.mask_style
                 continue
             return self._cut(running, None, out, know=check)
-        for i, label in running.value_capture:
-            if i < len(values) and (v := values[i]) is not None:
-                running.values.setdefault(label, []).append(v)
-        if running.capture:
+        if running.capture or running.value_capture:
             self._capture(running, plan, values, out)
         if not plan.mask and know_mask is None:
             return None

@@ -173,6 +173,7 @@ def test_copy_output_is_in_the_ledger(
                     "TO STDOUT WITH (FORMAT csv, HEADER, DELIMITER ';')"),
             ("binary", "COPY (SELECT customer_id, email FROM customers WHERE customer_id BETWEEN 31 AND 35) "
                        "TO STDOUT (FORMAT binary)"),
+            ("no key", "COPY (SELECT email FROM customers WHERE customer_id = 77) TO STDOUT"),
         ):  # fmt: skip
             with cur.copy(sql) as copy:
                 out[name] = b"".join(bytes(chunk) for chunk in copy)
@@ -180,13 +181,17 @@ def test_copy_output_is_in_the_ledger(
     assert len(out["text"].splitlines()) == 20 and b"customer7@mail.example" in out["text"]
     assert out["csv"].splitlines()[0] == b"email;customer_id"
     copies = [r for r in events(db) if r["kind"] == "statement" and "COPY" in r["statement"]]
-    assert [r["rows"] for r in copies] == [20, 10, 5]  # the CSV header is not a row
+    assert [r["rows"] for r in copies] == [20, 10, 5, 1]  # the CSV header is not a row
     for key, expected in (("7", {"postgres"}), ("25", {"postgres"}), ("33", {"postgres"}),
                           ("36", set())):  # fmt: skip
         who = audit_cli("who-saw", "--db", str(db), "--ledger-key", str(keys[0]),
                         "--table", "customers", "--key", key, "--json")  # fmt: skip
         assert who.returncode == 0, who.stderr
         assert {row["db_user"] for row in json.loads(who.stdout)} == expected, key
+    # no key in the result: the ledger keeps the labelled value instead
+    who = audit_cli("who-saw", "--db", str(db), "--ledger-key", str(keys[0]),
+                    "--value", "Customer77@mail.example", "--json")  # fmt: skip
+    assert {row["db_user"] for row in json.loads(who.stdout)} == {"postgres"}, who.stderr
     assert audit_cli("verify", "--db", str(db)).returncode == 0
 
 
