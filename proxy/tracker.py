@@ -67,6 +67,9 @@ SERVER_MESSAGE_LIMIT = 2**30 + 2**20
 _LENGTH = struct.Struct("!i")  # a message's length, after its type byte
 _ROW_HEAD = struct.Struct("!ihi")  # DataRow: length, column count, first value's length
 _ROW_FRAME = struct.Struct("!BI2xI")  # type, length, (column count), first value's size
+_ROW_FRAME_COLS = struct.Struct("!BIHI")  # the same with the column count
+_U32 = struct.Struct("!I")
+_NULL_SIZE = 2**32 - 1  # a NULL value's size (-1) read unsigned
 NO_KEY, BINARY_KEY = -1, -2  # need-to-know: where a row's key cannot be found
 _BINARY_AS_TEXT = frozenset((19, 25, 1042, 1043))  # name, text, char(n), varchar: same bytes
 FLUSH = b"H\x00\x00\x00\x04"
@@ -411,14 +414,14 @@ class Tracker:
         entry = fifo[0]
         r = entry.running
         if (
-            r is None or r.key_list is None or r.key_upto != 0 or not r.watch
+            r is None or r.key_list is None or not r.watch
             or not r.prepared or r.copy_out or entry.kind not in (EXECUTE, QUERY)
         ):  # fmt: skip
             return None
-        keys, limit = r.key_list, self.server_reader.max_message
+        keys, limit, column = r.key_list, self.server_reader.max_message, r.key_upto
 
         def lead(raw: bytes) -> int:
-            pos, rows = _lead_key_rows(raw, keys, limit)
+            pos, rows = _lead_key_rows(raw, keys, limit, column)
             r.rows += rows
             r.nbytes += pos - 5 * rows
             return pos
@@ -1170,11 +1173,13 @@ def _copy_rows(raw: bytes, pos: int, end: int, binary: bool = False) -> int:
 _BINARY_TRAILER = b"\xff\xff"
 
 
-def _lead_key_rows(raw: bytes, keys: list[bytes], limit: int) -> tuple[int, int]:
-    """Append the first value of each whole DataRow at the start of ``raw`` to ``keys``;
-    return where the rows end and how many there were.  Stops at any other message, an
-    incomplete one, or a row that is not plainly well formed or has a NULL first value (the
-    general path then reads it, and reports what is wrong)."""
+def _lead_key_rows(raw: bytes, keys: list[bytes], limit: int, column: int = 0) -> tuple[int, int]:
+    """Append the value at ``column`` of each whole DataRow at the start of ``raw`` to
+    ``keys``; return where the rows end and how many there were.  Stops at any other
+    message, an incomplete one, or a row that is not plainly well formed or has a NULL key
+    (the general path then reads it, and reports what is wrong)."""
+    if column:
+        return _lead_key_rows_at(raw, keys, limit, column)
     pos = 0
     n = len(raw)
     last = n - 11  # the last offset where a row's header and first value's size fit
@@ -1192,6 +1197,38 @@ def _lead_key_rows(raw: bytes, keys: list[bytes], limit: int) -> tuple[int, int]
             break
         append(raw[pos : pos + size])
         pos = row_end
+    return pos, len(keys) - had
+
+
+def _lead_key_rows_at(raw: bytes, keys: list[bytes], limit: int, column: int) -> tuple[int, int]:
+    """:func:`_lead_key_rows` for a key that is not the first column: the values before it
+    are skipped by their sizes."""
+    pos = 0
+    n = len(raw)
+    last = n - 11
+    had = len(keys)
+    unpack = _ROW_FRAME_COLS.unpack_from
+    size_at = _U32.unpack_from
+    append = keys.append
+    while pos <= last:
+        t, length, ncols, size = unpack(raw, pos)
+        row_end = pos + 1 + length
+        if t != _D or row_end > n or length > limit or ncols <= column:
+            break
+        p = pos + 11
+        for _ in range(column):
+            if size != _NULL_SIZE:
+                p += size
+            if p + 4 > row_end:
+                break
+            (size,) = size_at(raw, p)
+            p += 4
+        else:
+            if p + size <= row_end:  # a NULL key (2**32 - 1) is not
+                append(raw[p : p + size])
+                pos = row_end
+                continue
+        break
     return pos, len(keys) - had
 
 
