@@ -1107,6 +1107,10 @@ def _rule_ids(decision: Decision | None, cut: bool | str) -> tuple[str, ...]:
     if decision is None:
         return ()
     v = decision.verdict
+    if not v.findings and not isinstance(cut, str):
+        # Nearly every statement: no rule had anything to say (the audit trail asks for
+        # every one of them).
+        return (v.rule_id,) if v.rule_id else ()
     ids = [f.rule_id for f in v.findings]
     if v.rule_id:
         ids.append(v.rule_id)
@@ -1126,7 +1130,7 @@ def _verdict(decision: Decision | None, cut: bool | str, sqlstate: str | None) -
     plan = v.plan
     if plan is not None and plan.mask:
         return "mask"
-    if any(f.monitored for f in v.findings):
+    if v.findings and any(f.monitored for f in v.findings):
         return "monitor"
     return "allow"
 
