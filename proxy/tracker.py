@@ -691,6 +691,10 @@ class Tracker:
         plan = decision.plan
         assert plan is not None
         facts = decision.facts
+        if not (facts.output_labels or plan.limits or plan.needs_rows):
+            # Nothing in this result is limited, captured or inspected (most statements an
+            # audit trail follows): its rows are only counted.
+            return
         if facts.output_labels and (self.ledger or plan.window_rules):
             capture = [(k.relation, k.positions) for k in facts.record_keys]
             if not capture:
