@@ -7,7 +7,7 @@ WHERE/LIMIT, COPY, copies into other tables, statements that cannot be followed)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
@@ -110,15 +110,21 @@ class QueryFacts:
     unanalysable: str | None = None
     location: int = 0  # offset of the statement in the text the client sent
     error_position: int | None = None  # where parsing failed
+    # Worked out once: the tracker and the audit trail ask for it several times for every
+    # execution of a statement, and the analyser hands out the same facts object each time.
+    _output_labels: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        out: set[str] = set()
+        for c in self.output:
+            out |= c.labels
+        object.__setattr__(self, "_output_labels", frozenset(out))
 
     @property
     def output_labels(self) -> frozenset[str]:
         """Labels of every column the client can receive (packing that reaches the output is
         part of an output column's lineage; packing inside e.g. CREATE TABLE AS is not)."""
-        out: set[str] = set()
-        for c in self.output:
-            out |= c.labels
-        return frozenset(out)
+        return self._output_labels
 
     @property
     def output_sources(self) -> frozenset[SourceColumn]:

@@ -66,6 +66,10 @@ class _Counters:
         return self.quarantined.get(subject)
 
 
+# (fingerprint, normalised text, relations, labels) of a statement's audit event
+_AuditFacts = tuple[str, str, tuple[str, ...], tuple[str, ...]]
+
+
 class PolicyRuntime:
     def __init__(
         self,
@@ -92,6 +96,7 @@ class PolicyRuntime:
         # Audit subjects by what they say: a session's statements share one, so building
         # it (a frozen dataclass, ~0.8 us) is not paid per statement.
         self._audit_subjects: dict[tuple[Any, ...], AuditSubject] = {}
+        self._audit_facts_of: dict[int, tuple[Any, _AuditFacts]] = {}
         self._probe: asyncio.Task[None] | None = None
         self._allowed: dict[tuple[str, str, str], tuple[float, frozenset[bytes]]] = {}
         self._lookup_conns: dict[str, Any] = {}
@@ -358,14 +363,15 @@ class PolicyRuntime:
             if len(self._audit_subjects) >= 4096:
                 self._audit_subjects.clear()
             subject = self._audit_subjects[key] = self.audit_subject(s, c.end_user)
+        fingerprint, statement, relations, labels = self._audit_facts(f)
         records, values = c.records, c.values
         return AuditEvent.statement_event(
             session_id,
             subject,
-            fingerprint=f.fingerprint if f is not None else "",
-            statement=f.normalized if f is not None else "",
-            relations=sorted(f.relations_read) if f is not None else (),
-            labels=sorted(f.output_labels) if f is not None and f.output_labels else (),
+            fingerprint=fingerprint,
+            statement=statement,
+            relations=relations,
+            labels=labels,
             rows=c.rows,
             bytes=c.nbytes,
             duration_ms=c.seconds * 1000.0,
@@ -380,6 +386,28 @@ class PolicyRuntime:
             if values
             else None,
         )
+
+    def _audit_facts(self, f: Any) -> _AuditFacts:
+        """What a statement's event says about its text: the same for every execution of
+        the same facts object (the analyser hands out one per statement shape), so the
+        sorting is not paid per statement."""
+        if f is None:
+            return "", "", (), ()
+        hit = self._audit_facts_of.get(id(f))
+        if hit is not None and hit[0] is f:
+            return hit[1]
+        part = (
+            f.fingerprint,
+            f.normalized,
+            tuple(sorted(f.relations_read)),
+            tuple(sorted(f.output_labels)) if f.output_labels else (),
+        )
+        if len(self._audit_facts_of) >= 4096:
+            self._audit_facts_of.clear()
+        # The facts object is kept alive beside its id, so the id cannot be reused while
+        # the entry exists.
+        self._audit_facts_of[id(f)] = (f, part)
+        return part
 
     def _submit_nowait(self, ev: AuditEvent) -> None:
         assert self.trail is not None

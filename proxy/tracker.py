@@ -771,6 +771,10 @@ class Tracker:
         plan = decision.plan
         assert plan is not None
         facts = decision.facts
+        if not (facts.output_labels or plan.limits or plan.needs_rows):
+            # Nothing in this result is limited, captured or inspected (most statements an
+            # audit trail follows): its rows are only counted.
+            return
         if facts.output_labels and (self.ledger or plan.window_rules):
             capture = [(k.relation, k.positions) for k in facts.record_keys]
             if not capture:
@@ -1297,6 +1301,10 @@ def _rule_ids(decision: Decision | None, cut: bool | str) -> tuple[str, ...]:
     if decision is None:
         return ()
     v = decision.verdict
+    if not v.findings and not isinstance(cut, str):
+        # Nearly every statement: no rule had anything to say (the audit trail asks for
+        # every one of them).
+        return (v.rule_id,) if v.rule_id else ()
     ids = [f.rule_id for f in v.findings]
     if v.rule_id:
         ids.append(v.rule_id)
@@ -1316,7 +1324,7 @@ def _verdict(decision: Decision | None, cut: bool | str, sqlstate: str | None) -
     plan = v.plan
     if plan is not None and plan.mask:
         return "mask"
-    if any(f.monitored for f in v.findings):
+    if v.findings and any(f.monitored for f in v.findings):
         return "monitor"
     return "allow"
 

@@ -331,3 +331,41 @@ def test_odd_text_and_details_are_stored_escaped_without_breaking_the_chain(tmp_
     assert intact
     assert rows[1]["statement"] == "SELECT caf\\udce9"
     assert rows[2]["details"] == {"obj": "opaque", "7": "seven"}
+
+
+def test_a_statement_event_stores_each_field_in_its_own_column(tmp_path: Path) -> None:
+    from audit import query as q
+
+    async def go() -> None:
+        async with AuditTrail(AuditConfig(sinks=[SQLiteSinkConfig(path=tmp_path / "a.db")])) as t:
+            await t.submit(
+                AuditEvent.statement_event(
+                    "sess-7", SUBJ, fingerprint="fp1", statement="SELECT email FROM customers",
+                    relations=("public.customers",), labels=("pii.email",), rows=3, bytes=99,
+                    duration_ms=1.5, verdict="mask", rule_ids=("r1",), sqlstate="57014",
+                    message="statement cancelled", full_text="SELECT email FROM customers",
+                    ts=1_700_000_000.25,
+                )
+            )  # fmt: skip
+
+    asyncio.run(go())
+
+    async def rows() -> list[dict[str, object]]:
+        store = q.SQLiteStore(tmp_path / "a.db")
+        out = await q.search(store, q.Filters(), limit=10)
+        await store.close()
+        return out
+
+    (row,) = [r for r in asyncio.run(rows()) if r["kind"] == "statement"]
+    want = {
+        "session_id": "sess-7", "db_user": "app", "database": "support",
+        "application": "helpdesk", "client_addr": "10.1.1.1", "end_user": "frank",
+        "fingerprint": "fp1", "statement": "SELECT email FROM customers",
+        "relations": ["public.customers"], "labels": ["pii.email"], "rows": 3, "bytes": 99,
+        "duration_ms": 1.5, "verdict": "mask", "rule_ids": ["r1"], "sqlstate": "57014",
+        "message": "statement cancelled", "severity": None, "details": None,
+        "ts": "2023-11-14T22:13:20.250000Z",
+        # The normalised text is what is kept; the full text only with store_full_text.
+        "full_text": None,
+    }  # fmt: skip
+    assert {k: row[k] for k in want} == want
