@@ -10,7 +10,7 @@
 
 ``submit`` only puts the event on a bounded queue.  A dispatcher task takes whatever has
 queued up as one batch (events nobody awaits first linger up to ``batch_linger_s`` for
-company), seals it (record building, redaction, ledger HMACs, hashing, checkpoint signing)
+company), seals it (record building, redaction, ledger digests, hashing, checkpoint signing)
 and hands it to every sink's own bounded queue.  An ordinary batch is sealed right there on
 the event loop: that takes a few microseconds an event, less than handing it to another
 thread and back costs while the loop is busy.  A batch that is very large, carries a big
@@ -191,7 +191,7 @@ _Item = tuple[AuditEvent, "asyncio.Future[Receipt] | None"]
 _STOP: Any = object()
 
 # Above either bound a batch is sealed on the chainer thread rather than on the event loop
-# (about 4 us an event, 1 us a ledger key).  The chainer needs the GIL for nearly all of
+# (about 4 us an event, 0.1 us a ledger key).  The chainer needs the GIL for nearly all of
 # that work too, so it spares the loop little on an ordinary batch; it is there so that a
 # huge ledger is interrupted every switch interval instead of blocking the loop outright.
 _INLINE_EVENTS = 256
