@@ -23,7 +23,7 @@ import structlog
 
 from audit.events import AuditEvent
 from audit.events import Subject as AuditSubject
-from audit.pipeline import AuditTrail, AuditUnavailable
+from audit.pipeline import AuditTrail, AuditUnavailable, Receipt
 from policy.analyze import Analyzer
 from policy.catalog import Catalog
 from policy.engine import Engine, Subject
@@ -422,18 +422,41 @@ class PolicyRuntime:
         if ev is not None:
             self._submit_nowait(ev)
 
-    async def audit_durable(self, c: cmd.StatementDone, session_id: str, s: SessionSubject) -> bool:
-        """Persist a labelled statement's event; False when no durable sink could."""
-        ev = self.statement_event(c, session_id, s)
-        if ev is None or self.trail is None:
+    async def wait_durable(self, waiting: Awaitable[Receipt] | None) -> bool:
+        """Await what ``submit_durable`` returned; False when no durable sink could persist."""
+        if waiting is None:
             return True
         try:
-            await self.trail.submit(ev)
+            await waiting
             return True
         except AuditUnavailable as exc:
-            self.stats.audit_failures += 1
-            log.error("audit_unavailable", error=str(exc), refused="labelled read")
-            return False
+            return self._not_durable(exc)
+
+    def submit_durable(
+        self, c: cmd.StatementDone, session_id: str, s: SessionSubject
+    ) -> Awaitable[Receipt] | None:
+        """Queue a labelled statement's event; what resolves once a durable sink holds it
+        (see ``durable_ok``), or None when there is no audit trail."""
+        ev = self.statement_event(c, session_id, s)
+        if ev is None or self.trail is None:
+            return None
+        return self.trail.submit(ev)
+
+    def durable_ok(self, fut: asyncio.Future[Receipt]) -> bool:
+        """Whether the event behind a finished ``submit_durable`` future was persisted."""
+        if fut.cancelled():
+            return self._not_durable(AuditUnavailable("the audit submission was cancelled"))
+        exc = fut.exception()
+        if exc is None:
+            return True
+        if isinstance(exc, AuditUnavailable):
+            return self._not_durable(exc)
+        raise exc
+
+    def _not_durable(self, exc: AuditUnavailable) -> bool:
+        self.stats.audit_failures += 1
+        log.error("audit_unavailable", error=str(exc), refused="labelled read")
+        return False
 
     def alert(self, kind: str, message: str, severity: str, subject: str, rule_id: str,
               session_id: str | None = None) -> None:  # fmt: skip

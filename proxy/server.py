@@ -21,7 +21,7 @@ import signal
 import socket
 import ssl
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -398,7 +398,7 @@ class ClientConnection(asyncio.Protocol):
                 if self.upstream is not None:
                     self.upstream.close()
             elif type(c) is cmd.AwaitDurable:
-                self._spawn(self._await_durable(c.done))
+                self._await_durable(c.done)
             elif type(c) is cmd.Log:
                 getattr(self.log, c.level)(c.event, **(c.fields or {}))
                 runtime = self.proxy.runtime
@@ -440,11 +440,30 @@ class ClientConnection(asyncio.Protocol):
             if not self._closed:
                 self.run(self.session.counts_recorded())
 
-    async def _await_durable(self, done: cmd.StatementDone) -> None:
+    def _await_durable(self, done: cmd.StatementDone) -> None:
         runtime = self.proxy.runtime
         assert runtime is not None
         self._statement_done(done, audit=False)
-        ok = await runtime.audit_durable(done, self.audit_id, self.session.subject)
+        waiting = runtime.submit_durable(done, self.audit_id, self.session.subject)
+        if isinstance(waiting, asyncio.Future):
+            # The usual case: a callback on the trail's future, not a task per labelled
+            # statement (a task costs its creation and two steps on the loop).
+            waiting.add_done_callback(self._durable_done)
+        else:
+            self._spawn(self._await_durable_slowly(waiting))
+
+    def _durable_done(self, fut: asyncio.Future[Any]) -> None:
+        runtime = self.proxy.runtime
+        assert runtime is not None
+        ok = runtime.durable_ok(fut)
+        if not self._closed:
+            self.run(self.session.durable_result(ok))
+
+    async def _await_durable_slowly(self, waiting: Awaitable[Any] | None) -> None:
+        """No future to hang a callback on: no audit trail, or a full queue to wait for."""
+        runtime = self.proxy.runtime
+        assert runtime is not None
+        ok = await runtime.wait_durable(waiting)
         if not self._closed:
             self.run(self.session.durable_result(ok))
 

@@ -176,7 +176,8 @@ class Tracker:
         # statements wait, so they are judged on totals that include it (across processes).
         self.pending_counts = 0
         self._fresh = False
-        self.server_pending = b""
+        self.server_pending = b""  # server bytes that arrived while a CommandComplete is held
+        self.client_pending = b""  # bytes for the client held with that CommandComplete
 
     @property
     def busy(self) -> bool:
@@ -536,9 +537,14 @@ class Tracker:
                             cmd.AwaitDurable(c) if isinstance(c, cmd.StatementDone) else c
                             for c in done
                         ]
+                        # What came before it in this chunk (the rows, for a small result)
+                        # waits too and leaves with the CommandComplete in one write: the
+                        # client can do nothing with a result until it is complete, and a
+                        # write now would only wake it to read half a result (and cost a
+                        # system call and a context switch per labelled statement).
                         parts.append(raw[fwd:head])
-                        data_out = b"".join(parts)
-                        return [cmd.SendToClient(data_out), *out] if data_out else out
+                        self.client_pending += b"".join(parts)
+                        return out
                     out += done
                 if entry.kind == EXECUTE:
                     fifo.popleft()
@@ -577,6 +583,9 @@ class Tracker:
                     fwd = end
         parts.append(raw[fwd:])
         data_out = b"".join(parts)
+        if self.client_pending:
+            data_out = self.client_pending + data_out
+            self.client_pending = b""
         return [cmd.SendToClient(data_out), *out] if data_out else out
 
     def _labelled(self, running: Running) -> bool:
@@ -593,7 +602,10 @@ class Tracker:
         if not ok:
             running.durable_done = None
         pending, self.server_pending = self.server_pending, b""
-        return self.server_data(pending) if pending else []
+        if pending:
+            return self.server_data(pending)
+        held, self.client_pending = self.client_pending, b""
+        return [cmd.SendToClient(held)] if held else []
 
     def _refuse_unaudited(self, running: Running, out: list[cmd.Command]) -> bytes:
         message = "pgwarden: this read of labelled data cannot be recorded in the audit trail, so it is refused"
