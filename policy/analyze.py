@@ -713,13 +713,20 @@ def _after_keyword(text: str, keyword: str) -> str | None:
 #
 # The blanked key keeps everything but the contents of '...' literals and numbers verbatim,
 # double-quoted identifiers included.
-
+#
+# Written so that every alternative starts with a character (a quote or a digit): the regex
+# engine then skips to the next such character instead of trying each position, and a quoted
+# run is consumed a stretch at a time rather than a character at a time (twice as fast on
+# the support workload's texts; the same matches: the digit's look-behind checks the
+# character before the number, as ``(?<![\w$"])\d+`` did).
 _SHAPE_TOKEN = re.compile(
-    r"""'(?:[^']|'')*'|"(?:[^"]|"")*"|(?<![\w$"])\d+(?:\.\d+)?(?:[eE][+-]?\d+)?"""
+    r"""'[^']*(?:''[^']*)*'|"[^"]*(?:""[^"]*)*"|\d(?<![\w$"]\d)\d*(?:\.\d+)?(?:[eE][+-]?\d+)?"""
 )
 # The same without quoted identifiers, for the common text that has none: a plain
 # replacement, with no Python callback per literal.
-_SHAPE_LITERAL = re.compile(r"""'(?:[^']|'')*'|(?<![\w$"])\d+(?:\.\d+)?(?:[eE][+-]?\d+)?""")
+_SHAPE_LITERAL = re.compile(
+    r"""'[^']*(?:''[^']*)*'|\d(?<![\w$"]\d)\d*(?:\.\d+)?(?:[eE][+-]?\d+)?"""
+)
 # The text before a final /* ... */ (no '*' inside it) and an optional ';' after it.
 _TRAILING_COMMENT = re.compile(r"(?s)^(.*?)\s*/\*[^*]*\*/\s*(;?)\s*$")
 _SHAPE_UNSAFE = re.compile(r"/\*|--|\$|\\|;.*\S", re.DOTALL)
