@@ -18,6 +18,7 @@ masking, canaries.  Rules in monitor mode are evaluated the same way but only re
 from __future__ import annotations
 
 import fnmatch
+import functools
 import ipaddress
 import re
 import time
@@ -121,6 +122,15 @@ class KnowCheck:
     mask_style: str | None = None  # set: the row passes with its labelled values masked
 
 
+@functools.lru_cache(maxsize=64)
+def _canary_search(
+    values: tuple[bytes, ...],
+) -> Callable[[bytes, int, int], re.Match[bytes] | None]:
+    """One search for all canary values (built once per set of values: a plan is made for
+    every statement of a subject with windows)."""
+    return re.compile(b"|".join(re.escape(v) for v in values)).search
+
+
 @dataclass(frozen=True, slots=True)
 class ResultPlan:
     """How the session watches one statement's result."""
@@ -148,8 +158,7 @@ class ResultPlan:
             bool(self.limits or self.mask or any(not k.withhold for k in self.need_to_know)),
         )
         if self.canary_values and self.canary_search is None:
-            pattern = re.compile(b"|".join(re.escape(v) for v in self.canary_values))
-            object.__setattr__(self, "canary_search", pattern.search)
+            object.__setattr__(self, "canary_search", _canary_search(self.canary_values))
 
     @property
     def needs_rows(self) -> bool:
@@ -221,6 +230,8 @@ class Engine:
         self._subject_cache: dict[tuple[Subject, int], frozenset[str]] = {}
         self._verdicts: dict[tuple[int, int], tuple[QueryFacts, Subject, int, Verdict]] = {}
         self._uses_counters = False
+        # The rules of each set of subject names (an engine holds one policy).
+        self._rules_for: dict[frozenset[str], list[Rule]] = {}
 
     # --- subjects ------------------------------------------------------------------------
 
@@ -249,7 +260,14 @@ class Engine:
         return frozenset(sources)
 
     def rules_for(self, names: frozenset[str]) -> list[Rule]:
-        return [r for r in self.policy.rules if "*" in r.subjects or names.intersection(r.subjects)]
+        rules = self._rules_for.get(names)
+        if rules is None:
+            if len(self._rules_for) > 1024:
+                self._rules_for.clear()
+            rules = self._rules_for[names] = [
+                r for r in self.policy.rules if "*" in r.subjects or names.intersection(r.subjects)
+            ]
+        return list(rules)
 
     def _monitored(self, rule: Rule) -> bool:
         return (rule.mode or self.policy.mode) is Mode.MONITOR
