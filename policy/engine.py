@@ -232,6 +232,7 @@ class Engine:
         self._uses_counters = False
         # The rules of each set of subject names (an engine holds one policy).
         self._rules_for: dict[frozenset[str], list[Rule]] = {}
+        self._statics: dict[tuple[int, frozenset[str]], tuple[QueryFacts, _Static]] = {}
 
     # --- subjects ------------------------------------------------------------------------
 
@@ -302,9 +303,6 @@ class Engine:
 
     def _decide(self, s: Subject, facts: QueryFacts, t: float) -> Verdict:
         names = self.subjects_of(s, t)
-        rules = self.rules_for(names)
-        findings: list[Finding] = []
-
         until = self.counters.cached_quarantine(s.key)
         if until is not None:
             self._uses_counters = True  # the answer changes when the quarantine ends
@@ -315,48 +313,12 @@ class Engine:
                 Action.QUARANTINE, hint=f"the quarantine ends in {left} s; ask a security admin",
             )  # fmt: skip
 
-        if not rules:
-            return (
-                Verdict(Action.ALLOW, plan=self._plan(facts, [], s, t)) if facts.output else ALLOW
-            )
-
-        if facts.unanalysable and self.policy.fail_closed and self.has_limits(rules):
-            deny_rule = next((r for r in rules if r.deny and Check.UNANALYSABLE in r.deny), None)
-            reason = f"the statement cannot be analysed ({facts.unanalysable})"
-            if deny_rule is not None and self._monitored(deny_rule):
-                findings.append(Finding(deny_rule.id, Action.BLOCK, reason, monitored=True))
-            else:
-                return refusal(
-                    deny_rule.id if deny_rule else "fail-closed", reason,
-                    hint="statements pgwarden cannot follow are refused for subjects with limits",
-                )  # fmt: skip
-
-        for rule in rules:
-            if rule.deny is None:
-                continue
-            denied = self._deny_reason(rule, facts)
-            if denied is None:
-                continue
-            reason = denied
-            if self._monitored(rule):
-                findings.append(Finding(rule.id, rule.action, reason, monitored=True))
-            elif rule.action in (Action.ALLOW, Action.ALERT):
-                findings.append(Finding(rule.id, rule.action, reason))
-            else:
-                return refusal(
-                    rule.id,
-                    reason,
-                    rule.action,
-                    findings=(*findings, Finding(rule.id, rule.action, reason)),
-                )
-
-        labels = facts.output_labels
-        for rule in rules:
-            if rule.kind != "window" or not labels:
-                continue
-            covered = frozenset(lb for lb in labels if rule.covers_label(lb))
-            if not covered:
-                continue
+        st = self._static_part(facts, names)
+        if st.verdict is not None:
+            return st.verdict
+        findings = list(st.findings)
+        used_by_rule: dict[str, int] = {}
+        for rule, covered in st.windows:
             if not self.counters.available:
                 self._uses_counters = True
                 reason = "the window counters are unavailable, so reads of labelled data cannot be counted"
@@ -368,7 +330,7 @@ class Engine:
                     hint="the shared counter store (Redis) is unreachable; try again when it is back",
                     findings=(*findings, Finding(rule.id, Action.BLOCK, reason)),
                 )  # fmt: skip
-            used = self._window_used(s, rule, covered)
+            used = used_by_rule[rule.id] = self._window_used(s, rule, covered)
             cap = rule.max_records if rule.max_records is not None else rule.max_rows
             assert cap is not None and rule.window is not None
             if used >= cap:
@@ -383,39 +345,99 @@ class Engine:
                         findings=(*findings, Finding(rule.id, rule.action, reason)),
                     )  # fmt: skip
 
-        plan = self._plan(facts, rules, s, t)
-        if facts.copy_direction == "to" and facts.copy_target == "stdout":
-            unmasked = self._copy_unmasked(facts, rules, plan)
-            if unmasked is not None:
-                rule_id, reason = unmasked
-                return refusal(
-                    rule_id, reason, Action.BLOCK,
-                    hint="read these columns with SELECT, where pgwarden applies the rule",
-                    findings=(*findings, Finding(rule_id, Action.BLOCK, reason)),
-                )  # fmt: skip
+        plan = self._fill_plan(st, s, used_by_rule)
+        if st.copy_unmasked is not None:
+            rule_id, reason = st.copy_unmasked
+            return refusal(
+                rule_id, reason, Action.BLOCK,
+                hint="read these columns with SELECT, where pgwarden applies the rule",
+                findings=(*findings, Finding(rule_id, Action.BLOCK, reason)),
+            )  # fmt: skip
         return Verdict(Action.ALLOW, findings=tuple(findings), plan=plan)
 
     def _copy_unmasked(
-        self, facts: QueryFacts, rules: list[Rule], plan: ResultPlan
+        self, rules: list[Rule], mask: dict[str, str], need_to_know: tuple[KnowCheck, ...]
     ) -> tuple[str, str] | None:
         """A COPY's output goes out as COPY data, which pgwarden does not rewrite: for a
         subject whose rules mask columns of it, or check its rows against a need-to-know
         lookup, the COPY would hand them over unmasked and unchecked.  (rule id, reason)."""
-        if plan.mask:
+        if mask:
             rule = next(
                 r for r in rules
                 if r.kind == "mask" and not self._monitored(r)
-                and any(r.covers_label(lb) for lb in plan.mask)
+                and any(r.covers_label(lb) for lb in mask)
             )  # fmt: skip
-            labels = ", ".join(sorted(plan.mask))
+            labels = ", ".join(sorted(mask))
             return rule.id, f"COPY ... TO would return {labels} unmasked"
-        know = next((k for k in plan.need_to_know if not k.monitored), None)
+        know = next((k for k in need_to_know if not k.monitored), None)
         if know is not None:
             return know.rule_id, (
                 f"COPY ... TO of {know.table} rows cannot be checked against the "
                 "need-to-know lookup"
             )
         return None
+
+    def _static_part(self, facts: QueryFacts, names: frozenset[str]) -> _Static:
+        """Everything of a verdict that the window counters cannot change, kept per
+        (statement facts, subject names): for a subject with windows a verdict is made on
+        every statement, but its rules, statement checks and plan outline are the same."""
+        key = (id(facts), names)
+        hit = self._statics.get(key)
+        if hit is not None and hit[0] is facts:
+            return hit[1]
+        st = self._make_static(facts, self.rules_for(names))
+        if len(self._statics) > 50_000:
+            self._statics.clear()
+        self._statics[key] = (facts, st)
+        return st
+
+    def _make_static(self, facts: QueryFacts, rules: list[Rule]) -> _Static:
+        findings: list[Finding] = []
+        if not rules:
+            verdict = (
+                Verdict(Action.ALLOW, plan=self._fill_plan(self._outline(facts, []), None, {}))
+                if facts.output
+                else ALLOW
+            )
+            return _Static(verdict)
+
+        if facts.unanalysable and self.policy.fail_closed and self.has_limits(rules):
+            deny_rule = next((r for r in rules if r.deny and Check.UNANALYSABLE in r.deny), None)
+            reason = f"the statement cannot be analysed ({facts.unanalysable})"
+            if deny_rule is not None and self._monitored(deny_rule):
+                findings.append(Finding(deny_rule.id, Action.BLOCK, reason, monitored=True))
+            else:
+                return _Static(refusal(
+                    deny_rule.id if deny_rule else "fail-closed", reason,
+                    hint="statements pgwarden cannot follow are refused for subjects with limits",
+                ))  # fmt: skip
+
+        for rule in rules:
+            if rule.deny is None:
+                continue
+            denied = self._deny_reason(rule, facts)
+            if denied is None:
+                continue
+            reason = denied
+            if self._monitored(rule):
+                findings.append(Finding(rule.id, rule.action, reason, monitored=True))
+            elif rule.action in (Action.ALLOW, Action.ALERT):
+                findings.append(Finding(rule.id, rule.action, reason))
+            else:
+                return _Static(
+                    refusal(
+                        rule.id,
+                        reason,
+                        rule.action,
+                        findings=(*findings, Finding(rule.id, rule.action, reason)),
+                    )
+                )
+
+        st = self._outline(facts, rules)
+        st.findings = tuple(findings)
+        if facts.copy_direction == "to" and facts.copy_target == "stdout":
+            st.copy_unmasked = self._copy_unmasked(rules, st.mask, st.need_to_know)
+        return st
 
     def _deny_reason(self, rule: Rule, f: QueryFacts) -> str | None:
         assert rule.deny is not None
@@ -473,9 +495,12 @@ class Engine:
                 used = max(used, totals[1] if rule.max_records is not None else totals[0])
         return used
 
-    def _plan(self, facts: QueryFacts, rules: list[Rule], s: Subject, now: float) -> ResultPlan:
+    def _outline(self, facts: QueryFacts, rules: list[Rule]) -> _Static:
+        """The plan of a statement's result with the limits of windows left open (what is
+        left of a window depends on the counters at the time)."""
         labels = facts.output_labels
-        limits: list[RowLimit] = []
+        slots: list[RowLimit | tuple[Rule, frozenset[str]]] = []
+        windows: list[tuple[Rule, frozenset[str]]] = []
         mask: dict[str, str] = {}
         canary_values: list[bytes] = []
         canary_keys: dict[str, set[str]] = {}
@@ -487,7 +512,7 @@ class Engine:
             if kind == "statement_limit":
                 covered = frozenset(lb for lb in labels if rule.covers_label(lb))
                 if covered or (not facts.output and rule.labels == ["*"]):
-                    limits.append(RowLimit(
+                    slots.append(RowLimit(
                         rule.id, rule.max_rows, rule.max_bytes, covered,
                         f"more than {rule.max_rows} rows of {', '.join(sorted(covered)) or 'labelled data'} in one statement"
                         if rule.max_rows is not None else
@@ -498,15 +523,8 @@ class Engine:
                 window_rules.append(rule)
                 covered = frozenset(lb for lb in labels if rule.covers_label(lb))
                 if covered:
-                    cap = rule.max_records if rule.max_records is not None else rule.max_rows
-                    assert cap is not None and rule.window is not None
-                    left = max(0, cap - self._window_used(s, rule, covered))
-                    what = "records" if rule.max_records is not None else "rows"
-                    limits.append(RowLimit(
-                        rule.id, left, None, covered,
-                        f"more than {cap} {what} of {', '.join(sorted(covered))} in {_human(rule.window)}",
-                        rule.action, self._monitored(rule), rule.window,
-                    ))  # fmt: skip
+                    slots.append((rule, covered))
+                    windows.append((rule, covered))
             elif kind == "mask" and not self._monitored(rule):
                 assert rule.mask is not None
                 for lb in labels:
@@ -530,9 +548,11 @@ class Engine:
                 canary_rules.append(
                     Finding(rule.id, rule.action, "a canary record was read", self._monitored(rule))
                 )
-        return ResultPlan(
+        return _Static(
+            None,
             labels=labels,
-            limits=tuple(limits),
+            windows=tuple(windows),
+            slots=tuple(slots),
             mask=mask,
             canary_values=tuple(canary_values),
             canary_keys={k: frozenset(v) for k, v in canary_keys.items()},
@@ -540,6 +560,58 @@ class Engine:
             window_rules=tuple(window_rules),
             need_to_know=tuple(know),
         )
+
+    def _fill_plan(self, st: _Static, s: Subject | None, used: dict[str, int]) -> ResultPlan:
+        """The plan of an outline, with what is left of each window now."""
+        limits: list[RowLimit] = []
+        for slot in st.slots:
+            if isinstance(slot, RowLimit):
+                limits.append(slot)
+                continue
+            rule, covered = slot
+            cap = rule.max_records if rule.max_records is not None else rule.max_rows
+            assert cap is not None and rule.window is not None and s is not None
+            spent = used.get(rule.id)
+            if spent is None:
+                spent = self._window_used(s, rule, covered)
+            what = "records" if rule.max_records is not None else "rows"
+            limits.append(RowLimit(
+                rule.id, max(0, cap - spent), None, covered,
+                f"more than {cap} {what} of {', '.join(sorted(covered))} in {_human(rule.window)}",
+                rule.action, self._monitored(rule), rule.window,
+            ))  # fmt: skip
+        return ResultPlan(
+            labels=st.labels,
+            limits=tuple(limits),
+            mask=st.mask,
+            canary_values=st.canary_values,
+            canary_keys=st.canary_keys,
+            canary_rules=st.canary_rules,
+            window_rules=st.window_rules,
+            need_to_know=st.need_to_know,
+        )
+
+
+@dataclass(slots=True)
+class _Static:
+    """The part of a verdict the window counters cannot change (see ``Engine._static_part``):
+    a final verdict, or findings and a plan outline whose window limits are filled in per
+    statement."""
+
+    verdict: Verdict | None
+    findings: tuple[Finding, ...] = ()
+    labels: frozenset[str] = frozenset()
+    windows: tuple[tuple[Rule, frozenset[str]], ...] = ()  # window rules covering the output
+    slots: tuple[RowLimit | tuple[Rule, frozenset[str]], ...] = ()  # limits, in rule order
+    mask: dict[str, str] = field(default_factory=dict)
+    canary_values: tuple[bytes, ...] = ()
+    canary_keys: dict[str, frozenset[str]] = field(default_factory=dict)
+    canary_rules: tuple[Finding, ...] = ()
+    window_rules: tuple[Rule, ...] = ()
+    need_to_know: tuple[KnowCheck, ...] = ()
+    # A COPY ... TO STDOUT that would hand over masked or need-to-know rows unchecked:
+    # (rule id, reason) of its refusal, made after the window checks.
+    copy_unmasked: tuple[str, str] | None = None
 
 
 def window_rule_key(rule_id: str) -> str:
