@@ -353,6 +353,11 @@ class Engine:
                 hint="read these columns with SELECT, where pgwarden applies the rule",
                 findings=(*findings, Finding(rule_id, Action.BLOCK, reason)),
             )  # fmt: skip
+        if not findings and not st.findings:
+            # Same plan as last time (nothing new counted in between): the same verdict.
+            if st.allowed is None or st.allowed.plan is not plan:
+                st.allowed = Verdict(Action.ALLOW, plan=plan)
+            return st.allowed
         return Verdict(Action.ALLOW, findings=tuple(findings), plan=plan)
 
     def _copy_unmasked(
@@ -562,25 +567,37 @@ class Engine:
         )
 
     def _fill_plan(self, st: _Static, s: Subject | None, used: dict[str, int]) -> ResultPlan:
-        """The plan of an outline, with what is left of each window now."""
+        """The plan of an outline, with what is left of each window now (the plan made last
+        time, when that is the same)."""
+        spent_by_slot: list[int] = []
+        for slot in st.slots:
+            if not isinstance(slot, RowLimit):
+                rule, covered = slot
+                spent = used.get(rule.id)
+                if spent is None:
+                    assert s is not None
+                    spent = self._window_used(s, rule, covered)
+                spent_by_slot.append(spent)
+        key = tuple(spent_by_slot)
+        if st.filled is not None and st.filled[0] == key:
+            return st.filled[1]
         limits: list[RowLimit] = []
+        spent_of = iter(spent_by_slot)
         for slot in st.slots:
             if isinstance(slot, RowLimit):
                 limits.append(slot)
                 continue
             rule, covered = slot
             cap = rule.max_records if rule.max_records is not None else rule.max_rows
-            assert cap is not None and rule.window is not None and s is not None
-            spent = used.get(rule.id)
-            if spent is None:
-                spent = self._window_used(s, rule, covered)
+            assert cap is not None and rule.window is not None
+            spent = next(spent_of)
             what = "records" if rule.max_records is not None else "rows"
             limits.append(RowLimit(
                 rule.id, max(0, cap - spent), None, covered,
                 f"more than {cap} {what} of {', '.join(sorted(covered))} in {_human(rule.window)}",
                 rule.action, self._monitored(rule), rule.window,
             ))  # fmt: skip
-        return ResultPlan(
+        plan = ResultPlan(
             labels=st.labels,
             limits=tuple(limits),
             mask=st.mask,
@@ -590,6 +607,8 @@ class Engine:
             window_rules=st.window_rules,
             need_to_know=st.need_to_know,
         )
+        st.filled = (key, plan)
+        return plan
 
 
 @dataclass(slots=True)
@@ -612,6 +631,10 @@ class _Static:
     # A COPY ... TO STDOUT that would hand over masked or need-to-know rows unchecked:
     # (rule id, reason) of its refusal, made after the window checks.
     copy_unmasked: tuple[str, str] | None = None
+    # The last plan made from this outline, by what had been spent of each window, and the
+    # last verdict allowing with it (windows rarely move between two statements).
+    filled: tuple[tuple[int, ...], ResultPlan] | None = None
+    allowed: Verdict | None = None
 
 
 def window_rule_key(rule_id: str) -> str:

@@ -13,6 +13,7 @@ validation error's location (``rules -> 2 -> max_rows``) can be mapped back to a
 from __future__ import annotations
 
 import fnmatch
+import functools
 import ipaddress
 import re
 from datetime import time as dtime
@@ -249,7 +250,14 @@ class Rule(_Strict):
         return "window" if self.window is not None else "statement_limit"
 
     def covers_label(self, label: str) -> bool:
-        return any(fnmatch.fnmatchcase(label, pattern) for pattern in self.labels)
+        return _covers(tuple(self.labels), label)
+
+
+@functools.lru_cache(maxsize=4096)
+def _covers(patterns: tuple[str, ...], label: str) -> bool:
+    """Whether ``label`` matches one of a rule's label patterns (asked for every label of
+    every statement of a subject with windows; a policy has few patterns and labels)."""
+    return any(fnmatch.fnmatchcase(label, pattern) for pattern in patterns)
 
 
 class Quarantine(_Strict):

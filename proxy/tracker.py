@@ -1100,13 +1100,14 @@ class Tracker:
             if not records:
                 # No primary key in the result: count each row as its own record (fail closed).
                 records = {f"row:{id(running):x}:{i}" for i in range(rows)}
+            seen = frozenset(records)
             for label in plan.labels:
                 windows = tuple(
                     r.window for r in plan.window_rules if r.window and r.covers_label(label)
                 )
                 if windows:
                     self.pending_counts += 1
-                    out.append(cmd.RecordUsage(who, label, rows, frozenset(records), windows))
+                    out.append(cmd.RecordUsage(who, label, rows, seen, windows))
             # Per rule as well: a rule over several labels limits distinct records carrying
             # any of them, or 200 emails, then 200 other customers' phones, then 200 more
             # names would each pass a per-label count.
@@ -1115,8 +1116,7 @@ class Tracker:
                     self.pending_counts += 1
                     out.append(
                         cmd.RecordUsage(
-                            who, window_rule_key(r.id), rows,
-                            frozenset(records), (r.window,),
+                            who, window_rule_key(r.id), rows, seen, (r.window,),
                         )
                     )  # fmt: skip
         if not (self.ledger or (decision is not None and decision.facts.is_ddl)):

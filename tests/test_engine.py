@@ -126,6 +126,31 @@ def test_a_used_up_window_refuses_before_execution_and_the_remainder_caps_the_ne
     )
 
 
+def test_what_is_left_of_a_window_follows_the_counters_from_statement_to_statement() -> None:
+    # One analyser: the same statement comes back as the same facts, as in a session that
+    # repeats it, so only the counters change between the verdicts.
+    store = MemoryWindowStore()
+    engine = Engine(load_policy_text(POLICY_TEXT), _Counters(store))
+    analyzer = Analyzer(SNAPSHOT, engine.policy.label_rules())
+    (facts,) = analyzer.analyze("SELECT email FROM customers WHERE customer_id = 7", ("public",))
+    now = time.time()
+
+    def read(n: int, prefix: str) -> None:
+        keys = [f"{prefix}{i}" for i in range(n)]
+        asyncio.run(store.record(AGENT.key, "rule:agent-hourly-records", n, keys, [3600.0], now))
+
+    read(150, "a")
+    assert limits(engine.decide(AGENT, facts, now))["agent-hourly-records"] == 50
+    assert limits(engine.decide(AGENT, facts, now))["agent-hourly-records"] == 50
+    read(10, "b")
+    assert limits(engine.decide(AGENT, facts, now))["agent-hourly-records"] == 40
+    read(10, "b")  # the same customers again: distinct records do not grow
+    assert limits(engine.decide(AGENT, facts, now))["agent-hourly-records"] == 40
+    read(40, "c")
+    v = engine.decide(AGENT, facts, now)
+    assert (v.action, v.rule_id) == (Action.BLOCK, "agent-hourly-records")
+
+
 def test_quarantine_refuses_everything_until_it_ends() -> None:
     counters = _Counters(MemoryWindowStore())
     engine = Engine(load_policy_text(POLICY_TEXT), counters)
