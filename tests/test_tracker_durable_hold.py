@@ -5,27 +5,17 @@ an error in place of the CommandComplete)."""
 
 from __future__ import annotations
 
-import asyncio
-
-import asyncpg
-
 from loadtests.cluster import Cluster
-from policy.model import Policy
 from proxy import commands as cmd
 from proxy.messages import (
     CommandComplete,
     DataRow,
     ErrorResponse,
-    Field,
     Query,
     ReadyForQuery,
-    RowDescription,
 )
-from proxy.metrics import Stats
-from proxy.policyrt import PolicyRuntime
-from proxy.session import Subject
 from proxy.tracker import Tracker
-from tests.support_data import DB
+from tests.trackerutil import audited_tracker, customers_head
 
 SQL = "SELECT customer_id, full_name, email FROM customers"
 
@@ -47,34 +37,9 @@ def _split(commands: list[cmd.Command]) -> tuple[bytes, list[cmd.Command]]:
 def _held(pg: Cluster, sql: str = SQL) -> tuple[Tracker, bytes]:
     """A tracker of a session whose labelled results wait for the audit trail, after the
     client sent ``sql``; and the RowDescription of ``SQL``'s result."""
-
-    async def setup() -> tuple[Tracker, int]:
-        conn = await asyncpg.connect(pg.url(database=DB))
-        oid = await conn.fetchval("SELECT 'customers'::regclass::oid")
-        await conn.close()
-        stats = Stats()
-        rt = PolicyRuntime(
-            Policy.model_validate({}), None, (pg.host, pg.port), stats, catalog_user="postgres"
-        )
-        await rt.ensure_catalog(DB)
-        rt.trail = object()  # as with an audit trail: every session is followed
-        guard = rt.make_guard(Subject(user="postgres", database=DB))
-        for catalog in rt.catalogs.values():
-            await catalog.close()  # what it loaded stays; its connection is not needed here
-        tracker = Tracker(guard, stats, 1 << 20)
-        tracker.ledger = tracker.durable = True
-        return tracker, oid
-
-    tracker, oid = asyncio.run(setup())
+    tracker, oid = audited_tracker(pg, durable=True)
     tracker.client_data(Query(sql).encode())
-    head = RowDescription(
-        (
-            Field("customer_id", oid, 1, 20, 8, -1, 0),
-            Field("full_name", oid, 2, 25, -1, -1, 0),
-            Field("email", oid, 3, 25, -1, -1, 0),
-        )
-    ).encode()
-    return tracker, head
+    return tracker, customers_head(oid)
 
 
 def test_rows_wait_with_their_command_complete_until_the_event_is_durable(

@@ -5,15 +5,12 @@ for COPY ... TO STDOUT in text and CSV format too, where a planted canary is als
 
 from __future__ import annotations
 
-import asyncio
 import random
 import struct
 
-import asyncpg
 import pytest
 
 from loadtests.cluster import Cluster
-from policy.model import Policy
 from proxy import commands as cmd
 from proxy.messages import (
     CommandComplete,
@@ -21,17 +18,12 @@ from proxy.messages import (
     CopyDone,
     CopyOutResponse,
     DataRow,
-    Field,
     ProtocolError,
     Query,
     ReadyForQuery,
-    RowDescription,
 )
-from proxy.metrics import Stats
-from proxy.policyrt import PolicyRuntime
-from proxy.session import Subject
 from proxy.tracker import Tracker
-from tests.support_data import DB
+from tests.trackerutil import audited_tracker, customers_head
 
 SQL = "SELECT customer_id, full_name, email FROM customers"
 
@@ -39,35 +31,8 @@ SQL = "SELECT customer_id, full_name, email FROM customers"
 def _tracker(
     pg: Cluster, policy: dict[str, object] | None = None, order: list[int] | None = None
 ) -> tuple[Tracker, bytes]:
-    async def setup() -> tuple[Tracker, int]:
-        conn = await asyncpg.connect(pg.url(database=DB))
-        oid = await conn.fetchval("SELECT 'customers'::regclass::oid")
-        await conn.close()
-        stats = Stats()
-        rt = PolicyRuntime(
-            Policy.model_validate(policy or {}),
-            None,
-            (pg.host, pg.port),
-            stats,
-            catalog_user="postgres",
-        )
-        await rt.ensure_catalog(DB)
-        rt.trail = object()  # as with an audit trail: every session is followed
-        tracker = Tracker(rt.make_guard(Subject(user="postgres", database=DB)), stats, 1 << 20)
-        rt.trail = None
-        await rt.close()  # the catalog is loaded: no connection left behind
-        tracker.ledger = True
-        tracker.durable = False
-        return tracker, oid
-
-    tracker, oid = asyncio.run(setup())
-    fields = (
-        Field("customer_id", oid, 1, 20, 8, -1, 0),
-        Field("full_name", oid, 2, 25, -1, -1, 0),
-        Field("email", oid, 3, 25, -1, -1, 0),
-    )
-    head = RowDescription(tuple(fields[c] for c in order or (0, 1, 2))).encode()
-    return tracker, head
+    tracker, oid = audited_tracker(pg, policy)
+    return tracker, customers_head(oid, order or (0, 1, 2))
 
 
 def _run(
