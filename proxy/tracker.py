@@ -65,8 +65,7 @@ _FRONTEND = frozenset((_Q, _P, _B, _D, _E, _C, _S, _H, _F, _X, _d, _c, _f))
 
 SERVER_MESSAGE_LIMIT = 2**30 + 2**20
 _LENGTH = struct.Struct("!i")  # a message's length, after its type byte
-_ROW_HEAD = struct.Struct("!ihi")  # DataRow: length, column count, first value's length
-_ROW_FRAME = struct.Struct("!BI2xI")  # type, length, (column count), first value's size
+_ROW_FRAME = struct.Struct("!BI2xI")  # DataRow: type, length, (column count), first value's size
 _ROW_FRAME_COLS = struct.Struct("!BIHI")  # the same with the column count
 _U32 = struct.Struct("!I")
 _NULL_SIZE = 2**32 - 1  # a NULL value's size (-1) read unsigned
@@ -1189,15 +1188,17 @@ def _copy_rows(raw: bytes, pos: int, end: int, binary: bool = False) -> int:
 _BINARY_TRAILER = b"\xff\xff"
 
 
-def _lead_key_rows(raw: bytes, keys: list[bytes], limit: int, column: int = 0) -> tuple[int, int]:
-    """Append the value at ``column`` of each whole DataRow at the start of ``raw`` to
-    ``keys``; return where the rows end and how many there were.  Stops at any other
+def _lead_key_rows(
+    raw: bytes, keys: list[bytes], limit: int, column: int = 0, pos: int = 0,
+    end: int | None = None,
+) -> tuple[int, int]:  # fmt: skip
+    """Append the value at ``column`` of each whole DataRow from ``raw[pos]`` (up to ``end``)
+    to ``keys``; return where the rows end and how many there were.  Stops at any other
     message, an incomplete one, or a row that is not plainly well formed or has a NULL key
     (the general path then reads it, and reports what is wrong)."""
+    n = len(raw) if end is None else end
     if column:
-        return _lead_key_rows_at(raw, keys, limit, column)
-    pos = 0
-    n = len(raw)
+        return _lead_key_rows_at(raw, keys, limit, column, pos, n)
     last = n - 11  # the last offset where a row's header and first value's size fit
     had = len(keys)
     unpack = _ROW_FRAME.unpack_from
@@ -1216,11 +1217,11 @@ def _lead_key_rows(raw: bytes, keys: list[bytes], limit: int, column: int = 0) -
     return pos, len(keys) - had
 
 
-def _lead_key_rows_at(raw: bytes, keys: list[bytes], limit: int, column: int) -> tuple[int, int]:
+def _lead_key_rows_at(
+    raw: bytes, keys: list[bytes], limit: int, column: int, pos: int, n: int
+) -> tuple[int, int]:
     """:func:`_lead_key_rows` for a key that is not the first column: the values before it
     are skipped by their sizes."""
-    pos = 0
-    n = len(raw)
     last = n - 11
     had = len(keys)
     unpack = _ROW_FRAME_COLS.unpack_from
@@ -1249,27 +1250,21 @@ def _lead_key_rows_at(raw: bytes, keys: list[bytes], limit: int, column: int) ->
 
 
 def _collect_keys(raw: bytes, pos: int, end: int, column: int, keys: list[bytes]) -> None:
-    """Append the value at ``column`` of each DataRow in ``raw[pos:end]`` to ``keys``."""
-    if column == 0:
-        # The common case, a result that starts with its primary key: one unpack per row.
-        unpack = _ROW_HEAD.unpack_from
-        while pos < end:
-            if pos + 11 > end:
-                raise ProtocolError("malformed DataRow")
-            length, ncols, size = unpack(raw, pos + 1)
-            row_end = pos + 1 + length
-            if length < 10 or ncols < 1 or size < -1 or pos + 11 + size > row_end:
-                raise ProtocolError("malformed DataRow")
-            if size >= 0:
-                keys.append(raw[pos + 11 : pos + 11 + size])
-            pos = row_end
-        return
+    """Append the value at ``column`` of each DataRow in ``raw[pos:end]`` (a run whose frames
+    ``feed_runs`` checked) to ``keys``: the lead walker's loop, and at a row it will not take,
+    the general reader, which skips a NULL key and refuses a malformed row."""
     while pos < end:
+        pos, _rows = _lead_key_rows(raw, keys, SERVER_MESSAGE_LIMIT, column, pos, end)
+        if pos >= end:
+            return
         (length,) = _LENGTH.unpack_from(raw, pos + 1)
-        key = row_values(raw, pos + 5, pos + 1 + length, column)[column]
-        if key is not None:
+        row_end = pos + 1 + length
+        values = row_values(raw, pos + 5, row_end, column)
+        if len(values) <= column:
+            raise ProtocolError("malformed DataRow: fewer columns than its result has")
+        if (key := values[column]) is not None:
             keys.append(key)
-        pos += 1 + length
+        pos = row_end
 
 
 def _binary_int(value: bytes) -> bytes:
