@@ -477,10 +477,11 @@ class Tracker:
                         continue
                     if t == _d and r.copy_bulk:
                         # COPY output read for keys with no limit to apply: the run's
-                        # rows as one block of text.
-                        block = _copy_payloads(raw, head, end)
+                        # rows as one block.
+                        payloads = _copy_payloads(raw, head, end)
+                        block = b"".join(payloads)
                         r.rows += (
-                            _copy_rows(raw, head, end, True) if r.copy_binary
+                            len(payloads) - payloads.count(_BINARY_TRAILER) if r.copy_binary
                             else block.count(b"\n")
                         )  # fmt: skip
                         r.nbytes += end - start - 5 * (n - 1)
@@ -1160,14 +1161,14 @@ def _without_context(err: ErrorResponse) -> bytes:
     return ErrorResponse(tuple((k, v) for k, v in err.fields if k not in "WFLRqP")).encode()
 
 
-def _copy_payloads(raw: bytes, pos: int, end: int) -> bytes:
-    """The data of a run of CopyData messages, joined."""
+def _copy_payloads(raw: bytes, pos: int, end: int) -> list[bytes]:
+    """The data of each message of a run of CopyData messages."""
     parts = []
     while pos < end:
         (length,) = _LENGTH.unpack_from(raw, pos + 1)
         parts.append(raw[pos + 5 : pos + 1 + length])
         pos += 1 + length
-    return b"".join(parts)
+    return parts
 
 
 def _copy_rows(raw: bytes, pos: int, end: int, binary: bool = False) -> int:
