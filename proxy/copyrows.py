@@ -57,7 +57,7 @@ class CopyRowReader:
 
     def rows(self, data: bytes) -> Iterator[list[bytes | None]]:
         """The complete rows in ``data`` (after any carried-over part of a row)."""
-        data = self._complete(data)
+        data, self._carry = self._split(data)
         if not data:
             return
         lines = self._csv_rows(data) if self._csv else self._text_rows(data)
@@ -73,9 +73,7 @@ class CopyRowReader:
         or a row with fewer fields.  Then nothing was consumed: use :meth:`rows`."""
         if self._csv or self._header:
             return None
-        whole = self._carry + data if self._carry else data
-        cut = whole.rfind(b"\n") + 1
-        block = whole[:cut]
+        block, rest = self._split(data)
         if b"\\" in block:
             return None
         pattern = self._columns.get(i)
@@ -84,22 +82,18 @@ class CopyRowReader:
             pattern = re.compile(rb"^(?:[^%s\n]*%s){%d}([^%s\n]*)" % (d, d, i, d), re.M)
             self._columns[i] = pattern
         # Up to the last row's newline, not past it: ^ would match once more there.
-        keys: list[bytes] = pattern.findall(block, 0, cut - 1) if cut else []
+        keys: list[bytes] = pattern.findall(block, 0, len(block) - 1) if block else []
         if len(keys) != block.count(b"\n"):
             return None
-        self._carry = whole[cut:]
+        self._carry = rest
         return keys
 
-    def _complete(self, data: bytes) -> bytes:
-        """``data`` behind the carried-over start of a row, up to its last complete row
-        (the rest is carried over)."""
-        if self._carry:
-            data, self._carry = self._carry + data, b""
-        cut = data.rfind(b"\n") + 1
-        if cut < len(data):
-            self._carry = data[cut:]
-            data = data[:cut]
-        return data
+    def _split(self, data: bytes) -> tuple[bytes, bytes]:
+        """``data`` behind the carried-over start of a row: its complete rows, and the start
+        of the next one (to be carried over by whoever consumes the rows)."""
+        whole = self._carry + data if self._carry else data
+        cut = whole.rfind(b"\n") + 1
+        return whole[:cut], whole[cut:]
 
     def _text_rows(self, data: bytes) -> Iterator[list[bytes | None]]:
         delimiter = self._delimiter.encode()
