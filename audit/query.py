@@ -634,18 +634,15 @@ async def resolve_keys(
 
         def match(pks: list[str]) -> int:
             """Name the wanted digests among these keys' (hashed as one batch)."""
+            pairs = list(zip(pks, hasher.keys(table, pks), strict=True))
+            if legacy:
+                pairs += [(pk, hasher.legacy_key(table, pk)) for pk in pks]
             hit = 0
-            for pk, d in zip(pks, hasher.keys(table, pks), strict=True):
+            for pk, d in pairs:
                 r = want.get(d.hex())
                 if r is not None and "key" not in r:
                     r["key"] = pk
                     hit += 1
-            if legacy:
-                for pk in pks:
-                    r = want.get(hasher.legacy_key(table, pk).hex())
-                    if r is not None and "key" not in r:
-                        r["key"] = pk
-                        hit += 1
             return hit
 
         async with conn.transaction(readonly=True):
