@@ -851,16 +851,6 @@ class Tracker:
         ):
             running.copy_reader = reader_for(facts.copy_options, running.copy_binary)
             running.copy_bulk = not plan.limits
-            if isinstance(running.copy_reader, BinaryCopyRowReader) and running.capture:
-                # Binary COPY output says nothing of its types: the catalog's give the readers.
-                readers: dict[int, Callable[[bytes], bytes] | None] = {}
-                for k in facts.record_keys:
-                    for column, i in zip(k.columns, k.positions, strict=True):
-                        type_name = self.guard.column_type(k.relation, column) or ""
-                        if not type_name.startswith(_TEXT_TYPE_NAMES):
-                            readers[i] = _BINARY_KEY_READERS_BY_NAME.get(type_name)
-                running.key_readers = readers
-                self._unreadable_keys(running, out)
         if running.columns is None and (
             plan.mask or any(k.mask_style is not None for k in plan.need_to_know)
         ):
@@ -870,22 +860,30 @@ class Tracker:
         """Record keys are kept as text, as responders type them and as need-to-know and the
         windows compare them.  A key column the client asked for in binary format (asyncpg
         does for integers) gets a reader that turns it into its text."""
-        shape, formats = self._shape(running)
-        if not any(formats) and not (shape is not None and any(c[1] for c in shape.columns)):
-            return  # all text: the common case, decided without building column info
-        running.columns = running.columns or self._columns(running)
         readers: dict[int, Callable[[bytes], bytes] | None] = {}
-        for _table, positions in running.capture:
-            for i in positions:
-                col = running.columns[i] if i < len(running.columns) else None
-                if col is None or not col.binary or col.type_oid in _BINARY_AS_TEXT:
-                    continue
-                readers[i] = _BINARY_KEY_READERS.get(col.type_oid)
+        if running.copy_out:
+            if not running.copy_binary:
+                return
+            # Binary COPY output says nothing of its types: the catalog's give the readers.
+            assert running.decision is not None
+            for k in running.decision.facts.record_keys:
+                for column, i in zip(k.columns, k.positions, strict=True):
+                    type_name = self.guard.column_type(k.relation, column) or ""
+                    if not type_name.startswith(_TEXT_TYPE_NAMES):
+                        readers[i] = _BINARY_KEY_READERS_BY_NAME.get(type_name)
+        else:
+            shape, formats = self._shape(running)
+            if not any(formats) and not (shape is not None and any(c[1] for c in shape.columns)):
+                return  # all text: the common case, decided without building column info
+            running.columns = running.columns or self._columns(running)
+            for _table, positions in running.capture:
+                for i in positions:
+                    col = running.columns[i] if i < len(running.columns) else None
+                    if col is None or not col.binary or col.type_oid in _BINARY_AS_TEXT:
+                        continue
+                    readers[i] = _BINARY_KEY_READERS.get(col.type_oid)
         running.key_readers = readers
-        self._unreadable_keys(running, out)
-
-    def _unreadable_keys(self, running: Running, out: list[cmd.Command]) -> None:
-        if any(r is None for r in running.key_readers.values()):
+        if any(r is None for r in readers.values()):
             out.append(cmd.Log("ledger_key_unreadable", "warning", {
                 "reason": "a record key column comes in a binary format pgwarden cannot turn "
                           "into text; those keys are not in the ledger or the windows",
