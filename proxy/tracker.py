@@ -619,6 +619,11 @@ class Tracker:
             out += self._release()
         if head is not None and head.kind == EXECUTE:
             self.fifo.popleft()
+        elif head is not None and head.kind == QUERY:
+            # Its event was submitted when the CommandComplete was held (the trail stores it
+            # once the store is back): ReadyForQuery must not record the statement again.
+            head.running = None
+            head.index = len(head.statements or ())
         return ErrorResponse.make(
             "58030", message, hint="the audit store is unavailable; try again when it is back"
         ).encode()
