@@ -189,6 +189,10 @@ class Receipt:
 
 _Item = tuple[AuditEvent, "asyncio.Future[Receipt] | None"]
 _STOP: Any = object()
+# A failed sink write is retried after this, doubling up to _RETRY_MAX_S (sooner when new
+# events arrive for it).
+_RETRY_FIRST_S = 0.05
+_RETRY_MAX_S = 1.0
 
 # Above either bound a batch is sealed on the chainer thread rather than on the event loop
 # (about 4 us an event, 0.1 us a ledger key).  The chainer needs the GIL for nearly all of
@@ -813,26 +817,47 @@ class AuditTrail:
         )
 
     async def _run_sink(self, r: _SinkRunner) -> None:
+        """Write the sink's queue in order; keep what failed and retry it before anything
+        newer, so a store that comes back (a new SQLite writer, a reconnected PostgreSQL
+        backend, a lock released) ends up holding every event: the rows of a read that was
+        refused for want of a durable sink had already gone over the wire, so its event
+        belongs in the trail, and a batch simply skipped would read as deleted to verify."""
         q = r.queue
+        # [sealed batch, its ticket, whether this sink already reported on the ticket]
+        pending: deque[list[Any]] = deque()
+        delay = 0.0  # back-off before retrying a failed write when nothing new arrives
         stopping = False
-        while not stopping:
-            work = [await q.get()]
+        while True:
+            if not pending:
+                if stopping:
+                    return
+                arrived = [await q.get()]
+            elif stopping:
+                arrived = []
+            else:
+                try:
+                    arrived = [await asyncio.wait_for(q.get(), delay)]
+                except TimeoutError:
+                    arrived = []
             while True:
                 try:
-                    work.append(q.get_nowait())
+                    arrived.append(q.get_nowait())
                 except asyncio.QueueEmpty:
                     break
-            if any(w is _STOP for w in work):
+            if any(w is _STOP for w in arrived):
                 stopping = True
-                work = [w for w in work if w is not _STOP]
-            if not work:
+            pending.extend([w[0], w[1], False] for w in arrived if w is not _STOP)
+            self._bound_retries(r, pending)
+            if not pending:
                 continue
-            batch: list[Sealed] = []
-            for sealed, _t in work:
-                batch.extend(sealed)
+            batch: list[Sealed] = [s for p in pending for s in p[0]]
+            retrying = delay > 0
             error: str | None = None
             try:
-                await r.sink.write(batch)
+                if retrying:
+                    batch = await _not_yet_stored(r.sink, batch)
+                if batch:
+                    await r.sink.write(batch)
                 r.written += len(batch)
             except Exception as exc:  # any sink failure is reported, never fatal to the trail
                 r.failures += 1
@@ -847,5 +872,62 @@ class AuditTrail:
                         dedup_key=f"sink_failure\0{r.sink.name}",
                     )
                 )
-            for _s, ticket in work:
-                ticket.report(self, r.sink.durable, error)
+            if error is None:
+                if retrying:
+                    log.info("audit_sink_recovered", sink=r.sink.name, events=len(batch))
+                for _s, ticket, _reported in pending:
+                    ticket.report(self, r.sink.durable, None)
+                pending.clear()
+                delay = 0.0
+                continue
+            for p in pending:
+                if not p[2]:
+                    p[2] = True
+                    p[1].report(self, r.sink.durable, error)
+            if stopping:
+                n = sum(len(p[0]) for p in pending)
+                r.dropped += n
+                log.error("audit_sink_gave_up", sink=r.sink.name, events=n)
+                return
+            delay = min(max(delay * 2, _RETRY_FIRST_S), _RETRY_MAX_S)
+
+    def _bound_retries(self, r: _SinkRunner, pending: deque[list[Any]]) -> None:
+        """Failed batches kept for a retry are bounded like the queue: past ``queue_size``
+        failed events the oldest are given up on (alerted; verify on that store shows the
+        gap).  Their tickets already heard of the failure."""
+        n = sum(len(p[0]) for p in pending if p[2])
+        lost = 0
+        while n > self.config.queue_size and pending[0][2]:
+            sealed = pending.popleft()[0]
+            n -= len(sealed)
+            lost += len(sealed)
+        if lost:
+            r.dropped += lost
+            msg = (
+                f"audit sink {r.sink.name} has been failing with more than "
+                f"{self.config.queue_size} events waiting for it; {lost} events were not "
+                "written to it"
+            )
+            log.error("audit_sink_retries_dropped", sink=r.sink.name, dropped=lost)
+            self.alerter.send(
+                Alert(
+                    "sink_failure",
+                    msg,
+                    severity="error",
+                    details={"sink": r.sink.name, "dropped": r.dropped},
+                    dedup_key=f"sink_retry_drop\0{r.sink.name}",
+                )
+            )
+
+
+async def _not_yet_stored(sink: Sink, batch: list[Sealed]) -> list[Sealed]:
+    """The part of a retried batch the store does not hold yet: a write that failed may have
+    committed before the failure was seen (a writer killed between COMMIT and its answer, a
+    connection lost after COMMIT), and writing it again would store events twice."""
+    if not batch:
+        return batch
+    chain_id = batch[0].record["chain_id"]
+    head = await sink.head(chain_id)
+    if head is None:
+        return batch
+    return [s for s in batch if s.record["chain_id"] != chain_id or s.record["seq"] > head[0]]
