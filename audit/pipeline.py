@@ -365,6 +365,8 @@ class AuditTrail:
         # An awaited event is queued: do not linger until the queue has been emptied.
         self._urgent = False
         self._room = asyncio.Event()  # set when blocked producers may retry
+        # submit()s waiting for room (overflow="block"); referenced so they are not collected
+        self._room_waiters: set[asyncio.Task[None]] = set()
         self._stop = False
         self._runners = [_SinkRunner(s, config.sink_queue_batches) for s in self.sinks]
         self._durable_count = sum(1 for s in self.sinks if s.durable)
@@ -463,8 +465,9 @@ class AuditTrail:
         """Queue an event; await the result to know a durable sink has committed it.
 
         Never blocks.  The awaitable raises :class:`AuditUnavailable` if no durable sink could
-        persist the event, or :class:`AuditQueueFull` when the queue is full and
-        ``overflow`` is ``"raise"``; with ``overflow="block"`` it first waits for room.
+        persist the event within ``durable_timeout_s``, or :class:`AuditQueueFull` when the
+        queue is full and ``overflow`` is ``"raise"``; with ``overflow="block"`` the event
+        waits for room (the awaitable still gives up after ``durable_timeout_s``).
         """
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Receipt] = loop.create_future()
@@ -476,7 +479,14 @@ class AuditTrail:
             if self.config.overflow == "raise":
                 fut.set_exception(self._full_error())
                 return fut
-            return self._submit_later(event, fut)
+            # The waiting is a task beside the future, not something the caller awaits
+            # first: durable_timeout_s counts from here, so a queue that stays full fails the
+            # labelled read closed in time instead of holding it until the sinks catch up.
+            # The event still goes in when there is room (its rows were already sent).
+            task = loop.create_task(self._push_when_room(event, fut))
+            self._room_waiters.add(task)
+            task.add_done_callback(self._room_waiters.discard)
+            return fut
         self._push((event, fut))
         return fut
 
@@ -512,12 +522,12 @@ class AuditTrail:
         handle = loop.call_later(timeout, _expire, fut, timeout)
         fut.add_done_callback(lambda _f: handle.cancel())
 
-    async def _submit_later(self, event: AuditEvent, fut: asyncio.Future[Receipt]) -> Receipt:
+    async def _push_when_room(self, event: AuditEvent, fut: asyncio.Future[Receipt]) -> None:
         await self.wait_for_room()
         if self._state != "running":
-            raise AuditUnavailable(f"the audit trail is {self._state}, not running")
+            _fail(fut, f"the audit trail is {self._state}, not running")
+            return
         self._push((event, fut))
-        return await fut
 
     def submit_nowait(self, event: AuditEvent) -> None:
         """Queue an event without waiting for it to be stored.

@@ -285,3 +285,40 @@ def test_a_locked_sqlite_store_fails_labelled_reads_closed_and_recovers_after_th
     assert_reads_recorded(db, [*refused, after])
     result = verify(db, keys)
     assert result["intact"], result
+
+
+# --- 4. a stuck sink fills the bounded queue --------------------------------------------------
+
+
+@pytest.mark.parametrize("overflow", ["block", "raise"])
+def test_a_stuck_sink_with_a_full_queue_fails_reads_closed_in_time(
+    pg: Cluster, enforce_db: str, tmp_path: Path, keys: tuple[Path, Path], overflow: str
+) -> None:
+    # A tiny queue and a long stall allowance: the queue fills long before the trail gives
+    # up on the stuck writer.
+    p, _db = start(pg, tmp_path, keys, f"stuck-{overflow}", overflow=overflow, queue_size=2,
+                   max_batch=1, sink_queue_batches=1, sink_stall_s=60)  # fmt: skip
+    try:
+        with psycopg.connect(dsn(p), autocommit=True) as conn:
+            assert labelled_read(conn, "before", 1).ok
+        (writer,) = writer_pids(p)
+        os.kill(writer, signal.SIGSTOP)
+        try:
+            outcomes: list[Outcome] = []
+
+            def one(i: int) -> None:
+                with psycopg.connect(dsn(p), autocommit=True) as c:
+                    outcomes.append(labelled_read(c, f"stuck-{i}", 10 + i))
+
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(DURABLE_TIMEOUT + SLACK + 10)
+            assert len(outcomes) == 8, "some clients hung on the full audit queue"
+            assert_fail_closed(outcomes)
+            assert not any(o.ok for o in outcomes)
+        finally:
+            os.kill(writer, signal.SIGCONT)
+    finally:
+        p.stop()
