@@ -322,3 +322,144 @@ def test_a_stuck_sink_with_a_full_queue_fails_reads_closed_in_time(
             os.kill(writer, signal.SIGCONT)
     finally:
         p.stop()
+
+
+# --- 3. the PostgreSQL store's backend is terminated or the store is unavailable ---------------
+
+
+def _terminate_store_backends(pg: Cluster, name: str) -> None:
+    pg.psql(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        f"WHERE datname = '{name}' AND pid <> pg_backend_pid()",
+        database="postgres",
+    )
+
+
+def pg_verify(url: str, keys: tuple[Path, Path]) -> dict[str, Any]:
+    out = audit_cli("verify", "--dsn", url, "--public-key", str(keys[1]) + ".pub", "--json")
+    assert out.stdout, out.stderr
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+def pg_statement_events(pg: Cluster, name: str) -> dict[str, int]:
+    out = pg.psql(
+        "SELECT e.end_user, count(*) FROM pgwarden_audit.events e "
+        "JOIN pgwarden_audit.ledger l ON l.chain_id = e.chain_id AND l.seq = e.seq "
+        "WHERE e.kind = 'statement' AND e.end_user IS NOT NULL GROUP BY 1",
+        database=name,
+    )
+    return {u: int(n) for u, n in (line.split("|") for line in out.split())}
+
+
+def test_a_terminated_postgresql_store_reconnects_and_fails_closed_when_it_is_the_last(
+    pg: Cluster, enforce_db: str, tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    name = "failclosed_store"
+    pg.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE); CREATE DATABASE {name};",
+            database="postgres")  # fmt: skip
+    url = pg.url(database=name)
+    # The PostgreSQL store alone: it is the last durable sink.
+    p, _db = start(pg, tmp_path, keys, "pgstore", sinks=[{"type": "postgres", "dsn": url}])
+    outcomes: list[Outcome] = []
+    try:
+        with psycopg.connect(dsn(p), autocommit=True) as conn:
+            outcomes.append(labelled_read(conn, "pg-0", 1))
+            # Its backend is terminated between statements: the sink reconnects, and the
+            # read completes (or at worst is refused), never hangs.
+            for i in range(1, 4):
+                _terminate_store_backends(pg, name)
+                outcomes.append(labelled_read(conn, f"pg-{i}", 1 + i))
+            assert outcomes[-1].ok, outcomes
+            # The store refuses connections for a while: reads fail closed in time.
+            pg.psql(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false", database="postgres")
+            try:
+                _terminate_store_backends(pg, name)
+                refused = [labelled_read(conn, f"pg-down-{i}", 10 + i) for i in range(2)]
+                assert not any(o.ok for o in refused), refused
+                outcomes += refused
+                assert conn.execute("SELECT count(*) FROM products").fetchone() == (1,)
+            finally:
+                pg.psql(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true", database="postgres")
+            after = wait_until(
+                lambda: (o := labelled_read(conn, "pg-after", 20)).ok and o,
+                timeout=DURABLE_TIMEOUT + SLACK + 5,
+                what="a labelled read once the store is back",
+            )
+            outcomes.append(after)
+        assert_fail_closed(outcomes)
+    finally:
+        p.stop()
+    stored = pg_statement_events(pg, name)
+    for o in outcomes:
+        assert stored.get(o.end_user) == 1, (o, stored)
+    result = pg_verify(url, keys)
+    assert result["intact"], result
+
+
+# --- 5. kill -9 of pgwarden: what clients saw completed is in the trail ----------------------
+
+
+def test_kill_9_during_a_burst_of_labelled_reads_from_several_clients(
+    pg: Cluster, enforce_db: str, tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    p, db = start(pg, tmp_path, keys, "burst")
+    with Readers(p, 4) as readers:
+        readers.wait_for_more(150)
+        for pid in [p.proc.pid, *writer_pids(p)]:
+            os.kill(pid, signal.SIGKILL)
+        p.proc.wait(10)
+    p.stop()
+    completed = [o for o in readers.outcomes if o.ok]
+    assert len(completed) >= 150
+    assert_reads_recorded(db, completed)
+    result = verify(db, keys)
+    # The chain is intact up to the crash (no final checkpoint: the process was killed).
+    assert result["intact"], result
+    # who-saw finds the customer each completed read returned.
+    for o in completed[-3:]:
+        who = audit_cli("who-saw", "--db", str(db), "--ledger-key", str(keys[0]),
+                        "--table", "customers", "--key", str(o.key), "--json")  # fmt: skip
+        assert who.returncode == 0, who.stderr
+        assert o.end_user in who.stdout, (o, who.stdout)
+
+
+def test_kill_9_during_a_100k_row_labelled_read(
+    pg: Cluster, enforce_db: str, tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    p, db = start(pg, tmp_path, keys, "big")
+    sql = (
+        "SELECT c.customer_id, c.email FROM customers c, generate_series(1, 250) g "
+        "WHERE c.customer_id > 0 /* end_user='{}' */"
+    )
+    try:
+        with psycopg.connect(dsn(p, "postgres"), autocommit=True) as conn:
+            rows = conn.execute(sql.format("big-1")).fetchall()  # type: ignore[arg-type]
+            assert len(rows) == 100_000
+            # The next one is killed mid-stream.
+            cur = conn.cursor()
+            t = threading.Timer(0.3, lambda: [os.kill(x, signal.SIGKILL)
+                                              for x in [p.proc.pid, *writer_pids(p)]])  # fmt: skip
+            t.start()
+            with pytest.raises(psycopg.OperationalError):
+                for _ in range(20):
+                    cur.execute(sql.format("big-2")).fetchall()  # type: ignore[arg-type]
+            t.join()
+    finally:
+        p.proc.wait(10)
+        p.stop()
+    conn2 = sqlite3.connect(db)
+    try:
+        got = conn2.execute(
+            "SELECT e.rows, e.ledger_count, (SELECT sum(n) FROM ledger l WHERE l.chain_id = "
+            "e.chain_id AND l.seq = e.seq AND l.kind = 'k2') FROM events e "
+            "WHERE e.end_user = 'big-1'"
+        ).fetchall()
+    finally:
+        conn2.close()
+    assert got == [(100_000, 100_000, 100_000)]
+    assert verify(db, keys)["intact"]
+    for key in (1, 400):
+        who = audit_cli("who-saw", "--db", str(db), "--ledger-key", str(keys[0]),
+                        "--table", "customers", "--key", str(key), "--json")  # fmt: skip
+        assert who.returncode == 0 and "big-1" in who.stdout, who
