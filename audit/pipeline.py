@@ -273,6 +273,10 @@ class _SinkRunner:
         self.written = 0
         self.failures = 0
         self.dropped = 0
+        # Batches the dispatcher could not queue within sink_stall_s (bounded by queue_size
+        # events); the runner writes them with the next batches.
+        self.backlog: deque[tuple[list[Sealed], _Ticket]] = deque()
+        self.backlog_events = 0
 
 
 def _default_chain_id() -> str:
@@ -690,24 +694,37 @@ class AuditTrail:
     async def _put_or_drop(self, r: _SinkRunner, sealed: list[Sealed], ticket: _Ticket) -> None:
         try:
             await asyncio.wait_for(r.queue.put((sealed, ticket)), self.config.sink_stall_s)
+            return
         except TimeoutError:
-            r.failures += 1
+            pass
+        r.failures += 1
+        kept = r.backlog_events + len(sealed) <= self.config.queue_size
+        if kept:
+            # Set aside for the sink to write once it moves again (in seq order with the
+            # rest): its waiters are not held for it, but the store does not lose the events.
+            r.backlog.append((sealed, ticket))
+            r.backlog_events += len(sealed)
+            msg = (
+                f"audit sink {r.sink.name} has not kept up for {self.config.sink_stall_s} s; "
+                f"{len(sealed)} events wait for it to recover"
+            )
+        else:
             r.dropped += len(sealed)
             msg = (
                 f"audit sink {r.sink.name} has not kept up for {self.config.sink_stall_s} s; "
                 f"{len(sealed)} events were not written to it"
             )
-            log.error("audit_sink_stalled", sink=r.sink.name, dropped=len(sealed))
-            self.alerter.send(
-                Alert(
-                    "sink_failure",
-                    msg,
-                    severity="error",
-                    details={"sink": r.sink.name, "dropped": r.dropped},
-                    dedup_key=f"sink_stall\0{r.sink.name}",
-                )
+        log.error("audit_sink_stalled", sink=r.sink.name, events=len(sealed), kept=kept)
+        self.alerter.send(
+            Alert(
+                "sink_failure",
+                msg,
+                severity="error",
+                details={"sink": r.sink.name, "dropped": r.dropped},
+                dedup_key=f"sink_stall\0{r.sink.name}",
             )
-            ticket.report(self, r.sink.durable, f"{r.sink.name}: {msg}")
+        )
+        ticket.report(self, r.sink.durable, f"{r.sink.name}: {msg}")
 
     def _seal(
         self, items: list[_Item], force_checkpoint: bool
@@ -856,7 +873,15 @@ class AuditTrail:
                     break
             if any(w is _STOP for w in arrived):
                 stopping = True
-            pending.extend([w[0], w[1], False] for w in arrived if w is not _STOP)
+            fresh: list[list[Any]] = [[w[0], w[1], False] for w in arrived if w is not _STOP]
+            if r.backlog:
+                # Batches the dispatcher set aside while this sink was stuck: their tickets
+                # heard already.  Batches are contiguous runs of seq: sorting restores order.
+                fresh += [[b[0], b[1], True] for b in r.backlog]
+                r.backlog.clear()
+                r.backlog_events = 0
+                fresh.sort(key=lambda w: w[0][0].record["seq"] if w[0] else 0)
+            pending.extend(fresh)
             self._bound_retries(r, pending)
             if not pending:
                 continue

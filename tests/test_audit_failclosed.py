@@ -463,3 +463,36 @@ def test_kill_9_during_a_100k_row_labelled_read(
         who = audit_cli("who-saw", "--db", str(db), "--ledger-key", str(keys[0]),
                         "--table", "customers", "--key", str(key), "--json")  # fmt: skip
         assert who.returncode == 0 and "big-1" in who.stdout, who
+
+
+def test_a_store_locked_under_steady_traffic_keeps_every_event_for_after_the_lock(
+    pg: Cluster, enforce_db: str, tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    # The writer waits out SQLite's 5 s busy timeout per attempt while reads keep coming:
+    # the sink's own queue fills and stays full for longer than sink_stall_s.
+    p, db = start(pg, tmp_path, keys, "locked-busy", sink_stall_s=0.5, sink_queue_batches=1)
+    try:
+        with Readers(p, 3) as readers:
+            readers.wait_for_more(10)
+            locker = sqlite3.connect(db, isolation_level=None)
+            locker.execute("BEGIN EXCLUSIVE")
+            locker.execute("INSERT INTO events (v, chain_id, seq, prev_hash, hash, ts, kind) "
+                           "VALUES (1, 'locker', 1, '', '', '', 'x')")  # fmt: skip
+            try:
+                time.sleep(7)
+            finally:
+                locker.execute("ROLLBACK")
+                locker.close()
+            wait_until(
+                lambda: readers.outcomes[-1].ok, timeout=DURABLE_TIMEOUT + SLACK + 5,
+                what="reads to work again after the lock",
+            )  # fmt: skip
+            readers.wait_for_more(10)
+        assert not readers.errors, readers.errors
+        assert_fail_closed(readers.outcomes)
+        assert sum(not o.ok for o in readers.outcomes) >= 3
+    finally:
+        p.stop()
+    assert_reads_recorded(db, readers.outcomes)
+    result = verify(db, keys)
+    assert result["intact"], result
