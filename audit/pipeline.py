@@ -23,8 +23,10 @@ then fails the labelled read closed.
 Backpressure: when sinks are slow the sink queues fill, the dispatcher waits, the main queue
 fills, and ``submit`` either waits for room (``overflow="block"``) or fails at once
 (``overflow="raise"``).  Nothing grows without bound.  A sink that stays stuck for
-``sink_stall_s`` loses batches (alerted; ``verify`` on that store shows the gap) rather than
-stalling the others, and ``submit``'s awaitable gives up after ``durable_timeout_s``.
+``sink_stall_s`` stops holding the others up: its batches are set aside for it (and a write
+that failed is kept) to be written in order once it recovers, up to ``queue_size`` events;
+past that it loses batches (alerted; ``verify`` on that store shows the gap).  ``submit``'s
+awaitable gives up after ``durable_timeout_s`` whatever happens.
 """
 
 from __future__ import annotations
@@ -131,7 +133,8 @@ class AuditConfig(_Model):
     checkpoint_file: Path | None = None
     ledger_key: Path | None = None
     store_full_text: bool = False
-    # Events in flight are bounded by queue_size + max_batch * (sink_queue_batches + 1).
+    # Events in flight are bounded by queue_size + max_batch * (sink_queue_batches + 1), plus
+    # for each failing or stuck sink up to 2 * queue_size events kept to write when it recovers.
     queue_size: int = Field(10_000, gt=0)
     overflow: Literal["block", "raise"] = "block"
     max_batch: int = Field(2_000, gt=0)
@@ -144,8 +147,9 @@ class AuditConfig(_Model):
     # A sink writes all its queued batches in one transaction, so a short queue costs no
     # group-commit efficiency; a long one only holds more records in memory.
     sink_queue_batches: int = Field(4, gt=0)
-    # A sink whose queue stays full this long loses the batch (a gap that verify reports,
-    # and a sink_failure alert) instead of stalling every other sink behind it.
+    # A sink whose queue stays full this long gets the batch set aside for when it recovers
+    # (a sink_failure alert; up to queue_size events, then it loses batches: a gap that
+    # verify reports) instead of stalling every other sink behind it.
     sink_stall_s: float = Field(2.0, gt=0)
     # submit()'s awaitable raises AuditUnavailable if no durable sink confirmed in time, so a
     # hung store fails labelled reads closed instead of hanging them.
