@@ -137,12 +137,23 @@ class PostgresSink:
         self._ready = True
 
     async def head(self, chain_id: str) -> tuple[int, str] | None:
+        # Also asked before a failed batch is written again, maybe of a store that was down
+        # at start-up (no tables yet) or whose connection just broke.
+        if not self._ready:
+            await self._ensure_schema()
         conn = await self._connect()
-        row = await conn.fetchrow(
-            f"SELECT seq, hash FROM {self.schema}.events WHERE chain_id = $1 "
-            "ORDER BY seq DESC LIMIT 1",
-            chain_id,
-        )
+        try:
+            row = await conn.fetchrow(
+                f"SELECT seq, hash FROM {self.schema}.events WHERE chain_id = $1 "
+                "ORDER BY seq DESC LIMIT 1",
+                chain_id,
+                timeout=self.timeout,
+            )
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            if not conn.is_closed():
+                conn.terminate()
+            self._conn = None
+            raise SinkError(f"cannot read the PostgreSQL audit store: {exc}") from exc
         return (int(row["seq"]), str(row["hash"])) if row else None
 
     async def write(self, batch: Sequence[Sealed]) -> None:
