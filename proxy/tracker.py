@@ -1096,8 +1096,12 @@ class Tracker:
             for table, keys in running.keys.items():
                 records.update(self.guard.record_id(table, k) for k in keys)
             if not records:
-                # No primary key in the result: count each row as its own record (fail closed).
-                records = {f"row:{id(running):x}:{i}" for i in range(rows)}
+                # No primary key in the result: count each row as its own record (fail
+                # closed), named uniquely: an id() of the Running comes back for a later
+                # statement (and the same in another worker), which made its rows the "same"
+                # records again.
+                uniq = uuid.uuid4().hex
+                records = {f"row:{uniq}:{i}" for i in range(rows)}
             seen = frozenset(records)
             for label in plan.labels:
                 windows = tuple(
