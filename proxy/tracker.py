@@ -1000,6 +1000,13 @@ class Tracker:
         self.discarding = True
         head = self.fifo[0] if self.fifo else None
         self.cut_simple = head is not None and head.kind == QUERY
+        if self.cut_simple and head is not None and head.running is running:
+            # Its event is written: when the server's ReadyForQuery comes in the same read
+            # (a small result the server had finished), it must not be written again as an
+            # allowed statement with the same rows and records (as the server fails the rest
+            # of the string after an error).
+            head.running = None
+            head.index = len(head.statements or ())
         if action is Action.END_SESSION:
             out.append(cmd.EndSession(message))
         if not self.cut_simple:

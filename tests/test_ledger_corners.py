@@ -98,6 +98,48 @@ def records_seen(pg: Cluster, db: Path, keyfile: Path, end_user: str) -> set[int
     return {int(r["key"]) for r in found["records"]}
 
 
+def test_rows_sent_before_an_error_or_a_cut_off_are_in_the_ledger(
+    pg: Cluster, audited: tuple[ProxyProcess, Path, Path]
+) -> None:
+    # The server sends rows, then fails (division by zero) or pgwarden cuts the result at
+    # the agent's 20-row limit: the rows on the wire before the error left, and only those.
+    p, db, kf = audited
+    with psycopg.connect(dsn(p, "support_app"), autocommit=True) as conn:
+        conn.execute("SET pgwarden.end_user = 'midway'")
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            conn.execute(
+                "SELECT customer_id, email, 1 / (customer_id - 105) FROM customers"
+                " WHERE customer_id BETWEEN 100 AND 110 ORDER BY 1",
+                prepare=False,
+            )
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(
+                "SELECT customer_id, email FROM customers WHERE customer_id BETWEEN 201 AND 230"
+                " ORDER BY 1",
+                prepare=False,
+            )
+        with conn.transaction(), conn.cursor(name="c") as cur:
+            cur.execute(
+                "SELECT customer_id, phone FROM customers WHERE customer_id BETWEEN 301 AND 330"
+                " ORDER BY 1"
+            )
+            got = [r[0] for r in cur.fetchmany(15)]
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                cur.fetchmany(15)
+    p.stop()
+    entries = [e for e in ledger(db, kf) if e[0]["end_user"] == "midway"]
+    ((ev, ids, _v),) = [e for e in entries if "1 / (customer_id" in e[0]["statement"]]
+    assert ids == list(range(100, 105)) and ev["sqlstate"] == "22012" and ev["rows"] == 5
+    ((ev, ids, _v),) = [e for e in entries if "email FROM customers WHERE customer_id BETWEEN $1 AND $2"
+                        in e[0]["statement"]]  # fmt: skip
+    assert ids == list(range(201, 221)) and ev["verdict"] == "limit" and ev["rows"] == 20
+    fetched = [i for ev, ids, _v in entries if ev["statement"].startswith("FETCH") for i in ids]
+    assert got == list(range(301, 316)) and fetched == list(range(301, 321))
+    assert records_seen(pg, db, kf, "midway") == (
+        set(range(100, 105)) | set(range(201, 221)) | set(range(301, 321))
+    )
+
+
 @pytest.mark.parametrize("prepare", [False], ids=["parsed-each-time"])
 def test_results_without_a_key_count_every_row_against_the_hourly_budget(
     audited: tuple[ProxyProcess, Path, Path], prepare: bool | None
