@@ -1091,7 +1091,8 @@ class Tracker:
             )
         decision = running.decision
         rows = running.rows
-        if tag and not (decision is not None and decision.limited):
+        # MOVE's tag counts the rows it skipped, none of which the client received.
+        if tag and not tag.startswith("MOVE") and not (decision is not None and decision.limited):
             last = tag.rsplit(" ", 1)[-1]
             if last.isdigit():
                 rows = int(last)

@@ -9,12 +9,14 @@ commands.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import psycopg
 import pytest
 
@@ -96,6 +98,125 @@ def records_seen(pg: Cluster, db: Path, keyfile: Path, end_user: str) -> set[int
     found = json.loads(out.stdout)
     assert found["resolved"] == found["distinct_records"], found
     return {int(r["key"]) for r in found["records"]}
+
+
+def test_cursors_portals_pipelines_and_multi_statement_queries(
+    pg: Cluster, audited: tuple[ProxyProcess, Path, Path]
+) -> None:
+    # Rows that arrive in pieces (FETCH, Execute with max_rows, a pipeline, several results
+    # of one Query): each event holds exactly the customers of the rows it returned, a
+    # scroll back returns (and records) a customer again, and records-seen is the union.
+    p, db, kf = audited
+    received: list[int] = []
+    with psycopg.connect(dsn(p, "postgres")) as conn:
+        conn.execute("SET pgwarden.end_user = 'cursors'")
+        with conn.cursor(name="named") as cur:
+            cur.execute(
+                "SELECT customer_id, email FROM customers WHERE customer_id <= 25 ORDER BY 1"
+            )
+            while batch := cur.fetchmany(7):
+                received += [r[0] for r in batch]
+        with conn.cursor(name="scroll", scrollable=True) as cur:
+            cur.execute(
+                "SELECT customer_id, phone FROM customers WHERE customer_id BETWEEN 31 AND 40 ORDER BY 1"
+            )
+            received += [r[0] for r in cur.fetchmany(5)]
+            cur.scroll(0, mode="absolute")
+            received += [r[0] for r in cur.fetchmany(2)]
+            cur.scroll(-1)
+            received += [r[0] for r in cur.fetchall()]
+        cur = conn.cursor()
+        cur.execute(
+            "DECLARE d CURSOR FOR SELECT customer_id, email FROM customers"
+            " WHERE customer_id BETWEEN 41 AND 60 ORDER BY 1",
+            prepare=False,
+        )
+        for fetch in (
+            "FETCH 10 FROM d",
+            "MOVE 3 IN d",
+            "FETCH BACKWARD 2 FROM d",
+            "FETCH ALL FROM d",
+        ):
+            cur.execute(fetch, prepare=False)
+            if cur.description is not None:
+                received += [r[0] for r in cur.fetchall()]
+        conn.commit()
+        conn.autocommit = True
+        cur.execute(
+            "SELECT customer_id, email FROM customers WHERE customer_id IN (61, 62);"
+            "SELECT 1 AS one;"
+            "SELECT customer_id, phone FROM customers WHERE customer_id IN (63, 64)",
+            prepare=False,
+        )
+        while True:
+            if cur.description is not None and cur.description[0].name == "customer_id":
+                received += [r[0] for r in cur.fetchall()]
+            if not cur.nextset():
+                break
+        with conn.pipeline():
+            curs = []
+            for lo in (70, 80, 90):
+                c = conn.cursor()
+                c.execute(
+                    "SELECT customer_id, email FROM customers WHERE customer_id BETWEEN %s AND %s",
+                    (lo, lo + 3),
+                )
+                curs.append(c)
+        received += [r[0] for c in curs for r in c.fetchall()]
+    p.stop()
+    entries = [e for e in ledger(db, kf) if e[0]["end_user"] == "cursors"]
+    assert [i for _ev, ids, _v in entries for i in ids] == received
+    assert all(values == [] for _ev, _ids, values in entries)
+    for ev, ids, _values in entries:
+        assert ev["ledger_count"] == (len(ids) or None), ev["statement"]
+        if ev["statement"].startswith(("FETCH", "SELECT customer_id")):
+            assert ev["rows"] == len(ids), ev["statement"]
+        else:
+            assert ev["rows"] == 0 or ev["statement"] == "SELECT $1 AS one", ev["statement"]
+    assert records_seen(pg, db, kf, "cursors") == set(received)
+
+
+def test_asyncpg_portals_and_binary_keys(
+    pg: Cluster, audited: tuple[ProxyProcess, Path, Path]
+) -> None:
+    p, db, kf = audited
+
+    async def run() -> list[int]:
+        conn = await asyncpg.connect(
+            host=p.pg.host, port=p.port, user="postgres", database=DB, ssl=False
+        )
+        try:
+            await conn.execute("SET pgwarden.end_user = 'portals'")
+            got: list[int] = []
+            async with conn.transaction():
+                sql = "SELECT customer_id, email FROM customers WHERE customer_id <= $1 ORDER BY 1"
+                async for r in conn.cursor(sql, 25, prefetch=4):
+                    got.append(r[0])
+                cur = await conn.cursor(
+                    "SELECT email, customer_id FROM customers WHERE customer_id BETWEEN 30 AND $1"
+                    " ORDER BY 2",
+                    50,
+                )
+                got += [r[1] for r in await cur.fetch(5)]
+                await cur.forward(3)  # skipped: never sent, never recorded
+                got += [r[1] for r in await cur.fetch(4)]
+            got += [r[0] for r in await conn.fetch(
+                "SELECT customer_id, email FROM customers WHERE customer_id = ANY($1::int[])",
+                [60, 61],
+            )]  # fmt: skip
+            return got
+        finally:
+            await conn.close()
+
+    received = asyncio.run(run())
+    p.stop()
+    entries = [e for e in ledger(db, kf) if e[0]["end_user"] == "portals"]
+    assert [i for _ev, ids, _v in entries for i in ids] == received
+    for ev, ids, _values in entries:
+        assert ev["rows"] == (len(ids) if ids else ev["rows"]), ev["statement"]
+    moves = [ev for ev, _ids, _v in entries if ev["statement"].startswith("MOVE")]
+    assert [ev["rows"] for ev in moves] == [0]  # MOVE returns no rows
+    assert records_seen(pg, db, kf, "portals") == set(received)
 
 
 def test_rows_sent_before_an_error_or_a_cut_off_are_in_the_ledger(
