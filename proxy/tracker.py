@@ -680,7 +680,7 @@ class Tracker:
         capture = running.capture
         if (
             not canary_values and len(capture) == 1 and len(capture[0][1]) == 1
-            and not (running.key_readers or plan.canary_keys)
+            and not (running.key_readers or plan.canary_keys or running.value_capture)
             and isinstance(reader, CopyRowReader)
         ):  # fmt: skip
             # One key column and nothing else to look for: all its values in one pass.
@@ -800,6 +800,15 @@ class Tracker:
                     (i, label)
                     for i, col in enumerate(running.columns or ())
                     for label in sorted(col.labels)
+                )
+            elif self.ledger and facts.value_positions:
+                # Labelled columns no key in the row accounts for (a ticket number beside
+                # the customer's key, another customer's email in a self-join): their values
+                # too, or who-saw would never find that data.
+                running.value_capture = tuple(
+                    (i, label)
+                    for i in facts.value_positions
+                    for label in sorted(facts.output[i].labels)
                 )
         know = []
         for check in plan.need_to_know:
@@ -1103,27 +1112,35 @@ class Tracker:
             records: set[str] = set()
             for table, keys in running.keys.items():
                 records.update(self.guard.record_id(table, k) for k in keys)
-            if not records:
-                # No primary key in the result: count each row as its own record (fail
-                # closed), named uniquely: an id() of the Running comes back for a later
-                # statement (and the same in another worker), which made its rows the "same"
-                # records again.
-                uniq = uuid.uuid4().hex
-                records = {f"row:{uniq}:{i}" for i in range(rows)}
-            seen = frozenset(records)
+            # No primary key in the result, or labelled columns no key in the row accounts
+            # for (another customer's email beside a key that never changes): count each
+            # row as its own record (fail closed) for the labels concerned.
+            # Named uniquely: an id() of the Running comes back for a later statement (and
+            # the same in another worker), which made its rows the "same" records again.
+            uniq = uuid.uuid4().hex
+            by_row = frozenset(f"row:{uniq}:{i}" for i in range(rows))
+            keyed = frozenset(records) if records else by_row
+            facts = decision.facts if decision is not None else None
+            loose: set[str] = set()
+            if records and facts is not None:
+                for i in facts.value_positions:
+                    loose |= facts.output[i].labels
             for label in plan.labels:
                 windows = tuple(
                     r.window for r in plan.window_rules if r.window and r.covers_label(label)
                 )
                 if windows:
                     self.pending_counts += 1
+                    seen = by_row if label in loose else keyed
                     out.append(cmd.RecordUsage(who, label, rows, seen, windows))
             # Per rule as well: a rule over several labels limits distinct records carrying
             # any of them, or 200 emails, then 200 other customers' phones, then 200 more
             # names would each pass a per-label count.
             for r in plan.window_rules:
-                if r.window and any(r.covers_label(label) for label in plan.labels):
+                covered = [label for label in plan.labels if r.covers_label(label)]
+                if r.window and covered:
                     self.pending_counts += 1
+                    seen = by_row if loose.intersection(covered) else keyed
                     out.append(
                         cmd.RecordUsage(
                             who, window_rule_key(r.id), rows, seen, (r.window,),

@@ -100,6 +100,139 @@ def records_seen(pg: Cluster, db: Path, keyfile: Path, end_user: str) -> set[int
     return {int(r["key"]) for r in found["records"]}
 
 
+def test_derived_keys_and_second_readings_do_not_stand_for_the_record(
+    pg: Cluster, audited: tuple[ProxyProcess, Path, Path]
+) -> None:
+    # A column computed from the key alone (customer_id + 1000, nullif, count, lag, a
+    # scalar subquery) names another customer or none, and a self-join or LATERAL puts one
+    # customer's key beside another's email.  The ledger used to take such a column for the
+    # key: who-saw missed the customers whose data left and named others who never did.
+    p, db, kf = audited
+    cases = {
+        # statement: (customers whose email the client received, keys the ledger may hold)
+        "SELECT customer_id + 1000 AS id, email FROM customers WHERE customer_id IN (5, 6)":
+            ({5, 6}, set()),
+        "SELECT nullif(customer_id, 7) AS id, email FROM customers WHERE customer_id IN (7, 8)":
+            ({7, 8}, set()),
+        "SELECT count(customer_id), email FROM customers WHERE customer_id IN (9, 10) GROUP BY email":
+            ({9, 10}, set()),
+        "SELECT lag(customer_id) OVER (ORDER BY customer_id) AS customer_id, email FROM customers"
+        " WHERE customer_id IN (26, 27)": ({26, 27}, set()),
+        "SELECT (SELECT customer_id FROM customers WHERE customer_id = 29) AS customer_id, email"
+        " FROM customers WHERE customer_id = 28": ({28}, set()),
+        "SELECT a.customer_id, b.email FROM customers a JOIN customers b"
+        " ON b.customer_id = a.customer_id + 1 WHERE a.customer_id = 40": ({41}, {40}),
+        "SELECT c.customer_id, x.e FROM customers c, LATERAL (SELECT email e FROM customers"
+        " WHERE customer_id = c.customer_id + 1) x WHERE c.customer_id = 50": ({51}, {50}),
+        "SELECT customer_id, lag(email) OVER (ORDER BY customer_id) FROM customers"
+        " WHERE customer_id IN (60, 61)": ({60}, {60, 61}),
+    }  # fmt: skip
+    with psycopg.connect(dsn(p, "postgres"), autocommit=True) as conn:
+        conn.execute("SET pgwarden.end_user = 'derived'")
+        for sql in cases:
+            conn.execute(sql).fetchall()
+    p.stop()
+    entries = [e for e in ledger(db, kf) if e[0]["end_user"] == "derived"][1:]  # after SET
+    assert len(entries) == len(cases)
+    for (sql, (emails, keys_allowed)), (_ev, ids, _values) in zip(
+        cases.items(), entries, strict=True
+    ):
+        assert set(ids) <= keys_allowed, sql  # no customer who was not read
+        for i in emails:
+            by_key = i in ids
+            by_value = who_saw(db, kf, "--value", f"customer{i}@mail.example")
+            assert by_key or by_value, f"customer {i} is nowhere in the ledger after {sql}"
+    # Nothing but the customers actually read: no stranger found by key.
+    assert who_saw(db, kf, "--table", "customers", "--key", "1") == []
+
+
+def test_key_through_join_using_alias_cte_subquery_view_and_returning(
+    audited: tuple[ProxyProcess, Path, Path],
+) -> None:
+    p, db, kf = audited
+    got: dict[str, list[int]] = {}
+    with psycopg.connect(dsn(p, "postgres"), autocommit=True) as conn:
+        for name, sql in {
+            "using": "SELECT customer_id, email FROM tickets t JOIN customers c USING (customer_id)"
+                     " WHERE t.ticket_id IN (110, 111)",
+            "alias": "SELECT c.customer_id AS k, c.email FROM customers c JOIN tickets t"
+                     " ON t.customer_id = c.customer_id WHERE t.ticket_id IN (112, 113)",
+            "cte": "WITH x AS (SELECT customer_id AS id, email FROM customers"
+                   " WHERE customer_id IN (114, 115)) SELECT id, email FROM x",
+            "subquery": "SELECT s.id, s.e FROM (SELECT customer_id id, email e FROM customers"
+                        " WHERE customer_id IN (116, 117)) s",
+            "view": "SELECT customer_id, email FROM reporting.customer_contacts"
+                    " WHERE customer_id IN (118, 119)",
+            "update": "UPDATE customers SET tier = tier WHERE customer_id IN (120, 121)"
+                      " RETURNING customer_id, email",
+            "delete": "WITH d AS (DELETE FROM customers WHERE customer_id = 0"
+                      " RETURNING customer_id, email) SELECT * FROM d",
+        }.items():  # fmt: skip
+            got[name] = [r[0] for r in conn.execute(sql).fetchall()]
+    p.stop()
+    entries = ledger(db, kf)
+    for name, first in (("using", "SELECT customer_id, email FROM tickets"),
+                        ("alias", "SELECT c.customer_id AS k"), ("cte", "WITH x AS"),
+                        ("subquery", "SELECT s.id"), ("view", "reporting.customer_contacts"),
+                        ("update", "UPDATE customers")):  # fmt: skip
+        ((ev, ids, values),) = statement(entries, first)
+        assert sorted(ids) == sorted(got[name]) and len(ids) == 2, name
+        assert values == [], name  # the key accounts for the email: no value digests
+        assert ev["rows"] == 2 and ev["ledger_count"] == 2, name
+
+
+def test_labelled_values_beside_another_tables_key_are_kept(
+    audited: tuple[ProxyProcess, Path, Path],
+) -> None:
+    # The customer's key accounts for the customer's email, not for the ticket number in the
+    # same row: that used to leave no trace at all (who-saw --value found nobody).
+    p, db, kf = audited
+    with psycopg.connect(dsn(p, "postgres"), autocommit=True) as conn:
+        conn.execute(
+            "SELECT c.customer_id, c.email, t.ticket_number FROM customers c"
+            " JOIN tickets t USING (customer_id) WHERE t.ticket_id IN (13, 14)"
+        ).fetchall()
+        conn.execute(  # no customer at all: the key is NULL, the ticket number is not
+            "SELECT c.customer_id, c.email, t.ticket_number FROM tickets t LEFT JOIN customers c"
+            " ON c.customer_id = t.customer_id + 1000 WHERE t.ticket_id = 16"
+        ).fetchall()
+        # COPY output too: one customer's key beside the next one's email.
+        with conn.cursor().copy(
+            "COPY (SELECT a.customer_id, b.email FROM customers a JOIN customers b"
+            " ON b.customer_id = a.customer_id + 1 WHERE a.customer_id = 70) TO STDOUT"
+        ) as copy:
+            assert b"".join(bytes(c) for c in copy) == b"70\tcustomer71@mail.example\n"
+    p.stop()
+    assert [r["db_user"] for r in who_saw(db, kf, "--value", "customer71@mail.example")] == [
+        "postgres"
+    ]
+    for ticket in ("TM-0000013", "TM-0000014", "TM-0000016"):
+        found = who_saw(db, kf, "--value", ticket, "--label", "support.ticket")
+        assert [r["db_user"] for r in found] == ["postgres"], ticket
+    assert [r["db_user"] for r in who_saw(db, kf, "--table", "customers", "--key", "13")] == [
+        "postgres"
+    ]
+
+
+def test_a_constant_key_does_not_hide_records_from_the_hourly_budget(
+    audited: tuple[ProxyProcess, Path, Path],
+) -> None:
+    # The windows count distinct records by key: a "key" that is the same in every row
+    # (a scalar subquery) made 220 customers one record, under the 200-an-hour budget.
+    p, _db, _kf = audited
+    sql = (
+        "SELECT (SELECT min(customer_id) FROM customers) AS customer_id, email FROM customers"
+        " WHERE customer_id BETWEEN %s AND %s"
+    )
+    received = 0
+    with psycopg.connect(dsn(p, "support_app"), autocommit=True) as conn:
+        conn.execute("SET pgwarden.end_user = 'trickle'")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="agent-hourly-records"):
+            for lo in range(1, 320, 20):  # not as far as the canary customer 333
+                received += len(conn.execute(sql, (lo, lo + 19), prepare=False).fetchall())
+    assert received <= 200
+
+
 def test_cursors_portals_pipelines_and_multi_statement_queries(
     pg: Cluster, audited: tuple[ProxyProcess, Path, Path]
 ) -> None:
