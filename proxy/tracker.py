@@ -27,9 +27,9 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from policy.engine import KnowCheck, ResultPlan, RowLimit, window_rule_key
+from policy.engine import KnowCheck, ResultPlan, RowLimit, Verdict, window_rule_key
 from policy.facts import SourceColumn
 from policy.model import Action
 from proxy import commands as cmd
@@ -260,16 +260,20 @@ class Tracker:
                 portal_name, _max_rows = execute_head(raw[start:end])
                 portal = self.portals.get(portal_name)
                 decision = portal.decision if portal is not None else None
+                plan = decision.plan if decision is not None else None
                 if (
                     decision is not None
-                    and decision.plan is not None
-                    and decision.plan.need_to_know
+                    and plan is not None
+                    and (plan.need_to_know or plan.window_rules)
                 ):
                     # A prepared statement run again, maybe long after its Parse: the lookup
-                    # for the person it was prepared for may have expired since.
-                    refresh = self._needs_fresh_counts([decision], windows=False)
+                    # for the person it was prepared for may have expired since, and what is
+                    # left of its windows is what the counters say now, not then.
+                    refresh = self._needs_fresh_counts([decision], windows=bool(plan.window_rules))
                     if refresh is not None:
                         return self._refresh_first(refresh, out, parts, raw, fwd, head)
+                    if plan.window_rules:
+                        decision = self._rejudged(decision)
                 self.stats.statements += 1
                 running = self._running(decision)
                 running.portal = portal_name
@@ -386,6 +390,28 @@ class Tracker:
         held, self.held = self.held, b""
         raw, frames = FrameReader(self.max_message, from_client=True).feed(held)
         return self._client_frames(raw, frames)
+
+    def _rejudged(self, decision: Decision) -> Decision:
+        """A prepared statement's decision with its window limits as the counters stand now
+        (psycopg prepares a statement run five times: judged once at its Parse, it read
+        past the hourly budget).  The server has it parsed, so a refusal can no longer
+        replace it: its result is cut off at the first row instead."""
+        plan = decision.plan
+        assert plan is not None
+        verdict = self.guard.engine.decide(decision.subject, decision.facts)
+        if verdict.plan is not None:
+            return Decision(decision.facts, verdict, decision.subject)
+        if not verdict.blocks:
+            return decision
+        prefix = f"pgwarden: blocked by rule {verdict.rule_id}: "
+        reason = verdict.message.removeprefix(prefix)
+        stop = RowLimit(verdict.rule_id or "", 0, None, plan.labels, reason, verdict.action, False)
+        return Decision(
+            decision.facts,
+            Verdict(Action.ALLOW, findings=verdict.findings,
+                    plan=replace(plan, limits=(stop, *plan.limits))),
+            decision.subject,
+        )  # fmt: skip
 
     def _running(self, decision: Decision | None) -> Running:
         running = Running(decision)
