@@ -337,6 +337,13 @@ def test_asyncpg_portals_and_binary_keys(
                 "SELECT customer_id, email FROM customers WHERE customer_id = ANY($1::int[])",
                 [60, 61],
             )]  # fmt: skip
+            # A NULL key in binary format: no customer, but the ticket number left.
+            row = await conn.fetchrow(
+                "SELECT c.customer_id, c.email, t.ticket_number FROM tickets t LEFT JOIN"
+                " customers c ON c.customer_id = t.customer_id + 1000 WHERE t.ticket_id = $1",
+                17,
+            )
+            assert row is not None and tuple(row) == (None, None, "TM-0000017")
             return got
         finally:
             await conn.close()
@@ -350,6 +357,8 @@ def test_asyncpg_portals_and_binary_keys(
     moves = [ev for ev, _ids, _v in entries if ev["statement"].startswith("MOVE")]
     assert [ev["rows"] for ev in moves] == [0]  # MOVE returns no rows
     assert records_seen(pg, db, kf, "portals") == set(received)
+    found = who_saw(db, kf, "--value", "TM-0000017", "--label", "support.ticket")
+    assert [r["end_user"] for r in found] == ["portals"]
 
 
 def test_rows_sent_before_an_error_or_a_cut_off_are_in_the_ledger(
@@ -413,3 +422,55 @@ def test_results_without_a_key_count_every_row_against_the_hourly_budget(
                     (lo, lo + 19), prepare=prepare,
                 ).fetchall())  # fmt: skip
     assert received == 200
+
+
+def test_limited_agent_pipelines_portals_and_prepared_statements(
+    pg: Cluster, audited: tuple[ProxyProcess, Path, Path]
+) -> None:
+    # The same corners for an agent, whose results are watched row by row (limits) rather
+    # than read for keys alone: a pipeline whose second statement is cut at 20 rows (the
+    # third never runs), an asyncpg cursor cut across its Executes, prepared statements.
+    p, db, kf = audited
+    received: list[int] = []
+    sql = "SELECT customer_id, email FROM customers WHERE customer_id BETWEEN %s AND %s ORDER BY 1"
+    with psycopg.connect(dsn(p, "support_app"), autocommit=True) as conn:
+        conn.execute("SET pgwarden.end_user = 'agent'")
+        curs = [conn.cursor() for _ in range(3)]
+        with pytest.raises(psycopg.errors.InsufficientPrivilege), conn.pipeline():
+            for c, (lo, hi) in zip(curs, ((1, 5), (11, 40), (51, 55)), strict=True):
+                c.execute(sql, (lo, hi))
+        received += [r[0] for r in curs[0].fetchall()]
+        for lo in range(61, 101, 5):  # prepared after five runs
+            received += [r[0] for r in conn.execute(sql, (lo, lo + 2)).fetchall()]
+
+    async def run() -> list[int]:
+        conn = await asyncpg.connect(
+            host=p.pg.host, port=p.port, user="support_app", database=DB, ssl=False
+        )
+        got: list[int] = []
+        try:
+            await conn.execute("SET pgwarden.end_user = 'agent'")
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                async with conn.transaction():
+                    async for r in conn.cursor(
+                        "SELECT customer_id, email FROM customers WHERE customer_id > $1"
+                        " ORDER BY 1 LIMIT 30",
+                        200,
+                        prefetch=6,
+                    ):
+                        got.append(r[0])
+        finally:
+            await conn.close()
+        return got
+
+    received += asyncio.run(run())
+    p.stop()
+    entries = [e for e in ledger(db, kf) if e[0]["end_user"] == "agent"]
+    recorded = [i for _ev, ids, _v in entries for i in ids]
+    # Sent before the cuts, though the client libraries dropped them: 20 rows of the
+    # pipeline's second statement, and of the cursor's fourth Execute the rows 19 and 20.
+    cut = [*range(11, 31), 219, 220]
+    assert sorted(recorded) == sorted(received + cut)
+    assert received[-18:] == list(range(201, 219))  # three Executes of 6, then the cut
+    assert not set(range(51, 56)) & set(recorded)  # after the cut-off: never ran
+    assert records_seen(pg, db, kf, "agent") == set(recorded)
