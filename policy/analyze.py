@@ -45,6 +45,7 @@ from policy.lineage import (
     SERVER_FILES,
     SERVER_FILES_TARGET,
     Columns,
+    Exact,
     Node,
     Shared,
     StatementWalker,
@@ -394,6 +395,7 @@ def analyze_statement(
                 fingerprint=fp,
                 output=(),
                 record_keys=(),
+                value_positions=(),
                 # Plain EXPLAIN plans without running: nothing is written or copied.
                 relations_written=inner.relations_written if analyse_run else frozenset(),
                 copies=inner.copies if analyse_run else (),
@@ -446,7 +448,8 @@ def _finish(
         user_functions=frozenset(w.user_functions),
         unresolved=tuple(dict.fromkeys(w.unresolved)),
         unanalysable=unanalysable,
-        record_keys=_record_keys(w.snapshot, out_cols),
+        record_keys=(keys := _record_keys(w.snapshot, out_cols)),
+        value_positions=_value_positions(w, out_cols, keys),
         **f,
     )
 
@@ -454,9 +457,10 @@ def _finish(
 def _record_keys(snapshot: CatalogSnapshot, out: tuple[OutputColumn, ...]) -> tuple[RecordKey, ...]:
     """Where the primary key of each labelled table sits in the output, when all of it does.
 
-    Only plain copies of a key column count (a column derived from the key alone, through
-    views and subqueries); the record ledger hashes these values to answer "which customers
-    did this person see".
+    Only plain copies of a key column count (``lineage.Exact``: the column itself, through
+    views, subqueries, CTEs and joins; not ``customer_id + 1000`` or ``nullif(customer_id,
+    7)``, which derive from the key alone but name another record or none); the record
+    ledger hashes these values to answer "which customers did this person see".
     """
     if not out:
         return ()
@@ -466,9 +470,9 @@ def _record_keys(snapshot: CatalogSnapshot, out: tuple[OutputColumn, ...]) -> tu
         for src in col.sources:
             if col.labels:
                 labelled.add((src.schema, src.table))
-        if len(col.sources) == 1:
-            (src,) = col.sources
-            positions.setdefault((src.schema, src.table), {}).setdefault(src.column, i)
+        if isinstance(col.sources, Exact):
+            for src in col.sources.columns:
+                positions.setdefault((src.schema, src.table), {}).setdefault(src.column, i)
     keys: list[RecordKey] = []
     for rel_key in sorted(labelled):
         rel = snapshot.relation(*rel_key)
@@ -480,6 +484,28 @@ def _record_keys(snapshot: CatalogSnapshot, out: tuple[OutputColumn, ...]) -> tu
                 RecordKey(rel.qualified, rel.primary_key, tuple(found[k] for k in rel.primary_key))
             )
     return tuple(keys)
+
+
+def _value_positions(
+    w: StatementWalker, out: tuple[OutputColumn, ...], keys: tuple[RecordKey, ...]
+) -> tuple[int, ...]:
+    """Output columns whose labelled values no record key in the same row accounts for: the
+    ledger keeps their values.  A key accounts for a relation's labelled columns only when
+    the statement reads that relation once where rows reach the output and no window
+    function or grouping set mixes rows; otherwise (a self-join, a scalar subquery over
+    customers, ``lag(email)``) a row may carry one record's key and another's data."""
+    if not out:
+        return ()
+    keyed = (
+        set() if w.row_mixing else {k.relation for k in keys if w.instances.get(k.relation, 0) <= 1}
+    )
+    labels_of = w.shared.labels_of
+    return tuple(
+        i
+        for i, col in enumerate(out)
+        if col.labels
+        and any(f"{s.schema}.{s.table}" not in keyed for s in col.sources if labels_of(s))
+    )
 
 
 def _statement_shape(kind: str, n: Node, f: dict[str, Any]) -> None:

@@ -102,6 +102,8 @@ class QueryFacts:
     search_path_local: bool = False
     search_path_reset: bool = False  # RESET / SET ... TO DEFAULT: back to the session default
     record_keys: tuple[RecordKey, ...] = ()  # for the record ledger
+    # Labelled output columns no record key accounts for: the ledger keeps their values.
+    value_positions: tuple[int, ...] = ()
     defines_function: CatalogFunction | None = None  # CREATE FUNCTION / PROCEDURE
     role: str | None = None  # SET ROLE / SET SESSION AUTHORIZATION: "$user" follows it
     is_ddl: bool = False  # the catalog may have changed: invalidate it
@@ -188,6 +190,7 @@ class QueryFacts:
                 {"relation": k.relation, "columns": list(k.columns), "positions": list(k.positions)}
                 for k in f.record_keys
             ],
+            "value_positions": list(f.value_positions),
             "user_functions": sorted(f.user_functions),
             "defines_function": f.defines_function.qualified if f.defines_function else None,
             "unresolved": list(f.unresolved),

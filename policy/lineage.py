@@ -15,6 +15,7 @@ relation missing from the catalog), we union them rather than guess.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,32 @@ Lineage = frozenset[SourceColumn]
 Node = dict[str, Any]
 Columns = list[tuple[str, Lineage]]
 EMPTY: Lineage = frozenset()
+
+
+class Exact(frozenset[SourceColumn]):
+    """The lineage of a plain copy of a stored column (one of ``columns``): in every row the
+    value *is* that column's value in one row of its relation (through subqueries, CTEs,
+    views, joins and RETURNING), not something computed from it.  Only such a copy of a
+    primary key identifies the record the rest of the row came from: ``customer_id + 1000``,
+    ``nullif(customer_id, 7)``, ``count(customer_id)`` or ``lag(customer_id)`` derive from
+    the key alone but name another record or none.  Any set operation on it yields a plain
+    frozenset, so whatever combines lineages drops the mark by itself.  A column merged by
+    ``JOIN ... USING`` is an exact copy of both sides' columns (equal wherever both rows are
+    there), hence several ``columns``."""
+
+    __slots__ = ("columns",)
+    columns: frozenset[SourceColumn]
+
+    def __new__(cls, items: Iterable[SourceColumn], columns: Iterable[SourceColumn]) -> Exact:
+        self = super().__new__(cls, items)
+        self.columns = frozenset(columns)
+        return self
+
+    def __reduce__(
+        self,
+    ) -> tuple[type[Exact], tuple[frozenset[SourceColumn], frozenset[SourceColumn]]]:
+        return (Exact, (frozenset(self), self.columns))
+
 
 # Functions and aggregates that pack many values, or a whole row, into one value: a way to
 # move a whole table through one cell and past per-row limits.
@@ -221,6 +248,8 @@ class ViewExpansion:
     user_functions: frozenset[str]
     unanalysable: str | None
     packing: tuple[PackingCall, ...] = ()
+    instances: Mapping[str, int] = field(default_factory=dict)  # see StatementWalker.instances
+    row_mixing: bool = False
 
 
 class Shared:
@@ -299,6 +328,16 @@ class StatementWalker:
         self.unresolved: list[str] = []
         self.unanalysable: list[str] = []
         self.function_stack: set[str] = set()
+        # How many times each stored relation is read where its rows can reach the output
+        # (FROM items, scalar subqueries, CTE references, views, functions; not WHERE and
+        # other filters): with two instances of customers (a self-join, a LATERAL or scalar
+        # subquery over it) one row can carry one customer's key and another's email.
+        self.instances: Counter[str] = Counter()
+        self.filter_depth = 0  # > 0: walking a filter, whose reads never reach the output
+        self.cte_instances: dict[int, tuple[Columns, Counter[str]]] = {}
+        # A window function or grouping sets over labelled data: a row can hold values of
+        # other rows (lag(email), the ROLLUP total row) beside a key of its own.
+        self.row_mixing = False
 
     # --- names ---------------------------------------------------------------------------
 
@@ -350,8 +389,9 @@ class StatementWalker:
         cached = self.shared.rel_columns.get(rel.oid)
         if cached is None:
             cached = [
-                (c.name, frozenset((SourceColumn(rel.schema, rel.name, c.name),)))
+                (c.name, Exact((src,), (src,)))
                 for c in rel.columns
+                for src in (SourceColumn(rel.schema, rel.name, c.name),)
             ]
             self.shared.rel_columns[rel.oid] = cached
         return cached
@@ -364,6 +404,8 @@ class StatementWalker:
         self.reads |= hit.reads
         self.functions |= hit.functions
         self.user_functions |= hit.user_functions
+        self._instance(hit.instances)
+        self.row_mixing |= hit.row_mixing
         # A view that packs (json_agg over customers) packs for whoever reads it.
         self.packing.extend(hit.packing)
         if hit.unanalysable:
@@ -409,7 +451,22 @@ class StatementWalker:
             frozenset(sub.user_functions),
             problem,
             tuple(sub.packing),
+            dict(sub.instances),
+            sub.row_mixing,
         )
+
+    def _instance(self, counts: Mapping[str, int]) -> None:
+        if not self.filter_depth:
+            self.instances.update(counts)
+
+    def filter_expr(self, node: Any, scope: Scope | None) -> Lineage:
+        """:meth:`expr` for a filter (WHERE, ON, HAVING, ORDER BY ...): what it reads
+        decides which rows come out, never what they hold."""
+        self.filter_depth += 1
+        try:
+            return self.expr(node, scope)
+        finally:
+            self.filter_depth -= 1
 
     def range_var(self, rv: Node, scope: Scope | None, ctes: dict[str, Columns]) -> Rel:
         schema = rv.get("schemaname")
@@ -419,6 +476,9 @@ class StatementWalker:
         if schema is None:
             cte = _lookup_cte(name, scope, ctes)
             if cte is not None:
+                # Each reference reads the CTE's rows anew: its relations count once more.
+                counted = self.cte_instances.get(id(cte))
+                self._instance(counted[1] if counted is not None else {})
                 return _rename(Rel(alias, cte), alias_node)
         rel = self.find_relation(schema, name)
         if rel is None:
@@ -430,6 +490,8 @@ class StatementWalker:
             self.unresolved.append(f"relation {qualified}")
             return _rename(self._unknown_rel(alias, target_schema, name), alias_node)
         self.reads.add(rel.qualified)
+        if not (rel.is_view and rel.schema not in SYSTEM_SCHEMAS):
+            self._instance({rel.qualified: 1})  # a view counts what it reads (expand_view)
         cols = self.relation_columns(rel)
         labelled = any(self.shared.lineage_labels(lin) for _n, lin in cols)
         return _rename(Rel(alias, cols, relation=rel.qualified, labelled=labelled), alias_node)
@@ -489,7 +551,7 @@ class StatementWalker:
         if using:
             lmap = dict(lstar)
             rmap = dict(rstar)
-            merged = [(c, lmap.get(c, EMPTY) | rmap.get(c, EMPTY)) for c in using]
+            merged = [(c, _merge_using(lmap.get(c, EMPTY), rmap.get(c, EMPTY))) for c in using]
             star = merged + [c for c in lstar if c[0] not in using]
             star += [c for c in rstar if c[0] not in using]
         else:
@@ -499,7 +561,7 @@ class StatementWalker:
         quals = n.get("quals")
         if quals is not None:
             qscope = Scope(scope.rels + rels, star, scope.parent, scope.ctes)
-            self.filters |= self.expr(quals, qscope)
+            self.filters |= self.filter_expr(quals, qscope)
         for c in using:
             for lin in (dict(lstar).get(c, EMPTY), dict(rstar).get(c, EMPTY)):
                 self.filters |= lin
@@ -569,9 +631,20 @@ class StatementWalker:
         ]
         if not body.get("recursive"):
             for name, aliases, q in items:
-                ctes[name] = _apply_colnames(self.query(q, scope, ctes), aliases)
+                before = self.instances.copy()
+                cols = _apply_colnames(self.query(q, scope, ctes), aliases)
+                # The body's reads count where the CTE is referenced, once per reference.
+                delta = self.instances - before
+                self.instances = before
+                self.cte_instances[id(cols)] = (cols, delta)
+                ctes[name] = cols
             return ctes
-        return self._recursive_with(items, scope, ctes)
+        before = self.instances.copy()
+        ctes = self._recursive_with(items, scope, ctes)
+        # A recursive CTE joins its rows to earlier ones of itself: its relations are read
+        # as if twice.
+        self.instances.update(self.instances - before)
+        return ctes
 
     def _recursive_with(
         self,
@@ -632,14 +705,16 @@ class StatementWalker:
             local.star = local.star + star
         out = self.target_list(n.get("targetList") or (), local)
         for key in ("whereClause", "havingClause"):
-            self.filters |= self.expr(n.get(key), local)
+            self.filters |= self.filter_expr(n.get(key), local)
         # GROUP BY, DISTINCT ON and ORDER BY may name output columns (after input columns).
         sort_scope = Scope([*local.rels, Rel("", out)], local.star, scope, ctes)
         for key in ("groupClause", "distinctClause", "sortClause"):
-            self.filters |= self.expr(n.get(key), sort_scope)
-        self.filters |= self.expr(n.get("windowClause"), local)
-        self.expr(n.get("limitCount"), local)
-        self.expr(n.get("limitOffset"), local)
+            self.filters |= self.filter_expr(n.get(key), sort_scope)
+        if any(iter_nodes(n.get("groupClause"), "GroupingSet")):
+            self.row_mixing = True  # ROLLUP / CUBE / GROUPING SETS: rows of several groups
+        self.filters |= self.filter_expr(n.get("windowClause"), local)
+        self.filter_expr(n.get("limitCount"), local)
+        self.filter_expr(n.get("limitOffset"), local)
         into = n.get("intoClause")
         if into:
             self.write_copy(into["rel"], out)
@@ -671,6 +746,9 @@ class StatementWalker:
                 if "A_Star" in fields[-1]:
                     out.extend(self.star(fields, scope))
                     continue
+                # A plain column: its lineage as is (an Exact copy stays one).
+                out.append((rt.get("name") or _expr_name(val), self.column_ref(fields, scope)))
+                continue
             if kind == "A_Indirection" and any("A_Star" in i for i in v.get("indirection", ())):
                 lin = self.expr(v["arg"], scope)
                 sub = self._composite_columns(v["arg"], scope)
@@ -723,6 +801,7 @@ class StatementWalker:
         schema, name = self.qualify_target(rv)
         target = f"{schema}.{name}"
         self.writes.add(target)
+        self._instance({target: 1})
         target_rel = self.snapshot.relation(schema, name)
         tcols = [c.name for c in target_rel.columns] if target_rel else []
         chosen = [rt["ResTarget"]["name"] for rt in n.get("cols") or ()] or tcols
@@ -748,7 +827,9 @@ class StatementWalker:
         alias = alias_node["aliasname"] if alias_node else name
         if rel is None:
             return self._unknown_rel(alias, schema, name)
-        cols = [(c, lin | assigned.get(c, EMPTY)) for c, lin in self.relation_columns(rel)]
+        # RETURNING gives the stored row: a column stays an exact copy of itself whatever
+        # was assigned to it (and carries what was assigned, for labels).
+        cols = [(c, _assign(lin, assigned.get(c))) for c, lin in self.relation_columns(rel)]
         labelled = any(self.shared.lineage_labels(lin) for _n, lin in cols)
         return Rel(alias, cols, relation=rel.qualified, labelled=labelled)
 
@@ -775,6 +856,7 @@ class StatementWalker:
         target = f"{schema}.{name}"
         self.writes.add(target)
         self.reads.add(target)
+        self._instance({target: 1})
         base = self._target_rel(rv, schema, name, {})
         local = Scope([base], list(base.columns), scope, ctes)
         others = self._join_into(n.get("fromClause") or (), local, ctes)
@@ -783,7 +865,7 @@ class StatementWalker:
             rt = t["ResTarget"]
             col = rt.get("name", "")
             assigned[col] = assigned.get(col, EMPTY) | self.expr(rt.get("val"), local)
-        self.filters |= self.expr(n.get("whereClause"), local)
+        self.filters |= self.filter_expr(n.get("whereClause"), local)
         self.record_copy(target, [(c, lin) for c, lin in assigned.items()])
         own = self._target_rel(rv, schema, name, assigned)
         return self.returning(n, own, others, scope, ctes)
@@ -804,10 +886,11 @@ class StatementWalker:
         schema, name = self.qualify_target(rv)
         self.writes.add(f"{schema}.{name}")
         self.reads.add(f"{schema}.{name}")
+        self._instance({f"{schema}.{name}": 1})
         own = self._target_rel(rv, schema, name, {})
         local = Scope([own], list(own.columns), scope, ctes)
         others = self._join_into(n.get("usingClause") or (), local, ctes)
-        self.filters |= self.expr(n.get("whereClause"), local)
+        self.filters |= self.filter_expr(n.get("whereClause"), local)
         return self.returning(n, own, others, scope, ctes)
 
     def merge(self, n: Node, scope: Scope | None, ctes: dict[str, Columns]) -> Columns:
@@ -817,6 +900,7 @@ class StatementWalker:
         target = f"{schema}.{name}"
         self.writes.add(target)
         self.reads.add(target)
+        self._instance({target: 1})
         own = self._target_rel(rv, schema, name, {})
         local = Scope([own], list(own.columns), scope, ctes)
         srels, sstar = self.from_item(n["sourceRelation"], local, ctes)
@@ -872,6 +956,15 @@ class StatementWalker:
             s = scope
             while s is not None:
                 hits = [lin for r in s.rels if (lin := r.colmap.get(name)) is not None]
+                if hits and not soft and all(h is hits[0] for h in hits):
+                    return hits[0]  # one column (RETURNING sees it also as old.x and new.x)
+                if hits and not soft and all(isinstance(h, Exact) for h in hits):
+                    # Several FROM items have it: PostgreSQL accepts that only for a column
+                    # merged by JOIN ... USING (or NATURAL), a copy of each of them.
+                    merged = hits[0]
+                    for h in hits[1:]:
+                        merged = _merge_using(merged, h)
+                    return merged
                 if hits:
                     return frozenset().union(*hits, *soft)
                 soft.extend(
@@ -972,7 +1065,12 @@ class StatementWalker:
     def sublink(self, v: Node, scope: Scope | None, acc: set[SourceColumn]) -> None:
         link = v.get("subLinkType", "")
         self._expr(v.get("testexpr"), scope, acc)
-        cols = self.query(v["subselect"], scope, scope.ctes if scope else {})
+        exists = link == "EXISTS_SUBLINK"
+        self.filter_depth += exists
+        try:
+            cols = self.query(v["subselect"], scope, scope.ctes if scope else {})
+        finally:
+            self.filter_depth -= exists
         lin: set[SourceColumn] = set()
         for _n, c in cols:
             lin |= c
@@ -993,8 +1091,10 @@ class StatementWalker:
         inner: set[SourceColumn] = set()
         self._expr(args, scope, inner)
         self._expr(v.get("agg_order"), scope, inner)
-        self.filters |= self.expr(v.get("agg_filter"), scope)
-        self.filters |= self.expr(v.get("over"), scope)
+        self.filters |= self.filter_expr(v.get("agg_filter"), scope)
+        self.filters |= self.filter_expr(v.get("over"), scope)
+        if v.get("over") is not None and self.shared.lineage_labels(inner):
+            self.row_mixing = True
         if name in SQL_TEXT_FUNCTIONS and (len(fname) == 1 or fname[0] == "pg_catalog"):
             self.unanalysable.append(f"{name}() runs SQL given as text")
         elif name in WHOLE_SCHEMA_FUNCTIONS and (len(fname) == 1 or fname[0] == "pg_catalog"):
@@ -1106,6 +1206,9 @@ class StatementWalker:
             elif kind == "ReturnStmt":
                 out |= sub.expr(n.get("returnval"), None)
         self.reads |= sub.reads
+        # What a function returns cannot be tied to the caller's rows: its reads count twice.
+        self._instance(sub.instances + sub.instances)
+        self.row_mixing |= bool(sub.instances)
         self.writes |= sub.writes
         self.functions |= sub.functions
         self.user_functions |= sub.user_functions
@@ -1142,6 +1245,20 @@ def _rename(r: Rel, alias_node: Node | None) -> Rel:
         return r
     cols = _apply_colnames(r.columns, colnames)
     return Rel(r.alias, cols, r.relation, r.labelled, r.opaque, r.schema, r.table)
+
+
+def _merge_using(left: Lineage, right: Lineage) -> Lineage:
+    if isinstance(left, Exact) and isinstance(right, Exact):
+        return Exact(left | right, left.columns | right.columns)
+    return left | right
+
+
+def _assign(lin: Lineage, assigned: Lineage | None) -> Lineage:
+    if not assigned:
+        return lin
+    if isinstance(lin, Exact):
+        return Exact(lin | assigned, lin.columns)
+    return lin | assigned
 
 
 def _apply_colnames(cols: Columns, colnames: list[str]) -> Columns:

@@ -27,9 +27,9 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from policy.engine import KnowCheck, ResultPlan, RowLimit, window_rule_key
+from policy.engine import KnowCheck, ResultPlan, RowLimit, Verdict, window_rule_key
 from policy.facts import SourceColumn
 from policy.model import Action
 from proxy import commands as cmd
@@ -260,16 +260,20 @@ class Tracker:
                 portal_name, _max_rows = execute_head(raw[start:end])
                 portal = self.portals.get(portal_name)
                 decision = portal.decision if portal is not None else None
+                plan = decision.plan if decision is not None else None
                 if (
                     decision is not None
-                    and decision.plan is not None
-                    and decision.plan.need_to_know
+                    and plan is not None
+                    and (plan.need_to_know or plan.window_rules)
                 ):
                     # A prepared statement run again, maybe long after its Parse: the lookup
-                    # for the person it was prepared for may have expired since.
-                    refresh = self._needs_fresh_counts([decision], windows=False)
+                    # for the person it was prepared for may have expired since, and what is
+                    # left of its windows is what the counters say now, not then.
+                    refresh = self._needs_fresh_counts([decision], windows=bool(plan.window_rules))
                     if refresh is not None:
                         return self._refresh_first(refresh, out, parts, raw, fwd, head)
+                    if plan.window_rules:
+                        decision = self._rejudged(decision)
                 self.stats.statements += 1
                 running = self._running(decision)
                 running.portal = portal_name
@@ -386,6 +390,28 @@ class Tracker:
         held, self.held = self.held, b""
         raw, frames = FrameReader(self.max_message, from_client=True).feed(held)
         return self._client_frames(raw, frames)
+
+    def _rejudged(self, decision: Decision) -> Decision:
+        """A prepared statement's decision with its window limits as the counters stand now
+        (psycopg prepares a statement run five times: judged once at its Parse, it read
+        past the hourly budget).  The server has it parsed, so a refusal can no longer
+        replace it: its result is cut off at the first row instead."""
+        plan = decision.plan
+        assert plan is not None
+        verdict = self.guard.engine.decide(decision.subject, decision.facts)
+        if verdict.plan is not None:
+            return Decision(decision.facts, verdict, decision.subject)
+        if not verdict.blocks:
+            return decision
+        prefix = f"pgwarden: blocked by rule {verdict.rule_id}: "
+        reason = verdict.message.removeprefix(prefix)
+        stop = RowLimit(verdict.rule_id or "", 0, None, plan.labels, reason, verdict.action, False)
+        return Decision(
+            decision.facts,
+            Verdict(Action.ALLOW, findings=verdict.findings,
+                    plan=replace(plan, limits=(stop, *plan.limits))),
+            decision.subject,
+        )  # fmt: skip
 
     def _running(self, decision: Decision | None) -> Running:
         running = Running(decision)
@@ -685,7 +711,7 @@ class Tracker:
         capture = running.capture
         if (
             not canary_values and len(capture) == 1 and len(capture[0][1]) == 1
-            and not (running.key_readers or plan.canary_keys)
+            and not (running.key_readers or plan.canary_keys or running.value_capture)
             and isinstance(reader, CopyRowReader)
         ):  # fmt: skip
             # One key column and nothing else to look for: all its values in one pass.
@@ -805,6 +831,15 @@ class Tracker:
                     (i, label)
                     for i, col in enumerate(running.columns or ())
                     for label in sorted(col.labels)
+                )
+            elif self.ledger and facts.value_positions:
+                # Labelled columns no key in the row accounts for (a ticket number beside
+                # the customer's key, another customer's email in a self-join): their values
+                # too, or who-saw would never find that data.
+                running.value_capture = tuple(
+                    (i, label)
+                    for i in facts.value_positions
+                    for label in sorted(facts.output[i].labels)
                 )
         know = []
         for check in plan.need_to_know:
@@ -1005,6 +1040,13 @@ class Tracker:
         self.discarding = True
         head = self.fifo[0] if self.fifo else None
         self.cut_simple = head is not None and head.kind == QUERY
+        if self.cut_simple and head is not None and head.running is running:
+            # Its event is written: when the server's ReadyForQuery comes in the same read
+            # (a small result the server had finished), it must not be written again as an
+            # allowed statement with the same rows and records (as the server fails the rest
+            # of the string after an error).
+            head.running = None
+            head.index = len(head.statements or ())
         if action is Action.END_SESSION:
             out.append(cmd.EndSession(message))
         if not self.cut_simple:
@@ -1089,7 +1131,8 @@ class Tracker:
             )
         decision = running.decision
         rows = running.rows
-        if tag and not (decision is not None and decision.limited):
+        # MOVE's tag counts the rows it skipped, none of which the client received.
+        if tag and not tag.startswith("MOVE") and not (decision is not None and decision.limited):
             last = tag.rsplit(" ", 1)[-1]
             if last.isdigit():
                 rows = int(last)
@@ -1100,23 +1143,35 @@ class Tracker:
             records: set[str] = set()
             for table, keys in running.keys.items():
                 records.update(self.guard.record_id(table, k) for k in keys)
-            if not records:
-                # No primary key in the result: count each row as its own record (fail closed).
-                records = {f"row:{id(running):x}:{i}" for i in range(rows)}
-            seen = frozenset(records)
+            # No primary key in the result, or labelled columns no key in the row accounts
+            # for (another customer's email beside a key that never changes): count each
+            # row as its own record (fail closed) for the labels concerned.
+            # Named uniquely: an id() of the Running comes back for a later statement (and
+            # the same in another worker), which made its rows the "same" records again.
+            uniq = uuid.uuid4().hex
+            by_row = frozenset(f"row:{uniq}:{i}" for i in range(rows))
+            keyed = frozenset(records) if records else by_row
+            facts = decision.facts if decision is not None else None
+            loose: set[str] = set()
+            if records and facts is not None:
+                for i in facts.value_positions:
+                    loose |= facts.output[i].labels
             for label in plan.labels:
                 windows = tuple(
                     r.window for r in plan.window_rules if r.window and r.covers_label(label)
                 )
                 if windows:
                     self.pending_counts += 1
+                    seen = by_row if label in loose else keyed
                     out.append(cmd.RecordUsage(who, label, rows, seen, windows))
             # Per rule as well: a rule over several labels limits distinct records carrying
             # any of them, or 200 emails, then 200 other customers' phones, then 200 more
             # names would each pass a per-label count.
             for r in plan.window_rules:
-                if r.window and any(r.covers_label(label) for label in plan.labels):
+                covered = [label for label in plan.labels if r.covers_label(label)]
+                if r.window and covered:
                     self.pending_counts += 1
+                    seen = by_row if loose.intersection(covered) else keyed
                     out.append(
                         cmd.RecordUsage(
                             who, window_rule_key(r.id), rows, seen, (r.window,),
