@@ -128,6 +128,9 @@ class Guard:
     _watchful: tuple[Subject, Engine, bool] | None = field(init=False, default=None)
     _shapes: dict[bytes, ResultShape] = field(init=False, default_factory=dict)
     _shapes_of: CatalogSnapshot | None = field(init=False, default=None)
+    # The end user named by SET pgwarden.end_user: the session's, until RESET.  A comment
+    # names the end user of its own statement only.
+    _session_end_user: str | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.sql = SqlSession(self.analyzer, user=self.subject.user)
@@ -142,16 +145,23 @@ class Guard:
         self.sql.set_startup_options(options)
 
     def _end_user(self, sql: str) -> None:
-        if "comment" in self.end_user_sources and "end_user" in sql:
+        """Who this statement is for: the end user its sqlcommenter comment names, else the
+        one the session SET (else nobody).  A comment does not carry over to the next
+        statement: on a pooled connection that is another person's, or a job's, and a
+        statement judged and recorded as the previous person's would blame them for it."""
+        sources = self.end_user_sources
+        named = None
+        if "comment" in sources and "end_user" in sql:
             m = _COMMENT_END_USER.search(sql)
             if m:
-                self._set_end_user(m.group(1))
-        if "set" in self.end_user_sources and "pgwarden" in sql:
+                named = m.group(1)
+        if "set" in sources and "pgwarden" in sql:
             m = _SET_END_USER.match(sql)
             if m:
-                self._set_end_user(m.group(1) or None)
+                self._session_end_user = m.group(1) or None
             elif _RESET_END_USER.match(sql):
-                self._set_end_user(None)
+                self._session_end_user = None
+        self._set_end_user(named if named is not None else self._session_end_user)
 
     def _set_end_user(self, name: str | None) -> None:
         s = self.subject

@@ -107,6 +107,38 @@ def test_every_statement_is_recorded_without_its_literals(
         assert secret not in everything  # the trail is not a second copy of the data
 
 
+def test_a_comment_names_the_end_user_of_its_own_statement_only(
+    audited: tuple[ProxyProcess, Path],
+) -> None:
+    """On a pooled connection the next statement is someone else's (or a job's): it must not
+    be judged, or recorded, as the person a comment named before it.  SET names the session's."""
+    p, db = audited
+    with psycopg.connect(dsn(p, "support_app"), autocommit=True) as conn:
+        conn.execute(
+            "/* end_user='alice' */ SELECT full_name FROM customers WHERE customer_id = 3"
+        ).fetchall()
+        conn.execute("SELECT count(*) AS untagged_1 FROM tickets").fetchall()
+        conn.execute("SET pgwarden.end_user = 'bob'")
+        conn.execute(
+            "/* end_user='carol' */ SELECT full_name FROM customers WHERE customer_id = 4"
+        ).fetchall()
+        conn.execute("SELECT count(*) AS untagged_2 FROM tickets").fetchall()
+        conn.execute("RESET pgwarden.end_user")
+        conn.execute("SELECT count(*) AS untagged_3 FROM tickets").fetchall()
+    p.stop()
+    reads = [
+        (r["statement"], r["end_user"])
+        for r in events(db)
+        if r["kind"] == "statement" and r["statement"].startswith("SELECT")
+    ]
+    assert [u for _t, u in reads] == ["alice", None, "carol", "bob", None]
+    assert [t.split(" AS ")[-1].split()[0] for t, _u in reads if "untagged" in t] == [
+        "untagged_1",
+        "untagged_2",
+        "untagged_3",
+    ]
+
+
 def test_refusals_and_canary_reads_are_recorded_and_alerted(
     audited: tuple[ProxyProcess, Path],
 ) -> None:
