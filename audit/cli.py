@@ -10,7 +10,7 @@ import asyncio
 import csv
 import functools
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,11 +33,36 @@ def _console() -> Console:
     return Console(width=None if sys.stdout.isatty() else 200)
 
 
+class CannotAnswer(click.ClickException):
+    """The question could not be answered (unreadable store, key or file).
+
+    Exit code 2, like click's usage errors, so that a script can tell it from ``verify``'s 1
+    ("the trail has a problem")."""
+
+    exit_code = 2
+
+
+_INPUT_ERRORS = (q.QueryError, LedgerKeyError, SigningKeyError, OSError)
+
+
 def _run(coro: Awaitable[Any]) -> Any:
     try:
         return asyncio.run(coro)  # type: ignore[arg-type]
-    except (q.QueryError, LedgerKeyError, SigningKeyError, FileNotFoundError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    except _INPUT_ERRORS as exc:
+        raise CannotAnswer(_sentence(exc)) from exc
+
+
+def _sentence(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename or 'a file'}: {exc.strerror}"
+    return str(exc)
+
+
+def _hasher(path: Path) -> RecordHasher:
+    try:
+        return RecordHasher(load_key(path))
+    except LedgerKeyError as exc:
+        raise CannotAnswer(str(exc)) from exc
 
 
 def store_options(fn: F) -> F:
@@ -205,8 +230,11 @@ def verify_cmd(
     public_key: Path | None, checkpoints: Path | None, chain_id: str | None,
 ) -> None:  # fmt: skip
     """Check the hash chain: report the first edited, deleted, reordered or missing event."""
-    pub = load_public_key(public_key) if public_key else None
-    ext = q.read_checkpoints(checkpoints) if checkpoints else []
+    try:
+        pub = load_public_key(public_key) if public_key else None
+        ext = q.read_checkpoints(checkpoints) if checkpoints else []
+    except _INPUT_ERRORS as exc:
+        raise CannotAnswer(_sentence(exc)) from exc
 
     async def go(store: q.Store) -> list[Any]:
         return await q.verify(store, public_key=pub, external=ext, chain_id=chain_id)
@@ -217,7 +245,13 @@ def verify_cmd(
 
         # One pass over the files, one streaming verifier per chain.
         verifiers: dict[str, ChainVerifier] = {}
-        for rec in read_jsonl(jsonl):
+        records = read_jsonl(jsonl)
+        for n, rec in enumerate(_readable(records, jsonl), 1):
+            if not isinstance(rec, dict) or not rec.keys() >= _CHAIN_FIELDS:
+                raise CannotAnswer(
+                    f"event {n} of {jsonl} is not an audit event (no chain_id, seq, hash); "
+                    "is this a pgwarden JSON lines trail?"
+                )
             cid = str(rec.get("chain_id"))
             if chain_id is not None and cid != chain_id:
                 continue
@@ -259,6 +293,25 @@ def verify_cmd(
                 "[yellow]no --public-key: checkpoint signatures were not checked[/yellow]"
             )
     sys.exit(0 if ok else 1)
+
+
+_CHAIN_FIELDS = {"chain_id", "seq", "prev_hash", "hash"}
+
+
+def _readable(records: Iterator[Any], path: Path) -> Iterator[Any]:
+    """The records of a JSON lines trail; a line that is not JSON ends the run with a sentence
+    (a torn last line after a crash, or a file that is not a trail at all)."""
+    n = 0
+    try:
+        for rec in records:
+            n += 1
+            yield rec
+    except orjson.JSONDecodeError as exc:
+        raise CannotAnswer(
+            f"{path}: event {n + 1} is not valid JSON ({exc}); is this a pgwarden JSON lines trail?"
+        ) from exc
+    except OSError as exc:
+        raise CannotAnswer(_sentence(exc)) from exc
 
 
 # --- queries ---------------------------------------------------------------------------------
@@ -491,7 +544,7 @@ def who_saw_cmd(
     since: str | None, until: str | None,
 ) -> None:  # fmt: skip
     """Which sessions and people received a given record (or labelled value)."""
-    hasher = RecordHasher(load_key(ledger_key))
+    hasher = _hasher(ledger_key)
     rows = _run(
         _with_store(
             db, dsn, schema,
@@ -547,7 +600,7 @@ def records_seen_cmd(
     resolve_dsn: str | None,
 ) -> None:  # fmt: skip
     """Count and export the distinct records one person received: the notification list."""
-    hasher = RecordHasher(load_key(ledger_key))
+    hasher = _hasher(ledger_key)
 
     async def go(store: q.Store) -> q.RecordsSeen:
         res = await q.records_seen(

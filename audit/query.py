@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -121,6 +122,30 @@ class SQLiteStore:
             self._conn = connect(path, readonly=True)
         except FileNotFoundError as exc:
             raise QueryError(str(exc)) from exc
+        except sqlite3.Error as exc:
+            raise QueryError(f"cannot open the audit database {path}: {exc}") from exc
+        self._path = path
+        try:
+            tables = {
+                r[0]
+                for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
+        except sqlite3.DatabaseError as exc:
+            self._conn.close()
+            raise QueryError(
+                f"{path} is not an SQLite database ({exc}); --db names the file the proxy's "
+                "SQLite audit sink writes"
+            ) from exc
+        if not {"events", "ledger"} <= tables:
+            self._conn.close()
+            raise QueryError(
+                f"{path} is not a pgwarden audit database (it has no events and ledger tables)"
+            )
+
+    def _error(self, exc: sqlite3.Error) -> QueryError:
+        # A writer holding the file for longer than the busy timeout, a damaged file: the
+        # responder gets a sentence, not a traceback.
+        return QueryError(f"reading the audit database {self._path} failed: {exc}")
 
     def _prep(self, sql: str, args: Sequence[Any]) -> tuple[str, list[Any]]:
         sql = sql.replace("{events}", "events").replace("{ledger}", "ledger")
@@ -128,17 +153,23 @@ class SQLiteStore:
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
         q, params = self._prep(sql, args)
-        return [dict(r) for r in self._conn.execute(q, params).fetchall()]
+        try:
+            return [dict(r) for r in self._conn.execute(q, params).fetchall()]
+        except sqlite3.Error as exc:
+            raise self._error(exc) from exc
 
     async def stream(self, sql: str, *args: Any) -> AsyncIterator[Row]:
         q, params = self._prep(sql, args)
-        cur = self._conn.execute(q, params)
-        while True:
-            rows = cur.fetchmany(1000)
-            if not rows:
-                return
-            for r in rows:
-                yield dict(r)
+        try:
+            cur = self._conn.execute(q, params)
+            while True:
+                rows = cur.fetchmany(1000)
+                if not rows:
+                    return
+                for r in rows:
+                    yield dict(r)
+        except sqlite3.Error as exc:
+            raise self._error(exc) from exc
 
     async def close(self) -> None:
         self._conn.close()
@@ -161,8 +192,21 @@ class PostgresStore:
             raise QueryError(f"the audit schema name {schema!r} must be a plain identifier")
         try:
             conn = await asyncpg.connect(dsn, timeout=10)
-        except (OSError, asyncpg.PostgresError) as exc:
+        except (OSError, TimeoutError, ValueError, asyncpg.PostgresError) as exc:
+            # ValueError covers asyncpg's ClientConfigurationError (a malformed DSN); its
+            # text names the part of the DSN that is wrong, never the password.
             raise QueryError(f"cannot connect to the PostgreSQL audit store: {exc}") from exc
+        found = await conn.fetchval(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = $1 AND tablename IN "
+            "('events', 'ledger')",
+            schema,
+        )
+        if found != 2:
+            await conn.close()
+            raise QueryError(
+                f"the PostgreSQL database has no pgwarden audit store in schema {schema!r} "
+                "(no events and ledger tables there); check --dsn and --schema"
+            )
         return cls(conn, schema)
 
     def _prep(self, sql: str) -> str:
@@ -179,12 +223,22 @@ class PostgresStore:
         return re.sub(r"\?", num, sql)
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
-        return [dict(r) for r in await self._conn.fetch(self._prep(sql), *args)]
+        import asyncpg
+
+        try:
+            return [dict(r) for r in await self._conn.fetch(self._prep(sql), *args)]
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise QueryError(f"reading the PostgreSQL audit store failed: {exc}") from exc
 
     async def stream(self, sql: str, *args: Any) -> AsyncIterator[Row]:
-        async with self._conn.transaction():
-            async for r in self._conn.cursor(self._prep(sql), *args, prefetch=1000):
-                yield dict(r)
+        import asyncpg
+
+        try:
+            async with self._conn.transaction():
+                async for r in self._conn.cursor(self._prep(sql), *args, prefetch=1000):
+                    yield dict(r)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise QueryError(f"reading the PostgreSQL audit store failed: {exc}") from exc
 
     async def close(self) -> None:
         await self._conn.close()
@@ -461,13 +515,19 @@ def read_checkpoints(path: Path) -> list[ExternalCheckpoint]:
     """Checkpoints saved from the alert channel or checkpoint file (JSON lines; a line may be
     the checkpoint itself or an alert whose ``details`` hold it)."""
     out = []
-    for line in Path(path).read_bytes().splitlines():
+    for n, line in enumerate(Path(path).read_bytes().splitlines(), 1):
         if not line.strip():
             continue
-        d = orjson.loads(line)
-        if "details" in d and "signature" in d.get("details", {}):
-            d = d["details"]
-        out.append(ExternalCheckpoint.from_dict(d))
+        try:
+            d = orjson.loads(line)
+            if "details" in d and "signature" in d.get("details", {}):
+                d = d["details"]
+            out.append(ExternalCheckpoint.from_dict(d))
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise QueryError(
+                f"line {n} of {path} is not a checkpoint (a JSON object with chain_id, seq, "
+                "hash, signature)"
+            ) from exc
     return out
 
 

@@ -1,0 +1,116 @@
+"""``pgwarden audit ...`` run as a subprocess, the way a responder under time pressure runs it:
+wrong files, misspelt names, odd time formats, hostile values sent by a client through the
+real proxy, and a store that pgwarden is still writing.
+
+Expected answers come from the seeded scenario (``tests/audit_scenario.py``) or from what the
+test itself sent, never from the code under test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from audit.pipeline import AuditConfig, AuditTrail, SQLiteSinkConfig
+from tests.audit_scenario import seed
+from tests.proxyutil import pgwarden_command
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*pgwarden_command(), "audit", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def ok(*args: str) -> str:
+    res = cli(*args)
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr
+    return res.stdout
+
+
+def js(*args: str) -> Any:
+    return orjson.loads(ok(*args, "--json"))
+
+
+def refused(*args: str) -> str:
+    """A command that cannot answer: exit 2 and one sentence, never a traceback."""
+    res = cli(*args)
+    assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr and "Error:" in res.stderr, res.stderr
+    return res.stderr
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """The data rows of a table the CLI printed (rich box drawing)."""
+    return [
+        [c.strip() for c in line.strip().strip("│").split("│")]
+        for line in text.splitlines()
+        if line.startswith("│")
+    ]
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("responder")
+    asyncio.run(seed(d))
+    return d
+
+
+def test_a_file_that_is_not_an_audit_store_is_named_as_such(tmp_path: Path) -> None:
+    other = tmp_path / "other.db"
+    conn = sqlite3.connect(other)
+    conn.execute("CREATE TABLE customers (id int)")
+    conn.commit()
+    conn.close()
+    (tmp_path / "notes.txt").write_text("incident notes\n")
+    (tmp_path / "empty.db").write_bytes(b"")
+    for name in ("other.db", "empty.db"):
+        for cmd in ("search", "top", "verify"):
+            err = refused(cmd, "--db", str(tmp_path / name))
+            assert "is not a pgwarden audit database" in err
+    err = refused("timeline", "--db", str(tmp_path / "notes.txt"), "--end-user", "bob")
+    assert "is not an SQLite database" in err
+
+
+def test_unreadable_keys_and_files_are_sentences(scenario: Path, tmp_path: Path) -> None:
+    db = ["--db", str(scenario / "audit.db")]
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a key\n")
+    err = refused("who-saw", *db, "--ledger-key", str(notes), "--table", "customers", "--key", "1")
+    assert "does not hold a hex key" in err
+    err = refused("verify", *db, "--public-key", str(notes))
+    assert "is not a PEM key" in err
+    err = refused("verify", *db, "--checkpoints", str(notes))
+    assert "line 1" in err and "is not a checkpoint" in err
+    err = refused("verify", "--jsonl", str(notes))
+    assert "event 1 is not valid JSON" in err
+    (tmp_path / "x.jsonl").write_text('{"user": "bob"}\n')
+    err = refused("verify", "--jsonl", str(tmp_path / "x.jsonl"))
+    assert "is not an audit event" in err
+    err = refused("top", "--dsn", "host=audit-db port=notaport password=hunter2")
+    assert "cannot connect to the PostgreSQL audit store" in err and "hunter2" not in err
+
+
+def test_an_empty_store_answers_empty(tmp_path: Path) -> None:
+    async def create() -> None:
+        trail = AuditTrail(AuditConfig(sinks=[SQLiteSinkConfig(path=tmp_path / "audit.db")]))
+        await trail.start()
+        await trail.close()
+
+    asyncio.run(create())
+    db = ["--db", str(tmp_path / "audit.db")]
+    assert js("search", *db) == [] and js("top", *db) == [] and js("sessions", *db) == []
+    assert "no matching events" in ok("search", *db)
+    assert "holds no events" in ok("verify", *db)
