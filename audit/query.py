@@ -141,6 +141,10 @@ class SQLiteStore:
             raise QueryError(
                 f"{path} is not a pgwarden audit database (it has no events and ledger tables)"
             )
+        # One read transaction for the whole command: every query sees the same snapshot
+        # while pgwarden goes on writing (WAL), so verify never pairs events with a ledger
+        # read a moment earlier, and top's two queries count the same events.
+        self._conn.execute("BEGIN")
 
     def _error(self, exc: sqlite3.Error) -> QueryError:
         # A writer holding the file for longer than the busy timeout, a damaged file: the
@@ -172,6 +176,7 @@ class SQLiteStore:
             raise self._error(exc) from exc
 
     async def close(self) -> None:
+        self._conn.rollback()
         self._conn.close()
 
 
@@ -207,6 +212,9 @@ class PostgresStore:
                 f"the PostgreSQL database has no pgwarden audit store in schema {schema!r} "
                 "(no events and ledger tables there); check --dsn and --schema"
             )
+        # One snapshot for the whole command while writers go on (see SQLiteStore); the
+        # streams' own transactions become savepoints inside it.
+        await conn.transaction(isolation="repeatable_read", readonly=True).start()
         return cls(conn, schema)
 
     def _prep(self, sql: str) -> str:

@@ -12,6 +12,9 @@ import asyncio
 import os
 import sqlite3
 import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -114,3 +117,57 @@ def test_an_empty_store_answers_empty(tmp_path: Path) -> None:
     assert js("search", *db) == [] and js("top", *db) == [] and js("sessions", *db) == []
     assert "no matching events" in ok("search", *db)
     assert "holds no events" in ok("verify", *db)
+
+
+WRITER = textwrap.dedent(
+    """
+    import asyncio, sys, time
+    from pathlib import Path
+    from audit.events import AuditEvent, Subject
+    from audit.pipeline import AuditConfig, AuditTrail, SQLiteSinkConfig
+
+    async def main() -> None:
+        d = Path(sys.argv[1])
+        subject = Subject("support_app", "support", "helpdesk", "10.0.0.5", True, "bob")
+        trail = AuditTrail(AuditConfig(sinks=[SQLiteSinkConfig(path=d / "live.db")],
+                                       ledger_key=d / "ledger.key", checkpoint_every=500))
+        await trail.start()
+        print("started", flush=True)
+        i = 0
+        while not (d / "stop").exists():
+            i += 1
+            await trail.submit(AuditEvent.statement_event(
+                "s1", subject, fingerprint="f", statement="SELECT email FROM customers",
+                relations=["public.customers"], labels=["pii.email"], rows=2,
+                ledger_keys={"customers": [str(i), str(i + 1)]}))
+        await trail.close()
+        print(i, flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_reading_while_pgwarden_writes(tmp_path: Path) -> None:
+    assert cli("keygen", "--ledger", "--out", str(tmp_path / "ledger.key")).returncode == 0
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert writer.stdout is not None and writer.stdout.readline().strip() == "started"
+        time.sleep(1.0)
+        db = ["--db", str(tmp_path / "live.db")]
+        for _ in range(8):
+            # verify reads the ledger and the events: both must come from one snapshot, or
+            # events committed in between look like deleted ledger rows ("ledger_edited").
+            res = cli("verify", *db, "--json")
+            assert res.returncode == 0, res.stdout[:2000] + res.stderr
+            assert orjson.loads(res.stdout)["intact"] is True
+            top = js("top", *db)
+            assert isinstance(top, list) and top[0]["person"] == "bob"
+            # every row a statement returned is a record: the two counts come from one snapshot
+            assert top[0]["distinct_records"] == top[0]["labelled_rows"] // 2 + 1
+    finally:
+        (tmp_path / "stop").touch()
+        out, _ = writer.communicate(timeout=60)
+    assert writer.returncode == 0 and int(out.split()[-1]) > 0
