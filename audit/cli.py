@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import functools
+import re
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import datetime
@@ -18,7 +19,9 @@ from typing import Any, TypeVar
 import click
 import orjson
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from audit import query as q
 from audit.chain import SigningKeyError, generate_signing_key, load_public_key
@@ -150,7 +153,7 @@ def _emit(
     if as_json:
         sys.stdout.buffer.write(orjson.dumps(list(rows), option=orjson.OPT_INDENT_2) + b"\n")
         return
-    table = Table(title=title)
+    table = Table(title=Text(title) if title else None)
     for c in cols:
         table.add_column(c, overflow="fold")
     for r in rows:
@@ -160,12 +163,30 @@ def _emit(
         _console().print("[dim]no matching events[/dim]")
 
 
-def _cell(v: Any) -> str:
+# Terminal control characters (ESC starts colour, cursor and hyperlink sequences; CR
+# overwrites a line) and bidi overrides that reorder what is shown.  Application names, end
+# users and statement text come from clients: they must reach the responder's terminal as
+# visible escapes, never as instructions to it.
+_UNSAFE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _visible(text: str) -> str:
+    return _UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
+
+
+def _cell(v: Any) -> Text:
+    # A Text is never parsed as rich markup: a value such as "[/]" would otherwise crash the
+    # table, and "[white on white]" would hide itself.
     if v is None:
-        return ""
+        return Text("")
     if isinstance(v, list):
-        return ", ".join(map(str, v))
-    return str(v)
+        return Text(_visible(", ".join(map(str, v))))
+    return Text(_visible(str(v)))
+
+
+def _safe(v: Any) -> str:
+    """A stored value to embed in a rich markup string."""
+    return escape(_visible(str(v)))
 
 
 @click.group("audit")
@@ -278,12 +299,14 @@ def verify_cmd(
         for r in reports:
             if r.intact:
                 _console().print(
-                    f"[green]chain {r.chain_id}: intact[/green] — {r.events} events "
+                    f"[green]chain {_safe(r.chain_id)}: intact[/green] — {r.events} events "
                     f"({r.first_seq}..{r.last_seq}), {r.checkpoints} checkpoints"
                 )
             else:
                 first = r.problems[0]
-                _console().print(f"[red]chain {r.chain_id}: {first.kind}[/red] — {first.message}")
+                _console().print(
+                    f"[red]chain {_safe(r.chain_id)}: {first.kind}[/red] — {_safe(first.message)}"
+                )
                 if len(r.problems) > 1:
                     _console().print(
                         f"  and {len(r.problems) - 1} more problem(s); --json lists them all"
@@ -574,7 +597,7 @@ def who_saw_cmd(
         n_sessions = len({r["session_id"] for r in rows})
         _console().print(
             f"{len(rows)} statement(s) in {n_sessions} session(s) by: "
-            f"{', '.join(people) or 'nobody'}"
+            f"{_safe(', '.join(people)) or 'nobody'}"
         )
 
 
@@ -623,11 +646,11 @@ def records_seen_cmd(
         sys.stdout.buffer.write(orjson.dumps(res.as_dict(), option=orjson.OPT_INDENT_2) + b"\n")
         return
     _console().print(
-        f"{end_user} received {len(res.records)} distinct record(s) of {res.table}"
+        f"{_safe(end_user)} received {len(res.records)} distinct record(s) of {_safe(res.table)}"
         + (f"; {res.resolved} resolved to keys" if resolve_dsn else "")
     )
     if out:
-        _console().print(f"list written to {out}")
+        _console().print(f"list written to {_safe(out)}")
     else:
         _emit(res.records[:50], ["digest", "key", "first_seen", "last_seen", "times"], False)
         if len(res.records) > 50:

@@ -15,15 +15,19 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
+import psycopg
 import pytest
 
 from audit.pipeline import AuditConfig, AuditTrail, SQLiteSinkConfig
+from loadtests.cluster import Cluster
 from tests.audit_scenario import seed
-from tests.proxyutil import pgwarden_command
+from tests.proxyutil import ProxyProcess, pgwarden_command
+from tests.support_data import DB, POLICY
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -117,6 +121,65 @@ def test_an_empty_store_answers_empty(tmp_path: Path) -> None:
     assert js("search", *db) == [] and js("top", *db) == [] and js("sessions", *db) == []
     assert "no matching events" in ok("search", *db)
     assert "holds no events" in ok("verify", *db)
+
+
+HOSTILE_APP = '=HYPERLINK("http://e.x","go")[/]<script>alert(1)</script>'
+# End users arrive in a sqlcommenter comment: no quote, no '*'.
+HOSTILE_USERS = [
+    "<script>alert(2)</script>",
+    "[/]mallory",
+    "+cmd|/C calc!A0",
+    "@SUM(1+1)",
+    "-2+3",
+    "ev\x1b[2Jil\x1b]8;;http://evil.example\x07",
+    'a,b"c\nd',
+]
+
+
+@pytest.fixture
+def hostile_trail(pg: Cluster, enforce_db: str, tmp_path: Path) -> Iterator[tuple[Path, list[str]]]:
+    """A trail written by the real proxy for a client that chose its own application name
+    and end-user names."""
+    ledger = tmp_path / "ledger.key"
+    assert cli("keygen", "--ledger", "--out", str(ledger)).returncode == 0
+    db = tmp_path / "audit.db"
+    config = {
+        "policy_file": str(POLICY),
+        "catalog_user": "postgres",
+        "audit": {"sinks": [{"type": "sqlite", "path": str(db)}], "ledger_key": str(ledger)},
+    }
+    p = ProxyProcess(pg, tmp_path / "proxy", config=config)
+    users = list(HOSTILE_USERS)
+    try:
+        conninfo = p.pg.dsn(user="support_app", port=p.port, dbname=DB, sslmode="disable")
+        with psycopg.connect(conninfo, autocommit=True, application_name=HOSTILE_APP) as conn:
+            for i, user in enumerate(users, 1):
+                conn.execute(
+                    f"/* end_user='{user}' */ SELECT customer_id, full_name, email FROM customers "
+                    f"WHERE customer_id = {i}"
+                ).fetchall()
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    conn.execute(f"/* end_user='{user}' */ SELECT * FROM customers")
+    finally:
+        p.stop()
+    yield db, users
+
+
+def test_hostile_values_neither_crash_nor_drive_the_terminal(
+    hostile_trail: tuple[Path, list[str]],
+) -> None:
+    db, users = hostile_trail
+    recorded = {r["end_user"] for r in js("search", "--db", str(db), "--kind", "statement")}
+    assert recorded == set(users)
+    # rich markup in a value ("[/]") crashed the table view; "[bold]" would restyle it
+    for cmd in (["search"], ["top"], ["timeline", "--end-user", "[/]mallory"]):
+        out = ok(*cmd, "--db", str(db))
+        assert "\x1b" not in out, cmd  # shown as the text \x1b, never sent to the terminal
+        assert "[/]mallory" in out, cmd
+    assert "\\x1b[2J" in ok("search", "--db", str(db))
+    who = ok("who-saw", "--db", str(db), "--ledger-key", str(db.parent / "ledger.key"),
+             "--table", "customers", "--key", "2")  # fmt: skip
+    assert "[/]mallory" in who.splitlines()[-1]
 
 
 WRITER = textwrap.dedent(
