@@ -380,7 +380,7 @@ def sessions_cmd(
         "session_id",
         "started",
         "last_seen",
-        "end_user",
+        "end_users",
         "db_user",
         "application",
         "client_addr",

@@ -75,6 +75,8 @@ class Dialect:
     # True when the packed digests of ledger row l hold the digest parameter at a 16-byte
     # boundary (a misaligned match would straddle two digests).
     holds_digest: str
+    # The distinct end users of a group of events, as a JSON array (SQLite) or text[].
+    end_users: str
 
 
 SQLITE = Dialect(
@@ -84,6 +86,7 @@ SQLITE = Dialect(
     has_relation="EXISTS (SELECT 1 FROM json_each(e.relations) WHERE value = ?)",
     has_label="EXISTS (SELECT 1 FROM json_each(e.labels) WHERE value = ?)",
     holds_digest="instr(l.digests, ?) % 16 = 1",
+    end_users="json_group_array(DISTINCT e.end_user) FILTER (WHERE e.end_user IS NOT NULL)",
 )
 POSTGRES = Dialect(
     name="postgres",
@@ -92,6 +95,7 @@ POSTGRES = Dialect(
     has_relation="? = ANY(e.relations)",
     has_label="? = ANY(e.labels)",
     holds_digest="position(? in l.digests) % 16 = 1",
+    end_users="array_agg(DISTINCT e.end_user) FILTER (WHERE e.end_user IS NOT NULL)",
 )
 
 
@@ -356,6 +360,7 @@ async def sessions(store: Store, f: Filters, limit: int = 200) -> list[Row]:
         SELECT e.session_id,
                MIN(e.ts) AS started, MAX(e.ts) AS last_seen,
                MAX(e.db_user) AS db_user, MAX(e.end_user) AS end_user,
+               {d.end_users} AS end_users,
                MAX(e.application) AS application, MAX(e.client_addr) AS client_addr,
                COUNT(*) FILTER (WHERE e.kind = 'statement') AS statements,
                COALESCE(SUM(CASE WHEN e.kind = 'statement' AND {d.labelled}
@@ -371,7 +376,14 @@ async def sessions(store: Store, f: Filters, limit: int = 200) -> list[Row]:
         *args,
         limit,
     )
-    return [_plain(r) for r in rows]
+    # An application's pooled connection serves many people: one session, several end users.
+    return [{**_plain(r), "end_users": _names(r["end_users"])} for r in rows]
+
+
+def _names(v: Any) -> list[str]:
+    if v is None:
+        return []
+    return sorted(orjson.loads(v) if isinstance(v, str) else v)
 
 
 def _scalar(v: Any) -> Any:

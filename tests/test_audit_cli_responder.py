@@ -172,7 +172,7 @@ def test_hostile_values_neither_crash_nor_drive_the_terminal(
     recorded = {r["end_user"] for r in js("search", "--db", str(db), "--kind", "statement")}
     assert recorded == set(users)
     # rich markup in a value ("[/]") crashed the table view; "[bold]" would restyle it
-    for cmd in (["search"], ["top"], ["timeline", "--end-user", "[/]mallory"]):
+    for cmd in (["search"], ["sessions"], ["top"], ["timeline", "--end-user", "[/]mallory"]):
         out = ok(*cmd, "--db", str(db))
         assert "\x1b" not in out, cmd  # shown as the text \x1b, never sent to the terminal
         assert "[/]mallory" in out, cmd
@@ -180,6 +180,9 @@ def test_hostile_values_neither_crash_nor_drive_the_terminal(
     who = ok("who-saw", "--db", str(db), "--ledger-key", str(db.parent / "ledger.key"),
              "--table", "customers", "--key", "2")  # fmt: skip
     assert "[/]mallory" in who.splitlines()[-1]
+    # One pooled connection, several people: the session lists every one of them.
+    (session,) = js("sessions", "--db", str(db))
+    assert session["end_users"] == sorted(users)
 
 
 WRITER = textwrap.dedent(
