@@ -189,6 +189,24 @@ def _safe(v: Any) -> str:
     return escape(_visible(str(v)))
 
 
+# Spreadsheets run a cell that starts with one of these as a formula (=HYPERLINK(...),
+# +cmd|'/C calc'!A0, @SUM(...)); OWASP's defence is a leading apostrophe, which the
+# spreadsheet shows as text.  Plain numbers such as -5 are left alone: no formula there.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = re.compile(r"[+-]?\d+(\.\d+)?([eE][+-]?\d+)?")
+
+
+def csv_cell(v: Any) -> Any:
+    """A value as written to a CSV file a responder may open in a spreadsheet."""
+    if v is None:
+        return ""
+    if isinstance(v, list | dict):
+        v = orjson.dumps(v).decode()
+    if isinstance(v, str) and v.startswith(_FORMULA_START) and not _NUMBER.fullmatch(v):
+        return "'" + v
+    return v
+
+
 @click.group("audit")
 def audit_group() -> None:
     """Query and verify the audit trail."""
@@ -474,12 +492,7 @@ def export_cmd(
             async for row in q.export(store, f):
                 n += 1
                 if writer:
-                    writer.writerow(
-                        {
-                            k: (orjson.dumps(v).decode() if isinstance(v, list | dict) else v)
-                            for k, v in row.items()
-                        }
-                    )
+                    writer.writerow({k: csv_cell(v) for k, v in row.items()})
                 else:
                     fh.write(orjson.dumps(row, option=orjson.OPT_SORT_KEYS).decode() + "\n")
         finally:
@@ -640,7 +653,11 @@ def records_seen_cmd(
             w.writerow(["digest", "key", "first_seen", "last_seen", "times"])
             for r in res.records:
                 w.writerow(
-                    [r["digest"], r.get("key", ""), r["first_seen"], r["last_seen"], r["times"]]
+                    [
+                        csv_cell(v)
+                        for v in (r["digest"], r.get("key"), r["first_seen"], r["last_seen"])
+                    ]
+                    + [r["times"]]
                 )
     if as_json:
         sys.stdout.buffer.write(orjson.dumps(res.as_dict(), option=orjson.OPT_INDENT_2) + b"\n")

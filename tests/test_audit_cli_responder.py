@@ -9,6 +9,8 @@ test itself sent, never from the code under test.
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import os
 import sqlite3
 import subprocess
@@ -183,6 +185,71 @@ def test_hostile_values_neither_crash_nor_drive_the_terminal(
     # One pooled connection, several people: the session lists every one of them.
     (session,) = js("sessions", "--db", str(db))
     assert session["end_users"] == sorted(users)
+
+
+def test_csv_export_defuses_spreadsheet_formulas(
+    hostile_trail: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    db, users = hostile_trail
+    out = tmp_path / "events.csv"
+    ok("export", "--db", str(db), "--format", "csv", "--out", str(out), "--kind", "statement")
+    rows = list(csv.DictReader(io.StringIO(out.read_text(), newline="")))
+    assert len(rows) == 2 * len(users)  # the CSV holds every event, newlines and all
+    for r in rows:
+        assert r["application"] == "'" + HOSTILE_APP  # starts with '='
+    exported = {r["end_user"] for r in rows}
+    for user in users:
+        dangerous = user[0] in "=+-@\t\r"
+        assert ("'" + user if dangerous else user) in exported, user
+    assert {r["rows"] for r in rows} <= {"0", "1"}  # numbers stay numbers
+    # JSON lines stay exact, for machines.
+    lines = ok("export", "--db", str(db), "--kind", "statement").splitlines()
+    assert {orjson.loads(x)["application"] for x in lines} == {HOSTILE_APP}
+
+
+def test_records_seen_list_defuses_formulas_in_resolved_keys(pg: Cluster, tmp_path: Path) -> None:
+    # Text primary keys come from the monitored database, where anyone who can insert a row
+    # chooses them.
+    keys = ['=HYPERLINK("http://e.x","go")', "@cmd", "-5", "plain"]
+    pg.psql(
+        "DROP DATABASE IF EXISTS notes_db WITH (FORCE); CREATE DATABASE notes_db;",
+        database="postgres",
+    )
+    pg.psql(
+        "CREATE TABLE notes (id text PRIMARY KEY);"
+        + "".join(f"INSERT INTO notes VALUES ('{k}');" for k in keys),
+        database="notes_db",
+    )
+
+    async def write() -> None:
+        from audit.events import AuditEvent, Subject
+        from audit.ledger import generate_key_file
+
+        generate_key_file(tmp_path / "ledger.key")
+        eve = Subject("support_app", "support", "helpdesk", "10.0.0.7", True, "eve")
+        trail = AuditTrail(
+            AuditConfig(
+                sinks=[SQLiteSinkConfig(path=tmp_path / "audit.db")],
+                ledger_key=tmp_path / "ledger.key",
+            )
+        )
+        await trail.start()
+        await trail.submit(
+            AuditEvent.statement_event(
+                "s-eve", eve, fingerprint="n", statement="SELECT id FROM notes",
+                relations=["public.notes"], labels=["pii.note"], rows=len(keys),
+                ledger_keys={"public.notes": keys},
+            )
+        )  # fmt: skip
+        await trail.close()
+
+    asyncio.run(write())
+    out = tmp_path / "eve.csv"
+    ok("records-seen", "--db", str(tmp_path / "audit.db"), "--ledger-key",
+       str(tmp_path / "ledger.key"), "--end-user", "eve", "--table", "notes",
+       "--out", str(out), "--resolve-dsn", pg.url(database="notes_db"))  # fmt: skip
+    listed = {r["key"] for r in csv.DictReader(io.StringIO(out.read_text(), newline=""))}
+    assert listed == {"'" + keys[0], "'@cmd", "-5", "plain"}
 
 
 WRITER = textwrap.dedent(
