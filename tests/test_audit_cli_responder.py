@@ -252,6 +252,17 @@ def test_records_seen_list_defuses_formulas_in_resolved_keys(pg: Cluster, tmp_pa
     assert listed == {"'" + keys[0], "'@cmd", "-5", "plain"}
 
 
+def test_html_report_escapes_client_values(hostile_trail: tuple[Path, list[str]]) -> None:
+    db, _ = hostile_trail
+    page = db.parent / "report.html"
+    ok("report", "--db", str(db), "--html", str(page))
+    html = page.read_text()
+    assert "<script" not in html.lower()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html  # the application, shown as text
+    assert "Content-Security-Policy" in html and "default-src 'none'" in html
+    assert "<polyline" in html and "<svg" in html  # the plot still renders
+
+
 WRITER = textwrap.dedent(
     """
     import asyncio, sys, time
