@@ -608,8 +608,38 @@ async def who_saw(
             *args,
         )
         out.extend({**clean(r), "matched": rel} for r in rows)
+    if not out:
+        if key is not None:
+            await _check_known(store, (KIND_KEY, LEGACY_KIND_KEY), qualify(str(table)), "table")
+        elif label:
+            await _check_known(store, (KIND_VALUE, LEGACY_KIND_VALUE), label, "label")
+        elif not targets:
+            raise QueryError("the record ledger holds no labelled values at all")
     out.sort(key=lambda r: r["ts"])
     return out
+
+
+async def _check_known(store: Store, kinds: tuple[str, str], name: str, what: str) -> None:
+    """Raise when the ledger never recorded ``name``: an empty answer for a misspelt table or
+    label ("customer") would read as "nobody saw anything"."""
+    marks = ", ".join("?" * len(kinds))
+    hit = await store.fetch(
+        f"SELECT 1 AS x FROM {{ledger}} WHERE relation = ? AND kind IN ({marks}) LIMIT 1",
+        name,
+        *kinds,
+    )
+    if hit:
+        return
+    known = [
+        r["relation"]
+        for r in await store.fetch(
+            f"SELECT DISTINCT relation FROM {{ledger}} WHERE kind IN ({marks}) ORDER BY 1", *kinds
+        )
+    ]
+    raise QueryError(
+        f"the record ledger has nothing for the {what} {name!r} (check the spelling); "
+        + (f"{what}s in the ledger: {', '.join(known)}" if known else f"it names no {what} at all")
+    )
 
 
 @dataclass
@@ -671,6 +701,8 @@ async def records_seen(
             else:
                 s[1] = ts
                 s[2] += 1
+    if not seen:
+        await _check_known(store, (KIND_KEY, LEGACY_KIND_KEY), rel, "table")
     recs = [
         {"digest": d.hex(), "first_seen": f, "last_seen": la, "times": n}
         | ({"legacy": True} if d in legacy else {})

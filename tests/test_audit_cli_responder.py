@@ -112,6 +112,21 @@ def test_unreadable_keys_and_files_are_sentences(scenario: Path, tmp_path: Path)
     assert "cannot connect to the PostgreSQL audit store" in err and "hunter2" not in err
 
 
+def test_misspelt_table_or_label_is_not_answered_with_zero(scenario: Path) -> None:
+    common = ["--db", str(scenario / "audit.db"), "--ledger-key", str(scenario / "ledger.key")]
+    # "customer" for "customers": "bob received 0 records" would end an investigation.
+    err = refused("records-seen", *common, "--end-user", "bob", "--table", "customer")
+    assert "public.customer'" in err and "public.customers" in err
+    err = refused("who-saw", *common, "--table", "customer", "--key", "42")
+    assert "public.customers" in err
+    err = refused("who-saw", *common, "--value", "carol@example.com", "--label", "pii.emial")
+    assert "pii.email" in err
+    # A real table read by nobody in the window is a true zero, not an error.
+    out = js("records-seen", *common, "--end-user", "bob", "--table", "customers",
+             "--since", "2026-11-03")  # fmt: skip
+    assert out["distinct_records"] == 0
+
+
 def test_an_empty_store_answers_empty(tmp_path: Path) -> None:
     async def create() -> None:
         trail = AuditTrail(AuditConfig(sinks=[SQLiteSinkConfig(path=tmp_path / "audit.db")]))
