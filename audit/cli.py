@@ -25,6 +25,7 @@ from rich.text import Text
 
 from audit import query as q
 from audit.chain import SigningKeyError, generate_signing_key, load_public_key
+from audit.events import ts_of
 from audit.ledger import LedgerKeyError, RecordHasher, generate_key_file, load_key
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -87,6 +88,13 @@ def store_options(fn: F) -> F:
     return fn
 
 
+_SINCE_HELP = (
+    "From this time: ISO-8601 (UTC unless it carries a zone such as +02:00 or Z) "
+    "or an age (30m, 24h, 7d, 2w)."
+)
+_UNTIL_HELP = "Before this time (same forms as --since)."
+
+
 def filter_options(fn: F) -> F:
     """The filters shared by search, sessions and export."""
     for opt in reversed(
@@ -95,8 +103,8 @@ def filter_options(fn: F) -> F:
             click.option("--end-user", help="End user named by the application."),
             click.option("--application", help="application_name."),
             click.option("--client", "client_addr", help="Client address."),
-            click.option("--since", help="ISO time or age (24h, 7d)."),
-            click.option("--until", help="ISO time or age."),
+            click.option("--since", help=_SINCE_HELP),
+            click.option("--until", help=_UNTIL_HELP),
             click.option("--relation", help="Table or view (schema.table; public. assumed)."),
             click.option("--label", help="Label such as pii.email."),
             click.option("--verdict", help="allow, block, limit, mask, ..."),
@@ -112,13 +120,14 @@ def filter_options(fn: F) -> F:
 
 
 def _filters(kw: dict[str, Any]) -> q.Filters:
+    since, until = _window(kw.pop("since", None), kw.pop("until", None))
     return q.Filters(
         db_user=kw.pop("db_user", None),
         end_user=kw.pop("end_user", None),
         application=kw.pop("application", None),
         client_addr=kw.pop("client_addr", None),
-        since=_time(kw.pop("since", None)),
-        until=_time(kw.pop("until", None)),
+        since=since,
+        until=until,
         relation=kw.pop("relation", None),
         label=kw.pop("label", None),
         verdict=kw.pop("verdict", None),
@@ -128,13 +137,25 @@ def _filters(kw: dict[str, Any]) -> q.Filters:
     )
 
 
-def _time(text: str | None) -> datetime | None:
+def _time(text: str | None, option: str) -> datetime | None:
     if text is None:
         return None
     try:
         return q.parse_time(text)
     except q.QueryError as exc:
-        raise click.BadParameter(str(exc)) from exc
+        raise click.BadParameter(str(exc), param_hint=option) from exc
+
+
+def _window(since: str | None, until: str | None) -> tuple[datetime | None, datetime | None]:
+    """--since and --until read, and checked to make a window: swapped, they would match
+    nothing, and "no matching events" would read as "nothing happened"."""
+    s_t, u_t = _time(since, "--since"), _time(until, "--until")
+    if s_t is not None and u_t is not None and s_t >= u_t:
+        raise click.BadParameter(
+            f"--since ({ts_of(s_t)}) is not before --until ({ts_of(u_t)}): the window is empty",
+            param_hint="--since/--until",
+        )
+    return s_t, u_t
 
 
 async def _with_store(
@@ -148,14 +169,18 @@ async def _with_store(
 
 
 def _emit(
-    rows: Sequence[dict[str, Any]], cols: Sequence[str], as_json: bool, title: str | None = None
+    rows: Sequence[dict[str, Any]],
+    cols: Sequence[str],
+    as_json: bool,
+    title: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> None:
     if as_json:
         sys.stdout.buffer.write(orjson.dumps(list(rows), option=orjson.OPT_INDENT_2) + b"\n")
         return
     table = Table(title=Text(title) if title else None)
     for c in cols:
-        table.add_column(c, overflow="fold")
+        table.add_column((headers or {}).get(c, c), overflow="fold")
     for r in rows:
         table.add_row(*[_cell(r.get(c)) for c in cols])
     _console().print(table)
@@ -412,8 +437,8 @@ def sessions_cmd(
 @audit_group.command("timeline")
 @store_options
 @click.option("--end-user", required=True)
-@click.option("--since")
-@click.option("--until")
+@click.option("--since", help=_SINCE_HELP)
+@click.option("--until", help=_UNTIL_HELP)
 def timeline_cmd(
     db: Path | None,
     dsn: str | None,
@@ -424,21 +449,21 @@ def timeline_cmd(
     until: str | None,
 ) -> None:
     """Per hour for one person: statements, labelled rows, blocks."""
-    rows = _run(
-        _with_store(db, dsn, schema, lambda s: q.timeline(s, end_user, _time(since), _time(until)))
-    )
+    s_t, u_t = _window(since, until)
+    rows = _run(_with_store(db, dsn, schema, lambda s: q.timeline(s, end_user, s_t, u_t)))
     _emit(
         rows,
         ["hour", "statements", "labelled_rows", "blocks", "sessions"],
         as_json,
-        f"timeline of {end_user}",
+        f"timeline of {_visible(end_user)}, per hour in UTC",
+        headers={"hour": "hour (UTC)"},
     )
 
 
 @audit_group.command("top")
 @store_options
-@click.option("--since")
-@click.option("--until")
+@click.option("--since", help=_SINCE_HELP)
+@click.option("--until", help=_UNTIL_HELP)
 @click.option("--limit", default=20, show_default=True)
 def top_cmd(
     db: Path | None,
@@ -450,7 +475,8 @@ def top_cmd(
     limit: int,
 ) -> None:
     """Who read the most labelled records in a window."""
-    rows = _run(_with_store(db, dsn, schema, lambda s: q.top(s, _time(since), _time(until), limit)))
+    s_t, u_t = _window(since, until)
+    rows = _run(_with_store(db, dsn, schema, lambda s: q.top(s, s_t, u_t, limit)))
     _emit(
         rows,
         ["person", "labelled_rows", "distinct_records", "statements", "blocks", "sessions"],
@@ -508,8 +534,8 @@ def export_cmd(
 @audit_group.command("report")
 @store_options
 @click.option("--html", "html_out", type=click.Path(dir_okay=False, path_type=Path), required=True)
-@click.option("--since")
-@click.option("--until")
+@click.option("--since", help=_SINCE_HELP)
+@click.option("--until", help=_UNTIL_HELP)
 def report_cmd(
     db: Path | None,
     dsn: str | None,
@@ -522,7 +548,7 @@ def report_cmd(
     """Write a self-contained HTML report: labelled rows per person, blocked statements."""
     from audit.report import render_html
 
-    s_t, u_t = _time(since), _time(until)
+    s_t, u_t = _window(since, until)
 
     async def go(store: q.Store) -> str:
         points = await q.labelled_rows_by_person_hour(store, s_t, u_t)
@@ -572,8 +598,8 @@ def ledger_key_option(fn: F) -> F:
 @click.option("--key", help="Primary key as text (composite keys: a JSON array of texts).")
 @click.option("--value", help="A labelled value, e.g. an e-mail address.")
 @click.option("--label", help="Label of --value (default: every label in the ledger).")
-@click.option("--since")
-@click.option("--until")
+@click.option("--since", help=_SINCE_HELP)
+@click.option("--until", help=_UNTIL_HELP)
 def who_saw_cmd(
     db: Path | None, dsn: str | None, schema: str, as_json: bool, ledger_key: Path,
     table: str | None, key: str | None, value: str | None, label: str | None,
@@ -581,12 +607,13 @@ def who_saw_cmd(
 ) -> None:  # fmt: skip
     """Which sessions and people received a given record (or labelled value)."""
     hasher = _hasher(ledger_key)
+    s_t, u_t = _window(since, until)
     rows = _run(
         _with_store(
             db, dsn, schema,
             functools.partial(
                 q.who_saw, hasher=hasher, table=table, key=key, value=value, label=label,
-                since=_time(since), until=_time(until),
+                since=s_t, until=u_t,
             ),
         )
     )  # fmt: skip
@@ -619,8 +646,8 @@ def who_saw_cmd(
 @ledger_key_option
 @click.option("--end-user", required=True)
 @click.option("--table", required=True)
-@click.option("--since")
-@click.option("--until")
+@click.option("--since", help=_SINCE_HELP)
+@click.option("--until", help=_UNTIL_HELP)
 @click.option(
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -637,11 +664,10 @@ def records_seen_cmd(
 ) -> None:  # fmt: skip
     """Count and export the distinct records one person received: the notification list."""
     hasher = _hasher(ledger_key)
+    s_t, u_t = _window(since, until)
 
     async def go(store: q.Store) -> q.RecordsSeen:
-        res = await q.records_seen(
-            store, end_user=end_user, table=table, since=_time(since), until=_time(until)
-        )
+        res = await q.records_seen(store, end_user=end_user, table=table, since=s_t, until=u_t)
         if resolve_dsn:
             res = await q.resolve_keys(res, hasher, resolve_dsn)
         return res

@@ -18,6 +18,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import pytest
 
 from audit.pipeline import AuditConfig, AuditTrail, SQLiteSinkConfig
 from loadtests.cluster import Cluster
-from tests.audit_scenario import seed
+from tests.audit_scenario import scenario_events, seed
 from tests.proxyutil import ProxyProcess, pgwarden_command
 from tests.support_data import DB, POLICY
 
@@ -138,6 +139,59 @@ def test_an_empty_store_answers_empty(tmp_path: Path) -> None:
     assert js("search", *db) == [] and js("top", *db) == [] and js("sessions", *db) == []
     assert "no matching events" in ok("search", *db)
     assert "holds no events" in ok("verify", *db)
+
+
+def _count_before(until: datetime) -> int:
+    return sum(1 for e in scenario_events() if e.ts < until.timestamp())
+
+
+def test_times_in_any_zone_and_form_mean_the_same_instant(scenario: Path) -> None:
+    db = ["--db", str(scenario / "audit.db")]
+    ten_utc = datetime(2026, 11, 2, 10, tzinfo=UTC)
+    expected = _count_before(ten_utc)
+    assert 0 < expected < len(scenario_events())
+    for form in (
+        "2026-11-02T10:00:00Z",
+        "2026-11-02T10:00:00+00:00",
+        "2026-11-02T11:00:00+01:00",
+        "2026-11-02T05:00:00-05:00",
+        "2026-11-02T10:00",  # no zone: UTC, as documented
+        "2026-11-02 10:00:00",
+    ):
+        # The responder's own zone must not shift a zone-less time.
+        res = cli("search", *db, "--until", form, "--json", env={"TZ": "America/New_York"})
+        assert res.returncode == 0, res.stderr
+        assert len(orjson.loads(res.stdout)) == expected, form
+    assert len(js("search", *db, "--since", "2026-11-02", "--until", "2026-11-03")) == len(
+        scenario_events()
+    )
+    statements = sum(1 for e in scenario_events() if e.kind == "statement")
+    age = (datetime.now(UTC) - datetime(2026, 11, 1, tzinfo=UTC)).days + 2
+    for since in (f"{age}d", f"{age * 24}h", f"{age + 7}d"):
+        assert len(js("search", *db, "--kind", "statement", "--since", since)) == statements
+    assert js("search", *db, "--kind", "statement", "--since", "1h") == []
+
+
+def test_bad_or_swapped_times_name_the_option(scenario: Path) -> None:
+    db = ["--db", str(scenario / "audit.db")]
+    err = refused("top", *db, "--since", "yesterday")
+    assert "--since" in err and "cannot read the time" in err
+    # Swapped, the window matches nothing and "no matching events" would mislead.
+    for cmd in (["search"], ["top"], ["timeline", "--end-user", "bob"]):
+        err = refused(*cmd, *db, "--since", "2026-11-03", "--until", "2026-11-02")
+        assert "is not before --until" in err
+
+
+def test_timeline_says_its_hours_are_utc(scenario: Path) -> None:
+    db = ["--db", str(scenario / "audit.db")]
+    # bob's two statements were at 09:01 and 09:02 UTC on 2 November.
+    env = {"TZ": "Asia/Tokyo"}
+    res = cli("timeline", *db, "--end-user", "bob", env=env)
+    assert res.returncode == 0, res.stderr
+    assert "hour (UTC)" in res.stdout and "per hour in UTC" in res.stdout
+    assert [r[0] for r in table_rows(res.stdout)] == ["2026-11-02T09:00Z"]
+    res = cli("timeline", *db, "--end-user", "bob", "--json", env=env)
+    assert [r["hour"] for r in orjson.loads(res.stdout)] == ["2026-11-02T09:00Z"]
 
 
 HOSTILE_APP = '=HYPERLINK("http://e.x","go")[/]<script>alert(1)</script>'
