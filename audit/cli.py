@@ -199,6 +199,17 @@ def _visible(text: str) -> str:
     return _UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
 
 
+def _limit_note(rows: Sequence[Any], limit: int, what: str) -> None:
+    # On stderr, so that --json stays one JSON document; a responder must not take the
+    # first page for the whole answer.
+    if len(rows) >= limit:
+        click.echo(
+            f"showing the first {limit} {what} only: there may be more; raise --limit, "
+            "narrow the window, or use export",
+            err=True,
+        )
+
+
 def _cell(v: Any) -> Text:
     # A Text is never parsed as rich markup: a value such as "[/]" would otherwise crash the
     # table, and "[white on white]" would hide itself.
@@ -407,6 +418,7 @@ def search_cmd(
     f = _filters(kw)
     rows = _run(_with_store(db, dsn, schema, lambda s: q.search(s, f, limit)))
     _emit(rows, _SEARCH_COLS, as_json, "audit events")
+    _limit_note(rows, limit, "events (oldest first)")
 
 
 @audit_group.command("sessions")
@@ -432,6 +444,7 @@ def sessions_cmd(
         "blocks",
     ]
     _emit(rows, cols, as_json, "sessions")
+    _limit_note(rows, limit, "sessions (earliest first)")
 
 
 @audit_group.command("timeline")

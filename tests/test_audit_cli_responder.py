@@ -194,6 +194,15 @@ def test_timeline_says_its_hours_are_utc(scenario: Path) -> None:
     assert [r["hour"] for r in orjson.loads(res.stdout)] == ["2026-11-02T09:00Z"]
 
 
+def test_a_truncated_answer_says_so(scenario: Path) -> None:
+    db = ["--db", str(scenario / "audit.db")]
+    res = cli("search", *db, "--limit", "3", "--json")
+    assert res.returncode == 0 and len(orjson.loads(res.stdout)) == 3
+    assert "showing the first 3 events" in res.stderr
+    res = cli("search", *db, "--limit", "1000")
+    assert "showing the first" not in res.stderr
+
+
 HOSTILE_APP = '=HYPERLINK("http://e.x","go")[/]<script>alert(1)</script>'
 # End users arrive in a sqlcommenter comment: no quote, no '*'.
 HOSTILE_USERS = [
