@@ -442,7 +442,9 @@ async def top(
         *args,
         limit,
     )
-    people: dict[str, set[tuple[str, bytes]]] = {}
+    # Distinct records only for the people listed: on a large store most ledger rows belong
+    # to people below the cut, and a set per (person, table) is the expensive part.
+    people: dict[str, dict[str, set[bytes]]] = {r["person"]: {} for r in rows}
     async for r in store.stream(
         f"""
         SELECT COALESCE(e.end_user, e.db_user) AS person, l.relation, l.digests
@@ -451,10 +453,16 @@ async def top(
         """,
         *args,
     ):
-        recs = people.setdefault(r["person"], set())
-        rel = r["relation"]
-        recs.update((rel, d) for d in split(bytes(r["digests"])))
-    return [{**_plain(r), "distinct_records": len(people.get(r["person"], ()))} for r in rows]
+        tables = people.get(r["person"])
+        if tables is None:
+            continue
+        recs = tables.get(r["relation"])
+        if recs is None:
+            recs = tables[r["relation"]] = set()
+        recs.update(split(bytes(r["digests"])))
+    return [
+        {**_plain(r), "distinct_records": sum(map(len, people[r["person"]].values()))} for r in rows
+    ]
 
 
 async def blocked(store: Store, f: Filters, limit: int = 500) -> list[Row]:
