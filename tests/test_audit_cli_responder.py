@@ -26,9 +26,9 @@ import orjson
 import psycopg
 import pytest
 
-from audit.pipeline import AuditConfig, AuditTrail, SQLiteSinkConfig
+from audit.pipeline import AuditConfig, AuditTrail, PostgresSinkConfig, SQLiteSinkConfig
 from loadtests.cluster import Cluster
-from tests.audit_scenario import scenario_events, seed
+from tests.audit_scenario import EXPECTED_DISTINCT, scenario_events, seed
 from tests.proxyutil import ProxyProcess, pgwarden_command
 from tests.support_data import DB, POLICY
 
@@ -76,6 +76,9 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("responder")
     asyncio.run(seed(d))
     return d
+
+
+# --- wrong inputs --------------------------------------------------------------------------
 
 
 def test_a_file_that_is_not_an_audit_store_is_named_as_such(tmp_path: Path) -> None:
@@ -141,6 +144,9 @@ def test_an_empty_store_answers_empty(tmp_path: Path) -> None:
     assert "holds no events" in ok("verify", *db)
 
 
+# --- time ----------------------------------------------------------------------------------
+
+
 def _count_before(until: datetime) -> int:
     return sum(1 for e in scenario_events() if e.ts < until.timestamp())
 
@@ -194,6 +200,31 @@ def test_timeline_says_its_hours_are_utc(scenario: Path) -> None:
     assert [r["hour"] for r in orjson.loads(res.stdout)] == ["2026-11-02T09:00Z"]
 
 
+# --- --json and the table view ---------------------------------------------------------------
+
+
+def test_json_is_complete_and_matches_the_table(scenario: Path) -> None:
+    db = ["--db", str(scenario / "audit.db")]
+    common = [*db, "--ledger-key", str(scenario / "ledger.key")]
+    for args, key in (
+        (["search", *db], "ts"),
+        (["sessions", *db], "session_id"),
+        (["top", *db], "person"),
+        (["timeline", *db, "--end-user", "mallory"], "hour"),
+        (["who-saw", *common, "--table", "customers", "--key", "125"], "ts"),
+    ):
+        rows = js(*args)
+        assert isinstance(rows, list) and rows, args
+        shown = table_rows(ok(*args))
+        # (a long statement folds onto more lines of the same row: first cell empty)
+        assert [r[0] for r in shown if r[0]] == [str(r[key]) for r in rows], args
+    top = {r["person"]: r for r in js("top", *db)}
+    assert {p: r["distinct_records"] for p, r in top.items()} == EXPECTED_DISTINCT
+    # who-saw --key 125: bob's second read (50..150), alice's (120..130), mallory's (1..5000)
+    assert {r["end_user"] for r in js("who-saw", *common, "--table", "customers",
+                                      "--key", "125")} == {"bob", "alice", "mallory"}  # fmt: skip
+
+
 def test_a_truncated_answer_says_so(scenario: Path) -> None:
     db = ["--db", str(scenario / "audit.db")]
     res = cli("search", *db, "--limit", "3", "--json")
@@ -203,6 +234,9 @@ def test_a_truncated_answer_says_so(scenario: Path) -> None:
     assert "showing the first" not in res.stderr
 
 
+# --- hostile values from a real client -----------------------------------------------------
+
+# Under 64 bytes: PostgreSQL (and so the proxy) keeps only 63 bytes of application_name.
 HOSTILE_APP = '=HYPERLINK("http://e.x","go")[/]<script>alert(1)</script>'
 # End users arrive in a sqlcommenter comment: no quote, no '*'.
 HOSTILE_USERS = [
@@ -341,6 +375,8 @@ def test_html_report_escapes_client_values(hostile_trail: tuple[Path, list[str]]
     assert "<polyline" in html and "<svg" in html  # the plot still renders
 
 
+# --- a store pgwarden is writing ---------------------------------------------------------------
+
 WRITER = textwrap.dedent(
     """
     import asyncio, sys, time
@@ -393,3 +429,40 @@ def test_reading_while_pgwarden_writes(tmp_path: Path) -> None:
         (tmp_path / "stop").touch()
         out, _ = writer.communicate(timeout=60)
     assert writer.returncode == 0 and int(out.split()[-1]) > 0
+
+
+# --- the PostgreSQL store ----------------------------------------------------------------------
+
+
+def test_postgresql_store_exact_and_errors(pg: Cluster, tmp_path: Path) -> None:
+    pg.psql(
+        "DROP DATABASE IF EXISTS audit_responder WITH (FORCE); CREATE DATABASE audit_responder;",
+        database="postgres",
+    )
+    url = pg.url(database="audit_responder")
+    asyncio.run(seed(tmp_path, extra_sinks=[PostgresSinkConfig(dsn=url)]))
+    dsn = ["--dsn", url]
+    common = [*dsn, "--ledger-key", str(tmp_path / "ledger.key")]
+    top = {r["person"]: r for r in js("top", *dsn)}
+    assert {p: r["distinct_records"] for p, r in top.items()} == EXPECTED_DISTINCT
+    labelled: dict[str, int] = {}
+    for e in scenario_events():
+        if e.kind == "statement" and e.labels and e.subject is not None:
+            who = str(e.subject.end_user)
+            labelled[who] = labelled.get(who, 0) + (e.rows or 0)
+    assert {p: r["labelled_rows"] for p, r in top.items()} == labelled
+    for person, n in EXPECTED_DISTINCT.items():
+        res = js("records-seen", *common, "--end-user", person, "--table", "customers")
+        assert res["distinct_records"] == n
+    tl = js("timeline", *dsn, "--end-user", "bob")
+    assert [r["hour"] for r in tl] == ["2026-11-02T09:00Z"]
+    # the same answers as the SQLite store written by the same pipeline
+    sq = ["--db", str(tmp_path / "audit.db")]
+    for args in (["sessions"], ["search", "--kind", "statement"]):
+        assert js(*args, *dsn) == js(*args, *sq), args
+    err = refused("records-seen", *common, "--end-user", "bob", "--table", "customer")
+    assert "public.customers" in err
+    err = refused("top", *dsn, "--schema", "audit_typo")
+    assert "no pgwarden audit store in schema 'audit_typo'" in err
+    err = refused("top", "--dsn", pg.url(database="postgres"))
+    assert "no pgwarden audit store" in err
