@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import csv
 import functools
+import os
 import re
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import datetime
@@ -52,6 +54,8 @@ _INPUT_ERRORS = (q.QueryError, LedgerKeyError, SigningKeyError, OSError)
 def _run(coro: Awaitable[Any]) -> Any:
     try:
         return asyncio.run(coro)  # type: ignore[arg-type]
+    except BrokenPipeError:
+        raise  # the reader of our output went away; see _AuditGroup
     except _INPUT_ERRORS as exc:
         raise CannotAnswer(_sentence(exc)) from exc
 
@@ -243,7 +247,25 @@ def csv_cell(v: Any) -> Any:
     return v
 
 
-@click.group("audit")
+def _check_out(path: Path | None) -> None:
+    """Refuse an output file that cannot be created before the query runs, not after."""
+    if path is not None and not path.parent.is_dir():
+        raise CannotAnswer(f"cannot write {path}: there is no directory {path.parent}")
+
+
+class _AuditGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            # `pgwarden audit export ... | head`: the reader has all it wanted.  Exit as
+            # a tool killed by SIGPIPE would, without a traceback, and keep Python's
+            # final flush of stdout from failing again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(128 + signal.SIGPIPE)
+
+
+@click.group("audit", cls=_AuditGroup)
 def audit_group() -> None:
     """Query and verify the audit trail."""
 
@@ -267,6 +289,7 @@ def audit_group() -> None:
 )
 def keygen(out: Path, hmac_key: bool) -> None:
     """Create a checkpoint signing key (Ed25519, plus OUT.pub) or a record-ledger key."""
+    _check_out(out)
     try:
         if hmac_key:
             generate_key_file(out)
@@ -277,6 +300,8 @@ def keygen(out: Path, hmac_key: bool) -> None:
             click.echo("give the public key to whoever runs `pgwarden audit verify --public-key`")
     except FileExistsError as exc:
         raise click.ClickException(f"{out} already exists; refusing to overwrite a key") from exc
+    except OSError as exc:
+        raise CannotAnswer(f"cannot write the key {out}: {exc.strerror}") from exc
 
 
 # --- verify ----------------------------------------------------------------------------------
@@ -518,6 +543,7 @@ def export_cmd(
 ) -> None:
     """Export matching events for a SIEM (JSON lines or CSV, all columns)."""
     f = _filters(kw)
+    _check_out(out)
 
     async def go(store: q.Store) -> int:
         fh = open(out, "w", newline="") if out else sys.stdout  # noqa: SIM115
@@ -584,8 +610,12 @@ def report_cmd(
             verify_summary=summary,
         )
 
+    _check_out(html_out)
     html = _run(_with_store(db, dsn, schema, go))
-    html_out.write_text(html)
+    try:
+        html_out.write_text(html)
+    except OSError as exc:
+        raise CannotAnswer(f"cannot write {html_out}: {exc.strerror}") from exc
     if as_json:
         click.echo(orjson.dumps({"written": str(html_out)}).decode())
     else:
@@ -685,19 +715,23 @@ def records_seen_cmd(
             res = await q.resolve_keys(res, hasher, resolve_dsn)
         return res
 
+    _check_out(out)
     res = _run(_with_store(db, dsn, schema, go))
     if out:
-        with open(out, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["digest", "key", "first_seen", "last_seen", "times"])
-            for r in res.records:
-                w.writerow(
-                    [
-                        csv_cell(v)
-                        for v in (r["digest"], r.get("key"), r["first_seen"], r["last_seen"])
-                    ]
-                    + [r["times"]]
-                )
+        try:
+            with open(out, "w", newline="") as fh:
+                w = csv.writer(fh)
+                w.writerow(["digest", "key", "first_seen", "last_seen", "times"])
+                for r in res.records:
+                    w.writerow(
+                        [
+                            csv_cell(v)
+                            for v in (r["digest"], r.get("key"), r["first_seen"], r["last_seen"])
+                        ]
+                        + [r["times"]]
+                    )
+        except OSError as exc:
+            raise CannotAnswer(f"cannot write {out}: {exc.strerror}") from exc
     if as_json:
         sys.stdout.buffer.write(orjson.dumps(res.as_dict(), option=orjson.OPT_INDENT_2) + b"\n")
         return

@@ -116,6 +116,45 @@ def test_unreadable_keys_and_files_are_sentences(scenario: Path, tmp_path: Path)
     assert "cannot connect to the PostgreSQL audit store" in err and "hunter2" not in err
 
 
+def test_an_output_file_that_cannot_be_written_is_a_sentence(scenario: Path) -> None:
+    db = ["--db", str(scenario / "audit.db")]
+    missing = scenario / "no-such-dir"
+    refused("report", *db, "--html", str(missing / "r.html"))
+    refused("export", *db, "--format", "csv", "--out", str(missing / "e.csv"))
+    err = refused("records-seen", *db, "--ledger-key", str(scenario / "ledger.key"),
+                  "--end-user", "bob", "--table", "customers", "--out", str(missing / "b.csv"))  # fmt: skip
+    assert f"there is no directory {missing}" in err
+    refused("keygen", "--ledger", "--out", str(missing / "ledger.key"))
+
+
+def test_export_into_a_closed_pipe_stops_quietly(tmp_path: Path) -> None:
+    async def write() -> None:
+        from audit.events import AuditEvent, Subject
+
+        bob = Subject("support_app", "support", "helpdesk", "10.0.0.5", True, "bob")
+        trail = AuditTrail(AuditConfig(sinks=[SQLiteSinkConfig(path=tmp_path / "audit.db")]))
+        await trail.start()
+        for i in range(400):  # a few hundred kB: more than a pipe holds
+            trail.submit_nowait(
+                AuditEvent.statement_event("s", bob, fingerprint="f", statement=f"SELECT {i}")
+            )
+        await trail.close()
+
+    asyncio.run(write())
+    # `pgwarden audit export ... | head -1`
+    proc = subprocess.Popen(
+        [*pgwarden_command(), "audit", "export", "--db", str(tmp_path / "audit.db")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert orjson.loads(proc.stdout.readline())["kind"] == "statement"
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141  # like a tool killed by SIGPIPE
+    assert err == ""
+
+
 def test_misspelt_table_or_label_is_not_answered_with_zero(scenario: Path) -> None:
     common = ["--db", str(scenario / "audit.db"), "--ledger-key", str(scenario / "ledger.key")]
     # "customer" for "customers": "bob received 0 records" would end an investigation.
