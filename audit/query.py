@@ -728,57 +728,63 @@ async def resolve_keys(
 
     try:
         conn = await asyncpg.connect(monitored_dsn, timeout=10)
-    except (OSError, asyncpg.PostgresError) as exc:
+    except (OSError, TimeoutError, ValueError, asyncpg.PostgresError) as exc:
         raise QueryError(f"cannot connect to the monitored database: {exc}") from exc
     try:
-        schema, name = result.table.split(".", 1)
-        cols = await conn.fetch(
-            """
-            SELECT a.attname FROM pg_index i
-            JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-            JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON true
-            JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
-            WHERE i.indisprimary AND n.nspname = $1 AND c.relname = $2
-            ORDER BY k.ord
-            """,
-            schema,
-            name,
-        )
-        if not cols:
-            raise QueryError(f"{result.table} has no primary key in the monitored database")
-        idents = ", ".join(f'"{c["attname"]}"::text' for c in cols)
-        want = {r["digest"]: r for r in result.records}
-        legacy = any(r.get("legacy") for r in result.records)
-        found = 0
-        table = result.table
-
-        def match(pks: list[str]) -> int:
-            """Name the wanted digests among these keys' (hashed as one batch)."""
-            pairs = list(zip(pks, hasher.keys(table, pks), strict=True))
-            if legacy:
-                pairs += [(pk, hasher.legacy_key(table, pk)) for pk in pks]
-            hit = 0
-            for pk, d in pairs:
-                r = want.get(d.hex())
-                if r is not None and "key" not in r:
-                    r["key"] = pk
-                    hit += 1
-            return hit
-
-        async with conn.transaction(readonly=True):
-            batch: list[str] = []
-            async for row in conn.cursor(
-                f'SELECT {idents} FROM "{schema}"."{name}"', prefetch=5000
-            ):
-                batch.append(pk_text(list(row.values())))
-                if len(batch) == 5000:
-                    found += match(batch)
-                    batch = []
-                    if found == len(want):
-                        break
-            if batch:
-                found += match(batch)
-        result.resolved = found
-        return result
+        return await _resolve(conn, result, hasher)
+    except asyncpg.PostgresError as exc:
+        raise QueryError(
+            f"cannot read the keys of {result.table} in the monitored database: {exc}"
+        ) from exc
     finally:
         await conn.close()
+
+
+async def _resolve(conn: Any, result: RecordsSeen, hasher: RecordHasher) -> RecordsSeen:
+    schema, name = result.table.split(".", 1)
+    cols = await conn.fetch(
+        """
+        SELECT a.attname FROM pg_index i
+        JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+        JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON true
+        JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
+        WHERE i.indisprimary AND n.nspname = $1 AND c.relname = $2
+        ORDER BY k.ord
+        """,
+        schema,
+        name,
+    )
+    if not cols:
+        raise QueryError(f"{result.table} has no primary key in the monitored database")
+    idents = ", ".join(f'"{c["attname"]}"::text' for c in cols)
+    want = {r["digest"]: r for r in result.records}
+    legacy = any(r.get("legacy") for r in result.records)
+    found = 0
+    table = result.table
+
+    def match(pks: list[str]) -> int:
+        """Name the wanted digests among these keys' (hashed as one batch)."""
+        pairs = list(zip(pks, hasher.keys(table, pks), strict=True))
+        if legacy:
+            pairs += [(pk, hasher.legacy_key(table, pk)) for pk in pks]
+        hit = 0
+        for pk, d in pairs:
+            r = want.get(d.hex())
+            if r is not None and "key" not in r:
+                r["key"] = pk
+                hit += 1
+        return hit
+
+    async with conn.transaction(readonly=True):
+        batch: list[str] = []
+        async for row in conn.cursor(f'SELECT {idents} FROM "{schema}"."{name}"', prefetch=5000):
+            batch.append(pk_text(list(row.values())))
+            if len(batch) == 5000:
+                found += match(batch)
+                batch = []
+                if found == len(want):
+                    break
+        if batch:
+            found += match(batch)
+    result.resolved = found
+    return result

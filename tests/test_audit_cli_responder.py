@@ -401,6 +401,13 @@ def test_records_seen_list_defuses_formulas_in_resolved_keys(pg: Cluster, tmp_pa
        "--out", str(out), "--resolve-dsn", pg.url(database="notes_db"))  # fmt: skip
     listed = {r["key"] for r in csv.DictReader(io.StringIO(out.read_text(), newline=""))}
     assert listed == {"'" + keys[0], "'@cmd", "-5", "plain"}
+    # A resolve that cannot run says why.
+    seen = ["records-seen", "--db", str(tmp_path / "audit.db"), "--ledger-key",
+            str(tmp_path / "ledger.key"), "--end-user", "eve", "--table", "notes"]  # fmt: skip
+    err = refused(*seen, "--resolve-dsn", "not a dsn")
+    assert "cannot connect to the monitored database" in err
+    err = refused(*seen, "--resolve-dsn", pg.url(user="analyst", database="notes_db"))
+    assert "cannot read the keys of public.notes" in err and "permission denied" in err
 
 
 def test_html_report_escapes_client_values(hostile_trail: tuple[Path, list[str]]) -> None:
