@@ -428,13 +428,15 @@ WRITER = textwrap.dedent(
     import asyncio, sys, time
     from pathlib import Path
     from audit.events import AuditEvent, Subject
-    from audit.pipeline import AuditConfig, AuditTrail, SQLiteSinkConfig
+    from audit.pipeline import AuditConfig, AuditTrail, PostgresSinkConfig, SQLiteSinkConfig
 
     async def main() -> None:
         d = Path(sys.argv[1])
         subject = Subject("support_app", "support", "helpdesk", "10.0.0.5", True, "bob")
-        trail = AuditTrail(AuditConfig(sinks=[SQLiteSinkConfig(path=d / "live.db")],
-                                       ledger_key=d / "ledger.key", checkpoint_every=500))
+        sinks = [SQLiteSinkConfig(path=d / "live.db")]
+        sinks += [PostgresSinkConfig(dsn=dsn) for dsn in sys.argv[2:]]
+        trail = AuditTrail(AuditConfig(sinks=sinks, ledger_key=d / "ledger.key",
+                                       checkpoint_every=500))
         await trail.start()
         print("started", flush=True)
         i = 0
@@ -452,15 +454,27 @@ WRITER = textwrap.dedent(
 )
 
 
-def test_reading_while_pgwarden_writes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("store", ["sqlite", "postgres"])
+def test_reading_while_pgwarden_writes(
+    store: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     assert cli("keygen", "--ledger", "--out", str(tmp_path / "ledger.key")).returncode == 0
+    extra: list[str] = []
+    db = ["--db", str(tmp_path / "live.db")]
+    if store == "postgres":
+        pg: Cluster = request.getfixturevalue("pg")
+        pg.psql(
+            "DROP DATABASE IF EXISTS audit_live WITH (FORCE); CREATE DATABASE audit_live;",
+            database="postgres",
+        )
+        extra = [pg.url(database="audit_live")]
+        db = ["--dsn", extra[0]]
     writer = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", WRITER, str(tmp_path), *extra], stdout=subprocess.PIPE, text=True
     )
     try:
         assert writer.stdout is not None and writer.stdout.readline().strip() == "started"
         time.sleep(1.0)
-        db = ["--db", str(tmp_path / "live.db")]
         for _ in range(8):
             # verify reads the ledger and the events: both must come from one snapshot, or
             # events committed in between look like deleted ledger rows ("ledger_edited").
