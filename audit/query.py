@@ -417,7 +417,28 @@ async def timeline(
         """,
         *args,
     )
+    if not rows:
+        await _check_person(store, end_user)
     return [{**_plain(r), "hour": f"{r['hour']}:00Z"} for r in rows]
+
+
+async def _check_person(store: Store, end_user: str) -> None:
+    """Raise when the trail never names ``end_user``: "Bob" for "bob" would otherwise read as
+    "bob did nothing"."""
+    if await store.fetch("SELECT 1 AS x FROM {events} e WHERE e.end_user = ? LIMIT 1", end_user):
+        return
+    alike = [
+        r["end_user"]
+        for r in await store.fetch(
+            "SELECT DISTINCT e.end_user FROM {events} e "
+            "WHERE lower(e.end_user) = lower(?) ORDER BY 1 LIMIT 5",
+            end_user.strip(),
+        )
+    ]
+    raise QueryError(
+        f"the trail never names the end user {end_user!r} (names match exactly, case "
+        "included)" + (f"; did you mean {', '.join(map(repr, alike))}?" if alike else "")
+    )
 
 
 async def top(
@@ -711,6 +732,7 @@ async def records_seen(
                 s[2] += 1
     if not seen:
         await _check_known(store, (KIND_KEY, LEGACY_KIND_KEY), rel, "table")
+        await _check_person(store, end_user)
     recs = [
         {"digest": d.hex(), "first_seen": f, "last_seen": la, "times": n}
         | ({"legacy": True} if d in legacy else {})

@@ -164,6 +164,13 @@ def test_misspelt_table_or_label_is_not_answered_with_zero(scenario: Path) -> No
     assert "public.customers" in err
     err = refused("who-saw", *common, "--value", "carol@example.com", "--label", "pii.emial")
     assert "pii.email" in err
+    # The same for a person: end users match exactly, "Bob" is not bob.
+    err = refused("records-seen", *common, "--end-user", "Bob", "--table", "customers")
+    assert "never names the end user 'Bob'" in err and "'bob'" in err
+    err = refused("timeline", "--db", str(scenario / "audit.db"), "--end-user", "Bob")
+    assert "'bob'" in err
+    assert js("timeline", "--db", str(scenario / "audit.db"), "--end-user", "bob",
+              "--since", "2026-11-03") == []  # fmt: skip
     # A real table read by nobody in the window is a true zero, not an error.
     out = js("records-seen", *common, "--end-user", "bob", "--table", "customers",
              "--since", "2026-11-03")  # fmt: skip
