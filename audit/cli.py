@@ -62,7 +62,8 @@ def _run(coro: Awaitable[Any]) -> Any:
 
 def _sentence(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
-        return f"{exc.filename or 'a file'}: {exc.strerror}"
+        # a file names itself; a socket (a store connection lost mid-query) does not
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else f"{exc.strerror}."
     return str(exc)
 
 
