@@ -9,8 +9,11 @@ from __future__ import annotations
 import asyncio
 import csv
 import functools
+import os
+import re
+import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,10 +21,13 @@ from typing import Any, TypeVar
 import click
 import orjson
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from audit import query as q
 from audit.chain import SigningKeyError, generate_signing_key, load_public_key
+from audit.events import ts_of
 from audit.ledger import LedgerKeyError, RecordHasher, generate_key_file, load_key
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -33,11 +39,39 @@ def _console() -> Console:
     return Console(width=None if sys.stdout.isatty() else 200)
 
 
+class CannotAnswer(click.ClickException):
+    """The question could not be answered (unreadable store, key or file).
+
+    Exit code 2, like click's usage errors, so that a script can tell it from ``verify``'s 1
+    ("the trail has a problem")."""
+
+    exit_code = 2
+
+
+_INPUT_ERRORS = (q.QueryError, LedgerKeyError, SigningKeyError, OSError)
+
+
 def _run(coro: Awaitable[Any]) -> Any:
     try:
         return asyncio.run(coro)  # type: ignore[arg-type]
-    except (q.QueryError, LedgerKeyError, SigningKeyError, FileNotFoundError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    except BrokenPipeError:
+        raise  # the reader of our output went away; see _AuditGroup
+    except _INPUT_ERRORS as exc:
+        raise CannotAnswer(_sentence(exc)) from exc
+
+
+def _sentence(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        # a file names itself; a socket (a store connection lost mid-query) does not
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else f"{exc.strerror}."
+    return str(exc)
+
+
+def _hasher(path: Path) -> RecordHasher:
+    try:
+        return RecordHasher(load_key(path))
+    except LedgerKeyError as exc:
+        raise CannotAnswer(str(exc)) from exc
 
 
 def store_options(fn: F) -> F:
@@ -59,6 +93,13 @@ def store_options(fn: F) -> F:
     return fn
 
 
+_SINCE_HELP = (
+    "From this time: ISO-8601 (UTC unless it carries a zone such as +02:00 or Z) "
+    "or an age (30m, 24h, 7d, 2w)."
+)
+_UNTIL_HELP = "Before this time (same forms as --since)."
+
+
 def filter_options(fn: F) -> F:
     """The filters shared by search, sessions and export."""
     for opt in reversed(
@@ -67,8 +108,8 @@ def filter_options(fn: F) -> F:
             click.option("--end-user", help="End user named by the application."),
             click.option("--application", help="application_name."),
             click.option("--client", "client_addr", help="Client address."),
-            click.option("--since", help="ISO time or age (24h, 7d)."),
-            click.option("--until", help="ISO time or age."),
+            click.option("--since", help=_SINCE_HELP),
+            click.option("--until", help=_UNTIL_HELP),
             click.option("--relation", help="Table or view (schema.table; public. assumed)."),
             click.option("--label", help="Label such as pii.email."),
             click.option("--verdict", help="allow, block, limit, mask, ..."),
@@ -84,13 +125,14 @@ def filter_options(fn: F) -> F:
 
 
 def _filters(kw: dict[str, Any]) -> q.Filters:
+    since, until = _window(kw.pop("since", None), kw.pop("until", None))
     return q.Filters(
         db_user=kw.pop("db_user", None),
         end_user=kw.pop("end_user", None),
         application=kw.pop("application", None),
         client_addr=kw.pop("client_addr", None),
-        since=_time(kw.pop("since", None)),
-        until=_time(kw.pop("until", None)),
+        since=since,
+        until=until,
         relation=kw.pop("relation", None),
         label=kw.pop("label", None),
         verdict=kw.pop("verdict", None),
@@ -100,13 +142,25 @@ def _filters(kw: dict[str, Any]) -> q.Filters:
     )
 
 
-def _time(text: str | None) -> datetime | None:
+def _time(text: str | None, option: str) -> datetime | None:
     if text is None:
         return None
     try:
         return q.parse_time(text)
     except q.QueryError as exc:
-        raise click.BadParameter(str(exc)) from exc
+        raise click.BadParameter(str(exc), param_hint=option) from exc
+
+
+def _window(since: str | None, until: str | None) -> tuple[datetime | None, datetime | None]:
+    """--since and --until read, and checked to make a window: swapped, they would match
+    nothing, and "no matching events" would read as "nothing happened"."""
+    s_t, u_t = _time(since, "--since"), _time(until, "--until")
+    if s_t is not None and u_t is not None and s_t >= u_t:
+        raise click.BadParameter(
+            f"--since ({ts_of(s_t)}) is not before --until ({ts_of(u_t)}): the window is empty",
+            param_hint="--since/--until",
+        )
+    return s_t, u_t
 
 
 async def _with_store(
@@ -120,14 +174,18 @@ async def _with_store(
 
 
 def _emit(
-    rows: Sequence[dict[str, Any]], cols: Sequence[str], as_json: bool, title: str | None = None
+    rows: Sequence[dict[str, Any]],
+    cols: Sequence[str],
+    as_json: bool,
+    title: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> None:
     if as_json:
         sys.stdout.buffer.write(orjson.dumps(list(rows), option=orjson.OPT_INDENT_2) + b"\n")
         return
-    table = Table(title=title)
+    table = Table(title=Text(title) if title else None)
     for c in cols:
-        table.add_column(c, overflow="fold")
+        table.add_column((headers or {}).get(c, c), overflow="fold")
     for r in rows:
         table.add_row(*[_cell(r.get(c)) for c in cols])
     _console().print(table)
@@ -135,15 +193,80 @@ def _emit(
         _console().print("[dim]no matching events[/dim]")
 
 
-def _cell(v: Any) -> str:
+# Terminal control characters (ESC starts colour, cursor and hyperlink sequences; CR
+# overwrites a line) and bidi overrides that reorder what is shown.  Application names, end
+# users and statement text come from clients: they must reach the responder's terminal as
+# visible escapes, never as instructions to it.
+_UNSAFE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _visible(text: str) -> str:
+    return _UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
+
+
+def _limit_note(rows: Sequence[Any], limit: int, what: str) -> None:
+    # On stderr, so that --json stays one JSON document; a responder must not take the
+    # first page for the whole answer.
+    if len(rows) >= limit:
+        click.echo(
+            f"showing the first {limit} {what} only: there may be more; raise --limit, "
+            "narrow the window, or use export",
+            err=True,
+        )
+
+
+def _cell(v: Any) -> Text:
+    # A Text is never parsed as rich markup: a value such as "[/]" would otherwise crash the
+    # table, and "[white on white]" would hide itself.
+    if v is None:
+        return Text("")
+    if isinstance(v, list):
+        return Text(_visible(", ".join(map(str, v))))
+    return Text(_visible(str(v)))
+
+
+def _safe(v: Any) -> str:
+    """A stored value to embed in a rich markup string."""
+    return escape(_visible(str(v)))
+
+
+# Spreadsheets run a cell that starts with one of these as a formula (=HYPERLINK(...),
+# +cmd|'/C calc'!A0, @SUM(...)); OWASP's defence is a leading apostrophe, which the
+# spreadsheet shows as text.  Plain numbers such as -5 are left alone: no formula there.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = re.compile(r"[+-]?\d+(\.\d+)?([eE][+-]?\d+)?")
+
+
+def csv_cell(v: Any) -> Any:
+    """A value as written to a CSV file a responder may open in a spreadsheet."""
     if v is None:
         return ""
-    if isinstance(v, list):
-        return ", ".join(map(str, v))
-    return str(v)
+    if isinstance(v, list | dict):
+        v = orjson.dumps(v).decode()
+    if isinstance(v, str) and v.startswith(_FORMULA_START) and not _NUMBER.fullmatch(v):
+        return "'" + v
+    return v
 
 
-@click.group("audit")
+def _check_out(path: Path | None) -> None:
+    """Refuse an output file that cannot be created before the query runs, not after."""
+    if path is not None and not path.parent.is_dir():
+        raise CannotAnswer(f"cannot write {path}: there is no directory {path.parent}")
+
+
+class _AuditGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            # `pgwarden audit export ... | head`: the reader has all it wanted.  Exit as
+            # a tool killed by SIGPIPE would, without a traceback, and keep Python's
+            # final flush of stdout from failing again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(128 + signal.SIGPIPE)
+
+
+@click.group("audit", cls=_AuditGroup)
 def audit_group() -> None:
     """Query and verify the audit trail."""
 
@@ -167,6 +290,7 @@ def audit_group() -> None:
 )
 def keygen(out: Path, hmac_key: bool) -> None:
     """Create a checkpoint signing key (Ed25519, plus OUT.pub) or a record-ledger key."""
+    _check_out(out)
     try:
         if hmac_key:
             generate_key_file(out)
@@ -177,6 +301,8 @@ def keygen(out: Path, hmac_key: bool) -> None:
             click.echo("give the public key to whoever runs `pgwarden audit verify --public-key`")
     except FileExistsError as exc:
         raise click.ClickException(f"{out} already exists; refusing to overwrite a key") from exc
+    except OSError as exc:
+        raise CannotAnswer(f"cannot write the key {out}: {exc.strerror}") from exc
 
 
 # --- verify ----------------------------------------------------------------------------------
@@ -205,8 +331,11 @@ def verify_cmd(
     public_key: Path | None, checkpoints: Path | None, chain_id: str | None,
 ) -> None:  # fmt: skip
     """Check the hash chain: report the first edited, deleted, reordered or missing event."""
-    pub = load_public_key(public_key) if public_key else None
-    ext = q.read_checkpoints(checkpoints) if checkpoints else []
+    try:
+        pub = load_public_key(public_key) if public_key else None
+        ext = q.read_checkpoints(checkpoints) if checkpoints else []
+    except _INPUT_ERRORS as exc:
+        raise CannotAnswer(_sentence(exc)) from exc
 
     async def go(store: q.Store) -> list[Any]:
         return await q.verify(store, public_key=pub, external=ext, chain_id=chain_id)
@@ -217,7 +346,13 @@ def verify_cmd(
 
         # One pass over the files, one streaming verifier per chain.
         verifiers: dict[str, ChainVerifier] = {}
-        for rec in read_jsonl(jsonl):
+        records = read_jsonl(jsonl)
+        for n, rec in enumerate(_readable(records, jsonl), 1):
+            if not isinstance(rec, dict) or not rec.keys() >= _CHAIN_FIELDS:
+                raise CannotAnswer(
+                    f"event {n} of {jsonl} is not an audit event (no chain_id, seq, hash); "
+                    "is this a pgwarden JSON lines trail?"
+                )
             cid = str(rec.get("chain_id"))
             if chain_id is not None and cid != chain_id:
                 continue
@@ -244,12 +379,14 @@ def verify_cmd(
         for r in reports:
             if r.intact:
                 _console().print(
-                    f"[green]chain {r.chain_id}: intact[/green] — {r.events} events "
+                    f"[green]chain {_safe(r.chain_id)}: intact[/green] — {r.events} events "
                     f"({r.first_seq}..{r.last_seq}), {r.checkpoints} checkpoints"
                 )
             else:
                 first = r.problems[0]
-                _console().print(f"[red]chain {r.chain_id}: {first.kind}[/red] — {first.message}")
+                _console().print(
+                    f"[red]chain {_safe(r.chain_id)}: {first.kind}[/red] — {_safe(first.message)}"
+                )
                 if len(r.problems) > 1:
                     _console().print(
                         f"  and {len(r.problems) - 1} more problem(s); --json lists them all"
@@ -259,6 +396,25 @@ def verify_cmd(
                 "[yellow]no --public-key: checkpoint signatures were not checked[/yellow]"
             )
     sys.exit(0 if ok else 1)
+
+
+_CHAIN_FIELDS = {"chain_id", "seq", "prev_hash", "hash"}
+
+
+def _readable(records: Iterator[Any], path: Path) -> Iterator[Any]:
+    """The records of a JSON lines trail; a line that is not JSON ends the run with a sentence
+    (a torn last line after a crash, or a file that is not a trail at all)."""
+    n = 0
+    try:
+        for rec in records:
+            n += 1
+            yield rec
+    except orjson.JSONDecodeError as exc:
+        raise CannotAnswer(
+            f"{path}: event {n + 1} is not valid JSON ({exc}); is this a pgwarden JSON lines trail?"
+        ) from exc
+    except OSError as exc:
+        raise CannotAnswer(_sentence(exc)) from exc
 
 
 # --- queries ---------------------------------------------------------------------------------
@@ -288,6 +444,7 @@ def search_cmd(
     f = _filters(kw)
     rows = _run(_with_store(db, dsn, schema, lambda s: q.search(s, f, limit)))
     _emit(rows, _SEARCH_COLS, as_json, "audit events")
+    _limit_note(rows, limit, "events (oldest first)")
 
 
 @audit_group.command("sessions")
@@ -304,7 +461,7 @@ def sessions_cmd(
         "session_id",
         "started",
         "last_seen",
-        "end_user",
+        "end_users",
         "db_user",
         "application",
         "client_addr",
@@ -313,13 +470,14 @@ def sessions_cmd(
         "blocks",
     ]
     _emit(rows, cols, as_json, "sessions")
+    _limit_note(rows, limit, "sessions (earliest first)")
 
 
 @audit_group.command("timeline")
 @store_options
 @click.option("--end-user", required=True)
-@click.option("--since")
-@click.option("--until")
+@click.option("--since", help=_SINCE_HELP)
+@click.option("--until", help=_UNTIL_HELP)
 def timeline_cmd(
     db: Path | None,
     dsn: str | None,
@@ -330,21 +488,21 @@ def timeline_cmd(
     until: str | None,
 ) -> None:
     """Per hour for one person: statements, labelled rows, blocks."""
-    rows = _run(
-        _with_store(db, dsn, schema, lambda s: q.timeline(s, end_user, _time(since), _time(until)))
-    )
+    s_t, u_t = _window(since, until)
+    rows = _run(_with_store(db, dsn, schema, lambda s: q.timeline(s, end_user, s_t, u_t)))
     _emit(
         rows,
         ["hour", "statements", "labelled_rows", "blocks", "sessions"],
         as_json,
-        f"timeline of {end_user}",
+        f"timeline of {_visible(end_user)}, per hour in UTC",
+        headers={"hour": "hour (UTC)"},
     )
 
 
 @audit_group.command("top")
 @store_options
-@click.option("--since")
-@click.option("--until")
+@click.option("--since", help=_SINCE_HELP)
+@click.option("--until", help=_UNTIL_HELP)
 @click.option("--limit", default=20, show_default=True)
 def top_cmd(
     db: Path | None,
@@ -356,7 +514,8 @@ def top_cmd(
     limit: int,
 ) -> None:
     """Who read the most labelled records in a window."""
-    rows = _run(_with_store(db, dsn, schema, lambda s: q.top(s, _time(since), _time(until), limit)))
+    s_t, u_t = _window(since, until)
+    rows = _run(_with_store(db, dsn, schema, lambda s: q.top(s, s_t, u_t, limit)))
     _emit(
         rows,
         ["person", "labelled_rows", "distinct_records", "statements", "blocks", "sessions"],
@@ -385,6 +544,7 @@ def export_cmd(
 ) -> None:
     """Export matching events for a SIEM (JSON lines or CSV, all columns)."""
     f = _filters(kw)
+    _check_out(out)
 
     async def go(store: q.Store) -> int:
         fh = open(out, "w", newline="") if out else sys.stdout  # noqa: SIM115
@@ -398,12 +558,7 @@ def export_cmd(
             async for row in q.export(store, f):
                 n += 1
                 if writer:
-                    writer.writerow(
-                        {
-                            k: (orjson.dumps(v).decode() if isinstance(v, list | dict) else v)
-                            for k, v in row.items()
-                        }
-                    )
+                    writer.writerow({k: csv_cell(v) for k, v in row.items()})
                 else:
                     fh.write(orjson.dumps(row, option=orjson.OPT_SORT_KEYS).decode() + "\n")
         finally:
@@ -419,8 +574,8 @@ def export_cmd(
 @audit_group.command("report")
 @store_options
 @click.option("--html", "html_out", type=click.Path(dir_okay=False, path_type=Path), required=True)
-@click.option("--since")
-@click.option("--until")
+@click.option("--since", help=_SINCE_HELP)
+@click.option("--until", help=_UNTIL_HELP)
 def report_cmd(
     db: Path | None,
     dsn: str | None,
@@ -433,7 +588,7 @@ def report_cmd(
     """Write a self-contained HTML report: labelled rows per person, blocked statements."""
     from audit.report import render_html
 
-    s_t, u_t = _time(since), _time(until)
+    s_t, u_t = _window(since, until)
 
     async def go(store: q.Store) -> str:
         points = await q.labelled_rows_by_person_hour(store, s_t, u_t)
@@ -456,8 +611,12 @@ def report_cmd(
             verify_summary=summary,
         )
 
+    _check_out(html_out)
     html = _run(_with_store(db, dsn, schema, go))
-    html_out.write_text(html)
+    try:
+        html_out.write_text(html)
+    except OSError as exc:
+        raise CannotAnswer(f"cannot write {html_out}: {exc.strerror}") from exc
     if as_json:
         click.echo(orjson.dumps({"written": str(html_out)}).decode())
     else:
@@ -483,21 +642,22 @@ def ledger_key_option(fn: F) -> F:
 @click.option("--key", help="Primary key as text (composite keys: a JSON array of texts).")
 @click.option("--value", help="A labelled value, e.g. an e-mail address.")
 @click.option("--label", help="Label of --value (default: every label in the ledger).")
-@click.option("--since")
-@click.option("--until")
+@click.option("--since", help=_SINCE_HELP)
+@click.option("--until", help=_UNTIL_HELP)
 def who_saw_cmd(
     db: Path | None, dsn: str | None, schema: str, as_json: bool, ledger_key: Path,
     table: str | None, key: str | None, value: str | None, label: str | None,
     since: str | None, until: str | None,
 ) -> None:  # fmt: skip
     """Which sessions and people received a given record (or labelled value)."""
-    hasher = RecordHasher(load_key(ledger_key))
+    hasher = _hasher(ledger_key)
+    s_t, u_t = _window(since, until)
     rows = _run(
         _with_store(
             db, dsn, schema,
             functools.partial(
                 q.who_saw, hasher=hasher, table=table, key=key, value=value, label=label,
-                since=_time(since), until=_time(until),
+                since=s_t, until=u_t,
             ),
         )
     )  # fmt: skip
@@ -521,7 +681,7 @@ def who_saw_cmd(
         n_sessions = len({r["session_id"] for r in rows})
         _console().print(
             f"{len(rows)} statement(s) in {n_sessions} session(s) by: "
-            f"{', '.join(people) or 'nobody'}"
+            f"{_safe(', '.join(people)) or 'nobody'}"
         )
 
 
@@ -530,8 +690,8 @@ def who_saw_cmd(
 @ledger_key_option
 @click.option("--end-user", required=True)
 @click.option("--table", required=True)
-@click.option("--since")
-@click.option("--until")
+@click.option("--since", help=_SINCE_HELP)
+@click.option("--until", help=_UNTIL_HELP)
 @click.option(
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -547,34 +707,41 @@ def records_seen_cmd(
     resolve_dsn: str | None,
 ) -> None:  # fmt: skip
     """Count and export the distinct records one person received: the notification list."""
-    hasher = RecordHasher(load_key(ledger_key))
+    hasher = _hasher(ledger_key)
+    s_t, u_t = _window(since, until)
 
     async def go(store: q.Store) -> q.RecordsSeen:
-        res = await q.records_seen(
-            store, end_user=end_user, table=table, since=_time(since), until=_time(until)
-        )
+        res = await q.records_seen(store, end_user=end_user, table=table, since=s_t, until=u_t)
         if resolve_dsn:
             res = await q.resolve_keys(res, hasher, resolve_dsn)
         return res
 
+    _check_out(out)
     res = _run(_with_store(db, dsn, schema, go))
     if out:
-        with open(out, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["digest", "key", "first_seen", "last_seen", "times"])
-            for r in res.records:
-                w.writerow(
-                    [r["digest"], r.get("key", ""), r["first_seen"], r["last_seen"], r["times"]]
-                )
+        try:
+            with open(out, "w", newline="") as fh:
+                w = csv.writer(fh)
+                w.writerow(["digest", "key", "first_seen", "last_seen", "times"])
+                for r in res.records:
+                    w.writerow(
+                        [
+                            csv_cell(v)
+                            for v in (r["digest"], r.get("key"), r["first_seen"], r["last_seen"])
+                        ]
+                        + [r["times"]]
+                    )
+        except OSError as exc:
+            raise CannotAnswer(f"cannot write {out}: {exc.strerror}") from exc
     if as_json:
         sys.stdout.buffer.write(orjson.dumps(res.as_dict(), option=orjson.OPT_INDENT_2) + b"\n")
         return
     _console().print(
-        f"{end_user} received {len(res.records)} distinct record(s) of {res.table}"
+        f"{_safe(end_user)} received {len(res.records)} distinct record(s) of {_safe(res.table)}"
         + (f"; {res.resolved} resolved to keys" if resolve_dsn else "")
     )
     if out:
-        _console().print(f"list written to {out}")
+        _console().print(f"list written to {_safe(out)}")
     else:
         _emit(res.records[:50], ["digest", "key", "first_seen", "last_seen", "times"], False)
         if len(res.records) > 50:

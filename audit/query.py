@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -74,6 +75,8 @@ class Dialect:
     # True when the packed digests of ledger row l hold the digest parameter at a 16-byte
     # boundary (a misaligned match would straddle two digests).
     holds_digest: str
+    # The distinct end users of a group of events, as a JSON array (SQLite) or text[].
+    end_users: str
 
 
 SQLITE = Dialect(
@@ -83,6 +86,7 @@ SQLITE = Dialect(
     has_relation="EXISTS (SELECT 1 FROM json_each(e.relations) WHERE value = ?)",
     has_label="EXISTS (SELECT 1 FROM json_each(e.labels) WHERE value = ?)",
     holds_digest="instr(l.digests, ?) % 16 = 1",
+    end_users="json_group_array(DISTINCT e.end_user) FILTER (WHERE e.end_user IS NOT NULL)",
 )
 POSTGRES = Dialect(
     name="postgres",
@@ -91,6 +95,7 @@ POSTGRES = Dialect(
     has_relation="? = ANY(e.relations)",
     has_label="? = ANY(e.labels)",
     holds_digest="position(? in l.digests) % 16 = 1",
+    end_users="array_agg(DISTINCT e.end_user) FILTER (WHERE e.end_user IS NOT NULL)",
 )
 
 
@@ -121,6 +126,34 @@ class SQLiteStore:
             self._conn = connect(path, readonly=True)
         except FileNotFoundError as exc:
             raise QueryError(str(exc)) from exc
+        except sqlite3.Error as exc:
+            raise QueryError(f"cannot open the audit database {path}: {exc}") from exc
+        self._path = path
+        try:
+            tables = {
+                r[0]
+                for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
+        except sqlite3.DatabaseError as exc:
+            self._conn.close()
+            raise QueryError(
+                f"{path} is not an SQLite database ({exc}); --db names the file the proxy's "
+                "SQLite audit sink writes"
+            ) from exc
+        if not {"events", "ledger"} <= tables:
+            self._conn.close()
+            raise QueryError(
+                f"{path} is not a pgwarden audit database (it has no events and ledger tables)"
+            )
+        # One read transaction for the whole command: every query sees the same snapshot
+        # while pgwarden goes on writing (WAL), so verify never pairs events with a ledger
+        # read a moment earlier, and top's two queries count the same events.
+        self._conn.execute("BEGIN")
+
+    def _error(self, exc: sqlite3.Error) -> QueryError:
+        # A writer holding the file for longer than the busy timeout, a damaged file: the
+        # responder gets a sentence, not a traceback.
+        return QueryError(f"reading the audit database {self._path} failed: {exc}")
 
     def _prep(self, sql: str, args: Sequence[Any]) -> tuple[str, list[Any]]:
         sql = sql.replace("{events}", "events").replace("{ledger}", "ledger")
@@ -128,19 +161,26 @@ class SQLiteStore:
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
         q, params = self._prep(sql, args)
-        return [dict(r) for r in self._conn.execute(q, params).fetchall()]
+        try:
+            return [dict(r) for r in self._conn.execute(q, params).fetchall()]
+        except sqlite3.Error as exc:
+            raise self._error(exc) from exc
 
     async def stream(self, sql: str, *args: Any) -> AsyncIterator[Row]:
         q, params = self._prep(sql, args)
-        cur = self._conn.execute(q, params)
-        while True:
-            rows = cur.fetchmany(1000)
-            if not rows:
-                return
-            for r in rows:
-                yield dict(r)
+        try:
+            cur = self._conn.execute(q, params)
+            while True:
+                rows = cur.fetchmany(1000)
+                if not rows:
+                    return
+                for r in rows:
+                    yield dict(r)
+        except sqlite3.Error as exc:
+            raise self._error(exc) from exc
 
     async def close(self) -> None:
+        self._conn.rollback()
         self._conn.close()
 
 
@@ -161,8 +201,24 @@ class PostgresStore:
             raise QueryError(f"the audit schema name {schema!r} must be a plain identifier")
         try:
             conn = await asyncpg.connect(dsn, timeout=10)
-        except (OSError, asyncpg.PostgresError) as exc:
+        except (OSError, TimeoutError, ValueError, asyncpg.PostgresError) as exc:
+            # ValueError covers asyncpg's ClientConfigurationError (a malformed DSN); its
+            # text names the part of the DSN that is wrong, never the password.
             raise QueryError(f"cannot connect to the PostgreSQL audit store: {exc}") from exc
+        found = await conn.fetchval(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = $1 AND tablename IN "
+            "('events', 'ledger')",
+            schema,
+        )
+        if found != 2:
+            await conn.close()
+            raise QueryError(
+                f"the PostgreSQL database has no pgwarden audit store in schema {schema!r} "
+                "(no events and ledger tables there); check --dsn and --schema"
+            )
+        # One snapshot for the whole command while writers go on (see SQLiteStore); the
+        # streams' own transactions become savepoints inside it.
+        await conn.transaction(isolation="repeatable_read", readonly=True).start()
         return cls(conn, schema)
 
     def _prep(self, sql: str) -> str:
@@ -179,12 +235,22 @@ class PostgresStore:
         return re.sub(r"\?", num, sql)
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
-        return [dict(r) for r in await self._conn.fetch(self._prep(sql), *args)]
+        import asyncpg
+
+        try:
+            return [dict(r) for r in await self._conn.fetch(self._prep(sql), *args)]
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise QueryError(f"reading the PostgreSQL audit store failed: {exc}") from exc
 
     async def stream(self, sql: str, *args: Any) -> AsyncIterator[Row]:
-        async with self._conn.transaction():
-            async for r in self._conn.cursor(self._prep(sql), *args, prefetch=1000):
-                yield dict(r)
+        import asyncpg
+
+        try:
+            async with self._conn.transaction():
+                async for r in self._conn.cursor(self._prep(sql), *args, prefetch=1000):
+                    yield dict(r)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise QueryError(f"reading the PostgreSQL audit store failed: {exc}") from exc
 
     async def close(self) -> None:
         await self._conn.close()
@@ -294,6 +360,7 @@ async def sessions(store: Store, f: Filters, limit: int = 200) -> list[Row]:
         SELECT e.session_id,
                MIN(e.ts) AS started, MAX(e.ts) AS last_seen,
                MAX(e.db_user) AS db_user, MAX(e.end_user) AS end_user,
+               {d.end_users} AS end_users,
                MAX(e.application) AS application, MAX(e.client_addr) AS client_addr,
                COUNT(*) FILTER (WHERE e.kind = 'statement') AS statements,
                COALESCE(SUM(CASE WHEN e.kind = 'statement' AND {d.labelled}
@@ -309,7 +376,14 @@ async def sessions(store: Store, f: Filters, limit: int = 200) -> list[Row]:
         *args,
         limit,
     )
-    return [_plain(r) for r in rows]
+    # An application's pooled connection serves many people: one session, several end users.
+    return [{**_plain(r), "end_users": _names(r["end_users"])} for r in rows]
+
+
+def _names(v: Any) -> list[str]:
+    if v is None:
+        return []
+    return sorted(orjson.loads(v) if isinstance(v, str) else v)
 
 
 def _scalar(v: Any) -> Any:
@@ -343,7 +417,28 @@ async def timeline(
         """,
         *args,
     )
+    if not rows:
+        await _check_person(store, end_user)
     return [{**_plain(r), "hour": f"{r['hour']}:00Z"} for r in rows]
+
+
+async def _check_person(store: Store, end_user: str) -> None:
+    """Raise when the trail never names ``end_user``: "Bob" for "bob" would otherwise read as
+    "bob did nothing"."""
+    if await store.fetch("SELECT 1 AS x FROM {events} e WHERE e.end_user = ? LIMIT 1", end_user):
+        return
+    alike = [
+        r["end_user"]
+        for r in await store.fetch(
+            "SELECT DISTINCT e.end_user FROM {events} e "
+            "WHERE lower(e.end_user) = lower(?) ORDER BY 1 LIMIT 5",
+            end_user.strip(),
+        )
+    ]
+    raise QueryError(
+        f"the trail never names the end user {end_user!r} (names match exactly, case "
+        "included)" + (f"; did you mean {', '.join(map(repr, alike))}?" if alike else "")
+    )
 
 
 async def top(
@@ -368,7 +463,9 @@ async def top(
         *args,
         limit,
     )
-    people: dict[str, set[tuple[str, bytes]]] = {}
+    # Distinct records only for the people listed: on a large store most ledger rows belong
+    # to people below the cut, and a set per (person, table) is the expensive part.
+    people: dict[str, dict[str, set[bytes]]] = {r["person"]: {} for r in rows}
     async for r in store.stream(
         f"""
         SELECT COALESCE(e.end_user, e.db_user) AS person, l.relation, l.digests
@@ -377,10 +474,16 @@ async def top(
         """,
         *args,
     ):
-        recs = people.setdefault(r["person"], set())
-        rel = r["relation"]
-        recs.update((rel, d) for d in split(bytes(r["digests"])))
-    return [{**_plain(r), "distinct_records": len(people.get(r["person"], ()))} for r in rows]
+        tables = people.get(r["person"])
+        if tables is None:
+            continue
+        recs = tables.get(r["relation"])
+        if recs is None:
+            recs = tables[r["relation"]] = set()
+        recs.update(split(bytes(r["digests"])))
+    return [
+        {**_plain(r), "distinct_records": sum(map(len, people[r["person"]].values()))} for r in rows
+    ]
 
 
 async def blocked(store: Store, f: Filters, limit: int = 500) -> list[Row]:
@@ -461,13 +564,19 @@ def read_checkpoints(path: Path) -> list[ExternalCheckpoint]:
     """Checkpoints saved from the alert channel or checkpoint file (JSON lines; a line may be
     the checkpoint itself or an alert whose ``details`` hold it)."""
     out = []
-    for line in Path(path).read_bytes().splitlines():
+    for n, line in enumerate(Path(path).read_bytes().splitlines(), 1):
         if not line.strip():
             continue
-        d = orjson.loads(line)
-        if "details" in d and "signature" in d.get("details", {}):
-            d = d["details"]
-        out.append(ExternalCheckpoint.from_dict(d))
+        try:
+            d = orjson.loads(line)
+            if "details" in d and "signature" in d.get("details", {}):
+                d = d["details"]
+            out.append(ExternalCheckpoint.from_dict(d))
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise QueryError(
+                f"line {n} of {path} is not a checkpoint (a JSON object with chain_id, seq, "
+                "hash, signature)"
+            ) from exc
     return out
 
 
@@ -528,8 +637,38 @@ async def who_saw(
             *args,
         )
         out.extend({**clean(r), "matched": rel} for r in rows)
+    if not out:
+        if key is not None:
+            await _check_known(store, (KIND_KEY, LEGACY_KIND_KEY), qualify(str(table)), "table")
+        elif label:
+            await _check_known(store, (KIND_VALUE, LEGACY_KIND_VALUE), label, "label")
+        elif not targets:
+            raise QueryError("the record ledger holds no labelled values at all")
     out.sort(key=lambda r: r["ts"])
     return out
+
+
+async def _check_known(store: Store, kinds: tuple[str, str], name: str, what: str) -> None:
+    """Raise when the ledger never recorded ``name``: an empty answer for a misspelt table or
+    label ("customer") would read as "nobody saw anything"."""
+    marks = ", ".join("?" * len(kinds))
+    hit = await store.fetch(
+        f"SELECT 1 AS x FROM {{ledger}} WHERE relation = ? AND kind IN ({marks}) LIMIT 1",
+        name,
+        *kinds,
+    )
+    if hit:
+        return
+    known = [
+        r["relation"]
+        for r in await store.fetch(
+            f"SELECT DISTINCT relation FROM {{ledger}} WHERE kind IN ({marks}) ORDER BY 1", *kinds
+        )
+    ]
+    raise QueryError(
+        f"the record ledger has nothing for the {what} {name!r} (check the spelling); "
+        + (f"{what}s in the ledger: {', '.join(known)}" if known else f"it names no {what} at all")
+    )
 
 
 @dataclass
@@ -591,6 +730,9 @@ async def records_seen(
             else:
                 s[1] = ts
                 s[2] += 1
+    if not seen:
+        await _check_known(store, (KIND_KEY, LEGACY_KIND_KEY), rel, "table")
+        await _check_person(store, end_user)
     recs = [
         {"digest": d.hex(), "first_seen": f, "last_seen": la, "times": n}
         | ({"legacy": True} if d in legacy else {})
@@ -608,57 +750,63 @@ async def resolve_keys(
 
     try:
         conn = await asyncpg.connect(monitored_dsn, timeout=10)
-    except (OSError, asyncpg.PostgresError) as exc:
+    except (OSError, TimeoutError, ValueError, asyncpg.PostgresError) as exc:
         raise QueryError(f"cannot connect to the monitored database: {exc}") from exc
     try:
-        schema, name = result.table.split(".", 1)
-        cols = await conn.fetch(
-            """
-            SELECT a.attname FROM pg_index i
-            JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-            JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON true
-            JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
-            WHERE i.indisprimary AND n.nspname = $1 AND c.relname = $2
-            ORDER BY k.ord
-            """,
-            schema,
-            name,
-        )
-        if not cols:
-            raise QueryError(f"{result.table} has no primary key in the monitored database")
-        idents = ", ".join(f'"{c["attname"]}"::text' for c in cols)
-        want = {r["digest"]: r for r in result.records}
-        legacy = any(r.get("legacy") for r in result.records)
-        found = 0
-        table = result.table
-
-        def match(pks: list[str]) -> int:
-            """Name the wanted digests among these keys' (hashed as one batch)."""
-            pairs = list(zip(pks, hasher.keys(table, pks), strict=True))
-            if legacy:
-                pairs += [(pk, hasher.legacy_key(table, pk)) for pk in pks]
-            hit = 0
-            for pk, d in pairs:
-                r = want.get(d.hex())
-                if r is not None and "key" not in r:
-                    r["key"] = pk
-                    hit += 1
-            return hit
-
-        async with conn.transaction(readonly=True):
-            batch: list[str] = []
-            async for row in conn.cursor(
-                f'SELECT {idents} FROM "{schema}"."{name}"', prefetch=5000
-            ):
-                batch.append(pk_text(list(row.values())))
-                if len(batch) == 5000:
-                    found += match(batch)
-                    batch = []
-                    if found == len(want):
-                        break
-            if batch:
-                found += match(batch)
-        result.resolved = found
-        return result
+        return await _resolve(conn, result, hasher)
+    except asyncpg.PostgresError as exc:
+        raise QueryError(
+            f"cannot read the keys of {result.table} in the monitored database: {exc}"
+        ) from exc
     finally:
         await conn.close()
+
+
+async def _resolve(conn: Any, result: RecordsSeen, hasher: RecordHasher) -> RecordsSeen:
+    schema, name = result.table.split(".", 1)
+    cols = await conn.fetch(
+        """
+        SELECT a.attname FROM pg_index i
+        JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+        JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON true
+        JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
+        WHERE i.indisprimary AND n.nspname = $1 AND c.relname = $2
+        ORDER BY k.ord
+        """,
+        schema,
+        name,
+    )
+    if not cols:
+        raise QueryError(f"{result.table} has no primary key in the monitored database")
+    idents = ", ".join(f'"{c["attname"]}"::text' for c in cols)
+    want = {r["digest"]: r for r in result.records}
+    legacy = any(r.get("legacy") for r in result.records)
+    found = 0
+    table = result.table
+
+    def match(pks: list[str]) -> int:
+        """Name the wanted digests among these keys' (hashed as one batch)."""
+        pairs = list(zip(pks, hasher.keys(table, pks), strict=True))
+        if legacy:
+            pairs += [(pk, hasher.legacy_key(table, pk)) for pk in pks]
+        hit = 0
+        for pk, d in pairs:
+            r = want.get(d.hex())
+            if r is not None and "key" not in r:
+                r["key"] = pk
+                hit += 1
+        return hit
+
+    async with conn.transaction(readonly=True):
+        batch: list[str] = []
+        async for row in conn.cursor(f'SELECT {idents} FROM "{schema}"."{name}"', prefetch=5000):
+            batch.append(pk_text(list(row.values())))
+            if len(batch) == 5000:
+                found += match(batch)
+                batch = []
+                if found == len(want):
+                    break
+        if batch:
+            found += match(batch)
+    result.resolved = found
+    return result
