@@ -695,7 +695,7 @@ def who_saw_cmd(
 @click.option(
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Write the list (CSV: digest, key, first_seen, last_seen, times).",
+    help="Write the list (CSV: digest, key, first_seen, last_seen, times, via).",
 )
 @click.option(
     "--resolve-dsn",
@@ -722,14 +722,18 @@ def records_seen_cmd(
         try:
             with open(out, "w", newline="") as fh:
                 w = csv.writer(fh)
-                w.writerow(["digest", "key", "first_seen", "last_seen", "times"])
-                for r in res.records:
+                # "via": "key" for a record named by its key digest, else the label of the
+                # value it was found by; a value not (yet) tied to a row has no key.
+                w.writerow(["digest", "key", "first_seen", "last_seen", "times", "via"])
+                unplaced = [v for v in res.values if "key" not in v]
+                for r in [*res.records, *unplaced]:
+                    via = r.get("via") or r.get("label") or "key"
                     w.writerow(
                         [
                             csv_cell(v)
                             for v in (r["digest"], r.get("key"), r["first_seen"], r["last_seen"])
                         ]
-                        + [r["times"]]
+                        + [r["times"], via]
                     )
         except OSError as exc:
             raise CannotAnswer(f"cannot write {out}: {exc.strerror}") from exc
@@ -740,6 +744,20 @@ def records_seen_cmd(
         f"{_safe(end_user)} received {len(res.records)} distinct record(s) of {_safe(res.table)}"
         + (f"; {res.resolved} resolved to keys" if resolve_dsn else "")
     )
+    unplaced = [v for v in res.values if "key" not in v]
+    if unplaced:
+        per_label: dict[str, int] = {}
+        for v in unplaced:
+            per_label[v["label"]] = per_label.get(v["label"], 0) + 1
+        labels = ", ".join(f"{n} {lb}" for lb, n in sorted(per_label.items()))
+        _console().print(
+            f"and {len(unplaced)} labelled value(s) in rows without a key ({_safe(labels)})"
+            + (
+                f": none is in a row of {_safe(res.table)} now"
+                if resolve_dsn
+                else f"; --resolve-dsn finds the rows of {_safe(res.table)} that hold them"
+            )
+        )
     if out:
         _console().print(f"list written to {_safe(out)}")
     else:

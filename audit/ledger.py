@@ -133,6 +133,10 @@ class RecordHasher:
         """The digest of each of ``pks``, in order."""
         return split(self._packed(KIND_KEY, qualify(table), pks))
 
+    def values(self, label: str, vals: Iterable[str]) -> list[bytes]:
+        """The digest of each of ``vals`` (as :meth:`value`), in order."""
+        return split(self._packed(KIND_VALUE, label, [normalise_value(v) for v in vals]))
+
     def _one(self, kind: str, rel: str, msg: bytes) -> bytes:
         mac = CMAC(algorithms.AES(self._rel(kind, rel)[0]))
         mac.update(msg.ljust(_BLOCK, b"\0"))

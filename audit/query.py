@@ -679,6 +679,10 @@ class RecordsSeen:
     table: str
     records: list[Row]  # digest (hex), first_seen, last_seen, times, and key when resolved
     resolved: int = 0
+    # Labelled values the person received in rows that carried no usable key (``v2``
+    # digests, any table): digest, label, first_seen, last_seen, times; resolving names the
+    # row of ``table`` that holds one (key, column) and adds that row to ``records``.
+    values: list[Row] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -687,7 +691,18 @@ class RecordsSeen:
             "distinct_records": len(self.records),
             "resolved": self.resolved,
             "records": self.records,
+            "values_without_key": len(self.values),
+            "values": self.values,
         }
+
+
+def _tally(seen: dict[Any, list[Any]], key: Any, ts: Any) -> None:
+    s = seen.get(key)
+    if s is None:
+        seen[key] = [ts, ts, 1]
+    else:
+        s[1] = ts
+        s[2] += 1
 
 
 async def records_seen(
@@ -698,39 +713,46 @@ async def records_seen(
     since: datetime | None = None,
     until: datetime | None = None,
 ) -> RecordsSeen:
-    """Distinct records of ``table`` that ``end_user`` received in the window."""
+    """Distinct records of ``table`` that ``end_user`` received in the window, and the
+    labelled values they received in rows without a usable key (which may be of any table
+    carrying those labels until :func:`resolve_keys` ties them to rows of ``table``)."""
     rel = qualify(table)
-    conds: list[str] = ["e.end_user = ?", "l.kind IN ('k2', 'k')", "l.relation = ?"]
-    args: list[Any] = [end_user, rel]
+    window: list[str] = []
+    args: list[Any] = []
     if since is not None:
-        conds.append("e.ts >= ?")
+        window.append("AND e.ts >= ?")
         args.append(since)
     if until is not None:
-        conds.append("e.ts < ?")
+        window.append("AND e.ts < ?")
         args.append(until)
     seen: dict[bytes, list[Any]] = {}  # digest -> [first, last, times]
+    values: dict[tuple[str, bytes], list[Any]] = {}  # (label, digest) -> [first, last, times]
     legacy: set[bytes] = set()  # digests from trails written before CMAC
     async for r in store.stream(
         f"""
-        SELECT e.ts, l.kind, l.digests
+        SELECT e.ts, l.kind, l.relation, l.digests
         FROM {{events}} e JOIN {{ledger}} l ON l.chain_id = e.chain_id AND l.seq = e.seq
-        WHERE {" AND ".join(conds)}
+        WHERE e.end_user = ? {" ".join(window)}
+          AND ((l.kind IN ('k2', 'k') AND l.relation = ?) OR l.kind IN ('v2', 'v'))
         ORDER BY e.ts
         """,
+        end_user,
         *args,
+        rel,
     ):
         ts = _scalar(r["ts"])
+        kind = r["kind"]
         digests = split(bytes(r["digests"]))
-        if r["kind"] == LEGACY_KIND_KEY:
+        if kind in (LEGACY_KIND_KEY, LEGACY_KIND_VALUE):
             legacy.update(digests)
-        for d in digests:
-            s = seen.get(d)
-            if s is None:
-                seen[d] = [ts, ts, 1]
-            else:
-                s[1] = ts
-                s[2] += 1
-    if not seen:
+        if kind in (KIND_KEY, LEGACY_KIND_KEY):
+            for d in digests:
+                _tally(seen, d, ts)
+        else:
+            label = str(r["relation"])
+            for d in digests:
+                _tally(values, (label, d), ts)
+    if not seen and not values:
         await _check_known(store, (KIND_KEY, LEGACY_KIND_KEY), rel, "table")
         await _check_person(store, end_user)
     recs = [
@@ -738,7 +760,12 @@ async def records_seen(
         | ({"legacy": True} if d in legacy else {})
         for d, (f, la, n) in sorted(seen.items(), key=lambda kv: (kv[1][0], kv[0]))
     ]
-    return RecordsSeen(end_user, rel, recs)
+    vals = [
+        {"digest": d.hex(), "label": label, "first_seen": f, "last_seen": la, "times": n}
+        | ({"legacy": True} if d in legacy else {})
+        for (label, d), (f, la, n) in sorted(values.items(), key=lambda kv: (kv[1][0], kv[0]))
+    ]
+    return RecordsSeen(end_user, rel, recs, values=vals)
 
 
 async def resolve_keys(
@@ -778,14 +805,38 @@ async def _resolve(conn: Any, result: RecordsSeen, hasher: RecordHasher) -> Reco
     )
     if not cols:
         raise QueryError(f"{result.table} has no primary key in the monitored database")
-    idents = ", ".join(f'"{c["attname"]}"::text' for c in cols)
+    pk_names = [str(c["attname"]) for c in cols]
+    # Values received without a key are looked for in every column of the table: the
+    # ledger knows their label, not their column, and hashing a column costs little.
+    others: list[str] = []
+    if result.values:
+        others = [
+            str(r["attname"])
+            for r in await conn.fetch(
+                """
+                SELECT a.attname FROM pg_attribute a
+                JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+                WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped
+                ORDER BY a.attnum
+                """,
+                schema,
+                name,
+            )
+            if r["attname"] not in pk_names
+        ]
+    idents = ", ".join(f'"{c}"::text' for c in [*pk_names, *others])
     want = {r["digest"]: r for r in result.records}
-    legacy = any(r.get("legacy") for r in result.records)
+    labels = sorted({v["label"] for v in result.values})
+    want_values = {(v["label"], v["digest"]): v for v in result.values}
+    legacy = any(r.get("legacy") for r in [*result.records, *result.values])
     found = 0
     table = result.table
+    npk = len(pk_names)
 
-    def match(pks: list[str]) -> int:
-        """Name the wanted digests among these keys' (hashed as one batch)."""
+    def match(rows: list[list[str | None]]) -> int:
+        """Name the wanted digests among these rows' keys (hashed as one batch), and the
+        rows holding a wanted value."""
+        pks = [pk_text(r[:npk]) for r in rows]
         pairs = list(zip(pks, hasher.keys(table, pks), strict=True))
         if legacy:
             pairs += [(pk, hasher.legacy_key(table, pk)) for pk in pks]
@@ -795,18 +846,60 @@ async def _resolve(conn: Any, result: RecordsSeen, hasher: RecordHasher) -> Reco
             if r is not None and "key" not in r:
                 r["key"] = pk
                 hit += 1
+        for j, column in enumerate(others, start=npk):
+            present = [(pk, r[j]) for pk, r in zip(pks, rows, strict=True) if r[j] is not None]
+            texts = [t for _pk, t in present if t]
+            if not texts:
+                continue
+            for label in labels:
+                digests = hasher.values(label, texts)
+                if legacy:
+                    digests += [hasher.legacy_value(label, t) for t in texts]
+                owners = [pk for pk, t in present if t] * (2 if legacy else 1)
+                for pk, d in zip(owners, digests, strict=True):
+                    v = want_values.get((label, d.hex()))
+                    if v is not None and "key" not in v:
+                        v["key"], v["column"] = pk, column
         return hit
 
     async with conn.transaction(readonly=True):
-        batch: list[str] = []
+        batch: list[list[str | None]] = []
         async for row in conn.cursor(f'SELECT {idents} FROM "{schema}"."{name}"', prefetch=5000):
-            batch.append(pk_text(list(row.values())))
+            batch.append(list(row.values()))
             if len(batch) == 5000:
                 found += match(batch)
                 batch = []
-                if found == len(want):
+                if found == len(want) and not want_values:
                     break
         if batch:
             found += match(batch)
-    result.resolved = found
+    result.resolved = found + _records_from_values(result, hasher)
     return result
+
+
+def _records_from_values(result: RecordsSeen, hasher: RecordHasher) -> int:
+    """Rows of the table that a value without a key was found in, and no key digest
+    already names: they are records the person received too.  Added to ``records`` under
+    their key's digest (so a list made another way compares), marked ``via`` the label."""
+    by_key = {r["key"]: r for r in result.records if "key" in r}
+    added = 0
+    for v in result.values:
+        pk = v.get("key")
+        if pk is None:
+            continue
+        rec = by_key.get(pk)
+        if rec is None:
+            rec = by_key[pk] = {
+                "digest": hasher.key(result.table, pk).hex(),
+                "key": pk,
+                "first_seen": v["first_seen"],
+                "last_seen": v["last_seen"],
+                "times": v["times"],
+                "via": v["label"],
+            }
+            result.records.append(rec)
+            added += 1
+        else:
+            rec["first_seen"] = min(rec["first_seen"], v["first_seen"])
+            rec["last_seen"] = max(rec["last_seen"], v["last_seen"])
+    return added

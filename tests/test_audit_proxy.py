@@ -8,6 +8,7 @@ person received, hold no literal from any statement, verify intact, and survive 
 from __future__ import annotations
 
 import asyncio
+import csv
 import json
 import signal
 import sqlite3
@@ -188,6 +189,42 @@ def test_records_seen_is_exactly_what_each_person_received(
     people = {row["end_user"] for row in json.loads(who.stdout)}
     assert people == {"mallory", "alice"}
     assert audit_cli("verify", "--db", str(db)).returncode == 0
+
+
+def test_records_seen_names_customers_read_without_their_key(
+    pg: Cluster, audited: tuple[ProxyProcess, Path], keys: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A lookup by e-mail returns no key column: the breach list must still name the customer
+    (through --resolve-dsn), and without it say that such values were received."""
+    p, db = audited
+    with psycopg.connect(dsn(p, "support_app"), autocommit=True) as conn:
+        conn.execute("SET pgwarden.end_user = 'dave'")
+        conn.execute(
+            "SELECT full_name, email FROM customers WHERE email = 'customer7@mail.example'"
+        ).fetchall()
+        conn.execute("SELECT customer_id, email FROM customers WHERE customer_id = 5").fetchall()
+    p.stop()
+    base = ["records-seen", "--db", str(db), "--ledger-key", str(keys[0]), "--end-user", "dave",
+            "--table", "customers"]  # fmt: skip
+    plain = audit_cli(*base, "--json")
+    assert plain.returncode == 0, plain.stderr
+    got = json.loads(plain.stdout)
+    assert got["distinct_records"] == 1  # customer 5, by key
+    assert sorted(v["label"] for v in got["values"]) == ["pii.email", "pii.name"]
+    text = audit_cli(*base)
+    assert "2 labelled value(s) in rows without a key" in text.stdout
+    assert "--resolve-dsn" in text.stdout
+
+    out = tmp_path / "dave.csv"
+    resolved = audit_cli(*base, "--json", "--resolve-dsn", pg.url(database=DB), "--out", str(out))
+    assert resolved.returncode == 0, resolved.stderr
+    got = json.loads(resolved.stdout)
+    assert got["distinct_records"] == 2 and got["resolved"] == 2
+    assert sorted(r["key"] for r in got["records"]) == ["5", "7"]
+    assert {v["column"] for v in got["values"]} == {"email", "full_name"}
+    with open(out, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted((r["key"], r["via"]) for r in rows) == [("5", "key"), ("7", "pii.email")]
 
 
 def test_copy_output_is_in_the_ledger(
