@@ -424,15 +424,7 @@ class AuditTrail:
         for s, why in failed:
             # The sink stays configured: each batch retries it (PostgreSQL reconnects).
             log.error("audit_sink_unavailable_at_start", sink=s.name, error=str(why))
-            self.alerter.send(
-                Alert(
-                    "sink_failure",
-                    f"audit sink {s.name} could not be opened: {why}",
-                    severity="error",
-                    details={"sink": s.name},
-                    dedup_key=f"sink_failure\0{s.name}",
-                )
-            )
+            self._sink_alert(s, f"audit sink {s.name} could not be opened: {why}", "sink_failure")
         for r in self._runners:
             r.task = asyncio.create_task(self._run_sink(r), name=f"pgwarden-audit-{r.sink.name}")
         self._dispatcher = asyncio.create_task(self._dispatch(), name="pgwarden-audit-dispatch")
@@ -719,15 +711,7 @@ class AuditTrail:
                 f"{len(sealed)} events were not written to it"
             )
         log.error("audit_sink_stalled", sink=r.sink.name, events=len(sealed), kept=kept)
-        self.alerter.send(
-            Alert(
-                "sink_failure",
-                msg,
-                severity="error",
-                details={"sink": r.sink.name, "dropped": r.dropped},
-                dedup_key=f"sink_stall\0{r.sink.name}",
-            )
-        )
+        self._sink_alert(r.sink, msg, "sink_stall", dropped=r.dropped)
         ticket.report(self, r.sink.durable, f"{r.sink.name}: {msg}")
 
     def _seal(
@@ -902,15 +886,10 @@ class AuditTrail:
                 r.failures += 1
                 error = f"{r.sink.name}: {exc}"
                 log.error("audit_sink_failed", sink=r.sink.name, error=str(exc))
-                self.alerter.send(
-                    Alert(
-                        "sink_failure",
-                        f"audit sink {r.sink.name} failed: {exc}",
-                        severity="error",
-                        details={"sink": r.sink.name, "events": len(batch)},
-                        dedup_key=f"sink_failure\0{r.sink.name}",
-                    )
-                )
+                self._sink_alert(
+                    r.sink, f"audit sink {r.sink.name} failed: {exc}", "sink_failure",
+                    events=len(batch),
+                )  # fmt: skip
             if error is None:
                 if retrying:
                     log.info("audit_sink_recovered", sink=r.sink.name, events=len(batch))
@@ -948,15 +927,19 @@ class AuditTrail:
                 "written to it"
             )
             log.error("audit_sink_retries_dropped", sink=r.sink.name, dropped=lost)
-            self.alerter.send(
-                Alert(
-                    "sink_failure",
-                    msg,
-                    severity="error",
-                    details={"sink": r.sink.name, "dropped": r.dropped},
-                    dedup_key=f"sink_retry_drop\0{r.sink.name}",
-                )
+            self._sink_alert(r.sink, msg, "sink_retry_drop", dropped=r.dropped)
+
+    def _sink_alert(self, sink: Sink, message: str, dedup: str, **details: Any) -> None:
+        """A ``sink_failure`` alert, deduplicated per sink and per kind of trouble."""
+        self.alerter.send(
+            Alert(
+                "sink_failure",
+                message,
+                severity="error",
+                details={"sink": sink.name, **details},
+                dedup_key=f"{dedup}\0{sink.name}",
             )
+        )
 
 
 async def _not_yet_stored(sink: Sink, batch: list[Sealed]) -> list[Sealed]:

@@ -43,6 +43,21 @@ def pgwarden_command() -> list[str]:
     return [script]
 
 
+def audit_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``pgwarden audit ARGS``, run as a responder runs it (its own process)."""
+    return subprocess.run(
+        [*pgwarden_command(), "audit", *args], capture_output=True, text=True, check=False
+    )
+
+
+def audit_keys(tmp_path: Path) -> tuple[Path, Path]:
+    """A ledger key and a signing key in ``tmp_path``, made by ``pgwarden audit keygen``."""
+    ledger, signing = tmp_path / "ledger.key", tmp_path / "sign.key"
+    assert audit_cli("keygen", "--ledger", "--out", str(ledger)).returncode == 0
+    assert audit_cli("keygen", "--out", str(signing)).returncode == 0
+    return ledger, signing
+
+
 def wait_until(
     predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, what: str = ""
 ) -> Any:

@@ -25,7 +25,7 @@ import psycopg
 import pytest
 
 from loadtests.cluster import Cluster
-from tests.proxyutil import ProxyProcess, pgwarden_command, wait_until
+from tests.proxyutil import ProxyProcess, audit_cli, audit_keys, wait_until
 from tests.support_data import DB, POLICY
 
 DURABLE_TIMEOUT = 2.0
@@ -33,18 +33,9 @@ DURABLE_TIMEOUT = 2.0
 SLACK = 3.0
 
 
-def audit_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*pgwarden_command(), "audit", *args], capture_output=True, text=True, check=False
-    )
-
-
 @pytest.fixture
 def keys(tmp_path: Path) -> tuple[Path, Path]:
-    ledger, signing = tmp_path / "ledger.key", tmp_path / "sign.key"
-    assert audit_cli("keygen", "--ledger", "--out", str(ledger)).returncode == 0
-    assert audit_cli("keygen", "--out", str(signing)).returncode == 0
-    return ledger, signing
+    return audit_keys(tmp_path)
 
 
 def start(

@@ -21,22 +21,13 @@ import psycopg
 import pytest
 
 from loadtests.cluster import Cluster
-from tests.proxyutil import ProxyProcess, pgwarden_command
+from tests.proxyutil import ProxyProcess, audit_cli, audit_keys
 from tests.support_data import DB, POLICY
-
-
-def audit_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*pgwarden_command(), "audit", *args], capture_output=True, text=True, check=False
-    )
 
 
 @pytest.fixture
 def keys(tmp_path: Path) -> tuple[Path, Path]:
-    ledger, signing = tmp_path / "ledger.key", tmp_path / "sign.key"
-    assert audit_cli("keygen", "--hmac", "--out", str(ledger)).returncode == 0
-    assert audit_cli("keygen", "--out", str(signing)).returncode == 0
-    return ledger, signing
+    return audit_keys(tmp_path)
 
 
 def start(
