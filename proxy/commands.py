@@ -40,7 +40,12 @@ class ForwardCancel:
 
 @dataclass(frozen=True, slots=True)
 class CancelUpstream:
-    """Cancel whatever this session's backend is running (client gone, result cut off)."""
+    """Cancel whatever this session's backend is running (client gone, result cut off).
+
+    ``hold``: the tracker holds the client's next messages until the request has reached the
+    server (then ``Session.counts_recorded``), or a late cancel would hit one of them."""
+
+    hold: bool = False
 
 
 @dataclass(frozen=True, slots=True)

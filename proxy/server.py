@@ -387,7 +387,7 @@ class ClientConnection(asyncio.Protocol):
                 self._cancelling = True
                 self._spawn(self._forward_cancel(c.pid, c.secret))
             elif type(c) is cmd.CancelUpstream:
-                self._spawn(self.cancel_upstream())
+                self._spawn(self._cancel_then_release() if c.hold else self.cancel_upstream())
             elif type(c) is cmd.StatementDone:
                 self._statement_done(c)
             elif type(c) is cmd.EndSession:
@@ -522,6 +522,15 @@ class ClientConnection(asyncio.Protocol):
         return self.session.protocol_error(
             ProtocolError("pgwarden internal error; the session was closed")
         )
+
+    async def _cancel_then_release(self) -> None:
+        """Cancel a cut-off statement; the client's held messages go on once PostgreSQL has
+        taken the request (a cancel it then finds the backend idle for is ignored)."""
+        try:
+            await self.cancel_upstream()
+        finally:
+            if not self._closed:
+                self.run(self.session.counts_recorded())
 
     async def cancel_upstream(self) -> None:
         key = self.session.upstream_key

@@ -512,7 +512,8 @@ class Session:
         self.tracker = tracker
 
     def counts_recorded(self) -> list[cmd.Command]:
-        """A RecordUsage has been carried out (or failed): held statements may go on."""
+        """A RecordUsage, a need-to-know lookup or the cancel of a cut-off statement is done
+        (or failed): held statements may go on."""
         if self.tracker is None or self.phase is not Phase.READY:
             return []
         return self.tracker.counts_recorded()

@@ -377,7 +377,8 @@ class Tracker:
         return self._send([*out, *todo], parts, raw, fwd, head)
 
     def counts_recorded(self) -> list[cmd.Command]:
-        """A statement's usage is in the window store: the next statement may be judged."""
+        """A statement's usage is in the window store, a lookup is answered or a cut-off
+        statement's cancel has reached the server: the next statement may go on."""
         self.pending_counts = max(0, self.pending_counts - 1)
         if self.pending_counts or self.holding:
             return []
@@ -1034,7 +1035,11 @@ class Tracker:
             )
         )
         if not self.cancel_sent:
-            out.append(cmd.CancelUpstream())
+            # The client's next messages wait until the cancel request has reached the
+            # server: one that lands after the cut statement has finished (it often has:
+            # the rows were already on their way) would cancel the client's next statement.
+            self.pending_counts += 1
+            out.append(cmd.CancelUpstream(hold=True))
             self.cancel_sent = True
         out += self._finished(running, "", "42501", cut=rule)
         self.discarding = True
@@ -1148,14 +1153,16 @@ class Tracker:
             # row as its own record (fail closed) for the labels concerned.
             # Named uniquely: an id() of the Running comes back for a later statement (and
             # the same in another worker), which made its rows the "same" records again.
-            uniq = uuid.uuid4().hex
-            by_row = frozenset(f"row:{uniq}:{i}" for i in range(rows))
-            keyed = frozenset(records) if records else by_row
             facts = decision.facts if decision is not None else None
             loose: set[str] = set()
             if records and facts is not None:
                 for i in facts.value_positions:
                     loose |= facts.output[i].labels
+            by_row: frozenset[str] = frozenset()
+            if loose or not records:  # made only when used: most results carry their key
+                uniq = uuid.uuid4().hex
+                by_row = frozenset(f"row:{uniq}:{i}" for i in range(rows))
+            keyed = frozenset(records) if records else by_row
             for label in plan.labels:
                 windows = tuple(
                     r.window for r in plan.window_rules if r.window and r.covers_label(label)

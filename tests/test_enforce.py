@@ -10,7 +10,10 @@ message, and that the session (and the server's transaction state) is still righ
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -129,6 +132,72 @@ def test_raw_extended_execute_with_max_rows_stops_at_the_limit(proxy: ProxyProce
         assert err is not None and "agent-statement-rows" in err.message
         c.send(Query("SELECT 1").encode())
         assert c.read_until_ready()[-1] == ("Z", b"I")
+
+
+class SlowToConnect:
+    """A TCP forwarder to PostgreSQL that takes ``delay`` seconds to open each connection, as
+    a busy or distant server does: pgwarden's cancel request for a cut-off statement then
+    reaches PostgreSQL well after the statement has finished."""
+
+    def __init__(self, target: tuple[str, int], delay: float) -> None:
+        self.target, self.delay = target, delay
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        time.sleep(self.delay)
+        upstream = socket.create_connection(self.target)
+        for a, b in ((client, upstream), (upstream, client)):
+            threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                b.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_late_cancel_of_a_cut_off_statement_never_hits_the_next_one(
+    pg: Cluster, enforce_db: str, tmp_path: Path
+) -> None:
+    # The cut-off result was complete before pgwarden's cancel reached PostgreSQL (0.5 s
+    # later here): had the client's next statement been forwarded at once, the cancel would
+    # have landed in it ("canceling statement due to user request").
+    fwd = SlowToConnect((pg.host, pg.port), 0.5)
+    p = ProxyProcess(pg, tmp_path / "proxy", [
+        "--policy", str(POLICY), "--catalog-user", "postgres", "--upstream", f"127.0.0.1:{fwd.port}",
+    ])  # fmt: skip
+    try:
+        with psycopg.connect(dsn(p, "support_app"), autocommit=True) as conn:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="agent-statement-rows"):
+                conn.execute(LOOKUP_MANY)
+            t0 = time.monotonic()
+            assert conn.execute("SELECT pg_sleep(1), 7").fetchone() == ("", 7)
+            assert time.monotonic() - t0 >= 1.0
+            with conn.transaction():
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    conn.execute(LOOKUP_MANY)
+            assert conn.execute("SELECT pg_sleep(1), 8").fetchone() == ("", 8)
+    finally:
+        assert p.stop() == 0, p.log()
+        fwd.close()
 
 
 def test_server_side_cursor_counts_across_fetches(proxy: ProxyProcess) -> None:
