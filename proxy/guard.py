@@ -131,6 +131,9 @@ class Guard:
     # The end user named by SET pgwarden.end_user: the session's, until RESET.  A comment
     # names the end user of its own statement only.
     _session_end_user: str | None = field(init=False, default=None)
+    # Who declared each SQL cursor and prepared each SQL statement: a FETCH or EXECUTE with
+    # no comment of its own reads for them (psycopg's named cursors send a bare FETCH).
+    _owners: dict[tuple[str, str], str | None] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.sql = SqlSession(self.analyzer, user=self.subject.user)
@@ -144,7 +147,7 @@ class Guard:
     def set_options(self, options: str | None) -> None:
         self.sql.set_startup_options(options)
 
-    def _end_user(self, sql: str) -> None:
+    def _end_user(self, sql: str) -> str | None:
         """Who this statement is for: the end user its sqlcommenter comment names, else the
         one the session SET (else nobody).  A comment does not carry over to the next
         statement: on a pooled connection that is another person's, or a job's, and a
@@ -162,6 +165,7 @@ class Guard:
             elif _RESET_END_USER.match(sql):
                 self._session_end_user = None
         self._set_end_user(named if named is not None else self._session_end_user)
+        return named
 
     def _set_end_user(self, name: str | None) -> None:
         s = self.subject
@@ -175,9 +179,29 @@ class Guard:
 
     def check(self, sql: str) -> list[Decision]:
         """Decisions for every statement of a Query (or the one of a Parse)."""
-        self._end_user(sql)
+        named = self._end_user(sql)
         s = self.subject
-        return [Decision(f, self.engine.decide(s, f), s) for f in self.sql.analyze(sql)]
+        out: list[Decision] = []
+        for f in self.sql.analyze(sql):
+            subject = s
+            key = (
+                ("cursor", f.cursor_name) if f.cursor_name
+                else ("prepared", f.prepared_name) if f.prepared_name
+                else None
+            )  # fmt: skip
+            if key is not None:
+                if f.kind in ("declare_cursor", "prepare"):
+                    if len(self._owners) >= 1024:
+                        self._owners.clear()
+                    self._owners[key] = s.end_user
+                elif named is None and key in self._owners:
+                    owner = self._owners[key]
+                    if owner != s.end_user:
+                        subject = Subject(
+                            s.user, s.database, s.application, s.client_addr, owner, s.roles
+                        )
+            out.append(Decision(f, self.engine.decide(subject, f), subject))
+        return out
 
     def result_shape(self, fields: bytes) -> ResultShape:
         """What the catalog says about a RowDescription body (cached: one statement's

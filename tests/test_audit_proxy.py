@@ -117,13 +117,25 @@ def test_a_comment_names_the_end_user_of_its_own_statement_only(
         conn.execute("SELECT count(*) AS untagged_2 FROM tickets").fetchall()
         conn.execute("RESET pgwarden.end_user")
         conn.execute("SELECT count(*) AS untagged_3 FROM tickets").fetchall()
+        # A cursor's FETCHes (psycopg sends them bare) and an SQL prepared statement's
+        # EXECUTEs read for whoever declared or prepared them.
+        with conn.transaction(), conn.cursor(name="mine") as cur:
+            cur.itersize = 2
+            cur.execute(
+                "/* end_user='dave' */ SELECT full_name FROM customers WHERE customer_id <= 3"
+            )
+            assert len(cur.fetchall()) == 3
+        conn.execute(
+            "/* end_user='erin' */ PREPARE q AS SELECT full_name FROM customers WHERE customer_id = 9"
+        )
+        conn.execute("EXECUTE q").fetchall()
     p.stop()
-    reads = [
-        (r["statement"], r["end_user"])
-        for r in events(db)
-        if r["kind"] == "statement" and r["statement"].startswith("SELECT")
-    ]
+    stmts = [r for r in events(db) if r["kind"] == "statement"]
+    reads = [(r["statement"], r["end_user"]) for r in stmts if r["statement"].startswith("SELECT")]
     assert [u for _t, u in reads] == ["alice", None, "carol", "bob", None]
+    fetches = {r["end_user"] for r in stmts if r["statement"].upper().startswith("FETCH")}
+    executes = [r["end_user"] for r in stmts if r["statement"].upper().startswith("EXECUTE")]
+    assert fetches == {"dave"} and executes == ["erin"]
     assert [t.split(" AS ")[-1].split()[0] for t, _u in reads if "untagged" in t] == [
         "untagged_1",
         "untagged_2",
