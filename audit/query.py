@@ -847,15 +847,17 @@ async def _resolve(conn: Any, result: RecordsSeen, hasher: RecordHasher) -> Reco
                 r["key"] = pk
                 hit += 1
         for j, column in enumerate(others, start=npk):
-            present = [(pk, r[j]) for pk, r in zip(pks, rows, strict=True) if r[j] is not None]
-            texts = [t for _pk, t in present if t]
+            # The rows with a value in this column (NULL and '' are never a labelled value).
+            owners = [pk for pk, r in zip(pks, rows, strict=True) if r[j]]
+            texts = [t for r in rows if (t := r[j])]
             if not texts:
                 continue
+            if legacy:
+                owners += owners
             for label in labels:
                 digests = hasher.values(label, texts)
                 if legacy:
                     digests += [hasher.legacy_value(label, t) for t in texts]
-                owners = [pk for pk, t in present if t] * (2 if legacy else 1)
                 for pk, d in zip(owners, digests, strict=True):
                     v = want_values.get((label, d.hex()))
                     if v is not None and "key" not in v:
