@@ -15,9 +15,10 @@ that cannot be parsed or followed comes back with ``unanalysable`` set (parse er
 their position), and an empty string gives ``()``.
 
 Results are cached by ``(search_path, user, text)`` in an LRU; the cache empties itself when
-the catalog snapshot changes (the facts depend on it) and when labelled data is copied into
-a table (``CREATE TABLE AS``, ``INSERT ... SELECT``...): from then on every column of that
-table carries the copied labels (``analyzer.tainted``), in this analyzer, for all sessions.
+the catalog snapshot changes (the facts depend on it) and when a write that copied labelled
+data into a table (``CREATE TABLE AS``, ``INSERT ... SELECT``, ``UPDATE ... SET``) has
+committed (``analyzer.note_copies``, called by the proxy): from then on the columns it wrote
+carry the copied labels (``analyzer.tainted``), in this analyzer, for all sessions.
 Likewise a function defined by ``CREATE FUNCTION`` is followed at once, until the catalog
 shows it; a call to a function that is neither builtin nor in the catalog is unanalysable.
 
@@ -39,7 +40,7 @@ from typing import Any
 from pglast import parser as _pg
 
 from policy.catalog import Catalog, CatalogColumn, CatalogFunction, CatalogSnapshot
-from policy.facts import OutputColumn, QueryFacts, RecordKey
+from policy.facts import DataCopy, OutputColumn, QueryFacts, RecordKey
 from policy.labels import LabelRules
 from policy.lineage import (
     SERVER_FILES,
@@ -56,6 +57,7 @@ from policy.lineage import (
     names,
     node_type,
     sval,
+    tainted_labels,
 )
 from policy.normalize import fingerprint, normalize
 from policy.parse import parse_json
@@ -109,7 +111,7 @@ class Analyzer:
         self.shape_hits = 0
         self._source: CatalogSnapshot | None = None
         self._shared: Shared | None = None
-        self._taint: dict[tuple[str, str], frozenset[str]] = {}
+        self._taint: dict[tuple[str, str], dict[str, frozenset[str]]] = {}
         self._pending: dict[tuple[str, str], CatalogFunction] = {}
         self.hits = 0
         self.misses = 0
@@ -124,7 +126,8 @@ class Analyzer:
             for key in [k for k in self._pending if snap.user_functions(*k)]:
                 del self._pending[key]
             pending = {k: (f,) for k, f in self._pending.items()}
-            shared = Shared(labelled, self._rules.labels_for, dict(self._taint), pending)
+            taint = {k: dict(v) for k, v in self._taint.items()}
+            shared = Shared(labelled, self._rules.labels_for, taint, pending)
             self._shared = shared
             self._source = snap
             self._cache.clear()
@@ -144,7 +147,8 @@ class Analyzer:
         """The labelled catalog column behind a RowDescription field (copy taint included)."""
         col = self._current().snapshot.column_at(table_oid, attnum)
         if col is not None:
-            tainted = self._taint.get((col.schema, col.table))
+            columns = self._taint.get((col.schema, col.table))
+            tainted = tainted_labels(columns, col.name) if columns else frozenset()
             if tainted and not tainted <= col.labels:
                 col = replace(col, labels=col.labels | tainted)
         return col
@@ -222,10 +226,9 @@ class Analyzer:
                     unanalysable=f"internal error in analysis: {type(exc).__name__}",
                 ),
             )
-        if self._note_copies(result):
-            # Labelled data went into a table, or a function was defined: from now on the
-            # table is labelled and calls to the function are followed, for this text too (a
-            # later statement in the same string may use them).
+        if self._note_functions(result):
+            # A function was defined: from now on calls to it are followed, for this text
+            # too (a later statement in the same string may call it).
             shared = self._current()
             result = analyze_text(sql, search_path, user, shared)
             cache = self._cache
@@ -244,11 +247,31 @@ class Analyzer:
         return result
 
     @property
-    def tainted(self) -> dict[tuple[str, str], frozenset[str]]:
-        """Relations labelled data was copied into, and the labels they now carry."""
-        return dict(self._taint)
+    def tainted(self) -> dict[tuple[str, str], dict[str, frozenset[str]]]:
+        """Columns labelled data was copied into (by committed writes), and the labels they
+        now carry; column "*" stands for a column not known."""
+        return {k: dict(v) for k, v in self._taint.items()}
 
-    def _note_copies(self, facts: tuple[QueryFacts, ...]) -> bool:
+    def note_copies(self, copies: Sequence[DataCopy]) -> bool:
+        """Writes that copied labelled data have committed: from now on the columns they
+        wrote carry the copied labels, for every session of this analyzer.  Called by the
+        proxy when the transaction that made the copies commits, never for a refused or
+        rolled-back statement.  True when a label was added (the cache is then dropped)."""
+        changed = False
+        for cp in copies:
+            if not cp.labels:
+                continue
+            schema, _, name = cp.target.partition(".")
+            columns = self._taint.setdefault((schema, name), {})
+            old = columns.get(cp.column, frozenset())
+            if not cp.labels <= old:
+                columns[cp.column] = old | cp.labels
+                changed = True
+        if changed:
+            self._source = None  # rebuild labels and drop cached answers
+        return changed
+
+    def _note_functions(self, facts: tuple[QueryFacts, ...]) -> bool:
         changed = False
         for f in facts:
             if f.defines_function is not None:
@@ -256,16 +279,8 @@ class Analyzer:
                 if self._pending.get(key) != f.defines_function:
                     self._pending[key] = f.defines_function
                     changed = True
-            for cp in f.copies:
-                if not cp.labels:
-                    continue
-                schema, _, name = cp.target.partition(".")
-                old = self._taint.get((schema, name), frozenset())
-                if not cp.labels <= old:
-                    self._taint[(schema, name)] = old | cp.labels
-                    changed = True
         if changed:
-            self._source = None  # rebuild labels and drop cached answers
+            self._source = None  # rebuild and drop cached answers
         return changed
 
 
@@ -353,7 +368,7 @@ def analyze_statement(
                     "CREATE TABLE AS EXECUTE: the prepared statement is not known here"
                 )
             cols = w.query(n["query"], None, {})
-            w.write_copy(n["into"]["rel"], cols)
+            w.write_copy(n["into"]["rel"], cols, names(n["into"].get("colNames")))
         elif kind == "PrepareStmt":
             f["prepared_name"] = n.get("name")
             f["inner_sql"] = _after_keyword(text, "AS")
@@ -429,7 +444,9 @@ def _finish(
     w: StatementWalker, f: dict[str, Any], output: Columns, norm: str, fp: str
 ) -> QueryFacts:
     lab = w.shared.lineage_labels
-    out_cols = tuple(OutputColumn(name, lin, lab(lin)) for name, lin in output)
+    out_cols = tuple(
+        OutputColumn(name, lin, lab(lin), lab(s for s in lin if s.combined)) for name, lin in output
+    )
     filters = frozenset(w.filters)
     writes = frozenset(w.writes) | f.pop("relations_written", frozenset())
     unanalysable = "; ".join(dict.fromkeys(w.unanalysable)) or None
@@ -447,6 +464,7 @@ def _finish(
         copies=tuple(dict.fromkeys(w.copies)),
         user_functions=frozenset(w.user_functions),
         unresolved=tuple(dict.fromkeys(w.unresolved)),
+        unknown=tuple(dict.fromkeys(w.unknown)),
         unanalysable=unanalysable,
         record_keys=(keys := _record_keys(w.snapshot, out_cols)),
         value_positions=_value_positions(w, out_cols, keys),
@@ -556,7 +574,7 @@ def _copy(w: StatementWalker, n: Node, f: dict[str, Any]) -> Columns:
             schema, name = w.qualify_target(n["relation"])
             w.record_copy(f"{schema}.{name}", [("", frozenset((SERVER_FILES,)))])
         else:
-            w.record_copy(SERVER_FILES_TARGET, out)
+            w.record_copy(SERVER_FILES_TARGET, [("*", lin) for _c, lin in out])
     return out
 
 

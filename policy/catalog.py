@@ -138,6 +138,9 @@ class CatalogSnapshot:
     # Names of pg_catalog functions. Empty means "not known" (a snapshot built from a schema
     # file): then a call to a function the catalog lacks cannot be told from a builtin.
     builtin_functions: frozenset[str] = frozenset()
+    # Names of aggregate and window functions in every schema (pg_proc.prokind 'a' or 'w'),
+    # user-defined ones included. Empty means "not known": PostgreSQL's own are assumed.
+    aggregate_functions: frozenset[str] = frozenset()
     version: int = field(default_factory=lambda: next(_versions))
     _by_oid: Mapping[int, CatalogRelation] = field(init=False, repr=False)
     _by_name: Mapping[str, tuple[CatalogRelation, ...]] = field(init=False, repr=False)
@@ -159,6 +162,7 @@ class CatalogSnapshot:
         schemas: Iterable[str] = (),
         functions: Iterable[CatalogFunction] = (),
         builtin_functions: Iterable[str] = (),
+        aggregate_functions: Iterable[str] = (),
     ) -> CatalogSnapshot:
         """A snapshot from Python values (unit tests, schema files)."""
         rels = inherit_labels({(r.schema, r.name): r for r in relations})
@@ -171,6 +175,7 @@ class CatalogSnapshot:
             schemas=frozenset(all_schemas),
             functions=MappingProxyType({k: tuple(v) for k, v in funcs.items()}),
             builtin_functions=frozenset(builtin_functions),
+            aggregate_functions=frozenset(aggregate_functions),
         )
 
     def relation(self, schema: str, name: str) -> CatalogRelation | None:
@@ -219,6 +224,7 @@ class CatalogSnapshot:
             schemas=self.schemas,
             functions=self.functions,
             builtin_functions=self.builtin_functions,
+            aggregate_functions=self.aggregate_functions,
             version=self.version,
         )
 
@@ -332,6 +338,9 @@ async def load_catalog(conn: Any) -> CatalogSnapshot:
             " WHERE p.pronamespace = 'pg_catalog'::pg_catalog.regnamespace"
         )
         schema_rows = await conn.fetch("SELECT nspname FROM pg_catalog.pg_namespace")
+        agg_rows = await conn.fetch(
+            "SELECT DISTINCT p.proname FROM pg_catalog.pg_proc p WHERE p.prokind IN ('a', 'w')"
+        )
     return snapshot_from_rows(
         [dict(r) for r in rel_rows],
         [dict(r) for r in col_rows],
@@ -340,6 +349,7 @@ async def load_catalog(conn: Any) -> CatalogSnapshot:
         [dict(r) for r in fn_rows],
         [str(r["nspname"]) for r in schema_rows],
         [str(r["proname"]) for r in builtin_rows],
+        [str(r["proname"]) for r in agg_rows],
     )
 
 
@@ -351,6 +361,7 @@ def snapshot_from_rows(
     fn_rows: Iterable[Mapping[str, Any]] = (),
     schemas: Iterable[str] = (),
     builtin_functions: Iterable[str] = (),
+    aggregate_functions: Iterable[str] = (),
 ) -> CatalogSnapshot:
     """Assemble a snapshot from catalog query rows (any driver)."""
     rel_meta = {int(r["oid"]): r for r in rel_rows}
@@ -401,7 +412,9 @@ def snapshot_from_rows(
         )
         for f in fn_rows
     ]
-    return CatalogSnapshot.build(relations, schemas, functions, builtin_functions)
+    return CatalogSnapshot.build(
+        relations, schemas, functions, builtin_functions, aggregate_functions
+    )
 
 
 class Catalog:

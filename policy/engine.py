@@ -438,11 +438,71 @@ class Engine:
                     )
                 )
 
+        unsound = self._beyond_analysis(facts, rules, findings)
+        if unsound is not None:
+            return _Static(unsound)
+
         st = self._outline(facts, rules)
         st.findings = tuple(findings)
         if facts.copy_direction == "to" and facts.copy_target == "stdout":
             st.copy_unmasked = self._copy_unmasked(rules, st.mask, st.need_to_know)
         return st
+
+    def _beyond_analysis(
+        self, facts: QueryFacts, rules: list[Rule], findings: list[Finding]
+    ) -> Verdict | None:
+        """The two refusals that keep enforcement sound whatever the SQL (DESIGN.md, "How
+        enforcement stays sound"), for subjects with limits:
+
+        * a relation name resolution could not find is *unknown*, never "unlabelled";
+        * a labelled value may leave only in a column fed by one record per output row: an
+          aggregate, an ARRAY sublink, a window function reading other rows or a recursive
+          CTE that combines labelled values of many records is refused, whatever its shape.
+
+        Readable deny rules (``packing_aggregates`` ...) are judged first and name the
+        refusal when they match; these two hold where no rule names the shape. A refusal
+        under a monitored rule is a monitored finding instead. None: nothing to refuse.
+        """
+        limiting = [
+            r for r in rules if r.kind in ("statement_limit", "window", "deny", "need_to_know")
+        ]
+        if not limiting:
+            return None
+        checks: list[tuple[str, str, str, list[Rule]]] = []
+        if facts.unknown and self.policy.fail_closed:
+            checks.append((
+                "fail-closed",
+                f"relation {', '.join(facts.unknown)} is not in pgwarden's catalog, so what it "
+                "holds cannot be known",
+                "check the name and the session's search_path; a table created moments ago is "
+                "known once pgwarden's catalog has been refreshed",
+                limiting,
+            ))  # fmt: skip
+        packed = facts.combined_labels
+        if packed:
+            covering = [
+                r for r in limiting
+                if (r.kind == "need_to_know" and _know_table(r) in facts.relations_read)
+                or any(r.covers_label(lb) for lb in packed)
+            ]  # fmt: skip
+            if covering:
+                checks.append((
+                    "one-record-per-row",
+                    f"{', '.join(sorted(packed))} of many records would reach the client "
+                    "combined in one value (an aggregate, an ARRAY subquery, a window function "
+                    "or a recursive query)",
+                    "read labelled columns row by row: one customer's values per row",
+                    covering,
+                ))  # fmt: skip
+        for rule_id, reason, hint, covering in checks:
+            if all(self._monitored(r) for r in covering):
+                findings.append(Finding(rule_id, Action.BLOCK, reason, monitored=True))
+                continue
+            return refusal(
+                rule_id, reason, hint=hint,
+                findings=(*findings, Finding(rule_id, Action.BLOCK, reason)),
+            )  # fmt: skip
+        return None
 
     def _deny_reason(self, rule: Rule, f: QueryFacts) -> str | None:
         assert rule.deny is not None
@@ -538,7 +598,7 @@ class Engine:
             elif kind == "need_to_know":
                 ntk = rule.need_to_know
                 assert ntk is not None
-                table = ntk.table if "." in ntk.table else f"public.{ntk.table}"
+                table = _know_table(rule)
                 if table in facts.relations_read and facts.output:
                     know.append(KnowCheck(
                         rule.id, table, ntk.key_column, ntk.on_violation == "withhold",
@@ -635,6 +695,13 @@ class _Static:
     # last verdict allowing with it (windows rarely move between two statements).
     filled: tuple[tuple[int, ...], ResultPlan] | None = None
     allowed: Verdict | None = None
+
+
+def _know_table(rule: Rule) -> str:
+    """The schema-qualified table of a need-to-know rule."""
+    assert rule.need_to_know is not None
+    table = rule.need_to_know.table
+    return table if "." in table else f"public.{table}"
 
 
 def window_rule_key(rule_id: str) -> str:

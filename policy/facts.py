@@ -14,6 +14,12 @@ if TYPE_CHECKING:
     from policy.catalog import CatalogFunction
 
 
+# Marks a source whose values reach an output row combined from several rows of its table
+# (an aggregate, an ARRAY sublink, a window function, recursive accumulation): such a value
+# can carry many records at once, so it is kept apart from a plain row-by-row source.
+COMBINED_MARK = "\x00combined"
+
+
 class SourceColumn(NamedTuple):
     """A column of a stored relation that data derives from (views are expanded away)."""
 
@@ -22,7 +28,26 @@ class SourceColumn(NamedTuple):
     column: str
 
     def __str__(self) -> str:
+        if self.column.endswith(COMBINED_MARK):
+            return f"{self.schema}.{self.table}.{self.plain.column} (combined from many rows)"
         return f"{self.schema}.{self.table}.{self.column}"
+
+    @property
+    def combined(self) -> bool:
+        """True when values of this column arrive combined from several of its rows."""
+        return self.column.endswith(COMBINED_MARK)
+
+    @property
+    def plain(self) -> SourceColumn:
+        """The stored column itself, without the combined mark."""
+        if self.column.endswith(COMBINED_MARK):
+            return SourceColumn(self.schema, self.table, self.column[: -len(COMBINED_MARK)])
+        return self
+
+    def as_combined(self) -> SourceColumn:
+        if self.column.endswith(COMBINED_MARK):
+            return self
+        return SourceColumn(self.schema, self.table, self.column + COMBINED_MARK)
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +57,10 @@ class OutputColumn:
     name: str
     sources: frozenset[SourceColumn]
     labels: frozenset[str]
+
+    # Labels whose values reach this column combined from several records (an aggregate,
+    # an ARRAY sublink, a window function reading other rows, recursive accumulation).
+    combined_labels: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +79,7 @@ class DataCopy:
     target: str
     sources: frozenset[SourceColumn]
     labels: frozenset[str]
+    column: str = "*"  # the column of ``target`` written; "*": any (not known which)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +139,10 @@ class QueryFacts:
     is_ddl: bool = False  # the catalog may have changed: invalidate it
     user_functions: frozenset[str] = frozenset()
     unresolved: tuple[str, ...] = ()  # names not in the catalog (followed by name only)
+    # Relations the statement reads that name resolution could not find in the catalog, as
+    # PostgreSQL would look them up: what they hold is unknown, so a fail-closed engine
+    # refuses them to subjects with limits (never "unlabelled").
+    unknown: tuple[str, ...] = ()
     unanalysable: str | None = None
     location: int = 0  # offset of the statement in the text the client sent
     error_position: int | None = None  # where parsing failed
@@ -127,6 +161,15 @@ class QueryFacts:
         """Labels of every column the client can receive (packing that reaches the output is
         part of an output column's lineage; packing inside e.g. CREATE TABLE AS is not)."""
         return self._output_labels
+
+    @property
+    def combined_labels(self) -> frozenset[str]:
+        """Labels that reach the client combined from several records in one output row."""
+        out: frozenset[str] = frozenset()
+        for c in self.output:
+            if c.combined_labels:
+                out = out | c.combined_labels
+        return out
 
     @property
     def output_sources(self) -> frozenset[SourceColumn]:
@@ -166,7 +209,12 @@ class QueryFacts:
             "relations_read": sorted(f.relations_read),
             "relations_written": sorted(f.relations_written),
             "output": [
-                {"name": c.name, "labels": sorted(c.labels), "sources": sorted(map(str, c.sources))}
+                {
+                    "name": c.name,
+                    "labels": sorted(c.labels),
+                    "combined_labels": sorted(c.combined_labels),
+                    "sources": sorted(map(str, c.sources)),
+                }
                 for c in f.output
             ],
             "labels": sorted(f.labels),
@@ -194,5 +242,6 @@ class QueryFacts:
             "user_functions": sorted(f.user_functions),
             "defines_function": f.defines_function.qualified if f.defines_function else None,
             "unresolved": list(f.unresolved),
+            "unknown": list(f.unknown),
             "unanalysable": f.unanalysable,
         }

@@ -102,6 +102,8 @@ _PACKING_NODES = {
     "JsonObjectConstructor": "json_object",
 }
 
+_COMBINING_NODES = frozenset({"JsonArrayAgg", "JsonObjectAgg", "JsonArrayQueryConstructor"})
+
 # Functions that run SQL given as text: nothing in the statement says what that SQL reads.
 SQL_TEXT_FUNCTIONS = frozenset(
     {
@@ -146,6 +148,53 @@ FILE_READ_FUNCTIONS = frozenset({"pg_read_file", "pg_read_binary_file", "lo_impo
 TABLE_TEXT_FUNCTIONS = frozenset(
     {"table_to_xml", "table_to_xmlschema", "table_to_xml_and_xmlschema"}
 )
+
+
+# PostgreSQL's own aggregate and window functions, for snapshots that do not list them (built
+# from a schema file): a call to one combines the values of many rows into one.
+BUILTIN_AGGREGATES = frozenset(
+    {
+        "any_value", "array_agg", "avg", "bit_and", "bit_or", "bit_xor", "bool_and", "bool_or",
+        "corr", "count", "covar_pop", "covar_samp", "cume_dist", "dense_rank", "every",
+        "first_value", "json_agg", "json_agg_strict", "json_object_agg",
+        "json_object_agg_strict", "json_object_agg_unique", "json_object_agg_unique_strict",
+        "jsonb_agg", "jsonb_agg_strict", "jsonb_object_agg", "jsonb_object_agg_strict",
+        "jsonb_object_agg_unique", "jsonb_object_agg_unique_strict", "lag", "last_value",
+        "lead", "max", "min", "mode", "nth_value", "ntile", "percent_rank", "percentile_cont",
+        "percentile_disc", "range_agg", "range_intersect_agg", "rank", "regr_avgx",
+        "regr_avgy", "regr_count", "regr_intercept", "regr_r2", "regr_slope", "regr_sxx",
+        "regr_sxy", "regr_syy", "row_number", "stddev", "stddev_pop", "stddev_samp",
+        "string_agg", "sum", "var_pop", "var_samp", "variance", "xmlagg",
+    }
+)  # fmt: skip
+
+# Aggregate and window functions whose result carries none of their arguments' values: a
+# count, a truth value, a rank. They may read labelled columns (a filter, in effect) without
+# putting any labelled value in front of the client.
+VALUELESS_AGGREGATES = frozenset(
+    {
+        "count", "bool_and", "bool_or", "every", "regr_count", "row_number", "rank",
+        "dense_rank", "percent_rank", "cume_dist", "ntile",
+    }
+)  # fmt: skip
+
+# Aggregate syntax that only aggregates (and window functions) accept.
+_AGG_SYNTAX = ("agg_star", "agg_distinct", "agg_order", "agg_within_group", "agg_filter", "over")
+
+
+def tainted_labels(columns: Mapping[str, frozenset[str]], column: str) -> frozenset[str]:
+    """Labels copied into ``column`` of a table (``columns``: what each column, or "*" any
+    column, received); for the pseudo column "*" (the whole row), every column's."""
+    if column == "*":
+        return frozenset().union(*columns.values())
+    return columns.get(column, frozenset()) | columns.get("*", frozenset())
+
+
+def combined(lin: Iterable[SourceColumn]) -> Lineage:
+    """``lin`` as it reaches a value that combines several rows (an aggregate's result, an
+    ARRAY sublink, a window function reading other rows): each source is marked, so the
+    output column says that one value may carry many records."""
+    return frozenset(src.as_combined() for src in lin)
 
 
 def node_type(node: Node) -> tuple[str, Node]:
@@ -259,14 +308,14 @@ class Shared:
         self,
         snapshot: CatalogSnapshot,
         rules_labels: Any,
-        taint: Mapping[tuple[str, str], frozenset[str]] | None = None,
+        taint: Mapping[tuple[str, str], Mapping[str, frozenset[str]]] | None = None,
         pending_functions: Mapping[tuple[str, str], tuple[CatalogFunction, ...]] | None = None,
     ) -> None:
         self.snapshot = snapshot
         self.rules_labels = rules_labels  # callable(schema, table, column) -> frozenset
         # Tables that labelled data was copied into (CREATE TABLE AS, INSERT ... SELECT):
         # every column of them carries those labels from then on.
-        self.taint: Mapping[tuple[str, str], frozenset[str]] = taint or {}
+        self.taint: Mapping[tuple[str, str], Mapping[str, frozenset[str]]] = taint or {}
         # Functions created through us that the catalog does not show yet.
         self.pending_functions: Mapping[tuple[str, str], tuple[CatalogFunction, ...]] = (
             pending_functions or {}
@@ -279,12 +328,14 @@ class Shared:
         hit = self.labels.get(src)
         if hit is not None:
             return hit
+        if src.combined:
+            return self.labels_of(src.plain)
         rel = self.snapshot.relation(src.schema, src.table)
         col = rel.column(src.column) if rel is not None else None
         labels = col.labels if col is not None else self.rules_labels(*src)
         tainted = self.taint.get((src.schema, src.table))
         if tainted:
-            labels = labels | tainted
+            labels = labels | tainted_labels(tainted, src.column)
         # Names of relations missing from the catalog come from client text: do not let
         # them grow the memo without bound.
         if rel is not None or len(self.labels) < 50_000:
@@ -326,6 +377,7 @@ class StatementWalker:
         self.filters: set[SourceColumn] = set()
         self.copies: list[DataCopy] = []
         self.unresolved: list[str] = []
+        self.unknown: list[str] = []  # relations name resolution did not find
         self.unanalysable: list[str] = []
         self.function_stack: set[str] = set()
         # How many times each stored relation is read where its rows can reach the output
@@ -488,6 +540,11 @@ class StatementWalker:
             qualified = f"{target_schema}.{name}"
             self.reads.add(qualified)
             self.unresolved.append(f"relation {qualified}")
+            self.unknown.append(
+                f"{schema}.{name}"
+                if schema
+                else f"{name} (search_path: {', '.join(self.search_path)})"
+            )
             return _rename(self._unknown_rel(alias, target_schema, name), alias_node)
         self.reads.add(rel.qualified)
         if not (rel.is_view and rel.schema not in SYSTEM_SCHEMAS):
@@ -675,6 +732,10 @@ class StatementWalker:
                     changed = True
             if not changed:
                 break
+        # Each row of a recursive CTE can carry values accumulated from every row before it
+        # (``acc || email`` over the whole table): its columns combine many rows.
+        for name in approx:
+            approx[name] = [(c, combined(lin)) for c, lin in approx[name]]
         for _name, _aliases, q in items:
             self.query(q, scope, {**ctes, **approx})
         ctes.update(approx)
@@ -717,7 +778,7 @@ class StatementWalker:
         self.filter_expr(n.get("limitOffset"), local)
         into = n.get("intoClause")
         if into:
-            self.write_copy(into["rel"], out)
+            self.write_copy(into["rel"], out, names(into.get("colNames")))
         return out
 
     def values(self, rows: list[Node], scope: Scope | None) -> Columns:
@@ -808,7 +869,10 @@ class StatementWalker:
         inserted: Columns = []
         if n.get("selectStmt"):
             inserted = self.query(n["selectStmt"], scope, ctes)
-        self.record_copy(target, inserted)
+        # Each value goes into the target column at its position (unknown past the list).
+        self.record_copy(
+            target, [(chosen[i] if i < len(chosen) else "*", lin) for i, (_c, lin) in enumerate(inserted)]
+        )
         by_col = {c: inserted[i][1] for i, c in enumerate(chosen) if i < len(inserted)}
         own = self._target_rel(rv, schema, name, by_col)
         occ = n.get("onConflictClause")
@@ -919,20 +983,23 @@ class StatementWalker:
 
     # --- writes --------------------------------------------------------------------------
 
-    def write_copy(self, into_rel: Node, cols: Columns) -> None:
+    def write_copy(self, into_rel: Node, cols: Columns, colnames: list[str] | None = None) -> None:
+        cols = _apply_colnames(cols, colnames or [])
         schema, name = self.qualify_target(into_rel)
         target = f"{schema}.{name}"
         self.writes.add(target)
         self.record_copy(target, cols)
 
     def record_copy(self, target: str, cols: Columns) -> None:
-        src: set[SourceColumn] = set()
-        for _c, lin in cols:
-            src |= lin
-        # Moving a table's data within itself is not a copy out of it.
-        src = {s for s in src if f"{s.schema}.{s.table}" != target}
-        if src:
-            self.copies.append(DataCopy(target, frozenset(src), self.shared.lineage_labels(src)))
+        """Data of ``cols`` is written into ``target``, each into the column it is named
+        after ("" or "*": a column not known)."""
+        for column, lin in cols:
+            # Moving a table's data within itself is not a copy out of it.
+            src = frozenset(s for s in lin if f"{s.schema}.{s.table}" != target)
+            if src:
+                self.copies.append(
+                    DataCopy(target, src, self.shared.lineage_labels(src), column or "*")
+                )
 
     # --- expressions ---------------------------------------------------------------------
 
@@ -1035,7 +1102,9 @@ class StatementWalker:
             elif kind in _PACKING_NODES:
                 inner = self.expr(v, scope)
                 self.add_packing(_PACKING_NODES[kind], inner)
-                acc |= inner
+                # JSON_ARRAYAGG, JSON_OBJECTAGG and JSON_ARRAY(query) combine many rows;
+                # JSON_ARRAY(a, b) and JSON_OBJECT(...) pack one row's values.
+                acc |= combined(inner) if kind in _COMBINING_NODES else inner
             elif kind in ("A_Const", "ParamRef", "TypeName", "location"):
                 continue
             elif kind in ("SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt"):
@@ -1080,6 +1149,8 @@ class StatementWalker:
             return
         if link == "ARRAY_SUBLINK":
             self.add_packing("array", frozenset(lin))
+            acc |= combined(lin)
+            return
         acc |= lin
 
     def func_call(self, v: Node, scope: Scope | None, acc: set[SourceColumn]) -> None:
@@ -1120,7 +1191,22 @@ class StatementWalker:
             self.unanalysable.append(f"function {qualified} is not in the catalog")
         if name in PACKING_FUNCTIONS:
             self.add_packing(name, frozenset(inner))
+        if self._aggregates(v, name):
+            if builtin and name in VALUELESS_AGGREGATES:
+                # count(email), bool_or(...), rank(): no value of the arguments comes out.
+                self.filters |= inner
+                return
+            acc |= combined(inner)
+            return
         acc |= inner
+
+    def _aggregates(self, v: Node, name: str) -> bool:
+        """Whether a call combines values of several rows: aggregate syntax, an OVER
+        clause, or a name the catalog lists as an aggregate or window function."""
+        if any(v.get(k) for k in _AGG_SYNTAX):
+            return True
+        known = self.snapshot.aggregate_functions or BUILTIN_AGGREGATES
+        return name in known
 
     def _table_argument(self, arg: Node, fname: str) -> Lineage:
         text = const_str(arg)

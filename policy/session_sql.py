@@ -53,6 +53,14 @@ class SqlSession:
             self.default_search_path = path
             self._session_path = path
 
+    def set_session_default(self, path: tuple[str, ...]) -> None:
+        """The path the server computed for this session at its start (server default,
+        ``ALTER DATABASE``/``ALTER ROLE ... SET``, startup options): what ``RESET`` returns
+        to, and the path until the session sets another."""
+        self.default_search_path = path
+        self._session_path = path
+        self._local_path = None
+
     def end_transaction(self) -> None:
         self._local_path = None
 

@@ -19,6 +19,8 @@ from policy.analyze import Analyzer
 from policy.catalog import CatalogSnapshot
 from policy.engine import Engine, ResultPlan, Subject, Verdict
 from policy.facts import OutputColumn, QueryFacts
+from policy.lineage import Exact
+from policy.search_path import parse_search_path
 from policy.session_sql import SqlSession
 from proxy.messages import RowDescription, result_format
 
@@ -83,6 +85,10 @@ class ColumnInfo:
     binary: bool
     pk_of: str | None  # "schema.table" when this column is that table's primary key
     type_oid: int = 0  # 0: not known (no RowDescription seen)
+    # Computed from labelled values (reverse(email), a row constructor), not a plain copy of
+    # a stored column: a mask that keeps part of the value would keep part of something
+    # else, so such a column is masked whole.
+    derived: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +101,11 @@ class ResultShape:
 
 
 _SHAPE_CACHE_SIZE = 512
+
+
+def _derived(column: OutputColumn) -> bool:
+    """A labelled output column that is not a plain copy of one stored column."""
+    return bool(column.labels) and not isinstance(column.sources, Exact)
 
 
 def _result_shape(snapshot: CatalogSnapshot, fields: bytes) -> ResultShape:
@@ -146,6 +157,10 @@ class Guard:
 
     def set_options(self, options: str | None) -> None:
         self.sql.set_startup_options(options)
+
+    def set_server_search_path(self, value: str) -> None:
+        """The search_path the server gave this session at its start (its default too)."""
+        self.sql.set_session_default(parse_search_path(value))
 
     def _end_user(self, sql: str) -> str | None:
         """Who this statement is for: the end user its sqlcommenter comment names, else the
@@ -235,17 +250,21 @@ class Guard:
         outputs = decision.facts.output if decision is not None else ()
         if shape is None:
             return [
-                ColumnInfo(o.labels, result_format(formats, i) == 1, None, 0)
+                ColumnInfo(o.labels, result_format(formats, i) == 1, None, 0, _derived(o))
                 for i, o in enumerate(outputs)
             ]
         out: list[ColumnInfo] = []
         for i, (labels, binary, pk_of, type_oid) in enumerate(shape.columns):
+            derived = False
             if i < len(outputs):
                 # The cross-check: the catalog knows a column is labelled even where the
                 # analysis did not follow the expression that produced it.
                 labels = labels | outputs[i].labels
+                derived = _derived(outputs[i])
             out.append(
-                ColumnInfo(labels, binary or result_format(formats, i) == 1, pk_of, type_oid)
+                ColumnInfo(
+                    labels, binary or result_format(formats, i) == 1, pk_of, type_oid, derived
+                )
             )
         return out
 
@@ -265,6 +284,20 @@ class Guard:
         value = bool(engine.rules_for(engine.subjects_of(self.subject)))
         self._watchful = (self.subject, engine, value)
         return value
+
+    def withholds_server_text(self, decision: Decision | None) -> bool:
+        """Whether the server's error and notice text for this statement must not reach the
+        client: the subject has limits and the statement touches labelled data. A failed
+        cast quotes the value it could not convert (``'a@x,b@y,...'::int`` puts a whole
+        packed column in the message), a unique violation's DETAIL quotes the key, and a
+        followed function may RAISE whatever it read."""
+        if decision is None:
+            return False
+        f = decision.facts
+        if not (f.labels or f.unknown or f.unanalysable):
+            return False
+        engine = self.engine
+        return engine.has_limits(engine.rules_for(engine.subjects_of(decision.subject)))
 
     def redecide(self, decision: Decision, missed: frozenset[str]) -> Decision:
         """Decide again, knowing the result carries labels the analysis did not see."""

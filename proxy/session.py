@@ -28,10 +28,12 @@ from proxy.messages import (
     BackendKeyData,
     CancelRequest,
     ClientProtocolError,
+    DataRow,
     ErrorResponse,
     GSSENCRequest,
     ParameterStatus,
     ProtocolError,
+    Query,
     SASLInitialResponse,
     ServerProtocolError,
     SSLRequest,
@@ -50,6 +52,9 @@ class Phase(enum.Enum):
     TLS = "tls"  # the server is running the client's TLS handshake
     CONNECTING = "connecting"  # StartupMessage received, upstream connection being opened
     AUTH = "auth"  # relaying the authentication exchange PostgreSQL drives
+    # Authenticated; asking the server for the session's settings name resolution needs
+    # before the client's first ReadyForQuery is passed on (policy sessions only).
+    SETTINGS = "settings"
     READY = "ready"  # authenticated: relaying queries and results
     ENDING = "ending"  # shutting down: upstream ended; the client is told at its next message
     CLOSED = "closed"
@@ -59,7 +64,8 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     Phase.STARTUP: frozenset({Phase.TLS, Phase.CONNECTING, Phase.CLOSED}),
     Phase.TLS: frozenset({Phase.STARTUP, Phase.CLOSED}),
     Phase.CONNECTING: frozenset({Phase.AUTH, Phase.CLOSED}),
-    Phase.AUTH: frozenset({Phase.READY, Phase.CLOSED}),
+    Phase.AUTH: frozenset({Phase.SETTINGS, Phase.READY, Phase.CLOSED}),
+    Phase.SETTINGS: frozenset({Phase.READY, Phase.CLOSED}),
     Phase.READY: frozenset({Phase.ENDING, Phase.CLOSED}),
     Phase.ENDING: frozenset({Phase.CLOSED}),
     Phase.CLOSED: frozenset(),
@@ -69,6 +75,7 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
 _Q, _P, _B, _D, _E, _C, _S, _H, _F, _X = (ord(c) for c in "QPBDECSHFX")
 _d, _c, _f, _p = (ord(c) for c in "dcfp")
 _R, _K, _Z, _N, _v, _A = (ord(c) for c in "RKZNvA")
+_T = ord("T")
 
 FRONTEND_TYPES = frozenset((_Q, _P, _B, _D, _E, _C, _S, _H, _F, _X, _d, _c, _f))
 # A client message that the server answers with exactly one ReadyForQuery.
@@ -79,6 +86,12 @@ _SERVER_WANTED = frozenset((_Z, _S, _E))
 _REPLICATION_ON = frozenset({"true", "on", "yes", "1", "database"})
 
 _SHUTTING_DOWN = "pgwarden: terminating connection: proxy is shutting down"
+
+# The search_path this session starts with, as the server computed it: the server default,
+# ALTER DATABASE / ALTER ROLE [IN DATABASE] ... SET, and the startup packet's options, in
+# PostgreSQL's own order of precedence. Qualified: the path may place pg_catalog last.
+SETTINGS_QUERY = Query("SELECT pg_catalog.current_setting('search_path')").encode()
+_SETTINGS_CLIENT_LIMIT = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +143,12 @@ class Session:
     # One entry per client message that PostgreSQL will answer with ReadyForQuery.
     _cycles: deque[float] = field(default_factory=deque)
     _early_client_bytes: bytes = b""
+    # SETTINGS phase: what the client is yet to receive (the end of the authentication
+    # exchange, its ReadyForQuery included), what the client sent meanwhile, and the answer.
+    _held_for_client: bytes = b""
+    _settings_client_bytes: bytes = b""
+    _settings_value: str | None = None
+    _settings_error: str | None = None
     _expect_sasl_initial: bool = False
     upstream_tls: bool = False
     channel_binding_passes: bool = False
@@ -206,6 +225,13 @@ class Session:
             return self._read_startup()
         if self.phase is Phase.AUTH:
             return self._auth_client(data)
+        if self.phase is Phase.SETTINGS:
+            # The client has not had its ReadyForQuery yet; a pipelining client may send
+            # its first statements all the same. They go to the tracker once it is ready.
+            self._settings_client_bytes += data
+            if len(self._settings_client_bytes) > _SETTINGS_CLIENT_LIMIT:
+                raise ClientProtocolError("client sent too much data before its session was ready")
+            return []
         if self.phase is Phase.CONNECTING:
             # Nothing may come before PostgreSQL has answered the start-up; keep it so a
             # pipelining client is not broken, and let the AUTH phase judge it.
@@ -382,6 +408,8 @@ class Session:
         self.stats.bytes_from_server += len(data)
         if self.phase is Phase.AUTH:
             return self._auth_server(data)
+        if self.phase is Phase.SETTINGS:
+            return self._settings_server(data)
         if self.phase in (Phase.ENDING, Phase.CLOSED):
             return []
         raise ServerProtocolError(f"server sent data while the session is {self.phase.value}")
@@ -431,12 +459,21 @@ class Session:
                 )
             elif t == _Z:
                 pieces.append(whole)
+                self._start_tracking()
+                leftover = raw[end:] + self._server_reader.take_pending()
+                if self.tracker is not None:
+                    # Names in the client's statements resolve through the search_path the
+                    # server gave this session: ask for it before the client may send any.
+                    self._set_phase(Phase.SETTINGS)
+                    self._held_for_client = b"".join(pieces)
+                    out.append(cmd.SendToServer(SETTINGS_QUERY))
+                    if leftover:
+                        out += self.server_data(leftover)
+                    return out
                 self._set_phase(Phase.READY)
                 out.insert(0, cmd.SendToClient(b"".join(pieces)))
                 out.append(cmd.Log("session_ready"))
-                self._start_tracking()
                 # Anything after ReadyForQuery belongs to the relay (e.g. a NOTIFY).
-                leftover = raw[end:] + self._server_reader.take_pending()
                 if leftover:
                     out += self.server_data(leftover)
                 return out
@@ -449,6 +486,66 @@ class Session:
         if pieces:
             out.insert(0, cmd.SendToClient(b"".join(pieces)))
         return out
+
+    def _settings_server(self, data: bytes) -> list[cmd.Command]:
+        """The server's answer to ``SETTINGS_QUERY``; at its ReadyForQuery the session is
+        ready and the client gets the ReadyForQuery held for it."""
+        assert self._server_reader is not None and self.tracker is not None
+        raw, frames = self._server_reader.feed(data)
+        out: list[cmd.Command] = []
+        for t, start, end in frames:
+            body = raw[start:end]
+            if t == _D:
+                values = DataRow.decode(body).values
+                value = values[0] if values else None
+                self._settings_value = value.decode("utf-8", "replace") if value else ""
+            elif t == _E:
+                err = ErrorResponse.decode(body)
+                self._settings_error = f"{err.sqlstate}: {err.message}"
+                if err.get("S") in ("FATAL", "PANIC"):
+                    # The server is ending the session (shutdown, terminated backend).
+                    self._server_sent_fatal = True
+                    held, self._held_for_client = self._held_for_client, b""
+                    return [cmd.SendToClient(held + raw[start - 5 : end])]
+            elif t == _S:
+                p = ParameterStatus.decode(body)
+                self._parameter(p.name, p.value)
+                self._held_for_client += raw[start - 5 : end]
+            elif t in (_N, _A):
+                self._held_for_client += raw[start - 5 : end]
+            elif t == _Z:
+                out += self._settings_done()
+                leftover = raw[end:] + self._server_reader.take_pending()
+                early, self._settings_client_bytes = self._settings_client_bytes, b""
+                if early:
+                    out += self.client_data(early)
+                if leftover:
+                    out += self.server_data(leftover)
+                return out
+            elif t not in (_T, _C):
+                raise ServerProtocolError(
+                    f"unexpected message type {chr(t)!r} while reading the session's settings"
+                )
+        return out
+
+    def _settings_done(self) -> list[cmd.Command]:
+        assert self.tracker is not None
+        out: list[cmd.Command] = []
+        if self._settings_value is not None:
+            self.tracker.guard.set_server_search_path(self._settings_value)
+        else:
+            # The startup options' path (or the default) stays: say so, since names may
+            # then resolve otherwise than on the server.
+            out.append(
+                cmd.Log(
+                    "settings_unknown",
+                    "warning",
+                    {"reason": self._settings_error or "no value", "user": self.subject.user},
+                )
+            )
+        self._set_phase(Phase.READY)
+        held, self._held_for_client = self._held_for_client, b""
+        return [cmd.SendToClient(held), cmd.Log("session_ready"), *out]
 
     def _filter_sasl(self, auth: Authentication) -> tuple[bytes, list[cmd.Command]]:
         # With TLS terminated here, channel binding would bind the client to pgwarden's

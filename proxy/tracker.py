@@ -30,7 +30,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from policy.engine import KnowCheck, ResultPlan, RowLimit, Verdict, window_rule_key
-from policy.facts import SourceColumn
+from policy.facts import DataCopy, SourceColumn
+from policy.lineage import SERVER_FILES_TARGET
 from policy.model import Action
 from proxy import commands as cmd
 from proxy.codec import FrameReader
@@ -44,6 +45,7 @@ from proxy.messages import (
     DataRow,
     ErrorResponse,
     Execute,
+    NoticeResponse,
     ParameterStatus,
     Parse,
     ProtocolError,
@@ -59,8 +61,9 @@ from proxy.metrics import Stats
 _Q, _P, _B, _D, _E, _C, _S, _H, _F, _X = (ord(c) for c in "QPBDECSHFX")
 _d, _c, _f = (ord(c) for c in "dcf")
 _ONE, _TWO, _THREE, _n, _T, _I, _s, _Z = (ord(c) for c in "123nTIsZ")
-_COPY_OUT = ord("H")
-_PS = ord("S")  # from the server, 'S' is ParameterStatus  # from the server, 'H' is CopyOutResponse
+_COPY_OUT = ord("H")  # from the server, 'H' is CopyOutResponse
+_PS = ord("S")  # from the server, 'S' is ParameterStatus
+_NOTICE = ord("N")
 _FRONTEND = frozenset((_Q, _P, _B, _D, _E, _C, _S, _H, _F, _X, _d, _c, _f))
 
 SERVER_MESSAGE_LIMIT = 2**30 + 2**20
@@ -175,6 +178,10 @@ class Tracker:
         # statements wait, so they are judged on totals that include it (across processes).
         self.pending_counts = 0
         self._fresh = False
+        # Labelled data copied into tables by statements whose transaction has not ended,
+        # and whether an error came since the last ReadyForQuery (see _ready).
+        self.uncommitted_copies: list[DataCopy] = []
+        self.cycle_failed = False
         self.server_pending = b""  # server bytes that arrived while a CommandComplete is held
         self.client_pending = b""  # bytes for the client held with that CommandComplete
 
@@ -589,7 +596,16 @@ class Tracker:
                     # statement: the PL/pgSQL context and source position are noise.
                     parts += (raw[fwd:head], _without_context(err))
                     fwd = end
+                elif self._withholds_text():
+                    parts += (raw[fwd:head], _withheld(err, ErrorResponse))
+                    fwd = end
+                    out.append(cmd.Log("server_text_withheld", "info", {"sqlstate": err.sqlstate}))
                 self._error(err, out)
+            elif t == _NOTICE:
+                if self._withholds_text():
+                    notice = NoticeResponse.decode(raw[start:end])
+                    parts += (raw[fwd:head], _withheld(notice, NoticeResponse))
+                    fwd = end
             elif t == _PS:
                 if self.on_parameter is not None:
                     p = ParameterStatus.decode(raw[start:end])
@@ -614,6 +630,20 @@ class Tracker:
             data_out = self.client_pending + data_out
             self.client_pending = b""
         return [cmd.SendToClient(data_out), *out] if data_out else out
+
+    def _withholds_text(self) -> bool:
+        """Whether the statement the server is answering may not show its error or notice
+        text to this client (``Guard.withholds_server_text``)."""
+        entry = self.fifo[0] if self.fifo else None
+        if entry is None:
+            return False
+        if entry.kind == QUERY:
+            decision = self._current(entry).decision
+        elif entry.kind == EXECUTE and entry.running is not None:
+            decision = entry.running.decision
+        else:
+            return False  # Parse, Bind, Describe: no data has been read yet
+        return self.guard.withholds_server_text(decision)
 
     def _labelled(self, running: Running) -> bool:
         d = running.decision
@@ -988,7 +1018,12 @@ class Tracker:
                 continue
             if col.binary:
                 return self._cut(running, None, out)
-            masked[i] = mask_value(current, styles[0], self.guard.record_key)
+            style = styles[0]
+            if col.derived and style == "partial":
+                # reverse(email) under a partial mask would show the local part, a row
+                # constructor the phone beside the masked email: mask such values whole.
+                style = "redact"
+            masked[i] = mask_value(current, style, self.guard.record_key)
             changed = True
         return DataRow(tuple(masked)).encode() if changed else None
 
@@ -1067,6 +1102,7 @@ class Tracker:
             fifo.popleft()
 
     def _error(self, err: ErrorResponse, out: list[cmd.Command]) -> None:
+        self.cycle_failed = True
         fifo = self.fifo
         if not fifo:
             return
@@ -1088,6 +1124,13 @@ class Tracker:
         """ReadyForQuery: returns whether to forward it, and commands."""
         status = chr(body[0]) if body else "I"
         out: list[cmd.Command] = []
+        # Copies of labelled data count from their commit: a transaction that failed ('E')
+        # or an implicit one an error ended ('I' after an error) rolls them back.
+        if status == "E" or (status == "I" and self.cycle_failed):
+            self.uncommitted_copies.clear()
+        elif status == "I":
+            self._commit_copies()
+        self.cycle_failed = False
         self._skip_to_sync()
         entry = self.fifo.popleft() if self.fifo else None
         if entry is not None and entry.kind == FIXUP:
@@ -1135,6 +1178,8 @@ class Tracker:
                 self.cursor_rows.get(running.cursor, 0) + running.rows
             )
         decision = running.decision
+        if decision is not None and sqlstate is None:
+            self._copies_done(decision.facts.copies, tag)
         rows = running.rows
         # MOVE's tag counts the rows it skipped, none of which the client received.
         if tag and not tag.startswith("MOVE") and not (decision is not None and decision.limited):
@@ -1205,6 +1250,28 @@ class Tracker:
         )
         return out
 
+    def _copies_done(self, copies: Sequence[DataCopy], tag: str) -> None:
+        """A statement succeeded: labelled data it copied into tables counts once its
+        transaction commits (``_ready``, or a COMMIT in the same string); a ROLLBACK drops
+        it. Files on the server are written whatever the transaction does."""
+        for cp in copies:
+            if cp.labels:
+                if cp.target == SERVER_FILES_TARGET:
+                    self.guard.analyzer.note_copies((cp,))
+                else:
+                    self.uncommitted_copies.append(cp)
+        if tag in ("COMMIT", "COMMIT PREPARED", "PREPARE TRANSACTION"):
+            # Prepared: it may yet be rolled back, but counting it now only errs on the side
+            # of labelling (ROLLBACK TO SAVEPOINT errs the same way: what it undid counts).
+            self._commit_copies()
+        elif tag == "ROLLBACK":
+            self.uncommitted_copies.clear()
+
+    def _commit_copies(self) -> None:
+        if self.uncommitted_copies:
+            copies, self.uncommitted_copies = self.uncommitted_copies, []
+            self.guard.analyzer.note_copies(copies)
+
     def _who(self, running: Running) -> str:
         """The subject key a statement's counters, alerts and blocks go under."""
         d = running.decision
@@ -1220,6 +1287,25 @@ class Tracker:
 def _failing_extended() -> bytes:
     sql = raise_statement("pgwarden: result cut off", None, "42501")
     return Parse("", sql).encode() + Bind("", "").encode() + Execute("").encode()
+
+
+# Fields of a server error or notice that name where and what, never a value: kept.
+_NAMING_FIELDS = frozenset("SVCPpstcdnFLR")
+
+
+def _withheld(err: ErrorResponse, kind: type[ErrorResponse]) -> bytes:
+    """``err`` with its message, detail, hint and context replaced by pgwarden's sentence;
+    its severity, SQLSTATE, position and the names it gives (schema, table, column,
+    constraint) stay, so a client still knows what kind of failure it was."""
+    sqlstate = err.sqlstate or "XX000"
+    what = "error" if kind is ErrorResponse else "notice"
+    kept = [(k, v) for k, v in err.fields if k in _NAMING_FIELDS]
+    kept.append((
+        "M",
+        f"pgwarden: the server's {what} text is withheld (SQLSTATE {sqlstate}): the "
+        "statement reads labelled data, and such text can quote it",
+    ))  # fmt: skip
+    return kind(tuple(kept)).encode()
 
 
 def _without_context(err: ErrorResponse) -> bytes:

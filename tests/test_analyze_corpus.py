@@ -32,10 +32,16 @@ ANALYSIS_DB = "analysis_corpus"
 
 
 def _src(s: str) -> SourceColumn:
-    parts = s.split(".")
-    if len(parts) == 2:
-        return SourceColumn("public", parts[0], parts[1])
-    return SourceColumn(parts[0], parts[1], parts[2])
+    """``table.column`` or ``schema.table.column``; a trailing ``+`` marks values that reach
+    the column combined from many rows (an aggregate, an ARRAY sublink ...)."""
+    many = s.endswith("+")
+    parts = s.rstrip("+").split(".")
+    src = (
+        SourceColumn("public", parts[0], parts[1])
+        if len(parts) == 2
+        else SourceColumn(parts[0], parts[1], parts[2])
+    )
+    return src.as_combined() if many else src
 
 
 def _path(case: dict[str, Any]) -> tuple[str, ...]:
@@ -63,6 +69,8 @@ def check_case(case: dict[str, Any], facts: tuple[QueryFacts, ...]) -> None:
         got = [(c.name, c.sources) for c in f.output]
         want = [(name, frozenset(_src(s) for s in srcs)) for name, srcs in case["cols"]]
         assert got == want, sql
+    if "combined" in case:
+        assert f.combined_labels == frozenset(case["combined"]), sql
     if "star" in case:
         assert f.select_star == case["star"], sql
     for fn in case.get("pack", ()):

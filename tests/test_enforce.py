@@ -32,7 +32,7 @@ from proxy.messages import (
     Query,
     Sync,
 )
-from tests.proxyutil import ProxyProcess, RawClient, error_of
+from tests.proxyutil import ProxyProcess, RawClient, audit_keys, error_of
 from tests.support_data import CUSTOMERS, DB, POLICY
 
 
@@ -335,6 +335,59 @@ def test_a_refused_statement_with_parameters_gets_the_refusal_not_a_protocol_err
         assert conn.execute("SELECT %s::int", (7,)).fetchone() == (7,)
 
 
+COPY_EMAIL_INTO_SUBJECT = (
+    "UPDATE tickets t SET subject = c.email FROM customers c"
+    " WHERE c.customer_id = t.customer_id AND t.ticket_id = 1"
+)
+
+
+def test_a_refused_or_rolled_back_copy_leaves_no_label_behind(proxy: ProxyProcess) -> None:
+    # An agent's copy of emails into tickets is refused; the DBA's is rolled back. Neither
+    # wrote anything, so tickets.subject is still not personal data for anyone.
+    with psycopg.connect(dsn(proxy, "support_app")) as agent:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="copy"):
+            agent.execute(COPY_EMAIL_INTO_SUBJECT)
+        agent.rollback()
+    with psycopg.connect(dsn(proxy, "postgres")) as dba:
+        dba.execute(COPY_EMAIL_INTO_SUBJECT)
+        dba.rollback()
+    with psycopg.connect(dsn(proxy, "support_app"), autocommit=True) as agent:
+        counts = agent.execute("SELECT status, count(*) FROM tickets GROUP BY status").fetchall()
+        assert sum(n for _s, n in counts) == CUSTOMERS
+        subjects = agent.execute("SELECT subject FROM tickets WHERE ticket_id <= 30").fetchall()
+        assert len(subjects) == 30
+
+
+def test_a_committed_copy_labels_the_column_it_wrote_and_only_that(
+    pg: Cluster, enforce_db: str, tmp_path: Path
+) -> None:
+    # With an audit trail every session is followed, the DBA's too, so its copies count.
+    ledger, signing = audit_keys(tmp_path)
+    config = {
+        "policy_file": str(POLICY),
+        "catalog_user": "postgres",
+        "audit": {
+            "sinks": [{"type": "sqlite", "path": str(tmp_path / "audit.db")}],
+            "ledger_key": str(ledger),
+            "signing_key": str(signing),
+        },
+    }
+    proxy = ProxyProcess(pg, tmp_path / "audited", config=config)
+    try:
+        with psycopg.connect(dsn(proxy, "postgres")) as dba:
+            dba.execute(COPY_EMAIL_INTO_SUBJECT)  # committed on leaving the block
+        with psycopg.connect(dsn(proxy, "support_app"), autocommit=True) as agent:
+            # tickets.subject now holds a customer's email: the row limit applies to it.
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="20 rows"):
+                agent.execute("SELECT subject FROM tickets WHERE ticket_id <= 30").fetchall()
+            # The other columns of tickets are what they were.
+            counts = agent.execute("SELECT status, count(*) FROM tickets GROUP BY status")
+            assert sum(n for _s, n in counts.fetchall()) == CUSTOMERS
+    finally:
+        pg.psql("UPDATE tickets SET subject = 'help' WHERE ticket_id = 1", database=DB)
+        assert proxy.stop() == 0, proxy.log()
+
+
 def test_the_dba_is_not_limited(proxy: ProxyProcess) -> None:
     with psycopg.connect(dsn(proxy, "postgres")) as conn:
         assert len(conn.execute("SELECT * FROM customers").fetchall()) == CUSTOMERS
@@ -397,6 +450,19 @@ def test_analytics_sees_contact_data_masked(proxy: ProxyProcess) -> None:
     assert row[0] == 12 and row[3] == "GB"
     assert row[1] == "c********2@mail.example"
     assert row[2] == "+**********2"
+
+
+def test_masks_follow_lineage_into_expressions(proxy: ProxyProcess) -> None:
+    # A partial mask keeps the first and last character and an email's domain: applied to
+    # reverse(email) it would show the local part, and to a row constructor the phone.
+    with psycopg.connect(dsn(proxy, "analyst")) as conn:
+        row = conn.execute(
+            "SELECT reverse(email), row(full_name, email, phone)::text, upper(email),"
+            " customer_id FROM customers WHERE customer_id = 12"
+        ).fetchone()
+    assert row is not None
+    assert row[:3] == ("****", "****", "****")
+    assert row[3] == 12
 
 
 def test_binary_results_of_masked_columns_are_refused(proxy: ProxyProcess) -> None:
