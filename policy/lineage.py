@@ -871,7 +871,8 @@ class StatementWalker:
             inserted = self.query(n["selectStmt"], scope, ctes)
         # Each value goes into the target column at its position (unknown past the list).
         self.record_copy(
-            target, [(chosen[i] if i < len(chosen) else "*", lin) for i, (_c, lin) in enumerate(inserted)]
+            target,
+            [(chosen[i] if i < len(chosen) else "*", lin) for i, (_c, lin) in enumerate(inserted)],
         )
         by_col = {c: inserted[i][1] for i, c in enumerate(chosen) if i < len(inserted)}
         own = self._target_rel(rv, schema, name, by_col)

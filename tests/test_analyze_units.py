@@ -374,7 +374,9 @@ def test_an_update_taints_only_the_columns_it_set() -> None:
     assert {(cp.target, cp.column) for cp in f.copies} == {("public.tickets", "subject")}
     a.note_copies(f.copies)
     assert a.analyze("SELECT subject FROM tickets")[0].output_labels == {"pii.email"}
-    assert a.analyze("SELECT status, count(*) FROM tickets GROUP BY status")[0].output_labels == set()
+    assert (
+        a.analyze("SELECT status, count(*) FROM tickets GROUP BY status")[0].output_labels == set()
+    )
 
 
 def test_set_role_changes_what_dollar_user_means(analyzer: Analyzer) -> None:
