@@ -465,6 +465,7 @@ def _finish(
         user_functions=frozenset(w.user_functions),
         unresolved=tuple(dict.fromkeys(w.unresolved)),
         unknown=tuple(dict.fromkeys(w.unknown)),
+        records_per_row=_records_per_row(w, out_cols),
         unanalysable=unanalysable,
         record_keys=(keys := _record_keys(w.snapshot, out_cols)),
         value_positions=_value_positions(w, out_cols, keys),
@@ -502,6 +503,23 @@ def _record_keys(snapshot: CatalogSnapshot, out: tuple[OutputColumn, ...]) -> tu
                 RecordKey(rel.qualified, rel.primary_key, tuple(found[k] for k in rel.primary_key))
             )
     return tuple(keys)
+
+
+def _records_per_row(w: StatementWalker, out: tuple[OutputColumn, ...]) -> int:
+    """How many rows of one labelled relation can meet in one output row: the times the
+    statement reads it where its rows reach the output (``StatementWalker.instances``)."""
+    labels_of = w.shared.labels_of
+    most = 1
+    seen: set[str] = set()
+    for col in out:
+        if not col.labels:
+            continue
+        for s in col.sources:
+            rel = f"{s.schema}.{s.table}"
+            if rel not in seen and labels_of(s):
+                seen.add(rel)
+                most = max(most, w.instances.get(rel, 1))
+    return most
 
 
 def _value_positions(

@@ -578,7 +578,7 @@ class Engine:
                 covered = frozenset(lb for lb in labels if rule.covers_label(lb))
                 if covered or (not facts.output and rule.labels == ["*"]):
                     slots.append(RowLimit(
-                        rule.id, rule.max_rows, rule.max_bytes, covered,
+                        rule.id, _per_row(rule.max_rows, facts), rule.max_bytes, covered,
                         f"more than {rule.max_rows} rows of {', '.join(sorted(covered)) or 'labelled data'} in one statement"
                         if rule.max_rows is not None else
                         f"more than {rule.max_bytes} bytes of {', '.join(sorted(covered))} in one statement",
@@ -624,6 +624,7 @@ class Engine:
             canary_rules=tuple(canary_rules),
             window_rules=tuple(window_rules),
             need_to_know=tuple(know),
+            per_row=facts.records_per_row,
         )
 
     def _fill_plan(self, st: _Static, s: Subject | None, used: dict[str, int]) -> ResultPlan:
@@ -653,7 +654,7 @@ class Engine:
             spent = next(spent_of)
             what = "records" if rule.max_records is not None else "rows"
             limits.append(RowLimit(
-                rule.id, max(0, cap - spent), None, covered,
+                rule.id, max(0, cap - spent) // st.per_row, None, covered,
                 f"more than {cap} {what} of {', '.join(sorted(covered))} in {_human(rule.window)}",
                 rule.action, self._monitored(rule), rule.window,
             ))  # fmt: skip
@@ -688,6 +689,7 @@ class _Static:
     canary_rules: tuple[Finding, ...] = ()
     window_rules: tuple[Rule, ...] = ()
     need_to_know: tuple[KnowCheck, ...] = ()
+    per_row: int = 1  # records one output row can carry (QueryFacts.records_per_row)
     # A COPY ... TO STDOUT that would hand over masked or need-to-know rows unchecked:
     # (rule id, reason) of its refusal, made after the window checks.
     copy_unmasked: tuple[str, str] | None = None
@@ -695,6 +697,13 @@ class _Static:
     # last verdict allowing with it (windows rarely move between two statements).
     filled: tuple[tuple[int, ...], ResultPlan] | None = None
     allowed: Verdict | None = None
+
+
+def _per_row(max_rows: int | None, facts: QueryFacts) -> int | None:
+    """A per-statement row cap for a result whose rows carry several records each."""
+    if max_rows is None or facts.records_per_row <= 1:
+        return max_rows
+    return max_rows // facts.records_per_row
 
 
 def _know_table(rule: Rule) -> str:

@@ -143,6 +143,10 @@ class QueryFacts:
     # PostgreSQL would look them up: what they hold is unknown, so a fail-closed engine
     # refuses them to subjects with limits (never "unlabelled").
     unknown: tuple[str, ...] = ()
+    # The most records of one labelled relation a single output row can carry: a self-join,
+    # two scalar subqueries over customers, or a UNION of two reads put one customer's values
+    # beside another's. Row limits and windows count each row as this many records.
+    records_per_row: int = 1
     unanalysable: str | None = None
     location: int = 0  # offset of the statement in the text the client sent
     error_position: int | None = None  # where parsing failed
@@ -243,5 +247,6 @@ class QueryFacts:
             "defines_function": f.defines_function.qualified if f.defines_function else None,
             "unresolved": list(f.unresolved),
             "unknown": list(f.unknown),
+            "records_per_row": f.records_per_row,
             "unanalysable": f.unanalysable,
         }

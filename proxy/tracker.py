@@ -1206,7 +1206,10 @@ class Tracker:
             by_row: frozenset[str] = frozenset()
             if loose or not records:  # made only when used: most results carry their key
                 uniq = uuid.uuid4().hex
-                by_row = frozenset(f"row:{uniq}:{i}" for i in range(rows))
+                # A row of a self-join (or of two subqueries over the table) carries as
+                # many records as the statement reads the table.
+                per_row = facts.records_per_row if facts is not None else 1
+                by_row = frozenset(f"row:{uniq}:{i}" for i in range(rows * per_row))
             keyed = frozenset(records) if records else by_row
             for label in plan.labels:
                 windows = tuple(

@@ -69,6 +69,8 @@ def check_case(case: dict[str, Any], facts: tuple[QueryFacts, ...]) -> None:
         got = [(c.name, c.sources) for c in f.output]
         want = [(name, frozenset(_src(s) for s in srcs)) for name, srcs in case["cols"]]
         assert got == want, sql
+    if "per_row" in case:
+        assert f.records_per_row == case["per_row"], sql
     if "combined" in case:
         assert f.combined_labels == frozenset(case["combined"]), sql
     if "star" in case:

@@ -270,3 +270,21 @@ def test_the_dba_still_reads_the_server_s_own_error_text(proxy: ProxyProcess) ->
         err = refusal(conn, "SELECT email::int FROM crm.customers WHERE id = 5")
         assert err.sqlstate == "22P02"
         assert "person5@crm.example" in str(err)
+
+
+def test_rows_carrying_two_customers_count_twice(proxy: ProxyProcess) -> None:
+    # 15 rows of a self-join hold 30 customers: more than the 20 a statement may return.
+    with connect(proxy, "agent_rs") as conn:
+        err = refusal(
+            conn,
+            "SELECT a.email, b.email FROM customers a JOIN customers b ON b.id = a.id + 150"
+            " WHERE a.id <= 15",
+        )
+        assert err.sqlstate == "42501" and "agent-statement-rows" in str(err)
+        assert "10 rows is the most" in str(err)
+        # Ten such rows (twenty customers) are within the limit.
+        rows = conn.execute(
+            "SELECT a.email, b.email FROM customers a JOIN customers b ON b.id = a.id + 150"
+            " WHERE a.id <= 10"
+        ).fetchall()
+        assert len(rows) == 10
