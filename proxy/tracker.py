@@ -411,15 +411,7 @@ class Tracker:
             return Decision(decision.facts, verdict, decision.subject)
         if not verdict.blocks:
             return decision
-        prefix = f"pgwarden: blocked by rule {verdict.rule_id}: "
-        reason = verdict.message.removeprefix(prefix)
-        stop = RowLimit(verdict.rule_id or "", 0, None, plan.labels, reason, verdict.action, False)
-        return Decision(
-            decision.facts,
-            Verdict(Action.ALLOW, findings=verdict.findings,
-                    plan=replace(plan, limits=(stop, *plan.limits))),
-            decision.subject,
-        )  # fmt: skip
+        return _refused_at_first_row(decision, verdict, plan)
 
     def _running(self, decision: Decision | None) -> Running:
         running = Running(decision)
@@ -841,9 +833,16 @@ class Tracker:
                     "labels": sorted(missed), "statement": decision.facts.normalized[:200],
                 }))  # fmt: skip
                 decision = self.guard.redecide(decision, missed)
+                if decision.plan is None:
+                    # Judged again with those labels, the statement is refused: it is
+                    # already running, so its result is cut off at the first row.
+                    decision = _refused_at_first_row(
+                        decision, decision.verdict, ResultPlan(labels=missed)
+                    )
                 running.decision = decision
         plan = decision.plan
-        assert plan is not None
+        if plan is None:  # a refusal's substitute: nothing of it is inspected
+            plan = ResultPlan(labels=frozenset())
         facts = decision.facts
         if not (facts.output_labels or plan.limits or plan.needs_rows):
             # Nothing in this result is limited, captured or inspected (most statements an
@@ -1285,6 +1284,21 @@ class Tracker:
             cmd.CanaryHit(self._who(running), f.rule_id, f.action.value, f.monitored)
             for f in plan.canary_rules
         ]
+
+
+def _refused_at_first_row(decision: Decision, verdict: Verdict, plan: ResultPlan) -> Decision:
+    """``decision`` for a statement the server is already running, whose verdict is now a
+    refusal: allowed with a limit of no rows, so its result is cut at the first row with
+    the refusal's reason (a statement the server has parsed can no longer be replaced)."""
+    prefix = f"pgwarden: blocked by rule {verdict.rule_id}: "
+    reason = verdict.message.removeprefix(prefix)
+    stop = RowLimit(verdict.rule_id or "", 0, None, plan.labels, reason, verdict.action, False)
+    return Decision(
+        decision.facts,
+        Verdict(Action.ALLOW, findings=verdict.findings,
+                plan=replace(plan, limits=(stop, *plan.limits))),
+        decision.subject,
+    )  # fmt: skip
 
 
 def _failing_extended() -> bytes:

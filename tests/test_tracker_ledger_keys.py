@@ -213,3 +213,35 @@ def test_binary_copy_rows_count_against_a_statement_limit(pg: Cluster, enforce_d
         blocks = [c for c in done if isinstance(c, cmd.PolicyBlock)]
         assert [b.rule_id for b in blocks] == ["ten-rows"], cuts
         assert b"more than 10 rows" in sent
+
+
+def test_a_result_the_catalog_shows_labelled_is_cut_when_judged_again_refused(
+    pg: Cluster, enforce_db: str
+) -> None:
+    # The analysis sees no labelled column (here: the statement text says nothing of
+    # customers), the RowDescription says customers.email: judged again with that label,
+    # the unbounded read is refused. It is running already, so its first row is withheld and
+    # the client gets the refusal; before, the session ended with an internal error.
+    policy = {
+        "subjects": {"limited": {"users": ["postgres"]}},
+        "rules": [
+            {"id": "shapes", "subjects": ["limited"], "deny": ["unbounded_scan"]},
+        ],
+    }
+    tracker, head = _tracker(pg, policy)
+    rows = DataRow((b"1", b"Name 1", b"secret@mail.example")).encode()
+    tail = CommandComplete("SELECT 1").encode() + ReadyForQuery("I").encode()
+    sent, done = _run(tracker, head + rows + tail, [], sql="SELECT 1 AS a, 2 AS b, 3 AS c")
+    assert b"secret@mail.example" not in sent
+    errors = [m for m in _messages(sent) if m[0] == "E"]
+    assert len(errors) == 1 and b"42501" in errors[0][1] and b"shapes" in errors[0][1]
+    assert any(isinstance(c, cmd.Log) and c.event == "analysis_miss" for c in done)
+
+
+def _messages(data: bytes) -> list[tuple[str, bytes]]:
+    out, pos = [], 0
+    while pos < len(data):
+        (n,) = struct.unpack_from("!i", data, pos + 1)
+        out.append((chr(data[pos]), data[pos + 5 : pos + 1 + n]))
+        pos += 1 + n
+    return out
