@@ -111,6 +111,25 @@ def _print_facts(console: Console, i: int, f: QueryFacts) -> None:
         info.add_row("search_path ->", ", ".join(f.search_path))
     if f.unresolved:
         info.add_row("not in catalog", ", ".join(f.unresolved))
+    if f.unknown:
+        info.add_row(
+            "UNKNOWN",
+            Text(
+                f"{', '.join(f.unknown)}: refused to subjects with limits (fail-closed)",
+                style="bold red",
+            ),
+        )
+    if f.combined_labels:
+        info.add_row(
+            "COMBINED",
+            Text(
+                f"{', '.join(sorted(f.combined_labels))} of many records in one value: "
+                "refused to subjects with limits (one-record-per-row)",
+                style="bold red",
+            ),
+        )
+    if f.records_per_row > 1:
+        info.add_row("records a row", f"{f.records_per_row} (limits count each row as that many)")
     console.print(info)
     if f.output:
         table = Table(show_header=True, header_style="bold")

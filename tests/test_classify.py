@@ -151,10 +151,27 @@ def test_explain_command_on_the_reference_schema() -> None:
     assert f["output"][1] == {
         "name": "contact",
         "labels": ["pii.email"],
+        "combined_labels": [],
         "sources": ["public.customers.email"],
     }
     human = runner.invoke(main, ["policy", "explain", "SELECT c FROM customers c"])
     assert human.exit_code == 0 and "pii.phone" in human.output and "whole rows of" in human.output
+
+
+def test_explain_says_what_a_limited_subject_would_be_refused() -> None:
+    runner = CliRunner()
+    unknown = runner.invoke(main, ["policy", "explain", "SELECT email FROM crm.customers"])
+    assert unknown.exit_code == 0, unknown.output
+    assert "UNKNOWN" in unknown.output and "crm.customers" in unknown.output
+    assert "fail-closed" in unknown.output
+    packed = runner.invoke(
+        main, ["policy", "explain", "--json", "SELECT string_agg(email, ',') FROM customers"]
+    )
+    (f,) = json.loads(packed.output)
+    assert f["output"][0]["combined_labels"] == ["pii.email"]
+    assert f["output"][0]["sources"] == ["public.customers.email (combined from many rows)"]
+    human = runner.invoke(main, ["policy", "explain", "SELECT max(phone) FROM customers"])
+    assert "COMBINED" in human.output and "one-record-per-row" in human.output
 
 
 def test_explain_with_search_path_and_live_catalog(classify_db: str) -> None:
