@@ -147,7 +147,8 @@ class Analyzer:
         """The labelled catalog column behind a RowDescription field (copy taint included)."""
         col = self._current().snapshot.column_at(table_oid, attnum)
         if col is not None:
-            columns = self._taint.get((col.schema, col.table))
+            schema = "pg_temp" if col.schema.startswith("pg_temp_") else col.schema
+            columns = self._taint.get((schema, col.table))
             tainted = tainted_labels(columns, col.name) if columns else frozenset()
             if tainted and not tainted <= col.labels:
                 col = replace(col, labels=col.labels | tainted)

@@ -106,6 +106,9 @@ class CatalogFunction:
     security_definer: bool = False
     arguments: str = ""  # pg_get_function_arguments: the body's parameter names
     result: str = "void"  # pg_get_function_result
+    # The function's own ``SET search_path`` (pg_proc.proconfig): its body resolves names
+    # through it, whatever the caller's path. None: the caller's.
+    search_path: str | None = None
 
     @property
     def qualified(self) -> str:
@@ -302,7 +305,9 @@ _FUNCTIONS_SQL = """
 SELECT n.nspname AS schema, p.proname AS name, l.lanname AS language,
        {source} AS source, p.prosecdef AS secdef,
        coalesce(pg_catalog.pg_get_function_arguments(p.oid), '') AS arguments,
-       coalesce(pg_catalog.pg_get_function_result(p.oid), 'void') AS result
+       coalesce(pg_catalog.pg_get_function_result(p.oid), 'void') AS result,
+       (SELECT substr(c, length('search_path=') + 1) FROM unnest(p.proconfig) c
+        WHERE c LIKE 'search\\_path=%' LIMIT 1) AS search_path
 FROM pg_catalog.pg_proc p
 JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
 JOIN pg_catalog.pg_language l ON l.oid = p.prolang
@@ -409,6 +414,7 @@ def snapshot_from_rows(
             security_definer=bool(f["secdef"]),
             arguments=str(f.get("arguments", "")),
             result=str(f.get("result", "void")),
+            search_path=f.get("search_path"),
         )
         for f in fn_rows
     ]

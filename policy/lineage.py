@@ -23,6 +23,7 @@ from typing import Any
 from policy.catalog import SYSTEM_SCHEMAS, CatalogFunction, CatalogRelation, CatalogSnapshot
 from policy.facts import DataCopy, PackingCall, SourceColumn
 from policy.parse import function_body_statements, plpgsql_queries
+from policy.search_path import parse_search_path
 
 Lineage = frozenset[SourceColumn]
 Node = dict[str, Any]
@@ -333,7 +334,9 @@ class Shared:
         rel = self.snapshot.relation(src.schema, src.table)
         col = rel.column(src.column) if rel is not None else None
         labels = col.labels if col is not None else self.rules_labels(*src)
-        tainted = self.taint.get((src.schema, src.table))
+        # A session's own temporary schema is pg_temp_N on the server, pg_temp in its text.
+        schema = "pg_temp" if src.schema.startswith("pg_temp_") else src.schema
+        tainted = self.taint.get((schema, src.table))
         if tainted:
             labels = labels | tainted_labels(tainted, src.column)
         # Names of relations missing from the catalog come from client text: do not let
@@ -1264,25 +1267,33 @@ class StatementWalker:
                 self.unanalysable.append(f"function {f.qualified} is written in {f.language}")
                 continue
             self.function_stack.add(f.qualified)
+            path = parse_search_path(f.search_path) if f.search_path is not None else None
             try:
                 for q in queries:
-                    acc |= self._function_query(f.qualified, q)
+                    acc |= self._function_query(f.qualified, q, path)
             finally:
                 self.function_stack.discard(f.qualified)
         return bool(candidates)
 
-    def _function_query(self, qualified: str, source: str) -> Lineage:
+    def _function_query(
+        self, qualified: str, source: str, search_path: tuple[str, ...] | None = None
+    ) -> Lineage:
         """What a statement inside a function body can return: the union of its outputs.
 
         A sub-walker keeps the body's unresolved names (its parameters and variables) out of
-        the caller's facts; what it reads, writes and copies counts for the caller.
+        the caller's facts; what it reads, writes and copies counts for the caller, and so do
+        relations it could not find. The body resolves names through the function's own
+        ``SET search_path`` when it has one.
         """
         try:
             stmts = function_body_statements(source)
         except Exception:
             self.unanalysable.append(f"body of function {qualified} could not be parsed")
             return EMPTY
-        sub = StatementWalker(self.shared, self.search_path, self.view_stack)
+        sub = StatementWalker(
+            self.shared, search_path if search_path is not None else self.search_path,
+            self.view_stack,
+        )  # fmt: skip
         sub.function_stack = self.function_stack
         out: set[SourceColumn] = set()
         for stmt in stmts:
@@ -1301,6 +1312,7 @@ class StatementWalker:
         self.user_functions |= sub.user_functions
         self.packing.extend(sub.packing)
         self.copies.extend(sub.copies)
+        self.unknown.extend(sub.unknown)
         self.unanalysable.extend(sub.unanalysable)
         return frozenset(out)
 

@@ -50,6 +50,8 @@ ALTER ROLE agent_db IN DATABASE {DB} SET search_path = crm, public;
 """
 
 FUNCTIONS = """
+CREATE FUNCTION crm.contact_of(i int) RETURNS text LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = crm AS $$ SELECT email FROM customers WHERE id = i $$;
 CREATE FUNCTION crm.noisy(i int) RETURNS int LANGUAGE plpgsql AS $$
 DECLARE e text;
 BEGIN
@@ -288,3 +290,13 @@ def test_rows_carrying_two_customers_count_twice(proxy: ProxyProcess) -> None:
             " WHERE a.id <= 10"
         ).fetchall()
         assert len(rows) == 10
+
+
+def test_a_function_resolves_names_through_its_own_search_path(proxy: ProxyProcess) -> None:
+    # crm.contact_of runs with SET search_path = crm: its body's `customers` is
+    # crm.customers whatever the caller's path, and its result carries pii.email.
+    with connect(proxy, "agent_rs") as conn:
+        conn.execute("SET search_path = public")
+        assert conn.execute("SELECT crm.contact_of(5)").fetchone() == ("person5@crm.example",)
+        err = refusal(conn, "SELECT crm.contact_of(id) FROM crm.tickets WHERE id <= 60")
+        assert err.sqlstate == "42501" and "agent-statement-rows" in str(err)
