@@ -494,6 +494,28 @@ class Engine:
                     "read labelled columns row by row: one customer's values per row",
                     covering,
                 ))  # fmt: skip
+        packed_copies = frozenset().union(*(cp.combined_labels for cp in facts.copies))
+        notified = frozenset().union(
+            *(cp.labels for cp in facts.copies if cp.target == "pg_catalog.pg_notify")
+        )
+        for labels, rule_id, reason, hint in (
+            (
+                packed_copies, "one-record-per-row",
+                f"it would store {', '.join(sorted(packed_copies))} of many records combined "
+                "in one value, to be read back as one",
+                "copy labelled columns row by row: one customer's values per row",
+            ),
+            (
+                notified, "one-record-per-row",
+                f"it would send {', '.join(sorted(notified))} in notification payloads, which "
+                "pgwarden cannot count or mask",
+                "read labelled columns with SELECT, where pgwarden applies the rules",
+            ),
+        ):  # fmt: skip
+            if labels:
+                covering = [r for r in limiting if any(r.covers_label(lb) for lb in labels)]
+                if covering:
+                    checks.append((rule_id, reason, hint, covering))
         for rule_id, reason, hint, covering in checks:
             if all(self._monitored(r) for r in covering):
                 findings.append(Finding(rule_id, Action.BLOCK, reason, monitored=True))

@@ -80,6 +80,9 @@ class DataCopy:
     sources: frozenset[SourceColumn]
     labels: frozenset[str]
     column: str = "*"  # the column of ``target`` written; "*": any (not known which)
+    # Labels stored combined from many records (string_agg(email) into a column or a large
+    # object): read back later, one value carries them all.
+    combined_labels: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

@@ -1001,9 +1001,13 @@ class StatementWalker:
             # Moving a table's data within itself is not a copy out of it.
             src = frozenset(s for s in lin if f"{s.schema}.{s.table}" != target)
             if src:
+                labels = self.shared.lineage_labels
                 self.copies.append(
-                    DataCopy(target, src, self.shared.lineage_labels(src), column or "*")
-                )
+                    DataCopy(
+                        target, src, labels(src), column or "*",
+                        labels(s for s in src if s.combined),
+                    )
+                )  # fmt: skip
 
     # --- expressions ---------------------------------------------------------------------
 

@@ -300,3 +300,23 @@ def test_a_function_resolves_names_through_its_own_search_path(proxy: ProxyProce
         assert conn.execute("SELECT crm.contact_of(5)").fetchone() == ("person5@crm.example",)
         err = refusal(conn, "SELECT crm.contact_of(id) FROM crm.tickets WHERE id <= 60")
         assert err.sqlstate == "42501" and "agent-statement-rows" in str(err)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        # Stored packed, to be read back as one value later.
+        "CREATE TEMP TABLE stash AS SELECT string_agg(email, ',') AS s FROM customers",
+        "SELECT lo_from_bytea(0, convert_to(string_agg(email, ','), 'UTF8')) FROM customers",
+        # Sent as notification payloads, which nothing counts or masks.
+        "SELECT pg_notify('leak', email) FROM customers WHERE id <= 5",
+    ],
+)
+def test_labelled_values_cannot_be_parked_packed_or_sent_as_notifications(
+    proxy: ProxyProcess, sql: str
+) -> None:
+    with connect(proxy, "agent_rs") as conn:
+        conn.execute("LISTEN leak")
+        err = refusal(conn, sql)
+        assert err.sqlstate == "42501" and "one-record-per-row" in str(err), str(err)
+        assert not list(conn.notifies(timeout=0.5, stop_after=1))
