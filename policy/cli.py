@@ -8,6 +8,8 @@ through what. ``pgwarden classify --dsn DSN [--sample N] [--out FILE]`` suggests
 from __future__ import annotations
 
 import asyncio
+import json
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from rich.text import Text
 
 from policy.analyze import Analyzer
 from policy.catalog import CatalogSnapshot, load_catalog
-from policy.facts import QueryFacts
+from policy.facts import DataCopy, QueryFacts
 from policy.labels import LabelRules
 from policy.search_path import parse_search_path
 
@@ -163,6 +165,12 @@ def _print_facts(console: Console, i: int, f: QueryFacts) -> None:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="A labels YAML file (as `pgwarden classify` writes) to apply on top of comments.",
 )
+@click.option(
+    "--admin",
+    help="A running pgwarden's admin URL (http://127.0.0.1:9930): apply the labels its "
+    "sessions' committed writes copied into other tables (GET /taint).",
+)
+@click.option("--database", default="support", show_default=True, help="With --admin.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def explain_command(
     sql: str,
@@ -171,6 +179,8 @@ def explain_command(
     search_path: str,
     user: str | None,
     labels_file: Path | None,
+    admin: str | None,
+    database: str,
     as_json: bool,
 ) -> None:
     """Show what SQL reads, which labelled columns reach the client, and through what."""
@@ -180,6 +190,8 @@ def explain_command(
     except ValueError as exc:
         raise click.ClickException(f"{labels_file}: {exc}") from exc
     analyzer = Analyzer(snapshot, rules)
+    if admin:
+        analyzer.note_copies(_live_taint(admin, database))
     facts = analyzer.analyze(sql, parse_search_path(search_path), user)
     if as_json:
         click.echo(orjson.dumps([facts_to_dict(f) for f in facts], option=orjson.OPT_INDENT_2))
@@ -189,6 +201,21 @@ def explain_command(
         console.print("no statements")
     for i, f in enumerate(facts, 1):
         _print_facts(console, i, f)
+
+
+def _live_taint(admin: str, database: str) -> list[DataCopy]:
+    """What a running pgwarden's /taint says was copied where, as copies to apply."""
+    url = admin.rstrip("/") + "/taint"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            taint = json.loads(resp.read())
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"could not read {url}: {exc}") from exc
+    return [
+        DataCopy(table, frozenset(), frozenset(labels), column)
+        for table, columns in taint.get(database, {}).items()
+        for column, labels in columns.items()
+    ]
 
 
 @click.command("classify")

@@ -1,4 +1,4 @@
-"""The admin HTTP listener: /metrics (Prometheus), /healthz and /readyz.
+"""The admin HTTP listener: /metrics (Prometheus), /healthz, /readyz and /taint.
 
 A deliberately tiny HTTP/1.1 responder on asyncio streams: three GET routes do not justify
 a web framework, and it must keep answering while the proxy is busy.
@@ -7,6 +7,7 @@ a web framework, and it must keep answering while the proxy is busy.
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -45,7 +46,24 @@ class AdminServer:
             if self.proxy.shutting_down:
                 return 503, "text/plain", b"shutting down\n"
             return 200, "text/plain", b"ready\n"
-        return 404, "text/plain", b"not found: try /metrics, /healthz or /readyz\n"
+        if path == "/taint":
+            return 200, "application/json", self._taint()
+        return 404, "text/plain", b"not found: try /metrics, /healthz, /readyz or /taint\n"
+
+    def _taint(self) -> bytes:
+        """Columns labelled data was copied into by committed writes, per database:
+        ``{"db": {"schema.table": {"column": ["label", ...]}}}`` ("*": a column not known).
+        ``pgwarden policy explain --admin URL`` applies it."""
+        runtime = self.proxy.runtime
+        analyzers = getattr(runtime, "analyzers", {}) if runtime is not None else {}
+        out = {
+            db: {
+                f"{schema}.{table}": {col: sorted(labels) for col, labels in cols.items()}
+                for (schema, table), cols in analyzer.tainted.items()
+            }
+            for db, analyzer in analyzers.items()
+        }
+        return json.dumps(out, sort_keys=True).encode() + b"\n"
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -32,7 +34,7 @@ from proxy.messages import (
     Query,
     Sync,
 )
-from tests.proxyutil import ProxyProcess, RawClient, audit_keys, error_of
+from tests.proxyutil import ProxyProcess, RawClient, audit_keys, error_of, pgwarden_command
 from tests.support_data import CUSTOMERS, DB, POLICY
 
 
@@ -383,6 +385,18 @@ def test_a_committed_copy_labels_the_column_it_wrote_and_only_that(
             # The other columns of tickets are what they were.
             counts = agent.execute("SELECT status, count(*) FROM tickets GROUP BY status")
             assert sum(n for _s, n in counts.fetchall()) == CUSTOMERS
+        # The security team sees it: the admin endpoint, and policy explain against it.
+        status, body = proxy.http_get("/taint")
+        assert status == 200
+        assert json.loads(body)[DB] == {"public.tickets": {"subject": ["pii.email"]}}
+        explained = subprocess.run(
+            [*pgwarden_command(), "policy", "explain", "--json", "--database", DB,
+             "--admin", f"http://{proxy.host}:{proxy.admin_port}",
+             "SELECT subject, status FROM tickets"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        (f,) = json.loads(explained.stdout)
+        assert [c["labels"] for c in f["output"]] == [["pii.email"], []]
     finally:
         pg.psql("UPDATE tickets SET subject = 'help' WHERE ticket_id = 1", database=DB)
         assert proxy.stop() == 0, proxy.log()
