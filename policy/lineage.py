@@ -183,6 +183,20 @@ VALUELESS_AGGREGATES = frozenset(
 _AGG_SYNTAX = ("agg_star", "agg_distinct", "agg_order", "agg_within_group", "agg_filter", "over")
 
 
+# Columns of the planner's statistics views that hold sample values of the columns they
+# describe (up to default_statistics_target of them each: a hundred emails in one row).
+# Readable for any column the reader may SELECT, so they carry every label, combined.
+STATISTICS_VALUES = frozenset(
+    ("pg_catalog", view, column)
+    for view, columns in (
+        ("pg_stats", ("most_common_vals", "histogram_bounds", "most_common_elems")),
+        ("pg_stats_ext", ("most_common_vals", "most_common_base_freqs")),
+        ("pg_stats_ext_exprs", ("most_common_vals", "histogram_bounds", "most_common_elems")),
+    )
+    for column in columns
+)
+
+
 def tainted_labels(columns: Mapping[str, frozenset[str]], column: str) -> frozenset[str]:
     """Labels copied into ``column`` of a table (``columns``: what each column, or "*" any
     column, received); for the pseudo column "*" (the whole row), every column's."""
@@ -321,6 +335,7 @@ class Shared:
         self.pending_functions: Mapping[tuple[str, str], tuple[CatalogFunction, ...]] = (
             pending_functions or {}
         )
+        self._all_labels: frozenset[str] | None = None
         self.views: dict[int, ViewExpansion] = {}
         self.labels: dict[SourceColumn, frozenset[str]] = {}
         self.rel_columns: dict[int, Columns] = {}
@@ -331,6 +346,8 @@ class Shared:
             return hit
         if src.combined:
             return self.labels_of(src.plain)
+        if src in STATISTICS_VALUES:
+            return self.all_labels
         rel = self.snapshot.relation(src.schema, src.table)
         col = rel.column(src.column) if rel is not None else None
         labels = col.labels if col is not None else self.rules_labels(*src)
@@ -344,6 +361,20 @@ class Shared:
         if rel is not None or len(self.labels) < 50_000:
             self.labels[src] = labels
         return labels
+
+    @property
+    def all_labels(self) -> frozenset[str]:
+        """Every label a column of the catalog carries (copy taint included)."""
+        if self._all_labels is None:
+            found: set[str] = set()
+            for rel in self.snapshot.relations.values():
+                for c in rel.columns:
+                    found |= c.labels
+            for columns in self.taint.values():
+                for labels in columns.values():
+                    found |= labels
+            self._all_labels = frozenset(found)
+        return self._all_labels
 
     def lineage_labels(self, lin: Iterable[SourceColumn]) -> frozenset[str]:
         out: frozenset[str] = frozenset()
@@ -444,7 +475,12 @@ class StatementWalker:
         cached = self.shared.rel_columns.get(rel.oid)
         if cached is None:
             cached = [
-                (c.name, Exact((src,), (src,)))
+                (
+                    c.name,
+                    combined((src,))
+                    if (rel.schema, rel.name, c.name) in STATISTICS_VALUES
+                    else Exact((src,), (src,)),
+                )
                 for c in rel.columns
                 for src in (SourceColumn(rel.schema, rel.name, c.name),)
             ]

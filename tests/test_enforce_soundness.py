@@ -35,6 +35,7 @@ FROM generate_series(1, {CUSTOMERS}) i;
 INSERT INTO crm.tickets SELECT i, i, CASE WHEN i % 2 = 0 THEN 'agent_rs' ELSE 'agent_db' END,
        'subject ' || i FROM generate_series(1, {CUSTOMERS}) i;
 CREATE VIEW crm.contact_list AS SELECT id, email FROM crm.customers;
+ANALYZE crm.customers;
 """
 
 ROLES = f"""
@@ -320,3 +321,19 @@ def test_labelled_values_cannot_be_parked_packed_or_sent_as_notifications(
         err = refusal(conn, sql)
         assert err.sqlstate == "42501" and "one-record-per-row" in str(err), str(err)
         assert not list(conn.notifies(timeout=0.5, stop_after=1))
+
+
+def test_the_planner_s_sample_values_are_labelled_data_too(proxy: ProxyProcess) -> None:
+    # pg_stats shows up to a hundred values of every column its reader may SELECT.
+    with connect(proxy, "agent_rs") as conn:
+        err = refusal(
+            conn,
+            "SELECT histogram_bounds::text FROM pg_stats"
+            " WHERE tablename = 'customers' AND attname = 'email'",
+        )
+        assert err.sqlstate == "42501" and "one-record-per-row" in str(err), str(err)
+        # What pg_stats says of a column's shape, not its values, is fine.
+        (n,) = conn.execute(
+            "SELECT n_distinct FROM pg_stats WHERE tablename = 'customers' AND attname = 'email'"
+        ).fetchone()
+        assert n == -1
