@@ -141,6 +141,9 @@ class ResultPlan:
     canary_values: tuple[bytes, ...] = ()
     canary_keys: dict[str, frozenset[str]] = field(default_factory=dict)  # table -> keys
     canary_rules: tuple[Finding, ...] = ()
+    # The canary rule that refuses a result holding a canary (its action blocks, it is not
+    # monitored): the result is cut off before that row reaches the client.
+    canary_cut: Finding | None = None
     window_rules: tuple[Rule, ...] = ()
     need_to_know: tuple[KnowCheck, ...] = ()
     # One search for all canary values: a row is scanned once, not once per value.
@@ -155,7 +158,12 @@ class ResultPlan:
         object.__setattr__(
             self,
             "may_cut",
-            bool(self.limits or self.mask or any(not k.withhold for k in self.need_to_know)),
+            bool(
+                self.limits
+                or self.mask
+                or self.canary_cut
+                or any(not k.withhold for k in self.need_to_know)
+            ),
         )
         if self.canary_values and self.canary_search is None:
             object.__setattr__(self, "canary_search", _canary_search(self.canary_values))
@@ -562,6 +570,7 @@ class Engine:
             canary_values=tuple(canary_values),
             canary_keys={k: frozenset(v) for k, v in canary_keys.items()},
             canary_rules=tuple(canary_rules),
+            canary_cut=_canary_cut(facts, canary_rules),
             window_rules=tuple(window_rules),
             need_to_know=tuple(know),
         )
@@ -604,6 +613,7 @@ class Engine:
             canary_values=st.canary_values,
             canary_keys=st.canary_keys,
             canary_rules=st.canary_rules,
+            canary_cut=st.canary_cut,
             window_rules=st.window_rules,
             need_to_know=st.need_to_know,
         )
@@ -626,6 +636,7 @@ class _Static:
     canary_values: tuple[bytes, ...] = ()
     canary_keys: dict[str, frozenset[str]] = field(default_factory=dict)
     canary_rules: tuple[Finding, ...] = ()
+    canary_cut: Finding | None = None
     window_rules: tuple[Rule, ...] = ()
     need_to_know: tuple[KnowCheck, ...] = ()
     # A COPY ... TO STDOUT that would hand over masked or need-to-know rows unchecked:
@@ -635,6 +646,25 @@ class _Static:
     # last verdict allowing with it (windows rarely move between two statements).
     filled: tuple[tuple[int, ...], ResultPlan] | None = None
     allowed: Verdict | None = None
+
+
+# Statements that return rows though the analysis lists no output column of their own.
+_ROWS_WITHOUT_OUTPUT = frozenset(("copy", "fetch", "execute", "call", "explain"))
+
+
+def _canary_cut(facts: QueryFacts, canary_rules: list[Finding]) -> Finding | None:
+    """The canary rule that refuses a result holding a canary, for a statement that can
+    return rows: the first one in force whose action blocks.  Only such statements are
+    watched for it (and the client's later messages held while they run)."""
+    if not facts.output and facts.kind not in _ROWS_WITHOUT_OUTPUT:
+        return None
+    return next(
+        (
+            f for f in canary_rules
+            if not f.monitored and f.action in (Action.BLOCK, Action.QUARANTINE, Action.END_SESSION)
+        ),
+        None,
+    )  # fmt: skip
 
 
 def window_rule_key(rule_id: str) -> str:

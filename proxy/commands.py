@@ -81,10 +81,16 @@ class PolicyAlert:
 
 @dataclass(frozen=True, slots=True)
 class CanaryHit:
+    """A canary record was read (``blocked``: it was cut off before reaching the client).
+    With ``hold``, the client's next statements wait until the rule's action (a quarantine)
+    is in force, as for ``RecordUsage``."""
+
     subject: str
     rule_id: str
     action: str
     monitored: bool
+    blocked: bool = False
+    hold: bool = False
 
 
 @dataclass(frozen=True, slots=True)

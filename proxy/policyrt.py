@@ -514,12 +514,23 @@ class PolicyRuntime:
                 rule=c.rule_id,
                 action=c.action,
                 monitor=c.monitored,
+                refused=c.blocked,
             )
+            what = (
+                "was refused a result holding a canary record" if c.blocked
+                else "read a canary record"
+            )  # fmt: skip
             self.alert(
-                "canary", f"{_who(c.subject)} read a canary record (rule {c.rule_id})",
+                "canary", f"{_who(c.subject)} {what} (rule {c.rule_id})",
                 "critical", c.subject, c.rule_id,
             )  # fmt: skip
-            if not c.monitored and c.action == Action.QUARANTINE.value:
+            if c.blocked:
+                # The refusal is a block like any other (it counts towards a quarantine).
+                self.stats.policy_blocks += 1
+                await self._maybe_quarantine(
+                    c.subject, c.action == Action.QUARANTINE.value, log_, "a canary read"
+                )
+            elif not c.monitored and c.action == Action.QUARANTINE.value:
                 await self._maybe_quarantine(c.subject, True, log_, "a canary read")
 
     async def _maybe_quarantine(
