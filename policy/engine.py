@@ -108,6 +108,7 @@ class RowLimit:
     action: Action
     monitored: bool
     window: float | None = None  # set when the cap is what is left of a window
+    per: tuple[str, ...] = ()  # whose counters the window is kept in (see ``budget_key``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,12 +339,14 @@ class Engine:
                     hint="the shared counter store (Redis) is unreachable; try again when it is back",
                     findings=(*findings, Finding(rule.id, Action.BLOCK, reason)),
                 )  # fmt: skip
-            used = used_by_rule[rule.id] = self._window_used(s, rule, covered)
+            used, whose = self._window_spent(s, rule, covered)
+            used_by_rule[rule.id] = used
             cap = rule.max_records if rule.max_records is not None else rule.max_rows
             assert cap is not None and rule.window is not None
             if used >= cap:
                 what = "records" if rule.max_records is not None else "rows"
-                reason = f"{used} {what} of {', '.join(sorted(covered))} read in the last {_human(rule.window)} (limit {cap})"
+                by = f" by all end users of {s.user}" if whose.startswith(DB_USER_KEY) else ""
+                reason = f"{used} {what} of {', '.join(sorted(covered))} read{by} in the last {_human(rule.window)} (limit {cap})"
                 if self._monitored(rule):
                     findings.append(Finding(rule.id, rule.action, reason, monitored=True))
                 elif rule.action not in (Action.ALLOW, Action.ALERT):
@@ -499,14 +502,27 @@ class Engine:
         return None
 
     def _window_used(self, s: Subject, rule: Rule, labels: frozenset[str]) -> int:
+        return self._window_spent(s, rule, labels)[0]
+
+    def _window_spent(self, s: Subject, rule: Rule, labels: frozenset[str]) -> tuple[int, str]:
+        """What is spent of a window rule's budget, and whose budget is the fullest: the
+        person's (their counters per rule and per label) and/or the database user's (all its
+        end users together, per rule)."""
         assert rule.window is not None
         self._uses_counters = True
-        used = 0
-        for label in (window_rule_key(rule.id), *labels):
-            totals = self.counters.cached_totals(s.key, label, rule.window)
-            if totals is not None:
-                used = max(used, totals[1] if rule.max_records is not None else totals[0])
-        return used
+        used, whose = 0, s.key
+        for per in rule.per:
+            key = budget_key(per, s)
+            own = (
+                (window_rule_key(rule.id), *labels) if key == s.key else (window_rule_key(rule.id),)
+            )
+            for label in own:
+                totals = self.counters.cached_totals(key, label, rule.window)
+                if totals is not None:
+                    n = totals[1] if rule.max_records is not None else totals[0]
+                    if n > used:
+                        used, whose = n, key
+        return used, whose
 
     def _outline(self, facts: QueryFacts, rules: list[Rule]) -> _Static:
         """The plan of a statement's result with the limits of windows left open (what is
@@ -601,10 +617,16 @@ class Engine:
             assert cap is not None and rule.window is not None
             spent = next(spent_of)
             what = "records" if rule.max_records is not None else "rows"
+            # Not the user's name: a plan is shared by every subject with these rules.
+            by = (
+                "" if rule.per == ["end_user"]
+                else " for the database user's end users together" if rule.per == ["db_user"]
+                else " per person or for the database user's end users together"
+            )  # fmt: skip
             limits.append(RowLimit(
                 rule.id, max(0, cap - spent), None, covered,
-                f"more than {cap} {what} of {', '.join(sorted(covered))} in {_human(rule.window)}",
-                rule.action, self._monitored(rule), rule.window,
+                f"more than {cap} {what} of {', '.join(sorted(covered))} in {_human(rule.window)}{by}",
+                rule.action, self._monitored(rule), rule.window, tuple(rule.per),
             ))  # fmt: skip
         plan = ResultPlan(
             labels=st.labels,
@@ -665,6 +687,17 @@ def _canary_cut(facts: QueryFacts, canary_rules: list[Finding]) -> Finding | Non
         ),
         None,
     )  # fmt: skip
+
+
+DB_USER_KEY = "db_user:"
+
+
+def budget_key(per: str, s: Subject) -> str:
+    """The subject key a window's counters are kept under for one of its budgets (a rule's
+    ``per``): the person's (``end_user:alice``, or ``user:support_app`` for a statement
+    naming no end user) or the database user's, all its end users together
+    (``db_user:support_app``: apart from ``user:``, which is that user's own statements)."""
+    return DB_USER_KEY + s.user if per == "db_user" else s.key
 
 
 def window_rule_key(rule_id: str) -> str:

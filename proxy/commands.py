@@ -113,6 +113,21 @@ class RefreshCounts:
 
 
 @dataclass(frozen=True, slots=True)
+class NoteEndUser:
+    """An end-user name was used: count it among the distinct names of ``scope`` (a
+    connection, or a database user) for an ``end_user_churn`` rule; alert past its limit.
+    Nothing waits for it."""
+
+    scope: str  # the store's subject key: conn:<id> or db_user:<name>
+    rule_id: str
+    name: str  # a keyed hash of the end-user name
+    window: float
+    max_names: int
+    monitored: bool
+    subject: str  # who the alert names (the database user)
+
+
+@dataclass(frozen=True, slots=True)
 class LookupAllowed:
     """Run a need-to-know rule's lookup for a person; the answer goes to the session's guard."""
 
@@ -172,6 +187,7 @@ Command = (
     | CanaryHit
     | RecordUsage
     | RefreshCounts
+    | NoteEndUser
     | LookupAllowed
     | StatementDone
     | AwaitDurable

@@ -29,7 +29,15 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-from policy.engine import Finding, KnowCheck, ResultPlan, RowLimit, Verdict, window_rule_key
+from policy.engine import (
+    Finding,
+    KnowCheck,
+    ResultPlan,
+    RowLimit,
+    Verdict,
+    budget_key,
+    window_rule_key,
+)
 from policy.facts import SourceColumn
 from policy.model import Action
 from proxy import commands as cmd
@@ -204,6 +212,7 @@ class Tracker:
             if t == _Q:
                 sql = Query.decode(raw[start:end]).sql
                 decisions = self.guard.check(sql)
+                out += self.guard.end_user_notes()
                 refresh = self._needs_fresh_counts(decisions)
                 if refresh is not None:
                     return self._refresh_first(refresh, out, parts, raw, fwd, head)
@@ -220,6 +229,7 @@ class Tracker:
             elif t == _P:
                 name, sql = parse_head(raw[start:end])
                 decisions = self.guard.check(sql)
+                out += self.guard.end_user_notes()
                 refresh = self._needs_fresh_counts(decisions)
                 if refresh is not None:
                     return self._refresh_first(refresh, out, parts, raw, fwd, head)
@@ -345,6 +355,7 @@ class Tracker:
             self._fresh = False
             return None
         wanted: dict[str, set[float]] = {}
+        shared: dict[str, dict[str, set[float]]] = {}  # budgets of others: key -> label -> windows
         lookups: dict[str, cmd.Command] = {}
         for d in decisions:
             plan = d.plan
@@ -352,7 +363,15 @@ class Tracker:
                 continue
             if windows and self.guard.shared_counts:
                 for limit in plan.limits:
-                    if limit.window is not None:
+                    if limit.window is None:
+                        continue
+                    for key in {budget_key(per, d.subject) for per in limit.per}:
+                        if key != decisions[0].subject.key:
+                            labels = shared.setdefault(key, {})
+                            labels.setdefault(window_rule_key(limit.rule_id), set()).add(
+                                limit.window
+                            )
+                            continue
                         for label in (*limit.labels, window_rule_key(limit.rule_id)):
                             wanted.setdefault(label, set()).add(limit.window)
             for check in plan.need_to_know:
@@ -362,6 +381,10 @@ class Tracker:
         if wanted:
             todo.append(cmd.RefreshCounts(
                 decisions[0].subject.key, tuple((lb, tuple(sorted(w))) for lb, w in sorted(wanted.items()))
+            ))  # fmt: skip
+        for key, labels in sorted(shared.items()):
+            todo.append(cmd.RefreshCounts(
+                key, tuple((lb, tuple(sorted(w))) for lb, w in sorted(labels.items()))
             ))  # fmt: skip
         return todo or None
 
@@ -1229,16 +1252,20 @@ class Tracker:
             # Per rule as well: a rule over several labels limits distinct records carrying
             # any of them, or 200 emails, then 200 other customers' phones, then 200 more
             # names would each pass a per-label count.
+            # And per budget: a rule ``per: db_user`` counts all end users of the database
+            # user together, so a new end-user name per statement starts no new budget.
+            assert decision is not None
             for r in plan.window_rules:
                 covered = [label for label in plan.labels if r.covers_label(label)]
                 if r.window and covered:
-                    self.pending_counts += 1
                     seen = by_row if loose.intersection(covered) else keyed
-                    out.append(
-                        cmd.RecordUsage(
-                            who, window_rule_key(r.id), rows, seen, (r.window,),
-                        )
-                    )  # fmt: skip
+                    for key in dict.fromkeys(budget_key(per, decision.subject) for per in r.per):
+                        self.pending_counts += 1
+                        out.append(
+                            cmd.RecordUsage(
+                                key, window_rule_key(r.id), rows, seen, (r.window,),
+                            )
+                        )  # fmt: skip
         if not (self.ledger or (decision is not None and decision.facts.is_ddl)):
             return out  # nobody consumes the event (no audit trail, catalog unchanged)
         out.append(
