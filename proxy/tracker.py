@@ -869,7 +869,7 @@ class Tracker:
             # Nothing in this result is limited, captured or inspected (most statements an
             # audit trail follows): its rows are only counted.
             return
-        if facts.output_labels and (self.ledger or plan.window_rules):
+        if facts.output_labels and (self.ledger or plan.window_rules or plan.canary_keys):
             capture = [(k.relation, k.positions) for k in facts.record_keys]
             if not capture:
                 running.columns = running.columns or self._columns(running)

@@ -227,3 +227,47 @@ def test_copy_output_is_cut_before_the_canary(pg: Cluster, enforce_db: str, tmp_
             assert c.read_until_ready()[-1] == ("Z", b"I")
     finally:
         assert p.stop() == 0
+
+
+def test_psycopg_simple_protocol_gets_an_error_and_the_session_goes_on(
+    blocking: ProxyProcess,
+) -> None:
+    with psycopg.connect(
+        _dsn(blocking), autocommit=True, cursor_factory=psycopg.ClientCursor
+    ) as conn:
+        conn.execute("SET pgwarden.end_user = 'eve'")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="canary") as info:
+            conn.execute(AROUND_CANARY).fetchall()
+        assert info.value.sqlstate == "42501"
+        assert conn.execute("SELECT email FROM customers WHERE customer_id = 7").fetchone() == (
+            "customer7@mail.example",
+        )
+
+
+def test_a_canary_key_is_cut_like_a_canary_value(
+    pg: Cluster, enforce_db: str, tmp_path: Path
+) -> None:
+    policy = {
+        "subjects": {"agents": {"users": ["support_app"]}},
+        "rules": [
+            {"id": "rows", "subjects": ["agents"], "labels": ["pii.*"], "max_rows": 20},
+            {"id": "canary-key", "subjects": ["agents"], "action": "block",
+             "canary": {"table": "public.customers", "keys": ["331"]}},
+        ],
+    }  # fmt: skip
+    p = _start(pg, tmp_path, policy)
+    try:
+        with RawClient(p.host, p.port) as c:
+            c.startup(user="support_app", database=DB)
+            c.send(
+                Query(AROUND_CANARY.replace("customer_id, email", "customer_id, phone")).encode()
+            )
+            msgs = c.read_until_ready()
+            ids = [DataRow.decode(b).values[0] for t, b in msgs if t == "D"]
+            assert ids == [b"330"]
+            (err,) = [ErrorResponse.decode(b) for t, b in msgs if t == "E"]
+            assert err.sqlstate == "42501" and "rule canary-key:" in err.message
+            c.send(Query("SELECT phone FROM customers WHERE customer_id = 7").encode())
+            assert [t for t, _ in c.read_until_ready()] == ["T", "D", "C", "Z"]
+    finally:
+        assert p.stop() == 0
