@@ -73,9 +73,10 @@ class Decision:
     @property
     def limited(self) -> bool:
         """True when the result may be cut off part-way (row or byte limits, a refusing or
-        masking need-to-know rule, a mask that refuses binary results): what the client sent
-        after it is then held back until it has finished.  Canaries and withholding never
-        cut, so they cost no such wait."""
+        masking need-to-know rule, a mask that refuses binary results, a canary rule whose
+        action refuses): what the client sent after it is then held back until it has
+        finished.  Withholding and canaries that only alert never cut, so they cost no such
+        wait."""
         plan = self.verdict.plan
         return plan is not None and plan.may_cut
 

@@ -16,8 +16,10 @@ What policy needs from here:
   discarded, and the server's transaction is made to fail as the client was told it did.
   While a watched statement runs, later client messages are held back, so nothing the client
   pipelined after it can run on the server when the client will be told it did not;
-* masking of labelled values in text-format rows, canaries, and record identities (keyed
-  hashes of primary keys) for window counters and the audit ledger.
+* masking of labelled values in text-format rows, canaries (a row holding one is checked
+  before it is forwarded, and a refusing canary rule cuts the result there, as a limit
+  does), and record identities (keyed hashes of primary keys) for window counters and the
+  audit ledger.
 """
 
 from __future__ import annotations
