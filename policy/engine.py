@@ -108,6 +108,7 @@ class RowLimit:
     action: Action
     monitored: bool
     window: float | None = None  # set when the cap is what is left of a window
+    per: tuple[str, ...] = ()  # whose counters the window is kept in (see ``budget_key``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +142,9 @@ class ResultPlan:
     canary_values: tuple[bytes, ...] = ()
     canary_keys: dict[str, frozenset[str]] = field(default_factory=dict)  # table -> keys
     canary_rules: tuple[Finding, ...] = ()
+    # The canary rule that refuses a result holding a canary (its action blocks, it is not
+    # monitored): the result is cut off before that row reaches the client.
+    canary_cut: Finding | None = None
     window_rules: tuple[Rule, ...] = ()
     need_to_know: tuple[KnowCheck, ...] = ()
     # One search for all canary values: a row is scanned once, not once per value.
@@ -155,7 +159,12 @@ class ResultPlan:
         object.__setattr__(
             self,
             "may_cut",
-            bool(self.limits or self.mask or any(not k.withhold for k in self.need_to_know)),
+            bool(
+                self.limits
+                or self.mask
+                or self.canary_cut
+                or any(not k.withhold for k in self.need_to_know)
+            ),
         )
         if self.canary_values and self.canary_search is None:
             object.__setattr__(self, "canary_search", _canary_search(self.canary_values))
@@ -330,12 +339,14 @@ class Engine:
                     hint="the shared counter store (Redis) is unreachable; try again when it is back",
                     findings=(*findings, Finding(rule.id, Action.BLOCK, reason)),
                 )  # fmt: skip
-            used = used_by_rule[rule.id] = self._window_used(s, rule, covered)
+            used, whose = self._window_spent(s, rule, covered)
+            used_by_rule[rule.id] = used
             cap = rule.max_records if rule.max_records is not None else rule.max_rows
             assert cap is not None and rule.window is not None
             if used >= cap:
                 what = "records" if rule.max_records is not None else "rows"
-                reason = f"{used} {what} of {', '.join(sorted(covered))} read in the last {_human(rule.window)} (limit {cap})"
+                by = f" by all end users of {s.user}" if whose.startswith(DB_USER_KEY) else ""
+                reason = f"{used} {what} of {', '.join(sorted(covered))} read{by} in the last {_human(rule.window)} (limit {cap})"
                 if self._monitored(rule):
                     findings.append(Finding(rule.id, rule.action, reason, monitored=True))
                 elif rule.action not in (Action.ALLOW, Action.ALERT):
@@ -573,14 +584,27 @@ class Engine:
         return None
 
     def _window_used(self, s: Subject, rule: Rule, labels: frozenset[str]) -> int:
+        return self._window_spent(s, rule, labels)[0]
+
+    def _window_spent(self, s: Subject, rule: Rule, labels: frozenset[str]) -> tuple[int, str]:
+        """What is spent of a window rule's budget, and whose budget is the fullest: the
+        person's (their counters per rule and per label) and/or the database user's (all its
+        end users together, per rule)."""
         assert rule.window is not None
         self._uses_counters = True
-        used = 0
-        for label in (window_rule_key(rule.id), *labels):
-            totals = self.counters.cached_totals(s.key, label, rule.window)
-            if totals is not None:
-                used = max(used, totals[1] if rule.max_records is not None else totals[0])
-        return used
+        used, whose = 0, s.key
+        for per in rule.per:
+            key = budget_key(per, s)
+            own = (
+                (window_rule_key(rule.id), *labels) if key == s.key else (window_rule_key(rule.id),)
+            )
+            for label in own:
+                totals = self.counters.cached_totals(key, label, rule.window)
+                if totals is not None:
+                    n = totals[1] if rule.max_records is not None else totals[0]
+                    if n > used:
+                        used, whose = n, key
+        return used, whose
 
     def _outline(self, facts: QueryFacts, rules: list[Rule]) -> _Static:
         """The plan of a statement's result with the limits of windows left open (what is
@@ -644,6 +668,7 @@ class Engine:
             canary_values=tuple(canary_values),
             canary_keys={k: frozenset(v) for k, v in canary_keys.items()},
             canary_rules=tuple(canary_rules),
+            canary_cut=_canary_cut(facts, canary_rules),
             window_rules=tuple(window_rules),
             need_to_know=tuple(know),
             per_row=facts.records_per_row,
@@ -675,10 +700,16 @@ class Engine:
             assert cap is not None and rule.window is not None
             spent = next(spent_of)
             what = "records" if rule.max_records is not None else "rows"
+            # Not the user's name: a plan is shared by every subject with these rules.
+            by = (
+                "" if rule.per == ["end_user"]
+                else " for the database user's end users together" if rule.per == ["db_user"]
+                else " per person or for the database user's end users together"
+            )  # fmt: skip
             limits.append(RowLimit(
                 rule.id, max(0, cap - spent) // st.per_row, None, covered,
-                f"more than {cap} {what} of {', '.join(sorted(covered))} in {_human(rule.window)}",
-                rule.action, self._monitored(rule), rule.window,
+                f"more than {cap} {what} of {', '.join(sorted(covered))} in {_human(rule.window)}{by}",
+                rule.action, self._monitored(rule), rule.window, tuple(rule.per),
             ))  # fmt: skip
         plan = ResultPlan(
             labels=st.labels,
@@ -687,6 +718,7 @@ class Engine:
             canary_values=st.canary_values,
             canary_keys=st.canary_keys,
             canary_rules=st.canary_rules,
+            canary_cut=st.canary_cut,
             window_rules=st.window_rules,
             need_to_know=st.need_to_know,
         )
@@ -709,6 +741,7 @@ class _Static:
     canary_values: tuple[bytes, ...] = ()
     canary_keys: dict[str, frozenset[str]] = field(default_factory=dict)
     canary_rules: tuple[Finding, ...] = ()
+    canary_cut: Finding | None = None
     window_rules: tuple[Rule, ...] = ()
     need_to_know: tuple[KnowCheck, ...] = ()
     per_row: int = 1  # records one output row can carry (QueryFacts.records_per_row)
@@ -733,6 +766,36 @@ def _know_table(rule: Rule) -> str:
     assert rule.need_to_know is not None
     table = rule.need_to_know.table
     return table if "." in table else f"public.{table}"
+
+
+# Statements that return rows though the analysis lists no output column of their own.
+_ROWS_WITHOUT_OUTPUT = frozenset(("copy", "fetch", "execute", "call", "explain"))
+
+
+def _canary_cut(facts: QueryFacts, canary_rules: list[Finding]) -> Finding | None:
+    """The canary rule that refuses a result holding a canary, for a statement that can
+    return rows: the first one in force whose action blocks.  Only such statements are
+    watched for it (and the client's later messages held while they run)."""
+    if not facts.output and facts.kind not in _ROWS_WITHOUT_OUTPUT:
+        return None
+    return next(
+        (
+            f for f in canary_rules
+            if not f.monitored and f.action in (Action.BLOCK, Action.QUARANTINE, Action.END_SESSION)
+        ),
+        None,
+    )  # fmt: skip
+
+
+DB_USER_KEY = "db_user:"
+
+
+def budget_key(per: str, s: Subject) -> str:
+    """The subject key a window's counters are kept under for one of its budgets (a rule's
+    ``per``): the person's (``end_user:alice``, or ``user:support_app`` for a statement
+    naming no end user) or the database user's, all its end users together
+    (``db_user:support_app``: apart from ``user:``, which is that user's own statements)."""
+    return DB_USER_KEY + s.user if per == "db_user" else s.key
 
 
 def window_rule_key(rule_id: str) -> str:

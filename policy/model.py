@@ -152,6 +152,30 @@ class Canary(_Strict):
     values: list[str] = Field(default_factory=list, description="field values, any column")
 
 
+Budget = Literal["end_user", "db_user"]
+
+
+class EndUserChurn(_Strict):
+    """Many end-user names in a short time, where a shared account names its end users
+    (sqlcommenter comments, ``SET pgwarden.end_user``): a tool serves a few people per
+    connection; a script that makes up a name every few statements to stay under each
+    person's budget serves hundreds.  Raises an alert (the ``db_user`` budget of a window
+    rule is what stops the reading)."""
+
+    max_names: int = Field(ge=1, description="distinct end-user names allowed in the window")
+    window: Seconds = Field(description="e.g. 1m")
+    per: Literal["connection", "db_user"] = Field(
+        "connection",
+        description="connection: names on one client connection; db_user: names on all "
+        "connections of one database user (across workers with the Redis store)",
+    )
+
+    @field_validator("window", mode="before")
+    @classmethod
+    def _window(cls, v: object) -> object:
+        return parse_duration(v)
+
+
 class NeedToKnow(_Strict):
     """Rows of ``table`` reach a subject only when ``lookup`` lists their key for the end user."""
 
@@ -185,15 +209,37 @@ class Rule(_Strict):
     max_bytes: int | None = Field(None, ge=0, description="bytes of labelled values per statement")
     window: Seconds | None = Field(None, description="sliding window, e.g. 1h: limits add up")
     max_records: int | None = Field(None, ge=0, description="distinct records within the window")
+    per: list[Budget] = Field(
+        default_factory=lambda: ["end_user"],  # type: ignore[arg-type]
+        description="whose budget a window is: end_user (each person: the end user the "
+        "statement names, else the database user) and/or db_user (all end users of one "
+        "database user together: a shared account's ceiling). With both, each has the limit",
+    )
     deny: list[Check] | None = None
     mask: Masking | None = None
     canary: Canary | None = None
     need_to_know: NeedToKnow | None = None
+    end_user_churn: EndUserChurn | None = None
 
     @field_validator("window", mode="before")
     @classmethod
     def _window(cls, v: object) -> object:
         return None if v is None else parse_duration(v)
+
+    @field_validator("per", mode="before")
+    @classmethod
+    def _per(cls, v: object) -> object:
+        # per: db_user is the same as per: [db_user]
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("per")
+    @classmethod
+    def _per_once(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("per names end_user, db_user or both")
+        if len(set(v)) != len(v):
+            raise ValueError("per names each of end_user and db_user at most once")
+        return v
 
     @field_validator("labels")
     @classmethod
@@ -219,14 +265,25 @@ class Rule(_Strict):
                 ("mask", self.mask is not None),
                 ("canary", self.canary is not None),
                 ("need_to_know", self.need_to_know is not None),
+                ("end_user_churn", self.end_user_churn is not None),
             )
             if present
         ]
         if len(kinds) != 1:
             raise ValueError(
                 "a rule checks exactly one thing: max_rows/max_bytes/max_records, deny, mask, "
-                f"canary or need_to_know (this one has {', '.join(kinds) or 'none'})"
+                f"canary, need_to_know or end_user_churn (this one has {', '.join(kinds) or 'none'})"
             )
+        if "per" in self.model_fields_set and self.window is None:
+            raise ValueError("per says whose budget a window is: add window")
+        if self.end_user_churn is not None:
+            if "action" not in self.model_fields_set:
+                object.__setattr__(self, "action", Action.ALERT)
+            elif self.action is not Action.ALERT:
+                raise ValueError(
+                    "end_user_churn raises an alert (action: alert); a window rule with "
+                    "per: db_user is what limits a shared account"
+                )
         if self.max_records is not None and self.window is None:
             raise ValueError("max_records counts distinct records over a window: add window")
         if self.window is not None and self.max_rows is None and self.max_records is None:
@@ -247,6 +304,8 @@ class Rule(_Strict):
             return "canary"
         if self.need_to_know is not None:
             return "need_to_know"
+        if self.end_user_churn is not None:
+            return "end_user_churn"
         return "window" if self.window is not None else "statement_limit"
 
     def covers_label(self, label: str) -> bool:

@@ -81,10 +81,16 @@ class PolicyAlert:
 
 @dataclass(frozen=True, slots=True)
 class CanaryHit:
+    """A canary record was read (``blocked``: it was cut off before reaching the client).
+    With ``hold``, the client's next statements wait until the rule's action (a quarantine)
+    is in force, as for ``RecordUsage``."""
+
     subject: str
     rule_id: str
     action: str
     monitored: bool
+    blocked: bool = False
+    hold: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +110,21 @@ class RefreshCounts:
 
     subject: str
     labels: tuple[tuple[str, tuple[float, ...]], ...]  # label -> windows
+
+
+@dataclass(frozen=True, slots=True)
+class NoteEndUser:
+    """An end-user name was used: count it among the distinct names of ``scope`` (a
+    connection, or a database user) for an ``end_user_churn`` rule; alert past its limit.
+    Nothing waits for it."""
+
+    scope: str  # the store's subject key: conn:<id> or db_user:<name>
+    rule_id: str
+    name: str  # a keyed hash of the end-user name
+    window: float
+    max_names: int
+    monitored: bool
+    subject: str  # who the alert names (the database user)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +187,7 @@ Command = (
     | CanaryHit
     | RecordUsage
     | RefreshCounts
+    | NoteEndUser
     | LookupAllowed
     | StatementDone
     | AwaitDurable

@@ -481,8 +481,8 @@ class Demo:
                  m.read("SELECT c.customer_id, c.full_name, c.email, c.phone FROM tickets t "
                         "JOIN customers c USING (customer_id) "
                         "WHERE t.ticket_number BETWEEN %s AND %s ORDER BY t.ticket_number",
-                        (lo, hi)), "rows",
-                 note=f" — one is canary customer {canary.customer_id} ({canary.email}): "
+                        (lo, hi)), "cut", "canary-customers",
+                 note=f" — cut before canary customer {canary.customer_id} ({canary.email}): "
                  "[red]mallory is quarantined[/]")  # fmt: skip
             show("mallory", "the customer of one of her own tickets",
                  m.read("SELECT c.customer_id, c.email FROM tickets t JOIN customers c "

@@ -13,15 +13,18 @@ import hashlib
 import hmac
 import re
 import time
+import uuid
 from dataclasses import dataclass, field, replace
 
 from policy.analyze import Analyzer
 from policy.catalog import CatalogSnapshot
-from policy.engine import Engine, ResultPlan, Subject, Verdict
+from policy.engine import DB_USER_KEY, Engine, ResultPlan, Subject, Verdict
 from policy.facts import OutputColumn, QueryFacts
 from policy.lineage import Exact
+from policy.model import Mode, Rule
 from policy.search_path import parse_search_path
 from policy.session_sql import SqlSession
+from proxy import commands as cmd
 from proxy.messages import RowDescription, result_format
 
 # sqlcommenter puts key='value' pairs in a trailing /* */ comment; values are URL-encoded.
@@ -72,9 +75,10 @@ class Decision:
     @property
     def limited(self) -> bool:
         """True when the result may be cut off part-way (row or byte limits, a refusing or
-        masking need-to-know rule, a mask that refuses binary results): what the client sent
-        after it is then held back until it has finished.  Canaries and withholding never
-        cut, so they cost no such wait."""
+        masking need-to-know rule, a mask that refuses binary results, a canary rule whose
+        action refuses): what the client sent after it is then held back until it has
+        finished.  Withholding and canaries that only alert never cut, so they cost no such
+        wait."""
         plan = self.verdict.plan
         return plan is not None and plan.may_cut
 
@@ -101,6 +105,11 @@ class ResultShape:
 
 
 _SHAPE_CACHE_SIZE = 512
+
+# A name in use is counted again for end_user_churn at most this often (seconds): often
+# enough that a name used throughout a window stays in it, rarely enough that a statement
+# costs no store call.
+_NOTE_NAME_EVERY = 1.0
 
 
 def _derived(column: OutputColumn) -> bool:
@@ -145,6 +154,11 @@ class Guard:
     # Who declared each SQL cursor and prepared each SQL statement: a FETCH or EXECUTE with
     # no comment of its own reads for them (psycopg's named cursors send a bare FETCH).
     _owners: dict[tuple[str, str], str | None] = field(init=False, default_factory=dict)
+    # end_user_churn: this connection's own key in the window store, the rules that apply
+    # (cached per engine, application and minute) and when each name was last counted.
+    connection_id: str = field(init=False, default_factory=lambda: uuid.uuid4().hex[:16])
+    _churn: tuple[Engine, str, int, tuple[Rule, ...]] | None = field(init=False, default=None)
+    _names_noted: dict[str, float] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.sql = SqlSession(self.analyzer, user=self.subject.user)
@@ -217,6 +231,52 @@ class Guard:
                         )
             out.append(Decision(f, self.engine.decide(subject, f), subject))
         return out
+
+    def end_user_notes(self) -> list[cmd.Command]:
+        """The end-user name the last statement was judged for, to be counted by the
+        ``end_user_churn`` rules of this session's subject (a few per second at most)."""
+        name = self.subject.end_user
+        if name is None:
+            return []
+        rules = self._churn_rules()
+        if not rules:
+            return []
+        now = time.monotonic()
+        last = self._names_noted.get(name)
+        if last is not None and now - last < _NOTE_NAME_EVERY:
+            return []
+        if len(self._names_noted) >= 1024:
+            self._names_noted.clear()
+        self._names_noted[name] = now
+        s = self.subject
+        named = self.record_id("end_user", name.encode())
+        out: list[cmd.Command] = []
+        for rule in rules:
+            churn = rule.end_user_churn
+            assert churn is not None
+            scope = (
+                f"conn:{self.connection_id}" if churn.per == "connection"
+                else DB_USER_KEY + s.user
+            )  # fmt: skip
+            monitored = (rule.mode or self.engine.policy.mode) is Mode.MONITOR
+            out.append(cmd.NoteEndUser(
+                scope, rule.id, named, churn.window, churn.max_names, monitored, f"user:{s.user}",
+            ))  # fmt: skip
+        return out
+
+    def _churn_rules(self) -> tuple[Rule, ...]:
+        s, engine = self.subject, self.engine
+        minute = int(time.time() // 60)
+        cached = self._churn
+        if cached is not None and cached[:3] == (engine, s.application, minute):
+            return cached[3]
+        # Matched without the end user: the rule is about the account the names come through.
+        base = Subject(s.user, s.database, s.application, s.client_addr, None, s.roles)
+        rules = tuple(
+            r for r in engine.rules_for(engine.subjects_of(base)) if r.end_user_churn is not None
+        )
+        self._churn = (engine, s.application, minute, rules)
+        return rules
 
     def result_shape(self, fields: bytes) -> ResultShape:
         """What the catalog says about a RowDescription body (cached: one statement's

@@ -106,6 +106,8 @@ class PolicyRuntime:
         # allows nothing).
         self._lookup_lock = asyncio.Lock()
         self._roles: dict[tuple[str, str], tuple[float, frozenset[str]]] = {}
+        # end_user_churn alerts raised: (scope, rule id) -> when (one per window)
+        self._churn_alerted: dict[tuple[str, str], float] = {}
         self._install(policy)
 
     def _install(self, policy: Policy) -> None:
@@ -480,6 +482,8 @@ class PolicyRuntime:
             await self._store_call(
                 self.store.record(c.subject, c.label, c.rows, c.records, c.windows)
             )
+        elif isinstance(c, cmd.NoteEndUser):
+            await self._note_end_user(c, log_)
         elif isinstance(c, cmd.PolicyBlock):
             self.stats.policy_blocks += 1
             log_.warning(
@@ -514,13 +518,57 @@ class PolicyRuntime:
                 rule=c.rule_id,
                 action=c.action,
                 monitor=c.monitored,
+                refused=c.blocked,
             )
+            what = (
+                "was refused a result holding a canary record" if c.blocked
+                else "read a canary record"
+            )  # fmt: skip
             self.alert(
-                "canary", f"{_who(c.subject)} read a canary record (rule {c.rule_id})",
+                "canary", f"{_who(c.subject)} {what} (rule {c.rule_id})",
                 "critical", c.subject, c.rule_id,
             )  # fmt: skip
-            if not c.monitored and c.action == Action.QUARANTINE.value:
+            if c.blocked:
+                # The refusal is a block like any other (it counts towards a quarantine).
+                self.stats.policy_blocks += 1
+                await self._maybe_quarantine(
+                    c.subject, c.action == Action.QUARANTINE.value, log_, "a canary read"
+                )
+            elif not c.monitored and c.action == Action.QUARANTINE.value:
                 await self._maybe_quarantine(c.subject, True, log_, "a canary read")
+
+    async def _note_end_user(self, c: cmd.NoteEndUser, log_: Any) -> None:
+        """Count an end-user name among its scope's distinct names (the window store's
+        distinct records, so workers sharing Redis count one set); alert when there are more
+        than the rule allows, once per window and scope (per worker)."""
+        try:
+            totals = await self.store.record(
+                c.scope, f"end_users:{c.rule_id}", 0, (c.name,), (c.window,)
+            )
+        except StoreUnavailable as exc:
+            self._store_down(exc)
+            return
+        names = totals[c.window].records
+        if names <= c.max_names:
+            return
+        now = time.monotonic()
+        key = (c.scope, c.rule_id)
+        if self._churn_alerted.get(key, float("-inf")) > now - c.window:
+            return
+        if len(self._churn_alerted) >= 10_000:
+            self._churn_alerted.clear()
+        self._churn_alerted[key] = now
+        self.stats.policy_alerts += 1
+        where = "on one connection" if c.scope.startswith("conn:") else "on its connections"
+        message = (
+            f"{_who(c.subject)}: {names} end-user names {where} in {int(c.window)} s "
+            f"(rule {c.rule_id} allows {c.max_names})"
+        )
+        log_.warning(
+            "end_user_churn", subject=c.subject, rule=c.rule_id, names=names,
+            limit=c.max_names, scope=c.scope.split(":", 1)[0], monitor=c.monitored,
+        )  # fmt: skip
+        self.alert("end_user_churn", message, "warning", c.subject, c.rule_id)
 
     async def _maybe_quarantine(
         self, subject: str, now_: bool, log_: Any, cause: str = "a block"

@@ -411,7 +411,11 @@ class ClientConnection(asyncio.Protocol):
                         runtime.session_event(
                             "auth_failure", self.audit_id, self.session.subject, message
                         )
-            elif type(c) is cmd.RecordUsage or type(c) is cmd.RefreshCounts:
+            elif (
+                type(c) is cmd.RecordUsage
+                or type(c) is cmd.RefreshCounts
+                or (type(c) is cmd.CanaryHit and c.hold)
+            ):
                 self._spawn(self._record_usage(c))
             elif type(c) is cmd.LookupAllowed:
                 self._spawn(self._lookup_allowed(c))
@@ -431,7 +435,7 @@ class ClientConnection(asyncio.Protocol):
             if not self._closed:
                 self.run(self.session.counts_recorded())
 
-    async def _record_usage(self, c: cmd.RecordUsage | cmd.RefreshCounts) -> None:
+    async def _record_usage(self, c: cmd.RecordUsage | cmd.RefreshCounts | cmd.CanaryHit) -> None:
         runtime = self.proxy.runtime
         try:
             if runtime is not None:

@@ -16,8 +16,10 @@ What policy needs from here:
   discarded, and the server's transaction is made to fail as the client was told it did.
   While a watched statement runs, later client messages are held back, so nothing the client
   pipelined after it can run on the server when the client will be told it did not;
-* masking of labelled values in text-format rows, canaries, and record identities (keyed
-  hashes of primary keys) for window counters and the audit ledger.
+* masking of labelled values in text-format rows, canaries (a row holding one is checked
+  before it is forwarded, and a refusing canary rule cuts the result there, as a limit
+  does), and record identities (keyed hashes of primary keys) for window counters and the
+  audit ledger.
 """
 
 from __future__ import annotations
@@ -29,7 +31,15 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-from policy.engine import KnowCheck, ResultPlan, RowLimit, Verdict, window_rule_key
+from policy.engine import (
+    Finding,
+    KnowCheck,
+    ResultPlan,
+    RowLimit,
+    Verdict,
+    budget_key,
+    window_rule_key,
+)
 from policy.facts import DataCopy, SourceColumn
 from policy.lineage import SERVER_FILES_TARGET
 from policy.model import Action
@@ -211,6 +221,7 @@ class Tracker:
             if t == _Q:
                 sql = Query.decode(raw[start:end]).sql
                 decisions = self.guard.check(sql)
+                out += self.guard.end_user_notes()
                 refresh = self._needs_fresh_counts(decisions)
                 if refresh is not None:
                     return self._refresh_first(refresh, out, parts, raw, fwd, head)
@@ -227,6 +238,7 @@ class Tracker:
             elif t == _P:
                 name, sql = parse_head(raw[start:end])
                 decisions = self.guard.check(sql)
+                out += self.guard.end_user_notes()
                 refresh = self._needs_fresh_counts(decisions)
                 if refresh is not None:
                     return self._refresh_first(refresh, out, parts, raw, fwd, head)
@@ -352,6 +364,7 @@ class Tracker:
             self._fresh = False
             return None
         wanted: dict[str, set[float]] = {}
+        shared: dict[str, dict[str, set[float]]] = {}  # budgets of others: key -> label -> windows
         lookups: dict[str, cmd.Command] = {}
         for d in decisions:
             plan = d.plan
@@ -359,7 +372,15 @@ class Tracker:
                 continue
             if windows and self.guard.shared_counts:
                 for limit in plan.limits:
-                    if limit.window is not None:
+                    if limit.window is None:
+                        continue
+                    for key in {budget_key(per, d.subject) for per in limit.per}:
+                        if key != decisions[0].subject.key:
+                            labels = shared.setdefault(key, {})
+                            labels.setdefault(window_rule_key(limit.rule_id), set()).add(
+                                limit.window
+                            )
+                            continue
                         for label in (*limit.labels, window_rule_key(limit.rule_id)):
                             wanted.setdefault(label, set()).add(limit.window)
             for check in plan.need_to_know:
@@ -369,6 +390,10 @@ class Tracker:
         if wanted:
             todo.append(cmd.RefreshCounts(
                 decisions[0].subject.key, tuple((lb, tuple(sorted(w))) for lb, w in sorted(wanted.items()))
+            ))  # fmt: skip
+        for key, labels in sorted(shared.items()):
+            todo.append(cmd.RefreshCounts(
+                key, tuple((lb, tuple(sorted(w))) for lb, w in sorted(labels.items()))
             ))  # fmt: skip
         return todo or None
 
@@ -718,15 +743,17 @@ class Tracker:
         running.rows += rows
         running.nbytes += size
         if copy:
-            if running.copy_reader is not None:
-                self._inspect_copy(running, raw[start:end], out)
+            if running.copy_reader is not None and self._inspect_copy(running, raw[start:end], out):
+                return self._cut_canary(running, plan, rows, size, out)
             return None
         return self._inspect(running, plan, raw, start, end, out)
 
-    def _inspect_copy(self, running: Running, data: bytes, out: list[cmd.Command]) -> None:
+    def _inspect_copy(self, running: Running, data: bytes, out: list[cmd.Command]) -> bool:
         """Rows of a COPY's output (one CopyData message's, or a run's joined): their record
         keys (ledger, windows, canary keys) and canary values.  Masks and need-to-know do
-        not apply here: a COPY of data they would change is refused before it runs."""
+        not apply here: a COPY of data they would change is refused before it runs.
+        Returns True when they hold a canary that refuses the result (not yet reported:
+        the caller cuts the result off)."""
         reader = running.copy_reader
         plan = running.decision.plan if running.decision is not None else None
         assert reader is not None and plan is not None
@@ -741,20 +768,27 @@ class Tracker:
             keys = reader.column(data, capture[0][1][0])
             if keys is not None:
                 running.keys.setdefault(capture[0][0], []).extend(keys)
-                return
+                return False
         for fields in reader.rows(data):
             if canary_values and any(v in plan.canary_values for v in fields if v is not None):
+                if plan.canary_cut is not None:
+                    return True
                 out += self._canary(running, plan)
                 canary_values = False
-            self._capture(running, plan, fields, out)
+            if self._capture(running, plan, fields, out):
+                return True
+        return False
 
     def _capture(
         self, running: Running, plan: ResultPlan, values: Sequence[bytes | None],
         out: list[cmd.Command],
-    ) -> None:  # fmt: skip
+    ) -> bool:  # fmt: skip
         """Record one row's primary keys (as text: binary-format keys are turned into it),
         or its labelled values where the result has no key, and see whether a key is a
-        canary."""
+        canary.  Returns True, keeping nothing, when a key is a canary that refuses the
+        result: the row never reaches the client, so no one has seen it."""
+        if plan.canary_cut is not None and plan.canary_keys and self._canary_key(running, values):
+            return True
         for i, label in running.value_capture:
             if i < len(values) and (v := values[i]) is not None:
                 running.values.setdefault(label, []).append(v)
@@ -775,6 +809,24 @@ class Tracker:
             wanted = plan.canary_keys.get(table)
             if wanted and key.decode("utf-8", "replace") in wanted:
                 out += self._canary(running, plan)
+        return False
+
+    def _canary_key(self, running: Running, values: Sequence[bytes | None]) -> bool:
+        """Whether one of the row's record keys is a canary's."""
+        plan = running.decision.plan if running.decision is not None else None
+        assert plan is not None
+        readers = running.key_readers
+        for table, positions in running.capture:
+            wanted = plan.canary_keys.get(table)
+            if not wanted or positions[-1] >= len(values):
+                continue
+            if readers and any(i in readers and readers[i] is None for i in positions):
+                continue
+            parts = [_read_key(readers, i, values[i]) for i in positions]
+            key = parts[0] if len(parts) == 1 else pk_text(parts)
+            if key is not None and key.decode("utf-8", "replace") in wanted:
+                return True
+        return False
 
     def _over_limit(
         self, running: Running, plan: ResultPlan, rows: int, size: int, out: list[cmd.Command]
@@ -848,7 +900,7 @@ class Tracker:
             # Nothing in this result is limited, captured or inspected (most statements an
             # audit trail follows): its rows are only counted.
             return
-        if facts.output_labels and (self.ledger or plan.window_rules):
+        if facts.output_labels and (self.ledger or plan.window_rules or plan.canary_keys):
             capture = [(k.relation, k.positions) for k in facts.record_keys]
             if not capture:
                 running.columns = running.columns or self._columns(running)
@@ -920,7 +972,7 @@ class Tracker:
             running.capture or running.value_capture or plan.canary_keys or plan.canary_search
         ):
             running.copy_reader = reader_for(facts.copy_options, running.copy_binary)
-            running.copy_bulk = not plan.limits
+            running.copy_bulk = not (plan.limits or plan.canary_cut)
         if running.columns is None and (
             plan.mask or any(k.mask_style is not None for k in plan.need_to_know)
         ):
@@ -972,6 +1024,8 @@ class Tracker:
         if plan.canary_search is not None and plan.canary_search(raw, start, end):
             values = row_values(raw, start, end)
             if any(v in plan.canary_values for v in values if v is not None):
+                if plan.canary_cut is not None:
+                    return self._cut_canary(running, plan, 1, end - start, out)
                 out += self._canary(running, plan)
         if not (
             plan.mask or running.capture or plan.canary_keys or running.know
@@ -1002,8 +1056,8 @@ class Tracker:
                 know_mask = know_mask or check.mask_style
                 continue
             return self._cut(running, None, out, know=check)
-        if running.capture or running.value_capture:
-            self._capture(running, plan, values, out)
+        if (running.capture or running.value_capture) and self._capture(running, plan, values, out):
+            return self._cut_canary(running, plan, 1, end - start, out)
         if not plan.mask and know_mask is None:
             return None
         masked = list(values)
@@ -1026,12 +1080,37 @@ class Tracker:
             changed = True
         return DataRow(tuple(masked)).encode() if changed else None
 
+    def _cut_canary(
+        self, running: Running, plan: ResultPlan, rows: int, size: int, out: list[cmd.Command]
+    ) -> bytes:
+        """A row about to go out holds a canary: it never reaches the client.  The result is
+        cut off there, and the rule's action (a quarantine) is in force before the client's
+        next statement is judged."""
+        running.rows -= rows
+        running.nbytes -= size
+        cutting = plan.canary_cut
+        assert cutting is not None
+        for f in plan.canary_rules:
+            if f is not cutting:
+                out += [cmd.CanaryHit(self._who(running), f.rule_id, f.action.value, f.monitored)]
+        self.pending_counts += 1
+        out.append(cmd.CanaryHit(
+            self._who(running), cutting.rule_id, cutting.action.value, False, blocked=True,
+            hold=True,
+        ))  # fmt: skip
+        return self._cut(running, None, out, canary=cutting)
+
     def _cut(
         self, running: Running, limit: RowLimit | None, out: list[cmd.Command],
-        know: KnowCheck | None = None,
+        know: KnowCheck | None = None, canary: Finding | None = None,
     ) -> bytes:  # fmt: skip
         """End the result here: our error to the client; cancel and discard upstream."""
-        if know is not None:
+        if canary is not None:
+            rule, action = canary.rule_id, canary.action
+            message = (f"pgwarden: blocked by rule {rule}: the result holds a canary record, "
+                       "planted data that no task reads")  # fmt: skip
+            hint = "the security team has been alerted"
+        elif know is not None:
             rule, action = know.rule_id, Action.BLOCK
             position = next((p for k, p, _, _ in running.know if k is know), 0)
             if position == NO_KEY:
@@ -1059,15 +1138,16 @@ class Tracker:
             )
             hint = "request this result in text format; masking rewrites text values"
         self.stats.results_cut += 1
-        out.append(
-            cmd.PolicyBlock(
-                self._who(running),
-                rule,
-                action.value,
-                message,
-                running.decision.facts if running.decision else None,
+        if canary is None:  # a canary's refusal was reported with its CanaryHit
+            out.append(
+                cmd.PolicyBlock(
+                    self._who(running),
+                    rule,
+                    action.value,
+                    message,
+                    running.decision.facts if running.decision else None,
+                )
             )
-        )
         if not self.cancel_sent:
             # The client's next messages wait until the cancel request has reached the
             # server: one that lands after the cut statement has finished (it often has:
@@ -1221,16 +1301,20 @@ class Tracker:
             # Per rule as well: a rule over several labels limits distinct records carrying
             # any of them, or 200 emails, then 200 other customers' phones, then 200 more
             # names would each pass a per-label count.
+            # And per budget: a rule ``per: db_user`` counts all end users of the database
+            # user together, so a new end-user name per statement starts no new budget.
+            assert decision is not None
             for r in plan.window_rules:
                 covered = [label for label in plan.labels if r.covers_label(label)]
                 if r.window and covered:
-                    self.pending_counts += 1
                     seen = by_row if loose.intersection(covered) else keyed
-                    out.append(
-                        cmd.RecordUsage(
-                            who, window_rule_key(r.id), rows, seen, (r.window,),
-                        )
-                    )  # fmt: skip
+                    for key in dict.fromkeys(budget_key(per, decision.subject) for per in r.per):
+                        self.pending_counts += 1
+                        out.append(
+                            cmd.RecordUsage(
+                                key, window_rule_key(r.id), rows, seen, (r.window,),
+                            )
+                        )  # fmt: skip
         if not (self.ledger or (decision is not None and decision.facts.is_ddl)):
             return out  # nobody consumes the event (no audit trail, catalog unchanged)
         out.append(

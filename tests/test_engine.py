@@ -76,6 +76,7 @@ def test_agent_reads_run_under_the_statement_and_window_limits() -> None:
         "agent-statement-rows": 20,
         "agent-hourly-records": 200,
         "agent-daily-records": 1000,
+        "agent-account-hourly-records": 1000,
     }
 
 
@@ -124,6 +125,36 @@ def test_a_used_up_window_refuses_before_execution_and_the_remainder_caps_the_ne
         decide(engine, other, "SELECT email FROM customers WHERE tier = 'vip'", now).action
         is Action.ALLOW
     )
+
+
+def test_a_db_user_budget_counts_every_end_user_of_the_account_together() -> None:
+    # A new end-user name starts a new personal budget, not a new account budget.
+    store = MemoryWindowStore()
+    engine = Engine(load_policy_text(POLICY_TEXT), _Counters(store))
+    now = time.time()
+    sql = "SELECT email FROM customers WHERE tier = 'vip'"
+    asyncio.run(store.record("db_user:support_app", "rule:agent-account-hourly-records", 990,
+                             [f"k{i}" for i in range(990)], [3600.0], now))  # fmt: skip
+    fresh = Subject("support_app", "support", "helpdesk", "10.1.2.3", "bot-0001")
+    assert limits(decide(engine, fresh, sql, now))["agent-account-hourly-records"] == 10
+    assert limits(decide(engine, fresh, sql, now))["agent-hourly-records"] == 200
+    asyncio.run(store.record("db_user:support_app", "rule:agent-account-hourly-records", 10,
+                             [f"j{i}" for i in range(10)], [3600.0], now))  # fmt: skip
+    v = decide(engine, fresh, sql, now)
+    assert (v.action, v.rule_id) == (Action.BLOCK, "agent-account-hourly-records")
+    assert "1000 records of pii.email read by all end users of support_app" in v.message
+    # Statements naming nobody are the account's too; another account is not.
+    assert decide(engine, Subject("support_app"), sql, now).action is Action.BLOCK
+    assert decide(engine, Subject("agent7"), sql, now).action is Action.ALLOW
+
+
+def test_end_user_churn_rules_are_alerts_and_decide_no_statement() -> None:
+    policy = load_policy_text(POLICY_TEXT)
+    (churn,) = [r for r in policy.rules if r.kind == "end_user_churn"]
+    assert churn.action is Action.ALERT and churn.end_user_churn is not None
+    assert (churn.end_user_churn.max_names, churn.end_user_churn.window) == (5, 60.0)
+    v = decide(Engine(policy), AGENT, "SELECT status FROM tickets WHERE ticket_id = 1")
+    assert v.action is Action.ALLOW and not v.findings
 
 
 def test_what_is_left_of_a_window_follows_the_counters_from_statement_to_statement() -> None:

@@ -53,6 +53,27 @@ def test_the_shipped_policy_loads_and_its_own_tests_pass() -> None:
         ("rules:\n  - id: w\n    max_records: 10\n", 2, "add window"),
         ("labels:\n  - column: a.b.c\n    label: PII Email\n", 2, "dotted lowercase"),
         ("mode: sometimes\n", 1, "mode"),
+        (
+            "rules:\n  - id: w\n    window: 1h\n    max_records: 9\n    per: [team]\n",
+            5,
+            "rules.0.per.0: Input should be 'end_user' or 'db_user'",
+        ),
+        (
+            "rules:\n  - id: w\n    window: 1h\n    max_records: 9\n    per: [db_user, db_user]\n",
+            5,
+            "at most once",
+        ),
+        ("rules:\n  - id: w\n    max_rows: 9\n    per: db_user\n", 2, "add window"),
+        (
+            "rules:\n  - id: c\n    action: block\n    end_user_churn: {max_names: 5, window: 1m}\n",
+            2,
+            "end_user_churn raises an alert",
+        ),
+        (
+            "rules:\n  - id: c\n    end_user_churn:\n      max_names: 5\n      window: soon\n",
+            5,
+            "rules.0.end_user_churn.window: 'soon' is not a duration",
+        ),
         ("rulez: []\n", 1, "unknown key"),
     ],
 )

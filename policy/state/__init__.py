@@ -1,13 +1,16 @@
 """Counters for sliding time windows and quarantine, per subject and label.
 
 The policy engine asks two kinds of question about a *subject key* (``end_user:alice``,
-``user:support_app``) and a *label* (``pii.email``):
+``user:support_app``, or ``db_user:support_app`` for all end users of a shared account
+together) and a *label* (``pii.email``, or ``rule:<id>`` for everything a rule covers):
 
 - how many labelled **rows** did this subject receive in the last hour / day;
 - how many **distinct records** (primary keys, passed as keyed hashes, never raw values) did it
   receive in that window. Reading the same customer twice counts once, so paging with
   ``OFFSET`` or trickling a few rows an hour for weeks still adds up.
 
+(``end_user_churn`` rules count distinct end-user names the same way, as records under
+``conn:<id>`` or ``db_user:<name>`` with the label ``end_users:<rule id>``)
 and keeps two facts about the subject alone: how many statements were **blocked** in a window
 (the quarantine rule counts them) and whether it is **quarantined**, and until when.
 
