@@ -467,6 +467,7 @@ def _finish(
         unresolved=tuple(dict.fromkeys(w.unresolved)),
         unknown=tuple(dict.fromkeys(w.unknown)),
         records_per_row=_records_per_row(w, out_cols),
+        columns_written=frozenset(w.columns_written),
         unanalysable=unanalysable,
         record_keys=(keys := _record_keys(w.snapshot, out_cols)),
         value_positions=_value_positions(w, out_cols, keys),
@@ -627,6 +628,7 @@ def _copy_columns(w: StatementWalker, n: Node, f: dict[str, Any], is_from: bool)
     if is_from:
         schema, name = w.qualify_target(rv)
         w.writes.add(f"{schema}.{name}")
+        w.columns_written |= {f"{schema}.{name}.{a}" for a in attlist or ("*",)}
         return []
     rel = w.range_var(rv, None, {})
     f["copy_source"] = rel.relation

@@ -150,6 +150,9 @@ class QueryFacts:
     # two scalar subqueries over customers, or a UNION of two reads put one customer's values
     # beside another's. Row limits and windows count each row as this many records.
     records_per_row: int = 1
+    # Columns the statement writes, "schema.table.column" ("schema.table.*": any of them):
+    # what need-to-know checks against the columns its lookup reads.
+    columns_written: frozenset[str] = frozenset()
     unanalysable: str | None = None
     location: int = 0  # offset of the statement in the text the client sent
     error_position: int | None = None  # where parsing failed

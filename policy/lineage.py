@@ -412,6 +412,7 @@ class StatementWalker:
         self.copies: list[DataCopy] = []
         self.unresolved: list[str] = []
         self.unknown: list[str] = []  # relations name resolution did not find
+        self.columns_written: set[str] = set()  # "schema.table.column" or "schema.table.*"
         self.unanalysable: list[str] = []
         self.function_stack: set[str] = set()
         # How many times each stored relation is read where its rows can reach the output
@@ -905,6 +906,7 @@ class StatementWalker:
         target_rel = self.snapshot.relation(schema, name)
         tcols = [c.name for c in target_rel.columns] if target_rel else []
         chosen = [rt["ResTarget"]["name"] for rt in n.get("cols") or ()] or tcols
+        self.columns_written |= {f"{target}.{c}" for c in chosen or ("*",)}
         inserted: Columns = []
         if n.get("selectStmt"):
             inserted = self.query(n["selectStmt"], scope, ctes)
@@ -917,6 +919,7 @@ class StatementWalker:
         own = self._target_rel(rv, schema, name, by_col)
         occ = n.get("onConflictClause")
         if occ:
+            self.columns_written.add(f"{target}.*")
             oc = occ.get("OnConflictClause", occ)
             excluded = Rel("excluded", own.columns)
             cscope = Scope([own, excluded], own.columns, scope, ctes)
@@ -970,6 +973,7 @@ class StatementWalker:
             col = rt.get("name", "")
             assigned[col] = assigned.get(col, EMPTY) | self.expr(rt.get("val"), local)
         self.filters |= self.filter_expr(n.get("whereClause"), local)
+        self.columns_written |= {f"{target}.{c}" for c in assigned}
         self.record_copy(target, [(c, lin) for c, lin in assigned.items()])
         own = self._target_rel(rv, schema, name, assigned)
         return self.returning(n, own, others, scope, ctes)
@@ -1004,6 +1008,7 @@ class StatementWalker:
         target = f"{schema}.{name}"
         self.writes.add(target)
         self.reads.add(target)
+        self.columns_written.add(f"{target}.*")
         self._instance({target: 1})
         own = self._target_rel(rv, schema, name, {})
         local = Scope([own], list(own.columns), scope, ctes)

@@ -193,6 +193,12 @@ class NeedToKnow(_Strict):
         "redact", description="how on_violation: mask masks (see Masking)"
     )
     cache_seconds: float = Field(30.0, gt=0)
+    writable: list[str] = Field(
+        default_factory=list,
+        description="columns the lookup reads that the subject may still write "
+        "(schema.table.column), e.g. a ticket's status; writes to the others are refused, "
+        "or a subject could grant itself need-to-know (assign itself every ticket)",
+    )
 
 
 class Rule(_Strict):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 
 from policy.analyze import Analyzer
 from policy.catalog import CatalogSnapshot
-from policy.engine import DB_USER_KEY, Engine, ResultPlan, Subject, Verdict
+from policy.engine import DB_USER_KEY, Engine, ResultPlan, Subject, Verdict, refusal
 from policy.facts import OutputColumn, QueryFacts
 from policy.lineage import Exact
 from policy.model import Mode, Rule
@@ -112,6 +112,17 @@ _SHAPE_CACHE_SIZE = 512
 _NOTE_NAME_EVERY = 1.0
 
 
+def _written_and_read(written: str, read: frozenset[str]) -> set[str]:
+    """Which of the columns ``read`` a write of ``written`` changes; "schema.table.*" on
+    either side stands for every column of that table."""
+    table, _, column = written.rpartition(".")
+    if column == "*":
+        return {c for c in read if c.rpartition(".")[0] == table}
+    if f"{table}.*" in read:
+        return {written}
+    return {written} & read
+
+
 def _derived(column: OutputColumn) -> bool:
     """A labelled output column that is not a plain copy of one stored column."""
     return bool(column.labels) and not isinstance(column.sources, Exact)
@@ -148,6 +159,10 @@ class Guard:
     _watchful: tuple[Subject, Engine, bool] | None = field(init=False, default=None)
     _shapes: dict[bytes, ResultShape] = field(init=False, default_factory=dict)
     _shapes_of: CatalogSnapshot | None = field(init=False, default=None)
+    # Columns each need-to-know lookup reads, per catalog snapshot (see _lookup_write).
+    _lookups: dict[tuple[str, str], tuple[CatalogSnapshot, frozenset[str]]] = field(
+        init=False, default_factory=dict
+    )
     # The end user named by SET pgwarden.end_user: the session's, until RESET.  A comment
     # names the end user of its own statement only.
     _session_end_user: str | None = field(init=False, default=None)
@@ -229,8 +244,52 @@ class Guard:
                         subject = Subject(
                             s.user, s.database, s.application, s.client_addr, owner, s.roles
                         )
-            out.append(Decision(f, self.engine.decide(subject, f), subject))
+            verdict = self.engine.decide(subject, f)
+            if f.columns_written and not verdict.blocks:
+                verdict = self._lookup_write(f, subject) or verdict
+            out.append(Decision(f, verdict, subject))
         return out
+
+    def _lookup_write(self, f: QueryFacts, subject: Subject) -> Verdict | None:
+        """A refusal when the statement writes a column a need-to-know lookup of this
+        subject reads (and the rule does not list as writable): assigning oneself every
+        open ticket would make every customer one's own."""
+        engine = self.engine
+        for rule in engine.rules_for(engine.subjects_of(subject)):
+            ntk = rule.need_to_know
+            if ntk is None or (rule.mode or engine.policy.mode) is Mode.MONITOR:
+                continue
+            read = self._lookup_columns(rule.id, ntk.lookup)
+            writable = frozenset(ntk.writable)
+            for col in sorted(f.columns_written):
+                hit = _written_and_read(col, read) - writable
+                if hit:
+                    return refusal(
+                        rule.id,
+                        f"it writes {', '.join(sorted(hit))}, which decides who may see which "
+                        f"rows of {ntk.table}",
+                        hint="ask someone the need-to-know rule does not cover to change it, "
+                        "or list the column under the rule's writable",
+                    )
+        return None
+
+    def _lookup_columns(self, rule_id: str, lookup: str) -> frozenset[str]:
+        """The columns a need-to-know lookup reads ("schema.table.column"), per catalog;
+        every column of its tables when it cannot be followed."""
+        snapshot = self.analyzer.snapshot
+        key = (rule_id, lookup)
+        hit = self._lookups.get(key)
+        if hit is not None and hit[0] is snapshot:
+            return hit[1]
+        cols: set[str] = set()
+        for lf in self.analyzer.analyze(lookup, self.sql.search_path, self.subject.user):
+            for src in lf.filter_columns | lf.output_sources:
+                cols.add(f"{src.schema}.{src.table}.{src.plain.column}")
+            if lf.unanalysable or lf.unknown:
+                cols |= {f"{rel}.*" for rel in lf.relations_read}
+        found = frozenset(cols)
+        self._lookups[key] = (snapshot, found)
+        return found
 
     def end_user_notes(self) -> list[cmd.Command]:
         """The end-user name the last statement was judged for, to be counted by the

@@ -137,3 +137,50 @@ def test_mask_mode_passes_other_customers_rows_with_their_contact_data_masked(
             ).fetchone() == (3, "customer3@mail.example")
     finally:
         assert p.stop() == 0
+
+
+def test_an_agent_cannot_grant_itself_need_to_know(
+    pg: Cluster, enforce_db: str, tmp_path: Path
+) -> None:
+    # The lookup reads tickets.assigned_agent_id, .customer_id and .status: an agent who
+    # could write them would choose whom the rule lets them see. The policy lists status
+    # as writable (closing and reopening a ticket is an agent's daily work).
+    policy = {
+        "subjects": {"agents": {"users": ["support_app"], "end_user_from": ["set"]}},
+        "rules": [
+            {
+                "id": "their-customers",
+                "subjects": ["agents"],
+                "need_to_know": {
+                    "table": "public.customers", "key_column": "customer_id",
+                    "lookup": LOOKUP, "on_violation": "withhold", "cache_seconds": 5,
+                    "writable": ["public.tickets.status"],
+                },
+            }
+        ],
+    }  # fmt: skip
+    path = tmp_path / "writable.yaml"
+    path.write_text(yaml.safe_dump(policy))
+    p = ProxyProcess(pg, tmp_path / "w", ["--policy", str(path), "--catalog-user", "postgres"])
+    try:
+        with agent(p, "agent1") as conn:
+            for sql in (
+                "UPDATE tickets SET assigned_agent_id = 1 WHERE ticket_id <= 30",
+                "UPDATE tickets SET customer_id = 1 WHERE ticket_id = 3",
+                "INSERT INTO tickets (ticket_id, ticket_number, customer_id, assigned_agent_id,"
+                " subject) VALUES (90001, 'TM-X', 5, 1, 'mine')",
+            ):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+                    conn.execute(sql)
+                assert "their-customers" in str(info.value) and "decides who may see" in str(
+                    info.value
+                ), sql
+            # Nothing was written: agent1 still sees only the customers of its tickets.
+            rows = conn.execute(
+                "SELECT customer_id FROM customers WHERE customer_id <= 9 ORDER BY 1"
+            ).fetchall()
+            assert [r[0] for r in rows] == [3, 6, 9]
+            # A column the rule lists as writable is written as usual.
+            conn.execute("UPDATE tickets SET status = status WHERE ticket_id = 3")
+    finally:
+        assert p.stop() == 0, p.log()
