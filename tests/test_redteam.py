@@ -1,0 +1,83 @@
+"""The adversarial suite (``loadtests/redteam.py``) as tests: an insider with genuine access
+to the second test database (``tests/seconddb``) tries every channel, and the project's
+"done when" invariants are asserted on what the client received:
+
+* no technique gets more than the per-statement limit (20) of distinct customers out of
+  one statement, nor more than the hourly budget (200) in all, nor any customer outside the
+  agent's need-to-know, by any channel (rows, error text, notices, notifications);
+* the analyst never receives a customer's value unmasked;
+* no session ends in an internal error;
+* an honest agent's normal work is never refused.
+
+Techniques that break an invariant today are marked ``xfail(strict=True)`` with what leaked:
+when the enforcement is fixed the test turns red, and the mark must go.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from loadtests import redteam
+from loadtests.cluster import Cluster
+from tests.proxyutil import pgwarden_command
+from tests.seconddb import data as sdb
+
+# What each technique leaked on the day it was written (client-side counts; see the report
+# printed by `python -m loadtests.redteam`). Remove an entry when the technique stops leaking.
+LEAKS: dict[str, str] = {}
+
+
+@pytest.fixture(scope="module")
+def env(pg: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[redteam.Env]:
+    yield redteam.Env.build(pg, tmp_path_factory.mktemp("redteam"))
+
+
+def test_policy_file_checks() -> None:
+    proc = subprocess.run(
+        [*pgwarden_command(), "policy", "check", str(sdb.POLICY)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_counter_sees_everyone_through_the_dba(env: redteam.Env) -> None:
+    """Calibration: the DBA is not limited, and the client-side counter recognises every
+    customer in a full read (so a zero elsewhere means nothing arrived, not a blind counter)."""
+    out = redteam.Outcome("dba", "rows")
+    proxy = env.proxy("dba")
+    ctx = redteam.Ctx(env, proxy, out)
+    try:
+        c = ctx.connect("postgres")
+        rows = ctx.q(c, 'SELECT customer_id, "FullName", "Email" FROM crm.customers')
+        assert rows is not None and len(rows) == redteam.N_ALL
+        ctx.q(c, "SELECT customer_id, phone FROM crm.customer_phones")
+    finally:
+        ctx.close()
+        assert proxy.stop() == 0
+    assert len(out.customers) == redteam.N_ALL
+    assert out.refused == 0 and not out.internal_errors
+
+
+def _param(name: str) -> object:
+    marks = [pytest.mark.xfail(strict=True, reason=LEAKS[name])] if name in LEAKS else []
+    return pytest.param(name, marks=marks, id=name)
+
+
+@pytest.mark.parametrize("name", [_param(n) for n in redteam.TECHNIQUES])
+def test_technique(env: redteam.Env, name: str) -> None:
+    out = redteam.run_technique(env, name)
+    assert not out.violations(), f"{name}: {out.violations()} ({out.summary()})"
+
+
+def test_honest_agent_is_never_refused(env: redteam.Env) -> None:
+    res = redteam.run_honest(env)
+    assert res.statements > 0
+    assert res.internal_errors == []
+    assert res.refused == [], "\n".join(
+        f"{' '.join(q.split())[:100]} -> {m}" for q, m in res.refused
+    )
