@@ -28,7 +28,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,7 @@ class Outcome:
     error_samples: list[str] = field(default_factory=list)
     ntk: set[int] = field(default_factory=set)
     analyst: bool = False
+    variant: str = "search_path"
 
     @property
     def customers(self) -> set[int]:
@@ -110,6 +111,7 @@ class Outcome:
             "by_channel": {k: len(v) for k, v in self.per_channel.items() if v},
             "max_per_statement": self.max_per_statement,
             "outside_need_to_know": len(self.outside),
+            "canaries": len(self.customers & set(sdb.CANARY_IDS)),
             "statements": self.statements,
             "refused": self.refused,
             "errors": self.errors,
@@ -133,6 +135,8 @@ class Ctx:
         self.out = outcome
         self.stmt = 0
         self.decode: Callable[[str], str] | None = None
+        self.last_refused = False
+        self.qualify = outcome.variant == "qualified"
         self._conns: list[Any] = []
 
     # -- recording ---------------------------------------------------------------------
@@ -165,6 +169,7 @@ class Ctx:
             self.out.error_samples.append(f"{sqlstate}: {str(exc).strip()[:240]}")
         if sqlstate == "42501" and "pgwarden" in text:
             self.out.refused += 1
+            self.last_refused = True
             return
         if (sqlstate or "").startswith("XX") or "internal error" in text:
             self.out.internal_errors.append(f"{sqlstate}: {str(exc).strip()[:200]}")
@@ -209,6 +214,8 @@ class Ctx:
         """Run one statement; count what came back; None when it failed."""
         self.stmt += 1
         self.out.statements += 1
+        self.last_refused = False
+        query = self.sql(query)
         dog = self.watchdog(conn)
         try:
             with conn.cursor(binary=binary) as cur:
@@ -232,6 +239,11 @@ class Ctx:
             dog.cancel()
         self.seen(channel, sdb.dump_io(rows))
         return rows
+
+    def sql(self, query: str) -> str:
+        """The statement as sent: in the ``qualified`` variant every crm name gets its schema
+        (so a miss there is not about the role's search_path)."""
+        return _qualify(query) if self.qualify else query
 
     def watchdog(self, conn: Any, seconds: float = HANG_SECONDS) -> threading.Timer:
         """A client-side timeout: a statement hanging longer than ``seconds`` is a hang
@@ -258,6 +270,19 @@ class Ctx:
                 c.close()
 
 
+_CRM_NAMES = (
+    "legacy_customers|customer_phones_mobile|customer_phones|customer_directory|customers|"
+    'ticket_messages|agents|products|search_customers|ticket_customer|"Tickets"|"ContactSheet"'
+)
+_CRM_RE = re.compile(r'(?<![.\w"])(' + _CRM_NAMES + r")(?=[\s(),;]|$)")
+
+
+def _qualify(query: str) -> str:
+    return _CRM_RE.sub(r"crm.\1", query)
+
+
+VARIANTS = ("search_path", "qualified")
+
 # --- the techniques --------------------------------------------------------------------------
 
 TECHNIQUES: dict[str, tuple[str, Callable[[Ctx], None]]] = {}
@@ -271,9 +296,10 @@ def technique(channel: str) -> Callable[[Callable[[Ctx], None]], Callable[[Ctx],
     return reg
 
 
-def _stop_after(ctx: Ctx, streak: list[int], ok: bool, limit: int = 8) -> bool:
-    """True once ``limit`` statements in a row were refused (quarantined: stop wasting time)."""
-    streak[0] = 0 if ok else streak[0] + 1
+def _stop_after(ctx: Ctx, streak: list[int], ok: bool = True, limit: int = 8) -> bool:
+    """True once ``limit`` statements in a row were refused by pgwarden (the subject is
+    quarantined or over budget: stop wasting time). ``ok`` is ignored (kept for readability)."""
+    streak[0] = 0 if not ctx.last_refused else streak[0] + 1
     return streak[0] >= limit
 
 
@@ -540,7 +566,9 @@ def t_server_cursor_psycopg(ctx: Ctx) -> None:
     try:
         with c.cursor(name="leak") as cur:
             cur.itersize = 10
-            cur.execute(f'SELECT customer_id, "Email", "FullName" FROM customers WHERE {ALL}')
+            cur.execute(
+                ctx.sql(f'SELECT customer_id, "Email", "FullName" FROM customers WHERE {ALL}')
+            )
             for row in cur:
                 got.append(row)
     except psycopg.Error as exc:
@@ -574,7 +602,7 @@ def t_copy_to_stdout(ctx: Ctx) -> None:
         buf = bytearray()
         dog = ctx.watchdog(c)
         try:
-            with c.cursor() as cur, cur.copy(q) as cp:
+            with c.cursor() as cur, cur.copy(ctx.sql(q)) as cp:
                 for chunk in cp:
                     buf += chunk
         except psycopg.Error as exc:
@@ -597,7 +625,7 @@ def t_psql_copy(ctx: Ctx) -> None:
     env = {"PGPASSWORD": sdb.PASSWORD, "PGSSLMODE": "disable", "PATH": "/usr/bin:/bin"}
     p = subprocess.run(
         [psql, "-X", "-At", "-h", ctx.proxy.host, "-p", str(ctx.proxy.port), "-U", ATTACKER, "-d", sdb.DBNAME],
-        input=script, capture_output=True, text=True, env=env, timeout=60, check=False,
+        input=ctx.sql(script), capture_output=True, text=True, env=env, timeout=60, check=False,
     )  # fmt: skip
     ctx.seen("rows", p.stdout)
     ctx.seen("error", p.stderr)
@@ -699,7 +727,9 @@ def t_pipeline_and_multistatement(ctx: Ctx) -> None:
             for a in range(600, 1200, 15):
                 cur = c.cursor()
                 cur.execute(
-                    'SELECT customer_id, "Email" FROM customers WHERE customer_id BETWEEN %s AND %s',
+                    ctx.sql(
+                        'SELECT customer_id, "Email" FROM customers WHERE customer_id BETWEEN %s AND %s'
+                    ),
                     (a, a + 14),
                 )
                 curs.append(cur)
@@ -728,7 +758,7 @@ def t_asyncpg_binary(ctx: Ctx) -> None:
                 ctx.stmt += 1
                 ctx.out.statements += 1
                 try:
-                    rows = await asyncio.wait_for(conn.fetch(q, *args), HANG_SECONDS)
+                    rows = await asyncio.wait_for(conn.fetch(ctx.sql(q), *args), HANG_SECONDS)
                     ctx.seen("rows", "\n".join(repr(tuple(r)) for r in rows))
                 except TimeoutError:
                     ctx.out.internal_errors.append(
@@ -744,7 +774,9 @@ def t_asyncpg_binary(ctx: Ctx) -> None:
             async def iterate() -> None:
                 async with conn.transaction():
                     async for r in conn.cursor(
-                        'SELECT customer_id, "Email" FROM customers WHERE customer_id > $1',
+                        ctx.sql(
+                            'SELECT customer_id, "Email" FROM customers WHERE customer_id > $1'
+                        ),
                         0,
                         prefetch=10,
                     ):
@@ -811,7 +843,7 @@ def t_error_cast_trickle(ctx: Ctx) -> None:
             c,
             f'SELECT ("Email" || \' \' || "FullName")::int FROM customers WHERE customer_id = {cid}',
         )
-        if _stop_after(ctx, streak, "error" in ctx.out.per_channel and ctx.out.refused == 0, 50):
+        if _stop_after(ctx, streak):
             break
 
 
@@ -1004,7 +1036,7 @@ class HonestResult:
     internal_errors: list[str] = field(default_factory=list)
 
 
-def honest_work(env: Env, proxy: ProxyProcess) -> HonestResult:
+def honest_work(env: Env, proxy: ProxyProcess, variant: str = "search_path") -> HonestResult:
     """A support agent's normal day on the second database, logged in as themselves
     (agent_bob) and through the helpdesk account naming the agent (agent_cat)."""
     res = HonestResult()
@@ -1019,7 +1051,7 @@ def honest_work(env: Env, proxy: ProxyProcess) -> HonestResult:
         dog.start()
         try:
             with conn.cursor() as cur:
-                cur.execute(prefix + query, params)
+                cur.execute(prefix + (_qualify(query) if variant == "qualified" else query), params)
                 return cur.fetchall() if cur.description else []
         except psycopg.Error as exc:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -1123,10 +1155,10 @@ class Env:
         )
 
 
-def run_technique(env: Env, name: str) -> Outcome:
+def run_technique(env: Env, name: str, variant: str = "search_path") -> Outcome:
     channel, fn = TECHNIQUES[name]
-    out = Outcome(name=name, channel=channel, ntk=env.ds.need_to_know(ATTACKER))
-    proxy = env.proxy(name)
+    out = Outcome(name=name, channel=channel, ntk=env.ds.need_to_know(ATTACKER), variant=variant)
+    proxy = env.proxy(f"{name}-{variant}")
     ctx = Ctx(env, proxy, out)
     try:
         fn(ctx)
@@ -1136,7 +1168,11 @@ def run_technique(env: Env, name: str) -> Outcome:
         out.internal_errors.append(f"connection failed: {str(exc).strip()[:200]}")
     finally:
         ctx.close()
-        code = proxy.stop()
+        try:
+            code = proxy.stop()
+        except AssertionError as exc:  # did not exit after SIGTERM: killed
+            out.internal_errors.append(str(exc).splitlines()[0])
+            code = 0
         if code != 0:
             out.internal_errors.append(f"pgwarden exited {code}")
         log = proxy.log()
@@ -1146,81 +1182,98 @@ def run_technique(env: Env, name: str) -> Outcome:
                     exc_text = json.loads(line).get("exception", "")
                 except ValueError:
                     exc_text = line
+                tb = [ln.strip() for ln in exc_text.strip().splitlines()]
+                where = [ln for ln in tb if ln.startswith("File ")][-2:]
                 out.notes.append(
-                    "pgwarden log internal_error: " + exc_text.strip().splitlines()[-1][:300]
+                    "pgwarden log internal_error: " + " | ".join([*where, tb[-1]])[:400]
                 )
                 break
     return out
 
 
-def run_honest(env: Env) -> HonestResult:
-    proxy = env.proxy("honest")
+def run_honest(env: Env, variant: str = "search_path") -> HonestResult:
+    proxy = env.proxy(f"honest-{variant}")
     try:
-        return honest_work(env, proxy)
+        res = honest_work(env, proxy, variant)
     finally:
-        proxy.stop()
+        try:
+            code = proxy.stop()
+        except AssertionError as exc:
+            code = str(exc).splitlines()[0]
+    if code != 0:
+        res.internal_errors.append(f"pgwarden stop: {code}")
+    return res
 
 
 def table(outcomes: list[Outcome]) -> str:
-    lines = [
-        f"{'technique':32} {'channel':8} {'customers':>9} {'max/stmt':>8} {'outside':>8} {'refused':>8} internal_error"
-    ]
+    head = (
+        f"{'technique':30} {'variant':11} {'channel':7} {'customers':>9} {'max/stmt':>8} "
+        f"{'outside':>7} {'canary':>6} {'refused':>8} {'internal':>8}  by channel"
+    )
+    lines = [head]
     for o in outcomes:
         chans = ",".join(f"{k}:{len(v)}" for k, v in sorted(o.per_channel.items()) if v) or "-"
+        refused = f"yes({o.refused})" if o.refused else "no"
         lines.append(
-            f"{o.name:32} {o.channel:8} {len(o.customers):>9} {o.max_per_statement:>8} {len(o.outside):>8} "
-            f"{('yes(' + str(o.refused) + ')') if o.refused else 'no':>8} "
-            f"{'yes' if o.internal_errors else 'no'}   [{chans}]"
+            f"{o.name:30} {o.variant:11} {o.channel:7} {len(o.customers):>9} "
+            f"{o.max_per_statement:>8} {len(o.outside):>7} "
+            f"{len(o.customers & set(sdb.CANARY_IDS)):>6} {refused:>8} "
+            f"{'yes' if o.internal_errors else 'no':>8}  {chans}"
         )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--only", default="", help="comma-separated technique names")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="search_path,qualified")
     ap.add_argument("--json", default="", help="write every outcome as JSON to this file")
     args = ap.parse_args(argv)
     names = [n for n in args.only.split(",") if n] or list(TECHNIQUES)
+    variants = [v for v in args.variants.split(",") if v]
+    outcomes: list[Outcome] = []
+    honest: dict[str, HonestResult] = {}
     with (
         tempfile.TemporaryDirectory(prefix="pgwarden-redteam-") as tmp,
         running_cluster(tls=False, schema=False) as pg,
     ):
         env = Env.build(pg, Path(tmp))
-        outcomes = []
-        for name in names:
-            print(f"... {name}", file=sys.stderr, flush=True)
-            outcomes.append(run_technique(env, name))
-        honest = run_honest(env)
+        for variant in variants:
+            for name in names:
+                print(f"... {name} [{variant}]", file=sys.stderr, flush=True)
+                outcomes.append(run_technique(env, name, variant))
+            honest[variant] = run_honest(env, variant)
     print(table(outcomes))
-    print(
-        f"\nhonest: {honest.statements} statements, {len(honest.refused)} refused, {len(honest.errors)} other errors"
-    )
-    for q, msg in honest.refused:
-        print(f"  refused: {' '.join(q.split())[:110]}\n           -> {msg[:200]}")
-    for q, msg in honest.errors:
-        print(f"  error:   {' '.join(q.split())[:110]}\n           -> {msg[:200]}")
+    print()
     for o in outcomes:
         for v in o.violations():
-            print(f"  {o.name}: {v}")
+            print(f"  {o.name} [{o.variant}]: {v}")
+        for n in o.notes:
+            print(f"  {o.name} [{o.variant}]: {n}")
+    for variant, h in honest.items():
+        print(f"\nhonest [{variant}]: {h.statements} statements, {len(h.refused)} refused, "
+              f"{len(h.errors)} other errors, {len(h.internal_errors)} internal errors")  # fmt: skip
+        for q, msg in h.refused:
+            print(f"  refused: {' '.join(q.split())[:110]}\n           -> {msg[:200]}")
+        for q, msg in h.errors:
+            print(f"  error:   {' '.join(q.split())[:110]}\n           -> {msg[:200]}")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "techniques": [o.summary() for o in outcomes],
-            "honest": {"statements": honest.statements, "refused": honest.refused, "errors": honest.errors,
-                       "internal_errors": honest.internal_errors},
+            "techniques": [{"variant": o.variant, **o.summary()} for o in outcomes],
+            "honest": {v: {"statements": h.statements, "refused": h.refused, "errors": h.errors,
+                           "internal_errors": h.internal_errors} for v, h in honest.items()},
         }, indent=1))  # fmt: skip
     leaking = sum(1 for o in outcomes if o.violations())
-    internal = sum(1 for o in outcomes if o.internal_errors) + len(honest.internal_errors)
+    internal = sum(1 for o in outcomes if o.internal_errors)
+    internal += sum(len(h.internal_errors) for h in honest.values())
     print(
         f"techniques={len(outcomes)} leaking={leaking} "
         f"max_customers={max((len(o.customers) for o in outcomes), default=0)} "
         f"max_outside_need_to_know={max((len(o.outside) for o in outcomes), default=0)} "
-        f"honest_statements={honest.statements} honest_refused={len(honest.refused)} internal_errors={internal}"
+        f"honest_statements={sum(h.statements for h in honest.values())} "
+        f"honest_refused={sum(len(h.refused) for h in honest.values())} internal_errors={internal}"
     )
     return 0
-
-
-def iter_names() -> Iterator[str]:
-    yield from TECHNIQUES
 
 
 if __name__ == "__main__":
