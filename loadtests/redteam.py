@@ -220,10 +220,15 @@ class Ctx:
         try:
             with conn.cursor(binary=binary) as cur:
                 cur.execute(query, params, prepare=prepare)
-                rows = cur.fetchall() if cur.description else []
-                while cur.nextset():
+                rows: list[tuple[Any, ...]] = []
+                while True:  # one result per statement of a multi-statement string
                     if cur.description:
-                        rows += cur.fetchall()
+                        part = cur.fetchall()
+                        self.seen(channel, sdb.dump_io(part))
+                        rows += part
+                    if not cur.nextset():
+                        break
+                    self.stmt += 1
         except psycopg.Error as exc:
             dog.cancel()
             self._error(exc, conn)
@@ -237,7 +242,6 @@ class Ctx:
             return None
         finally:
             dog.cancel()
-        self.seen(channel, sdb.dump_io(rows))
         return rows
 
     def sql(self, query: str) -> str:
@@ -477,7 +481,7 @@ def t_views(ctx: Ctx) -> None:
     ctx.q(c, 'SELECT customer_id, "Name", "Mail", "Tel" FROM "ContactSheet" WHERE customer_id > 0')
     ctx.q(
         c,
-        'CREATE VIEW scratch.v_mine AS SELECT customer_id AS id, "Email" AS e, "FullName" AS n FROM crm.customers',
+        'CREATE VIEW scratch.v_mine AS SELECT customer_id AS id, "Email" AS e, "FullName" AS n FROM customers',
     )
     ctx.q(c, "SELECT id, e, n FROM scratch.v_mine WHERE id > 0")
 
@@ -491,7 +495,7 @@ def t_materialized_view(ctx: Ctx) -> None:
     )
     ctx.q(
         c,
-        'CREATE MATERIALIZED VIEW scratch.mv_mine AS SELECT customer_id AS id, "Email" AS e FROM crm.customers',
+        'CREATE MATERIALIZED VIEW scratch.mv_mine AS SELECT customer_id AS id, "Email" AS e FROM customers',
     )
     ctx.q(c, "SELECT id, e FROM scratch.mv_mine WHERE id > 0")
 
@@ -594,7 +598,7 @@ def t_prepared_paging(ctx: Ctx) -> None:
 def t_copy_to_stdout(ctx: Ctx) -> None:
     c = ctx.connect()
     for q in ('COPY (SELECT customer_id, "Email", "FullName" FROM customers) TO STDOUT',
-              "COPY crm.customers TO STDOUT",
+              "COPY customers TO STDOUT",
               "COPY customer_phones_mobile TO STDOUT WITH (FORMAT csv)",
               "COPY (SELECT customer_id, profile FROM customers WHERE customer_id > 0) TO STDOUT WITH (FORMAT binary)"):  # fmt: skip
         ctx.stmt += 1
@@ -616,22 +620,23 @@ def t_copy_to_stdout(ctx: Ctx) -> None:
 
 @technique("rows")
 def t_psql_copy(ctx: Ctx) -> None:
-    """psql as the client: \\copy and a plain SELECT, output on stdout."""
+    """psql as the client: \\copy, then a plain SELECT, each in its own psql run."""
     psql = str(ctx.env.pg.bindir / "psql")
-    script = ('\\copy (SELECT customer_id, "Email" FROM crm.customers WHERE customer_id > 0) TO STDOUT\n'
-              'SELECT customer_id, "FullName", "Email" FROM crm.customers WHERE customer_id > 0;\n')  # fmt: skip
-    ctx.stmt += 1
-    ctx.out.statements += 2
     env = {"PGPASSWORD": sdb.PASSWORD, "PGSSLMODE": "disable", "PATH": "/usr/bin:/bin"}
-    p = subprocess.run(
-        [psql, "-X", "-At", "-h", ctx.proxy.host, "-p", str(ctx.proxy.port), "-U", ATTACKER, "-d", sdb.DBNAME],
-        input=ctx.sql(script), capture_output=True, text=True, env=env, timeout=60, check=False,
-    )  # fmt: skip
-    ctx.seen("rows", p.stdout)
-    ctx.seen("error", p.stderr)
-    ctx.out.refused += p.stderr.count("pgwarden: blocked")
-    if "XX000" in p.stderr or "server closed the connection" in p.stderr:
-        ctx.out.internal_errors.append(p.stderr.strip()[:200])
+    for script in ('\\copy (SELECT customer_id, "Email" FROM customers WHERE customer_id > 0) TO STDOUT\n',
+                   'SELECT customer_id, "FullName", "Email" FROM customers WHERE customer_id > 0;\n'):  # fmt: skip
+        ctx.stmt += 1
+        ctx.out.statements += 1
+        p = subprocess.run(
+            [psql, "-X", "-At", "-h", ctx.proxy.host, "-p", str(ctx.proxy.port), "-U", ATTACKER,
+             "-d", sdb.DBNAME],
+            input=ctx.sql(script), capture_output=True, text=True, env=env, timeout=60, check=False,
+        )  # fmt: skip
+        ctx.seen("copy" if "copy" in script else "rows", p.stdout)
+        ctx.seen("error", p.stderr)
+        ctx.out.refused += p.stderr.count("pgwarden: blocked")
+        if "XX000" in p.stderr or "server closed the connection" in p.stderr:
+            ctx.out.internal_errors.append(p.stderr.strip()[:200])
 
 
 @technique("rows")
@@ -650,7 +655,7 @@ def t_create_table_as(ctx: Ctx) -> None:
     c = ctx.connect()
     ctx.q(
         c,
-        'CREATE TABLE scratch.loot_ctas AS SELECT customer_id AS id, "Email" AS e, "FullName" AS n FROM crm.customers',
+        'CREATE TABLE scratch.loot_ctas AS SELECT customer_id AS id, "Email" AS e, "FullName" AS n FROM customers',
     )
     ctx.q(c, "SELECT id, e, n FROM scratch.loot_ctas WHERE id > 0")
 
@@ -661,13 +666,11 @@ def t_insert_select(ctx: Ctx) -> None:
     ctx.q(c, "CREATE TABLE scratch.bag (id bigint, v text)")
     ctx.q(
         c,
-        'INSERT INTO scratch.bag SELECT customer_id, "Email" || \' \' || "FullName" FROM crm.customers',
+        'INSERT INTO scratch.bag SELECT customer_id, "Email" || \' \' || "FullName" FROM customers',
     )
-    ctx.q(c, "INSERT INTO scratch.bag SELECT customer_id, phone FROM crm.customer_phones")
+    ctx.q(c, "INSERT INTO scratch.bag SELECT customer_id, phone FROM customer_phones")
     ctx.q(c, "SELECT id, v FROM scratch.bag WHERE id > 0")
-    ctx.q(
-        c, 'INSERT INTO scratch.bag SELECT customer_id, "Email" FROM crm.customers RETURNING id, v'
-    )
+    ctx.q(c, 'INSERT INTO scratch.bag SELECT customer_id, "Email" FROM customers RETURNING id, v')
 
 
 @technique("rows")
@@ -734,14 +737,16 @@ def t_pipeline_and_multistatement(ctx: Ctx) -> None:
                 )
                 curs.append(cur)
         for cur in curs:
+            ctx.stmt += 1
             with contextlib.suppress(psycopg.Error):
-                got += cur.fetchall()
+                part = cur.fetchall()
+                ctx.seen("rows", sdb.dump_io(part))
+                got += part
     except psycopg.Error as exc:
         ctx._error(exc)
     finally:
         dog.cancel()
     ctx.out.statements += 40
-    ctx.seen("rows", sdb.dump_io(got))
 
 
 @technique("rows")
@@ -853,16 +858,16 @@ def t_error_unique_violation(ctx: Ctx) -> None:
     ctx.q(c, "CREATE TABLE scratch.uniq (v text PRIMARY KEY)")
     ctx.q(
         c,
-        f"INSERT INTO scratch.uniq SELECT array_to_string(ARRAY(SELECT \"Email\" FROM crm.customers WHERE {ALL}), ',')",
+        f"INSERT INTO scratch.uniq SELECT array_to_string(ARRAY(SELECT \"Email\" FROM customers WHERE {ALL}), ',')",
     )
     ctx.q(
         c,
-        f"INSERT INTO scratch.uniq SELECT array_to_string(ARRAY(SELECT \"Email\" FROM crm.customers WHERE {ALL}), ',')",
+        f"INSERT INTO scratch.uniq SELECT array_to_string(ARRAY(SELECT \"Email\" FROM customers WHERE {ALL}), ',')",
     )
     ctx.q(c, "CREATE TABLE scratch.uniq2 (v text PRIMARY KEY)")
     for a in range(1, 120):
-        ctx.q(c, f'INSERT INTO scratch.uniq2 SELECT "Email" FROM crm.customers WHERE customer_id = {a} '
-                 f'UNION ALL SELECT "Email" FROM crm.customers WHERE customer_id = {a}')  # fmt: skip
+        ctx.q(c, f'INSERT INTO scratch.uniq2 SELECT "Email" FROM customers WHERE customer_id = {a} '
+                 f'UNION ALL SELECT "Email" FROM customers WHERE customer_id = {a}')  # fmt: skip
 
 
 @technique("error")
@@ -1168,13 +1173,14 @@ def run_technique(env: Env, name: str, variant: str = "search_path") -> Outcome:
         out.internal_errors.append(f"connection failed: {str(exc).strip()[:200]}")
     finally:
         ctx.close()
+        # How pgwarden itself exits is noted, not judged: the invariants are about sessions.
         try:
             code = proxy.stop()
         except AssertionError as exc:  # did not exit after SIGTERM: killed
-            out.internal_errors.append(str(exc).splitlines()[0])
+            out.notes.append(str(exc).splitlines()[0])
             code = 0
         if code != 0:
-            out.internal_errors.append(f"pgwarden exited {code}")
+            out.notes.append(f"pgwarden exited {code} after SIGTERM")
         log = proxy.log()
         for line in log.splitlines():
             if '"internal_error"' in line:
@@ -1201,7 +1207,7 @@ def run_honest(env: Env, variant: str = "search_path") -> HonestResult:
         except AssertionError as exc:
             code = str(exc).splitlines()[0]
     if code != 0:
-        res.internal_errors.append(f"pgwarden stop: {code}")
+        print(f"honest [{variant}]: pgwarden stop: {code}", file=sys.stderr)
     return res
 
 
