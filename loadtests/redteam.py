@@ -980,10 +980,10 @@ def t_shared_account_no_end_user(ctx: Ctx) -> None:
 
 @technique("rows")
 def t_self_assign(ctx: Ctx) -> None:
-    """Reassign other agents' open tickets to oneself, then read those customers.
-
-    Counted against the need-to-know the agent had before; the tickets are given back after.
-    """
+    """Reassign other agents' open tickets to oneself (an UPDATE agents may run), then read
+    those customers. Once reassigned they are inside need-to-know as the policy defines it,
+    so they count as inside; how many were another agent's is noted. The tickets are given
+    back after."""
     ds = ctx.env.ds
     aid = ds.agent_id(ATTACKER)
     others = [
@@ -991,6 +991,8 @@ def t_self_assign(ctx: Ctx) -> None:
         for t in ds.tickets
         if t.agent_id not in (None, aid) and t.status != "closed" and not t.restricted
     ][:400]
+    before = set(ctx.out.ntk)
+    ctx.out.ntk = before | {t.customer_id for t in others}
     c = ctx.connect()
     ids = ",".join(str(t.ticket_id) for t in others)
     try:
@@ -1006,6 +1008,10 @@ def t_self_assign(ctx: Ctx) -> None:
             if _stop_after(ctx, streak, r is not None):
                 break
     finally:
+        ctx.out.notes.append(
+            f"{len(ctx.out.customers - before)} customers reached the agent through tickets "
+            "reassigned to themselves (inside need-to-know as the policy defines it)"
+        )
         with psycopg.connect(ctx.env.pg.dsn(database=sdb.DBNAME), autocommit=True) as direct:
             for t in others:
                 direct.execute(

@@ -68,7 +68,7 @@ LEAKS: dict[str, str] = {
     "shared_account_rotation/search_path": "3210 distinct customers (rows 3210), max 15 in one statement, 2767 outside need-to-know",
     "shared_account_set/search_path": "885 distinct customers (rows 885), max 15 in one statement, 777 outside need-to-know; internal error: 08P01: pgwarden: invalid message from the client: pgwarden internal error; the session was",
     "shared_account_no_end_user/search_path": "195 distinct customers (rows 195), max 15 in one statement, 166 outside need-to-know; internal error: 08P01: pgwarden: invalid message from the client: pgwarden internal error; the session was",
-    "self_assign/search_path": "195 distinct customers (rows 195), max 15 in one statement, 183 outside need-to-know; internal error: 08P01: pgwarden: invalid message from the client: pgwarden internal error; the session was",
+    "self_assign/search_path": "internal error: 08P01: pgwarden: invalid message from the client: pgwarden internal error; the session was",
     "window_lead/qualified": "660 distinct customers (rows 660), max 660 in one statement, 559 outside need-to-know",
     "views/qualified": "3300 distinct customers (rows 3300), max 3300 in one statement, 2842 outside need-to-know",
     "error_cast/qualified": "1 distinct customers (error 1), max 1 in one statement, 1 outside need-to-know",
@@ -76,7 +76,6 @@ LEAKS: dict[str, str] = {
     "notice_function/qualified": "3300 distinct customers (notice 3300), max 3300 in one statement, 2842 outside need-to-know",
     "shared_account_rotation/qualified": "39 distinct customers (rows 39), max 5 in one statement, 27 outside need-to-know",
     "shared_account_set/qualified": "207 distinct customers (rows 207), max 6 in one statement, 159 outside need-to-know",
-    "self_assign/qualified": "195 distinct customers (rows 195), max 15 in one statement, 183 outside need-to-know",
 }
 
 # Honest work refused today, per variant (false positives); the 'quarantined' refusals follow
