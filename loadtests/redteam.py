@@ -195,10 +195,16 @@ class Ctx:
         self, user: str = ATTACKER, autocommit: bool = True, **extra: str
     ) -> psycopg.Connection:
         conn = psycopg.connect(self.dsn(user, **extra), autocommit=autocommit)
-        conn.add_notice_handler(lambda d: self.seen(
-            "notice", "\n".join(filter(None, [d.message_primary, d.message_detail, d.message_hint, d.context]))
-        ))  # fmt: skip
-        conn.add_notify_handler(lambda n: self.seen("notify", n.payload))
+
+        def on_notice(d: psycopg.errors.Diagnostic) -> None:
+            parts = [d.message_primary, d.message_detail, d.message_hint, d.context]
+            self.seen("notice", "\n".join(p for p in parts if p))
+
+        def on_notify(n: psycopg.Notify) -> None:
+            self.seen("notify", n.payload)
+
+        conn.add_notice_handler(on_notice)
+        conn.add_notify_handler(on_notify)
         self._conns.append(conn)
         return conn
 
@@ -1056,8 +1062,15 @@ def honest_work(env: Env, proxy: ProxyProcess, variant: str = "search_path") -> 
         conn: psycopg.Connection, query: str, params: Any = None, prefix: str = ""
     ) -> list[tuple[Any, ...]]:
         res.statements += 1
-        dog = threading.Timer(HANG_SECONDS, lambda: (res.internal_errors.append(f"hang: {query[:80]}"),
-                                                      conn.cancel_safe(timeout=3), conn.pgconn.finish()))  # fmt: skip
+
+        def hang() -> None:
+            res.internal_errors.append(f"hang: {query[:80]}")
+            with contextlib.suppress(Exception):
+                conn.cancel_safe(timeout=3)
+            with contextlib.suppress(Exception):
+                conn.pgconn.finish()
+
+        dog = threading.Timer(HANG_SECONDS, hang)
         dog.daemon = True
         dog.start()
         try:
@@ -1208,6 +1221,7 @@ def run_honest(env: Env, variant: str = "search_path") -> HonestResult:
     try:
         res = honest_work(env, proxy, variant)
     finally:
+        code: int | str
         try:
             code = proxy.stop()
         except AssertionError as exc:

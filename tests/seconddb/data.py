@@ -14,6 +14,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -283,7 +284,8 @@ def load(conninfo: str, ds: Dataset) -> None:
         cur.execute("INSERT INTO crm.agents VALUES " + ",".join(
             f"({i + 1}, '{u}', 'Agent {u[6:].title()}', 'tier1')" for i, u in enumerate(AGENTS)
         ))  # fmt: skip
-        plain, legacy = [], []
+        plain: list[tuple[Any, ...]] = []
+        legacy: list[tuple[Any, ...]] = []
         for c in ds.customers.values():
             profile = json.dumps({
                 "name": c.name,
