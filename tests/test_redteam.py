@@ -57,7 +57,7 @@ LEAKS: dict[str, str] = {
     "offset_paging/search_path": "195 distinct customers (rows 195), max 15 in one statement, 166 outside need-to-know; internal error: 08P01: pgwarden: invalid message from the client: pgwarden internal error; the session was",
     "trickle/search_path": "200 distinct customers (rows 200), max 5 in one statement, 170 outside need-to-know; internal error: 08P01: pgwarden: invalid message from the client: pgwarden internal error; the session was",
     "trickle_own_customers/search_path": "200 distinct customers (rows 200), max 5 in one statement, 0 outside need-to-know; internal error: 08P01: pgwarden: invalid message from the client: pgwarden internal error; the session was",
-    "pipeline_and_multistatement/search_path": "600 distinct customers (rows 600), max 15 in one statement, 529 outside need-to-know; internal error: connection lost: consuming input failed: server closed the connection unexpectedly",
+    "pipeline_and_multistatement/search_path": "internal error (session closed: pgwarden AssertionError); before it, 0 to 600 customers (run to run), 529 outside need-to-know",
     "asyncpg_binary/search_path": "internal error: hang: asyncpg fetch had no answer within 40 s",
     "error_cast/search_path": "3300 distinct customers (error 3300), max 3300 in one statement, 2842 outside need-to-know",
     "error_cast_trickle/search_path": "399 distinct customers (error 399), max 1 in one statement, 348 outside need-to-know",
