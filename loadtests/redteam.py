@@ -1,0 +1,1306 @@
+"""Adversarial suite: an insider with genuine access tries to take the customer list out of
+the second test database (``tests/seconddb``) through pgwarden, by every channel a client
+sees -- result rows, error text, notices, notification payloads -- and an honest agent does
+normal work beside it.
+
+Written from the README and the policy documentation only. Every figure is counted on the
+client side: a customer "reached the client" when one of their names, e-mails or phone
+numbers (as the generator wrote them) occurs in anything the client received, also
+reversed, case-folded, or after the technique's own decoding. pgwarden's audit trail is
+not consulted.
+
+    python -m loadtests.redteam [--only NAME,NAME] [--json FILE]
+
+prints one line per technique and, as the last line, ``name=value`` figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql as _sql  # noqa: F401 (kept for techniques written by hand)
+
+from loadtests.cluster import Cluster, running_cluster
+from tests.proxyutil import ProxyProcess
+from tests.seconddb import data as sdb
+
+ATTACKER = "agent_ann"  # the insider: a real agent with real tickets
+STATEMENT_LIMIT = 20  # the policy's per-statement limit
+HOURLY_BUDGET = 200  # the policy's hourly distinct-records budget
+N_ALL = sdb.CUSTOMERS + sdb.LEGACY
+HANG_SECONDS = 40.0  # a statement with no answer for this long is a hang
+
+
+# --- what the client received ---------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """What one technique got, counted by the client."""
+
+    name: str
+    channel: str
+    per_channel: dict[str, set[int]] = field(default_factory=dict)
+    per_statement: dict[int, set[int]] = field(default_factory=dict)
+    statements: int = 0
+    refused: int = 0
+    errors: int = 0
+    internal_errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    error_samples: list[str] = field(default_factory=list)
+    ntk: set[int] = field(default_factory=set)
+    analyst: bool = False
+    variant: str = "search_path"
+
+    @property
+    def customers(self) -> set[int]:
+        out: set[int] = set()
+        for s in self.per_channel.values():
+            out |= s
+        return out
+
+    @property
+    def outside(self) -> set[int]:
+        return self.customers - self.ntk
+
+    @property
+    def max_per_statement(self) -> int:
+        return max((len(s) for s in self.per_statement.values()), default=0)
+
+    def violations(self) -> list[str]:
+        """The project's "done when" invariants this outcome breaks."""
+        out = []
+        n = len(self.customers)
+        if self.analyst:
+            if n:
+                out.append(f"{n} customers reached the analyst unmasked")
+        else:
+            if self.max_per_statement > STATEMENT_LIMIT:
+                out.append(
+                    f"{self.max_per_statement} customers in one statement (limit {STATEMENT_LIMIT})"
+                )
+            if n > HOURLY_BUDGET:
+                out.append(f"{n} distinct customers (budget {HOURLY_BUDGET})")
+            if self.outside:
+                out.append(f"{len(self.outside)} outside need-to-know")
+        if self.internal_errors:
+            out.append(f"internal error: {self.internal_errors[0][:120]}")
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "technique": self.name,
+            "channel": self.channel,
+            "customers": len(self.customers),
+            "by_channel": {k: len(v) for k, v in self.per_channel.items() if v},
+            "max_per_statement": self.max_per_statement,
+            "outside_need_to_know": len(self.outside),
+            "canaries": len(self.customers & set(sdb.CANARY_IDS)),
+            "statements": self.statements,
+            "refused": self.refused,
+            "errors": self.errors,
+            "internal_errors": self.internal_errors,
+            "violations": self.violations(),
+            "notes": self.notes,
+            "error_samples": self.error_samples,
+        }
+
+
+class Refused(Exception):
+    pass
+
+
+class Ctx:
+    """One technique's view: connections through the proxy and the client-side counts."""
+
+    def __init__(self, env: Env, proxy: ProxyProcess, outcome: Outcome) -> None:
+        self.env = env
+        self.proxy = proxy
+        self.out = outcome
+        self.stmt = 0
+        self.decode: Callable[[str], str] | None = None
+        self.last_refused = False
+        self.qualify = outcome.variant == "qualified"
+        self._conns: list[Any] = []
+
+    # -- recording ---------------------------------------------------------------------
+
+    def seen(self, channel: str, text: str, stmt: int | None = None) -> set[int]:
+        if self.decode is not None:
+            text = text + "\n" + self.decode(text)
+        found = self.env.matcher.customers_in(text)
+        if found:
+            self.out.per_channel.setdefault(channel, set()).update(found)
+            self.out.per_statement.setdefault(self.stmt if stmt is None else stmt, set()).update(
+                found
+            )
+        return found
+
+    def _error(self, exc: BaseException, conn: Any = None) -> None:
+        self.out.errors += 1
+        sqlstate = getattr(exc, "sqlstate", None)
+        diag = getattr(exc, "diag", None)
+        parts = [str(exc)]
+        if diag is not None:
+            parts += [diag.message_detail or "", diag.message_hint or "", diag.context or ""]
+        for attr in ("detail", "hint", "context"):  # asyncpg
+            v = getattr(exc, attr, None)
+            if isinstance(v, str):
+                parts.append(v)
+        text = "\n".join(parts)
+        self.seen("error", text)
+        if len(self.out.error_samples) < 4:
+            self.out.error_samples.append(f"{sqlstate}: {str(exc).strip()[:240]}")
+        if sqlstate == "42501" and "pgwarden" in text:
+            self.out.refused += 1
+            self.last_refused = True
+            return
+        if (sqlstate or "").startswith("XX") or "internal error" in text:
+            self.out.internal_errors.append(f"{sqlstate}: {str(exc).strip()[:200]}")
+            return
+        if sqlstate is None and isinstance(
+            exc, (psycopg.OperationalError, ConnectionError, OSError, EOFError)
+        ):
+            self.out.internal_errors.append(f"connection lost: {str(exc).strip()[:200]}")
+            return
+        if (
+            type(exc).__name__ in ("ConnectionDoesNotExistError", "InterfaceError")
+            and sqlstate is None
+        ):
+            self.out.internal_errors.append(f"connection lost: {type(exc).__name__}: {exc}")
+
+    # -- psycopg -------------------------------------------------------------------------
+
+    def dsn(self, user: str = ATTACKER, **extra: str) -> str:
+        extra.setdefault("options", "'-c statement_timeout=30000'")
+        return self.proxy.dsn(user, database=sdb.DBNAME, password=sdb.PASSWORD, **extra)
+
+    def connect(
+        self, user: str = ATTACKER, autocommit: bool = True, **extra: str
+    ) -> psycopg.Connection:
+        conn = psycopg.connect(self.dsn(user, **extra), autocommit=autocommit)
+
+        def on_notice(d: psycopg.errors.Diagnostic) -> None:
+            parts = [d.message_primary, d.message_detail, d.message_hint, d.context]
+            self.seen("notice", "\n".join(p for p in parts if p))
+
+        def on_notify(n: psycopg.Notify) -> None:
+            self.seen("notify", n.payload)
+
+        conn.add_notice_handler(on_notice)
+        conn.add_notify_handler(on_notify)
+        self._conns.append(conn)
+        return conn
+
+    def q(
+        self,
+        conn: psycopg.Connection,
+        query: str,
+        params: Any = None,
+        channel: str = "rows",
+        prepare: bool | None = None,
+        binary: bool = False,
+    ) -> list[tuple[Any, ...]] | None:
+        """Run one statement; count what came back; None when it failed."""
+        self.stmt += 1
+        self.out.statements += 1
+        self.last_refused = False
+        query = self.sql(query)
+        dog = self.watchdog(conn)
+        try:
+            with conn.cursor(binary=binary) as cur:
+                cur.execute(query, params, prepare=prepare)
+                rows: list[tuple[Any, ...]] = []
+                while True:  # one result per statement of a multi-statement string
+                    if cur.description:
+                        part = cur.fetchall()
+                        self.seen(channel, sdb.dump_io(part))
+                        rows += part
+                    if not cur.nextset():
+                        break
+                    self.stmt += 1
+        except psycopg.Error as exc:
+            dog.cancel()
+            self._error(exc, conn)
+            if conn.closed:
+                raise Refused("connection closed") from exc
+            if (
+                not conn.autocommit
+                and conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
+            ):
+                conn.rollback()
+            return None
+        finally:
+            dog.cancel()
+        return rows
+
+    def sql(self, query: str) -> str:
+        """The statement as sent: in the ``qualified`` variant every crm name gets its schema
+        (so a miss there is not about the role's search_path)."""
+        return _qualify(query) if self.qualify else query
+
+    def watchdog(self, conn: Any, seconds: float = HANG_SECONDS) -> threading.Timer:
+        """A client-side timeout: a statement hanging longer than ``seconds`` is a hang
+        (recorded as an internal error); the connection is cancelled, then closed."""
+
+        def fire() -> None:
+            self.out.internal_errors.append(
+                f"hang: no answer within {seconds:.0f} s (statement {self.stmt})"
+            )
+            with contextlib.suppress(Exception):
+                conn.cancel_safe(timeout=3)
+            time.sleep(3)
+            with contextlib.suppress(Exception):
+                conn.pgconn.finish()
+
+        t = threading.Timer(seconds, fire)
+        t.daemon = True
+        t.start()
+        return t
+
+    def close(self) -> None:
+        for c in self._conns:
+            with contextlib.suppress(Exception):
+                c.close()
+
+
+_CRM_NAMES = (
+    "legacy_customers|customer_phones_mobile|customer_phones|customer_directory|customers|"
+    'ticket_messages|agents|products|search_customers|ticket_customer|"Tickets"|"ContactSheet"'
+)
+_CRM_RE = re.compile(r'(?<![.\w"])(' + _CRM_NAMES + r")(?=[\s(),;]|$)")
+
+
+def _qualify(query: str) -> str:
+    return _CRM_RE.sub(r"crm.\1", query)
+
+
+VARIANTS = ("search_path", "qualified")
+
+# --- the techniques --------------------------------------------------------------------------
+
+TECHNIQUES: dict[str, tuple[str, Callable[[Ctx], None]]] = {}
+
+
+def technique(channel: str) -> Callable[[Callable[[Ctx], None]], Callable[[Ctx], None]]:
+    def reg(fn: Callable[[Ctx], None]) -> Callable[[Ctx], None]:
+        TECHNIQUES[fn.__name__.removeprefix("t_")] = (channel, fn)
+        return fn
+
+    return reg
+
+
+def _stop_after(ctx: Ctx, streak: list[int], ok: bool = True, limit: int = 8) -> bool:
+    """True once ``limit`` statements in a row were refused by pgwarden (the subject is
+    quarantined or over budget: stop wasting time). ``ok`` is ignored (kept for readability)."""
+    streak[0] = 0 if not ctx.last_refused else streak[0] + 1
+    return streak[0] >= limit
+
+
+ALL = "customer_id > 0"
+
+
+@technique("rows")
+def t_select_star(ctx: Ctx) -> None:
+    c = ctx.connect()
+    ctx.q(c, "SELECT * FROM customers")
+    ctx.q(c, f"SELECT * FROM customers WHERE {ALL} LIMIT 5000")
+
+
+@technique("rows")
+def t_plain_columns(ctx: Ctx) -> None:
+    c = ctx.connect()
+    ctx.q(c, f'SELECT customer_id, "FullName", "Email" FROM customers WHERE {ALL}')
+
+
+@technique("rows")
+def t_no_key_column(ctx: Ctx) -> None:
+    """Need-to-know wants the key column in the result: leave it out."""
+    c = ctx.connect()
+    for a in range(1, N_ALL, 15):
+        ctx.q(
+            c,
+            f'SELECT "FullName", "Email" FROM customers WHERE customer_id BETWEEN {a} AND {a + 14}',
+        )
+
+
+@technique("rows")
+def t_key_spoof(ctx: Ctx) -> None:
+    """Every row carries the key of one customer the agent may see, with another's data."""
+    mine = min(ctx.env.ds.need_to_know(ATTACKER))
+    c = ctx.connect()
+    streak = [0]
+    for a in range(1, N_ALL, 15):
+        r = ctx.q(c, f'SELECT {mine}::bigint AS customer_id, "FullName", "Email" FROM customers '
+                     f"WHERE customer_id BETWEEN {a} AND {a + 14}")  # fmt: skip
+        if _stop_after(ctx, streak, r is not None):
+            break
+
+
+@technique("rows")
+def t_row_to_json(ctx: Ctx) -> None:
+    c = ctx.connect()
+    ctx.q(c, f"SELECT row_to_json(c) FROM customers c WHERE {ALL}")
+    ctx.q(c, f"SELECT c.customer_id, to_jsonb(c)::text FROM customers c WHERE {ALL}")
+
+
+@technique("rows")
+def t_packing_aggregates(ctx: Ctx) -> None:
+    c = ctx.connect()
+    ctx.q(c, f'SELECT json_agg("Email") FROM customers WHERE {ALL}')
+    ctx.q(c, f"SELECT string_agg(\"Email\" || ' ' || \"FullName\", ',') FROM customers WHERE {ALL}")
+    ctx.q(c, f'SELECT array_agg("Email") FROM customers WHERE {ALL}')
+    ctx.q(c, f'SELECT xmlagg(xmlelement(name e, "Email")) FROM customers WHERE {ALL}')
+    ctx.q(c, f'SELECT jsonb_object_agg(customer_id, "Email") FROM customers WHERE {ALL}')
+
+
+@technique("rows")
+def t_array_sublink(ctx: Ctx) -> None:
+    c = ctx.connect()
+    ctx.q(c, f'SELECT ARRAY(SELECT "Email" FROM customers WHERE {ALL})')
+    ctx.q(c, f"SELECT array_to_string(ARRAY(SELECT \"FullName\" FROM customers WHERE {ALL}), ';')")
+
+
+@technique("rows")
+def t_scalar_sublinks(ctx: Ctx) -> None:
+    c = ctx.connect()
+    ctx.q(
+        c,
+        f'SELECT g, (SELECT "Email" FROM customers WHERE customer_id = g) FROM generate_series(1, {N_ALL}) g',
+    )
+    cols = ", ".join(
+        f'(SELECT "Email" FROM customers WHERE customer_id = g * 40 + {k})' for k in range(40)
+    )
+    ctx.q(c, f"SELECT g, {cols} FROM generate_series(0, 19) g")
+
+
+@technique("rows")
+def t_window_lead(ctx: Ctx) -> None:
+    """20 rows, each carrying the e-mails of 165 other rows through lead()."""
+    c = ctx.connect()
+    cols = ", ".join(f'lead("Email", {20 * k}) OVER w' for k in range(N_ALL // 20 + 1))
+    ctx.q(c, f"SELECT customer_id, {cols} FROM customers WHERE {ALL} WINDOW w AS (ORDER BY customer_id) "
+             "ORDER BY customer_id LIMIT 20")  # fmt: skip
+
+
+@technique("rows")
+def t_recursive_cte(ctx: Ctx) -> None:
+    c = ctx.connect()
+    ctx.q(c, 'WITH RECURSIVE r(id, v) AS (SELECT customer_id, "Email" FROM customers WHERE customer_id = 1 '
+             'UNION ALL SELECT c.customer_id, c."Email" FROM customers c JOIN r ON c.customer_id = r.id + 1) '
+             "SELECT id, v FROM r")  # fmt: skip
+    ctx.q(c, "WITH RECURSIVE r(id, acc) AS (SELECT 0, ''::text UNION ALL SELECT r.id + 1, r.acc || ',' || "
+             'coalesce((SELECT "Email" FROM customers WHERE customer_id = r.id + 1), \'\') FROM r WHERE r.id < 600) '
+             "SELECT acc FROM r ORDER BY id DESC LIMIT 1")  # fmt: skip
+
+
+@technique("rows")
+def t_percentile_disc(ctx: Ctx) -> None:
+    c = ctx.connect()
+    ctx.q(c, f"SELECT percentile_disc(ARRAY(SELECT g::float8 / {N_ALL} FROM generate_series(0, {N_ALL}) g)) "
+             f'WITHIN GROUP (ORDER BY "Email") FROM customers WHERE {ALL}')  # fmt: skip
+    ctx.q(
+        c,
+        f'SELECT mode() WITHIN GROUP (ORDER BY "Email"), min("FullName"), max("Email") FROM customers WHERE {ALL}',
+    )
+
+
+@technique("rows")
+def t_union_all(ctx: Ctx) -> None:
+    c = ctx.connect()
+    ctx.q(c, "SELECT 0::bigint, name FROM products UNION ALL "
+             f'SELECT customer_id, "Email" FROM customers WHERE {ALL}')  # fmt: skip
+    ctx.q(c, f"SELECT customer_id, 'x' FROM customers WHERE customer_id < 0 UNION ALL "
+             f'SELECT 1::bigint, "Email" FROM customers WHERE {ALL}')  # fmt: skip
+
+
+@technique("rows")
+def t_expression_tricks(ctx: Ctx) -> None:
+    c = ctx.connect()
+    for expr in ("lower(\"Email\") || ''", 'reverse("Email")', "format('%s', c)", '"FullName"::varchar(200)',
+                 "upper(\"FullName\") || ' <' || \"Email\" || '>'", "translate(\"Email\", '@', '#')",
+                 "concat_ws('|', \"FullName\", \"Email\")", 'c::text'):  # fmt: skip
+        ctx.q(c, f"SELECT customer_id, {expr} FROM customers c WHERE {ALL}")
+
+
+@technique("rows")
+def t_encodings(ctx: Ctx) -> None:
+    def dec(text: str) -> str:
+        out = []
+        for h in re.findall(r"\\x([0-9a-f]+)|'([0-9a-f]{16,})'", text):
+            with contextlib.suppress(binascii.Error, ValueError):
+                out.append(binascii.unhexlify(h[0] or h[1]).decode(errors="replace"))
+        for b in re.findall(r"'([A-Za-z0-9+/=\\n]{16,})'", text):
+            with contextlib.suppress(binascii.Error, ValueError):
+                out.append(base64.b64decode(b.replace("\\n", "")).decode(errors="replace"))
+        return "\n".join(out)
+
+    ctx.decode = dec
+    c = ctx.connect()
+    ctx.q(c, f"SELECT customer_id, convert_to(\"Email\", 'UTF8') FROM customers WHERE {ALL}")
+    ctx.q(
+        c,
+        f"SELECT customer_id, encode(convert_to(\"Email\", 'UTF8'), 'base64') FROM customers WHERE {ALL}",
+    )
+    ctx.q(
+        c,
+        f"SELECT customer_id, encode(convert_to(\"FullName\", 'UTF8'), 'hex') FROM customers WHERE {ALL}",
+    )
+
+
+@technique("rows")
+def t_lateral_values(ctx: Ctx) -> None:
+    c = ctx.connect()
+    ctx.q(
+        c,
+        f'SELECT c.customer_id, v FROM customers c, LATERAL (VALUES (c."Email"), (c."FullName")) x(v) WHERE c.{ALL}',
+    )
+    ctx.q(
+        c,
+        'WITH x AS (SELECT customer_id AS k, "Email" AS note FROM customers) SELECT k, note FROM x WHERE k > 0',
+    )
+    ctx.q(
+        c,
+        f'SELECT customer_id, CASE WHEN customer_id > 0 THEN "Email" END FROM customers WHERE {ALL}',
+    )
+
+
+@technique("rows")
+def t_views(ctx: Ctx) -> None:
+    c = ctx.connect()
+    ctx.q(c, 'SELECT customer_id, "Name", "Mail", "Tel" FROM "ContactSheet" WHERE customer_id > 0')
+    ctx.q(
+        c,
+        'CREATE VIEW scratch.v_mine AS SELECT customer_id AS id, "Email" AS e, "FullName" AS n FROM customers',
+    )
+    ctx.q(c, "SELECT id, e, n FROM scratch.v_mine WHERE id > 0")
+
+
+@technique("rows")
+def t_materialized_view(ctx: Ctx) -> None:
+    c = ctx.connect()
+    ctx.q(
+        c,
+        "SELECT customer_id, full_name, email, phone FROM customer_directory WHERE customer_id > 0",
+    )
+    ctx.q(
+        c,
+        'CREATE MATERIALIZED VIEW scratch.mv_mine AS SELECT customer_id AS id, "Email" AS e FROM customers',
+    )
+    ctx.q(c, "SELECT id, e FROM scratch.mv_mine WHERE id > 0")
+
+
+@technique("rows")
+def t_security_definer(ctx: Ctx) -> None:
+    c = ctx.connect()
+    ctx.q(c, "SELECT * FROM search_customers('%')")
+    ctx.q(c, "SELECT name, email, phone FROM search_customers('%@%')")
+    ctx.q(c, 'SELECT (ticket_customer(t."TicketNo")).* FROM "Tickets" t WHERE t.ticket_id > 0')
+
+
+@technique("rows")
+def t_jsonb_paths(ctx: Ctx) -> None:
+    c = ctx.connect()
+    ctx.q(c, f"SELECT customer_id, profile->'contact'->>'email', profile #>> '{{contact,phone}}', profile->>'name' "
+             f"FROM customers WHERE {ALL}")  # fmt: skip
+    ctx.q(
+        c,
+        f"SELECT customer_id, jsonb_path_query(profile, '$.contact.email') FROM customers WHERE {ALL}",
+    )
+    ctx.q(c, f"SELECT customer_id, profile::text FROM customers WHERE {ALL}")
+
+
+@technique("rows")
+def t_composite_and_array(ctx: Ctx) -> None:
+    c = ctx.connect()
+    ctx.q(
+        c, f"SELECT customer_id, (card).email, (card).name, (card).phone FROM customers WHERE {ALL}"
+    )
+    ctx.q(c, f"SELECT customer_id, card FROM customers WHERE {ALL}")
+    ctx.q(c, f"SELECT customer_id, alt_phones[1] FROM customers WHERE {ALL}")
+    ctx.q(c, f"SELECT customer_id, unnest(alt_phones) FROM customers WHERE {ALL}")
+
+
+@technique("rows")
+def t_partition_and_child(ctx: Ctx) -> None:
+    c = ctx.connect()
+    ctx.q(c, "SELECT customer_id, phone FROM customer_phones_mobile WHERE customer_id > 0")
+    ctx.q(c, "SELECT customer_id, phone FROM customer_phones WHERE customer_id > 0")
+    ctx.q(c, 'SELECT customer_id, "Email", "FullName" FROM legacy_customers WHERE customer_id > 0')
+    ctx.q(c, 'SELECT customer_id, "Email" FROM ONLY customers WHERE customer_id > 0')
+
+
+@technique("rows")
+def t_sql_cursor(ctx: Ctx) -> None:
+    c = ctx.connect(autocommit=False)
+    ctx.q(
+        c,
+        f'DECLARE cur CURSOR FOR SELECT customer_id, "Email", "FullName" FROM customers WHERE {ALL}',
+    )
+    streak = [0]
+    for _ in range(N_ALL // 15 + 1):
+        r = ctx.q(c, "FETCH 15 FROM cur")
+        if r == [] or _stop_after(ctx, streak, r is not None, 3):
+            break
+        if r is None:
+            ctx.q(
+                c,
+                f'DECLARE cur CURSOR FOR SELECT customer_id, "Email", "FullName" FROM customers WHERE {ALL}',
+            )
+    c.rollback()
+
+
+@technique("rows")
+def t_server_cursor_psycopg(ctx: Ctx) -> None:
+    c = ctx.connect(autocommit=False)
+    ctx.stmt += 1
+    ctx.out.statements += 1
+    got: list[tuple[Any, ...]] = []
+    dog = ctx.watchdog(c)
+    try:
+        with c.cursor(name="leak") as cur:
+            cur.itersize = 10
+            cur.execute(
+                ctx.sql(f'SELECT customer_id, "Email", "FullName" FROM customers WHERE {ALL}')
+            )
+            for row in cur:
+                got.append(row)
+    except psycopg.Error as exc:
+        ctx._error(exc)
+    finally:
+        dog.cancel()
+    ctx.seen("rows", sdb.dump_io(got))
+
+
+@technique("rows")
+def t_prepared_paging(ctx: Ctx) -> None:
+    c = ctx.connect()
+    ctx.q(c, 'PREPARE p(bigint) AS SELECT customer_id, "Email", "FullName" FROM customers '
+             "WHERE customer_id BETWEEN $1 AND $1 + 14")  # fmt: skip
+    streak = [0]
+    for a in range(1, N_ALL, 15):
+        r = ctx.q(c, f"EXECUTE p({a})")
+        if _stop_after(ctx, streak, r is not None):
+            break
+
+
+@technique("rows")
+def t_copy_to_stdout(ctx: Ctx) -> None:
+    c = ctx.connect()
+    for q in ('COPY (SELECT customer_id, "Email", "FullName" FROM customers) TO STDOUT',
+              "COPY customers TO STDOUT",
+              "COPY customer_phones_mobile TO STDOUT WITH (FORMAT csv)",
+              "COPY (SELECT customer_id, profile FROM customers WHERE customer_id > 0) TO STDOUT WITH (FORMAT binary)"):  # fmt: skip
+        ctx.stmt += 1
+        ctx.out.statements += 1
+        buf = bytearray()
+        dog = ctx.watchdog(c)
+        try:
+            with c.cursor() as cur, cur.copy(ctx.sql(q)) as cp:
+                for chunk in cp:
+                    buf += chunk
+        except psycopg.Error as exc:
+            ctx._error(exc)
+            if c.closed:
+                break
+        finally:
+            dog.cancel()
+        ctx.seen("copy", buf.decode(errors="replace"))
+
+
+@technique("rows")
+def t_psql_copy(ctx: Ctx) -> None:
+    """psql as the client: \\copy, then a plain SELECT, each in its own psql run."""
+    psql = str(ctx.env.pg.bindir / "psql")
+    env = {"PGPASSWORD": sdb.PASSWORD, "PGSSLMODE": "disable", "PATH": "/usr/bin:/bin"}
+    for script in ('\\copy (SELECT customer_id, "Email" FROM customers WHERE customer_id > 0) TO STDOUT\n',
+                   'SELECT customer_id, "FullName", "Email" FROM customers WHERE customer_id > 0;\n'):  # fmt: skip
+        ctx.stmt += 1
+        ctx.out.statements += 1
+        p = subprocess.run(
+            [psql, "-X", "-At", "-h", ctx.proxy.host, "-p", str(ctx.proxy.port), "-U", ATTACKER,
+             "-d", sdb.DBNAME],
+            input=ctx.sql(script), capture_output=True, text=True, env=env, timeout=60, check=False,
+        )  # fmt: skip
+        ctx.seen("copy" if "copy" in script else "rows", p.stdout)
+        ctx.seen("error", p.stderr)
+        ctx.out.refused += p.stderr.count("pgwarden: blocked")
+        if "XX000" in p.stderr or "server closed the connection" in p.stderr:
+            ctx.out.internal_errors.append(p.stderr.strip()[:200])
+
+
+@technique("rows")
+def t_temp_table(ctx: Ctx) -> None:
+    c = ctx.connect()
+    ctx.q(
+        c,
+        'CREATE TEMP TABLE loot AS SELECT customer_id AS id, "Email" AS e, "FullName" AS n FROM customers',
+    )
+    ctx.q(c, "SELECT id, e, n FROM loot WHERE id > 0")
+    ctx.q(c, "SELECT string_agg(e, ',') FROM loot")
+
+
+@technique("rows")
+def t_create_table_as(ctx: Ctx) -> None:
+    c = ctx.connect()
+    ctx.q(
+        c,
+        'CREATE TABLE scratch.loot_ctas AS SELECT customer_id AS id, "Email" AS e, "FullName" AS n FROM customers',
+    )
+    ctx.q(c, "SELECT id, e, n FROM scratch.loot_ctas WHERE id > 0")
+
+
+@technique("rows")
+def t_insert_select(ctx: Ctx) -> None:
+    c = ctx.connect()
+    ctx.q(c, "CREATE TABLE scratch.bag (id bigint, v text)")
+    ctx.q(
+        c,
+        'INSERT INTO scratch.bag SELECT customer_id, "Email" || \' \' || "FullName" FROM customers',
+    )
+    ctx.q(c, "INSERT INTO scratch.bag SELECT customer_id, phone FROM customer_phones")
+    ctx.q(c, "SELECT id, v FROM scratch.bag WHERE id > 0")
+    ctx.q(c, 'INSERT INTO scratch.bag SELECT customer_id, "Email" FROM customers RETURNING id, v')
+
+
+@technique("rows")
+def t_offset_paging(ctx: Ctx) -> None:
+    c = ctx.connect()
+    streak = [0]
+    for off in range(0, N_ALL, 15):
+        r = ctx.q(c, f'SELECT customer_id, "FullName", "Email" FROM customers WHERE {ALL} '
+                     f"ORDER BY customer_id LIMIT 15 OFFSET {off}")  # fmt: skip
+        if _stop_after(ctx, streak, r is not None):
+            break
+
+
+@technique("rows")
+def t_trickle(ctx: Ctx) -> None:
+    c = ctx.connect()
+    streak = [0]
+    for a in range(1, N_ALL, 5):
+        r = ctx.q(
+            c,
+            f'SELECT customer_id, "FullName", "Email" FROM customers WHERE customer_id BETWEEN {a} AND {a + 4}',
+        )
+        if _stop_after(ctx, streak, r is not None):
+            break
+
+
+@technique("rows")
+def t_trickle_own_customers(ctx: Ctx) -> None:
+    """Only the agent's own customers, five at a time: all of them, past the hourly budget."""
+    mine = sorted(ctx.env.ds.need_to_know(ATTACKER))
+    c = ctx.connect()
+    streak = [0]
+    for i in range(0, len(mine), 5):
+        ids = ",".join(map(str, mine[i : i + 5]))
+        r = ctx.q(
+            c,
+            f'SELECT customer_id, "FullName", "Email" FROM customers WHERE customer_id IN ({ids})',
+        )
+        if _stop_after(ctx, streak, r is not None):
+            break
+
+
+@technique("rows")
+def t_pipeline_and_multistatement(ctx: Ctx) -> None:
+    c = ctx.connect()
+    # one simple-query string of many small SELECTs
+    parts = [f'SELECT customer_id, "Email" FROM customers WHERE customer_id BETWEEN {a} AND {a + 14}'
+             for a in range(1, 600, 15)]  # fmt: skip
+    ctx.q(c, ";\n".join(parts))
+    # a psycopg pipeline of extended-protocol statements
+    ctx.stmt += 1
+    got: list[tuple[Any, ...]] = []
+    dog = ctx.watchdog(c)
+    try:
+        with c.pipeline():
+            curs = []
+            for a in range(600, 1200, 15):
+                cur = c.cursor()
+                cur.execute(
+                    ctx.sql(
+                        'SELECT customer_id, "Email" FROM customers WHERE customer_id BETWEEN %s AND %s'
+                    ),
+                    (a, a + 14),
+                )
+                curs.append(cur)
+        for cur in curs:
+            ctx.stmt += 1
+            with contextlib.suppress(psycopg.Error):
+                part = cur.fetchall()
+                ctx.seen("rows", sdb.dump_io(part))
+                got += part
+    except psycopg.Error as exc:
+        ctx._error(exc)
+    finally:
+        dog.cancel()
+    ctx.out.statements += 40
+
+
+@technique("rows")
+def t_asyncpg_binary(ctx: Ctx) -> None:
+    async def run() -> None:
+        import asyncpg
+
+        conn = await asyncio.wait_for(asyncpg.connect(
+            host=ctx.proxy.host, port=ctx.proxy.port, user=ATTACKER, password=sdb.PASSWORD,
+            database=sdb.DBNAME, ssl=False), HANG_SECONDS)  # fmt: skip
+        try:
+            for q, args in (('SELECT customer_id, "Email", "FullName" FROM customers WHERE customer_id > $1', (0,)),
+                            ('SELECT customer_id, card, alt_phones, profile FROM customers WHERE customer_id > $1', (0,))):  # fmt: skip
+                ctx.stmt += 1
+                ctx.out.statements += 1
+                try:
+                    rows = await asyncio.wait_for(conn.fetch(ctx.sql(q), *args), HANG_SECONDS)
+                    ctx.seen("rows", "\n".join(repr(tuple(r)) for r in rows))
+                except TimeoutError:
+                    ctx.out.internal_errors.append(
+                        f"hang: asyncpg fetch had no answer within {HANG_SECONDS:.0f} s"
+                    )
+                    return
+                except Exception as exc:
+                    ctx._error(exc)
+            ctx.stmt += 1
+            ctx.out.statements += 1
+            got = []
+
+            async def iterate() -> None:
+                async with conn.transaction():
+                    async for r in conn.cursor(
+                        ctx.sql(
+                            'SELECT customer_id, "Email" FROM customers WHERE customer_id > $1'
+                        ),
+                        0,
+                        prefetch=10,
+                    ):
+                        got.append(tuple(r))
+
+            try:
+                await asyncio.wait_for(iterate(), HANG_SECONDS)
+            except TimeoutError:
+                ctx.out.internal_errors.append(
+                    f"hang: asyncpg cursor had no answer within {HANG_SECONDS:.0f} s"
+                )
+                return
+            except Exception as exc:
+                ctx._error(exc)
+            ctx.seen("rows", "\n".join(map(repr, got)))
+        finally:
+            conn.terminate()
+
+    asyncio.run(run())
+
+
+@technique("rows")
+def t_binary_psycopg(ctx: Ctx) -> None:
+    c = ctx.connect()
+    ctx.q(
+        c,
+        'SELECT customer_id, "Email", "FullName" FROM customers WHERE customer_id > %s',
+        (0,),
+        binary=True,
+    )
+    ctx.q(
+        c,
+        'SELECT customer_id::text, "Email" FROM customers WHERE customer_id > %s',
+        (0,),
+        binary=True,
+    )
+
+
+# -- error text ----------------------------------------------------------------------------
+
+
+@technique("error")
+def t_error_cast(ctx: Ctx) -> None:
+    c = ctx.connect()
+    ctx.q(
+        c,
+        f"SELECT CAST(array_to_string(ARRAY(SELECT \"Email\" FROM customers WHERE {ALL}), ',') AS int)",
+    )
+    ctx.q(c, f"SELECT (SELECT string_agg(\"FullName\", ',') FROM customers WHERE {ALL})::int")
+    ctx.q(c, f'SELECT ("Email" || customer_id)::int FROM customers WHERE {ALL}')
+    ctx.q(
+        c,
+        f"SELECT (profile::text)::jsonb->>'x', (profile->>'name')::int FROM customers WHERE {ALL}",
+    )
+
+
+@technique("error")
+def t_error_cast_trickle(ctx: Ctx) -> None:
+    """One customer per statement, through the error message of a failed cast."""
+    c = ctx.connect()
+    streak = [0]
+    for cid in range(1, 400):
+        ctx.q(
+            c,
+            f'SELECT ("Email" || \' \' || "FullName")::int FROM customers WHERE customer_id = {cid}',
+        )
+        if _stop_after(ctx, streak):
+            break
+
+
+@technique("error")
+def t_error_unique_violation(ctx: Ctx) -> None:
+    c = ctx.connect()
+    ctx.q(c, "CREATE TABLE scratch.uniq (v text PRIMARY KEY)")
+    ctx.q(
+        c,
+        f"INSERT INTO scratch.uniq SELECT array_to_string(ARRAY(SELECT \"Email\" FROM customers WHERE {ALL}), ',')",
+    )
+    ctx.q(
+        c,
+        f"INSERT INTO scratch.uniq SELECT array_to_string(ARRAY(SELECT \"Email\" FROM customers WHERE {ALL}), ',')",
+    )
+    ctx.q(c, "CREATE TABLE scratch.uniq2 (v text PRIMARY KEY)")
+    for a in range(1, 120):
+        ctx.q(c, f'INSERT INTO scratch.uniq2 SELECT "Email" FROM customers WHERE customer_id = {a} '
+                 f'UNION ALL SELECT "Email" FROM customers WHERE customer_id = {a}')  # fmt: skip
+
+
+@technique("error")
+def t_error_raise_function(ctx: Ctx) -> None:
+    c = ctx.connect()
+    ctx.q(c, "CREATE FUNCTION public.boom(text) RETURNS int LANGUAGE plpgsql AS "
+             "$$ BEGIN RAISE EXCEPTION '%', $1; END $$")  # fmt: skip
+    ctx.q(
+        c,
+        f"SELECT public.boom(array_to_string(ARRAY(SELECT \"Email\" FROM customers WHERE {ALL}), ','))",
+    )
+    ctx.q(c, "CREATE FUNCTION public.boom2() RETURNS int LANGUAGE plpgsql AS $$ DECLARE s text; BEGIN "
+             "SELECT string_agg(\"Email\" || ' ' || \"FullName\", ',') INTO s FROM crm.customers; "
+             "RAISE EXCEPTION 'x' USING DETAIL = s; END $$")  # fmt: skip
+    ctx.q(c, "SELECT public.boom2()")
+
+
+# -- notices and notifications ---------------------------------------------------------------
+
+
+@technique("notice")
+def t_notice_do_block(ctx: Ctx) -> None:
+    c = ctx.connect()
+    ctx.q(c, "DO $$ DECLARE r record; BEGIN FOR r IN SELECT \"Email\", \"FullName\" FROM crm.customers LOOP "
+             "RAISE NOTICE '%', r; END LOOP; END $$")  # fmt: skip
+
+
+@technique("notice")
+def t_notice_function(ctx: Ctx) -> None:
+    c = ctx.connect()
+    ctx.q(c, "CREATE FUNCTION public.shout(text) RETURNS int LANGUAGE plpgsql AS "
+             "$$ BEGIN RAISE NOTICE '%', $1; RETURN 1; END $$")  # fmt: skip
+    ctx.q(
+        c, f'SELECT count(public.shout("Email" || \' \' || "FullName")) FROM customers WHERE {ALL}'
+    )
+    ctx.q(c, "CREATE FUNCTION public.dump_all() RETURNS int LANGUAGE plpgsql AS $$ DECLARE r record; BEGIN "
+             "FOR r IN EXECUTE 'SELECT \"Em' || 'ail\" AS e FROM crm.customers' LOOP RAISE NOTICE '%', r.e; END LOOP; "
+             "RETURN 0; END $$")  # fmt: skip
+    ctx.q(c, "SELECT public.dump_all()")
+
+
+@technique("notify")
+def t_notify_payload(ctx: Ctx) -> None:
+    c = ctx.connect()
+    ctx.q(c, "LISTEN leak")
+    ctx.q(
+        c,
+        f"SELECT count(pg_notify('leak', \"Email\" || ' ' || \"FullName\")) FROM customers WHERE {ALL}",
+    )
+    ctx.q(c, "SELECT 1")  # make sure every notification was read
+
+
+@technique("rows")
+def t_opaque_function(ctx: Ctx) -> None:
+    c = ctx.connect()
+    ctx.q(c, "CREATE FUNCTION public.grab() RETURNS SETOF text LANGUAGE plpgsql AS $$ BEGIN "
+             "RETURN QUERY EXECUTE 'SELECT \"Em' || 'ail\" || '' '' || \"Full' || 'Name\" FROM crm.customers'; END $$")  # fmt: skip
+    ctx.q(c, "SELECT * FROM public.grab()")
+    ctx.q(c, "CREATE FUNCTION public.grab_sql() RETURNS TABLE (k bigint, e text) LANGUAGE sql AS "
+             "$$ SELECT customer_id, \"Email\" FROM crm.customers $$")  # fmt: skip
+    ctx.q(c, "SELECT k, e FROM public.grab_sql()")
+
+
+# -- the shared application account ---------------------------------------------------------
+
+
+@technique("rows")
+def t_shared_account_rotation(ctx: Ctx) -> None:
+    """crm_app, a new end-user name every three statements, paging through the table."""
+    c = ctx.connect(sdb.APP_USER)
+    names = [*sdb.AGENTS] + [f"temp_{i}" for i in range(200)]
+    streak = [0]
+    for n, a in enumerate(range(1, N_ALL, 15)):
+        who = names[(n // 3) % len(names)]
+        r = ctx.q(c, f"/* end_user='{who}' */ SELECT customer_id, \"FullName\", \"Email\" FROM customers "
+                     f"WHERE customer_id BETWEEN {a} AND {a + 14}")  # fmt: skip
+        if _stop_after(ctx, streak, r is not None):
+            break
+
+
+@technique("rows")
+def t_shared_account_set(ctx: Ctx) -> None:
+    """crm_app naming a different agent with SET pgwarden.end_user every few statements."""
+    c = ctx.connect(sdb.APP_USER)
+    streak = [0]
+    for n, a in enumerate(range(1, N_ALL, 15)):
+        if n % 3 == 0:
+            ctx.q(c, f"SET pgwarden.end_user = '{sdb.AGENTS[(n // 3) % len(sdb.AGENTS)]}'")
+        r = ctx.q(
+            c,
+            f'SELECT customer_id, "FullName", "Email" FROM customers WHERE customer_id BETWEEN {a} AND {a + 14}',
+        )
+        if _stop_after(ctx, streak, r is not None):
+            break
+
+
+@technique("rows")
+def t_shared_account_no_end_user(ctx: Ctx) -> None:
+    """crm_app naming nobody: judged for the database user itself."""
+    c = ctx.connect(sdb.APP_USER)
+    streak = [0]
+    for a in range(1, N_ALL, 15):
+        r = ctx.q(
+            c,
+            f'SELECT customer_id, "FullName", "Email" FROM customers WHERE customer_id BETWEEN {a} AND {a + 14}',
+        )
+        if _stop_after(ctx, streak, r is not None):
+            break
+
+
+@technique("rows")
+def t_self_assign(ctx: Ctx) -> None:
+    """Reassign other agents' open tickets to oneself (an UPDATE agents may run), then read
+    those customers. Once reassigned they are inside need-to-know as the policy defines it,
+    so they count as inside; how many were another agent's is noted. The tickets are given
+    back after."""
+    ds = ctx.env.ds
+    aid = ds.agent_id(ATTACKER)
+    others = [
+        t
+        for t in ds.tickets
+        if t.agent_id not in (None, aid) and t.status != "closed" and not t.restricted
+    ][:400]
+    before = set(ctx.out.ntk)
+    ctx.out.ntk = before | {t.customer_id for t in others}
+    c = ctx.connect()
+    ids = ",".join(str(t.ticket_id) for t in others)
+    try:
+        ctx.q(c, f'UPDATE "Tickets" SET assigned_agent_id = {aid} WHERE ticket_id IN ({ids})')
+        time.sleep(11)  # the policy caches need-to-know lookups for 10 s
+        streak = [0]
+        custs = sorted({t.customer_id for t in others})
+        for i in range(0, len(custs), 15):
+            r = ctx.q(
+                c,
+                f'SELECT customer_id, "FullName", "Email" FROM customers WHERE customer_id IN ({",".join(map(str, custs[i : i + 15]))})',
+            )
+            if _stop_after(ctx, streak, r is not None):
+                break
+    finally:
+        ctx.out.notes.append(
+            f"{len(ctx.out.customers - before)} customers reached the agent through tickets "
+            "reassigned to themselves (inside need-to-know as the policy defines it)"
+        )
+        with psycopg.connect(ctx.env.pg.dsn(database=sdb.DBNAME), autocommit=True) as direct:
+            for t in others:
+                direct.execute(
+                    'UPDATE crm."Tickets" SET assigned_agent_id = %s WHERE ticket_id = %s',
+                    (t.agent_id, t.ticket_id),
+                )
+
+
+# -- the analyst: masked contact data ------------------------------------------------------
+
+
+@technique("rows")
+def t_analyst_unmask(ctx: Ctx) -> None:
+    ctx.out.analyst = True
+    c = ctx.connect(sdb.ANALYST)
+    for expr in ('"Email"', "\"Email\" || ''", 'reverse("Email")', 'lower("FullName")', "profile::text",
+                 "profile->'contact'->>'email'", "(card).email", "card::text", "alt_phones::text",
+                 "format('%s', c)", "row_to_json(c)::text"):  # fmt: skip
+        ctx.q(c, f"SELECT customer_id, {expr} FROM customers c WHERE tier = 'vip'")
+    ctx.q(c, "SELECT customer_id, phone FROM customer_phones_mobile WHERE customer_id % 17 = 0")
+    ctx.q(c, "SELECT customer_id, email FROM customer_directory WHERE customer_id % 17 = 0")
+    ctx.q(c, "SELECT name, email FROM search_customers('%') LIMIT 50")
+
+
+# --- the honest agent ------------------------------------------------------------------------
+
+
+@dataclass
+class HonestResult:
+    statements: int = 0
+    refused: list[tuple[str, str]] = field(default_factory=list)
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    internal_errors: list[str] = field(default_factory=list)
+
+
+def honest_work(env: Env, proxy: ProxyProcess, variant: str = "search_path") -> HonestResult:
+    """A support agent's normal day on the second database, logged in as themselves
+    (agent_bob) and through the helpdesk account naming the agent (agent_cat)."""
+    res = HonestResult()
+
+    def run(
+        conn: psycopg.Connection, query: str, params: Any = None, prefix: str = ""
+    ) -> list[tuple[Any, ...]]:
+        res.statements += 1
+
+        def hang() -> None:
+            res.internal_errors.append(f"hang: {query[:80]}")
+            with contextlib.suppress(Exception):
+                conn.cancel_safe(timeout=3)
+            with contextlib.suppress(Exception):
+                conn.pgconn.finish()
+
+        dog = threading.Timer(HANG_SECONDS, hang)
+        dog.daemon = True
+        dog.start()
+        try:
+            with conn.cursor() as cur:
+                cur.execute(prefix + (_qualify(query) if variant == "qualified" else query), params)
+                return cur.fetchall() if cur.description else []
+        except psycopg.Error as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if exc.sqlstate == "42501" and "pgwarden" in str(exc):
+                res.refused.append((query, msg))
+            elif (exc.sqlstate or "").startswith("XX") or exc.sqlstate is None:
+                res.internal_errors.append(f"{query}: {exc.sqlstate}: {msg}")
+            else:
+                res.errors.append((query, msg))
+            return []
+        finally:
+            dog.cancel()
+
+    for agent, user in (("agent_bob", "agent_bob"), ("agent_cat", sdb.APP_USER)):
+        aid = env.ds.agent_id(agent)
+        prefix = f"/* end_user='{agent}' */ " if user == sdb.APP_USER else ""
+        conn = psycopg.connect(
+            proxy.dsn(user, database=sdb.DBNAME, password=sdb.PASSWORD), autocommit=True
+        )
+        try:
+            run(conn, 'SELECT "TicketNo", subject, status, opened_at FROM "Tickets" '
+                      "WHERE assigned_agent_id = %s AND status <> 'closed' ORDER BY opened_at, ticket_id LIMIT 20",
+                (aid,), prefix)  # fmt: skip
+            run(
+                conn,
+                "SELECT count(*) FROM \"Tickets\" WHERE assigned_agent_id = %s AND status <> 'closed'",
+                (aid,),
+                prefix,
+            )
+            for t in env.ds.open_tickets(agent)[:5]:
+                cust = run(conn, 'SELECT t."TicketNo", c.customer_id, c."FullName", c."Email", p.phone '
+                                 'FROM "Tickets" t JOIN customers c ON c.customer_id = t.customer_id '
+                                 "LEFT JOIN customer_phones p ON p.customer_id = c.customer_id AND p.kind = 'mobile' "
+                                 'WHERE t."TicketNo" = %s', (t.ticket_no,), prefix)  # fmt: skip
+                run(conn, 'SELECT m.author, m.body, m.sent_at FROM ticket_messages m '
+                          'JOIN "Tickets" t ON t.ticket_id = m.ticket_id WHERE t."TicketNo" = %s ORDER BY m.sent_at',
+                    (t.ticket_no,), prefix)  # fmt: skip
+                email = env.ds.customers[t.customer_id].email
+                run(
+                    conn,
+                    'SELECT customer_id, "FullName", "Email" FROM customers WHERE "Email" = %s',
+                    (email,),
+                    prefix,
+                )
+                run(
+                    conn,
+                    "SELECT customer_id, name, email, phone FROM ticket_customer(%s)",
+                    (t.ticket_no,),
+                    prefix,
+                )
+                run(
+                    conn,
+                    "SELECT customer_id, profile->'prefs' FROM customers WHERE customer_id = %s",
+                    (t.customer_id,),
+                    prefix,
+                )
+                del cust
+            t = env.ds.open_tickets(agent)[0]
+            run(conn, 'UPDATE "Tickets" SET status = \'pending\', updated_at = now() WHERE "TicketNo" = %s '
+                      "AND assigned_agent_id = %s", (t.ticket_no, aid), prefix)  # fmt: skip
+            run(conn, 'INSERT INTO ticket_messages (message_id, ticket_id, author, body) '
+                      "VALUES (%s, %s, 'agent', 'Parcel re-sent today.')", (10_000_000 + aid, t.ticket_id), prefix)  # fmt: skip
+            run(conn, 'UPDATE "Tickets" SET status = %s, updated_at = now() WHERE "TicketNo" = %s',
+                (t.status, t.ticket_no), prefix)  # fmt: skip
+            run(
+                conn,
+                'SELECT status, count(*) FROM "Tickets" WHERE assigned_agent_id = %s GROUP BY status',
+                (aid,),
+                prefix,
+            )
+        except psycopg.OperationalError as exc:
+            res.internal_errors.append(f"connection lost: {exc}")
+        finally:
+            conn.close()
+        with psycopg.connect(env.pg.dsn(database=sdb.DBNAME), autocommit=True) as direct:
+            direct.execute("DELETE FROM crm.ticket_messages WHERE message_id >= 10000000")
+    return res
+
+
+# --- running ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Env:
+    pg: Cluster
+    ds: sdb.Dataset
+    matcher: sdb.Matcher
+    workdir: Path
+
+    @classmethod
+    def build(cls, pg: Cluster, workdir: Path) -> Env:
+        ds = sdb.build(pg.psql, pg.dsn(database=sdb.DBNAME))
+        return cls(pg, ds, sdb.Matcher(ds), workdir)
+
+    def proxy(self, tag: str) -> ProxyProcess:
+        return ProxyProcess(
+            self.pg,
+            self.workdir / tag,
+            ["--policy", str(sdb.POLICY), "--catalog-user", "postgres"],
+            admin=False,
+        )
+
+
+def run_technique(env: Env, name: str, variant: str = "search_path") -> Outcome:
+    channel, fn = TECHNIQUES[name]
+    out = Outcome(name=name, channel=channel, ntk=env.ds.need_to_know(ATTACKER), variant=variant)
+    proxy = env.proxy(f"{name}-{variant}")
+    ctx = Ctx(env, proxy, out)
+    try:
+        fn(ctx)
+    except Refused:
+        pass
+    except psycopg.OperationalError as exc:
+        out.internal_errors.append(f"connection failed: {str(exc).strip()[:200]}")
+    finally:
+        ctx.close()
+        # How pgwarden itself exits is noted, not judged: the invariants are about sessions.
+        try:
+            code = proxy.stop()
+        except AssertionError as exc:  # did not exit after SIGTERM: killed
+            out.notes.append(str(exc).splitlines()[0])
+            code = 0
+        if code != 0:
+            out.notes.append(f"pgwarden exited {code} after SIGTERM")
+        log = proxy.log()
+        for line in log.splitlines():
+            if '"internal_error"' in line:
+                try:
+                    exc_text = json.loads(line).get("exception", "")
+                except ValueError:
+                    exc_text = line
+                tb = [ln.strip() for ln in exc_text.strip().splitlines()]
+                where = [ln for ln in tb if ln.startswith("File ")][-2:]
+                out.notes.append(
+                    "pgwarden log internal_error: " + " | ".join([*where, tb[-1]])[:400]
+                )
+                break
+    return out
+
+
+def run_honest(env: Env, variant: str = "search_path") -> HonestResult:
+    proxy = env.proxy(f"honest-{variant}")
+    try:
+        res = honest_work(env, proxy, variant)
+    finally:
+        code: int | str
+        try:
+            code = proxy.stop()
+        except AssertionError as exc:
+            code = str(exc).splitlines()[0]
+    if code != 0:
+        print(f"honest [{variant}]: pgwarden stop: {code}", file=sys.stderr)
+    return res
+
+
+def table(outcomes: list[Outcome]) -> str:
+    head = (
+        f"{'technique':30} {'variant':11} {'channel':7} {'customers':>9} {'max/stmt':>8} "
+        f"{'outside':>7} {'canary':>6} {'refused':>8} {'internal':>8}  by channel"
+    )
+    lines = [head]
+    for o in outcomes:
+        chans = ",".join(f"{k}:{len(v)}" for k, v in sorted(o.per_channel.items()) if v) or "-"
+        refused = f"yes({o.refused})" if o.refused else "no"
+        lines.append(
+            f"{o.name:30} {o.variant:11} {o.channel:7} {len(o.customers):>9} "
+            f"{o.max_per_statement:>8} {len(o.outside):>7} "
+            f"{len(o.customers & set(sdb.CANARY_IDS)):>6} {refused:>8} "
+            f"{'yes' if o.internal_errors else 'no':>8}  {chans}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--only", default="", help="comma-separated technique names")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="search_path,qualified")
+    ap.add_argument("--json", default="", help="write every outcome as JSON to this file")
+    args = ap.parse_args(argv)
+    names = [n for n in args.only.split(",") if n] or list(TECHNIQUES)
+    variants = [v for v in args.variants.split(",") if v]
+    outcomes: list[Outcome] = []
+    honest: dict[str, HonestResult] = {}
+    with (
+        tempfile.TemporaryDirectory(prefix="pgwarden-redteam-") as tmp,
+        running_cluster(tls=False, schema=False) as pg,
+    ):
+        env = Env.build(pg, Path(tmp))
+        for variant in variants:
+            for name in names:
+                print(f"... {name} [{variant}]", file=sys.stderr, flush=True)
+                outcomes.append(run_technique(env, name, variant))
+            honest[variant] = run_honest(env, variant)
+    print(table(outcomes))
+    print()
+    for o in outcomes:
+        for v in o.violations():
+            print(f"  {o.name} [{o.variant}]: {v}")
+        for n in o.notes:
+            print(f"  {o.name} [{o.variant}]: {n}")
+    for variant, h in honest.items():
+        print(f"\nhonest [{variant}]: {h.statements} statements, {len(h.refused)} refused, "
+              f"{len(h.errors)} other errors, {len(h.internal_errors)} internal errors")  # fmt: skip
+        for q, msg in h.refused:
+            print(f"  refused: {' '.join(q.split())[:110]}\n           -> {msg[:200]}")
+        for q, msg in h.errors:
+            print(f"  error:   {' '.join(q.split())[:110]}\n           -> {msg[:200]}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "techniques": [{"variant": o.variant, **o.summary()} for o in outcomes],
+            "honest": {v: {"statements": h.statements, "refused": h.refused, "errors": h.errors,
+                           "internal_errors": h.internal_errors} for v, h in honest.items()},
+        }, indent=1))  # fmt: skip
+    leaking = sum(1 for o in outcomes if o.violations())
+    internal = sum(1 for o in outcomes if o.internal_errors)
+    internal += sum(len(h.internal_errors) for h in honest.values())
+    print(
+        f"techniques={len(outcomes)} leaking={leaking} "
+        f"max_customers={max((len(o.customers) for o in outcomes), default=0)} "
+        f"max_outside_need_to_know={max((len(o.outside) for o in outcomes), default=0)} "
+        f"honest_statements={sum(h.statements for h in honest.values())} "
+        f"honest_refused={sum(len(h.refused) for h in honest.values())} internal_errors={internal}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
