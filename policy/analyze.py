@@ -563,7 +563,24 @@ def _statement_shape(kind: str, n: Node, f: dict[str, Any]) -> None:
 def _select_has_where(n: Node) -> bool:
     if n.get("op", "SETOP_NONE") != "SETOP_NONE":
         return _select_has_where(n["larg"]) and _select_has_where(n["rarg"])
-    return _real_where(n.get("whereClause"))
+    return _real_where(n.get("whereClause")) or _parameterised_function(n.get("fromClause"))
+
+
+def _parameterised_function(from_clause: list[Node] | None) -> bool:
+    """FROM items that are all functions called with a parameter (``ticket_customer($1)``):
+    the argument is the filter, applied inside the function. (A constant argument is not:
+    ``search_customers('%')`` is the classic way around such a rule.) The row limit and the
+    windows still count whatever it returns."""
+    if not from_clause:
+        return False
+    for item in from_clause:
+        rf = item.get("RangeFunction")
+        if rf is None or not any(
+            any(True for _ in iter_nodes(call.get("args"), "ParamRef"))
+            for call in iter_nodes(rf.get("functions"), "FuncCall")
+        ):
+            return False  # another FROM item (a table) with no WHERE of its own
+    return True
 
 
 def _real_where(where: Node | None) -> bool:

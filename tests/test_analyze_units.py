@@ -645,3 +645,18 @@ def test_a_quote_inside_an_identifier_cannot_hide_a_different_statement() -> Non
     (f,) = a.analyze("""SELECT "x'" FROM customers WHERE email = 'a' """.strip(), ("public",))
     assert a.shape_hits == 0
     assert "public.customers" in f.relations_read
+
+
+@pytest.mark.parametrize(
+    ("sql", "bounded"),
+    [
+        ("SELECT * FROM lookup_customer($1)", True),
+        ("SELECT * FROM lookup_customer('%')", False),  # the constant filters nothing known
+        ("SELECT * FROM customers c, lookup_customer($1) x", False),  # customers is not
+        ("SELECT * FROM customers WHERE customer_id = $1", True),
+    ],
+)
+def test_a_function_called_with_a_parameter_counts_as_filtered(
+    analyzer: Analyzer, sql: str, bounded: bool
+) -> None:
+    assert analyzer.analyze(sql)[0].has_where is bounded
