@@ -121,7 +121,7 @@ class Proxy:
         self.stats = stats or Stats()
         self.runtime = runtime
         self.connections: set[ClientConnection] = set()
-        self.by_cancel_pid: dict[int, ClientConnection] = {}
+        self.by_cancel_secret: dict[bytes, ClientConnection] = {}
         self.shutting_down = False
         self._servers: list[asyncio.AbstractServer] = []
         self.apply_config(config)
@@ -158,29 +158,49 @@ class Proxy:
         self._servers.append(server)
         return [s.getsockname()[:2] for s in server.sockets]
 
-    def issue_cancel_key(self, conn: ClientConnection, length: int) -> tuple[int, bytes]:
-        """A (pid, secret) pair for the client that no other live session holds.
+    def issue_cancel_secret(self, conn: ClientConnection, length: int) -> bytes:
+        """A cancel secret for the client that no other live session holds.
 
-        With several workers the pid also says which worker owns the session (pid modulo
-        the number of workers), so a cancel request that the kernel hands to another worker
-        can be passed to the right one.
+        The client gets its backend's real pid (a client's ``pg_terminate_backend``, NOTIFY
+        sender pids and ``pg_stat_activity`` lookups depend on it) and this secret in place
+        of PostgreSQL's, so a cancel request reaches PostgreSQL only through pgwarden, and
+        only with a key pgwarden issued.  With several workers the secret also says which
+        worker owns the session (its first four bytes modulo the number of workers), so a
+        cancel request that the kernel hands to another worker can be passed to the right
+        one.  ``length`` is the server's own (4 bytes in protocol 3.0, up to 256 in 3.2).
         """
         workers = self.config.workers
         while True:
-            pid = secrets.randbelow((2**31 - 2) // workers) * workers + self.worker
-            if pid and pid not in self.by_cancel_pid:
-                self.by_cancel_pid[pid] = conn
-                return pid, secrets.token_bytes(length)
+            secret = bytearray(secrets.token_bytes(length))
+            if workers > 1:
+                head = int.from_bytes(secret[:4], "big")
+                head += (self.worker - head % workers) % workers
+                if head >= 2**32:
+                    continue
+                secret[:4] = head.to_bytes(4, "big")
+            key = bytes(secret)
+            if key not in self.by_cancel_secret:
+                self.by_cancel_secret[key] = conn
+                return key
+
+    def _worker_of(self, secret: bytes) -> int:
+        return int.from_bytes(secret[:4], "big") % self.config.workers
 
     async def forward_cancel(self, pid: int, secret: bytes) -> None:
         workers = self.config.workers
-        if workers > 1 and pid % workers != self.worker:
-            await self._pass_cancel(pid % workers, pid, secret)
+        if workers > 1 and self._worker_of(secret) != self.worker:
+            await self._pass_cancel(self._worker_of(secret), pid, secret)
             return
-        conn = self.by_cancel_pid.get(pid)
+        conn = self.by_cancel_secret.get(secret)
         key = conn.session.client_key if conn else None
-        if conn is None or key is None or not hmac.compare_digest(key.secret, secret):
-            # Unknown or forged: drop it.  Never guess a backend, never tell the sender.
+        if (
+            conn is None
+            or key is None
+            or key.pid != pid
+            or not hmac.compare_digest(key.secret, secret)
+        ):
+            # Unknown or forged (the pid is no secret: a client sees it, and so does anyone
+            # who can read pg_stat_activity): drop it.  Never guess, never tell the sender.
             self.stats.cancels_dropped += 1
             log.warning("cancel_dropped", reason="unknown or forged cancel key")
             return
@@ -298,7 +318,7 @@ class ClientConnection(asyncio.Protocol):
         self.session = Session(
             proxy.settings,
             proxy.stats,
-            lambda n: proxy.issue_cancel_key(self, n),
+            lambda n: proxy.issue_cancel_secret(self, n),
             make_guard=proxy.runtime.make_guard if proxy.runtime is not None else None,
         )
         self.session_id = next(_session_ids)
@@ -346,13 +366,13 @@ class ClientConnection(asyncio.Protocol):
         self.proxy.connections.discard(self)
         self.proxy.stats.connections_active -= 1
         key = self.session.client_key
-        if key is not None and self.proxy.by_cancel_pid.get(key.pid) is self:
-            del self.proxy.by_cancel_pid[key.pid]
+        if key is not None and self.proxy.by_cancel_secret.get(key.secret) is self:
+            del self.proxy.by_cancel_secret[key.secret]
         else:
             # The key may have been issued before start-up finished.
-            for pid, conn in list(self.proxy.by_cancel_pid.items()):
+            for secret, conn in list(self.proxy.by_cancel_secret.items()):
                 if conn is self:
-                    del self.proxy.by_cancel_pid[pid]
+                    del self.proxy.by_cancel_secret[secret]
 
     def pause_writing(self) -> None:
         # The client reads slower than PostgreSQL sends: stop reading PostgreSQL.

@@ -114,10 +114,12 @@ def error_bytes(
 class Session:
     settings: SessionSettings
     stats: Stats
-    issue_key: Callable[[int], tuple[int, bytes]]  # secret length -> (pid, secret) for the client
+    issue_key: Callable[[int], bytes]  # secret length -> a secret of pgwarden's for the client
     subject: Subject = field(default_factory=Subject)
     phase: Phase = Phase.STARTUP
-    # Keys: what PostgreSQL gave us, and what we gave the client instead.
+    # Keys: what PostgreSQL gave us, and what we gave the client: the same backend pid (a
+    # client's pg_terminate_backend, NOTIFY sender pids and pg_stat_activity lookups need
+    # it), with a secret of pgwarden's own, so only pgwarden can cancel the backend.
     upstream_key: BackendKeyData | None = None
     client_key: BackendKeyData | None = None
     server_params: dict[str, str] = field(default_factory=dict)
@@ -406,8 +408,8 @@ class Session:
                     out.append(cmd.Log("authenticated"))
             elif t == _K:
                 self.upstream_key = BackendKeyData.decode(body)
-                pid, secret = self.issue_key(len(self.upstream_key.secret))
-                self.client_key = BackendKeyData(pid, secret)
+                secret = self.issue_key(len(self.upstream_key.secret))
+                self.client_key = BackendKeyData(self.upstream_key.pid, secret)
                 pieces.append(self.client_key.encode())
             elif t == _S:
                 p = ParameterStatus.decode(body)

@@ -15,7 +15,7 @@ STARTUP = m.StartupMessage(
 
 
 def new_session(**settings: object) -> Session:
-    keys = iter([(1001, b"\x01\x02\x03\x04"), (1002, b"\x05\x06\x07\x08")])
+    keys = iter([b"\x01\x02\x03\x04", b"\x05\x06\x07\x08"])
     return Session(SessionSettings(**settings), Stats(), lambda n: next(keys))  # type: ignore[arg-type]
 
 
@@ -169,7 +169,7 @@ def test_queries_before_authentication_ends_are_a_protocol_error() -> None:
         s.client_data(m.Query("select 1").encode())
 
 
-def test_client_gets_the_proxys_cancel_key_not_the_backends() -> None:
+def test_client_gets_the_backends_pid_with_a_secret_of_the_proxys() -> None:
     s = new_session()
     s.client_data(STARTUP.encode())
     s.upstream_ready(STARTUP)
@@ -181,7 +181,7 @@ def test_client_gets_the_proxys_cancel_key_not_the_backends() -> None:
     msgs = client_messages(to_client(out))
     assert msgs == [
         m.Authentication(0),
-        m.BackendKeyData(1001, b"\x01\x02\x03\x04"),
+        m.BackendKeyData(77, b"\x01\x02\x03\x04"),
         m.ReadyForQuery("I"),
     ]
     assert s.upstream_key == m.BackendKeyData(77, b"real")
@@ -190,9 +190,9 @@ def test_client_gets_the_proxys_cancel_key_not_the_backends() -> None:
 def test_long_protocol_3_2_keys_are_replaced_by_keys_of_the_same_length() -> None:
     lengths = []
 
-    def issue(n: int) -> tuple[int, bytes]:
+    def issue(n: int) -> bytes:
         lengths.append(n)
-        return 5, b"k" * n
+        return b"k" * n
 
     s = Session(SessionSettings(), Stats(), issue)
     s.client_data(STARTUP.encode())
