@@ -19,16 +19,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
+import structlog
+
 from policy.labels import LabelRules, parse_comment_labels
 from policy.parse import plpgsql_queries
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger("pgwarden.catalog")
 
 # Schemas whose relations we list (so name resolution knows pg_catalog shadows public) but
 # whose views we never expand: their definitions are internals, not customer data.
@@ -483,7 +484,7 @@ class Catalog:
                 raise
             except Exception as exc:  # keep serving the old snapshot
                 self.last_error = exc
-                log.warning("catalog refresh failed, keeping the previous snapshot: %s", exc)
+                log.warning("catalog_refresh_failed", error=str(exc), kept="previous snapshot")
 
     async def close(self) -> None:
         if self._task is not None:

@@ -1,0 +1,55 @@
+"""Every line pgwarden writes to stderr is in the configured log format, library output too."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+# What a running pgwarden meets: its own events, a library logging through the standard
+# library (asyncpg does, asyncio's "exception was never retrieved" does), a Python warning.
+_SCRIPT = """
+import logging, warnings, structlog
+from proxy.logs import configure_logging
+configure_logging("info", "json")
+configure_logging("info", "json")  # a SIGHUP reload configures again: still one line each
+structlog.get_logger("pgwarden").info("own_event", n=1)
+logging.getLogger("asyncpg.pool").warning("connection %s was lost", "c1")
+warnings.warn("a library is unhappy", RuntimeWarning)
+logging.getLogger("asyncio").error("Task exception was never retrieved", exc_info=ValueError("x"))
+logging.getLogger("quiet").debug("below the level")
+"""
+
+
+def _stderr_of(script: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stderr
+
+
+def test_library_logs_and_warnings_are_json_lines() -> None:
+    lines = _stderr_of(_SCRIPT).splitlines()
+    events = [json.loads(line) for line in lines]  # every line parses
+    assert [e["event"] for e in events] == [
+        "own_event",
+        "connection c1 was lost",
+        "python_warning",
+        "Task exception was never retrieved",
+    ]
+    assert events[1]["logger"] == "asyncpg.pool" and events[1]["level"] == "warning"
+    assert "RuntimeWarning: a library is unhappy" in events[2]["warning"]
+    assert "ValueError" in events[3]["exception"]
+    assert all("timestamp" in e for e in events)
+
+
+@pytest.mark.parametrize("fmt", ["console"])
+def test_console_format_applies_to_library_lines_too(fmt: str) -> None:
+    script = _SCRIPT.replace('"json")', f'"{fmt}")')
+    text = _stderr_of(script)
+    assert "connection c1 was lost" in text
+    for line in text.splitlines():
+        assert not line.startswith("{")
