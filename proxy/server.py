@@ -42,6 +42,9 @@ WRITE_HIGH_WATER = 256 * 1024
 # How long a closing client connection keeps reading after our FIN (see _close_client).
 CLOSE_LINGER_SECONDS = 2.0
 _session_ids = itertools.count(1)
+# Statements that create, drop or rename a database (kinds as policy.analyze names them):
+# a catalog of pgwarden's may now stand for a database that is gone, or another one.
+_DATABASE_DDL = frozenset({"createdb", "dropdb", "rename", "alter_database"})
 # Audit session ids must not collide between worker processes writing to one store.
 _PROCESS_TAG = secrets.token_hex(3)
 
@@ -403,6 +406,8 @@ class ClientConnection(asyncio.Protocol):
                 self._spawn(self._open_upstream(c.startup))
             elif type(c) is cmd.StartClientTLS:
                 self._start_tls()
+            elif type(c) is cmd.PrepareSession:
+                self._spawn(self._prepare_session())
             elif type(c) is cmd.ForwardCancel:
                 self._cancelling = True
                 self._spawn(self._forward_cancel(c.pid, c.secret))
@@ -493,7 +498,10 @@ class ClientConnection(asyncio.Protocol):
         facts = c.facts
         if facts is not None and facts.is_ddl and self.proxy.runtime is not None:
             # The catalog may have changed under the analysis: reload it soon.
-            self.proxy.runtime.invalidate(self.session.subject.database)
+            if facts.kind in _DATABASE_DDL:
+                self.proxy.runtime.invalidate_all()
+            else:
+                self.proxy.runtime.invalidate(self.session.subject.database)
 
     def _close_client(self) -> None:
         """Flush, send FIN, and keep reading (and discarding) until the client closes.
@@ -604,23 +612,6 @@ class ClientConnection(asyncio.Protocol):
             return
         self.upstream = proto
         proto.negotiating = None
-        runtime = self.proxy.runtime
-        if runtime is not None:
-            try:
-                await runtime.ensure_catalog(self.session.subject.database)
-            except Exception as exc:
-                self.log.error("catalog_unavailable", error=str(exc))
-                transport.close()
-                self.upstream = None
-                self.run(
-                    self.session.upstream_failed(
-                        f"policy cannot be enforced: the catalog of database "
-                        f"{self.session.subject.database!r} could not be loaded ({exc})"
-                    )
-                )
-                return
-            subject = self.session.subject
-            subject.roles = await runtime.roles_of(subject.database, subject.user)
         ssl_object = transport.get_extra_info("ssl_object")
         same_cert = False
         if ssl_object is not None and self.proxy.client_cert_der is not None:
@@ -632,6 +623,25 @@ class ClientConnection(asyncio.Protocol):
         except ProtocolError as exc:
             commands = self.session.protocol_error(exc)
         self.run(commands)
+
+    async def _prepare_session(self) -> None:
+        """What the policy needs before an authenticated session goes on: its database's
+        catalog (loaded once per database) and the user's roles."""
+        runtime = self.proxy.runtime
+        subject = self.session.subject
+        failure = None
+        if runtime is not None:
+            try:
+                await runtime.ensure_catalog(subject.database)
+                subject.roles = await runtime.roles_of(subject.database, subject.user)
+            except Exception as exc:
+                self.log.error("catalog_unavailable", database=subject.database, error=str(exc))
+                failure = (
+                    f"policy cannot be enforced: the catalog of database "
+                    f"{subject.database!r} could not be loaded ({exc})"
+                )
+        if not self._closed:
+            self.run(self.session.session_prepared(failure))
 
     async def _upstream_tls(
         self, transport: asyncio.Transport, proto: UpstreamConnection
@@ -767,6 +777,7 @@ async def serve(
             policy, config.policy_file,
             (config.upstream.host, config.upstream.port), stats,
             ssl=_asyncpg_ssl(config), catalog_user=config.catalog_user,
+            idle_timeout=config.catalog_idle_timeout,
         )  # fmt: skip
         if config.audit is not None:
             from audit.pipeline import AuditTrail

@@ -377,3 +377,53 @@ def test_channel_binding_is_offered_when_pgwarden_shows_the_servers_own_certific
     assert auth.mechanisms == ("SCRAM-SHA-256-PLUS", "SCRAM-SHA-256")
     first = m.SASLInitialResponse("SCRAM-SHA-256-PLUS", b"p=tls-server-end-point,,n=,r=x").encode()
     assert to_server(s.client_data(first)) == first
+
+
+# --- a guarded session: the catalog is loaded once PostgreSQL has authenticated the client ---
+
+
+def guarded_session() -> Session:
+    s = new_session()
+    s.make_guard = lambda subject: None
+    s.client_data(STARTUP.encode())
+    s.upstream_ready(STARTUP)
+    return s
+
+
+AFTER_AUTH = m.BackendKeyData(77, b"real").encode() + m.ReadyForQuery("I").encode()
+
+
+def test_a_guarded_session_waits_for_its_catalog_after_authentication() -> None:
+    s = guarded_session()
+    out = s.server_data(m.Authentication(0).encode() + AFTER_AUTH)
+    assert client_messages(to_client(out)) == [m.Authentication(0)]
+    assert cmd.PrepareSession() in out
+    assert s.phase is Phase.AUTH
+    out = s.session_prepared(None)
+    assert client_messages(to_client(out)) == [
+        m.BackendKeyData(77, b"\x01\x02\x03\x04"),
+        m.ReadyForQuery("I"),
+    ]
+    assert s.phase is Phase.READY
+
+
+def test_a_catalog_that_cannot_load_ends_the_session_with_pgwardens_error() -> None:
+    s = guarded_session()
+    s.server_data(m.Authentication(0).encode() + AFTER_AUTH)
+    (err,) = client_messages(to_client(s.session_prepared("policy cannot be enforced: x")))
+    assert isinstance(err, m.ErrorResponse)
+    assert (err.sqlstate, err.message) == ("08001", "pgwarden: policy cannot be enforced: x")
+
+
+def test_postgresqls_refusal_after_authentication_reaches_the_client() -> None:
+    # PostgreSQL checks the database after authentication: AuthenticationOk, then FATAL.
+    s = guarded_session()
+    refusal = m.ErrorResponse.make("3D000", 'database "nosuchdb" does not exist', severity="FATAL")
+    s.server_data(m.Authentication(0).encode() + refusal.encode())
+    out = s.session_prepared("the catalog could not be loaded")
+    assert client_messages(to_client(out)) == [refusal]
+    # ... also when PostgreSQL has closed the connection before the catalog load failed.
+    s = guarded_session()
+    s.server_data(m.Authentication(0).encode() + refusal.encode())
+    assert client_messages(to_client(s.server_closed())) == [refusal]
+    assert s.session_prepared("the catalog could not be loaded") == []
