@@ -5,8 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import psycopg
 import pytest
+
+from loadtests.cluster import Cluster
+from tests.conftest import ProxyFactory
+from tests.proxyutil import wait_until
+from tests.support_data import POLICY
 
 # What a running pgwarden meets: its own events, a library logging through the standard
 # library (asyncpg does, asyncio's "exception was never retrieved" does), a Python warning.
@@ -53,3 +60,51 @@ def test_console_format_applies_to_library_lines_too(fmt: str) -> None:
     assert "connection c1 was lost" in text
     for line in text.splitlines():
         assert not line.startswith("{")
+
+
+def test_a_running_proxys_stderr_is_all_json_with_a_catalog_refresh_warning(
+    proxy_factory: ProxyFactory, pg: Cluster, tmp_path: Path
+) -> None:
+    pg.psql(
+        "DROP DATABASE IF EXISTS logs_db WITH (FORCE); CREATE DATABASE logs_db;"
+        "REVOKE CONNECT ON DATABASE logs_db FROM PUBLIC;"
+        "GRANT CONNECT ON DATABASE logs_db TO trust_user;",
+        database="postgres",
+    )
+    p = proxy_factory(
+        "--policy",
+        str(POLICY),
+        "--catalog-user",
+        "trust_user",
+        "--log-format",
+        "json",
+        "--audit-db",
+        str(tmp_path / "audit.db"),
+    )
+    with psycopg.connect(p.dsn(dbname="logs_db"), autocommit=True) as conn:
+        conn.execute("select 1")
+        # pgwarden's catalog role loses the right to connect; its connection closes when
+        # idle, so the reload that the next DDL asks for fails: a warning, and the previous
+        # catalog stays in force.
+        pg.psql("REVOKE CONNECT ON DATABASE logs_db FROM trust_user", database="postgres")
+        wait_until(
+            lambda: (
+                pg.psql(
+                    "select count(*) from pg_stat_activity where datname = 'logs_db' "
+                    "and application_name = 'pgwarden-catalog'"
+                ).strip()
+                == "0"
+            ),
+            10,
+            what="pgwarden's catalog connection to close when idle",
+        )
+        conn.execute("create table t (id int)")
+        event = p.wait_for_log_event("catalog_refresh_failed", timeout=20)
+        assert event["database"] == "logs_db" and event["level"] == "warning"
+        assert conn.execute("select count(*) from t").fetchone() == (0,)
+    assert p.stop() == 0
+    lines = p.log().splitlines()
+    assert lines
+    for line in lines:
+        json.loads(line)  # every line, whoever wrote it
+    pg.psql("DROP DATABASE logs_db WITH (FORCE)", database="postgres")
