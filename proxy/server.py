@@ -741,6 +741,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
 
+# What a service manager or a terminal sends: stop (SIGTERM, SIGINT) or reload (SIGHUP).
+CONTROL_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+
+
 def install_uvloop() -> bool:
     try:
         import uvloop
@@ -759,6 +763,28 @@ async def serve(
     """Run the proxy until SIGTERM or SIGINT; SIGHUP calls ``reload`` for a new config."""
     from proxy.admin import AdminServer
     from proxy.logs import configure_logging
+
+    # Signals are handled from the very start: a SIGTERM during start-up stops the proxy
+    # once it has started (its audit writer included) rather than killing it half-way, and
+    # a SIGHUP then reloads instead of killing it (SIGHUP's default action).
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    reloader: list[Callable[[], None]] = []
+    hup_pending = False
+
+    def hup() -> None:
+        nonlocal hup_pending
+        if reloader:
+            reloader[0]()
+        else:
+            hup_pending = True
+
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, hup)
+    # A supervisor starts its workers with these signals blocked (proxy.cli._supervise), so
+    # that one sent while a worker is starting waits for this point.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, CONTROL_SIGNALS)
 
     runtime = None
     if config.policy_file is not None or config.audit is not None:
@@ -787,8 +813,6 @@ async def serve(
         proxy = Proxy(config, stats, runtime, worker)
     else:
         proxy = Proxy(config, worker=worker)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
     addresses = await proxy.start()
     if config.workers > 1:
         await proxy.start_cancel_listener()
@@ -822,9 +846,9 @@ async def serve(
     watcher = None
     if runtime is not None and runtime.source is not None:
         watcher = asyncio.create_task(runtime.watch_file(), name="pgwarden-policy-watch")
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    reloader.append(on_hup)
+    if hup_pending:
+        on_hup()
     log.info(
         "listening",
         addresses=[f"{h}:{p}" for h, p in addresses],
