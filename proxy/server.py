@@ -640,8 +640,15 @@ class ClientConnection(asyncio.Protocol):
                     f"policy cannot be enforced: the catalog of database "
                     f"{subject.database!r} could not be loaded ({exc})"
                 )
-        if not self._closed:
-            self.run(self.session.session_prepared(failure))
+        if self._closed:
+            return
+        try:
+            commands = self.session.session_prepared(failure)
+        except ProtocolError as exc:  # in the server's held messages
+            commands = self.session.protocol_error(exc)
+        except Exception:
+            commands = self._internal_error()
+        self.run(commands)
 
     async def _upstream_tls(
         self, transport: asyncio.Transport, proto: UpstreamConnection

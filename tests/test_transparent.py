@@ -288,3 +288,19 @@ def test_own_connections_close_when_idle_and_reopen_on_demand(
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="pgwarden: blocked"):
             conn.execute("select * from customers")
     pg.psql("DROP DATABASE idle_db", database="postgres")
+
+
+# --- cancel secrets ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("length", [4, 32, 256])
+def test_cancel_secrets_have_the_servers_length_and_name_their_worker(length: int) -> None:
+    from proxy.config import ProxyConfig
+    from proxy.server import Proxy
+
+    proxy = Proxy(ProxyConfig(workers=3), worker=2)
+    secrets_ = {proxy.issue_cancel_secret(object(), length) for _ in range(200)}  # type: ignore[arg-type]
+    assert len(secrets_) == 200  # no two live sessions share one
+    for secret in secrets_:
+        assert len(secret) == length
+        assert int.from_bytes(secret[:4], "big") % 3 == 2  # routed to worker 2
