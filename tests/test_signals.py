@@ -145,10 +145,22 @@ def test_a_signal_to_demo_serve_stops_everything_it_started(
 
 
 def _workers(pg: Cluster, tmp_path: Path) -> tuple[ProxyProcess, Procs]:
-    p = ProxyProcess(
-        pg, tmp_path / "proxy", ["--workers", "2", "--audit-db", str(tmp_path / "audit.db")],
-        admin_ports=2,
-    )  # fmt: skip
+    """``serve --workers 2`` with both workers listening.  The machine is shared: a worker's
+    admin port found free can be taken before it binds it, so start again on new ports."""
+    for attempt in range(3):
+        p = ProxyProcess(
+            pg, tmp_path / f"proxy{attempt}",
+            ["--workers", "2", "--audit-db", str(tmp_path / f"audit{attempt}.db")],
+            admin_ports=2,
+        )  # fmt: skip
+        wait_until(
+            lambda: "cannot listen" in p.log()  # noqa: B023 (called in this iteration)
+            or sum(e.get("event") == "listening" for e in p.log_events()) == 2,  # noqa: B023
+            20, what="both workers to listen",
+        )  # fmt: skip
+        if "cannot listen" not in p.log():
+            break
+        p.stop()
     # Two workers, each with its audit writer.
     procs = wait_until(
         lambda: len(d := descendants(p.proc.pid)) == 4 and d, 20, what="2 workers, 2 writers"
