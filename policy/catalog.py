@@ -19,16 +19,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
+import structlog
+
 from policy.labels import LabelRules, parse_comment_labels
+from policy.ownconn import DEFAULT_IDLE_TIMEOUT, IdleConnection
 from policy.parse import plpgsql_queries
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger("pgwarden.catalog")
 
 # Schemas whose relations we list (so name resolution knows pg_catalog shadows public) but
 # whose views we never expand: their definitions are internals, not customer data.
@@ -426,10 +428,14 @@ def snapshot_from_rows(
 class Catalog:
     """Holds the current snapshot; reloads it on an interval and soon after ``invalidate()``.
 
-    ``connect`` opens a new asyncpg connection (the holder keeps one open and reconnects on
-    failure). Readers take ``catalog.snapshot``: an attribute read, never an await, so the
-    proxy's hot path does not wait on the catalog. If a reload fails the previous snapshot
-    stays in force and the error is logged.
+    ``connect`` opens a new asyncpg connection; the holder uses it for a reload and closes
+    it ``idle_timeout`` seconds later (see ``policy.ownconn``), so pgwarden never holds a
+    database its clients may want to drop or rename. Readers take ``catalog.snapshot``: an
+    attribute read, never an await, so the proxy's hot path does not wait on the catalog,
+    and the snapshot stays in force while the connection is closed or a reload runs. If a
+    reload fails the previous snapshot stays in force and the error is logged; if it fails
+    because the database no longer exists (dropped or renamed), ``gone`` is set and the
+    holder stops reloading.
     """
 
     def __init__(
@@ -437,15 +443,18 @@ class Catalog:
         connect: Callable[[], Awaitable[Any]],
         refresh_interval: float = 60.0,
         rules: LabelRules | None = None,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        name: str = "",
     ) -> None:
-        self._connect = connect
+        self._own = IdleConnection(connect, idle_timeout)
         self._interval = refresh_interval
         self._rules = rules or LabelRules()
-        self._conn: Any = None
+        self.name = name
         self._snapshot: CatalogSnapshot | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.last_error: BaseException | None = None
+        self.gone = False
 
     @property
     def snapshot(self) -> CatalogSnapshot:
@@ -465,14 +474,13 @@ class Catalog:
 
     async def refresh(self) -> CatalogSnapshot:
         """Reload now; returns the new snapshot."""
-        if self._conn is None or self._conn.is_closed():
-            self._conn = await self._connect()
         try:
-            snap = await load_catalog(self._conn)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await self._conn.close()
-            self._conn = None
+            async with self._own.use() as conn:
+                snap = await load_catalog(conn)
+        except Exception as exc:
+            # 3D000 invalid_catalog_name: the database was dropped or renamed under us.
+            if getattr(exc, "sqlstate", None) == "3D000":
+                self.gone = True
             raise
         self._snapshot = snap.with_rules(self._rules)
         self.last_error = None
@@ -502,7 +510,13 @@ class Catalog:
                 raise
             except Exception as exc:  # keep serving the old snapshot
                 self.last_error = exc
-                log.warning("catalog refresh failed, keeping the previous snapshot: %s", exc)
+                if self.gone:
+                    log.info("catalog_database_gone", database=self.name, error=str(exc))
+                    return
+                log.warning(
+                    "catalog_refresh_failed", database=self.name, error=str(exc),
+                    kept="previous snapshot",
+                )  # fmt: skip
 
     async def close(self) -> None:
         if self._task is not None:
@@ -510,7 +524,4 @@ class Catalog:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        if self._conn is not None:
-            with contextlib.suppress(Exception):
-                await self._conn.close()
-            self._conn = None
+        await self._own.close()

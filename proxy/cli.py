@@ -141,15 +141,27 @@ def _supervise(workers: int) -> int:
     import signal
     import subprocess
 
+    from proxy.server import CONTROL_SIGNALS
+
     argv = [sys.executable, "-m", "proxy", *sys.argv[1:]]
-    children = [subprocess.Popen([*argv, "--worker-index", str(i)]) for i in range(workers)]
+    children: list[subprocess.Popen[bytes]] = []
 
     def forward(signum: int, _frame: Any) -> None:
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in CONTROL_SIGNALS:
         signal.signal(sig, forward)
+    # The workers start with these signals blocked (the mask survives exec) and unblock them
+    # once their handlers are in place: a signal forwarded while a worker is still starting
+    # waits for it, instead of killing it (SIGHUP's default action would, leaving one worker
+    # fewer) or stopping it half-started.  Signals to us meanwhile wait for the unblock below.
+    signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)
+    try:
+        for i in range(workers):
+            children.append(subprocess.Popen([*argv, "--worker-index", str(i)]))
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, CONTROL_SIGNALS)
     codes = [child.wait() for child in children]
     return max((abs(c) for c in codes), default=0)

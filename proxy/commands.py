@@ -31,6 +31,13 @@ class OpenUpstream:
 
 
 @dataclass(frozen=True, slots=True)
+class PrepareSession:
+    """PostgreSQL has authenticated the client: load what the policy needs for this session
+    (its database's catalog, the user's roles) and report back with
+    ``Session.session_prepared``.  Until then the server's next messages are held."""
+
+
+@dataclass(frozen=True, slots=True)
 class ForwardCancel:
     """A client's CancelRequest carrying the key pgwarden handed out; the server maps it."""
 
@@ -178,6 +185,7 @@ Command = (
     | SendToServer
     | StartClientTLS
     | OpenUpstream
+    | PrepareSession
     | ForwardCancel
     | CancelUpstream
     | CloseClient

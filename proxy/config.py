@@ -128,6 +128,11 @@ class ProxyConfig(BaseModel):
     )  # fmt: skip
     policy_file: Path | None = Field(None, description="policy YAML to enforce")
     catalog_user: str | None = Field(None, description="role for pgwarden's catalog connection")
+    catalog_idle_timeout: float = Field(
+        default=1.0, ge=0, le=60,
+        description="seconds after which pgwarden's own connections (catalog, lookups) close "
+        "when unused; below 5 s, a client's DROP or ALTER DATABASE ... RENAME never fails on them",
+    )  # fmt: skip
     audit: AuditConfig | None = Field(None, description="the audit trail (sinks, keys, alerts)")
     max_message_bytes: int = Field(default=256 * 1024 * 1024, ge=1024, le=2**30)
     connect_timeout: float = Field(default=10.0, gt=0)

@@ -703,8 +703,30 @@ def _mark(ok: bool) -> str:
     return "[green]✓[/]" if ok else "[red]✗[/]"
 
 
+def _stop_on_signals() -> None:
+    """SIGTERM, SIGINT and SIGHUP end the demo the way Ctrl-C does: every context it opened
+    closes, so pgwarden (and its audit writer) and the throwaway PostgreSQL stop too.
+    Without this, SIGTERM or a closed terminal killed only the demo process itself and left
+    the rest running.  Only the first signal counts: a second one must not cut the clean-up
+    short (a no-op handler, not SIG_IGN, which the commands run while cleaning up would
+    inherit)."""
+
+    def ignore(_signum: int, _frame: object) -> None:
+        pass
+
+    def stop(_signum: int, _frame: object) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, ignore)
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, stop)
+
+
 def run_demo(serve: bool = False, workdir: Path | None = None) -> int:
     from loadtests.cluster import ClusterError, running_cluster
+
+    _stop_on_signals()
 
     console.print(
         "[bold]pgwarden demo[/] — the 2019 insider case: a support employee sold ~68,000 "
@@ -743,6 +765,11 @@ def run_demo(serve: bool = False, workdir: Path | None = None) -> int:
         console.print(f"\n[red]demo failed: {exc}[/]")
         console.print(f"files (pgwarden.log, audit.db): {work}")
         return 1
+    except KeyboardInterrupt:
+        if serve:
+            return 0  # how --serve is meant to end
+        console.print(f"\n[yellow]demo interrupted[/]; files kept in {work}")
+        return 130
     console.print(
         f"\n[green]demo complete in {time.monotonic() - demo.started:.0f} s:[/] normal work "
         f"untouched, every insider attempt refused or cut, and the audit trail names exactly "

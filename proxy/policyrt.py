@@ -9,7 +9,6 @@ seam to memory or Redis; when it cannot be reached, subjects with limits fail cl
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import os
 import secrets
@@ -28,6 +27,7 @@ from policy.analyze import Analyzer
 from policy.catalog import Catalog
 from policy.engine import Engine, Subject
 from policy.model import Action, Policy, load_policy
+from policy.ownconn import DEFAULT_IDLE_TIMEOUT, IdleConnection
 from policy.state import StoreUnavailable, WindowStore, open_window_store
 from proxy import commands as cmd
 from proxy.guard import Guard
@@ -79,8 +79,11 @@ class PolicyRuntime:
         stats: Stats,
         ssl: Any = None,
         catalog_user: str | None = None,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     ) -> None:
         self.source = source
+        # pgwarden's own connections close when idle (see policy.ownconn).
+        self.idle_timeout = idle_timeout
         self.upstream = upstream
         self.stats = stats
         self.ssl = ssl
@@ -99,7 +102,7 @@ class PolicyRuntime:
         self._audit_facts_of: dict[int, tuple[Any, _AuditFacts]] = {}
         self._probe: asyncio.Task[None] | None = None
         self._allowed: dict[tuple[str, str, str], tuple[float, frozenset[bytes]]] = {}
-        self._lookup_conns: dict[str, Any] = {}
+        self._lookup_conns: dict[str, IdleConnection] = {}
         # The lookup connections are shared by every session, and asyncpg runs one operation
         # at a time on a connection: concurrent lookups must take turns (an overlapping one
         # fails with "another operation is in progress", and a failed need-to-know lookup
@@ -186,17 +189,30 @@ class PolicyRuntime:
     # --- catalogs ----------------------------------------------------------------------------
 
     async def ensure_catalog(self, database: str) -> None:
-        """Load the database's catalog before its first session goes on (once)."""
-        if database in self.catalogs:
+        """Load the database's catalog before its first session goes on (once).
+
+        A catalog whose database was found gone (dropped, or renamed away) is loaded anew:
+        a database created since under that name is another database.
+        """
+        known = self.catalogs.get(database)
+        if known is not None and not known.gone:
             return
         task = self._loading.get(database)
         if task is None:
             task = asyncio.create_task(self._load_catalog(database))
             self._loading[database] = task
         try:
-            self.catalogs[database] = await task
+            fresh = await task
         finally:
             self._loading.pop(database, None)
+        old = self.catalogs.get(database)
+        if old is not fresh:
+            # Swapped in one step: a session never finds its database without a catalog
+            # (make_guard refuses that), even while a replacement loads.
+            self.catalogs[database] = fresh
+            self.analyzers.pop(database, None)
+            if old is not None:
+                await old.close()
         # The catalog and the parser's structures live as long as the process: keep them out
         # of the collector's way, or every full collection walks them again (measured with
         # pgbench -S as an agent: 60 -> 54 us of proxy CPU per statement).
@@ -224,7 +240,9 @@ class PolicyRuntime:
         async def connect() -> Any:
             return await self._connect(database, "pgwarden-catalog")
 
-        catalog = Catalog(connect, rules=self.label_rules)
+        catalog = Catalog(
+            connect, rules=self.label_rules, idle_timeout=self.idle_timeout, name=database
+        )
         await catalog.start()
         log.info("catalog_loaded", database=database, relations=len(catalog.snapshot.relations))
         return catalog
@@ -254,7 +272,8 @@ class PolicyRuntime:
             if hit is not None and hit[0] > now:
                 return hit
             try:
-                rows = await (await self._lookup_conn(database)).fetch(ntk.lookup, person)
+                async with self._lookup_conn(database).use() as conn:
+                    rows = await conn.fetch(ntk.lookup, person)
             except Exception as exc:
                 log.error(
                     "need_to_know_lookup_failed", rule=rule_id, error=str(exc),
@@ -265,12 +284,16 @@ class PolicyRuntime:
             self._allowed[key] = answer
             return answer
 
-    async def _lookup_conn(self, database: str) -> Any:
-        """pgwarden's connection for lookups (need-to-know, role membership), reopened if lost."""
+    def _lookup_conn(self, database: str) -> IdleConnection:
+        """pgwarden's connection for lookups (need-to-know, role membership), opened when
+        needed and closed when idle."""
         conn = self._lookup_conns.get(database)
-        if conn is None or conn.is_closed():
-            conn = await self._connect(database, "pgwarden-lookups")
-            self._lookup_conns[database] = conn
+        if conn is None:
+
+            async def connect() -> Any:
+                return await self._connect(database, "pgwarden-lookups")
+
+            conn = self._lookup_conns[database] = IdleConnection(connect, self.idle_timeout)
         return conn
 
     async def roles_of(self, database: str, user: str) -> frozenset[str]:
@@ -283,8 +306,8 @@ class PolicyRuntime:
         if hit is not None and hit[0] > now:
             return hit[1]
         try:
-            async with self._lookup_lock:
-                rows = await (await self._lookup_conn(database)).fetch(_ROLES_SQL, user)
+            async with self._lookup_lock, self._lookup_conn(database).use() as conn:
+                rows = await conn.fetch(_ROLES_SQL, user)
         except Exception as exc:
             # Fail closed in the sense that matters: a subject defined by role membership
             # that cannot be confirmed is not granted (nor exempted from) anything by it.
@@ -297,6 +320,12 @@ class PolicyRuntime:
     def invalidate(self, database: str) -> None:
         catalog = self.catalogs.get(database)
         if catalog is not None:
+            catalog.invalidate()
+
+    def invalidate_all(self) -> None:
+        """A database was created, dropped or renamed: every catalog checks its database
+        (one found gone is loaded anew by the next session that needs it)."""
+        for catalog in self.catalogs.values():
             catalog.invalidate()
 
     # --- sessions ----------------------------------------------------------------------------
@@ -318,7 +347,9 @@ class PolicyRuntime:
     def make_guard(self, s: SessionSubject) -> Guard | None:
         catalog = self.catalogs.get(s.database)
         if catalog is None:
-            return None
+            # ensure_catalog runs before every session goes on; relaying one unwatched
+            # because its catalog is missing would fail open.  The session ends instead.
+            raise RuntimeError(f"no catalog loaded for database {s.database!r}")
         analyzer = self.analyzers.get(s.database)
         if analyzer is None:
             analyzer = Analyzer(catalog, self.label_rules)
@@ -628,8 +659,7 @@ class PolicyRuntime:
         if self._probe is not None:
             self._probe.cancel()
         for conn in self._lookup_conns.values():
-            with contextlib.suppress(Exception):
-                await conn.close()
+            await conn.close()
         for catalog in self.catalogs.values():
             await catalog.close()
         await self.store.close()

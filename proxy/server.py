@@ -42,6 +42,9 @@ WRITE_HIGH_WATER = 256 * 1024
 # How long a closing client connection keeps reading after our FIN (see _close_client).
 CLOSE_LINGER_SECONDS = 2.0
 _session_ids = itertools.count(1)
+# Statements that create, drop or rename a database (kinds as policy.analyze names them):
+# a catalog of pgwarden's may now stand for a database that is gone, or another one.
+_DATABASE_DDL = frozenset({"createdb", "dropdb", "rename", "alter_database"})
 # Audit session ids must not collide between worker processes writing to one store.
 _PROCESS_TAG = secrets.token_hex(3)
 
@@ -121,7 +124,7 @@ class Proxy:
         self.stats = stats or Stats()
         self.runtime = runtime
         self.connections: set[ClientConnection] = set()
-        self.by_cancel_pid: dict[int, ClientConnection] = {}
+        self.by_cancel_secret: dict[bytes, ClientConnection] = {}
         self.shutting_down = False
         self._servers: list[asyncio.AbstractServer] = []
         self.apply_config(config)
@@ -158,29 +161,49 @@ class Proxy:
         self._servers.append(server)
         return [s.getsockname()[:2] for s in server.sockets]
 
-    def issue_cancel_key(self, conn: ClientConnection, length: int) -> tuple[int, bytes]:
-        """A (pid, secret) pair for the client that no other live session holds.
+    def issue_cancel_secret(self, conn: ClientConnection, length: int) -> bytes:
+        """A cancel secret for the client that no other live session holds.
 
-        With several workers the pid also says which worker owns the session (pid modulo
-        the number of workers), so a cancel request that the kernel hands to another worker
-        can be passed to the right one.
+        The client gets its backend's real pid (a client's ``pg_terminate_backend``, NOTIFY
+        sender pids and ``pg_stat_activity`` lookups depend on it) and this secret in place
+        of PostgreSQL's, so a cancel request reaches PostgreSQL only through pgwarden, and
+        only with a key pgwarden issued.  With several workers the secret also says which
+        worker owns the session (its first four bytes modulo the number of workers), so a
+        cancel request that the kernel hands to another worker can be passed to the right
+        one.  ``length`` is the server's own (4 bytes in protocol 3.0, up to 256 in 3.2).
         """
         workers = self.config.workers
         while True:
-            pid = secrets.randbelow((2**31 - 2) // workers) * workers + self.worker
-            if pid and pid not in self.by_cancel_pid:
-                self.by_cancel_pid[pid] = conn
-                return pid, secrets.token_bytes(length)
+            secret = bytearray(secrets.token_bytes(length))
+            if workers > 1:
+                head = int.from_bytes(secret[:4], "big")
+                head += (self.worker - head % workers) % workers
+                if head >= 2**32:
+                    continue
+                secret[:4] = head.to_bytes(4, "big")
+            key = bytes(secret)
+            if key not in self.by_cancel_secret:
+                self.by_cancel_secret[key] = conn
+                return key
+
+    def _worker_of(self, secret: bytes) -> int:
+        return int.from_bytes(secret[:4], "big") % self.config.workers
 
     async def forward_cancel(self, pid: int, secret: bytes) -> None:
         workers = self.config.workers
-        if workers > 1 and pid % workers != self.worker:
-            await self._pass_cancel(pid % workers, pid, secret)
+        if workers > 1 and self._worker_of(secret) != self.worker:
+            await self._pass_cancel(self._worker_of(secret), pid, secret)
             return
-        conn = self.by_cancel_pid.get(pid)
+        conn = self.by_cancel_secret.get(secret)
         key = conn.session.client_key if conn else None
-        if conn is None or key is None or not hmac.compare_digest(key.secret, secret):
-            # Unknown or forged: drop it.  Never guess a backend, never tell the sender.
+        if (
+            conn is None
+            or key is None
+            or key.pid != pid
+            or not hmac.compare_digest(key.secret, secret)
+        ):
+            # Unknown or forged (the pid is no secret: a client sees it, and so does anyone
+            # who can read pg_stat_activity): drop it.  Never guess, never tell the sender.
             self.stats.cancels_dropped += 1
             log.warning("cancel_dropped", reason="unknown or forged cancel key")
             return
@@ -298,7 +321,7 @@ class ClientConnection(asyncio.Protocol):
         self.session = Session(
             proxy.settings,
             proxy.stats,
-            lambda n: proxy.issue_cancel_key(self, n),
+            lambda n: proxy.issue_cancel_secret(self, n),
             make_guard=proxy.runtime.make_guard if proxy.runtime is not None else None,
         )
         self.session_id = next(_session_ids)
@@ -346,13 +369,13 @@ class ClientConnection(asyncio.Protocol):
         self.proxy.connections.discard(self)
         self.proxy.stats.connections_active -= 1
         key = self.session.client_key
-        if key is not None and self.proxy.by_cancel_pid.get(key.pid) is self:
-            del self.proxy.by_cancel_pid[key.pid]
+        if key is not None and self.proxy.by_cancel_secret.get(key.secret) is self:
+            del self.proxy.by_cancel_secret[key.secret]
         else:
             # The key may have been issued before start-up finished.
-            for pid, conn in list(self.proxy.by_cancel_pid.items()):
+            for secret, conn in list(self.proxy.by_cancel_secret.items()):
                 if conn is self:
-                    del self.proxy.by_cancel_pid[pid]
+                    del self.proxy.by_cancel_secret[secret]
 
     def pause_writing(self) -> None:
         # The client reads slower than PostgreSQL sends: stop reading PostgreSQL.
@@ -383,6 +406,8 @@ class ClientConnection(asyncio.Protocol):
                 self._spawn(self._open_upstream(c.startup))
             elif type(c) is cmd.StartClientTLS:
                 self._start_tls()
+            elif type(c) is cmd.PrepareSession:
+                self._spawn(self._prepare_session())
             elif type(c) is cmd.ForwardCancel:
                 self._cancelling = True
                 self._spawn(self._forward_cancel(c.pid, c.secret))
@@ -477,7 +502,10 @@ class ClientConnection(asyncio.Protocol):
         facts = c.facts
         if facts is not None and facts.is_ddl and self.proxy.runtime is not None:
             # The catalog may have changed under the analysis: reload it soon.
-            self.proxy.runtime.invalidate(self.session.subject.database)
+            if facts.kind in _DATABASE_DDL:
+                self.proxy.runtime.invalidate_all()
+            else:
+                self.proxy.runtime.invalidate(self.session.subject.database)
 
     def _close_client(self) -> None:
         """Flush, send FIN, and keep reading (and discarding) until the client closes.
@@ -588,23 +616,6 @@ class ClientConnection(asyncio.Protocol):
             return
         self.upstream = proto
         proto.negotiating = None
-        runtime = self.proxy.runtime
-        if runtime is not None:
-            try:
-                await runtime.ensure_catalog(self.session.subject.database)
-            except Exception as exc:
-                self.log.error("catalog_unavailable", error=str(exc))
-                transport.close()
-                self.upstream = None
-                self.run(
-                    self.session.upstream_failed(
-                        f"policy cannot be enforced: the catalog of database "
-                        f"{self.session.subject.database!r} could not be loaded ({exc})"
-                    )
-                )
-                return
-            subject = self.session.subject
-            subject.roles = await runtime.roles_of(subject.database, subject.user)
         ssl_object = transport.get_extra_info("ssl_object")
         same_cert = False
         if ssl_object is not None and self.proxy.client_cert_der is not None:
@@ -615,6 +626,32 @@ class ClientConnection(asyncio.Protocol):
             )
         except ProtocolError as exc:
             commands = self.session.protocol_error(exc)
+        self.run(commands)
+
+    async def _prepare_session(self) -> None:
+        """What the policy needs before an authenticated session goes on: its database's
+        catalog (loaded once per database) and the user's roles."""
+        runtime = self.proxy.runtime
+        subject = self.session.subject
+        failure = None
+        if runtime is not None:
+            try:
+                await runtime.ensure_catalog(subject.database)
+                subject.roles = await runtime.roles_of(subject.database, subject.user)
+            except Exception as exc:
+                self.log.error("catalog_unavailable", database=subject.database, error=str(exc))
+                failure = (
+                    f"policy cannot be enforced: the catalog of database "
+                    f"{subject.database!r} could not be loaded ({exc})"
+                )
+        if self._closed:
+            return
+        try:
+            commands = self.session.session_prepared(failure)
+        except ProtocolError as exc:  # in the server's held messages
+            commands = self.session.protocol_error(exc)
+        except Exception:
+            commands = self._internal_error()
         self.run(commands)
 
     async def _upstream_tls(
@@ -715,6 +752,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
 
+# What a service manager or a terminal sends: stop (SIGTERM, SIGINT) or reload (SIGHUP).
+CONTROL_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+
+
 def install_uvloop() -> bool:
     try:
         import uvloop
@@ -734,6 +775,28 @@ async def serve(
     from proxy.admin import AdminServer
     from proxy.logs import configure_logging
 
+    # Signals are handled from the very start: a SIGTERM during start-up stops the proxy
+    # once it has started (its audit writer included) rather than killing it half-way, and
+    # a SIGHUP then reloads instead of killing it (SIGHUP's default action).
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    reloader: list[Callable[[], None]] = []
+    hup_pending = False
+
+    def hup() -> None:
+        nonlocal hup_pending
+        if reloader:
+            reloader[0]()
+        else:
+            hup_pending = True
+
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, hup)
+    # A supervisor starts its workers with these signals blocked (proxy.cli._supervise), so
+    # that one sent while a worker is starting waits for this point.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, CONTROL_SIGNALS)
+
     runtime = None
     if config.policy_file is not None or config.audit is not None:
         from policy.model import Policy, load_policy
@@ -751,6 +814,7 @@ async def serve(
             policy, config.policy_file,
             (config.upstream.host, config.upstream.port), stats,
             ssl=_asyncpg_ssl(config), catalog_user=config.catalog_user,
+            idle_timeout=config.catalog_idle_timeout,
         )  # fmt: skip
         if config.audit is not None:
             from audit.pipeline import AuditTrail
@@ -760,8 +824,6 @@ async def serve(
         proxy = Proxy(config, stats, runtime, worker)
     else:
         proxy = Proxy(config, worker=worker)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
     addresses = await proxy.start()
     if config.workers > 1:
         await proxy.start_cancel_listener()
@@ -795,9 +857,9 @@ async def serve(
     watcher = None
     if runtime is not None and runtime.source is not None:
         watcher = asyncio.create_task(runtime.watch_file(), name="pgwarden-policy-watch")
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    reloader.append(on_hup)
+    if hup_pending:
+        on_hup()
     log.info(
         "listening",
         addresses=[f"{h}:{p}" for h, p in addresses],

@@ -127,10 +127,12 @@ def error_bytes(
 class Session:
     settings: SessionSettings
     stats: Stats
-    issue_key: Callable[[int], tuple[int, bytes]]  # secret length -> (pid, secret) for the client
+    issue_key: Callable[[int], bytes]  # secret length -> a secret of pgwarden's for the client
     subject: Subject = field(default_factory=Subject)
     phase: Phase = Phase.STARTUP
-    # Keys: what PostgreSQL gave us, and what we gave the client instead.
+    # Keys: what PostgreSQL gave us, and what we gave the client: the same backend pid (a
+    # client's pg_terminate_backend, NOTIFY sender pids and pg_stat_activity lookups need
+    # it), with a secret of pgwarden's own, so only pgwarden can cancel the backend.
     upstream_key: BackendKeyData | None = None
     client_key: BackendKeyData | None = None
     server_params: dict[str, str] = field(default_factory=dict)
@@ -153,6 +155,9 @@ class Session:
     upstream_tls: bool = False
     channel_binding_passes: bool = False
     _server_sent_fatal: bool = False
+    # Between AuthenticationOk and PrepareSession's answer: the server's bytes, held.
+    _preparing: bool = False
+    _held_server: bytes = b""
     # With a policy in force, the READY phase is relayed by a Tracker built from a Guard.
     make_guard: Callable[[Subject], Guard | None] | None = None
     tracker: Tracker | None = None
@@ -407,6 +412,9 @@ class Session:
             return self._relay_server(data)
         self.stats.bytes_from_server += len(data)
         if self.phase is Phase.AUTH:
+            if self._preparing:
+                self._held_server += data
+                return []
             return self._auth_server(data)
         if self.phase is Phase.SETTINGS:
             return self._settings_server(data)
@@ -432,10 +440,21 @@ class Session:
                 pieces.append(whole)
                 if auth.code == AUTH_OK:
                     out.append(cmd.Log("authenticated"))
+                    if self.make_guard is not None:
+                        # Only now, with the server's word that the client may use this
+                        # database, does pgwarden load its catalog: an unknown database, a
+                        # wrong password or a full server reach the client as PostgreSQL's
+                        # own errors, and no unauthenticated client makes pgwarden connect
+                        # anywhere.  What follows waits until the policy can be enforced.
+                        self._preparing = True
+                        self._held_server = raw[end:] + self._server_reader.take_pending()
+                        out.insert(0, cmd.SendToClient(b"".join(pieces)))
+                        out.append(cmd.PrepareSession())
+                        return out
             elif t == _K:
                 self.upstream_key = BackendKeyData.decode(body)
-                pid, secret = self.issue_key(len(self.upstream_key.secret))
-                self.client_key = BackendKeyData(pid, secret)
+                secret = self.issue_key(len(self.upstream_key.secret))
+                self.client_key = BackendKeyData(self.upstream_key.pid, secret)
                 pieces.append(self.client_key.encode())
             elif t == _S:
                 p = ParameterStatus.decode(body)
@@ -546,6 +565,40 @@ class Session:
         self._set_phase(Phase.READY)
         held, self._held_for_client = self._held_for_client, b""
         return [cmd.SendToClient(held), cmd.Log("session_ready"), *out]
+
+    def session_prepared(self, failure: str | None) -> list[cmd.Command]:
+        """The catalog and roles for this session are loaded (``failure`` None), or cannot be:
+        then the session ends, with pgwarden's own error saying so, since the policy could
+        not be enforced on it.  If PostgreSQL itself refused the session after
+        authenticating it (an unknown database, too many connections), the client gets
+        PostgreSQL's error instead: it is the true reason."""
+        if self.phase is not Phase.AUTH or not self._preparing:
+            return []
+        self._preparing = False
+        held, self._held_server = self._held_server, b""
+        if failure is not None:
+            refused = self._server_refusal(held)
+            if refused:
+                return refused + [cmd.CloseClient(), cmd.CloseServer()]
+            self.stats.refused_connections += 1
+            return [cmd.Log("session_refused", "error", {"error": failure})] + self._close_with(
+                "08001", f"pgwarden: {failure}"
+            )
+        return self._auth_server(held) if held else []
+
+    def _server_refusal(self, held: bytes) -> list[cmd.Command]:
+        """Relay the first ErrorResponse among held server bytes (nothing else of them)."""
+        pos = 0
+        while len(held) - pos >= 5:
+            t = held[pos]
+            end = pos + 1 + int.from_bytes(held[pos + 1 : pos + 5], "big")
+            if end > len(held):
+                break
+            if t == _E:
+                self.phase = Phase.CLOSED
+                return self._auth_server(held[pos:end])
+            pos = end
+        return []
 
     def _filter_sasl(self, auth: Authentication) -> tuple[bytes, list[cmd.Command]]:
         # With TLS terminated here, channel binding would bind the client to pgwarden's
@@ -665,6 +718,14 @@ class Session:
 
     def server_closed(self) -> list[cmd.Command]:
         """PostgreSQL closed the connection (terminated backend, crash, network)."""
+        if self._preparing:
+            # Refused right after authenticating the client (unknown database, too many
+            # connections): what it said is held; pass its error on, not "lost".
+            self._preparing = False
+            held, self._held_server = self._held_server, b""
+            refused = self._server_refusal(held)
+            if refused:
+                return refused + [cmd.CloseClient()]
         if self.phase is Phase.CLOSED:
             return [cmd.CloseClient()]
         if self.phase is Phase.ENDING:

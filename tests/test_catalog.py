@@ -221,12 +221,11 @@ def test_catalog_holder_refreshes_on_its_interval_and_survives_failures(catalog_
                 raise OSError("database briefly unreachable")
             return await asyncpg.connect(catalog_db)
 
-        catalog = Catalog(connect, refresh_interval=0.05)
+        # No idle time: every refresh opens a new connection (and the second one fails).
+        catalog = Catalog(connect, refresh_interval=0.05, idle_timeout=0)
         await catalog.start()
         try:
             first = catalog.snapshot
-            # Force the held connection closed so the next refresh reconnects (and fails once).
-            await catalog._conn.close()
             for _ in range(200):
                 if catalog.snapshot is not first and catalog.last_error is None:
                     break

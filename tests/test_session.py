@@ -15,7 +15,7 @@ STARTUP = m.StartupMessage(
 
 
 def new_session(**settings: object) -> Session:
-    keys = iter([(1001, b"\x01\x02\x03\x04"), (1002, b"\x05\x06\x07\x08")])
+    keys = iter([b"\x01\x02\x03\x04", b"\x05\x06\x07\x08"])
     return Session(SessionSettings(**settings), Stats(), lambda n: next(keys))  # type: ignore[arg-type]
 
 
@@ -169,7 +169,7 @@ def test_queries_before_authentication_ends_are_a_protocol_error() -> None:
         s.client_data(m.Query("select 1").encode())
 
 
-def test_client_gets_the_proxys_cancel_key_not_the_backends() -> None:
+def test_client_gets_the_backends_pid_with_a_secret_of_the_proxys() -> None:
     s = new_session()
     s.client_data(STARTUP.encode())
     s.upstream_ready(STARTUP)
@@ -181,7 +181,7 @@ def test_client_gets_the_proxys_cancel_key_not_the_backends() -> None:
     msgs = client_messages(to_client(out))
     assert msgs == [
         m.Authentication(0),
-        m.BackendKeyData(1001, b"\x01\x02\x03\x04"),
+        m.BackendKeyData(77, b"\x01\x02\x03\x04"),
         m.ReadyForQuery("I"),
     ]
     assert s.upstream_key == m.BackendKeyData(77, b"real")
@@ -190,9 +190,9 @@ def test_client_gets_the_proxys_cancel_key_not_the_backends() -> None:
 def test_long_protocol_3_2_keys_are_replaced_by_keys_of_the_same_length() -> None:
     lengths = []
 
-    def issue(n: int) -> tuple[int, bytes]:
+    def issue(n: int) -> bytes:
         lengths.append(n)
-        return 5, b"k" * n
+        return b"k" * n
 
     s = Session(SessionSettings(), Stats(), issue)
     s.client_data(STARTUP.encode())
@@ -377,3 +377,53 @@ def test_channel_binding_is_offered_when_pgwarden_shows_the_servers_own_certific
     assert auth.mechanisms == ("SCRAM-SHA-256-PLUS", "SCRAM-SHA-256")
     first = m.SASLInitialResponse("SCRAM-SHA-256-PLUS", b"p=tls-server-end-point,,n=,r=x").encode()
     assert to_server(s.client_data(first)) == first
+
+
+# --- a guarded session: the catalog is loaded once PostgreSQL has authenticated the client ---
+
+
+def guarded_session() -> Session:
+    s = new_session()
+    s.make_guard = lambda subject: None
+    s.client_data(STARTUP.encode())
+    s.upstream_ready(STARTUP)
+    return s
+
+
+AFTER_AUTH = m.BackendKeyData(77, b"real").encode() + m.ReadyForQuery("I").encode()
+
+
+def test_a_guarded_session_waits_for_its_catalog_after_authentication() -> None:
+    s = guarded_session()
+    out = s.server_data(m.Authentication(0).encode() + AFTER_AUTH)
+    assert client_messages(to_client(out)) == [m.Authentication(0)]
+    assert cmd.PrepareSession() in out
+    assert s.phase is Phase.AUTH
+    out = s.session_prepared(None)
+    assert client_messages(to_client(out)) == [
+        m.BackendKeyData(77, b"\x01\x02\x03\x04"),
+        m.ReadyForQuery("I"),
+    ]
+    assert s.phase is Phase.READY
+
+
+def test_a_catalog_that_cannot_load_ends_the_session_with_pgwardens_error() -> None:
+    s = guarded_session()
+    s.server_data(m.Authentication(0).encode() + AFTER_AUTH)
+    (err,) = client_messages(to_client(s.session_prepared("policy cannot be enforced: x")))
+    assert isinstance(err, m.ErrorResponse)
+    assert (err.sqlstate, err.message) == ("08001", "pgwarden: policy cannot be enforced: x")
+
+
+def test_postgresqls_refusal_after_authentication_reaches_the_client() -> None:
+    # PostgreSQL checks the database after authentication: AuthenticationOk, then FATAL.
+    s = guarded_session()
+    refusal = m.ErrorResponse.make("3D000", 'database "nosuchdb" does not exist', severity="FATAL")
+    s.server_data(m.Authentication(0).encode() + refusal.encode())
+    out = s.session_prepared("the catalog could not be loaded")
+    assert client_messages(to_client(out)) == [refusal]
+    # ... also when PostgreSQL has closed the connection before the catalog load failed.
+    s = guarded_session()
+    s.server_data(m.Authentication(0).encode() + refusal.encode())
+    assert client_messages(to_client(s.server_closed())) == [refusal]
+    assert s.session_prepared("the catalog could not be loaded") == []

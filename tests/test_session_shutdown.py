@@ -23,7 +23,7 @@ TERMINATE = b"X\0\0\0\4"
 
 
 def new_session(tls: bool = False) -> Session:
-    s = Session(SessionSettings(), Stats(), lambda n: (1234, b"k" * n))
+    s = Session(SessionSettings(), Stats(), lambda n: b"k" * n)
     s.subject.tls = tls
     out = s.client_data(STARTUP.encode())
     assert any(isinstance(c, cmd.OpenUpstream) for c in out)

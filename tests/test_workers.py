@@ -57,6 +57,10 @@ def test_a_cancel_reaches_the_session_whichever_worker_takes_it(
         # over 8 tries some land on the worker that does not own the session.
         for _ in range(8):
             with psycopg.connect(p.dsn()) as conn:
+                # The client holds its backend's real pid; the secret names the worker.
+                assert conn.execute("select pg_backend_pid()").fetchone() == (
+                    conn.info.backend_pid,
+                )
                 threading.Timer(0.3, conn.cancel_safe).start()
                 started = time.monotonic()
                 with pytest.raises(psycopg.errors.QueryCanceled):

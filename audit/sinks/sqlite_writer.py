@@ -139,10 +139,12 @@ def _no_wakeup_preemption() -> None:
 def main(argv: list[str]) -> int:
     """Serve write requests until stdin closes."""
     path, synchronous = argv[1], argv[2]
-    # Ctrl-C and a service manager's SIGTERM reach the whole process group; the parent then
-    # flushes its last batches through us, so we stay until it closes our stdin.
+    # Ctrl-C, a service manager's SIGTERM and a terminal's hang-up reach the whole process
+    # group; the parent then flushes its last batches through us (or, on SIGHUP, goes on
+    # serving), so we stay until it closes our stdin.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _no_wakeup_preemption()
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     try:
