@@ -307,6 +307,9 @@ class ClientConnection(asyncio.Protocol):
         self.log: Any = log
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        # We have ended the client connection (FIN sent or transport closed): nothing more
+        # may be written to it, and an upstream still being opened is not wanted any more.
+        self._ending = False
         self._cancelling = False  # a CancelRequest is being forwarded; close after it
         self._linger: asyncio.TimerHandle | None = None
 
@@ -371,7 +374,9 @@ class ClientConnection(asyncio.Protocol):
                 if self.upstream is not None:
                     self.upstream.write(c.data)
             elif type(c) is cmd.SendToClient:
-                if self.transport is not None and not self._closed:
+                # After write_eof() a write raises: a session closed while its upstream was
+                # still being opened (found by loadtests/fuzz_sessions.py) has more to say.
+                if self.transport is not None and not self._closed and not self._ending:
                     self.transport.write(c.data)
             elif type(c) is cmd.CloseClient:
                 if not self._cancelling:
@@ -392,8 +397,9 @@ class ClientConnection(asyncio.Protocol):
                 self._statement_done(c)
             elif type(c) is cmd.EndSession:
                 self.log.warning("session_ended_by_policy", reason=c.message)
-                if self.transport is not None:
+                if self.transport is not None and not self._ending:
                     self.transport.write(error_bytes("42501", c.message, fatal=True))
+                    self._ending = True
                     self.transport.close()
                 if self.upstream is not None:
                     self.upstream.close()
@@ -487,6 +493,7 @@ class ClientConnection(asyncio.Protocol):
         t = self.transport
         if t is None or self._closed or self._linger is not None:
             return
+        self._ending = True
         if not t.can_write_eof():  # TLS: close_notify is the best we can do
             t.close()
             return
@@ -499,6 +506,7 @@ class ClientConnection(asyncio.Protocol):
         """Close the client connection without waiting for the client."""
         if self._linger is not None:
             self._linger.cancel()
+        self._ending = True
         if self.transport is not None:
             self.transport.close()
 
@@ -579,7 +587,9 @@ class ClientConnection(asyncio.Protocol):
         except (OSError, TimeoutError, ssl.SSLError, UpstreamRefused) as exc:
             self.run(self.session.upstream_failed(str(exc) or type(exc).__name__))
             return
-        if self._closed:
+        if self._closed or self._ending:
+            # The client left, or its session ended (a protocol error in what it sent
+            # while we connected): the session must not start after all.
             transport.close()
             return
         self.upstream = proto
@@ -601,6 +611,10 @@ class ClientConnection(asyncio.Protocol):
                 return
             subject = self.session.subject
             subject.roles = await runtime.roles_of(subject.database, subject.user)
+            if self._closed or self._ending:  # the same, while the catalog loaded
+                transport.close()
+                self.upstream = None
+                return
         ssl_object = transport.get_extra_info("ssl_object")
         same_cert = False
         if ssl_object is not None and self.proxy.client_cert_der is not None:
