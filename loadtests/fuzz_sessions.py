@@ -789,6 +789,7 @@ class FuzzResult:
             f"{m}_sessions": self.iterations,
             f"{m}_closed_by_pgwarden": self.outcomes["closed_by_pgwarden"],
             f"{m}_closed_by_fuzzer": self.outcomes["closed_by_fuzzer"],
+            f"{m}_reset": self.outcomes["reset"],
             f"{m}_rss_start_kib": self.rss_start_kib,
             f"{m}_rss_end_kib": self.rss_end_kib,
             f"{m}_rss_growth_kib": self.rss_end_kib - self.rss_start_kib,
@@ -845,7 +846,9 @@ def fuzz(
                 result.outcomes[outcome.split(":")[0]] += 1
                 result.ops.update(case.ops)
                 result.iterations += 1
-                if outcome.startswith(("connect_failed", "reset")) or not watched.alive():
+                # A reset alone is no fault: pgwarden closes a connection whose client is
+                # still sending (an oversized message) once its linger time is over.
+                if outcome.startswith("connect_failed") or not watched.alive():
                     alive = watched.alive()
                     result.failures.append(
                         f"iteration {i} ({case.recording}, {'+'.join(case.ops)}): {outcome}"
@@ -984,7 +987,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             figures["recordings"] = len(corpus)
             for mode in args.modes:
-                with pgwarden_for(cluster, workdir / mode, mode) as watched:
+                mode_dir = workdir / mode
+                with pgwarden_for(cluster, mode_dir, mode) as watched:
                     res = fuzz(
                         watched, cluster, corpus, mode=mode, iterations=args.iterations,
                         seed=args.seed, concurrency=args.concurrency,
@@ -1005,6 +1009,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 with contextlib.suppress(OSError):
                     out.mkdir(parents=True, exist_ok=True)
                     (out / f"fuzz_sessions_{mode}.json").write_text(json.dumps(results, indent=2))
+                    if res.failures:  # keep pgwarden's log to read the failures in
+                        shutil.copy(mode_dir / "pgwarden.log", out / f"fuzz_sessions_{mode}.log")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     for f in failures:
