@@ -342,12 +342,15 @@ def record_corpus(target: tuple[str, int], workdir: Path) -> list[Recording]:
 
 def save_corpus(corpus: Sequence[Recording], directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    for rec in corpus:
-        (directory / f"{rec.name}.bin").write_bytes(rec.data)
+    # The index keeps the order: iteration i draws its recording by position.
+    for k, rec in enumerate(corpus):
+        (directory / f"{k:03d}-{rec.name}.bin").write_bytes(rec.data)
 
 
 def load_corpus(directory: Path) -> list[Recording]:
-    return [Recording(p.stem, p.read_bytes()) for p in sorted(directory.glob("*.bin"))]
+    return [
+        Recording(p.stem.partition("-")[2], p.read_bytes()) for p in sorted(directory.glob("*.bin"))
+    ]
 
 
 # --- mutations -----------------------------------------------------------------------------
@@ -423,7 +426,10 @@ def m_drop(units: Units, first: int, rng: random.Random, _c: Sequence[Recording]
 def m_repeat(units: Units, first: int, rng: random.Random, _c: Sequence[Recording]) -> Units:
     i = _pick_typed(units, first, rng)
     if i is not None:
-        units[i:i] = [units[i]] * rng.choice([1, 2, 10, 200])
+        # At most ~8 MB more: 200 copies of a 4 MB message would test throughput, not
+        # framing, and hold the fuzzer's own loop long enough to time other sessions out.
+        times = min(rng.choice([1, 2, 10, 200]), max(1, 8_000_000 // len(units[i])))
+        units[i:i] = [units[i]] * times
     return units
 
 
@@ -791,6 +797,7 @@ class FuzzResult:
             f"{m}_closed_by_fuzzer": self.outcomes["closed_by_fuzzer"],
             f"{m}_reset": self.outcomes["reset"],
             f"{m}_rss_start_kib": self.rss_start_kib,
+            f"{m}_rss_mid_kib": self.rss_mid_kib,
             f"{m}_rss_end_kib": self.rss_end_kib,
             f"{m}_rss_growth_kib": self.rss_end_kib - self.rss_start_kib,
             f"{m}_side_queries": self.side_queries,

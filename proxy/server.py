@@ -343,7 +343,7 @@ class ClientConnection(asyncio.Protocol):
         self._closed = True
         if self._linger is not None:
             self._linger.cancel()
-        self.run(self.session.client_closed())
+        self.react(self.session.client_closed)
         if self._session_started and self.proxy.runtime is not None:
             self.proxy.runtime.session_event("end", self.audit_id, self.session.subject)
         self.proxy.connections.discard(self)
@@ -424,6 +424,22 @@ class ClientConnection(asyncio.Protocol):
             elif self.proxy.runtime is not None:
                 self._spawn(self.proxy.runtime.handle(c, self.log))
 
+    def react(self, event: Callable[[], list[cmd.Command]]) -> None:
+        """Run one session event and what it commands, outside ``data_received``.
+
+        Events from callbacks and tasks (an audit write made durable, window counts
+        recorded, a lookup answered) release client messages held behind a statement, and
+        those are parsed only then: a malformed one must end its session as it would have
+        on arrival, not escape into the event loop and leave the session hanging (found by
+        loadtests/fuzz_sessions.py)."""
+        try:
+            commands = event()
+        except ProtocolError as exc:
+            commands = self.session.protocol_error(exc)
+        except Exception:
+            commands = self._internal_error()
+        self.run(commands)
+
     async def _lookup_allowed(self, c: cmd.LookupAllowed) -> None:
         runtime = self.proxy.runtime
         try:
@@ -435,7 +451,7 @@ class ClientConnection(asyncio.Protocol):
                 tracker.guard.allowed[(c.rule_id, c.person)] = (expires, keys)
         finally:
             if not self._closed:
-                self.run(self.session.counts_recorded())
+                self.react(self.session.counts_recorded)
 
     async def _record_usage(self, c: cmd.RecordUsage | cmd.RefreshCounts) -> None:
         runtime = self.proxy.runtime
@@ -444,7 +460,7 @@ class ClientConnection(asyncio.Protocol):
                 await runtime.handle(c, self.log)
         finally:
             if not self._closed:
-                self.run(self.session.counts_recorded())
+                self.react(self.session.counts_recorded)
 
     def _await_durable(self, done: cmd.StatementDone) -> None:
         runtime = self.proxy.runtime
@@ -463,7 +479,7 @@ class ClientConnection(asyncio.Protocol):
         assert runtime is not None
         ok = runtime.durable_ok(fut)
         if not self._closed:
-            self.run(self.session.durable_result(ok))
+            self.react(lambda: self.session.durable_result(ok))
 
     async def _await_durable_slowly(self, waiting: Awaitable[Any] | None) -> None:
         """No future to hang a callback on: no audit trail, or a full queue to wait for."""
@@ -471,7 +487,7 @@ class ClientConnection(asyncio.Protocol):
         assert runtime is not None
         ok = await runtime.wait_durable(waiting)
         if not self._closed:
-            self.run(self.session.durable_result(ok))
+            self.react(lambda: self.session.durable_result(ok))
 
     def _statement_done(self, c: cmd.StatementDone, audit: bool = True) -> None:
         if audit and self.proxy.runtime is not None:
@@ -538,7 +554,7 @@ class ClientConnection(asyncio.Protocol):
             await self.cancel_upstream()
         finally:
             if not self._closed:
-                self.run(self.session.counts_recorded())
+                self.react(self.session.counts_recorded)
 
     async def cancel_upstream(self) -> None:
         key = self.session.upstream_key
@@ -566,11 +582,7 @@ class ClientConnection(asyncio.Protocol):
         if new is None:
             return
         self.transport = new
-        try:
-            commands = self.session.tls_established()
-        except ProtocolError as exc:
-            commands = self.session.protocol_error(exc)
-        self.run(commands)
+        self.react(self.session.tls_established)
 
     async def _open_upstream(self, startup: StartupMessage) -> None:
         loop = asyncio.get_running_loop()
@@ -619,13 +631,11 @@ class ClientConnection(asyncio.Protocol):
         same_cert = False
         if ssl_object is not None and self.proxy.client_cert_der is not None:
             same_cert = ssl_object.getpeercert(binary_form=True) == self.proxy.client_cert_der
-        try:
-            commands = self.session.upstream_ready(
+        self.react(
+            lambda: self.session.upstream_ready(
                 startup, tls=ssl_object is not None, same_certificate=same_cert
             )
-        except ProtocolError as exc:
-            commands = self.session.protocol_error(exc)
-        self.run(commands)
+        )
 
     async def _upstream_tls(
         self, transport: asyncio.Transport, proto: UpstreamConnection
@@ -693,7 +703,7 @@ class UpstreamConnection(asyncio.Protocol):
             )
             return
         if self.client.upstream is self:
-            self.client.run(self.client.session.server_closed())
+            self.client.react(self.client.session.server_closed)
 
     def pause_writing(self) -> None:
         # PostgreSQL reads slower than the client sends (a big COPY FROM): stop the client.

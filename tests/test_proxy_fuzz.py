@@ -14,7 +14,7 @@ import pytest
 
 from loadtests import fuzz_sessions as fz
 from loadtests.cluster import Cluster
-from proxy.messages import PROTOCOL_3_0, Query, StartupMessage
+from proxy.messages import PROTOCOL_3_0, Query, StartupMessage, frame
 from tests.proxyutil import ProxyProcess, RawClient, error_of, messages_until_eof, wait_until
 from tests.support_data import POLICY
 
@@ -155,5 +155,37 @@ def test_a_query_that_is_not_utf8_gets_postgresql_s_error_with_policy_and_audit(
             assert error_of(msgs).sqlstate == "22021"
             c.send(Query("SELECT 1").encode())
             assert [t for t, _ in c.read_until_ready()] == ["T", "D", "C", "Z"]
+    finally:
+        assert p.stop() == 0, p.log()
+
+
+@pytest.mark.parametrize("audit", [False, True], ids=["policy", "policy+audit"])
+def test_a_malformed_message_held_behind_a_limited_statement_ends_the_session(
+    pg: Cluster, fuzz_db: str, tmp_path: Path, audit: bool
+) -> None:
+    # An agent's labelled statement is watched: what the client pipelined behind it waits
+    # until the statement's counts are recorded (and, with an audit trail, its event is
+    # durable), and is parsed only then, in a callback or task.  A malformed Execute there
+    # raised out of the callback: the session was neither ended nor answered, and hung.
+    args = ["--policy", str(POLICY), "--catalog-user", "postgres"]
+    if audit:
+        args += ["--audit-db", str(tmp_path / "audit.db")]
+    p = ProxyProcess(pg, tmp_path / "proxy", args)
+    try:
+        with RawClient(p.host, p.port) as c:
+            c.startup(user="support_app", database=fuzz_db)
+            lookup = Query("SELECT customer_id, email FROM customers WHERE customer_id = 1")
+            c.send(lookup.encode(), frame(b"E", b"x"))  # an Execute too short to hold a portal
+            msgs = messages_until_eof(c)
+            assert error_of(msgs).sqlstate == "08P01"
+            assert msgs[-1][0] == "E", msgs
+            # PostgreSQL would answer the lookup, then refuse the Execute.  With the audit
+            # trail the lookup's result waits for its event to be durable and leaves in the
+            # same tracker step that parses the Execute, so the error discards it (tracker
+            # territory, left as it is: the session is over either way).
+            if not audit:
+                assert [t for t, _ in msgs] == ["T", "D", "C", "Z", "E"], msgs
+        assert p.http_get("/healthz")[0] == 200
+        assert "Traceback" not in p.log()
     finally:
         assert p.stop() == 0, p.log()
