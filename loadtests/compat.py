@@ -243,10 +243,13 @@ def run_suite(
     return run
 
 
-def differences(direct: Run, other: Run) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """(tests that pass directly but not through ``other``, and the reverse), each with the
-    first line of the failure."""
-    worse, better = [], []
+Differences = list[tuple[str, str]]
+
+
+def differences(direct: Run, other: Run) -> tuple[Differences, Differences, Differences]:
+    """Tests that pass directly but fail through ``other``, the reverse, and other changes
+    of status (a skip one way only), each with the first line of the failure or skip."""
+    worse, better, changed = [], [], []
     for test_id, d in sorted(direct.outcomes.items()):
         o = other.outcomes.get(test_id)
         if o is None:  # not run (the run was stopped): counted apart, not a difference
@@ -255,7 +258,10 @@ def differences(direct: Run, other: Run) -> tuple[list[tuple[str, str]], list[tu
             worse.append((test_id, o.message))
         elif d.status == "failed" and o.status == "passed":
             better.append((test_id, d.message))
-    return worse, better
+        elif d.status != o.status:
+            why = o.message if o.status != "passed" else d.message
+            changed.append((test_id, f"{d.status} directly, {o.status} through pgwarden: {why}"))
+    return worse, better, changed
 
 
 # --- the command -----------------------------------------------------------------------------
@@ -289,6 +295,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--suite-timeout", type=float, default=3600, help="seconds per suite run")
     p.add_argument("--test-timeout", type=int, default=120, help="seconds per test")
     p.add_argument("--output", type=Path, default=REPO / "loadtests/results/compat.json")
+    p.add_argument(
+        "--from-logs", type=Path, metavar="DIR",
+        help="report again from the JUnit XML files a run left in DIR (compat-logs); runs nothing",
+    )  # fmt: skip
     args = p.parse_args(argv)
     targets = [t for t in args.targets.split(",") if t]
     if not set(targets) <= set(TARGETS):
@@ -309,6 +319,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             continue
         suites.append(Suite(name, Path(src).resolve()))
+    if args.from_logs is not None:
+        runs = {
+            (s.name, t): Run(s.name, t, parse_junit(args.from_logs / f"{s.name}-{t}.xml"))
+            for s in suites
+            for t in args.targets
+        }
+        return report(suites, args.targets, runs, args.output)
     if not suites:
         print("compat: nothing to run: neither PSYCOPG_SRC nor ASYNCPG_SRC is set")
         print("suites=0")
@@ -367,7 +384,7 @@ def report(
             for status in ("passed", "failed", "skipped"):
                 figures[f"{s.name}_{target}_{status}"] = r.count(status)
         for target in targets[1:]:
-            worse, better = differences(direct, runs[s.name, target])
+            worse, better, changed = differences(direct, runs[s.name, target])
             other = runs[s.name, target]
             not_run = sum(1 for t in direct.outcomes if t not in other.outcomes)
             if not_run:
@@ -382,7 +399,11 @@ def report(
             print(f"-- {s.name}: fail directly, pass through pgwarden ({target}): {len(better)}")
             for test_id, msg in better:
                 print(f"   {test_id}: {msg}")
-            result[f"{s.name}/{target}"] = {"worse": worse, "better": better}
+            figures[f"{s.name}_{target}_changed"] = len(changed)
+            print(f"-- {s.name}: skipped one way only ({target}): {len(changed)}")
+            for test_id, msg in changed:
+                print(f"   {test_id}: {msg}")
+            result[f"{s.name}/{target}"] = {"worse": worse, "better": better, "changed": changed}
         for target in targets:
             r = runs[s.name, target]
             result[f"{s.name}/{target}/outcomes"] = {
