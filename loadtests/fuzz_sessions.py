@@ -720,6 +720,10 @@ class Watched:
         found: list[str] = []
         i = 0
         while i < len(lines):
+            if lines[i].startswith("{") and _LOG_FAILURE.search(lines[i]):
+                found.append(_summarise_event(lines[i]))
+                i += 1
+                continue
             if _LOG_FAILURE.search(lines[i]) and not lines[i].startswith("Traceback"):
                 block = [lines[i][:500]]
                 i += 1
@@ -729,10 +733,34 @@ class Watched:
                     else:
                         break
                     i += 1
-                found.append("\n".join(block))
+                # The first traceback names the cause; its last line and innermost frame
+                # say what and where.
+                first_tb = block[
+                    : next(
+                        (k for k in range(2, len(block)) if block[k].startswith("During handling")),
+                        len(block),
+                    )
+                ]
+                frames = [b.strip() for b in first_tb if b.strip().startswith("File ")]
+                where = f" (at {frames[-1]})" if frames else ""
+                cause = next((b.strip() for b in reversed(first_tb) if b.strip()), "")
+                found.append(f"{block[0]}: {cause}{where}"[:600])
                 continue
             i += 1
         return found
+
+
+def _summarise_event(line: str) -> str:
+    """A JSON log event with a traceback, as its event name, the exception's last line and
+    the innermost frame: one line to read among thousands."""
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return line[:500]
+    tb = str(event.get("exception", "")).strip().splitlines()
+    frames = [t.strip() for t in tb if t.strip().startswith("File ")]
+    where = f" (at {frames[-1]})" if frames else ""
+    return f"{event.get('event')}: {tb[-1] if tb else ''}{where}"[:600]
 
 
 class SideSession:
