@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo serve test lint typecheck check bench bench-analysis bench-audit bench-ledger bench-workers loadtest sysdeps clean
+.PHONY: demo serve test lint typecheck check bench bench-analysis bench-audit bench-ledger bench-workers loadtest fuzz compat sysdeps clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -72,5 +72,22 @@ loadtest: $(STAMP) sysdeps
 	@$(BIN)/python -m loadtests.support_load --enforce --audit-sync FULL,NORMAL \
 	    --targets direct,pgbouncer,passthrough,pgwarden
 
+# Mutated recordings of real client sessions against pgwarden, pass-through and with the
+# shipped policy + SQLite audit (loadtests/README.md). FUZZ_ITERATIONS sessions per mode.
+FUZZ_ITERATIONS ?= 20000
+FUZZ_SEED ?= 1
+fuzz: $(STAMP) sysdeps
+	@$(BIN)/python -m loadtests.fuzz_sessions --iterations $(FUZZ_ITERATIONS) --seed $(FUZZ_SEED)
+
+# psycopg's and asyncpg's own test suites directly and through pgwarden (pass-through, and
+# the shipped policy + SQLite audit): the tests that differ. Their source trees are not part
+# of this repository: PSYCOPG_SRC=... ASYNCPG_SRC=... (unset ones are skipped; see
+# loadtests/README.md). COMPAT_ARGS passes options on, e.g. --psycopg-args '-m "not slow"'.
+PSYCOPG_SRC ?=
+ASYNCPG_SRC ?=
+COMPAT_ARGS ?=
+compat: $(STAMP) sysdeps
+	@PSYCOPG_SRC="$(PSYCOPG_SRC)" ASYNCPG_SRC="$(ASYNCPG_SRC)" $(BIN)/python -m loadtests.compat $(COMPAT_ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-compat .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -330,6 +330,9 @@ class ClientConnection(asyncio.Protocol):
         self.log: Any = log
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        # We have ended the client connection (FIN sent or transport closed): nothing more
+        # may be written to it, and an upstream still being opened is not wanted any more.
+        self._ending = False
         self._cancelling = False  # a CancelRequest is being forwarded; close after it
         self._linger: asyncio.TimerHandle | None = None
 
@@ -363,7 +366,7 @@ class ClientConnection(asyncio.Protocol):
         self._closed = True
         if self._linger is not None:
             self._linger.cancel()
-        self.run(self.session.client_closed())
+        self.react(self.session.client_closed)
         if self._session_started and self.proxy.runtime is not None:
             self.proxy.runtime.session_event("end", self.audit_id, self.session.subject)
         self.proxy.connections.discard(self)
@@ -394,7 +397,9 @@ class ClientConnection(asyncio.Protocol):
                 if self.upstream is not None:
                     self.upstream.write(c.data)
             elif type(c) is cmd.SendToClient:
-                if self.transport is not None and not self._closed:
+                # After write_eof() a write raises: a session closed while its upstream was
+                # still being opened (found by loadtests/fuzz_sessions.py) has more to say.
+                if self.transport is not None and not self._closed and not self._ending:
                     self.transport.write(c.data)
             elif type(c) is cmd.CloseClient:
                 if not self._cancelling:
@@ -417,8 +422,9 @@ class ClientConnection(asyncio.Protocol):
                 self._statement_done(c)
             elif type(c) is cmd.EndSession:
                 self.log.warning("session_ended_by_policy", reason=c.message)
-                if self.transport is not None:
+                if self.transport is not None and not self._ending:
                     self.transport.write(error_bytes("42501", c.message, fatal=True))
+                    self._ending = True
                     self.transport.close()
                 if self.upstream is not None:
                     self.upstream.close()
@@ -447,6 +453,22 @@ class ClientConnection(asyncio.Protocol):
             elif self.proxy.runtime is not None:
                 self._spawn(self.proxy.runtime.handle(c, self.log))
 
+    def react(self, event: Callable[[], list[cmd.Command]]) -> None:
+        """Run one session event and what it commands, outside ``data_received``.
+
+        Events from callbacks and tasks (an audit write made durable, window counts
+        recorded, a lookup answered) release client messages held behind a statement, and
+        those are parsed only then: a malformed one must end its session as it would have
+        on arrival, not escape into the event loop and leave the session hanging (found by
+        loadtests/fuzz_sessions.py)."""
+        try:
+            commands = event()
+        except ProtocolError as exc:
+            commands = self.session.protocol_error(exc)
+        except Exception:
+            commands = self._internal_error()
+        self.run(commands)
+
     async def _lookup_allowed(self, c: cmd.LookupAllowed) -> None:
         runtime = self.proxy.runtime
         try:
@@ -458,7 +480,7 @@ class ClientConnection(asyncio.Protocol):
                 tracker.guard.allowed[(c.rule_id, c.person)] = (expires, keys)
         finally:
             if not self._closed:
-                self.run(self.session.counts_recorded())
+                self.react(self.session.counts_recorded)
 
     async def _record_usage(self, c: cmd.RecordUsage | cmd.RefreshCounts | cmd.CanaryHit) -> None:
         runtime = self.proxy.runtime
@@ -467,7 +489,7 @@ class ClientConnection(asyncio.Protocol):
                 await runtime.handle(c, self.log)
         finally:
             if not self._closed:
-                self.run(self.session.counts_recorded())
+                self.react(self.session.counts_recorded)
 
     def _await_durable(self, done: cmd.StatementDone) -> None:
         runtime = self.proxy.runtime
@@ -486,7 +508,7 @@ class ClientConnection(asyncio.Protocol):
         assert runtime is not None
         ok = runtime.durable_ok(fut)
         if not self._closed:
-            self.run(self.session.durable_result(ok))
+            self.react(lambda: self.session.durable_result(ok))
 
     async def _await_durable_slowly(self, waiting: Awaitable[Any] | None) -> None:
         """No future to hang a callback on: no audit trail, or a full queue to wait for."""
@@ -494,7 +516,7 @@ class ClientConnection(asyncio.Protocol):
         assert runtime is not None
         ok = await runtime.wait_durable(waiting)
         if not self._closed:
-            self.run(self.session.durable_result(ok))
+            self.react(lambda: self.session.durable_result(ok))
 
     def _statement_done(self, c: cmd.StatementDone, audit: bool = True) -> None:
         if audit and self.proxy.runtime is not None:
@@ -519,6 +541,7 @@ class ClientConnection(asyncio.Protocol):
         t = self.transport
         if t is None or self._closed or self._linger is not None:
             return
+        self._ending = True
         if not t.can_write_eof():  # TLS: close_notify is the best we can do
             t.close()
             return
@@ -531,6 +554,7 @@ class ClientConnection(asyncio.Protocol):
         """Close the client connection without waiting for the client."""
         if self._linger is not None:
             self._linger.cancel()
+        self._ending = True
         if self.transport is not None:
             self.transport.close()
 
@@ -562,7 +586,7 @@ class ClientConnection(asyncio.Protocol):
             await self.cancel_upstream()
         finally:
             if not self._closed:
-                self.run(self.session.counts_recorded())
+                self.react(self.session.counts_recorded)
 
     async def cancel_upstream(self) -> None:
         key = self.session.upstream_key
@@ -590,11 +614,7 @@ class ClientConnection(asyncio.Protocol):
         if new is None:
             return
         self.transport = new
-        try:
-            commands = self.session.tls_established()
-        except ProtocolError as exc:
-            commands = self.session.protocol_error(exc)
-        self.run(commands)
+        self.react(self.session.tls_established)
 
     async def _open_upstream(self, startup: StartupMessage) -> None:
         loop = asyncio.get_running_loop()
@@ -611,7 +631,9 @@ class ClientConnection(asyncio.Protocol):
         except (OSError, TimeoutError, ssl.SSLError, UpstreamRefused) as exc:
             self.run(self.session.upstream_failed(str(exc) or type(exc).__name__))
             return
-        if self._closed:
+        if self._closed or self._ending:
+            # The client left, or its session ended (a protocol error in what it sent
+            # while we connected): the session must not start after all.
             transport.close()
             return
         self.upstream = proto
@@ -620,13 +642,11 @@ class ClientConnection(asyncio.Protocol):
         same_cert = False
         if ssl_object is not None and self.proxy.client_cert_der is not None:
             same_cert = ssl_object.getpeercert(binary_form=True) == self.proxy.client_cert_der
-        try:
-            commands = self.session.upstream_ready(
+        self.react(
+            lambda: self.session.upstream_ready(
                 startup, tls=ssl_object is not None, same_certificate=same_cert
             )
-        except ProtocolError as exc:
-            commands = self.session.protocol_error(exc)
-        self.run(commands)
+        )
 
     async def _prepare_session(self) -> None:
         """What the policy needs before an authenticated session goes on: its database's
@@ -720,7 +740,7 @@ class UpstreamConnection(asyncio.Protocol):
             )
             return
         if self.client.upstream is self:
-            self.client.run(self.client.session.server_closed())
+            self.client.react(self.client.session.server_closed)
 
     def pause_writing(self) -> None:
         # PostgreSQL reads slower than the client sends (a big COPY FROM): stop the client.
