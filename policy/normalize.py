@@ -86,4 +86,7 @@ def fingerprint(sql: str, normalized: str | None = None) -> str:
         return str(_pg.fingerprint(sql))
     except Exception:
         text = normalized if normalized is not None else normalize(sql)
-        return "x" + hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+        # A byte that is not UTF-8 arrives as a surrogate (surrogateescape): hash it as
+        # that byte, or the session ends on a UnicodeEncodeError.
+        raw = text.encode("utf-8", "surrogateescape")
+        return "x" + hashlib.blake2b(raw, digest_size=8).hexdigest()

@@ -130,12 +130,6 @@ def test_a_session_ended_while_its_upstream_opens_ends_quietly(
         assert p.stop() == 0, p.log()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="found by the fuzzer, not fixed here (policy/analyze.py): the fallback for a text "
-    "the analysis cannot handle calls fingerprint(), which raises UnicodeEncodeError on the "
-    "surrogates that stand for bytes that are not UTF-8 (kept in the normalised text when they are in an identifier); the session ends with an internal error",
-)
 def test_a_query_that_is_not_utf8_gets_postgresql_s_error_with_policy_and_audit(
     pg: Cluster, fuzz_db: str, tmp_path: Path
 ) -> None:
@@ -191,13 +185,6 @@ def test_a_malformed_message_held_behind_a_limited_statement_ends_the_session(
         assert p.stop() == 0, p.log()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="found by the fuzzer, not fixed here (policy runtime, before authentication): the "
-    "catalog of a database whose name is not UTF-8 is loaded through asyncpg, which fails in "
-    "its connection_made ('Exception in callback'); the client gets 08001 from pgwarden "
-    "instead of PostgreSQL's 3D000",
-)
 def test_a_database_name_that_is_not_utf8_gets_postgresql_s_answer_under_a_policy(
     pg: Cluster, fuzz_db: str, tmp_path: Path
 ) -> None:
