@@ -219,18 +219,23 @@ def test_a_constant_key_does_not_hide_records_from_the_hourly_budget(
 ) -> None:
     # The windows count distinct records by key: a "key" that is the same in every row
     # (a scalar subquery) made 220 customers one record, under the 200-an-hour budget.
+    # Reading customers twice, each row counts as two records (records_per_row), so the
+    # per-statement cap halves and refuses first; a literal "key" reads it once.
     p, _db, _kf = audited
-    sql = (
-        "SELECT (SELECT min(customer_id) FROM customers) AS customer_id, email FROM customers"
-        " WHERE customer_id BETWEEN %s AND %s"
-    )
-    received = 0
-    with psycopg.connect(dsn(p, "support_app"), autocommit=True) as conn:
-        conn.execute("SET pgwarden.end_user = 'trickle'")
-        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="agent-hourly-records"):
-            for lo in range(1, 320, 20):  # not as far as the canary customer 333
-                received += len(conn.execute(sql, (lo, lo + 19), prepare=False).fetchall())
-    assert received <= 200
+    for key, refused_by, person in (
+        ("(SELECT min(customer_id) FROM customers)", "agent-statement-rows", "subquery"),
+        ("7", "agent-hourly-records", "literal"),
+    ):
+        sql = (
+            f"SELECT {key} AS customer_id, email FROM customers WHERE customer_id BETWEEN %s AND %s"
+        )
+        received = 0
+        with psycopg.connect(dsn(p, "support_app"), autocommit=True) as conn:
+            conn.execute(f"SET pgwarden.end_user = '{person}'")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match=refused_by):
+                for lo in range(1, 320, 20):  # not as far as the canary customer 333
+                    received += len(conn.execute(sql, (lo, lo + 19), prepare=False).fetchall())
+        assert received <= 200, key
 
 
 def test_cursors_portals_pipelines_and_multi_statement_queries(
