@@ -176,7 +176,9 @@ def test_mask_and_block_for_the_support_join(pg: Cluster, enforce_db: str, tmp_p
                 match=r"does not carry public\.customers\.customer_id and pgwarden cannot add "
                 r"it: the statement has DISTINCT",
             ):
-                conn.execute("SELECT DISTINCT email FROM customers WHERE customer_id = 3").fetchall()
+                conn.execute(
+                    "SELECT DISTINCT email FROM customers WHERE customer_id = 3"
+                ).fetchall()
             assert conn.execute("SELECT 1").fetchone() == (1,)
     finally:
         assert p.stop() == 0
@@ -229,7 +231,10 @@ def test_raw_pipeline_with_per_column_result_formats(
             c.startup(user="support_app", database=DB)
             c.send(Query("SET pgwarden.end_user = 'agent1'").encode())
             c.read_until_ready()
-            stmt = "SELECT t.ticket_id, c.email, c.phone FROM tickets t JOIN customers c ON c.customer_id = t.customer_id WHERE t.ticket_id = $1::int"  # noqa: E501
+            stmt = (
+                "SELECT t.ticket_id, c.email, c.phone FROM tickets t JOIN customers c"
+                " ON c.customer_id = t.customer_id WHERE t.ticket_id = $1::int"
+            )
             c.send(
                 Parse("s1", stmt).encode(),
                 Describe("S", "s1").encode(),
@@ -248,7 +253,9 @@ def test_raw_pipeline_with_per_column_result_formats(
                 Sync().encode(),
             )
             msgs = c.read_until_ready()
-        assert "E" not in [t for t, _ in msgs], [ErrorResponse.decode(b) for t, b in msgs if t == "E"]
+        assert "E" not in [t for t, _ in msgs], [
+            ErrorResponse.decode(b) for t, b in msgs if t == "E"
+        ]
         shown = [
             (t, [(f.name, f.format) for f in RowDescription.decode(b).fields]) if t == "T"
             else (t, DataRow.decode(b).values) if t == "D"
