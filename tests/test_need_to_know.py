@@ -106,8 +106,7 @@ def test_block_mode_refuses_and_a_result_without_the_key_cannot_be_checked(
                 match=r"does not carry public\.customers\.customer_id",
             ):
                 conn.execute(
-                    "SELECT email FROM customers WHERE customer_id = 3"
-                    " UNION SELECT 'x'"
+                    "SELECT email FROM customers WHERE customer_id = 3 UNION SELECT 'x'"
                 ).fetchall()
             assert conn.execute("SELECT 1").fetchone() == (1,)
     finally:
