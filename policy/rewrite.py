@@ -56,9 +56,9 @@ def append_keys(
     wants: tuple[tuple[int, tuple[KeyRef, ...]], ...],
     aggregates: frozenset[str],
 ) -> str | NotRewritten:
-    """``sql`` with, for each ``(location, keys)`` in ``wants``, the statement starting at
-    ``location`` (``QueryFacts.location``) given ``keys`` as extra select-list items at the
-    end of its target list, in that order; or why that cannot be done soundly.
+    """``sql`` with, for each ``(index, keys)`` in ``wants``, its statement number ``index``
+    (from 0) given ``keys`` as extra select-list items at the end of its target list, in
+    that order; or why that cannot be done soundly.
 
     ``aggregates`` are the names of aggregate and window functions (a call to one turns
     the statement into a grouped one, where an extra column is an error)."""
@@ -66,13 +66,11 @@ def append_keys(
         stmts = parse_sql(sql)
     except ParseError:
         return NotRewritten("the statement cannot be parsed")
-    by_location = {raw.stmt_location or 0: raw.stmt for raw in stmts}
     inserts: list[tuple[int, str]] = []
-    for location, keys in wants:
-        stmt = by_location.get(location)
-        if stmt is None:
+    for index, keys in wants:
+        if not 0 <= index < len(stmts):
             return NotRewritten("the statement was not found in the text")
-        found = _insertion(sql, stmt, keys, aggregates)
+        found = _insertion(sql, stmts[index].stmt, keys, aggregates)
         if isinstance(found, NotRewritten):
             return found
         inserts.append(found)

@@ -24,6 +24,7 @@ from policy.rewrite import KeyRef, NotRewritten, append_keys
 from proxy.guard import Decision, Guard
 from proxy.messages import ProtocolError, RowDescription, row_values
 
+_REANALYSABLE = frozenset(("select", "transaction"))  # kinds that leave no session state
 _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
 
@@ -78,14 +79,15 @@ def _not_rewritable(
     decisions: list[Decision],
     wants: list[tuple[Decision, tuple[KeyRef, ...]]],
 ) -> str | tuple[str, list[Decision]]:
-    if any(d.facts.kind != "select" for d in decisions):
-        # Only strings of SELECTs: analysing the text again must not see a SET of the
-        # string applied twice.
-        return "only SELECT statements can be given the key"
+    if any(d.facts.kind not in _REANALYSABLE for d in decisions):
+        # Analysing the text again must not apply a SET (search_path, role) of the string
+        # twice: the second analysis would start where the first one left the session.
+        return "only SELECT statements (and transaction control beside them) can be given the key"
     if guard.blocked(decisions) is not None:
         return "the statement is refused"
     aggregates = guard.analyzer.snapshot.aggregate_functions or BUILTIN_AGGREGATES
-    new_sql = append_keys(sql, tuple((d.facts.location, keys) for d, keys in wants), aggregates)
+    index = {id(d): i for i, d in enumerate(decisions)}
+    new_sql = append_keys(sql, tuple((index[id(d)], keys) for d, keys in wants), aggregates)
     if isinstance(new_sql, NotRewritten):
         return new_sql.reason
     new_facts = guard.sql.analyze(new_sql)

@@ -279,3 +279,37 @@ def test_raw_pipeline_with_per_column_result_formats(
         ]  # fmt: skip
     finally:
         assert p.stop() == 0
+
+
+def test_strings_of_several_statements_locks_and_leading_comments(
+    pg: Cluster, enforce_db: str, tmp_path: Path
+) -> None:
+    p = start(pg, tmp_path, "withhold")
+    try:
+        with agent(p, "agent1") as conn:
+            simple = psycopg.ClientCursor(conn)
+            # One Query, four statements: each SELECT has its own key added and removed.
+            simple.execute(
+                "BEGIN; SELECT c.email FROM customers c WHERE c.customer_id IN (3, 4) ORDER BY 1;"
+                " SELECT c.phone, t.status FROM tickets t JOIN customers c USING (customer_id)"
+                " WHERE t.ticket_id IN (4, 6) FOR UPDATE OF t; COMMIT"
+            )
+            results = []
+            while True:
+                if simple.description is not None:
+                    results.append((names(simple), simple.fetchall(), simple.rowcount))
+                if not simple.nextset():
+                    break
+            assert results == [
+                (["email"], [("customer3@mail.example",)], 1),
+                (["phone", "status"], [("+44200000006", "open")], 1),
+            ]
+            # Leading sqlcommenter comments of different lengths, one statement each.
+            for who, expected in (("agent2", "customer4@mail.example"), ("a1", None)):
+                cur = conn.execute(
+                    f"/* end_user='{who}' */ SELECT c.email FROM customers c"
+                    " WHERE c.customer_id IN (3, 4)"
+                )
+                assert cur.fetchall() == ([(expected,)] if expected else [])
+    finally:
+        assert p.stop() == 0
