@@ -10,6 +10,8 @@ client gets exactly the columns it asked for, in the formats it asked for.
 The rewrite is used only when the analysis of the rewritten statement confirms it: the
 appended column is a plain copy of the key, the key is the table's primary key, and it
 accounts for every labelled value of that table in the row (read once, no row mixing).
+(Unlabelled columns of the table read a second time through a view in the same statement
+are not told apart: the analysis counts a table's reads for its labelled columns only.)
 Anything else keeps the refusal, which then says why the key could not be added.
 """
 
@@ -85,7 +87,14 @@ def _not_rewritable(
         return "only SELECT statements (and transaction control beside them) can be given the key"
     if guard.blocked(decisions) is not None:
         return "the statement is refused"
-    aggregates = guard.analyzer.snapshot.aggregate_functions or BUILTIN_AGGREGATES
+    snapshot = guard.analyzer.snapshot
+    for _d, keys in wants:
+        for key in keys:
+            rel = snapshot.relation(key.schema, key.table)
+            if rel is None or rel.primary_key != (key.column,):
+                # Only a primary key names one record per row (and is what the ledger keeps).
+                return f"{key.column} is not the primary key of {key.schema}.{key.table}"
+    aggregates = snapshot.aggregate_functions or BUILTIN_AGGREGATES
     index = {id(d): i for i, d in enumerate(decisions)}
     new_sql = append_keys(sql, tuple((index[id(d)], keys) for d, keys in wants), aggregates)
     if isinstance(new_sql, NotRewritten):
@@ -125,8 +134,6 @@ def _unsound(old: QueryFacts, new: QueryFacts, keys: tuple[KeyRef, ...]) -> str 
         if not isinstance(col.sources, Exact) or set(col.sources) != {source}:
             return f"the column added is not {key.schema}.{key.table}.{key.column} itself"
         relation = f"{key.schema}.{key.table}"
-        if not any(k.relation == relation and k.positions == (n + j,) for k in new.record_keys):
-            return f"{key.column} is not the primary key of {relation}"
         for i in new.value_positions:
             if any(s.schema == key.schema and s.table == key.table for s in new.output[i].sources):
                 return f"a row can carry {relation} values of another record than its key's"
