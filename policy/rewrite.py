@@ -7,7 +7,7 @@ support tool's own statements select the customer's name and email but not
 before the client sees the result.
 
 Only statements where that is sound are rewritten: a plain top-level SELECT (no set
-operation, DISTINCT, GROUP BY/HAVING, aggregate or window function, WITH or INTO) whose
+operation, DISTINCT, GROUP BY/HAVING, aggregate or window function, or INTO) whose
 FROM reaches the protected table exactly once, as a range variable directly or through
 joins (not inside a subquery, a function or an aliased join, and the table named nowhere
 else in the statement).  Appending at the end keeps ``ORDER BY 2`` pointing where it did,
@@ -110,8 +110,6 @@ def _unsupported_shape(stmt: ast.SelectStmt, aggregates: frozenset[str]) -> str 
         return "a VALUES list"
     if stmt.intoClause is not None:
         return "SELECT INTO"
-    if stmt.withClause is not None:
-        return "a WITH clause"
     if stmt.distinctClause:
         return "DISTINCT"
     if stmt.groupClause or stmt.havingClause is not None or stmt.groupDistinct:
@@ -193,6 +191,10 @@ def _range_variable(stmt: ast.SelectStmt, key: KeyRef) -> str | NotRewritten:
             f"{key.schema}.{key.table} is named {len(named)} times in it (once is needed)"
         )
     rv = named[0]
+    ctes = stmt.withClause.ctes if stmt.withClause is not None else None
+    if any(isinstance(c, ast.CommonTableExpr) and c.ctename == key.table for c in ctes or ()):
+        # The name would be the WITH query's, not the table's.
+        return NotRewritten(f"a WITH query is named {key.table}")
     if not any(r is rv for r in _reachable(stmt.fromClause)):
         return NotRewritten(
             f"{key.schema}.{key.table} is not a table of its top-level FROM (it is in a "

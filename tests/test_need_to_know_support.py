@@ -2,7 +2,7 @@
 agent's own ticket (agent1, ticket TM-0000003, customer 3), most of it selecting contact
 data without ``customer_id``.  Before the key was added by pgwarden each such statement that
 returned a row was refused; now every one of them is answered exactly as PostgreSQL answers
-it, except the shapes the key cannot soundly be added to (listed in ``REFUSED``)."""
+it, except the shapes the key cannot soundly be added to (``REFUSED``: the last three)."""
 
 from __future__ import annotations
 
@@ -71,17 +71,17 @@ HONEST: list[tuple[str, tuple[object, ...]]] = [
     ("SELECT * FROM customers WHERE customer_id = %s", (CUSTOMER,)),
     ("SELECT t.ticket_number, t.subject, t.status FROM tickets t WHERE t.assigned_agent_id = %s"
      " ORDER BY 1 LIMIT 5", (AGENT_ID,)),
-    # Shapes the key cannot soundly be added to (an aggregate, DISTINCT, WITH, a view):
+    ("WITH mine AS (SELECT customer_id FROM tickets WHERE ticket_number = %s)"
+     " SELECT c.full_name FROM customers c JOIN mine USING (customer_id)", (TICKET,)),
+    # Shapes the key cannot soundly be added to (an aggregate, DISTINCT, a view):
     ("SELECT count(*) FROM tickets t JOIN customers c USING (customer_id) WHERE c.email = %s",
      (EMAIL,)),
     ("SELECT DISTINCT c.country FROM customers c JOIN tickets t USING (customer_id)"
      " WHERE t.assigned_agent_id = %s", (AGENT_ID,)),
-    ("WITH mine AS (SELECT customer_id FROM tickets WHERE ticket_number = %s)"
-     " SELECT c.full_name FROM customers c JOIN mine USING (customer_id)", (TICKET,)),
     ("SELECT cc.name, cc.email FROM reporting.customer_contacts cc WHERE cc.customer_id = %s",
      (CUSTOMER,)),
 ]  # fmt: skip
-REFUSED = frozenset(range(len(HONEST) - 4, len(HONEST)))
+REFUSED = frozenset(range(len(HONEST) - 3, len(HONEST)))
 
 
 def run(

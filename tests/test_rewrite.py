@@ -62,6 +62,13 @@ def add(sql: str, index: int = 0) -> str | NotRewritten:
             "WHERE t.status IN (SELECT 'open')",
         ),
         ("(SELECT c.email FROM customers c)", "(SELECT c.email " + ADDED + "FROM customers c)"),
+        # A WITH query that does not read the table.
+        (
+            "WITH mine AS (SELECT customer_id FROM tickets WHERE ticket_number = $1) "
+            "SELECT c.full_name FROM customers c JOIN mine USING (customer_id)",
+            "WITH mine AS (SELECT customer_id FROM tickets WHERE ticket_number = $1) "
+            "SELECT c.full_name " + ADDED + "FROM customers c JOIN mine USING (customer_id)",
+        ),
     ],
 )
 def test_appends_the_key_at_the_end_of_the_select_list(sql: str, expected: str) -> None:
@@ -81,7 +88,11 @@ def test_appends_the_key_at_the_end_of_the_select_list(sql: str, expected: str) 
         ("SELECT email FROM customers ORDER BY count(*)", "aggregate"),
         ("SELECT email, row_number() OVER () FROM customers", "window"),
         ("SELECT email, rank() OVER w FROM customers WINDOW w AS ()", "WINDOW"),
-        ("WITH x AS (SELECT 1) SELECT email FROM customers", "WITH"),
+        ("WITH customers AS (SELECT 1) SELECT email FROM customers", "WITH query is named"),
+        (
+            "WITH x AS (SELECT customer_id FROM customers) SELECT c.email FROM customers c",
+            "named 2 times",
+        ),
         ("SELECT email INTO mine FROM customers", "INTO"),
         ("SELECT x.email FROM (SELECT * FROM customers) x", "not a table of its top-level"),
         ("SELECT email FROM (tickets JOIN customers USING (customer_id)) j", "aliased join"),
