@@ -202,6 +202,8 @@ def _range_variable(stmt: ast.SelectStmt, key: KeyRef) -> str | NotRewritten:
         )
     if rv.catalogname or (rv.schemaname and rv.schemaname != key.schema):
         return NotRewritten(f"its {key.table} is not {key.schema}.{key.table}")
+    if rv.alias is not None and rv.alias.colnames:
+        return NotRewritten(f"its alias renames the columns of {key.table}")
     name = rv.alias.aliasname if rv.alias is not None else rv.relname
     return name if name else NotRewritten(f"its {key.table} has no name to refer to")
 

@@ -102,6 +102,8 @@ def test_appends_the_key_at_the_end_of_the_select_list(sql: str, expected: str) 
             "named 2 times",
         ),
         ("SELECT email FROM other.customers", "is not public.customers"),
+        ("SELECT c.e FROM customers c(id, n, e)", "renames the columns"),
+        ("SELECT email FROM customers TABLESAMPLE SYSTEM (1)", "not a table of its top-level"),
         ("SELECT email FROM tickets", "named 0 times"),
         ("SELECT FROM customers", "no select list"),
         ("VALUES (1)", "VALUES list"),
