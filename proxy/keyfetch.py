@@ -26,7 +26,7 @@ from policy.rewrite import KeyRef, NotRewritten, append_keys
 from proxy.guard import Decision, Guard
 from proxy.messages import ProtocolError, RowDescription, row_values
 
-_REANALYSABLE = frozenset(("select", "transaction"))  # kinds that leave no session state
+_STATELESS = frozenset(("select", "transaction", "variable_set", "variable_show"))
 _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
 
@@ -71,6 +71,14 @@ def with_keys(guard: Guard, sql: str, decisions: list[Decision]) -> tuple[str, l
     return new_sql, new_decisions
 
 
+def _reanalysable(f: QueryFacts) -> bool:
+    """Whether analysing the statement leaves the session's SQL state (search_path, role,
+    prepared statements, cursors) as it was."""
+    # A SELECT can set search_path too (set_config('search_path', ...)).
+    changes = f.search_path is not None or f.search_path_reset or f.role is not None
+    return not changes and f.kind in _STATELESS
+
+
 def _unkeyed(decisions: list[Decision], reason: str) -> list[Decision]:
     return [replace(d, unkeyed=reason) if missing_keys(d) else d for d in decisions]
 
@@ -81,10 +89,10 @@ def _not_rewritable(
     decisions: list[Decision],
     wants: list[tuple[Decision, tuple[KeyRef, ...]]],
 ) -> str | tuple[str, list[Decision]]:
-    if any(d.facts.kind not in _REANALYSABLE for d in decisions):
+    if not all(_reanalysable(d.facts) for d in decisions):
         # Analysing the text again must not apply a SET (search_path, role) of the string
         # twice: the second analysis would start where the first one left the session.
-        return "only SELECT statements (and transaction control beside them) can be given the key"
+        return "only SELECT statements (beside transaction control and SET) can be given the key"
     if guard.blocked(decisions) is not None:
         return "the statement is refused"
     snapshot = guard.analyzer.snapshot

@@ -9,6 +9,7 @@ agent1 may see customers 3, 6, 9, ... and not 4.
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from pathlib import Path
 
 import asyncpg
@@ -311,5 +312,30 @@ def test_strings_of_several_statements_locks_and_leading_comments(
                     " WHERE c.customer_id IN (3, 4)"
                 )
                 assert cur.fetchall() == ([(expected,)] if expected else [])
+    finally:
+        assert p.stop() == 0
+
+
+def test_psql(pg: Cluster, enforce_db: str, tmp_path: Path) -> None:
+    p = start(pg, tmp_path, "withhold")
+    try:
+        literal = JOIN.replace("%s", "'{}'")
+
+        def psql(*commands: str) -> str:
+            args = ["psql", "-X", "-At", "-F", "|", "-h", p.host, "-p", str(p.port)]
+            args += ["-U", "support_app", "-d", DB]
+            for c in commands:
+                args += ["-c", c]
+            done = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
+            assert done.returncode == 0, done.stderr
+            return done.stdout
+
+        assert psql("SET pgwarden.end_user = 'agent1'", literal.format(OWN[0])) == (
+            "SET\n" + "|".join(OWN) + "\n"
+        )
+        assert psql("SET pgwarden.end_user = 'agent1'", literal.format(OTHERS)) == "SET\n"
+        # One Query with a SET beside the SELECT; a sqlcommenter comment names the agent.
+        both = f"SET application_name = 'desk'; {literal.format(OWN[0])} /* end_user='agent1' */"
+        assert psql(both) == "SET\n" + "|".join(OWN) + "\n"
     finally:
         assert p.stop() == 0
