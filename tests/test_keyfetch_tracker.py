@@ -18,6 +18,7 @@ from proxy.messages import (
     BindComplete,
     CommandComplete,
     DataRow,
+    Describe,
     Execute,
     Field,
     Parse,
@@ -123,7 +124,7 @@ def test_simple_query(pg: Cluster, enforce_db: str, seed: int) -> None:
 def test_extended_protocol_with_per_column_formats(pg: Cluster, enforce_db: str, seed: int) -> None:
     tracker, fields = _tracker(pg)
     client = Parse("", SQL).encode() + Bind("", "", (), (b"10",), (0, 0, 0)).encode()
-    client += Execute("").encode() + Sync().encode()
+    client += Describe("P", "").encode() + Execute("").encode() + Sync().encode()
     sent = _upstream(tracker.client_data(client))
     # The server is asked for four columns, the fourth (the key) in text.
     assert Bind("", "", (), (b"10",), (0, 0, 0, 0)).encode() in sent
@@ -133,6 +134,7 @@ def test_extended_protocol_with_per_column_formats(pg: Cluster, enforce_db: str,
         (
             ParseComplete().encode(),
             BindComplete().encode(),
+            RowDescription(tuple(fields)).encode(),
             *(r.encode() for r in rows),
             CommandComplete("SELECT 9").encode(),
             ReadyForQuery("I").encode(),
@@ -142,6 +144,7 @@ def test_extended_protocol_with_per_column_formats(pg: Cluster, enforce_db: str,
         (
             ParseComplete().encode(),
             BindComplete().encode(),
+            RowDescription(tuple(fields[:3])).encode(),
             DataRow(rows[2].values[:3]).encode(),
             CommandComplete("SELECT 1").encode(),
             ReadyForQuery("I").encode(),
