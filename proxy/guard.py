@@ -62,6 +62,11 @@ class Decision:
     facts: QueryFacts
     verdict: Verdict
     subject: Subject
+    # Columns pgwarden appended to the statement it sent (the protected table's key, for
+    # need-to-know: proxy.keyfetch); they are removed before the client sees the result.
+    hidden: int = 0
+    # Why such a key could not be appended (quoted when the result is refused for lacking it).
+    unkeyed: str | None = None
 
     @property
     def person(self) -> str:
@@ -422,7 +427,7 @@ class Guard:
         """Decide again, knowing the result carries labels the analysis did not see."""
         extra = OutputColumn("(unanalysed)", frozenset(), missed)
         facts = replace(decision.facts, output=(*decision.facts.output, extra))
-        return Decision(facts, self.engine.decide(decision.subject, facts), decision.subject)
+        return replace(decision, facts=facts, verdict=self.engine.decide(decision.subject, facts))
 
     @property
     def person(self) -> str:

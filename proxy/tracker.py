@@ -47,6 +47,7 @@ from proxy import commands as cmd
 from proxy.codec import FrameReader
 from proxy.copyrows import BinaryCopyRowReader, CopyRowReader, reader_for
 from proxy.guard import ColumnInfo, Decision, Guard, ResultShape, raise_statement
+from proxy.keyfetch import bind_with_keys, strip_description, strip_row, with_keys
 from proxy.masking import mask_value
 from proxy.messages import (
     Bind,
@@ -133,6 +134,7 @@ class Entry:
     statements: list[Decision] | None = None  # QUERY: every statement of the string
     index: int = 0  # QUERY: the statement producing output now
     name: str = ""  # DESCRIBE: 'S' or 'P' followed by the name
+    hidden: int = 0  # DESCRIBE: columns pgwarden appended, kept from the client
 
 
 @dataclass(slots=True)
@@ -220,11 +222,15 @@ class Tracker:
                 continue
             if t == _Q:
                 sql = Query.decode(raw[start:end]).sql
-                decisions = self.guard.check(sql)
+                sent, decisions = with_keys(self.guard, sql, self.guard.check(sql))
                 out += self.guard.end_user_notes()
                 refresh = self._needs_fresh_counts(decisions)
                 if refresh is not None:
                     return self._refresh_first(refresh, out, parts, raw, fwd, head)
+                if sent is not sql:
+                    # Need-to-know keys appended (proxy.keyfetch); removed from the result.
+                    parts += (raw[fwd:head], Query(sent).encode())
+                    fwd = end
                 self.stats.statements += 1
                 self.cycles.append(time.perf_counter())
                 blocked = self.guard.blocked(decisions)
@@ -237,11 +243,15 @@ class Tracker:
                     return self._hold_after(out, parts, raw, fwd, end)
             elif t == _P:
                 name, sql = parse_head(raw[start:end])
-                decisions = self.guard.check(sql)
+                sent, decisions = with_keys(self.guard, sql, self.guard.check(sql))
                 out += self.guard.end_user_notes()
                 refresh = self._needs_fresh_counts(decisions)
                 if refresh is not None:
                     return self._refresh_first(refresh, out, parts, raw, fwd, head)
+                if sent is not sql:
+                    parse = Parse.decode(raw[start:end])
+                    parts += (raw[fwd:head], Parse(name, sent, parse.param_types).encode())
+                    fwd = end
                 blocked = self.guard.blocked(decisions)
                 decision = decisions[0] if decisions else None
                 if blocked is not None:
@@ -268,13 +278,23 @@ class Tracker:
                     parts += (raw[fwd:head], Bind(portal_name, statement).encode())
                     fwd = end
                     formats = ()
+                elif len(formats) > 1 and (hidden := _hidden(self.prepared.get(statement))):
+                    # One format code per column: the server's result has the appended ones.
+                    parts += (raw[fwd:head], bind_with_keys(raw[start:end], formats, hidden))
+                    fwd = end
+                    formats += (0,) * hidden
                 self.portals[portal_name] = Portal(
                     self.prepared.get(statement), self.statement_fields.get(statement), formats
                 )
                 self.fifo.append(Entry(BIND))
             elif t == _D:
                 kind, name = target_head(raw[start:end])
-                self.fifo.append(Entry(DESCRIBE, name=kind + name))
+                described = (
+                    self.prepared.get(name) if kind == "S"
+                    else portal.decision if (portal := self.portals.get(name)) is not None
+                    else None
+                )  # fmt: skip
+                self.fifo.append(Entry(DESCRIBE, name=kind + name, hidden=_hidden(described)))
             elif t == _E:
                 portal_name, _max_rows = execute_head(raw[start:end])
                 portal = self.portals.get(portal_name)
@@ -433,7 +453,7 @@ class Tracker:
         assert plan is not None
         verdict = self.guard.engine.decide(decision.subject, decision.facts)
         if verdict.plan is not None:
-            return Decision(decision.facts, verdict, decision.subject)
+            return replace(decision, verdict=verdict)
         if not verdict.blocks:
             return decision
         return _refused_at_first_row(decision, verdict, plan)
@@ -549,6 +569,12 @@ class Tracker:
                     if t == _d:
                         rows = _copy_rows(raw, pos, row_end, running.copy_binary)
                     replacement = self._row(running, raw, row_start, row_end, rows, t == _d, out)
+                    if (
+                        t == _D and replacement != b"" and not self.discarding
+                        and (hidden := _hidden(running.decision))
+                    ):  # fmt: skip
+                        row = raw[pos:row_end] if replacement is None else replacement
+                        replacement = strip_row(row, hidden)
                     if replacement is not None:
                         parts += (raw[fwd:pos], replacement)
                         fwd = row_end
@@ -559,7 +585,10 @@ class Tracker:
                         break
                     pos = row_end
             elif t == _T:
-                self._row_description(raw[start:end])
+                hidden = self._row_description(raw[start:end])
+                if hidden:
+                    parts += (raw[fwd:head], strip_description(raw[start:end], hidden))
+                    fwd = end
             elif t in (_C, _I, _s):
                 entry = fifo[0] if fifo else None
                 if entry is None or entry.kind not in (EXECUTE, QUERY):
@@ -710,10 +739,12 @@ class Tracker:
             entry.running = self._running(decision)
         return entry.running
 
-    def _row_description(self, body: bytes) -> None:
+    def _row_description(self, body: bytes) -> int:
+        """Note a RowDescription; returns how many of its last columns pgwarden appended
+        (to be removed before the client sees it)."""
         # Kept as bytes: most results never need their columns decoded.
         if not self.fifo:
-            return
+            return 0
         entry = self.fifo[0]
         if entry.kind == DESCRIBE:
             self.fifo.popleft()
@@ -722,8 +753,12 @@ class Tracker:
                 self.statement_fields[name] = body
             elif (portal := self.portals.get(name)) is not None:
                 portal.fields = body
-        elif entry.kind == QUERY:
-            self._current(entry).fields = body
+            return entry.hidden
+        if entry.kind == QUERY:
+            running = self._current(entry)
+            running.fields = body
+            return _hidden(running.decision)
+        return 0
 
     def _row(self, running: Running, raw: bytes, start: int, end: int, rows: int, copy: bool,
              out: list[cmd.Command]) -> bytes | None:  # fmt: skip
@@ -873,6 +908,8 @@ class Tracker:
         out what must be watched."""
         running.prepared = True
         decision = running.decision
+        # Appended columns (proxy.keyfetch) are removed from every row: none skips the walk.
+        running.watch = _hidden(decision) > 0
         if decision is None or decision.plan is None:
             return
         if self.guard.watchful or self.ledger:
@@ -957,7 +994,8 @@ class Tracker:
             self._key_readers(running, out)
         running.watch = bool(
             plan.limits or plan.needs_rows or running.capture or running.value_capture
-        )
+            or decision.hidden  # every row passes through strip_row
+        )  # fmt: skip
         if running.capture and not (
             plan.mask or running.know or running.value_capture or running.key_readers
         ):
@@ -1116,6 +1154,9 @@ class Tracker:
             if position == NO_KEY:
                 message = (f"pgwarden: blocked by rule {rule}: need-to-know cannot be checked, the "
                            f"result does not carry {know.table}.{know.key_column}")  # fmt: skip
+                unkeyed = running.decision.unkeyed if running.decision is not None else None
+                if unkeyed:
+                    message += f" and pgwarden cannot add it: {unkeyed}"
                 hint = f"select {know.key_column} as well, so each row can be checked"
             elif position == BINARY_KEY:
                 message = (f"pgwarden: blocked by rule {rule}: need-to-know cannot be checked, "
@@ -1377,11 +1418,10 @@ def _refused_at_first_row(decision: Decision, verdict: Verdict, plan: ResultPlan
     prefix = f"pgwarden: blocked by rule {verdict.rule_id}: "
     reason = verdict.message.removeprefix(prefix)
     stop = RowLimit(verdict.rule_id or "", 0, None, plan.labels, reason, verdict.action, False)
-    return Decision(
-        decision.facts,
-        Verdict(Action.ALLOW, findings=verdict.findings,
-                plan=replace(plan, limits=(stop, *plan.limits))),
-        decision.subject,
+    return replace(
+        decision,
+        verdict=Verdict(Action.ALLOW, findings=verdict.findings,
+                        plan=replace(plan, limits=(stop, *plan.limits))),
     )  # fmt: skip
 
 
@@ -1594,3 +1634,8 @@ def _recount(tag: str, withheld: int) -> str:
     if not last.isdigit():
         return tag
     return f"{head} {max(0, int(last) - withheld)}"
+
+
+def _hidden(decision: Decision | None) -> int:
+    """Columns pgwarden appended to the statement (proxy.keyfetch), kept from the client."""
+    return decision.hidden if decision is not None else 0
