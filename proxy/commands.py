@@ -129,6 +129,7 @@ class StatementDone:
     end_user: str | None = None
     rule_ids: tuple[str, ...] = ()
     verdict: str = "allow"
+    text: str | None = None  # what the client sent; kept only with audit.store_full_text
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,6 +57,9 @@ class Decision:
     facts: QueryFacts
     verdict: Verdict
     subject: Subject
+    # The text the client sent (the whole Query string, or the Parse's statement), for an
+    # audit trail configured with ``store_full_text``.
+    text: str | None = None
 
     @property
     def person(self) -> str:
@@ -200,7 +203,7 @@ class Guard:
                         subject = Subject(
                             s.user, s.database, s.application, s.client_addr, owner, s.roles
                         )
-            out.append(Decision(f, self.engine.decide(subject, f), subject))
+            out.append(Decision(f, self.engine.decide(subject, f), subject, sql))
         return out
 
     def result_shape(self, fields: bytes) -> ResultShape:
@@ -270,7 +273,9 @@ class Guard:
         """Decide again, knowing the result carries labels the analysis did not see."""
         extra = OutputColumn("(unanalysed)", frozenset(), missed)
         facts = replace(decision.facts, output=(*decision.facts.output, extra))
-        return Decision(facts, self.engine.decide(decision.subject, facts), decision.subject)
+        return Decision(
+            facts, self.engine.decide(decision.subject, facts), decision.subject, decision.text
+        )
 
     @property
     def person(self) -> str:

@@ -378,6 +378,7 @@ class PolicyRuntime:
             verdict=c.verdict,
             rule_ids=c.rule_ids,
             sqlstate=c.sqlstate,
+            full_text=c.text,
             # As read from the result: the ledger hashes the bytes (no copy per key here).
             ledger_keys=dict(records) if records else None,
             ledger_values={

@@ -401,7 +401,7 @@ class Tracker:
         assert plan is not None
         verdict = self.guard.engine.decide(decision.subject, decision.facts)
         if verdict.plan is not None:
-            return Decision(decision.facts, verdict, decision.subject)
+            return Decision(decision.facts, verdict, decision.subject, decision.text)
         if not verdict.blocks:
             return decision
         prefix = f"pgwarden: blocked by rule {verdict.rule_id}: "
@@ -412,6 +412,7 @@ class Tracker:
             Verdict(Action.ALLOW, findings=verdict.findings,
                     plan=replace(plan, limits=(stop, *plan.limits))),
             decision.subject,
+            decision.text,
         )  # fmt: skip
 
     def _running(self, decision: Decision | None) -> Running:
@@ -1201,6 +1202,7 @@ class Tracker:
                 ).end_user,
                 rule_ids=_rule_ids(decision, cut),
                 verdict=_verdict(decision, cut, sqlstate),
+                text=decision.text if decision is not None else None,
             )
         )
         return out
