@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo serve test lint typecheck check bench bench-analysis bench-audit bench-ledger bench-workers loadtest sysdeps clean
+.PHONY: demo serve test lint typecheck check bench bench-analysis bench-audit bench-ledger bench-workers loadtest soak sysdeps clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -71,6 +71,11 @@ bench-workers: $(STAMP) sysdeps
 loadtest: $(STAMP) sysdeps
 	@$(BIN)/python -m loadtests.support_load --enforce --audit-sync FULL,NORMAL \
 	    --targets direct,pgbouncer,passthrough,pgwarden
+
+# Not part of `make test`: 2,000 sessions, a 1 MB/s reader of 1M rows, then 30 minutes of
+# the agents' workload with faults injected (SOAK_ARGS=--quick checks the script in ~3 min).
+soak: $(STAMP) sysdeps
+	@$(BIN)/python -m loadtests.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
