@@ -745,13 +745,13 @@ async def soak_part(
             await check_fault(fault, load, target, trail, db, pid, args)
             faults.append(fault)
         await asyncio.sleep(max(0.0, duration - (loop.time() - load.started)))
+        take_sample()  # the last one while the clients still run
     finally:
         stop.set()
         await asyncio.wait(clients, timeout=args.statement_timeout + 10)
         for c in clients:
             c.cancel()
         await sampling
-    take_sample()
     await summarise_soak(load, samples, faults, warmup, trail, db, args, report)
 
 
