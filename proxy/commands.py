@@ -67,6 +67,7 @@ class PolicyBlock:
     action: str
     message: str
     facts: Any = None
+    offence: bool = True  # counts towards a quarantine (not when pgwarden failed closed)
 
 
 @dataclass(frozen=True, slots=True)

@@ -492,9 +492,11 @@ class PolicyRuntime:
             )
             # Responders and alert channels hear of every refusal, not only of quarantines.
             self.alert("block", f"{_who(c.subject)}: {c.message}", "warning", c.subject, c.rule_id)
-            if c.rule_id != "quarantine":
+            if c.rule_id != "quarantine" and c.offence:
                 # A refusal because the subject is already quarantined is no new offence:
-                # counting it would re-quarantine (and re-alert) on every statement.
+                # counting it would re-quarantine (and re-alert) on every statement.  Nor is
+                # one because the counter store was unreachable: a Redis outage (with the
+                # refusals decided before pgwarden saw it back) quarantined every busy agent.
                 await self._maybe_quarantine(
                     c.subject, c.action == Action.QUARANTINE.value, log_, f"rule {c.rule_id}"
                 )

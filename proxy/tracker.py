@@ -460,7 +460,7 @@ class Tracker:
         v = blocked.verdict
         return cmd.PolicyBlock(
             subject=blocked.subject.key, rule_id=v.rule_id or "", action=v.action.value,
-            message=v.message, facts=blocked.facts,
+            message=v.message, facts=blocked.facts, offence=v.offence,
         )  # fmt: skip
 
     # --- server -> client --------------------------------------------------------------------
