@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo serve test lint typecheck check bench bench-analysis bench-audit bench-ledger bench-workers loadtest fuzz compat sysdeps clean
+.PHONY: demo serve test lint typecheck check bench bench-analysis bench-audit bench-ledger bench-workers loadtest fuzz compat soak sysdeps clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -88,6 +88,11 @@ ASYNCPG_SRC ?=
 COMPAT_ARGS ?=
 compat: $(STAMP) sysdeps
 	@PSYCOPG_SRC="$(PSYCOPG_SRC)" ASYNCPG_SRC="$(ASYNCPG_SRC)" $(BIN)/python -m loadtests.compat $(COMPAT_ARGS)
+
+# Not part of `make test`: 2,000 sessions, a 1 MB/s reader of 1M rows, then 30 minutes of
+# the agents' workload with faults injected (SOAK_ARGS=--quick checks the script in ~3 min).
+soak: $(STAMP) sysdeps
+	@$(BIN)/python -m loadtests.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-compat .pytest_cache .mypy_cache .ruff_cache .hypothesis

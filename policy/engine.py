@@ -184,6 +184,9 @@ class Verdict:
     sqlstate: str = BLOCK_SQLSTATE
     findings: tuple[Finding, ...] = ()
     plan: ResultPlan | None = None
+    # False when the refusal is pgwarden failing closed (its counter store is unreachable),
+    # not something the subject did: it must not count towards a quarantine.
+    offence: bool = True
 
     @property
     def blocks(self) -> bool:
@@ -194,10 +197,10 @@ ALLOW = Verdict(Action.ALLOW)
 
 
 def refusal(rule_id: str, reason: str, action: Action = Action.BLOCK, hint: str | None = None,
-            findings: tuple[Finding, ...] = ()) -> Verdict:  # fmt: skip
+            findings: tuple[Finding, ...] = (), offence: bool = True) -> Verdict:  # fmt: skip
     return Verdict(
         action, rule_id, f"pgwarden: blocked by rule {rule_id}: {reason}", hint, BLOCK_SQLSTATE,
-        findings,
+        findings, offence=offence,
     )  # fmt: skip
 
 
@@ -337,7 +340,7 @@ class Engine:
                 return refusal(
                     rule.id, reason, Action.BLOCK,
                     hint="the shared counter store (Redis) is unreachable; try again when it is back",
-                    findings=(*findings, Finding(rule.id, Action.BLOCK, reason)),
+                    findings=(*findings, Finding(rule.id, Action.BLOCK, reason)), offence=False,
                 )  # fmt: skip
             used, whose = self._window_spent(s, rule, covered)
             used_by_rule[rule.id] = used

@@ -74,6 +74,7 @@ class PolicyBlock:
     action: str
     message: str
     facts: Any = None
+    offence: bool = True  # counts towards a quarantine (not when pgwarden failed closed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +158,7 @@ class StatementDone:
     end_user: str | None = None
     rule_ids: tuple[str, ...] = ()
     verdict: str = "allow"
+    text: str | None = None  # what the client sent; kept only with audit.store_full_text
 
 
 @dataclass(frozen=True, slots=True)

@@ -124,7 +124,7 @@ def _not_rewritable(
         verdict = guard.engine.decide(d.subject, judged)
         if verdict.blocks or verdict.plan is None:
             return "the statement with the key added is refused"
-        out.append(Decision(judged, verdict, d.subject, hidden=len(keys)))
+        out.append(Decision(judged, verdict, d.subject, d.text, hidden=len(keys)))
     return new_sql, out
 
 

@@ -411,6 +411,7 @@ class PolicyRuntime:
             verdict=c.verdict,
             rule_ids=c.rule_ids,
             sqlstate=c.sqlstate,
+            full_text=c.text,
             # As read from the result: the ledger hashes the bytes (no copy per key here).
             ledger_keys=dict(records) if records else None,
             ledger_values={
@@ -526,9 +527,11 @@ class PolicyRuntime:
             )
             # Responders and alert channels hear of every refusal, not only of quarantines.
             self.alert("block", f"{_who(c.subject)}: {c.message}", "warning", c.subject, c.rule_id)
-            if c.rule_id != "quarantine":
+            if c.rule_id != "quarantine" and c.offence:
                 # A refusal because the subject is already quarantined is no new offence:
-                # counting it would re-quarantine (and re-alert) on every statement.
+                # counting it would re-quarantine (and re-alert) on every statement.  Nor is
+                # one because the counter store was unreachable: a Redis outage (with the
+                # refusals decided before pgwarden saw it back) quarantined every busy agent.
                 await self._maybe_quarantine(
                     c.subject, c.action == Action.QUARANTINE.value, log_, f"rule {c.rule_id}"
                 )

@@ -158,6 +158,10 @@ class Session:
     # Between AuthenticationOk and PrepareSession's answer: the server's bytes, held.
     _preparing: bool = False
     _held_server: bytes = b""
+    # PostgreSQL closed while a statement's CommandComplete waited for the audit trail: what
+    # it sent before closing (that CommandComplete, and the FATAL saying why) is still owed to
+    # the client, so the client connection closes only once the trail has answered.
+    _server_gone: bool = False
     # With a policy in force, the READY phase is relayed by a Tracker built from a Guard.
     make_guard: Callable[[Subject], Guard | None] | None = None
     tracker: Tracker | None = None
@@ -673,6 +677,10 @@ class Session:
         if self.tracker is None or self.phase is not Phase.READY:
             return []
         out = self.tracker.durable_result(ok)
+        if self._server_gone and self.tracker.awaiting is None:
+            self._server_gone = False
+            self._server_sent_fatal |= self.tracker.server_sent_fatal
+            return out + self.server_closed()
         if self.shutting_down and self._idle:
             out += self._end_upstream()
         return out
@@ -730,6 +738,13 @@ class Session:
             return [cmd.CloseClient()]
         if self.phase is Phase.ENDING:
             return []  # we ended it; the client hears why at its next message
+        if (
+            self.phase is Phase.READY
+            and self.tracker is not None
+            and self.tracker.awaiting is not None
+        ):
+            self._server_gone = True
+            return []
         self.phase = Phase.CLOSED
         if self._server_sent_fatal:
             # PostgreSQL already told the client why (e.g. authentication failed).

@@ -503,7 +503,7 @@ class Tracker:
         v = blocked.verdict
         return cmd.PolicyBlock(
             subject=blocked.subject.key, rule_id=v.rule_id or "", action=v.action.value,
-            message=v.message, facts=blocked.facts,
+            message=v.message, facts=blocked.facts, offence=v.offence,
         )  # fmt: skip
 
     # --- server -> client --------------------------------------------------------------------
@@ -1373,6 +1373,7 @@ class Tracker:
                 ).end_user,
                 rule_ids=_rule_ids(decision, cut),
                 verdict=_verdict(decision, cut, sqlstate),
+                text=decision.text if decision is not None else None,
             )
         )
         return out

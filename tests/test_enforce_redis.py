@@ -95,3 +95,34 @@ def test_windows_fail_closed_while_redis_is_down(
             assert page(conn, 31) == 10
     finally:
         assert p.stop() == 0
+
+
+def test_a_redis_outage_quarantines_nobody(
+    pg: Cluster, enforce_db: str, own_redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Refusals because the counters are unreachable are pgwarden failing closed, not the
+    subject's offence.  They used to count towards the quarantine: those decided just after
+    Redis came back (pgwarden probes it once a second) reached the restarted Redis, and
+    ``make soak`` saw busy agents quarantined for 30 minutes after a 3 s outage."""
+    policy = yaml.safe_load(policy_file(tmp_path, own_redis_server.url).read_text())
+    policy["quarantine"] = {
+        "after_blocks": 1, "window": "10m", "duration": "30m", "subjects": ["agents"],
+    }  # fmt: skip
+    path = tmp_path / "quarantine.yaml"
+    path.write_text(yaml.safe_dump(policy))
+    p = start(pg, tmp_path / "p", path)
+    try:
+        with connect(p, f"olga-{uuid.uuid4().hex[:8]}") as conn:
+            assert page(conn, 1) == 10
+            own_redis_server.stop()
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="unavailable"):
+                page(conn, 11)
+            p.wait_for_log_event("window_store_unavailable")
+            own_redis_server.start()
+            # Before pgwarden's next probe it still refuses, now with Redis there to count.
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="unavailable"):
+                page(conn, 21)
+            p.wait_for_log_event("window_store_available", timeout=15)
+            assert page(conn, 31) == 10
+    finally:
+        assert p.stop() == 0
