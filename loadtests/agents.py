@@ -40,6 +40,8 @@ NEED_TO_KNOW_RULE: dict[str, Any] = {
         ),
         "on_violation": "block",
         "cache_seconds": 30,
+        # Moving a ticket on is an agent's work; reassigning it is not (see README).
+        "writable": ["public.tickets.status"],
     },
 }
 
