@@ -8,8 +8,9 @@ the appended columns from RowDescription and DataRow before the client sees them
 client gets exactly the columns it asked for, in the formats it asked for.
 
 The rewrite is used only when the analysis of the rewritten statement confirms it: the
-appended column is a plain copy of the key, the key is the table's primary key, and it
-accounts for every labelled value of that table in the row (read once, no row mixing).
+appended column is a plain copy of the key, and it accounts for every labelled value of
+that table in the row (the table read once, no row mixing; for a key that is not the
+primary key, the table read once per row).
 (Unlabelled columns of the table read a second time through a view in the same statement
 are not told apart: the analysis counts a table's reads for its labelled columns only.)
 Anything else keeps the refusal, which then says why the key could not be added.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import struct
 from dataclasses import replace
 
+from policy.catalog import CatalogSnapshot
 from policy.facts import QueryFacts, SourceColumn
 from policy.lineage import BUILTIN_AGGREGATES, Exact
 from policy.rewrite import KeyRef, NotRewritten, append_keys
@@ -98,10 +100,8 @@ def _not_rewritable(
     snapshot = guard.analyzer.snapshot
     for _d, keys in wants:
         for key in keys:
-            rel = snapshot.relation(key.schema, key.table)
-            if rel is None or rel.primary_key != (key.column,):
-                # Only a primary key names one record per row (and is what the ledger keeps).
-                return f"{key.column} is not the primary key of {key.schema}.{key.table}"
+            if snapshot.relation(key.schema, key.table) is None:
+                return f"{key.schema}.{key.table} is not in pgwarden's catalog"
     aggregates = snapshot.aggregate_functions or BUILTIN_AGGREGATES
     index = {id(d): i for i, d in enumerate(decisions)}
     new_sql = append_keys(sql, tuple((index[id(d)], keys) for d, keys in wants), aggregates)
@@ -117,7 +117,7 @@ def _not_rewritable(
         if not keys:
             out.append(d)
             continue
-        unsound = _unsound(d.facts, f, keys)
+        unsound = _unsound(d.facts, f, keys, snapshot)
         if unsound is not None:
             return unsound
         judged = _as_sent_by_client(f, d.facts)
@@ -128,9 +128,13 @@ def _not_rewritable(
     return new_sql, out
 
 
-def _unsound(old: QueryFacts, new: QueryFacts, keys: tuple[KeyRef, ...]) -> str | None:
+def _unsound(
+    old: QueryFacts, new: QueryFacts, keys: tuple[KeyRef, ...], snapshot: CatalogSnapshot
+) -> str | None:
     """Why the rewritten statement's appended columns do not identify the records of the
-    protected table that each row carries, or None when they do."""
+    protected table that each row carries, or None when they do.  A key column that is not
+    the table's primary key (a customer's phones, keyed by customer_id) still names whose
+    values a row holds when the statement reads the table once per row."""
     n = len(old.output)
     if new.unanalysable or len(new.output) != n + len(keys):
         return "the statement with the key added could not be analysed"
@@ -142,6 +146,11 @@ def _unsound(old: QueryFacts, new: QueryFacts, keys: tuple[KeyRef, ...]) -> str 
         if not isinstance(col.sources, Exact) or set(col.sources) != {source}:
             return f"the column added is not {key.schema}.{key.table}.{key.column} itself"
         relation = f"{key.schema}.{key.table}"
+        rel = snapshot.relation(key.schema, key.table)
+        if rel is None or rel.primary_key != (key.column,):
+            if new.records_per_row != 1:
+                return f"a row can carry {relation} values of several rows"
+            continue
         for i in new.value_positions:
             if any(s.schema == key.schema and s.table == key.table for s in new.output[i].sources):
                 return f"a row can carry {relation} values of another record than its key's"

@@ -188,3 +188,36 @@ def test_an_agent_cannot_grant_itself_need_to_know(
             conn.execute("UPDATE tickets SET status = status WHERE ticket_id = 3")
     finally:
         assert p.stop() == 0, p.log()
+
+
+def test_a_key_that_is_not_the_primary_key_is_added_and_checked(
+    pg: Cluster, enforce_db: str, tmp_path: Path
+) -> None:
+    # tickets.customer_id is not tickets' primary key (a customer has several tickets), yet
+    # it names the customer each ticket row belongs to: pgwarden adds it, checks it and
+    # removes it, so the agent's statement need not select it.
+    policy = {
+        "subjects": {"agents": {"users": ["support_app"], "end_user_from": ["set"]}},
+        "rules": [
+            {
+                "id": "their-tickets",
+                "subjects": ["agents"],
+                "need_to_know": {
+                    "table": "public.tickets", "key_column": "customer_id",
+                    "lookup": LOOKUP, "on_violation": "withhold", "cache_seconds": 5,
+                },
+            }
+        ],
+    }  # fmt: skip
+    path = tmp_path / "tickets.yaml"
+    path.write_text(yaml.safe_dump(policy))
+    p = ProxyProcess(pg, tmp_path / "t", ["--policy", str(path), "--catalog-user", "postgres"])
+    try:
+        with agent(p, "agent1") as conn:
+            cur = conn.execute(
+                "SELECT ticket_number, subject FROM tickets WHERE ticket_id <= 9 ORDER BY 1"
+            )
+            assert [d.name for d in cur.description] == ["ticket_number", "subject"]
+            assert [r[0] for r in cur.fetchall()] == ["TM-0000003", "TM-0000006", "TM-0000009"]
+    finally:
+        assert p.stop() == 0, p.log()
