@@ -28,61 +28,21 @@ from tests.seconddb import data as sdb
 # What each technique leaked on the day it was written (client-side counts; see the report
 # printed by `python -m loadtests.redteam`). Remove an entry when the technique stops leaking.
 LEAKS: dict[str, str] = {
-    "select_star/search_path": "internal error: 08P01: pgwarden: invalid message from the client: pgwarden internal error; the session was",
-    "no_key_column/search_path": "195 distinct customers (rows 195), max 15 in one statement, 166 outside need-to-know; internal error: 08P01: pgwarden: invalid message from the client: pgwarden internal error; the session was",
-    "key_spoof/search_path": "195 distinct customers (rows 195), max 15 in one statement, 166 outside need-to-know; internal error: 08P01: pgwarden: invalid message from the client: pgwarden internal error; the session was",
-    "row_to_json/search_path": "3300 distinct customers (rows 3300), max 3300 in one statement, 2842 outside need-to-know",
-    "packing_aggregates/search_path": "3300 distinct customers (rows 3300), max 3300 in one statement, 2842 outside need-to-know",
-    "array_sublink/search_path": "3300 distinct customers (rows 3300), max 3300 in one statement, 2842 outside need-to-know",
-    "scalar_sublinks/search_path": "3300 distinct customers (rows 3300), max 3300 in one statement, 2842 outside need-to-know",
-    "window_lead/search_path": "3300 distinct customers (rows 3300), max 3300 in one statement, 2842 outside need-to-know",
-    "recursive_cte/search_path": "3300 distinct customers (rows 3300), max 3300 in one statement, 2842 outside need-to-know",
-    "percentile_disc/search_path": "3193 distinct customers (rows 3193), max 3193 in one statement, 2749 outside need-to-know",
-    "union_all/search_path": "3300 distinct customers (rows 3300), max 3300 in one statement, 2842 outside need-to-know",
-    "expression_tricks/search_path": "3300 distinct customers (rows 3300), max 3300 in one statement, 2842 outside need-to-know",
-    "encodings/search_path": "3300 distinct customers (rows 3300), max 3300 in one statement, 2842 outside need-to-know",
-    "lateral_values/search_path": "3300 distinct customers (rows 3300), max 3300 in one statement, 2842 outside need-to-know",
-    "views/search_path": "3269 distinct customers (rows 3269), max 3269 in one statement, 2814 outside need-to-know",
-    "materialized_view/search_path": "3300 distinct customers (rows 3300), max 3300 in one statement, 2842 outside need-to-know",
-    "jsonb_paths/search_path": "3300 distinct customers (rows 3300), max 3300 in one statement, 2842 outside need-to-know",
-    "composite_and_array/search_path": "3300 distinct customers (rows 3300), max 3300 in one statement, 2842 outside need-to-know",
-    "sql_cursor/search_path": "15 distinct customers (rows 15), max 15 in one statement, 13 outside need-to-know",
-    "server_cursor_psycopg/search_path": "20 distinct customers (rows 20), max 20 in one statement, 16 outside need-to-know",
-    "prepared_paging/search_path": "195 distinct customers (rows 195), max 15 in one statement, 166 outside need-to-know; internal error: 08P01: pgwarden: invalid message from the client: pgwarden internal error; the session was",
-    "copy_to_stdout/search_path": "3300 distinct customers (copy 3300), max 3300 in one statement, 2842 outside need-to-know",
-    "psql_copy/search_path": "3300 distinct customers (copy 3300), max 3300 in one statement, 2842 outside need-to-know",
-    "temp_table/search_path": "3300 distinct customers (rows 3300), max 3300 in one statement, 2842 outside need-to-know",
-    "create_table_as/search_path": "3300 distinct customers (rows 3300), max 3300 in one statement, 2842 outside need-to-know",
-    "insert_select/search_path": "3300 distinct customers (rows 3300), max 3300 in one statement, 2842 outside need-to-know",
-    "offset_paging/search_path": "195 distinct customers (rows 195), max 15 in one statement, 166 outside need-to-know; internal error: 08P01: pgwarden: invalid message from the client: pgwarden internal error; the session was",
-    "trickle/search_path": "200 distinct customers (rows 200), max 5 in one statement, 170 outside need-to-know; internal error: 08P01: pgwarden: invalid message from the client: pgwarden internal error; the session was",
-    "trickle_own_customers/search_path": "200 distinct customers (rows 200), max 5 in one statement, 0 outside need-to-know; internal error: 08P01: pgwarden: invalid message from the client: pgwarden internal error; the session was",
-    "pipeline_and_multistatement/search_path": "internal error (session closed: pgwarden AssertionError); before it, 0 to 600 customers (run to run), 529 outside need-to-know",
-    "asyncpg_binary/search_path": "internal error: hang: asyncpg fetch had no answer within 40 s",
-    "error_cast/search_path": "3300 distinct customers (error 3300), max 3300 in one statement, 2842 outside need-to-know",
-    "error_cast_trickle/search_path": "399 distinct customers (error 399), max 1 in one statement, 348 outside need-to-know",
-    "error_unique_violation/search_path": "119 distinct customers (error 119), max 1 in one statement, 101 outside need-to-know",
-    "error_raise_function/search_path": "3300 distinct customers (error 3300), max 3300 in one statement, 2842 outside need-to-know",
-    "notice_function/search_path": "3300 distinct customers (notice 3300), max 3300 in one statement, 2842 outside need-to-know",
-    "notify_payload/search_path": "3300 distinct customers (notify 3300), max 3300 in one statement, 2842 outside need-to-know",
-    "shared_account_rotation/search_path": "3210 distinct customers (rows 3210), max 15 in one statement, 2767 outside need-to-know",
-    "shared_account_set/search_path": "885 distinct customers (rows 885), max 15 in one statement, 777 outside need-to-know; internal error: 08P01: pgwarden: invalid message from the client: pgwarden internal error; the session was",
-    "shared_account_no_end_user/search_path": "195 distinct customers (rows 195), max 15 in one statement, 166 outside need-to-know; internal error: 08P01: pgwarden: invalid message from the client: pgwarden internal error; the session was",
-    "self_assign/search_path": "internal error: 08P01: pgwarden: invalid message from the client: pgwarden internal error; the session was",
-    "window_lead/qualified": "660 distinct customers (rows 660), max 660 in one statement, 559 outside need-to-know",
-    "views/qualified": "3300 distinct customers (rows 3300), max 3300 in one statement, 2842 outside need-to-know",
-    "error_cast/qualified": "1 distinct customers (error 1), max 1 in one statement, 1 outside need-to-know",
-    "error_cast_trickle/qualified": "399 distinct customers (error 399), max 1 in one statement, 348 outside need-to-know",
-    "notice_function/qualified": "3300 distinct customers (notice 3300), max 3300 in one statement, 2842 outside need-to-know",
-    "shared_account_rotation/qualified": "39 distinct customers (rows 39), max 5 in one statement, 27 outside need-to-know",
-    "shared_account_set/qualified": "207 distinct customers (rows 207), max 6 in one statement, 159 outside need-to-know",
+    # Impersonation through the shared application account: the account names a real
+    # agent in a sqlcommenter comment or SET pgwarden.end_user, and reads under that agent's
+    # need-to-know. pgwarden cannot tell a forged name from a true one; the account's own
+    # ceiling (per: db_user) bounds it and end_user_churn raises an alert (README).
+    "shared_account_rotation/search_path": "39 distinct customers, max 5 in one statement, 27 outside the attacker's need-to-know (other agents named by comment)",
+    "shared_account_rotation/qualified": "39 distinct customers, max 5 in one statement, 27 outside the attacker's need-to-know (other agents named by comment)",
+    "shared_account_set/search_path": "200 distinct customers, max 6 in one statement, 152 outside the attacker's need-to-know (other agents named by SET)",
+    "shared_account_set/qualified": "200 distinct customers, max 6 in one statement, 152 outside the attacker's need-to-know (other agents named by SET)",
 }
 
 # Honest work refused today, per variant (false positives); the 'quarantined' refusals follow
 # from the others (5 blocks in 10 minutes quarantine the agent).
 HONEST: dict[str, str] = {
-    "search_path": "20 of 62 honest statements refused: 10x the statement cannot be analysed (function ticket_customer is not in the catalog; 10x quarantined after 5 blocks",
-    "qualified": "46 of 62 honest statements refused: 6x need-to-know cannot be checked, the result does not carry crm.customer_phones.cu; 4x reading labelled data needs a WHERE clause or a LIMIT; 36x quarantined after 5 blocks",
+    "search_path": "20 of 62 honest statements refused: 5x ticket_customer(%s): need-to-know for crm.customer_phones cannot be checked through a function's result (its columns are not mapped to customer_phones.customer_id); 15x quarantined after those 5 blocks",
+    "qualified": "20 of 62 honest statements refused: 5x ticket_customer(%s): need-to-know for crm.customer_phones cannot be checked through a function's result (its columns are not mapped to customer_phones.customer_id); 15x quarantined after those 5 blocks",
 }
 
 
