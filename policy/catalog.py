@@ -453,6 +453,7 @@ class Catalog:
         self._snapshot: CatalogSnapshot | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self.last_error: BaseException | None = None
         self.gone = False
 
@@ -500,9 +501,11 @@ class Catalog:
         self._task = asyncio.create_task(self._loop(), name="pgwarden-catalog-refresh")
 
     async def _loop(self) -> None:
-        while True:
+        while not self._stopping:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self._interval)
+            if self._stopping:
+                return
             self._wake.clear()
             try:
                 await self.refresh()
@@ -519,9 +522,15 @@ class Catalog:
                 )  # fmt: skip
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        # Python 3.11's wait_for (here, and inside asyncpg's connect) can swallow a
+        # cancellation that lands as what it waits for completes: the loop then went on to
+        # sleep a whole refresh interval, and the process did not exit after SIGTERM. The
+        # flag ends the loop at its next step whatever became of the cancellation.
+        self._stopping = True
+        self._wake.set()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await asyncio.wait({task}, timeout=10)
         await self._own.close()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import Iterator
 
 import asyncpg
@@ -235,5 +237,38 @@ def test_catalog_holder_refreshes_on_its_interval_and_survives_failures(catalog_
             assert catalog.snapshot.relation("public", "customers") is not None
         finally:
             await catalog.close()
+
+    asyncio.run(scenario())
+
+
+def test_closing_ends_the_refresh_loop_even_when_a_cancellation_is_swallowed(
+    catalog_db: str,
+) -> None:
+    # Python 3.11's asyncio.wait_for (and asyncpg's connect, which uses it) can swallow a
+    # cancellation that arrives as the awaited thing completes: the refresh loop then went
+    # on to sleep a whole interval, and `pgwarden serve` did not exit after SIGTERM (seen by
+    # the red team after a DDL woke the loop just before shutdown). Here the connect step
+    # swallows the cancellation on purpose; close() must still end the loop at once.
+    async def scenario() -> None:
+        swallowing = asyncio.Event()
+
+        async def connect() -> asyncpg.Connection:
+            if swallowing.is_set():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.sleep(30)
+            return await asyncpg.connect(catalog_db)
+
+        catalog = Catalog(connect, refresh_interval=3600, idle_timeout=0)
+        await catalog.start()
+        swallowing.set()
+        catalog.invalidate()  # a DDL statement: the loop reconnects to reload
+        await asyncio.sleep(0.2)
+        task = catalog._task
+        started = time.monotonic()
+        await asyncio.wait_for(catalog.close(), 15)
+        assert time.monotonic() - started < 12
+        assert task is not None
+        await asyncio.wait({task}, timeout=5)
+        assert task.done()
 
     asyncio.run(scenario())
