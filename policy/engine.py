@@ -777,9 +777,13 @@ _ROWS_WITHOUT_OUTPUT = frozenset(("copy", "fetch", "execute", "call", "explain")
 
 def _canary_cut(facts: QueryFacts, canary_rules: list[Finding]) -> Finding | None:
     """The canary rule that refuses a result holding a canary, for a statement that can
-    return rows: the first one in force whose action blocks.  Only such statements are
-    watched for it (and the client's later messages held while they run)."""
-    if not facts.output and facts.kind not in _ROWS_WITHOUT_OUTPUT:
+    return labelled data: the first one in force whose action blocks.  Only such statements
+    are watched for it (and the client's later messages held while they run): a canary is
+    a customer's record, so a result with no labelled column (pgbench's balances, a count of
+    tickets) cannot carry one, unless the analysis missed a column, which the RowDescription
+    cross-check catches and judges again. Rows of unlabelled results are still scanned, and
+    a canary value found there raises the rule's alert and action after delivery."""
+    if not facts.output_labels and facts.kind not in _ROWS_WITHOUT_OUTPUT:
         return None
     return next(
         (
