@@ -76,6 +76,11 @@ class Decision:
         """Who need-to-know lookups are run for: the end user, else the database user."""
         return self.subject.end_user or self.subject.user
 
+    def with_verdict(self, verdict: Verdict) -> Decision:
+        """The same decision judged anew (built directly: dataclasses.replace costs
+        microseconds, and a prepared statement is judged again at every Execute)."""
+        return Decision(self.facts, verdict, self.subject, self.text, self.hidden, self.unkeyed)
+
     @property
     def plan(self) -> ResultPlan | None:
         return self.verdict.plan

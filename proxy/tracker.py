@@ -452,8 +452,10 @@ class Tracker:
         plan = decision.plan
         assert plan is not None
         verdict = self.guard.engine.decide(decision.subject, decision.facts)
+        if verdict is decision.verdict:
+            return decision  # nothing counted since: the engine hands back the same verdict
         if verdict.plan is not None:
-            return replace(decision, verdict=verdict)
+            return decision.with_verdict(verdict)
         if not verdict.blocks:
             return decision
         return _refused_at_first_row(decision, verdict, plan)
