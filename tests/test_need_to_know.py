@@ -18,25 +18,30 @@ LOOKUP = (
 )
 
 
-def start(pg: Cluster, tmp_path: Path, on_violation: str) -> ProxyProcess:
+def start(
+    pg: Cluster,
+    tmp_path: Path,
+    on_violation: str,
+    *,
+    table: str = "public.customers",
+    writable: tuple[str, ...] = (),
+    name: str | None = None,
+) -> ProxyProcess:
+    """A proxy whose one rule gives the agents need-to-know on ``table``'s customer_id."""
+    rule: dict[str, object] = {
+        "table": table, "key_column": "customer_id",
+        "lookup": LOOKUP, "on_violation": on_violation, "cache_seconds": 5,
+    }  # fmt: skip
+    if writable:
+        rule["writable"] = list(writable)
     policy = {
         "subjects": {"agents": {"users": ["support_app"], "end_user_from": ["set"]}},
-        "rules": [
-            {
-                "id": "their-customers",
-                "subjects": ["agents"],
-                "need_to_know": {
-                    "table": "public.customers", "key_column": "customer_id",
-                    "lookup": LOOKUP, "on_violation": on_violation, "cache_seconds": 5,
-                },
-            }
-        ],
-    }  # fmt: skip
-    path = tmp_path / f"{on_violation}.yaml"
+        "rules": [{"id": "their-customers", "subjects": ["agents"], "need_to_know": rule}],
+    }
+    name = name or on_violation
+    path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(policy))
-    return ProxyProcess(
-        pg, tmp_path / on_violation, ["--policy", str(path), "--catalog-user", "postgres"]
-    )
+    return ProxyProcess(pg, tmp_path / name, ["--policy", str(path), "--catalog-user", "postgres"])
 
 
 def agent(p: ProxyProcess, name: str) -> psycopg.Connection[tuple[object, ...]]:
@@ -149,23 +154,7 @@ def test_an_agent_cannot_grant_itself_need_to_know(
     # The lookup reads tickets.assigned_agent_id, .customer_id and .status: an agent who
     # could write them would choose whom the rule lets them see. The policy lists status
     # as writable (closing and reopening a ticket is an agent's daily work).
-    policy = {
-        "subjects": {"agents": {"users": ["support_app"], "end_user_from": ["set"]}},
-        "rules": [
-            {
-                "id": "their-customers",
-                "subjects": ["agents"],
-                "need_to_know": {
-                    "table": "public.customers", "key_column": "customer_id",
-                    "lookup": LOOKUP, "on_violation": "withhold", "cache_seconds": 5,
-                    "writable": ["public.tickets.status"],
-                },
-            }
-        ],
-    }  # fmt: skip
-    path = tmp_path / "writable.yaml"
-    path.write_text(yaml.safe_dump(policy))
-    p = ProxyProcess(pg, tmp_path / "w", ["--policy", str(path), "--catalog-user", "postgres"])
+    p = start(pg, tmp_path, "withhold", writable=("public.tickets.status",), name="writable")
     try:
         with agent(p, "agent1") as conn:
             for sql in (
@@ -176,9 +165,8 @@ def test_an_agent_cannot_grant_itself_need_to_know(
             ):
                 with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
                     conn.execute(sql)
-                assert "their-customers" in str(info.value) and "decides who may see" in str(
-                    info.value
-                ), sql
+                assert "their-customers" in str(info.value), sql
+                assert "decides who may see" in str(info.value), sql
             # Nothing was written: agent1 still sees only the customers of its tickets.
             rows = conn.execute(
                 "SELECT customer_id FROM customers WHERE customer_id <= 9 ORDER BY 1"
@@ -196,22 +184,7 @@ def test_a_key_that_is_not_the_primary_key_is_added_and_checked(
     # tickets.customer_id is not tickets' primary key (a customer has several tickets), yet
     # it names the customer each ticket row belongs to: pgwarden adds it, checks it and
     # removes it, so the agent's statement need not select it.
-    policy = {
-        "subjects": {"agents": {"users": ["support_app"], "end_user_from": ["set"]}},
-        "rules": [
-            {
-                "id": "their-tickets",
-                "subjects": ["agents"],
-                "need_to_know": {
-                    "table": "public.tickets", "key_column": "customer_id",
-                    "lookup": LOOKUP, "on_violation": "withhold", "cache_seconds": 5,
-                },
-            }
-        ],
-    }  # fmt: skip
-    path = tmp_path / "tickets.yaml"
-    path.write_text(yaml.safe_dump(policy))
-    p = ProxyProcess(pg, tmp_path / "t", ["--policy", str(path), "--catalog-user", "postgres"])
+    p = start(pg, tmp_path, "withhold", table="public.tickets", name="tickets")
     try:
         with agent(p, "agent1") as conn:
             cur = conn.execute(
