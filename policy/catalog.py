@@ -354,9 +354,9 @@ async def load_catalog(conn: Any) -> CatalogSnapshot:
             "SELECT DISTINCT p.proname FROM pg_catalog.pg_proc p WHERE p.prokind IN ('a', 'w')"
         )
     # Building the snapshot is pure Python over every relation and column (about 0.1 s of
-    # CPU for 1,200 relations): in a thread the event loop keeps serving sessions meanwhile,
-    # where inline it stalled every session of the process for that long after each DDL
-    # (asyncpg's executemany wrote all its rows before the server's error reached it).
+    # CPU for 1,200 relations, more for wide tables): in a thread the event loop keeps
+    # serving sessions meanwhile, in slices, where inline it stalled every session of the
+    # process for that long after DDL.
     return await asyncio.to_thread(
         snapshot_from_rows,
         [dict(r) for r in rel_rows],
