@@ -1,5 +1,6 @@
 """Behaviour the clients' own test suites (``make compat``) rely on, through pgwarden with
-policy and audit as well as directly: each test here stands for one that differed."""
+policy and audit as well as directly, named after the suite's test that showed it; and the
+fail-closed side of what fixed it."""
 
 from __future__ import annotations
 
