@@ -54,24 +54,29 @@ def _reloads(p: ProxyProcess, database: str) -> int:
     )
 
 
-def test_a_burst_of_ddl_reloads_the_catalog_once(
-    proxy_factory: ProxyFactory, pg: Cluster, tmp_path: Path
-) -> None:
-    """A migration creating tables one statement at a time had the catalog reloaded after
-    every one, back to back: 1,000 tables took over a minute instead of 3 s."""
+def _audited(proxy_factory: ProxyFactory, tmp_path: Path, settle: float) -> ProxyProcess:
+    """pgwarden with the reference policy and an audit trail (so every session is followed,
+    and postgres's DDL is seen), reloading the catalog ``settle`` seconds after DDL."""
     (tmp_path / "policy.yaml").write_text(POLICY.read_text())
     ledger, signing = audit_keys(tmp_path)
-    # A settle time well above one statement's round trip, however loaded the machine, so
-    # the burst below is one burst; the reload comes that long after its last statement.
-    # (With an audit trail every session is followed, so postgres's DDL is seen.)
-    p = proxy_factory(config={
+    return proxy_factory(config={
         "policy_file": str(tmp_path / "policy.yaml"), "catalog_user": "postgres",
-        "catalog_reload_settle": 3.0, "catalog_reload_max_delay": 300.0,
+        "catalog_reload_settle": settle, "catalog_reload_max_delay": 300.0,
         "audit": {
             "sinks": [{"type": "sqlite", "path": str(tmp_path / "audit.db")}],
             "ledger_key": str(ledger), "signing_key": str(signing),
         },
     })  # fmt: skip
+
+
+def test_a_burst_of_ddl_reloads_the_catalog_once(
+    proxy_factory: ProxyFactory, pg: Cluster, tmp_path: Path
+) -> None:
+    """A migration creating tables one statement at a time had the catalog reloaded after
+    every one, back to back: 1,000 tables took over a minute instead of 3 s."""
+    # A settle time well above one statement's round trip, however loaded the machine, so
+    # the burst below is one burst; the reload comes that long after its last statement.
+    p = _audited(proxy_factory, tmp_path, settle=3.0)
     _fresh_database(pg, "ddl_burst")
     with psycopg.connect(p.dsn(dbname="ddl_burst"), autocommit=True) as conn:
         for i in range(40):  # one round trip each, as a migration tool sends them
@@ -90,24 +95,21 @@ def test_a_burst_of_ddl_reloads_the_catalog_once(
     pg.psql("DROP DATABASE ddl_burst WITH (FORCE)", database="postgres")
 
 
-def test_a_relation_the_catalog_does_not_have_yet_is_refused_for_agents(
-    guarded: ProxyProcess, pg: Cluster
+def test_a_table_created_in_a_burst_is_refused_for_agents_until_the_reload(
+    proxy_factory: ProxyFactory, pg: Cluster, tmp_path: Path
 ) -> None:
     """While a reload waits for a burst of DDL to end, the loaded catalog stays in force, and
     a relation it does not have is unknown: refused for a subject with limits."""
+    p = _audited(proxy_factory, tmp_path, settle=60.0)  # the burst does not end, here
     _fresh_database(pg, "ddl_unknown")
-    with psycopg.connect(guarded.dsn(dbname="ddl_unknown"), autocommit=True) as conn:
-        conn.execute("select 1")  # the catalog of ddl_unknown is loaded, without the table
-    # Created behind pgwarden's back: no DDL went through it, so nothing asks for a reload.
-    pg.psql(
-        "create table hidden (id int primary key, email text); "
-        "grant select on hidden to support_app",
-        database="ddl_unknown",
-    )
-    agent = guarded.dsn(user="support_app", dbname="ddl_unknown")
+    with psycopg.connect(p.dsn(dbname="ddl_unknown"), autocommit=True) as conn:
+        conn.execute("create table hidden (id int primary key, email text)")
+        conn.execute("insert into hidden values (1, 'a@example.com')")
+        conn.execute("grant select on hidden to support_app")
+    agent = p.dsn(user="support_app", dbname="ddl_unknown")
     with psycopg.connect(agent, autocommit=True) as conn:
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="not in pgwarden's catalog"):
-            conn.execute("select id from hidden")
+            conn.execute("select email from hidden")
     pg.psql("DROP DATABASE ddl_unknown WITH (FORCE)", database="postgres")
 
 
