@@ -133,6 +133,16 @@ class ProxyConfig(BaseModel):
         description="seconds after which pgwarden's own connections (catalog, lookups) close "
         "when unused; below 5 s, a client's DROP or ALTER DATABASE ... RENAME never fails on them",
     )  # fmt: skip
+    catalog_reload_settle: float = Field(
+        default=0.1, ge=0, le=60,
+        description="after DDL, seconds without more DDL before the catalog is reloaded (a "
+        "burst of DDL is one reload)",
+    )  # fmt: skip
+    catalog_reload_max_delay: float = Field(
+        default=1.0, ge=0, le=300,
+        description="at the latest this many seconds after the first DDL of a burst, the "
+        "catalog is reloaded; until then relations it does not have are unknown to the policy",
+    )  # fmt: skip
     audit: AuditConfig | None = Field(None, description="the audit trail (sinks, keys, alerts)")
     max_message_bytes: int = Field(default=256 * 1024 * 1024, ge=1024, le=2**30)
     connect_timeout: float = Field(default=10.0, gt=0)

@@ -24,7 +24,7 @@ from audit.events import AuditEvent
 from audit.events import Subject as AuditSubject
 from audit.pipeline import AuditTrail, AuditUnavailable, Receipt
 from policy.analyze import Analyzer
-from policy.catalog import Catalog
+from policy.catalog import DEFAULT_MAX_DELAY, DEFAULT_SETTLE, Catalog
 from policy.engine import Engine, Subject
 from policy.model import Action, Policy, load_policy
 from policy.ownconn import DEFAULT_IDLE_TIMEOUT, IdleConnection
@@ -80,8 +80,13 @@ class PolicyRuntime:
         ssl: Any = None,
         catalog_user: str | None = None,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        reload_settle: float = DEFAULT_SETTLE,
+        reload_max_delay: float = DEFAULT_MAX_DELAY,
     ) -> None:
         self.source = source
+        # After DDL the catalogs are reloaded once a burst of it ends (see Catalog._coalesce).
+        self.reload_settle = reload_settle
+        self.reload_max_delay = reload_max_delay
         # pgwarden's own connections close when idle (see policy.ownconn).
         self.idle_timeout = idle_timeout
         self.upstream = upstream
@@ -241,8 +246,9 @@ class PolicyRuntime:
             return await self._connect(database, "pgwarden-catalog")
 
         catalog = Catalog(
-            connect, rules=self.label_rules, idle_timeout=self.idle_timeout, name=database
-        )
+            connect, rules=self.label_rules, idle_timeout=self.idle_timeout, name=database,
+            settle=self.reload_settle, max_delay=self.reload_max_delay,
+        )  # fmt: skip
         await catalog.start()
         log.info("catalog_loaded", database=database, relations=len(catalog.snapshot.relations))
         return catalog

@@ -835,6 +835,8 @@ async def serve(
             (config.upstream.host, config.upstream.port), stats,
             ssl=_asyncpg_ssl(config), catalog_user=config.catalog_user,
             idle_timeout=config.catalog_idle_timeout,
+            reload_settle=config.catalog_reload_settle,
+            reload_max_delay=config.catalog_reload_max_delay,
         )  # fmt: skip
         if config.audit is not None:
             from audit.pipeline import AuditTrail
