@@ -465,13 +465,15 @@ class Engine:
     def _beyond_analysis(
         self, facts: QueryFacts, rules: list[Rule], findings: list[Finding]
     ) -> Verdict | None:
-        """The two refusals that keep enforcement sound whatever the SQL (DESIGN.md, "How
+        """The refusals that keep enforcement sound whatever the SQL (DESIGN.md, "How
         enforcement stays sound"), for subjects with limits:
 
         * a relation name resolution could not find is *unknown*, never "unlabelled";
         * a labelled value may leave only in a column fed by one record per output row: an
           aggregate, an ARRAY sublink, a window function reading other rows or a recursive
-          CTE that combines labelled values of many records is refused, whatever its shape.
+          CTE that combines labelled values of many records is refused, whatever its shape;
+          so is a write that stores such a value (to be read back as one later) and a
+          labelled notification payload (which nothing counts or masks).
 
         Readable deny rules (``packing_aggregates`` ...) are judged first and name the
         refusal when they match; these two hold where no rule names the shape. A refusal
