@@ -58,6 +58,21 @@ def audit_keys(tmp_path: Path) -> tuple[Path, Path]:
     return ledger, signing
 
 
+def audited_config(work: Path, policy_file: Path) -> dict[str, Any]:
+    """A ``pgwarden serve -c`` configuration enforcing ``policy_file`` with an audit trail
+    in SQLite (keys made in ``work``): every session followed, the DBA's too."""
+    ledger, signing = audit_keys(work)
+    return {
+        "policy_file": str(policy_file),
+        "catalog_user": "postgres",
+        "audit": {
+            "sinks": [{"type": "sqlite", "path": str(work / "audit.db")}],
+            "ledger_key": str(ledger),
+            "signing_key": str(signing),
+        },
+    }
+
+
 def wait_until(
     predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, what: str = ""
 ) -> Any:

@@ -14,7 +14,7 @@ import yaml
 from loadtests.cluster import Cluster
 from proxy.messages import Bind, Execute, Parse, Query, Sync
 from tests.conftest import ProxyFactory
-from tests.proxyutil import ProxyProcess, RawClient, audit_keys, error_of, wait_until
+from tests.proxyutil import ProxyProcess, RawClient, audited_config, error_of, wait_until
 from tests.support_data import POLICY
 
 
@@ -22,18 +22,8 @@ from tests.support_data import POLICY
 def guarded(pg: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
     """pgwarden enforcing the reference policy, with an audit trail (as ``make compat``)."""
     work = tmp_path_factory.mktemp("guarded")
-    ledger, signing = audit_keys(work)
     (work / "policy.yaml").write_text(yaml.safe_dump(yaml.safe_load(POLICY.read_text())))
-    config = {
-        "policy_file": str(work / "policy.yaml"),
-        "catalog_user": "postgres",
-        "audit": {
-            "sinks": [{"type": "sqlite", "path": str(work / "audit.db")}],
-            "ledger_key": str(ledger),
-            "signing_key": str(signing),
-        },
-    }
-    p = ProxyProcess(pg, work / "proxy", config=config)
+    p = ProxyProcess(pg, work / "proxy", config=audited_config(work, work / "policy.yaml"))
     yield p
     assert p.stop() == 0, p.log()
 
@@ -58,15 +48,9 @@ def _audited(proxy_factory: ProxyFactory, tmp_path: Path, settle: float) -> Prox
     """pgwarden with the reference policy and an audit trail (so every session is followed,
     and postgres's DDL is seen), reloading the catalog ``settle`` seconds after DDL."""
     (tmp_path / "policy.yaml").write_text(POLICY.read_text())
-    ledger, signing = audit_keys(tmp_path)
-    return proxy_factory(config={
-        "policy_file": str(tmp_path / "policy.yaml"), "catalog_user": "postgres",
-        "catalog_reload_settle": settle, "catalog_reload_max_delay": 300.0,
-        "audit": {
-            "sinks": [{"type": "sqlite", "path": str(tmp_path / "audit.db")}],
-            "ledger_key": str(ledger), "signing_key": str(signing),
-        },
-    })  # fmt: skip
+    config = audited_config(tmp_path, tmp_path / "policy.yaml")
+    config.update(catalog_reload_settle=settle, catalog_reload_max_delay=300.0)
+    return proxy_factory(config=config)
 
 
 def test_a_burst_of_ddl_reloads_the_catalog_once(

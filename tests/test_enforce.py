@@ -34,7 +34,13 @@ from proxy.messages import (
     Query,
     Sync,
 )
-from tests.proxyutil import ProxyProcess, RawClient, audit_keys, error_of, pgwarden_command
+from tests.proxyutil import (
+    ProxyProcess,
+    RawClient,
+    audited_config,
+    error_of,
+    pgwarden_command,
+)
 from tests.support_data import CUSTOMERS, DB, POLICY
 
 
@@ -364,17 +370,7 @@ def test_a_committed_copy_labels_the_column_it_wrote_and_only_that(
     pg: Cluster, enforce_db: str, tmp_path: Path
 ) -> None:
     # With an audit trail every session is followed, the DBA's too, so its copies count.
-    ledger, signing = audit_keys(tmp_path)
-    config = {
-        "policy_file": str(POLICY),
-        "catalog_user": "postgres",
-        "audit": {
-            "sinks": [{"type": "sqlite", "path": str(tmp_path / "audit.db")}],
-            "ledger_key": str(ledger),
-            "signing_key": str(signing),
-        },
-    }
-    proxy = ProxyProcess(pg, tmp_path / "audited", config=config)
+    proxy = ProxyProcess(pg, tmp_path / "audited", config=audited_config(tmp_path, POLICY))
     try:
         with psycopg.connect(dsn(proxy, "postgres")) as dba:
             dba.execute(COPY_EMAIL_INTO_SUBJECT)  # committed on leaving the block

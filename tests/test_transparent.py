@@ -13,7 +13,7 @@ import yaml
 
 from loadtests.cluster import Cluster
 from tests.conftest import ProxyFactory
-from tests.proxyutil import ProxyProcess, audit_keys, wait_until
+from tests.proxyutil import ProxyProcess, audited_config, wait_until
 from tests.support_data import POLICY
 
 # --- the backend pid ---------------------------------------------------------------------
@@ -105,22 +105,12 @@ def guarded(pg: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[P
     """pgwarden enforcing the reference policy, with an audit trail (the setup in which
     pgwarden keeps connections of its own to each database its clients use)."""
     work = tmp_path_factory.mktemp("guarded")
-    ledger, signing = audit_keys(work)
     # The reference policy, plus a subject by role membership: pgwarden then also looks up
     # each session user's roles, on a connection of its own to the session's database.
     policy = yaml.safe_load(POLICY.read_text())
     policy["subjects"]["monitors"] = {"roles": ["pg_monitor"]}
     (work / "policy.yaml").write_text(yaml.safe_dump(policy))
-    config = {
-        "policy_file": str(work / "policy.yaml"),
-        "catalog_user": "postgres",
-        "audit": {
-            "sinks": [{"type": "sqlite", "path": str(work / "audit.db")}],
-            "ledger_key": str(ledger),
-            "signing_key": str(signing),
-        },
-    }
-    p = ProxyProcess(pg, work / "proxy", config=config)
+    p = ProxyProcess(pg, work / "proxy", config=audited_config(work, work / "policy.yaml"))
     yield p
     assert p.stop() == 0, p.log()
 
