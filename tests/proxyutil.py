@@ -58,6 +58,20 @@ def audit_keys(tmp_path: Path) -> tuple[Path, Path]:
     return ledger, signing
 
 
+def start_with_policy(
+    pg: Cluster, workdir: Path, policy: dict[str, object], audit: bool = False
+) -> ProxyProcess:
+    """A proxy enforcing ``policy`` (written to ``workdir``), with a SQLite audit trail
+    when ``audit``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "policy.yaml"
+    path.write_text(yaml.safe_dump(policy, sort_keys=False))
+    args = ["--policy", str(path), "--catalog-user", "postgres"]
+    if audit:
+        args += ["--audit-db", str(workdir / "audit.db")]
+    return ProxyProcess(pg, workdir / "proxy", args)
+
+
 def audited_config(work: Path, policy_file: Path) -> dict[str, Any]:
     """A ``pgwarden serve -c`` configuration enforcing ``policy_file`` with an audit trail
     in SQLite (keys made in ``work``): every session followed, the DBA's too."""

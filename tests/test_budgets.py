@@ -15,11 +15,10 @@ from pathlib import Path
 
 import psycopg
 import pytest
-import yaml
 
 from loadtests.cluster import Cluster
 from tests.conftest import RedisServer
-from tests.proxyutil import ProxyProcess
+from tests.proxyutil import ProxyProcess, start_with_policy
 from tests.support_data import DB
 
 PERSON, ACCOUNT, NAMES = 40, 100, 5
@@ -44,18 +43,6 @@ def _policy(
     if store is not None:
         policy["store"] = store
     return policy
-
-
-def _start(
-    pg: Cluster, workdir: Path, policy: dict[str, object], audit: bool = False
-) -> ProxyProcess:
-    workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / "policy.yaml"
-    path.write_text(yaml.safe_dump(policy, sort_keys=False))
-    args = ["--policy", str(path), "--catalog-user", "postgres"]
-    if audit:
-        args += ["--audit-db", str(workdir / "audit.db")]
-    return ProxyProcess(pg, workdir / "proxy", args)
 
 
 def _connect(p: ProxyProcess) -> psycopg.Connection[tuple[object, ...]]:
@@ -97,7 +84,7 @@ def _sweep(
 
 @pytest.fixture
 def memory_proxy(pg: Cluster, enforce_db: str, tmp_path: Path) -> Iterator[ProxyProcess]:
-    p = _start(pg, tmp_path, _policy(), audit=True)
+    p = start_with_policy(pg, tmp_path, _policy(), audit=True)
     yield p
     assert p.stop() == 0, p.log()
 
@@ -152,8 +139,8 @@ def test_the_account_ceiling_and_name_churn_hold_across_proxies_sharing_redis(
     pg: Cluster, enforce_db: str, own_redis_server: RedisServer, tmp_path: Path
 ) -> None:
     policy = _policy({"backend": "redis", "url": own_redis_server.url}, churn_per="db_user")
-    a = _start(pg, tmp_path / "a", policy)
-    b = _start(pg, tmp_path / "b", policy)
+    a = start_with_policy(pg, tmp_path / "a", policy)
+    b = start_with_policy(pg, tmp_path / "b", policy)
     try:
         with _connect(a) as ca, _connect(b) as cb:
             got, refusals = _sweep([ca, cb])  # names alternate between the two proxies

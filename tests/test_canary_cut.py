@@ -21,25 +21,13 @@ import yaml
 
 from loadtests.cluster import Cluster
 from proxy.messages import Bind, DataRow, Describe, ErrorResponse, Execute, Parse, Query, Sync
-from tests.proxyutil import ProxyProcess, RawClient
+from tests.proxyutil import ProxyProcess, RawClient, start_with_policy
 from tests.support_data import DB, POLICY
 
 CANARY = b"canary-1@pgwarden-canary.example"
 AROUND_CANARY = (
     "SELECT customer_id, email FROM customers WHERE customer_id BETWEEN 330 AND 336 ORDER BY 1"
 )
-
-
-def _start(
-    pg: Cluster, workdir: Path, policy: dict[str, object], audit: bool = False
-) -> ProxyProcess:
-    workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / "policy.yaml"
-    path.write_text(yaml.safe_dump(policy, sort_keys=False))
-    args = ["--policy", str(path), "--catalog-user", "postgres"]
-    if audit:
-        args += ["--audit-db", str(workdir / "audit.db")]
-    return ProxyProcess(pg, workdir / "proxy", args)
 
 
 def _shipped() -> dict[str, object]:
@@ -59,7 +47,7 @@ def _with_canary_action(action: str) -> dict[str, object]:
 @pytest.fixture
 def quarantining(pg: Cluster, enforce_db: str, tmp_path: Path) -> Iterator[ProxyProcess]:
     """The shipped policy: a canary read quarantines its reader (audited)."""
-    p = _start(pg, tmp_path, _shipped(), audit=True)
+    p = start_with_policy(pg, tmp_path, _shipped(), audit=True)
     yield p
     assert p.stop() == 0, p.log()
 
@@ -67,7 +55,7 @@ def quarantining(pg: Cluster, enforce_db: str, tmp_path: Path) -> Iterator[Proxy
 @pytest.fixture
 def blocking(pg: Cluster, enforce_db: str, tmp_path: Path) -> Iterator[ProxyProcess]:
     """The shipped policy with the canary rule's action 'block': no quarantine follows."""
-    p = _start(pg, tmp_path, _with_canary_action("block"))
+    p = start_with_policy(pg, tmp_path, _with_canary_action("block"))
     yield p
     assert p.stop() == 0, p.log()
 
@@ -203,7 +191,7 @@ def test_copy_output_is_cut_before_the_canary(pg: Cluster, enforce_db: str, tmp_
              "canary": {"values": [CANARY.decode()]}},
         ],
     }  # fmt: skip
-    p = _start(pg, tmp_path, policy)
+    p = start_with_policy(pg, tmp_path, policy)
     try:
         with RawClient(p.host, p.port) as c:
             c.startup(user="analyst", database=DB)
@@ -255,7 +243,7 @@ def test_a_canary_key_is_cut_like_a_canary_value(
              "canary": {"table": "public.customers", "keys": ["331"]}},
         ],
     }  # fmt: skip
-    p = _start(pg, tmp_path, policy)
+    p = start_with_policy(pg, tmp_path, policy)
     try:
         with RawClient(p.host, p.port) as c:
             c.startup(user="support_app", database=DB)
