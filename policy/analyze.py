@@ -467,6 +467,7 @@ def _finish(
         unresolved=tuple(dict.fromkeys(w.unresolved)),
         unknown=tuple(dict.fromkeys(w.unknown)),
         records_per_row=_records_per_row(w, out_cols),
+        mixed_relations=_mixed_relations(w, out_cols),
         columns_written=frozenset(w.columns_written),
         unanalysable=unanalysable,
         record_keys=(keys := _record_keys(w.snapshot, out_cols)),
@@ -522,6 +523,18 @@ def _records_per_row(w: StatementWalker, out: tuple[OutputColumn, ...]) -> int:
                 seen.add(rel)
                 most = max(most, w.instances.get(rel, 1))
     return most
+
+
+def _mixed_relations(w: StatementWalker, out: tuple[OutputColumn, ...]) -> frozenset[str]:
+    """Labelled relations whose values reach the output from more than one of their rows
+    per output row (see ``QueryFacts.mixed_relations``)."""
+    labels_of = w.shared.labels_of
+    reaching = {
+        f"{s.schema}.{s.table}" for col in out if col.labels for s in col.sources if labels_of(s)
+    }
+    if w.row_mixing:
+        return frozenset(reaching)
+    return frozenset(rel for rel in reaching if w.instances.get(rel, 1) > 1)
 
 
 def _value_positions(

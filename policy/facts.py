@@ -150,6 +150,10 @@ class QueryFacts:
     # two scalar subqueries over customers, or a UNION of two reads put one customer's values
     # beside another's. Row limits and windows count each row as this many records.
     records_per_row: int = 1
+    # Labelled relations whose values in one output row may come from several of its rows
+    # (read more than once where rows reach the output, or rows mixed by a window function
+    # or grouping sets): no key column in the row vouches for all of them.
+    mixed_relations: frozenset[str] = frozenset()
     # Columns the statement writes, "schema.table.column" ("schema.table.*": any of them):
     # what need-to-know checks against the columns its lookup reads.
     columns_written: frozenset[str] = frozenset()
@@ -254,5 +258,6 @@ class QueryFacts:
             "unresolved": list(f.unresolved),
             "unknown": list(f.unknown),
             "records_per_row": f.records_per_row,
+            "mixed_relations": sorted(f.mixed_relations),
             "unanalysable": f.unanalysable,
         }

@@ -22,7 +22,7 @@ from typing import Any
 
 from policy.catalog import SYSTEM_SCHEMAS, CatalogFunction, CatalogRelation, CatalogSnapshot
 from policy.facts import DataCopy, PackingCall, SourceColumn
-from policy.parse import function_body_statements, plpgsql_queries
+from policy.parse import function_body_statements, function_result_columns, plpgsql_queries
 from policy.search_path import parse_search_path
 
 Lineage = frozenset[SourceColumn]
@@ -54,6 +54,13 @@ class Exact(frozenset[SourceColumn]):
         self,
     ) -> tuple[type[Exact], tuple[frozenset[SourceColumn], frozenset[SourceColumn]]]:
         return (Exact, (frozenset(self), self.columns))
+
+
+def names_record_by(lin: Lineage, key: SourceColumn) -> bool:
+    """Whether an output column of lineage ``lin`` can serve as ``key`` for need-to-know:
+    it derives from that key column, or is a plain copy of a column the statement equated
+    with it (``c.customer_id`` joined ``ON p.customer_id = c.customer_id``)."""
+    return key in lin or (isinstance(lin, Exact) and key in lin.columns)
 
 
 # Functions and aggregates that pack many values, or a whole row, into one value: a way to
@@ -659,6 +666,14 @@ class StatementWalker:
         if quals is not None:
             qscope = Scope(scope.rels + rels, star, scope.parent, scope.ctes)
             self.filters |= self.filter_expr(quals, qscope)
+            jointype = n.get("jointype", "JOIN_INNER")
+            preserved = (
+                (lrels, rrels) if jointype == "JOIN_LEFT"
+                else (rrels, lrels) if jointype == "JOIN_RIGHT"
+                else (rels, rels) if jointype == "JOIN_INNER"
+                else ([], [])
+            )  # fmt: skip
+            star = _swapped(star, self._equate(quals, *preserved))
         for c in using:
             for lin in (dict(lstar).get(c, EMPTY), dict(rstar).get(c, EMPTY)):
                 self.filters |= lin
@@ -675,6 +690,9 @@ class StatementWalker:
         return rels, star
 
     def range_function(self, n: Node, scope: Scope) -> Rel:
+        mapped = self._sql_function_rel(n, scope)
+        if mapped is not None:
+            return mapped
         lin: set[SourceColumn] = set()
         fnames: list[str] = []
         for item in n.get("functions") or ():
@@ -695,6 +713,116 @@ class StatementWalker:
             colnames = fnames[:1] or ["?column?"]
         alias = alias_node["aliasname"] if alias_node else (fnames[0] if fnames else "")
         return Rel(alias, [(c, lineage) for c in colnames], opaque=lineage)
+
+    def _sql_function_rel(self, n: Node, scope: Scope) -> Rel | None:
+        """``FROM f(args)`` where ``f`` is one SQL function with named result columns
+        (``RETURNS TABLE (...)`` or OUT parameters): its columns, each with the lineage of
+        the same column of the body's last statement (which is what a SQL function
+        returns), as for a view.  A function's arguments can reach any of its columns.
+        None when the call is anything else (the caller then unites every lineage)."""
+        items: list[Node] = n.get("functions") or []
+        if len(items) != 1 or n.get("ordinality") or n.get("is_rowsfrom") or n.get("coldeflist"):
+            return None
+        parts = items[0].get("List", {}).get("items", [])
+        kind, call = node_type(parts[0]) if parts else ("", {})
+        if kind != "FuncCall" or any(call.get(k) for k in (*_AGG_SYNTAX, "over")):
+            return None
+        fname = names(call.get("funcname"))
+        if len(fname) > 1:
+            candidates = self._function_candidates(fname[-2], fname[-1])
+        else:
+            candidates = ()
+            for s in self.search_path:
+                candidates = self._function_candidates(s, fname[0])
+                if candidates:
+                    break
+        if len(candidates) != 1:
+            return None
+        f = candidates[0]
+        if f.language != "sql" or f.qualified in self.function_stack:
+            return None
+        result_names = function_result_columns(f.arguments, f.result)
+        if not result_names:
+            return None
+        try:
+            stmts = function_body_statements(f.source)
+        except Exception:
+            return None
+        if not stmts or node_type(stmts[-1])[0] not in _QUERY_KINDS:
+            return None
+        if any(node_type(s)[0] not in (*_QUERY_KINDS, "ReturnStmt") for s in stmts):
+            return None
+        path = parse_search_path(f.search_path) if f.search_path is not None else None
+        sub = StatementWalker(
+            self.shared, path if path is not None else self.search_path, self.view_stack
+        )
+        sub.function_stack = self.function_stack
+        self.function_stack.add(f.qualified)
+        try:
+            columns: Columns = []
+            for stmt in stmts:
+                columns = sub.query(stmt, None, {}) if node_type(stmt)[0] in _QUERY_KINDS else []
+        finally:
+            self.function_stack.discard(f.qualified)
+        if len(columns) != len(result_names):
+            return None
+        args = self.expr(call.get("args") or [], scope)
+        self.functions.add(".".join(fname) if len(fname) > 1 else fname[0].lower())
+        self.user_functions.add(f.qualified)
+        # Read like a view: each of the body's relations once per row of the result.
+        self._absorb(sub)
+        self._instance(sub.instances)
+        self.row_mixing |= sub.row_mixing
+        cols = [
+            (name, lin | args if args else lin)
+            for name, (_n, lin) in zip(result_names, columns, strict=True)
+        ]
+        alias_node = n.get("alias")
+        alias = alias_node["aliasname"] if alias_node else fname[-1]
+        return _rename(Rel(alias, cols), alias_node)
+
+    def _equate(
+        self, node: Any, keepers: list[Rel], others: list[Rel]
+    ) -> dict[int, tuple[Lineage, Lineage]]:
+        """``a.x = b.y`` as a conjunct of a WHERE clause or a join's ON, both sides plain
+        copies of stored columns (``Exact``): wherever the row of ``b`` is there, ``a.x``
+        holds ``b.y``'s value, so ``a.x`` names the record of ``b`` as well as its own (as
+        ``JOIN ... USING`` makes its merged column a copy of both sides).  That lets
+        ``c.customer_id`` name the customer whose phone ``p.phone`` is, when the statement
+        joined them on it: the record ledger and need-to-know find ``customer_phones``' key.
+
+        Only ``a`` of ``keepers`` (rows never NULL-extended by this join: both sides of an
+        inner join or a WHERE, the preserved side of an outer join) becomes a copy of ``b``
+        of ``others``: a LEFT JOIN's NULL-extended ``b.y`` names nothing.  Wherever ``b``'s
+        values are not NULL, ``a``'s row is there and equal, whatever joins are above.  Only
+        the key identity (``Exact.columns``) grows, never the labels.  Returns what was
+        replaced (id of the old lineage -> old, new), for the FROM list's ``*``."""
+        replaced: dict[int, tuple[Lineage, Lineage]] = {}
+        if not keepers or not others:
+            return replaced
+        rels = list({id(r): r for r in (*keepers, *others)}.values())
+        for conj in _conjuncts(node):
+            pair = _column_equality(conj)
+            if pair is None:
+                continue
+            left = _rel_column(pair[0], rels)
+            right = _rel_column(pair[1], rels)
+            if left is None or right is None or left[0] is right[0]:
+                continue
+            for (krel, kname), (orel, oname) in ((left, right), (right, left)):
+                if not (any(krel is r for r in keepers) and any(orel is r for r in others)):
+                    continue
+                old = krel.colmap.get(kname)
+                other = orel.colmap.get(oname)
+                if not isinstance(old, Exact) or not isinstance(other, Exact):
+                    continue
+                new = Exact(old, old.columns | other.columns)
+                krel.columns = [
+                    (c, new if c == kname and lin is old else lin) for c, lin in krel.columns
+                ]
+                krel.colmap[kname] = new
+                replaced[id(old)] = (old, new)
+        return replaced
 
     # --- queries -------------------------------------------------------------------------
 
@@ -804,6 +932,9 @@ class StatementWalker:
             rels, star = self.from_item(item, local, ctes)
             local.rels.extend(rels)
             local.star = local.star + star
+        local.star = _swapped(
+            local.star, self._equate(n.get("whereClause"), local.rels, local.rels)
+        )
         out = self.target_list(n.get("targetList") or (), local)
         for key in ("whereClause", "havingClause"):
             self.filters |= self.filter_expr(n.get(key), local)
@@ -1348,10 +1479,17 @@ class StatementWalker:
                     out |= lin
             elif kind == "ReturnStmt":
                 out |= sub.expr(n.get("returnval"), None)
-        self.reads |= sub.reads
+        self._absorb(sub)
         # What a function returns cannot be tied to the caller's rows: its reads count twice.
         self._instance(sub.instances + sub.instances)
         self.row_mixing |= bool(sub.instances)
+        return frozenset(out)
+
+    def _absorb(self, sub: StatementWalker) -> None:
+        """What a function body's walker found that counts for the caller: what it reads,
+        writes and copies, and relations it could not find (not its unresolved names, which
+        are the function's parameters and variables)."""
+        self.reads |= sub.reads
         self.writes |= sub.writes
         self.functions |= sub.functions
         self.user_functions |= sub.user_functions
@@ -1359,7 +1497,6 @@ class StatementWalker:
         self.copies.extend(sub.copies)
         self.unknown.extend(sub.unknown)
         self.unanalysable.extend(sub.unanalysable)
-        return frozenset(out)
 
     def add_packing(self, name: str, lin: Lineage) -> None:
         self.packing.append(PackingCall(name, lin, self.shared.lineage_labels(lin)))
@@ -1389,6 +1526,67 @@ def _rename(r: Rel, alias_node: Node | None) -> Rel:
         return r
     cols = _apply_colnames(r.columns, colnames)
     return Rel(r.alias, cols, r.relation, r.labelled, r.opaque, r.schema, r.table)
+
+
+_QUERY_KINDS = ("SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt")
+
+
+def _conjuncts(node: Any) -> list[Node]:
+    """The top-level AND terms of a condition (the condition itself if it is no AND)."""
+    if not node:
+        return []
+    kind, n = node_type(node)
+    if kind == "BoolExpr" and n.get("boolop") == "AND_EXPR":
+        return [c for a in n.get("args") or () for c in _conjuncts(a)]
+    return [node]
+
+
+def _column_equality(node: Node) -> tuple[list[str], list[str]] | None:
+    """``a.x = b.y`` between two plain column names: their fields; None for anything else."""
+    kind, n = node_type(node)
+    if kind != "A_Expr" or n.get("kind") != "AEXPR_OP":
+        return None
+    op = names(n.get("name"))
+    if op not in (["="], ["pg_catalog", "="]):
+        return None
+    sides = []
+    for side in (n.get("lexpr"), n.get("rexpr")):
+        k, ref = node_type(side or {})
+        if k != "ColumnRef" or any("String" not in f for f in ref["fields"]):
+            return None
+        sides.append(names(ref["fields"]))
+    return sides[0], sides[1]
+
+
+def _rel_column(fields: list[str], rels: list[Rel]) -> tuple[Rel, str] | None:
+    """Which of ``rels`` a column name belongs to, when that is certain."""
+    name = fields[-1]
+    if len(fields) == 1:
+        if any(r.opaque is not None or r.schema is not None for r in rels):
+            return None  # a relation of unknown columns may have it too
+        hits = [r for r in rels if name in r.colmap]
+    else:
+        qual = fields[:-1]
+        hits = [
+            r for r in rels
+            if r.alias == qual[-1] and (len(qual) == 1 or r.relation == ".".join(qual[-2:]))
+        ]  # fmt: skip
+        hits = [r for r in hits if name in r.colmap]
+    return (hits[0], name) if len(hits) == 1 else None
+
+
+def _swapped(columns: Columns, replaced: dict[int, tuple[Lineage, Lineage]]) -> Columns:
+    """``columns`` (a ``*``) with the lineages ``_equate`` replaced; one that appears twice
+    (a relation joined to itself shares its columns' lineages) is left as it was."""
+    if not replaced:
+        return columns
+    seen = Counter(id(lin) for _c, lin in columns)
+    out: Columns = []
+    for c, lin in columns:
+        hit = replaced.get(id(lin))
+        swap = hit is not None and hit[0] is lin and seen[id(lin)] == 1
+        out.append((c, hit[1] if hit is not None and swap else lin))
+    return out
 
 
 def _merge_using(left: Lineage, right: Lineage) -> Lineage:

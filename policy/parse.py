@@ -64,6 +64,32 @@ def _collect_plpgsql(node: Any, out: list[str]) -> None:
                 _collect_plpgsql(v, out)
 
 
+_RESULT_MODES = ("FUNC_PARAM_OUT", "FUNC_PARAM_INOUT", "FUNC_PARAM_TABLE")
+
+
+def function_result_columns(arguments: str, result: str) -> tuple[str, ...]:
+    """The names of a function's result columns from its signature as the catalog prints it
+    (``pg_get_function_arguments``, ``pg_get_function_result``): a ``RETURNS TABLE``'s
+    columns or its OUT parameters, in order.  Empty when the result has no named columns
+    (a scalar, a composite type, ``record``) or the signature does not parse."""
+    try:
+        tree = parse_json(
+            f"CREATE FUNCTION pgwarden_probe({arguments}) RETURNS {result or 'void'} "
+            "LANGUAGE sql AS ''"
+        )
+        params = tree["stmts"][0]["stmt"]["CreateFunctionStmt"].get("parameters") or ()
+    except (ParseError, KeyError, IndexError):
+        return ()
+    out = []
+    for p in params:
+        fp = p.get("FunctionParameter", {})
+        if fp.get("mode") in _RESULT_MODES:
+            if not fp.get("name"):
+                return ()  # an unnamed OUT parameter: PostgreSQL names it column1 ...
+            out.append(str(fp["name"]))
+    return tuple(out)
+
+
 def function_body_statements(source: str) -> list[dict[str, Any]]:
     """The statements of a SQL-language function body, as parse-tree nodes.
 

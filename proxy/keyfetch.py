@@ -23,7 +23,7 @@ from dataclasses import replace
 
 from policy.catalog import CatalogSnapshot
 from policy.facts import QueryFacts, SourceColumn
-from policy.lineage import BUILTIN_AGGREGATES, Exact
+from policy.lineage import BUILTIN_AGGREGATES, Exact, names_record_by
 from policy.rewrite import KeyRef, NotRewritten, append_keys
 from proxy.guard import Decision, Guard
 from proxy.messages import ProtocolError, RowDescription, row_values
@@ -48,7 +48,7 @@ def missing_keys(decision: Decision) -> tuple[KeyRef, ...]:
     for check in plan.need_to_know:
         schema, _, table = check.table.partition(".")
         source = SourceColumn(schema, table, check.key_column)
-        if any(source in col.sources for col in decision.facts.output):
+        if any(names_record_by(col.sources, source) for col in decision.facts.output):
             continue
         key = KeyRef(schema, table, check.key_column)
         if key not in out:

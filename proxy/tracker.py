@@ -41,7 +41,7 @@ from policy.engine import (
     window_rule_key,
 )
 from policy.facts import DataCopy, SourceColumn
-from policy.lineage import SERVER_FILES_TARGET
+from policy.lineage import SERVER_FILES_TARGET, names_record_by
 from policy.model import Action
 from proxy import commands as cmd
 from proxy.codec import FrameReader
@@ -83,7 +83,8 @@ _ROW_FRAME = struct.Struct("!BI2xI")  # DataRow: type, length, (column count), f
 _ROW_FRAME_COLS = struct.Struct("!BIHI")  # the same with the column count
 _U32 = struct.Struct("!I")
 _NULL_SIZE = 2**32 - 1  # a NULL value's size (-1) read unsigned
-NO_KEY, BINARY_KEY = -1, -2  # need-to-know: where a row's key cannot be found
+# need-to-know: where a row's key cannot be found, or cannot vouch for the row
+NO_KEY, BINARY_KEY, MIXED_KEY = -1, -2, -3
 _BINARY_AS_TEXT = frozenset((19, 25, 1042, 1043))  # name, text, char(n), varchar: same bytes
 FLUSH = b"H\x00\x00\x00\x04"
 
@@ -118,7 +119,8 @@ class Running:
     watch: bool = False  # rows are inspected (limits, masks, canaries, record keys)
     capture: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (table, key positions)
     # (check, key position, allowed keys, reads a binary key as text or None); the position
-    # is NO_KEY when the result lacks the key column, BINARY_KEY when its format is unreadable
+    # is NO_KEY when the result lacks the key column, BINARY_KEY when its format is unreadable,
+    # MIXED_KEY when a row may hold values of several rows of the table
     know: tuple[tuple[KnowCheck, int, frozenset[bytes], Callable[[bytes], bytes] | None], ...] = ()
     withheld: int = 0  # rows need-to-know kept from the client
     key_upto: int = -1  # >= 0: rows are read only up to this column (record keys alone)
@@ -967,11 +969,15 @@ class Tracker:
             schema, _, table = check.table.partition(".")
             position = next(
                 (i for i, col in enumerate(facts.output)
-                 if SourceColumn(schema, table, check.key_column) in col.sources),
+                 if names_record_by(col.sources, SourceColumn(schema, table, check.key_column))),
                 None,
             )  # fmt: skip
             reader = None
-            if position is None:
+            if check.table in facts.mixed_relations:
+                # c.customer_id beside c2."Email" of a self-join: the key names one
+                # customer, the row holds another's values.
+                position = MIXED_KEY
+            elif position is None:
                 position = NO_KEY
             else:
                 if running.columns is None:
@@ -1160,6 +1166,11 @@ class Tracker:
                 if unkeyed:
                     message += f" and pgwarden cannot add it: {unkeyed}"
                 hint = f"select {know.key_column} as well, so each row can be checked"
+            elif position == MIXED_KEY:
+                message = (f"pgwarden: blocked by rule {rule}: need-to-know cannot be checked, a row "
+                           f"can hold values of several {know.table} rows (the statement reads it "
+                           "more than once, or mixes rows), and one key cannot vouch for them all")  # fmt: skip
+                hint = f"read {know.table} once, joined on {know.key_column}"
             elif position == BINARY_KEY:
                 message = (f"pgwarden: blocked by rule {rule}: need-to-know cannot be checked, "
                            f"{know.table}.{know.key_column} was requested in binary format")  # fmt: skip
