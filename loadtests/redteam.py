@@ -37,6 +37,7 @@ import psycopg
 from psycopg import sql as _sql  # noqa: F401 (kept for techniques written by hand)
 
 from loadtests.cluster import Cluster, running_cluster
+from policy import enduser
 from tests.proxyutil import ProxyProcess
 from tests.seconddb import data as sdb
 
@@ -1091,7 +1092,10 @@ def honest_work(env: Env, proxy: ProxyProcess, variant: str = "search_path") -> 
 
     for agent, user in (("agent_bob", "agent_bob"), ("agent_cat", sdb.APP_USER)):
         aid = env.ds.agent_id(agent)
-        prefix = f"/* end_user='{agent}' */ " if user == sdb.APP_USER else ""
+        # The helpdesk application signs the agent's name with the key it shares with
+        # pgwarden (the policy's end_user_key); the techniques above do not have it.
+        token = enduser.sign(sdb.END_USER_KEY.read_bytes().strip(), agent, ttl_s=600)
+        prefix = f"/* end_user='{token}' */ " if user == sdb.APP_USER else ""
         conn = psycopg.connect(
             proxy.dsn(user, database=sdb.DBNAME, password=sdb.PASSWORD), autocommit=True
         )

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from policy import enduser
 from policy.analyze import Analyzer
 from policy.catalog import CatalogSnapshot, load_catalog
 from policy.facts import DataCopy, QueryFacts
@@ -201,6 +202,29 @@ def explain_command(
         console.print("no statements")
     for i, f in enumerate(facts, 1):
         _print_facts(console, i, f)
+
+
+@policy_group.command("sign-end-user")
+@click.argument("name")
+@click.option(
+    "--key", "key_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+    help="The policy's end_user_key file.",
+)  # fmt: skip
+@click.option("--ttl", default=300, show_default=True, help="Seconds the token is good for.")
+def sign_end_user_command(name: str, key_file: Path, ttl: int) -> None:
+    """Print a token naming NAME as the end user, for subjects with end_user_signed.
+
+    Applications sign in their own code (policy.enduser.sign, or the same HMAC in any
+    language); this command is for trying a policy by hand.  Send the token where the name
+    went: /* end_user='TOKEN' */ or SET pgwarden.end_user = 'TOKEN'."""
+    try:
+        key = key_file.read_bytes().strip()
+    except OSError as exc:
+        raise click.ClickException(f"{key_file}: cannot read the key: {exc.strerror}") from None
+    try:
+        click.echo(enduser.sign(key, name, ttl))
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _live_taint(admin: str, database: str) -> list[DataCopy]:

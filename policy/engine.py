@@ -272,6 +272,11 @@ class Engine:
             sources.update(("comment", "set"))
         return frozenset(sources)
 
+    def signs_end_users(self, s: Subject) -> bool:
+        """Whether this session's end-user names must carry the application's signature."""
+        base = Subject(s.user, s.database, s.application, s.client_addr, None, s.roles)
+        return any(self.policy.subjects[n].end_user_signed for n in self.subjects_of(base))
+
     def rules_for(self, names: frozenset[str]) -> list[Rule]:
         rules = self._rules_for.get(names)
         if rules is None:

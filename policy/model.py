@@ -106,6 +106,12 @@ class SubjectMatch(_Strict):
         default_factory=lambda: ["comment", "set"],  # type: ignore[arg-type]
         description="where an end user name is trusted from, for sessions of this subject",
     )
+    end_user_signed: bool = Field(
+        False,
+        description="end user names must carry the application's signature (a token from "
+        "`pgwarden policy sign-end-user`, HMAC with the policy's end_user_key); any other "
+        "name is refused: a person with the account's password cannot name a colleague",
+    )
 
     @field_validator("client_cidrs")
     @classmethod
@@ -397,6 +403,11 @@ class Policy(_Strict):
     record_key: str | None = Field(
         None, description="file with the HMAC key for record identities (random if absent)"
     )
+    end_user_key: str | None = Field(
+        None,
+        description="file with the key applications sign end user names with (subjects with "
+        "end_user_signed); relative to the policy file",
+    )
     labels: list[LabelEntry] = Field(default_factory=list)
     subjects: dict[str, SubjectMatch] = Field(default_factory=dict)
     rules: list[Rule] = Field(default_factory=list)
@@ -416,6 +427,12 @@ class Policy(_Strict):
                     raise ValueError(
                         f"rule {rule.id!r} names subject {name!r}, which is not defined"
                     )
+        signed = [n for n, m in self.subjects.items() if m.end_user_signed]
+        if signed and not self.end_user_key:
+            raise ValueError(
+                f"subject {signed[0]!r} has end_user_signed: true, which needs end_user_key "
+                "(the file with the key applications sign names with)"
+            )
         if self.quarantine is not None:
             for name in self.quarantine.subjects:
                 if name != "*" and name not in self.subjects:
@@ -491,7 +508,10 @@ def load_policy(path: str | Path) -> Policy:
         text = p.read_text()
     except OSError as exc:
         raise PolicyError(f"{p}: cannot read the policy file: {exc.strerror}") from None
-    return load_policy_text(text, str(p))
+    policy = load_policy_text(text, str(p))
+    if policy.end_user_key and not Path(policy.end_user_key).is_absolute():
+        policy = policy.model_copy(update={"end_user_key": str(p.parent / policy.end_user_key)})
+    return policy
 
 
 def json_schema() -> dict[str, Any]:

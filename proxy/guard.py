@@ -16,6 +16,7 @@ import time
 import uuid
 from dataclasses import dataclass, field, replace
 
+from policy import enduser
 from policy.analyze import Analyzer
 from policy.catalog import CatalogSnapshot
 from policy.engine import DB_USER_KEY, Engine, ResultPlan, Subject, Verdict, refusal
@@ -28,9 +29,9 @@ from proxy import commands as cmd
 from proxy.messages import RowDescription, result_format
 
 # sqlcommenter puts key='value' pairs in a trailing /* */ comment; values are URL-encoded.
-_COMMENT_END_USER = re.compile(r"/\*[^*]*?\bend_user\s*=\s*'([^']{1,200})'[^*]*\*/")
+_COMMENT_END_USER = re.compile(r"/\*[^*]*?\bend_user\s*=\s*'([^']{1,300})'[^*]*\*/")
 _SET_END_USER = re.compile(
-    r"^\s*set\s+(?:session\s+|local\s+)?pgwarden\.end_user\s*(?:=|to)\s*'([^']{0,200})'\s*;?\s*$",
+    r"^\s*set\s+(?:session\s+|local\s+)?pgwarden\.end_user\s*(?:=|to)\s*'([^']{0,300})'\s*;?\s*$",
     re.IGNORECASE,
 )
 _RESET_END_USER = re.compile(r"^\s*reset\s+pgwarden\.end_user\s*;?\s*$", re.IGNORECASE)
@@ -164,6 +165,7 @@ class Guard:
     subject: Subject
     record_key: bytes
     audit: bool = False  # an audit trail records every statement (and the record ledger)
+    end_user_key: bytes | None = None  # checks signed end-user names (policy.enduser)
     shared_counts: bool = False  # window counters live in a store other processes write too
     # Need-to-know lookups: (rule id, person) -> (valid until, keys the person may see).
     allowed: dict[tuple[str, str], tuple[float, frozenset[bytes]]] = field(default_factory=dict)
@@ -179,6 +181,12 @@ class Guard:
     # The end user named by SET pgwarden.end_user: the session's, until RESET.  A comment
     # names the end user of its own statement only.
     _session_end_user: str | None = field(init=False, default=None)
+    # Subjects with end_user_signed: whether names must be signed; the last statement's
+    # token and the name it vouches for (the token never goes upstream); why its name was
+    # refused.
+    _signed: bool = field(init=False, default=False)
+    _token: tuple[str, str] | None = field(init=False, default=None)
+    _forged: str | None = field(init=False, default=None)
     # Who declared each SQL cursor and prepared each SQL statement: a FETCH or EXECUTE with
     # no comment of its own reads for them (psycopg's named cursors send a bare FETCH).
     _owners: dict[tuple[str, str], str | None] = field(init=False, default_factory=dict)
@@ -196,11 +204,14 @@ class Guard:
     def __post_init__(self) -> None:
         self.sql = SqlSession(self.analyzer, user=self.subject.user)
         self.end_user_sources = self.engine.trusted_end_user_sources(self.subject)
+        self._signed = self.engine.signs_end_users(self.subject)
 
-    def use_engine(self, engine: Engine) -> None:
+    def use_engine(self, engine: Engine, end_user_key: bytes | None = None) -> None:
         """A reloaded policy: decide with the new engine from the next statement on."""
         self.engine = engine
+        self.end_user_key = end_user_key
         self.end_user_sources = engine.trusted_end_user_sources(self.subject)
+        self._signed = engine.signs_end_users(self.subject)
 
     def set_options(self, options: str | None) -> None:
         self.sql.set_startup_options(options)
@@ -216,18 +227,40 @@ class Guard:
         statement judged and recorded as the previous person's would blame them for it."""
         sources = self.end_user_sources
         named = None
+        self._token = self._forged = None
         if "comment" in sources and "end_user" in sql:
             m = _COMMENT_END_USER.search(sql)
             if m:
-                named = m.group(1)
+                named = self._vouched(m.group(1))
         if "set" in sources and "pgwarden" in sql:
             m = _SET_END_USER.match(sql)
             if m:
-                self._session_end_user = m.group(1) or None
+                value = self._vouched(m.group(1)) if m.group(1) else None
+                if self._forged is None:
+                    self._session_end_user = value
             elif _RESET_END_USER.match(sql):
                 self._session_end_user = None
         self._set_end_user(named if named is not None else self._session_end_user)
         return named
+
+    def _vouched(self, value: str) -> str | None:
+        """The end-user name ``value`` gives, once its signature is checked when the subject
+        asks for one (else None, and ``_forged`` says why)."""
+        if not self._signed:
+            return value
+        name, why = enduser.verify(self.end_user_key, value)
+        if name is None:
+            self._forged = why
+            return None
+        self._token = (value, name)
+        return name
+
+    def upstream(self, sql: str) -> str:
+        """The text to send PostgreSQL (and keep in the audit trail): a signed name's token
+        replaced by the bare name, so no other session can read a live one from
+        ``pg_stat_activity`` and reuse it.  ``sql`` itself when there is none."""
+        token = self._token
+        return sql.replace(token[0], token[1]) if token is not None else sql
 
     def _set_end_user(self, name: str | None) -> None:
         s = self.subject
@@ -256,6 +289,9 @@ class Guard:
         named = self._end_user(sql)
         s = self.subject
         out: list[Decision] = []
+        if self._forged is not None:
+            return self._unvouched(sql)
+        text = self.upstream(sql)
         for f in self.sql.analyze(sql):
             subject = s
             key = (
@@ -277,8 +313,21 @@ class Guard:
             verdict = self.engine.decide(subject, f)
             if f.columns_written and not verdict.blocks:
                 verdict = self._lookup_write(f, subject) or verdict
-            out.append(Decision(f, verdict, subject, sql))
+            out.append(Decision(f, verdict, subject, text))
         return out
+
+    def _unvouched(self, sql: str) -> list[Decision]:
+        """Every statement of ``sql`` refused: it names an end user without the signature
+        its subject asks for.  Not analysed: a SET or a cursor it declares does not happen."""
+        verdict = refusal(
+            "end-user-signature",
+            f"{self._forged}; this account's end users must be named with a token the "
+            "application signs",
+            hint="name the end user with a token from the application (pgwarden policy "
+            "sign-end-user)",
+        )
+        facts = self.analyzer.analyze(sql, self.sql.search_path, self.subject.user)
+        return [Decision(f, verdict, self.subject, sql) for f in facts]
 
     def _lookup_write(self, f: QueryFacts, subject: Subject) -> Verdict | None:
         """A refusal when the statement writes a column a need-to-know lookup of this

@@ -26,7 +26,7 @@ from audit.pipeline import AuditTrail, AuditUnavailable, Receipt
 from policy.analyze import Analyzer
 from policy.catalog import DEFAULT_MAX_DELAY, DEFAULT_SETTLE, Catalog
 from policy.engine import Engine, Subject
-from policy.model import Action, Policy, load_policy
+from policy.model import Action, Policy, PolicyError, load_policy
 from policy.ownconn import DEFAULT_IDLE_TIMEOUT, IdleConnection
 from policy.state import StoreUnavailable, WindowStore, open_window_store
 from proxy import commands as cmd
@@ -119,6 +119,7 @@ class PolicyRuntime:
         self._install(policy)
 
     def _install(self, policy: Policy) -> None:
+        self.end_user_key = self._end_user_key(policy)
         self.policy = policy
         self.label_rules = policy.label_rules()
         self.engine = Engine(policy, self.counters)
@@ -132,7 +133,21 @@ class PolicyRuntime:
         # Sessions already open follow the new policy from their next statement: a reload
         # never drops a connection, and never leaves one on the old rules.
         for guard in list(self.guards):
-            guard.use_engine(self.engine)
+            guard.use_engine(self.engine, self.end_user_key)
+
+    @staticmethod
+    def _end_user_key(policy: Policy) -> bytes | None:
+        if not policy.end_user_key:
+            return None
+        try:
+            key = Path(policy.end_user_key).read_bytes().strip()
+        except OSError as exc:
+            raise PolicyError(
+                f"{policy.end_user_key}: cannot read the end_user_key file: {exc.strerror}"
+            ) from None
+        if len(key) < 16:
+            raise PolicyError(f"{policy.end_user_key}: an end_user_key has at least 16 bytes")
+        return key
 
     @staticmethod
     def _record_key(policy: Policy) -> bytes:
@@ -364,7 +379,10 @@ class PolicyRuntime:
         if self.trail is None and not self._may_apply(subject):
             # Nothing to enforce and nothing to record: the session is relayed untouched.
             return None
-        guard = Guard(self.engine, analyzer, subject, self.record_key, audit=self.trail is not None)
+        guard = Guard(
+            self.engine, analyzer, subject, self.record_key, audit=self.trail is not None,
+            end_user_key=self.end_user_key,
+        )  # fmt: skip
         guard.shared_counts = self.policy.store.backend == "redis"
         guard.set_options(s.options)
         self.guards.add(guard)

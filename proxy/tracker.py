@@ -224,7 +224,8 @@ class Tracker:
                 continue
             if t == _Q:
                 sql = Query.decode(raw[start:end]).sql
-                sent, decisions = with_keys(self.guard, sql, self.guard.check(sql))
+                checked = self.guard.check(sql)
+                sent, decisions = with_keys(self.guard, self.guard.upstream(sql), checked)
                 out += self.guard.end_user_notes()
                 refresh = self._needs_fresh_counts(decisions)
                 if refresh is not None:
@@ -245,7 +246,8 @@ class Tracker:
                     return self._hold_after(out, parts, raw, fwd, end)
             elif t == _P:
                 name, sql = parse_head(raw[start:end])
-                sent, decisions = with_keys(self.guard, sql, self.guard.check(sql))
+                checked = self.guard.check(sql)
+                sent, decisions = with_keys(self.guard, self.guard.upstream(sql), checked)
                 out += self.guard.end_user_notes()
                 refresh = self._needs_fresh_counts(decisions)
                 if refresh is not None:

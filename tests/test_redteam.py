@@ -26,18 +26,11 @@ from loadtests.cluster import Cluster
 from tests.proxyutil import pgwarden_command
 from tests.seconddb import data as sdb
 
-# What each technique leaked on the day it was written (client-side counts; see the report
-# printed by `python -m loadtests.redteam`). Remove an entry when the technique stops leaking.
-LEAKS: dict[str, str] = {
-    # Impersonation through the shared application account: the account names a real
-    # agent in a sqlcommenter comment or SET pgwarden.end_user, and reads under that agent's
-    # need-to-know. pgwarden cannot tell a forged name from a true one; the account's own
-    # ceiling (per: db_user) bounds it and end_user_churn raises an alert (README).
-    "shared_account_rotation/search_path": "39 distinct customers, max 5 in one statement, 27 outside the attacker's need-to-know (other agents named by comment)",
-    "shared_account_rotation/qualified": "39 distinct customers, max 5 in one statement, 27 outside the attacker's need-to-know (other agents named by comment)",
-    "shared_account_set/search_path": "200 distinct customers, max 6 in one statement, 152 outside the attacker's need-to-know (other agents named by SET)",
-    "shared_account_set/qualified": "200 distinct customers, max 6 in one statement, 152 outside the attacker's need-to-know (other agents named by SET)",
-}
+# What each technique leaks today (client-side counts; see the report printed by
+# `python -m loadtests.redteam`), marked xfail; remove an entry when it stops leaking.
+# Empty: the last two, impersonation through the shared account by comment and by SET,
+# stopped when the policy asked for signed end-user names (end_user_signed).
+LEAKS: dict[str, str] = {}
 
 # Honest work refused today, per variant (false positives).  Empty: the honest agent's day
 # runs without a refusal in both variants.

@@ -21,6 +21,7 @@ import psycopg
 HERE = Path(__file__).resolve().parent
 SCHEMA = HERE / "schema.sql"
 POLICY = HERE / "policy.yaml"
+END_USER_KEY = HERE / "end_user.key"  # the helpdesk application's signing key (policy.yaml)
 
 DBNAME = "crm_redteam"
 PASSWORD = "redteam-secret"

@@ -1,0 +1,137 @@
+"""Signed end-user names behind a shared account (``end_user_signed``).
+
+On the second test database the helpdesk account ``crm_app`` names the agent each
+statement is for, and its policy asks for names the application signed with
+``tests/seconddb/end_user.key``.  A person with crm_app's password but not the key cannot
+name a colleague (by comment or by SET), cannot stretch or edit a token, and cannot lift a
+live token from ``pg_stat_activity``: pgwarden sends PostgreSQL the bare name.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import yaml
+
+from loadtests import redteam
+from loadtests.cluster import Cluster
+from policy import enduser
+from policy.model import PolicyError, load_policy
+from tests.proxyutil import ProxyProcess, pgwarden_command
+from tests.seconddb import data as sdb
+
+KEY = sdb.END_USER_KEY.read_bytes().strip()
+OWN = "agent_cat"  # whose tickets the statements read
+
+
+@pytest.fixture(scope="module")
+def env(pg: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[redteam.Env]:
+    yield redteam.Env.build(pg, tmp_path_factory.mktemp("signed"))
+
+
+@pytest.fixture
+def proxy(env: redteam.Env, request: pytest.FixtureRequest) -> Iterator[ProxyProcess]:
+    p = env.proxy(request.node.name[:40])
+    yield p
+    assert p.stop() == 0, p.log()
+
+
+def app(p: ProxyProcess) -> psycopg.Connection[tuple[Any, ...]]:
+    return psycopg.connect(
+        p.dsn(sdb.APP_USER, dbname=sdb.DBNAME, password=sdb.PASSWORD), autocommit=True
+    )
+
+
+def own_customer(env: redteam.Env) -> int:
+    return env.ds.open_tickets(OWN)[0].customer_id
+
+
+def read_card(conn: psycopg.Connection[tuple[Any, ...]], prefix: str, customer: int) -> list[Any]:
+    sql = prefix + 'SELECT customer_id, "Email" FROM customers WHERE customer_id = %s'
+    return conn.execute(sql, (customer,)).fetchall()
+
+
+def test_a_signed_name_reads_within_that_agent_s_need_to_know(
+    env: redteam.Env, proxy: ProxyProcess
+) -> None:
+    token = enduser.sign(KEY, OWN)
+    customer = own_customer(env)
+    with app(proxy) as conn:
+        rows = read_card(conn, f"/* end_user='{token}' */ ", customer)
+        assert rows == [(customer, env.ds.customers[customer].email)]
+        conn.execute(f"SET pgwarden.end_user = '{token}'")
+        assert read_card(conn, "", customer) == rows
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(OWN, id="plain name"),
+        pytest.param(enduser.sign(b"another key of 32 bytes or so...", OWN), id="other key"),
+        pytest.param(enduser.sign(KEY, OWN, now=1_000_000), id="expired"),
+        pytest.param(enduser.sign(KEY, "agent_bob").replace("agent_bob", OWN, 1), id="name edited"),
+    ],
+)
+def test_a_name_without_a_good_signature_is_refused_by_comment_and_by_set(
+    env: redteam.Env, proxy: ProxyProcess, name: str
+) -> None:
+    customer = own_customer(env)
+    with app(proxy) as conn:
+        with pytest.raises(psycopg.Error) as info:
+            read_card(conn, f"/* end_user='{name}' */ ", customer)
+        assert info.value.sqlstate == "42501"
+        assert "end-user-signature" in str(info.value), info.value
+        assert "Email" not in str(info.value) and "@" not in str(info.value)
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute(f"SET pgwarden.end_user = '{name}'")
+        assert info.value.sqlstate == "42501"
+        # The refused SET named nobody: the account reads as itself, outside anyone's
+        # need-to-know.
+        assert read_card(conn, "", customer) == []
+
+
+def test_postgres_never_sees_the_token(env: redteam.Env, proxy: ProxyProcess) -> None:
+    """Another session of crm_app (or the server's log) would see a live token in the
+    statement text and could replay it; pgwarden sends the bare name."""
+    token = enduser.sign(KEY, OWN)
+    with app(proxy) as conn:
+        read_card(conn, f"/* end_user='{token}' */ ", own_customer(env))
+        pid = conn.info.backend_pid
+        conn.execute(f"SET pgwarden.end_user = '{token}'")
+        assert conn.execute("SELECT current_setting('pgwarden.end_user')").fetchone() == (OWN,)
+    with psycopg.connect(env.pg.dsn(database=sdb.DBNAME), autocommit=True) as dba:
+        (last,) = dba.execute(
+            "SELECT query FROM pg_stat_activity WHERE pid = %s", (pid,)
+        ).fetchone() or ("",)
+    assert token not in last
+    assert token.rsplit("~", 2)[2] not in proxy.log()
+
+
+def test_a_policy_asking_for_signatures_names_its_key(tmp_path: Path) -> None:
+    data = yaml.safe_load(sdb.POLICY.read_text())
+    del data["end_user_key"]
+    bad = tmp_path / "policy.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises(PolicyError, match="end_user_signed: true, which needs end_user_key"):
+        load_policy(bad)
+    # A relative key path is the policy file's neighbour, wherever pgwarden runs from.
+    assert load_policy(sdb.POLICY).end_user_key == str(sdb.END_USER_KEY)
+
+
+def test_sign_end_user_command_prints_a_token_pgwarden_accepts() -> None:
+    proc = subprocess.run(
+        [*pgwarden_command(), "policy", "sign-end-user", OWN, "--key", str(sdb.END_USER_KEY)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert enduser.verify(KEY, proc.stdout.strip()) == (OWN, "")
+    proc = subprocess.run(
+        [*pgwarden_command(), "policy", "sign-end-user", "it's", "--key", str(sdb.END_USER_KEY)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "holds no ' or ~" in proc.stderr
