@@ -9,7 +9,8 @@ numbers (as the generator wrote them) occurs in anything the client received, al
 reversed, case-folded, or after the technique's own decoding. pgwarden's audit trail is
 not consulted.
 
-    python -m loadtests.redteam [--only NAME,NAME] [--json FILE]
+    python -m loadtests.redteam [--only NAME,NAME] [--variants search_path,qualified,app]
+                                [--json FILE] [--learn-helpdesk FILE]
 
 prints one line per technique and, as the last line, ``name=value`` figures.
 """
@@ -38,7 +39,7 @@ from psycopg import sql as _sql  # noqa: F401 (kept for techniques written by ha
 
 from loadtests.cluster import Cluster, running_cluster
 from policy import enduser
-from tests.proxyutil import ProxyProcess
+from tests.proxyutil import ProxyProcess, pgwarden_command
 from tests.seconddb import data as sdb
 
 ATTACKER = "agent_ann"  # the insider: a real agent with real tickets
@@ -138,6 +139,15 @@ class Ctx:
         self.decode: Callable[[str], str] | None = None
         self.last_refused = False
         self.qualify = outcome.variant == "qualified"
+        # The "app" variant: the insider at a SQL console with the helpdesk account's
+        # password and a name the application signed for them (their own, as a colleague's
+        # would be refused): what an allow-list of the helpdesk's statement shapes is for.
+        self.app = outcome.variant == "app"
+        self._signed = (
+            enduser.sign(sdb.END_USER_KEY.read_bytes().strip(), ATTACKER, ttl_s=3600)
+            if self.app
+            else ""
+        )
         self._conns: list[Any] = []
 
     # -- recording ---------------------------------------------------------------------
@@ -190,6 +200,8 @@ class Ctx:
 
     def dsn(self, user: str = ATTACKER, **extra: str) -> str:
         extra.setdefault("options", "'-c statement_timeout=30000'")
+        if self.app and user == ATTACKER:
+            user = sdb.APP_USER
         return self.proxy.dsn(user, database=sdb.DBNAME, password=sdb.PASSWORD, **extra)
 
     def connect(
@@ -254,6 +266,8 @@ class Ctx:
     def sql(self, query: str) -> str:
         """The statement as sent: in the ``qualified`` variant every crm name gets its schema
         (so a miss there is not about the role's search_path)."""
+        if self.app:
+            return f"/* end_user='{self._signed}' */ {query}"
         return _qualify(query) if self.qualify else query
 
     def watchdog(self, conn: Any, seconds: float = HANG_SECONDS) -> threading.Timer:
@@ -292,7 +306,7 @@ def _qualify(query: str) -> str:
     return _CRM_RE.sub(r"crm.\1", query)
 
 
-VARIANTS = ("search_path", "qualified")
+VARIANTS = ("search_path", "qualified", "app")
 
 # --- the techniques --------------------------------------------------------------------------
 
@@ -1054,7 +1068,15 @@ class HonestResult:
     internal_errors: list[str] = field(default_factory=list)
 
 
-def honest_work(env: Env, proxy: ProxyProcess, variant: str = "search_path") -> HonestResult:
+HONEST_AGENTS = (("agent_bob", "agent_bob"), ("agent_cat", sdb.APP_USER))
+
+
+def honest_work(
+    env: Env,
+    proxy: ProxyProcess,
+    variant: str = "search_path",
+    agents: tuple[tuple[str, str], ...] = HONEST_AGENTS,
+) -> HonestResult:
     """A support agent's normal day on the second database, logged in as themselves
     (agent_bob) and through the helpdesk account naming the agent (agent_cat)."""
     res = HonestResult()
@@ -1090,7 +1112,7 @@ def honest_work(env: Env, proxy: ProxyProcess, variant: str = "search_path") -> 
         finally:
             dog.cancel()
 
-    for agent, user in (("agent_bob", "agent_bob"), ("agent_cat", sdb.APP_USER)):
+    for agent, user in agents:
         aid = env.ds.agent_id(agent)
         # The helpdesk application signs the agent's name with the key it shares with
         # pgwarden (the policy's end_user_key); the techniques above do not have it.
@@ -1174,13 +1196,30 @@ class Env:
         ds = sdb.build(pg.psql, pg.dsn(database=sdb.DBNAME))
         return cls(pg, ds, sdb.Matcher(ds), workdir)
 
-    def proxy(self, tag: str) -> ProxyProcess:
-        return ProxyProcess(
-            self.pg,
-            self.workdir / tag,
-            ["--policy", str(sdb.POLICY), "--catalog-user", "postgres"],
-            admin=False,
-        )
+    def proxy(
+        self, tag: str, audit_db: Path | None = None, policy: Path | None = None
+    ) -> ProxyProcess:
+        args = ["--policy", str(policy or sdb.POLICY), "--catalog-user", "postgres"]
+        if audit_db is not None:
+            args += ["--audit-db", str(audit_db)]
+        return ProxyProcess(self.pg, self.workdir / tag, args, admin=False)
+
+
+def learn_helpdesk(env: Env, out: Path) -> str:
+    """The helpdesk account's allow-list: the honest day's work through crm_app, audited,
+    then ``pgwarden policy learn --subject helpdesk``.  Returns what learn printed."""
+    audit_db = env.workdir / "learn-audit.db"
+    proxy = env.proxy("learn", audit_db=audit_db)
+    try:
+        honest_work(env, proxy, "search_path", agents=(("agent_cat", sdb.APP_USER),))
+    finally:
+        proxy.stop()
+    proc = subprocess.run(
+        [*pgwarden_command(), "policy", "learn", "--policy", str(sdb.POLICY),
+         "--subject", "helpdesk", "--db", str(audit_db), "--out", str(out)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return proc.stdout.strip()
 
 
 def run_technique(env: Env, name: str, variant: str = "search_path") -> Outcome:
@@ -1256,9 +1295,21 @@ def table(outcomes: list[Outcome]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--only", default="", help="comma-separated technique names")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="search_path,qualified")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="search_path,qualified,app")
     ap.add_argument("--json", default="", help="write every outcome as JSON to this file")
+    ap.add_argument(
+        "--learn-helpdesk", default="", metavar="FILE",
+        help="learn the helpdesk account's allow-list from the honest day's work into FILE "
+        "(tests/seconddb/helpdesk-allow.yaml), and do nothing else",
+    )  # fmt: skip
     args = ap.parse_args(argv)
+    if args.learn_helpdesk:
+        with (
+            tempfile.TemporaryDirectory(prefix="pgwarden-redteam-") as tmp,
+            running_cluster(tls=False, schema=False) as pg,
+        ):
+            print(learn_helpdesk(Env.build(pg, Path(tmp)), Path(args.learn_helpdesk)))
+        return 0
     names = [n for n in args.only.split(",") if n] or list(TECHNIQUES)
     variants = [v for v in args.variants.split(",") if v]
     outcomes: list[Outcome] = []

@@ -438,6 +438,11 @@ def analyze_statement(
         w.unanalysable.append(str(exc))
     except RecursionError:
         w.unanalysable.append("statement nests too deeply to analyse")
+    inner_sql = f.get("inner_sql")
+    if inner_sql and f["kind"] in ("prepare", "declare_cursor"):
+        # The shape of what it runs: PREPARE s AS q, DECLARE c CURSOR FOR q and q sent by
+        # Query or Parse are one statement shape (allow-lists, the trail's fingerprints).
+        fp = fingerprint(inner_sql)
     return _finish(w, f, output, norm, fp)
 
 

@@ -61,7 +61,7 @@ def outcome(verdict: Verdict) -> tuple[Action, str | None]:
 
 def run_test(engine: Engine, analyzer: Analyzer, t: PolicyTest) -> tuple[bool, str]:
     subject = Subject(t.user, "", t.application, t.client, t.end_user, frozenset(t.roles))
-    facts = analyzer.analyze(t.sql, ("public",), t.user)
+    facts = analyzer.analyze(t.sql, tuple(t.search_path), t.user)
     verdicts = [engine.decide(subject, f) for f in facts]
     got = next(
         (v for v in verdicts if v.blocks), verdicts[-1] if verdicts else Verdict(Action.ALLOW)

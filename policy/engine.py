@@ -25,8 +25,11 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Protocol
 
+from policy.allowlist import AllowList, AllowListError
+from policy.allowlist import load as load_allow_list
 from policy.facts import QueryFacts
 from policy.model import (
     DANGEROUS_FUNCTIONS,
@@ -34,6 +37,7 @@ from policy.model import (
     Check,
     Mode,
     Policy,
+    PolicyError,
     Rule,
     SubjectMatch,
     parse_hours,
@@ -245,6 +249,14 @@ class Engine:
         # The rules of each set of subject names (an engine holds one policy).
         self._rules_for: dict[frozenset[str], list[Rule]] = {}
         self._statics: dict[tuple[int, frozenset[str]], tuple[QueryFacts, _Static]] = {}
+        # allow_statements rules: rule id -> its allow-list (read once per engine).
+        self.allow_lists: dict[str, AllowList] = {}
+        for rule in policy.rules:
+            if rule.allow_statements is not None:
+                try:
+                    self.allow_lists[rule.id] = load_allow_list(rule.allow_statements)
+                except AllowListError as exc:
+                    raise PolicyError(f"rule {rule.id}: {exc}") from None
 
     # --- subjects ------------------------------------------------------------------------
 
@@ -456,6 +468,26 @@ class Engine:
                         findings=(*findings, Finding(rule.id, rule.action, reason)),
                     )
                 )
+
+        for rule in rules:
+            allow = self.allow_lists.get(rule.id)
+            if allow is None or allow.allows(facts):
+                continue
+            reason = (
+                f"the statement's shape ({facts.fingerprint}: {_short(facts.normalized)}) is not "
+                f"on the allow-list {Path(allow.path).name}"
+            )
+            if self._monitored(rule) or rule.action is Action.ALERT:
+                findings.append(
+                    Finding(rule.id, rule.action, reason, monitored=self._monitored(rule))
+                )
+            else:
+                return _Static(refusal(
+                    rule.id, reason, rule.action,
+                    hint="this account sends the statements its application was seen to send; "
+                    "a new one must be reviewed and added (pgwarden policy drift / learn)",
+                    findings=(*findings, Finding(rule.id, rule.action, reason)),
+                ))  # fmt: skip
 
         unsound = self._beyond_analysis(facts, rules, findings)
         if unsound is not None:
@@ -815,6 +847,10 @@ def budget_key(per: str, s: Subject) -> str:
 def window_rule_key(rule_id: str) -> str:
     """The window-store 'label' under which a window rule counts everything it covers."""
     return f"rule:{rule_id}"
+
+
+def _short(text: str, most: int = 80) -> str:
+    return text if len(text) <= most else text[: most - 3] + "..."
 
 
 def _human(seconds: float) -> str:

@@ -232,6 +232,11 @@ class Rule(_Strict):
     canary: Canary | None = None
     need_to_know: NeedToKnow | None = None
     end_user_churn: EndUserChurn | None = None
+    allow_statements: str | None = Field(
+        None,
+        description="allow-list file (pgwarden policy learn; relative to the policy file): "
+        "a statement whose shape is not on it gets the rule's action",
+    )
 
     @field_validator("window", mode="before")
     @classmethod
@@ -278,14 +283,18 @@ class Rule(_Strict):
                 ("canary", self.canary is not None),
                 ("need_to_know", self.need_to_know is not None),
                 ("end_user_churn", self.end_user_churn is not None),
+                ("allow_statements", self.allow_statements is not None),
             )
             if present
         ]
         if len(kinds) != 1:
             raise ValueError(
                 "a rule checks exactly one thing: max_rows/max_bytes/max_records, deny, mask, "
-                f"canary, need_to_know or end_user_churn (this one has {', '.join(kinds) or 'none'})"
+                "canary, need_to_know, end_user_churn or allow_statements (this one has "
+                f"{', '.join(kinds) or 'none'})"
             )
+        if self.allow_statements is not None and self.action in (Action.ALLOW, Action.MASK):
+            raise ValueError("allow_statements: action is alert, block, end_session or quarantine")
         if "per" in self.model_fields_set and self.window is None:
             raise ValueError("per says whose budget a window is: add window")
         if self.end_user_churn is not None:
@@ -318,6 +327,8 @@ class Rule(_Strict):
             return "need_to_know"
         if self.end_user_churn is not None:
             return "end_user_churn"
+        if self.allow_statements is not None:
+            return "allow_statements"
         return "window" if self.window is not None else "statement_limit"
 
     def covers_label(self, label: str) -> bool:
@@ -384,6 +395,10 @@ class PolicyTest(_Strict):
     client: str = "127.0.0.1"
     end_user: str | None = None
     roles: list[str] = Field(default_factory=list)
+    search_path: list[str] = Field(
+        default_factory=lambda: ["public"],
+        description="the session's search_path (a role's ALTER ROLE ... SET search_path)",
+    )
     expect: Action
     rule: str | None = Field(None, description="the rule id expected to decide")
 
@@ -511,6 +526,14 @@ def load_policy(path: str | Path) -> Policy:
     policy = load_policy_text(text, str(p))
     if policy.end_user_key and not Path(policy.end_user_key).is_absolute():
         policy = policy.model_copy(update={"end_user_key": str(p.parent / policy.end_user_key)})
+    rules = [
+        r.model_copy(update={"allow_statements": str(p.parent / r.allow_statements)})
+        if r.allow_statements and not Path(r.allow_statements).is_absolute()
+        else r
+        for r in policy.rules
+    ]
+    if any(a is not b for a, b in zip(rules, policy.rules, strict=True)):
+        policy = policy.model_copy(update={"rules": rules})
     return policy
 
 

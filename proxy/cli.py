@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from audit.cli import audit_group
+from audit.learn import drift_command, learn_command
 from policy.cli import classify_command, policy_group
 from policy.commands import check_command, schema_command, test_command
 from proxy.config import ConfigError, ProxyConfig, load_config
@@ -25,6 +26,8 @@ def main() -> None:
 policy_group.add_command(check_command)
 policy_group.add_command(test_command)
 policy_group.add_command(schema_command)
+policy_group.add_command(learn_command)
+policy_group.add_command(drift_command)
 main.add_command(policy_group)
 main.add_command(audit_group)
 main.add_command(classify_command)

@@ -119,10 +119,14 @@ class PolicyRuntime:
         self._install(policy)
 
     def _install(self, policy: Policy) -> None:
-        self.end_user_key = self._end_user_key(policy)
+        # Everything that can fail (key file, allow-lists) before anything is replaced: a
+        # policy that cannot be installed leaves the running one whole.
+        end_user_key = self._end_user_key(policy)
+        engine = Engine(policy, self.counters)
+        self.end_user_key = end_user_key
         self.policy = policy
         self.label_rules = policy.label_rules()
-        self.engine = Engine(policy, self.counters)
+        self.engine = engine
         for catalog in self.catalogs.values():
             catalog.set_rules(self.label_rules)
         if not hasattr(self, "analyzers"):

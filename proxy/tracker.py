@@ -230,19 +230,22 @@ class Tracker:
                 refresh = self._needs_fresh_counts(decisions)
                 if refresh is not None:
                     return self._refresh_first(refresh, out, parts, raw, fwd, head)
-                if sent is not sql:
-                    # Need-to-know keys appended (proxy.keyfetch); removed from the result.
-                    parts += (raw[fwd:head], Query(sent).encode())
-                    fwd = end
                 self.stats.statements += 1
                 self.cycles.append(time.perf_counter())
                 blocked = self.guard.blocked(decisions)
                 self.fifo.append(Entry(QUERY, statements=decisions))
                 if blocked is not None:
+                    # Instead of the client's text (never beside it).
                     parts += (raw[fwd:head], Query(self._substitute(sql, blocked)).encode())
                     fwd = end
                     out.append(self._block_command(blocked))
-                elif any(d.limited for d in decisions):
+                    continue
+                if sent is not sql:
+                    # Need-to-know keys appended (proxy.keyfetch), removed from the result;
+                    # a signed end-user name's token replaced by the name.
+                    parts += (raw[fwd:head], Query(sent).encode())
+                    fwd = end
+                if any(d.limited for d in decisions):
                     return self._hold_after(out, parts, raw, fwd, end)
             elif t == _P:
                 name, sql = parse_head(raw[start:end])
@@ -252,12 +255,12 @@ class Tracker:
                 refresh = self._needs_fresh_counts(decisions)
                 if refresh is not None:
                     return self._refresh_first(refresh, out, parts, raw, fwd, head)
-                if sent is not sql:
+                blocked = self.guard.blocked(decisions)
+                decision = decisions[0] if decisions else None
+                if sent is not sql and blocked is None:
                     parse = Parse.decode(raw[start:end])
                     parts += (raw[fwd:head], Parse(name, sent, parse.param_types).encode())
                     fwd = end
-                blocked = self.guard.blocked(decisions)
-                decision = decisions[0] if decisions else None
                 if blocked is not None:
                     v = blocked.verdict
                     substitute = Parse(name, raise_statement(v.message, v.hint, v.sqlstate))

@@ -34,9 +34,21 @@ def env(pg: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[redte
     yield redteam.Env.build(pg, tmp_path_factory.mktemp("signed"))
 
 
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The second database's policy without its allow-list of the helpdesk's statement
+    shapes (which has no SET pgwarden.end_user: the helpdesk names agents by comment)."""
+    data = yaml.safe_load(sdb.POLICY.read_text())
+    data["end_user_key"] = str(sdb.END_USER_KEY)
+    data["rules"] = [r for r in data["rules"] if "allow_statements" not in r]
+    path = tmp_path_factory.mktemp("signed-policy") / "policy.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
 @pytest.fixture
-def proxy(env: redteam.Env, request: pytest.FixtureRequest) -> Iterator[ProxyProcess]:
-    p = env.proxy(request.node.name[:40])
+def proxy(env: redteam.Env, policy: Path, request: pytest.FixtureRequest) -> Iterator[ProxyProcess]:
+    p = env.proxy(request.node.name[:40], policy=policy)
     yield p
     assert p.stop() == 0, p.log()
 
@@ -47,25 +59,51 @@ def app(p: ProxyProcess) -> psycopg.Connection[tuple[Any, ...]]:
     )
 
 
-def own_customer(env: redteam.Env) -> int:
-    return env.ds.open_tickets(OWN)[0].customer_id
+def own_ticket(env: redteam.Env) -> tuple[str, int]:
+    t = env.ds.open_tickets(OWN)[0]
+    return t.ticket_no, t.customer_id
 
 
-def read_card(conn: psycopg.Connection[tuple[Any, ...]], prefix: str, customer: int) -> list[Any]:
-    sql = prefix + 'SELECT customer_id, "Email" FROM customers WHERE customer_id = %s'
-    return conn.execute(sql, (customer,)).fetchall()
+# The helpdesk's customer card, as its application sends it (on the account's allow-list).
+CARD = (
+    'SELECT t."TicketNo", c.customer_id, c."FullName", c."Email", p.phone FROM "Tickets" t '
+    "JOIN customers c ON c.customer_id = t.customer_id LEFT JOIN customer_phones p "
+    "ON p.customer_id = c.customer_id AND p.kind = 'mobile' WHERE t.\"TicketNo\" = %s"
+)
+
+
+def read_card(conn: psycopg.Connection[tuple[Any, ...]], prefix: str, ticket: str) -> list[Any]:
+    return [(r[1], r[3]) for r in conn.execute(prefix + CARD, (ticket,)).fetchall()]
 
 
 def test_a_signed_name_reads_within_that_agent_s_need_to_know(
     env: redteam.Env, proxy: ProxyProcess
 ) -> None:
     token = enduser.sign(KEY, OWN)
-    customer = own_customer(env)
+    ticket, customer = own_ticket(env)
     with app(proxy) as conn:
-        rows = read_card(conn, f"/* end_user='{token}' */ ", customer)
+        rows = read_card(conn, f"/* end_user='{token}' */ ", ticket)
         assert rows == [(customer, env.ds.customers[customer].email)]
         conn.execute(f"SET pgwarden.end_user = '{token}'")
-        assert read_card(conn, "", customer) == rows
+        assert read_card(conn, "", ticket) == rows
+
+
+def test_a_refused_statement_with_a_signed_name_sends_nothing_upstream(
+    env: redteam.Env, proxy: ProxyProcess
+) -> None:
+    """The token is taken out of the text sent upstream; a refused statement's text is not
+    sent at all (its refusal is sent instead, never beside it)."""
+    token = enduser.sign(KEY, OWN)
+    with app(proxy) as conn:
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute(f"/* end_user='{token}' */ SELECT * FROM customers").fetchall()
+        assert info.value.sqlstate == "42501"
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute(
+                f"/* end_user='{token}' */ SELECT c FROM customers c WHERE c.customer_id > %s",
+                (0,),
+            ).fetchall()
+        assert info.value.sqlstate == "42501"
 
 
 @pytest.mark.parametrize(
@@ -80,10 +118,10 @@ def test_a_signed_name_reads_within_that_agent_s_need_to_know(
 def test_a_name_without_a_good_signature_is_refused_by_comment_and_by_set(
     env: redteam.Env, proxy: ProxyProcess, name: str
 ) -> None:
-    customer = own_customer(env)
+    ticket, _customer = own_ticket(env)
     with app(proxy) as conn:
         with pytest.raises(psycopg.Error) as info:
-            read_card(conn, f"/* end_user='{name}' */ ", customer)
+            read_card(conn, f"/* end_user='{name}' */ ", ticket)
         assert info.value.sqlstate == "42501"
         assert "end-user-signature" in str(info.value), info.value
         assert "Email" not in str(info.value) and "@" not in str(info.value)
@@ -92,7 +130,7 @@ def test_a_name_without_a_good_signature_is_refused_by_comment_and_by_set(
         assert info.value.sqlstate == "42501"
         # The refused SET named nobody: the account reads as itself, outside anyone's
         # need-to-know.
-        assert read_card(conn, "", customer) == []
+        assert read_card(conn, "", ticket) == []
 
 
 def test_postgres_never_sees_the_token(env: redteam.Env, proxy: ProxyProcess) -> None:
@@ -100,7 +138,7 @@ def test_postgres_never_sees_the_token(env: redteam.Env, proxy: ProxyProcess) ->
     statement text and could replay it; pgwarden sends the bare name."""
     token = enduser.sign(KEY, OWN)
     with app(proxy) as conn:
-        read_card(conn, f"/* end_user='{token}' */ ", own_customer(env))
+        read_card(conn, f"/* end_user='{token}' */ ", own_ticket(env)[0])
         pid = conn.info.backend_pid
         conn.execute(f"SET pgwarden.end_user = '{token}'")
         assert conn.execute("SELECT current_setting('pgwarden.end_user')").fetchone() == (OWN,)
