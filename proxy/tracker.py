@@ -52,6 +52,7 @@ from proxy.masking import mask_value
 from proxy.messages import (
     Bind,
     ClientProtocolError,
+    Close,
     CommandComplete,
     DataRow,
     ErrorResponse,
@@ -89,7 +90,9 @@ _BINARY_AS_TEXT = frozenset((19, 25, 1042, 1043))  # name, text, char(n), varcha
 FLUSH = b"H\x00\x00\x00\x04"
 
 # What a FIFO entry waits for.
-PARSE, BIND, DESCRIBE, EXECUTE, CLOSE, SYNC, QUERY, FUNC, FIXUP = range(9)
+PARSE, BIND, DESCRIBE, EXECUTE, CLOSE, SYNC, QUERY, FUNC, FIXUP, HIDDEN = range(10)
+# The statement a refused prepared statement's portals are bound to (see the Bind branch).
+REFUSAL_STATEMENT = "pgwarden_refusal"
 _SYNC_POINTS = (SYNC, QUERY, FUNC, FIXUP)  # entries answered by ReadyForQuery
 
 
@@ -257,15 +260,17 @@ class Tracker:
                     return self._refresh_first(refresh, out, parts, raw, fwd, head)
                 blocked = self.guard.blocked(decisions)
                 decision = decisions[0] if decisions else None
-                if sent is not sql and blocked is None:
+                if blocked is not None:
+                    # The server parses the client's text (Parse reads no data), so that a
+                    # Describe tells the client its real parameters: asyncpg checks the
+                    # arguments it was given against them before it sends the Bind.  No
+                    # portal of it ever runs: the Bind branch binds them to the refusal.
+                    sent = self.guard.upstream(sql)
+                if sent is not sql:
                     parse = Parse.decode(raw[start:end])
                     parts += (raw[fwd:head], Parse(name, sent, parse.param_types).encode())
                     fwd = end
                 if blocked is not None:
-                    v = blocked.verdict
-                    substitute = Parse(name, raise_statement(v.message, v.hint, v.sqlstate))
-                    parts += (raw[fwd:head], substitute.encode())
-                    fwd = end
                     out.append(self._block_command(blocked))
                     # Kept (its plan is None, so nothing is watched) so that the Execute of
                     # the substitute is audited as this refusal, not as an anonymous allow.
@@ -278,12 +283,22 @@ class Tracker:
                 self.fifo.append(Entry(PARSE))
             elif t == _B:
                 portal_name, statement, formats = bind_head(raw[start:end])
-                if statement in self.refused:
-                    # The substitute takes no parameters and returns no columns: the client's
-                    # parameters would make PostgreSQL fail the Bind with a protocol error
-                    # (08P01) instead of running the substitute that raises our refusal.
-                    parts += (raw[fwd:head], Bind(portal_name, statement).encode())
+                refused = self.prepared.get(statement) if statement in self.refused else None
+                if refused is not None:
+                    # A portal of a refused statement runs the refusal instead: a statement
+                    # of pgwarden's that raises it, made anew for each such Bind (its
+                    # CloseComplete and ParseComplete are not the client's), bound without
+                    # the client's parameters (it takes none).
+                    v = refused.verdict
+                    sub = raise_statement(v.message, v.hint, v.sqlstate)
+                    parts += (
+                        raw[fwd:head],
+                        Close("S", REFUSAL_STATEMENT).encode(),
+                        Parse(REFUSAL_STATEMENT, sub).encode(),
+                        Bind(portal_name, REFUSAL_STATEMENT).encode(),
+                    )
                     fwd = end
+                    self.fifo += (Entry(HIDDEN), Entry(HIDDEN))
                     formats = ()
                 elif len(formats) > 1 and (hidden := _hidden(self.prepared.get(statement))):
                     # One format code per column: the server's result has the appended ones.
@@ -666,7 +681,11 @@ class Tracker:
                     p = ParameterStatus.decode(raw[start:end])
                     self.on_parameter(p.name, p.value)
             elif t in (_ONE, _TWO, _THREE, _n):
-                if fifo and fifo[0].kind in (PARSE, BIND, CLOSE, DESCRIBE):
+                if fifo and fifo[0].kind == HIDDEN:
+                    fifo.popleft()  # an answer to pgwarden's own Close or Parse
+                    parts.append(raw[fwd:head])
+                    fwd = end
+                elif fifo and fifo[0].kind in (PARSE, BIND, CLOSE, DESCRIBE):
                     fifo.popleft()
             elif t == _COPY_OUT:
                 if fifo and fifo[0].kind in (EXECUTE, QUERY):

@@ -343,6 +343,41 @@ def test_a_refused_statement_with_parameters_gets_the_refusal_not_a_protocol_err
         assert conn.execute("SELECT %s::int", (7,)).fetchone() == (7,)
 
 
+def test_asyncpg_gets_the_refusal_of_a_statement_with_parameters(proxy: ProxyProcess) -> None:
+    """asyncpg describes a statement and checks the arguments against its parameters before
+    it binds: the server must describe the client's statement, not pgwarden's refusal, or
+    asyncpg raises InterfaceError ("expects 0 arguments") and the person never reads why."""
+
+    async def run() -> list[object]:
+        conn = await asyncpg.connect(
+            host=proxy.host, port=proxy.port, user="support_app", database=DB, ssl=False
+        )
+        errors: list[object] = []
+        try:
+            for _ in range(2):
+                try:
+                    await conn.fetch(
+                        "SELECT json_agg(email) FROM customers WHERE customer_id > $1", 0
+                    )
+                except Exception as exc:
+                    errors.append(exc)
+            stmt = await conn.prepare("SELECT c FROM customers c WHERE customer_id = $1")
+            try:
+                await stmt.fetch(1)
+            except Exception as exc:
+                errors.append(exc)
+            assert await conn.fetchval("SELECT $1::int", 8) == 8
+        finally:
+            await conn.close()
+        return errors
+
+    errors = asyncio.run(run())
+    assert len(errors) == 3
+    for exc in errors:
+        assert isinstance(exc, asyncpg.InsufficientPrivilegeError), repr(exc)
+    assert "json_agg" in str(errors[0]) and "whole-row" in str(errors[2])
+
+
 COPY_EMAIL_INTO_SUBJECT = (
     "UPDATE tickets t SET subject = c.email FROM customers c"
     " WHERE c.customer_id = t.customer_id AND t.ticket_id = 1"
