@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import yaml
 from psycopg import sql as _sql  # noqa: F401 (kept for techniques written by hand)
 
 from loadtests.cluster import Cluster, running_cluster
@@ -69,6 +70,8 @@ class Outcome:
     ntk: set[int] = field(default_factory=set)
     analyst: bool = False
     variant: str = "search_path"
+    first_refusal: str = ""  # the rule that refused first ("blocked by rule X")
+    through_app: bool = False  # the "app" variant connected as the helpdesk account
 
     @property
     def customers(self) -> set[int]:
@@ -181,6 +184,9 @@ class Ctx:
         if sqlstate == "42501" and "pgwarden" in text:
             self.out.refused += 1
             self.last_refused = True
+            if not self.out.first_refusal:
+                m = re.search(r"blocked by rule (\S+?):", text)
+                self.out.first_refusal = m.group(1) if m else "?"
             return
         if (sqlstate or "").startswith("XX") or "internal error" in text:
             self.out.internal_errors.append(f"{sqlstate}: {str(exc).strip()[:200]}")
@@ -202,6 +208,7 @@ class Ctx:
         extra.setdefault("options", "'-c statement_timeout=30000'")
         if self.app and user == ATTACKER:
             user = sdb.APP_USER
+            self.out.through_app = True
         return self.proxy.dsn(user, database=sdb.DBNAME, password=sdb.PASSWORD, **extra)
 
     def connect(
@@ -1205,17 +1212,29 @@ class Env:
         return ProxyProcess(self.pg, self.workdir / tag, args, admin=False)
 
 
+def policy_without_allow_lists(out: Path) -> Path:
+    """The second database's policy without its allow_statements rules (to learn them, or
+    to try what they would hide), written to ``out``."""
+    data = yaml.safe_load(sdb.POLICY.read_text())
+    data["end_user_key"] = str(sdb.END_USER_KEY)
+    data["rules"] = [r for r in data["rules"] if "allow_statements" not in r]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(data, sort_keys=False))
+    return out
+
+
 def learn_helpdesk(env: Env, out: Path) -> str:
     """The helpdesk account's allow-list: the honest day's work through crm_app, audited,
     then ``pgwarden policy learn --subject helpdesk``.  Returns what learn printed."""
     audit_db = env.workdir / "learn-audit.db"
-    proxy = env.proxy("learn", audit_db=audit_db)
+    policy = policy_without_allow_lists(env.workdir / "learn-policy.yaml")
+    proxy = env.proxy("learn", audit_db=audit_db, policy=policy)
     try:
         honest_work(env, proxy, "search_path", agents=(("agent_cat", sdb.APP_USER),))
     finally:
         proxy.stop()
     proc = subprocess.run(
-        [*pgwarden_command(), "policy", "learn", "--policy", str(sdb.POLICY),
+        [*pgwarden_command(), "policy", "learn", "--policy", str(policy),
          "--subject", "helpdesk", "--db", str(audit_db), "--out", str(out)],
         capture_output=True, text=True, check=True,
     )  # fmt: skip

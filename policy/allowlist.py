@@ -1,12 +1,13 @@
 """Statement allow-lists: the shapes an application sends, learned from the audit trail.
 
 A helpdesk sends a few dozen statement shapes all day; an insider with its credentials, or
-an agent at a SQL console, sends something else.  A *shape* is libpg_query's fingerprint of
-the statement (``QueryFacts.fingerprint``): the same whatever the literals, comments
-(sqlcommenter tags included), whitespace, keyword case, ``IN`` lists of any length, ``$n``
-or literal parameters; ``PREPARE s AS q`` and ``DECLARE c CURSOR FOR q`` take the shape of
-``q``, so the simple protocol, Parse/Bind and SQL ``PREPARE`` agree.  Statements that read
-different columns or tables never share one.
+an agent at a SQL console, sends something else.  A *shape* is the statement's fingerprint
+(``QueryFacts.fingerprint``, ``policy.normalize.normalize_and_shape`` with the relations as
+resolved): the same whatever the literals, comments (sqlcommenter tags included),
+whitespace, keyword case, ``IN`` lists of any length, ``$n`` or literal parameters;
+``PREPARE s AS q`` and ``DECLARE c CURSOR FOR q`` take the shape of ``q``, so the simple
+protocol, Parse/Bind and SQL ``PREPARE`` agree.  Statements that read different columns or
+tables never share one.
 
 ``EXECUTE``, ``FETCH``, ``MOVE``, ``CLOSE`` and ``DEALLOCATE`` run what was checked when it
 was prepared or declared: they are not shapes of their own.
@@ -46,6 +47,9 @@ EXEMPT_KINDS = frozenset(("execute", "fetch", "move", "close_portal", "deallocat
 _EXEMPT_WORDS = ("execute", "fetch", "move", "close", "deallocate")
 
 
+_KEYS = frozenset(("version", "learned", "shapes"))
+
+
 class AllowListError(ValueError):
     """The file cannot be used; the message names it and the problem."""
 
@@ -78,7 +82,7 @@ def load(path: str | Path) -> AllowList:
         raise AllowListError(f"{p}: cannot read the allow-list: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         raise AllowListError(f"{p}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict) or data.get("version") != 1:
+    if not isinstance(data, dict) or data.get("version") != 1 or set(data) - _KEYS:
         raise AllowListError(f"{p}: not a pgwarden allow-list (version: 1 and shapes: ...)")
     shapes = data.get("shapes") or {}
     if not isinstance(shapes, dict):
@@ -141,7 +145,7 @@ def write(path: Path, learned: Mapping[str, Learned], meta: Mapping[str, Any]) -
     if path.exists():
         with path.open() as fh:
             doc = ry.load(fh)
-        if not isinstance(doc, dict) or doc.get("version") != 1:
+        if not isinstance(doc, dict) or doc.get("version") != 1 or set(doc) - _KEYS:
             raise AllowListError(f"{path}: not a pgwarden allow-list; not overwritten")
     else:
         doc = CommentedMap()

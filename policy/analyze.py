@@ -59,7 +59,7 @@ from policy.lineage import (
     sval,
     tainted_labels,
 )
-from policy.normalize import fingerprint, normalize
+from policy.normalize import fingerprint, normalize, normalize_and_shape
 from policy.parse import parse_json
 from policy.search_path import DEFAULT_SEARCH_PATH, expand_user, parse_search_path
 
@@ -190,12 +190,12 @@ class Analyzer:
         try:
             shared = self._current()
         except Exception as exc:  # no catalog yet: nothing can be resolved, fail closed
-            norm = normalize(sql)
+            norm, shape_text = normalize_and_shape(sql)
             return (
                 QueryFacts(
                     kind="unknown",
                     normalized=norm,
-                    fingerprint=fingerprint(sql, norm),
+                    fingerprint=fingerprint(sql, shape_text),
                     unanalysable=f"no catalog to analyse against: {exc}",
                 ),
             )
@@ -218,12 +218,12 @@ class Analyzer:
         try:
             result = analyze_text(sql, search_path, user, shared)
         except Exception as exc:  # a bug here must not take the session down
-            norm = normalize(sql)
+            norm, shape_text = normalize_and_shape(sql)
             result = (
                 QueryFacts(
                     kind="unknown",
                     normalized=norm,
-                    fingerprint=fingerprint(sql, norm),
+                    fingerprint=fingerprint(sql, shape_text),
                     unanalysable=f"internal error in analysis: {type(exc).__name__}",
                 ),
             )
@@ -292,7 +292,7 @@ def analyze_text(
     try:
         tree = parse_json(sql)
     except _pg.ParseError as exc:
-        norm = normalize(sql)
+        norm, shape_text = normalize_and_shape(sql)
         pos = exc.args[1] if len(exc.args) > 1 else None
         if not isinstance(pos, int):
             pos = len(sql)  # "at end of input"
@@ -302,7 +302,7 @@ def analyze_text(
             QueryFacts(
                 kind="unknown",
                 normalized=norm,
-                fingerprint=fingerprint(sql, norm),
+                fingerprint=fingerprint(sql, shape_text),
                 unanalysable=f"parse error{where}: {message}",
                 error_position=pos,
             ),
@@ -345,8 +345,8 @@ def analyze_statement(
 ) -> QueryFacts:
     """Facts for one parsed statement whose text is ``text``."""
     kind, n = node_type(stmt)
-    norm = normalize(text)
-    fp = fingerprint(text, norm)
+    norm, shape_text = normalize_and_shape(text)
+    fp = fingerprint(text, shape_text)
     w = StatementWalker(shared, search_path)
     f: dict[str, Any] = {"kind": kind_name(kind)}
     output: Columns = []
@@ -456,6 +456,10 @@ def _finish(
     filters = frozenset(w.filters)
     writes = frozenset(w.writes) | f.pop("relations_written", frozenset())
     unanalysable = "; ".join(dict.fromkeys(w.unanalysable)) or None
+    if w.reads or writes:
+        # The relations as resolved: the same text reads crm.customers under one
+        # search_path and public.customers under another; a shape is one of them.
+        fp = fingerprint("", " ".join((fp, *sorted(w.reads), "|", *sorted(writes))))
     return QueryFacts(
         normalized=norm,
         fingerprint=fp,

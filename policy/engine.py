@@ -437,6 +437,28 @@ class Engine:
             )
             return _Static(verdict)
 
+        # The positive model first: a shape the subject's application never sent is refused
+        # as that, whatever else might be said of it.
+        for rule in rules:
+            allow = self.allow_lists.get(rule.id)
+            if allow is None or allow.allows(facts):
+                continue
+            reason = (
+                f"the statement's shape ({facts.fingerprint}: {_short(facts.normalized)}) is not "
+                f"on the allow-list {Path(allow.path).name}"
+            )
+            if self._monitored(rule) or rule.action is Action.ALERT:
+                findings.append(
+                    Finding(rule.id, rule.action, reason, monitored=self._monitored(rule))
+                )
+            else:
+                return _Static(refusal(
+                    rule.id, reason, rule.action,
+                    hint="this account sends the statements its application was seen to send; "
+                    "a new one must be reviewed and added (pgwarden policy drift / learn)",
+                    findings=(*findings, Finding(rule.id, rule.action, reason)),
+                ))  # fmt: skip
+
         if facts.unanalysable and self.policy.fail_closed and self.has_limits(rules):
             deny_rule = next((r for r in rules if r.deny and Check.UNANALYSABLE in r.deny), None)
             reason = f"the statement cannot be analysed ({facts.unanalysable})"
@@ -468,26 +490,6 @@ class Engine:
                         findings=(*findings, Finding(rule.id, rule.action, reason)),
                     )
                 )
-
-        for rule in rules:
-            allow = self.allow_lists.get(rule.id)
-            if allow is None or allow.allows(facts):
-                continue
-            reason = (
-                f"the statement's shape ({facts.fingerprint}: {_short(facts.normalized)}) is not "
-                f"on the allow-list {Path(allow.path).name}"
-            )
-            if self._monitored(rule) or rule.action is Action.ALERT:
-                findings.append(
-                    Finding(rule.id, rule.action, reason, monitored=self._monitored(rule))
-                )
-            else:
-                return _Static(refusal(
-                    rule.id, reason, rule.action,
-                    hint="this account sends the statements its application was seen to send; "
-                    "a new one must be reviewed and added (pgwarden policy drift / learn)",
-                    findings=(*findings, Finding(rule.id, rule.action, reason)),
-                ))  # fmt: skip
 
         unsound = self._beyond_analysis(facts, rules, findings)
         if unsound is not None:

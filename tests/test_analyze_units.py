@@ -71,7 +71,8 @@ def test_fingerprint_ignores_literals_but_not_structure() -> None:
     b = fingerprint("SELECT email FROM customers WHERE customer_id = 2")
     c = fingerprint("SELECT phone FROM customers WHERE customer_id = 1")
     assert a == b != c
-    assert fingerprint("SELEC nonsense").startswith("x")
+    # Text PostgreSQL cannot parse still has a stable shape of its own.
+    assert fingerprint("SELEC nonsense 1") == fingerprint("selec  nonsense 2") != a
 
 
 def test_multi_statement_string_gives_one_fact_per_statement(analyzer: Analyzer) -> None:

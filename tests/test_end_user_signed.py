@@ -38,12 +38,9 @@ def env(pg: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[redte
 def policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The second database's policy without its allow-list of the helpdesk's statement
     shapes (which has no SET pgwarden.end_user: the helpdesk names agents by comment)."""
-    data = yaml.safe_load(sdb.POLICY.read_text())
-    data["end_user_key"] = str(sdb.END_USER_KEY)
-    data["rules"] = [r for r in data["rules"] if "allow_statements" not in r]
-    path = tmp_path_factory.mktemp("signed-policy") / "policy.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return redteam.policy_without_allow_lists(
+        tmp_path_factory.mktemp("signed-policy") / "policy.yaml"
+    )
 
 
 @pytest.fixture

@@ -94,6 +94,20 @@ def test_technique(env: redteam.Env, name: str, variant: str) -> None:
     assert not out.violations(), f"{name}: {out.violations()} ({out.summary()})"
 
 
+@pytest.mark.parametrize("name", list(redteam.TECHNIQUES))
+def test_technique_through_the_application_account_is_refused_by_shape(
+    env: redteam.Env, name: str
+) -> None:
+    """The ``app`` variant: the insider sends the technique through the helpdesk's shared
+    account, with a name the application signed for them.  The account's allow-list
+    (``tests/seconddb/helpdesk-allow.yaml``, learned from the honest day's work) refuses
+    the technique's first statement by its shape, before any limit is reached."""
+    out = redteam.run_technique(env, name, "app")
+    assert not out.violations(), f"{name}: {out.violations()} ({out.summary()})"
+    if out.through_app:
+        assert out.first_refusal == "helpdesk-known-statements", out.summary()
+
+
 @pytest.mark.parametrize(
     "variant",
     [
