@@ -1027,6 +1027,35 @@ def t_self_assign(ctx: Ctx) -> None:
                 )
 
 
+# -- rt2: partitions, joins and other new ground --------------------------------------------
+
+
+@technique("rows")
+def t_partition_paging(ctx: Ctx) -> None:
+    """A partition of the need-to-know table crm.customer_phones read by its own name, 15
+    customers a statement, paging on."""
+    c = ctx.connect()
+    streak = [0]
+    for a in range(1, N_ALL, 15):
+        r = ctx.q(c, f"SELECT customer_id, phone FROM customer_phones_mobile "
+                     f"WHERE customer_id BETWEEN {a} AND {a + 14}")  # fmt: skip
+        if _stop_after(ctx, streak, r is not None):
+            break
+
+
+@technique("rows")
+def t_partition_pair_join(ctx: Ctx) -> None:
+    """Both partitions in one row, joined on an offset key: 20 rows, 40 customers."""
+    c = ctx.connect()
+    streak = [0]
+    for a in range(1, sdb.CUSTOMERS - 1000, 60):
+        r = ctx.q(c, "SELECT a.customer_id, a.phone, b.phone FROM customer_phones_mobile a "
+                     "JOIN customer_phones_other b ON b.customer_id = a.customer_id + 1000 "
+                     f"WHERE a.customer_id BETWEEN {a} AND {a + 59}")  # fmt: skip
+        if _stop_after(ctx, streak, r is not None):
+            break
+
+
 # -- the analyst: masked contact data ------------------------------------------------------
 
 
