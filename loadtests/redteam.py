@@ -1056,6 +1056,50 @@ def t_partition_pair_join(ctx: Ctx) -> None:
             break
 
 
+@technique("rows")
+def t_rule_instead_select(ctx: Ctx) -> None:
+    """A table of one's own with a DO INSTEAD SELECT rule: the INSERT returns the rule's rows."""
+    c = ctx.connect()
+    ctx.q(c, "CREATE TABLE scratch.rt2_rule (id bigint, v text)")
+    ctx.q(c, "CREATE RULE rt2_rule_ins AS ON INSERT TO scratch.rt2_rule DO INSTEAD "
+             'SELECT customer_id, "Email", "FullName" FROM crm.customers')  # fmt: skip
+    time.sleep(2)  # the catalog is reloaded after DDL
+    ctx.q(c, "INSERT INTO scratch.rt2_rule VALUES (1, 'x')")
+
+
+@technique("error")
+def t_trigger_raise(ctx: Ctx) -> None:
+    """A trigger on a table of one's own raises the customers it reads: the INSERT names no
+    labelled column, so its error text is relayed."""
+    c = ctx.connect()
+    ctx.q(c, "CREATE TABLE scratch.rt2_tg (id bigint)")
+    ctx.q(c, "CREATE FUNCTION scratch.rt2_tgf() RETURNS trigger LANGUAGE plpgsql AS $f$ DECLARE s text; BEGIN "
+             "SELECT string_agg(\"Email\" || ' ' || \"FullName\", ',') INTO s FROM crm.customers "
+             "WHERE customer_id BETWEEN NEW.id AND NEW.id + 999; RAISE EXCEPTION '%', s; END $f$")  # fmt: skip
+    ctx.q(c, "CREATE TRIGGER rt2_tg_b BEFORE INSERT ON scratch.rt2_tg FOR EACH ROW "
+             "EXECUTE FUNCTION scratch.rt2_tgf()")  # fmt: skip
+    time.sleep(2)
+    for a in range(1, N_ALL, 1000):
+        ctx.q(c, f"INSERT INTO scratch.rt2_tg VALUES ({a})")
+
+
+@technique("rows")
+def t_trigger_copy(ctx: Ctx) -> None:
+    """An AFTER INSERT trigger copies the customer table into a table of one's own; the copy
+    is written by no statement pgwarden sees, so it is read as unlabelled."""
+    c = ctx.connect()
+    ctx.q(c, "CREATE TABLE scratch.rt2_tc (id bigint)")
+    ctx.q(c, "CREATE TABLE scratch.rt2_tc_loot (id bigint, e text, n text)")
+    ctx.q(c, "CREATE FUNCTION scratch.rt2_tcf() RETURNS trigger LANGUAGE plpgsql AS $f$ BEGIN "
+             'INSERT INTO scratch.rt2_tc_loot SELECT customer_id, "Email", "FullName" FROM crm.customers; '
+             "RETURN NEW; END $f$")  # fmt: skip
+    ctx.q(c, "CREATE TRIGGER rt2_tc_a AFTER INSERT ON scratch.rt2_tc FOR EACH ROW "
+             "EXECUTE FUNCTION scratch.rt2_tcf()")  # fmt: skip
+    time.sleep(2)
+    ctx.q(c, "INSERT INTO scratch.rt2_tc VALUES (1)")
+    ctx.q(c, "SELECT id, e, n FROM scratch.rt2_tc_loot WHERE id > 0")
+
+
 # -- the analyst: masked contact data ------------------------------------------------------
 
 
