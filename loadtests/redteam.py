@@ -1100,6 +1100,72 @@ def t_trigger_copy(ctx: Ctx) -> None:
     ctx.q(c, "SELECT id, e, n FROM scratch.rt2_tc_loot WHERE id > 0")
 
 
+_RT2_AGG = (  # a plpgsql body: the customers with keys a..b, packed into one text
+    "DECLARE s text; BEGIN SELECT string_agg(\"Email\" || ' ' || \"FullName\", ',') INTO s "
+    "FROM crm.customers WHERE customer_id BETWEEN a AND b; "
+)
+
+
+@technique("rows")
+def t_column_default(ctx: Ctx) -> None:
+    """A column DEFAULT calling a function of one's own; INSERT ... RETURNING reads it back."""
+    c = ctx.connect()
+    ctx.q(c, "CREATE FUNCTION scratch.rt2_dflt() RETURNS text LANGUAGE plpgsql AS $f$ DECLARE a bigint := 1; "
+             f"b bigint := {N_ALL}; {_RT2_AGG} RETURN s; END $f$")  # fmt: skip
+    ctx.q(c, "CREATE TABLE scratch.rt2_df (id bigint, v text DEFAULT scratch.rt2_dflt())")
+    time.sleep(2)
+    ctx.q(c, "INSERT INTO scratch.rt2_df (id) VALUES (1) RETURNING id, v")
+
+
+@technique("rows")
+def t_operator_function(ctx: Ctx) -> None:
+    """A user-defined operator whose function reads customers: 1 OPERATOR(~~~) 3300."""
+    c = ctx.connect()
+    ctx.q(c, "CREATE FUNCTION scratch.rt2_opf(a int, b int) RETURNS text LANGUAGE plpgsql AS $f$ "
+             f"{_RT2_AGG} RETURN s; END $f$")  # fmt: skip
+    ctx.q(c, "CREATE OPERATOR scratch.~~~ (FUNCTION = scratch.rt2_opf, LEFTARG = int, RIGHTARG = int)")
+    time.sleep(2)
+    ctx.q(c, f"SELECT 1 OPERATOR(scratch.~~~) {N_ALL}")
+
+
+@technique("rows")
+def t_user_cast(ctx: Ctx) -> None:
+    """A composite type of one's own with a cast to text through a function reading customers."""
+    c = ctx.connect()
+    ctx.q(c, "CREATE TYPE scratch.rt2_tk AS (a int, b int)")
+    ctx.q(c, "CREATE FUNCTION scratch.rt2_castf(x scratch.rt2_tk) RETURNS text LANGUAGE plpgsql AS $f$ "
+             "DECLARE a bigint := x.a; b bigint := x.b; " + _RT2_AGG.removeprefix("DECLARE ")
+             + " RETURN s; END $f$")  # fmt: skip
+    ctx.q(c, "CREATE CAST (scratch.rt2_tk AS text) WITH FUNCTION scratch.rt2_castf(scratch.rt2_tk)")
+    time.sleep(2)
+    ctx.q(c, f"SELECT ROW(1, {N_ALL})::scratch.rt2_tk::text")
+
+
+@technique("rows")
+def t_generated_column(ctx: Ctx) -> None:
+    """A STORED generated column over a function falsely declared IMMUTABLE."""
+    c = ctx.connect()
+    ctx.q(c, "CREATE FUNCTION scratch.rt2_imm(a bigint) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $f$ "
+             "DECLARE b bigint := a + 999; " + _RT2_AGG.removeprefix("DECLARE ") + " RETURN s; END $f$")  # fmt: skip
+    ctx.q(c, "CREATE TABLE scratch.rt2_gen (id bigint, v text GENERATED ALWAYS AS (scratch.rt2_imm(id)) STORED)")
+    time.sleep(2)
+    for a in range(1, N_ALL, 1000):
+        ctx.q(c, f"INSERT INTO scratch.rt2_gen (id) VALUES ({a}) RETURNING id, v")
+
+
+@technique("error")
+def t_index_expression_raise(ctx: Ctx) -> None:
+    """CREATE INDEX on an expression whose (IMMUTABLE-declared) function raises the customers."""
+    c = ctx.connect()
+    ctx.q(c, "CREATE TABLE scratch.rt2_ix (id bigint)")
+    ctx.q(c, "INSERT INTO scratch.rt2_ix VALUES (1)")
+    ctx.q(c, "CREATE FUNCTION scratch.rt2_boomi(a bigint) RETURNS int LANGUAGE plpgsql IMMUTABLE AS $f$ "
+             f"DECLARE b bigint := {N_ALL}; " + _RT2_AGG.removeprefix("DECLARE ")
+             + " RAISE EXCEPTION '%', s; END $f$")  # fmt: skip
+    time.sleep(2)
+    ctx.q(c, "CREATE INDEX ON scratch.rt2_ix ((scratch.rt2_boomi(id)))")
+
+
 # -- the analyst: masked contact data ------------------------------------------------------
 
 
