@@ -1491,6 +1491,39 @@ def t_self_assign_via_function(ctx: Ctx) -> None:
                 )
 
 
+@technique("rows")
+def t_honest_shapes_refused(ctx: Ctx) -> None:
+    """Honest use: the agent's own customer (an open ticket of theirs) read in shapes an ORM or
+    a report tool writes -- a derived table, a UNION with a constant row, a CTE. Which are
+    refused, and with what reason?"""
+    k = min(ctx.env.ds.need_to_know(ATTACKER))
+    c = ctx.connect()
+    for q in (f'SELECT x.* FROM (SELECT customer_id, "Email" FROM customers WHERE customer_id = {k}) x',
+              f'SELECT customer_id, "Email" FROM customers WHERE customer_id = {k} UNION ALL SELECT 0, \'-\'',
+              f'SELECT x.customer_id, x."Email" FROM (SELECT customer_id, "Email" FROM customers WHERE customer_id = {k}) x',
+              f'WITH x AS (SELECT customer_id, "Email" FROM customers WHERE customer_id = {k}) SELECT customer_id, "Email" FROM x'):  # fmt: skip
+        if ctx.q(c, q) is None:
+            ctx.out.notes.append(f"refused: {q[:70]} -> {ctx.out.error_samples[-1][:110] if ctx.out.error_samples else ''}")
+
+
+@technique("rows")
+def t_agent_names_colleague(ctx: Ctx) -> None:
+    """agent_ann, logged in as herself (subject agents, no end_user_from in the policy), names
+    a colleague in a sqlcommenter comment: need-to-know and the hourly budget become the
+    colleague's. Each colleague's customers, 15 a statement, until refused."""
+    ds = ctx.env.ds
+    c = ctx.connect()
+    for who in [a for a in sdb.AGENTS if a != ATTACKER]:
+        theirs = sorted(ds.need_to_know(who) - ds.need_to_know(ATTACKER))
+        streak = [0]
+        for i in range(0, len(theirs), 15):
+            ids = ",".join(map(str, theirs[i : i + 15]))
+            r = ctx.q(c, f"/* end_user='{who}' */ SELECT customer_id, \"FullName\", \"Email\" "
+                         f"FROM customers WHERE customer_id IN ({ids})")  # fmt: skip
+            if _stop_after(ctx, streak, r is not None, 3):
+                break
+
+
 # -- the analyst: masked contact data ------------------------------------------------------
 
 
