@@ -1524,6 +1524,51 @@ def t_agent_names_colleague(ctx: Ctx) -> None:
                 break
 
 
+@technique("rows")
+def t_multi_table_rows(ctx: Ctx) -> None:
+    """Only the agent's own customers, but three of them a row: one from crm.customers, one
+    from crm.legacy_customers, a third one's phone from crm.customer_phones, paired by
+    array position. Each table's key is checked and each table gives 20 rows: 60 customers
+    in one statement."""
+    mine = sorted(ctx.env.ds.need_to_know(ATTACKER))
+    plain = [k for k in mine if k <= sdb.CUSTOMERS]
+    legacy = [k for k in mine if k > sdb.CUSTOMERS]
+    c = ctx.connect()
+    streak = [0]
+    for i in range(0, min(len(legacy), len(plain) // 2), 20):
+        a = ",".join(map(str, plain[2 * i : 2 * i + 20]))
+        b = ",".join(map(str, legacy[i : i + 20]))
+        p = ",".join(map(str, plain[2 * i + 20 : 2 * i + 40]))
+        r = ctx.q(c, 'SELECT c.customer_id, c."FullName", c."Email", l.customer_id, l."FullName", l."Email", '
+                     "p.customer_id, p.phone FROM ONLY customers c "
+                     f"JOIN legacy_customers l ON l.customer_id = (ARRAY[{b}])[array_position(ARRAY[{a}]::bigint[], c.customer_id)] "
+                     f"JOIN customer_phones p ON p.kind = 'mobile' AND p.customer_id = (ARRAY[{p}])[array_position(ARRAY[{a}]::bigint[], c.customer_id)] "
+                     f"WHERE c.customer_id IN ({a})")  # fmt: skip
+        if _stop_after(ctx, streak, r is not None, 3):
+            break
+
+
+@technique("rows")
+def t_analyst_temp_rule(ctx: Ctx) -> None:
+    """The analyst (SELECT and TEMPORARY only): a temporary table with a DO INSTEAD SELECT
+    rule; the INSERT returns the rule's rows, unmasked."""
+    ctx.out.analyst = True
+    c = ctx.connect(sdb.ANALYST)
+    ctx.q(c, "CREATE TEMP TABLE rt2_tr (id int)")
+    ctx.q(c, "CREATE RULE rt2_tr_i AS ON INSERT TO pg_temp.rt2_tr DO INSTEAD "
+             "SELECT customer_id, \"Email\", \"FullName\" FROM crm.customers WHERE tier = 'vip'")  # fmt: skip
+    ctx.q(c, "INSERT INTO rt2_tr VALUES (1)")
+
+
+@technique("rows")
+def t_analyst_ts_stat(ctx: Ctx) -> None:
+    """The analyst: ts_stat() over the e-mails, unmasked."""
+    ctx.out.analyst = True
+    c = ctx.connect(sdb.ANALYST)
+    ctx.q(c, "SELECT word FROM ts_stat('SELECT to_tsvector(''simple'', \"Email\") FROM crm.customers "
+             "WHERE tier = ''vip''')")  # fmt: skip
+
+
 # -- the analyst: masked contact data ------------------------------------------------------
 
 
