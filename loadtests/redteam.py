@@ -1569,6 +1569,42 @@ def t_analyst_ts_stat(ctx: Ctx) -> None:
              "WHERE tier = ''vip''')")  # fmt: skip
 
 
+def _q_error_fields(ctx: Ctx, conn: psycopg.Connection, query: str) -> None:
+    """Run one statement; count what reached the client also in the error's schema, table,
+    column, data type and constraint fields (which ``Ctx.q`` does not read)."""
+    ctx.stmt += 1
+    ctx.out.statements += 1
+    ctx.last_refused = False
+    dog = ctx.watchdog(conn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(ctx.sql(query))
+            if cur.description:
+                ctx.seen("rows", sdb.dump_io(cur.fetchall()))
+    except psycopg.Error as exc:
+        ctx._error(exc)
+        d = exc.diag
+        ctx.seen("error", "\n".join(v or "" for v in (d.schema_name, d.table_name, d.column_name,
+                                                       d.datatype_name, d.constraint_name)))  # fmt: skip
+    finally:
+        dog.cancel()
+
+
+@technique("error")
+def t_error_column_field(ctx: Ctx) -> None:
+    """A plpgsql function of one's own (static SQL, so pgwarden follows it) gathers e-mails
+    and names in a loop and raises with RAISE ... USING COLUMN = s: pgwarden withholds the
+    message, detail, hint and context, and relays the column-name field."""
+    c = ctx.connect()
+    ctx.q(c, "CREATE FUNCTION scratch.rt2_colraise(a bigint, b bigint) RETURNS int LANGUAGE plpgsql AS $f$ "
+             "DECLARE s text := ''; r record; BEGIN FOR r IN SELECT \"Email\" AS e, \"FullName\" AS n "
+             "FROM crm.customers WHERE customer_id BETWEEN a AND b LOOP s := s || ',' || r.e || ' ' || r.n; "
+             "END LOOP; RAISE EXCEPTION 'x' USING COLUMN = s; END $f$")  # fmt: skip
+    time.sleep(2)
+    for a in range(1, N_ALL, 1100):
+        _q_error_fields(ctx, c, f"SELECT scratch.rt2_colraise({a}, {a + 1099}) FROM products WHERE product_id = 1")
+
+
 # -- the analyst: masked contact data ------------------------------------------------------
 
 
