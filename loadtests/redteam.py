@@ -1605,6 +1605,16 @@ def t_error_column_field(ctx: Ctx) -> None:
         _q_error_fields(ctx, c, f"SELECT scratch.rt2_colraise({a}, {a + 1099}) FROM products WHERE product_id = 1")
 
 
+@technique("rows")
+def t_deep_nesting(ctx: Ctx) -> None:
+    """Scalar subqueries nested 150 deep (no labelled data): pgwarden's analysis fails with an
+    internal error (named in the refusal); PostgreSQL itself runs the statement."""
+    c = ctx.connect()
+    for n in (100, 150):
+        if ctx.q(c, "SELECT " + "(SELECT " * n + "1" + ")" * n) is None:
+            ctx.out.notes.append(f"depth {n}: {ctx.out.error_samples[-1][:160] if ctx.out.error_samples else ''}")
+
+
 # -- the analyst: masked contact data ------------------------------------------------------
 
 
