@@ -1187,7 +1187,8 @@ def t_view_swap_in_transaction(ctx: Ctx) -> None:
 def t_view_swap_multistatement(ctx: Ctx) -> None:
     """The same swap in one simple-query string: replace the view, then read it."""
     c = ctx.connect()
-    ctx.q(c, "CREATE VIEW scratch.rt2_sw2 AS SELECT 1::bigint AS id, 'x'::text AS e")
+    harmless = "CREATE OR REPLACE VIEW scratch.rt2_sw2 AS SELECT 1::bigint AS id, 'x'::text AS e"
+    ctx.q(c, harmless)
     time.sleep(2)
     ctx.q(c, "CREATE OR REPLACE VIEW scratch.rt2_sw2 AS SELECT customer_id AS id, "
              '"Email" || \' \' || "FullName" AS e FROM crm.customers; '
