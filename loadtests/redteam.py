@@ -1616,6 +1616,34 @@ def t_deep_nesting(ctx: Ctx) -> None:
             ctx.out.notes.append(f"depth {n}: {ctx.out.error_samples[-1][:160] if ctx.out.error_samples else ''}")
 
 
+@technique("rows")
+def t_analyst_typed_mask(ctx: Ctx) -> None:
+    """Honest analyst work on masked data: the length of each e-mail (an integer), whether it
+    is at one domain (a boolean), its characters as an array. pgwarden masks expressions of
+    a masked column whole, and sends '****' in a column the server declared integer, boolean
+    or text[]: can a standard client (psycopg, text format) still read the result?"""
+    ctx.out.analyst = True
+    c = ctx.connect(sdb.ANALYST)
+    for q in ("SELECT customer_id, length(\"Email\") FROM customers WHERE tier = 'vip' LIMIT 5",
+              "SELECT customer_id, \"Email\" LIKE '%@post.example' FROM customers WHERE tier = 'vip' LIMIT 5",
+              "SELECT customer_id, string_to_array(\"Email\", '@') FROM customers WHERE tier = 'vip' LIMIT 5"):  # fmt: skip
+        ctx.stmt += 1
+        ctx.out.statements += 1
+        try:
+            with c.cursor() as cur:
+                cur.execute(ctx.sql(q))
+                rows = cur.fetchall()
+            ctx.seen("rows", sdb.dump_io(rows))
+            ctx.out.notes.append(f"read: {q[:60]} -> {rows[:1]!r:.60}")
+        except psycopg.Error as exc:
+            ctx._error(exc)
+            if exc.sqlstate is None:
+                ctx.out.internal_errors.append(f"client could not read the result: {q[:60]}: {exc}")
+        except ValueError as exc:  # psycopg's int/bool loaders
+            ctx.out.errors += 1
+            ctx.out.internal_errors.append(f"client could not read the result: {q[:60]}: {exc}")
+
+
 # -- the analyst: masked contact data ------------------------------------------------------
 
 
