@@ -1644,6 +1644,31 @@ def t_analyst_typed_mask(ctx: Ctx) -> None:
             ctx.out.internal_errors.append(f"client could not read the result: {q[:60]}: {exc}")
 
 
+@technique("rows")
+def t_temp_view_shadow(ctx: Ctx) -> None:
+    """A temporary view named like a harmless relation pgwarden knows (pg_catalog.pg_settings;
+    crm.products through the search_path): pg_temp is searched first for relations, so the
+    server reads the view over crm.customers while pgwarden judges the harmless one. Needs
+    only the TEMPORARY privilege."""
+    c = ctx.connect()
+    ctx.q(c, "CREATE TEMP VIEW pg_settings AS SELECT customer_id::text AS name, "
+             '"Email" || \' \' || "FullName" AS setting FROM crm.customers')  # fmt: skip
+    ctx.q(c, "SELECT name, setting FROM pg_settings")
+    ctx.q(c, "CREATE TEMP VIEW products AS SELECT customer_id::int AS product_id, "
+             "phone AS name FROM crm.customer_phones")  # fmt: skip
+    ctx.q(c, "SELECT product_id, name FROM products")
+
+
+@technique("rows")
+def t_analyst_temp_view_shadow(ctx: Ctx) -> None:
+    """The analyst: the same temporary view shadowing pg_catalog.pg_settings, unmasked."""
+    ctx.out.analyst = True
+    c = ctx.connect(sdb.ANALYST)
+    ctx.q(c, "CREATE TEMP VIEW pg_settings AS SELECT customer_id::text AS name, "
+             '"Email" || \' \' || "FullName" AS setting FROM crm.customers WHERE tier = \'vip\'')  # fmt: skip
+    ctx.q(c, "SELECT name, setting FROM pg_settings")
+
+
 # -- the analyst: masked contact data ------------------------------------------------------
 
 
