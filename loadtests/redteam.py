@@ -1123,7 +1123,9 @@ def t_operator_function(ctx: Ctx) -> None:
     c = ctx.connect()
     ctx.q(c, "CREATE FUNCTION scratch.rt2_opf(a int, b int) RETURNS text LANGUAGE plpgsql AS $f$ "
              f"{_RT2_AGG} RETURN s; END $f$")  # fmt: skip
-    ctx.q(c, "CREATE OPERATOR scratch.~~~ (FUNCTION = scratch.rt2_opf, LEFTARG = int, RIGHTARG = int)")
+    ctx.q(
+        c, "CREATE OPERATOR scratch.~~~ (FUNCTION = scratch.rt2_opf, LEFTARG = int, RIGHTARG = int)"
+    )
     time.sleep(2)
     ctx.q(c, f"SELECT 1 OPERATOR(scratch.~~~) {N_ALL}")
 
@@ -1147,7 +1149,10 @@ def t_generated_column(ctx: Ctx) -> None:
     c = ctx.connect()
     ctx.q(c, "CREATE FUNCTION scratch.rt2_imm(a bigint) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $f$ "
              "DECLARE b bigint := a + 999; " + _RT2_AGG.removeprefix("DECLARE ") + " RETURN s; END $f$")  # fmt: skip
-    ctx.q(c, "CREATE TABLE scratch.rt2_gen (id bigint, v text GENERATED ALWAYS AS (scratch.rt2_imm(id)) STORED)")
+    ctx.q(
+        c,
+        "CREATE TABLE scratch.rt2_gen (id bigint, v text GENERATED ALWAYS AS (scratch.rt2_imm(id)) STORED)",
+    )
     time.sleep(2)
     for a in range(1, N_ALL, 1000):
         ctx.q(c, f"INSERT INTO scratch.rt2_gen (id) VALUES ({a}) RETURNING id, v")
@@ -1222,7 +1227,10 @@ def t_rename_swap_prepared(ctx: Ctx) -> None:
     time.sleep(2)
     t = ctx.connect()
     ctx.q(t, "BEGIN")
-    ctx.q(t, "PREPARE rt2_pp(bigint, bigint) AS SELECT id, e, n FROM scratch.rt2_pp WHERE id BETWEEN $1 AND $2")
+    ctx.q(
+        t,
+        "PREPARE rt2_pp(bigint, bigint) AS SELECT id, e, n FROM scratch.rt2_pp WHERE id BETWEEN $1 AND $2",
+    )
     ctx.q(t, "EXECUTE rt2_pp(1, 700)")
     ctx.q(t, "ALTER TABLE scratch.rt2_pp RENAME TO rt2_pp_old")
     ctx.q(t, "CREATE VIEW scratch.rt2_pp AS "
@@ -1372,7 +1380,10 @@ def t_directory_own_customers(ctx: Ctx) -> None:
     mine = sorted(ctx.env.ds.need_to_know(ATTACKER))[:3]
     c = ctx.connect()
     for k in mine:
-        ctx.q(c, f"SELECT customer_id, full_name, email, phone FROM customer_directory WHERE customer_id = {k}")
+        ctx.q(
+            c,
+            f"SELECT customer_id, full_name, email, phone FROM customer_directory WHERE customer_id = {k}",
+        )
 
 
 @technique("rows")
@@ -1504,7 +1515,9 @@ def t_honest_shapes_refused(ctx: Ctx) -> None:
               f'SELECT x.customer_id, x."Email" FROM (SELECT customer_id, "Email" FROM customers WHERE customer_id = {k}) x',
               f'WITH x AS (SELECT customer_id, "Email" FROM customers WHERE customer_id = {k}) SELECT customer_id, "Email" FROM x'):  # fmt: skip
         if ctx.q(c, q) is None:
-            ctx.out.notes.append(f"refused: {q[:70]} -> {ctx.out.error_samples[-1][:110] if ctx.out.error_samples else ''}")
+            ctx.out.notes.append(
+                f"refused: {q[:70]} -> {ctx.out.error_samples[-1][:110] if ctx.out.error_samples else ''}"
+            )
 
 
 @technique("rows")
@@ -1603,7 +1616,11 @@ def t_error_column_field(ctx: Ctx) -> None:
              "END LOOP; RAISE EXCEPTION 'x' USING COLUMN = s; END $f$")  # fmt: skip
     time.sleep(2)
     for a in range(1, N_ALL, 1100):
-        _q_error_fields(ctx, c, f"SELECT scratch.rt2_colraise({a}, {a + 1099}) FROM products WHERE product_id = 1")
+        _q_error_fields(
+            ctx,
+            c,
+            f"SELECT scratch.rt2_colraise({a}, {a + 1099}) FROM products WHERE product_id = 1",
+        )
 
 
 @technique("rows")
@@ -1613,7 +1630,9 @@ def t_deep_nesting(ctx: Ctx) -> None:
     c = ctx.connect()
     for n in (100, 150):
         if ctx.q(c, "SELECT " + "(SELECT " * n + "1" + ")" * n) is None:
-            ctx.out.notes.append(f"depth {n}: {ctx.out.error_samples[-1][:160] if ctx.out.error_samples else ''}")
+            ctx.out.notes.append(
+                f"depth {n}: {ctx.out.error_samples[-1][:160] if ctx.out.error_samples else ''}"
+            )
 
 
 @technique("rows")
