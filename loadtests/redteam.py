@@ -1688,6 +1688,26 @@ def t_analyst_temp_view_shadow(ctx: Ctx) -> None:
     ctx.q(c, "SELECT name, setting FROM pg_settings")
 
 
+@technique("rows")
+def t_ddl_in_function_swap(ctx: Ctx) -> None:
+    """The view swap committed for good: the CREATE OR REPLACE VIEW is the body of a SQL
+    function of one's own, so no DDL statement passes pgwarden and its catalog is never
+    reloaded. Seconds later, on a new connection, the view still passes as harmless."""
+    c = ctx.connect()
+    ctx.q(
+        c,
+        "CREATE OR REPLACE VIEW scratch.rt2_pv AS SELECT 1::bigint AS id, 'x'::text AS e, 'y'::text AS n",
+    )
+    ctx.q(c, "CREATE OR REPLACE FUNCTION scratch.rt2_pvswap() RETURNS int LANGUAGE sql AS $f$ "
+             "CREATE OR REPLACE VIEW scratch.rt2_pv AS SELECT customer_id AS id, \"Email\" AS e, "
+             "\"FullName\" AS n FROM crm.customers; SELECT 1 $f$")  # fmt: skip
+    time.sleep(2)
+    ctx.q(c, "SELECT id, e, n FROM scratch.rt2_pv WHERE id > 0")
+    ctx.q(c, "SELECT scratch.rt2_pvswap()")
+    time.sleep(5)
+    ctx.q(ctx.connect(), "SELECT id, e, n FROM scratch.rt2_pv WHERE id > 0")
+
+
 # -- the analyst: masked contact data ------------------------------------------------------
 
 
