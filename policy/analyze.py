@@ -434,6 +434,8 @@ def analyze_statement(
                 w.writes.add(f"{schema}.{name}")
         elif kind in _DDL_KINDS or kind.startswith(("Create", "Alter", "Drop")):
             f["is_ddl"] = True
+        if kind in ("CreateStmt", "CreateTableAsStmt"):
+            _own_code(n, shared)
     except Unanalysable as exc:
         w.unanalysable.append(str(exc))
     except RecursionError:
@@ -707,6 +709,19 @@ def _variable_set(n: Node, f: dict[str, Any]) -> None:
         path.append(s)
     f["search_path"] = tuple(path)
     f["search_path_local"] = bool(n.get("is_local"))
+
+
+def _own_code(n: Node, shared: Shared) -> None:
+    """A table whose defaults, generated columns or checks call a function that is not
+    PostgreSQL's own runs that function on every INSERT, unseen by the analysis."""
+    builtins = shared.snapshot.builtin_functions
+    for call in iter_nodes(
+        [n.get("tableElts"), n.get("constraints"), n.get("partspec")], "FuncCall"
+    ):
+        fname = names(call.get("funcname"))
+        name = fname[-1].lower() if fname else ""
+        if (len(fname) > 1 and fname[0] != "pg_catalog") or (builtins and name not in builtins):
+            raise Unanalysable(f"CREATE TABLE calls function {'.'.join(fname)}")
 
 
 def _set_config_calls(n: Node, f: dict[str, Any]) -> None:

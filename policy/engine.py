@@ -335,7 +335,10 @@ class Engine:
         until = self.counters.cached_quarantine(s.key)
         if until is not None:
             self._uses_counters = True  # the answer changes when the quarantine ends
-        if until is not None and until > t and self.policy.quarantine is not None:
+        if (
+            until is not None and until > t and self.policy.quarantine is not None
+            and facts.kind not in _ENDINGS
+        ):  # fmt: skip
             left = int(until - t)
             return refusal(
                 "quarantine", f"{s.key.split(':', 1)[1]} is quarantined (a canary read or repeated blocks)",
@@ -524,6 +527,16 @@ class Engine:
         if not limiting:
             return None
         checks: list[tuple[str, str, str, list[Rule]]] = []
+        if facts.kind not in LIMITED_KINDS:
+            checks.append((
+                "code-and-names",
+                f"a subject with limits cannot run {_statement_words(facts.normalized)}: "
+                "views, rules, triggers, functions, operators, casts, types, indexes and "
+                "ALTER or RENAME define code or change what a name means, and that code would "
+                "run where pgwarden does not see it",
+                "ask someone the rules do not limit (a DBA) to change the schema",
+                limiting,
+            ))  # fmt: skip
         if facts.unknown and self.policy.fail_closed:
             checks.append((
                 "fail-closed",
@@ -553,6 +566,9 @@ class Engine:
         notified = frozenset().union(
             *(cp.labels for cp in facts.copies if cp.target == "pg_catalog.pg_notify")
         )
+        settings = frozenset().union(
+            *(cp.labels for cp in facts.copies if cp.target == "pg_catalog.set_config")
+        )
         for labels, rule_id, reason, hint in (
             (
                 packed_copies, "one-record-per-row",
@@ -564,6 +580,12 @@ class Engine:
                 notified, "one-record-per-row",
                 f"it would send {', '.join(sorted(notified))} in notification payloads, which "
                 "pgwarden cannot count or mask",
+                "read labelled columns with SELECT, where pgwarden applies the rules",
+            ),
+            (
+                settings, "one-record-per-row",
+                f"it would keep {', '.join(sorted(settings))} in a setting (set_config), to "
+                "be read back past every limit",
                 "read labelled columns with SELECT, where pgwarden applies the rules",
             ),
         ):  # fmt: skip
@@ -849,6 +871,33 @@ def budget_key(per: str, s: Subject) -> str:
 def window_rule_key(rule_id: str) -> str:
     """The window-store 'label' under which a window rule counts everything it covers."""
     return f"rule:{rule_id}"
+
+
+# What a subject with limits may run: statements pgwarden analyses, and DDL that defines no
+# code and changes what no name means (CREATE TABLE is checked for functions it would call).
+# Everything else (views, rules, triggers, functions, operators, casts, types, indexes,
+# ALTER, RENAME, COMMENT, GRANT ...) is refused: a positive list, not a list of bad shapes.
+LIMITED_KINDS = frozenset({
+    "select", "select_into", "insert", "update", "delete", "merge", "copy", "explain", "call",
+    "transaction", "variable_set", "variable_show", "discard", "prepare", "execute",
+    "deallocate", "declare_cursor", "fetch", "move", "close_portal", "listen", "unlisten",
+    "notify", "lock", "vacuum", "create", "create_table_as", "create_seq", "drop",
+    "truncate", "do", "unknown",
+})  # fmt: skip
+
+
+# What a quarantined subject may still run: statements that end or let go of something
+# and read nothing (a ROLLBACK refused would leave the session stuck in a failed
+# transaction, holding its locks).
+_ENDINGS = frozenset({"transaction", "close_portal", "deallocate", "discard", "unlisten"})
+
+
+def _statement_words(normalized: str) -> str:
+    """``CREATE VIEW``, ``CREATE OR REPLACE FUNCTION``, ``ALTER TABLE``: what a statement is."""
+    words = normalized.split()[:4]
+    n = 4 if len(words) > 1 and words[1].lower() == "or" else 2
+    picked = [w.upper() for w in words[:n] if w.isalpha()]
+    return " ".join(picked) or "this statement"
 
 
 def _short(text: str, most: int = 80) -> str:

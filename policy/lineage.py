@@ -126,6 +126,9 @@ SQL_TEXT_FUNCTIONS = frozenset(
         "dblink_send_query",
         "dblink_fetch",
         "dblink_get_result",
+        # Text search statistics and rewriting run the query given as text.
+        "ts_stat",
+        "ts_rewrite",
     }
 )
 
@@ -147,6 +150,9 @@ LARGE_OBJECT = SourceColumn("pg_catalog", "pg_largeobject", "data")
 LO_WRITE_FUNCTIONS = frozenset({"lo_from_bytea", "lo_put", "lowrite"})
 LO_READ_FUNCTIONS = frozenset({"lo_get", "loread", "lo_export"})
 NOTIFY_TARGET = "pg_catalog.pg_notify"
+# set_config(name, value): a value kept in the session, read back with current_setting()
+# past every row limit (accumulated over a table's rows in a WHERE clause).
+SETTINGS_TARGET = "pg_catalog.set_config"
 # Files on the database server (COPY ... TO 'file' / PROGRAM, then pg_read_file).
 SERVER_FILES = SourceColumn("pg_catalog", "server_files", "data")
 SERVER_FILES_TARGET = "pg_catalog.server_files"
@@ -482,18 +488,40 @@ class StatementWalker:
             return exp.columns
         cached = self.shared.rel_columns.get(rel.oid)
         if cached is None:
-            cached = [
-                (
-                    c.name,
-                    combined((src,))
-                    if (rel.schema, rel.name, c.name) in STATISTICS_VALUES
-                    else Exact((src,), (src,)),
-                )
-                for c in rel.columns
-                for src in (SourceColumn(rel.schema, rel.name, c.name),)
-            ]
+            ancestors = self.ancestors(rel)
+            cached = []
+            for c in rel.columns:
+                src = SourceColumn(rel.schema, rel.name, c.name)
+                if (rel.schema, rel.name, c.name) in STATISTICS_VALUES:
+                    cached.append((c.name, combined((src,))))
+                    continue
+                # customer_phones_mobile.phone is customer_phones.phone of that row.
+                same = [src] + [
+                    SourceColumn(a.schema, a.name, c.name)
+                    for a in ancestors
+                    if any(ac.name == c.name for ac in a.columns)
+                ]
+                cached.append((c.name, Exact(same, same)))
             self.shared.rel_columns[rel.oid] = cached
         return cached
+
+    def ancestors(self, rel: CatalogRelation) -> tuple[CatalogRelation, ...]:
+        """The relations ``rel`` is a partition or inheritance child of, all the way up."""
+        if not rel.parents:
+            return ()
+        out: list[CatalogRelation] = []
+        todo = list(rel.parents)
+        seen: set[int] = set()
+        while todo and len(seen) < 64:
+            oid = todo.pop()
+            if oid in seen:
+                continue
+            seen.add(oid)
+            parent = self.snapshot.relation_by_oid(oid)
+            if parent is not None:
+                out.append(parent)
+                todo.extend(parent.parents)
+        return tuple(out)
 
     def expand_view(self, rel: CatalogRelation) -> ViewExpansion:
         hit = self.shared.views.get(rel.oid)
@@ -595,7 +623,11 @@ class StatementWalker:
             return _rename(self._unknown_rel(alias, target_schema, name), alias_node)
         self.reads.add(rel.qualified)
         if not (rel.is_view and rel.schema not in SYSTEM_SCHEMAS):
-            self._instance({rel.qualified: 1})  # a view counts what it reads (expand_view)
+            # A view counts what it reads (expand_view); a partition or inheritance child
+            # is read as its ancestors too: its rows are theirs (need-to-know, instances).
+            ancestors = self.ancestors(rel)
+            self.reads.update(a.qualified for a in ancestors)
+            self._instance({r.qualified: 1 for r in (rel, *ancestors)})
         cols = self.relation_columns(rel)
         labelled = any(self.shared.lineage_labels(lin) for _n, lin in cols)
         return _rename(Rel(alias, cols, relation=rel.qualified, labelled=labelled), alias_node)
@@ -1363,6 +1395,8 @@ class StatementWalker:
                 self.record_copy("pg_catalog.pg_largeobject", [("", frozenset((SERVER_FILES,)))])
         elif builtin and name == "pg_notify":
             self.record_copy(NOTIFY_TARGET, [("", frozenset(inner))])
+        elif builtin and name == "set_config":
+            self.record_copy(SETTINGS_TARGET, [("", frozenset(inner))])
         found = self.user_function(fname, inner)
         builtins = self.snapshot.builtin_functions
         if not found and builtins and name not in builtins:

@@ -103,8 +103,10 @@ class SubjectMatch(_Strict):
     end_users: list[str] | None = Field(None, description="end user globs (comment or SET)")
     hours: str | None = Field(None, description="time of day window, 'HH:MM-HH:MM' (UTC)")
     end_user_from: list[Literal["comment", "set"]] = Field(
-        default_factory=lambda: ["comment", "set"],  # type: ignore[arg-type]
-        description="where an end user name is trusted from, for sessions of this subject",
+        default_factory=list,
+        description="where an end user name is trusted from, for sessions of this subject "
+        "(a shared account's: comment, set); none by default: a person logged in as "
+        "themselves cannot name a colleague",
     )
     end_user_signed: bool = Field(
         False,

@@ -316,6 +316,22 @@ class Guard:
             out.append(Decision(f, verdict, subject, text))
         return out
 
+    def function_call(self) -> Decision | None:
+        """The refusal of a FunctionCall message (the protocol's fast path: a function
+        called by its number, with arguments and no SQL), or None when no rule applies to
+        this session: whatever the function reads or returns cannot be followed."""
+        if not self.watchful:
+            return None
+        facts = QueryFacts(
+            kind="function_call", normalized="<FunctionCall message>", fingerprint="fastpath"
+        )
+        verdict = refusal(
+            "fail-closed",
+            "a FunctionCall message calls a function by number, with no SQL pgwarden can follow",
+            hint="call the function in a SELECT",
+        )
+        return Decision(facts, verdict, self.subject, "<FunctionCall message>")
+
     def _unvouched(self, sql: str) -> list[Decision]:
         """Every statement of ``sql`` refused: it names an end user without the signature
         its subject asks for.  Not analysed: a SET or a cursor it declares does not happen."""

@@ -366,7 +366,19 @@ class Tracker:
             elif t == _F:
                 self.stats.statements += 1
                 self.cycles.append(time.perf_counter())
+                refused = self.guard.function_call()
                 self.fifo.append(Entry(FUNC))
+                if refused is not None:
+                    # The fast path calls a function by number, with no SQL to analyse
+                    # (query_to_xml with a whole table's query as its argument): its
+                    # refusal goes instead, answered as a call is (an error, then Ready).
+                    v = refused.verdict
+                    parts += (
+                        raw[fwd:head],
+                        Query(raise_statement(v.message, v.hint, v.sqlstate)).encode(),
+                    )
+                    fwd = end
+                    out.append(self._block_command(refused))
             elif t == _X:
                 parts.append(raw[fwd:end])
                 self.closed = True
@@ -1146,7 +1158,12 @@ class Tracker:
                 # reverse(email) under a partial mask would show the local part, a row
                 # constructor the phone beside the masked email: mask such values whole.
                 style = "redact"
-            masked[i] = mask_value(current, style, self.guard.record_key)
+            if col.type_oid not in _TEXT_TYPES:
+                # length(email) is an integer, string_to_array(email, '@') an array: a
+                # masked text in their place breaks the client's decoding; NULL does not.
+                masked[i] = None
+            else:
+                masked[i] = mask_value(current, style, self.guard.record_key)
             changed = True
         return DataRow(tuple(masked)).encode() if changed else None
 
@@ -1468,14 +1485,20 @@ def _failing_extended() -> bytes:
     return Parse("", sql).encode() + Bind("", "").encode() + Execute("").encode()
 
 
-# Fields of a server error or notice that name where and what, never a value: kept.
-_NAMING_FIELDS = frozenset("SVCPpstcdnFLR")
+# Types whose text form a mask may take ('****', 'a***@example.com'): text, varchar, bpchar,
+# name, and columns whose type is not known (0).
+_TEXT_TYPES = frozenset({0, 19, 25, 705, 1042, 1043})
+
+# Fields of a server error or notice that say what kind of failure, never a value: kept.
+# Not the schema, table, column, data type and constraint names (s t c d n): a function's
+# RAISE ... USING COLUMN = <anything> fills them with whatever it likes.
+_NAMING_FIELDS = frozenset("SVCPpFLR")
 
 
 def _withheld(err: ErrorResponse, kind: type[ErrorResponse]) -> bytes:
-    """``err`` with its message, detail, hint and context replaced by pgwarden's sentence;
-    its severity, SQLSTATE, position and the names it gives (schema, table, column,
-    constraint) stay, so a client still knows what kind of failure it was."""
+    """``err`` with its message, detail, hint, context and the names it gives (schema,
+    table, column, constraint) replaced by pgwarden's sentence; its severity, SQLSTATE and
+    position stay, so a client still knows what kind of failure it was."""
     sqlstate = err.sqlstate or "XX000"
     what = "error" if kind is ErrorResponse else "notice"
     kept = [(k, v) for k, v in err.fields if k in _NAMING_FIELDS]
