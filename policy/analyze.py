@@ -291,6 +291,16 @@ def analyze_text(
     """Uncached analysis of every statement in ``sql``."""
     try:
         tree = parse_json(sql)
+    except ValueError:
+        # The parser's tree nests deeper than the JSON decoder goes (~150 levels of
+        # subqueries): refused as what it is, not as an internal error.
+        norm, shape_text = normalize_and_shape(sql)
+        return (
+            QueryFacts(
+                kind="unknown", normalized=norm, fingerprint=fingerprint(sql, shape_text),
+                unanalysable="statement nests too deeply to analyse",
+            ),
+        )  # fmt: skip
     except _pg.ParseError as exc:
         norm, shape_text = normalize_and_shape(sql)
         pos = exc.args[1] if len(exc.args) > 1 else None
@@ -584,10 +594,41 @@ def _statement_shape(kind: str, n: Node, f: dict[str, Any]) -> None:
         f["has_where"] = _real_where(n.get("whereClause"))
 
 
-def _select_has_where(n: Node) -> bool:
+def _select_has_where(n: Node, ctes: dict[str, Node] | None = None) -> bool:
+    """Whether every row a SELECT returns passed a filter: its own WHERE, or, for each of
+    its FROM items, one of theirs (a subquery or CTE with a WHERE, a function called with a
+    parameter); a SELECT of no table (``SELECT 0, '-'`` beside a UNION) reads nothing."""
+    ctes = dict(ctes or {})
+    wc = n.get("withClause")
+    if wc:
+        body = wc.get("WithClause", wc)
+        if not body.get("recursive"):
+            for item in body.get("ctes") or ():
+                c = item.get("CommonTableExpr", {})
+                ctes[c.get("ctename", "")] = c.get("ctequery", {})
     if n.get("op", "SETOP_NONE") != "SETOP_NONE":
-        return _select_has_where(n["larg"]) and _select_has_where(n["rarg"])
-    return _real_where(n.get("whereClause")) or _parameterised_function(n.get("fromClause"))
+        return _select_has_where(n["larg"], ctes) and _select_has_where(n["rarg"], ctes)
+    if _real_where(n.get("whereClause")):
+        return True
+    from_clause = n.get("fromClause")
+    if not from_clause:
+        return True
+    return all(_filtered_item(item, ctes) for item in from_clause)
+
+
+def _filtered_item(item: Node, ctes: dict[str, Node]) -> bool:
+    """A FROM item all of whose rows passed a filter of their own."""
+    kind, v = node_type(item)
+    if kind == "RangeSubselect":
+        qk, q = node_type(v.get("subquery", {}))
+        return qk == "SelectStmt" and _select_has_where(q, ctes)
+    if kind == "RangeVar" and not v.get("schemaname") and v.get("relname") in ctes:
+        qk, q = node_type(ctes[v["relname"]])
+        inner = {k: c for k, c in ctes.items() if k != v["relname"]}
+        return qk == "SelectStmt" and _select_has_where(q, inner)
+    if kind == "JoinExpr":
+        return _filtered_item(v["larg"], ctes) and _filtered_item(v["rarg"], ctes)
+    return _parameterised_function([item])
 
 
 def _parameterised_function(from_clause: list[Node] | None) -> bool:

@@ -565,11 +565,14 @@ class StatementWalker:
         out: Columns = []
         for i, c in enumerate(rel.columns):
             lin = lineages[i] if i < len(lineages) else EMPTY
-            if c.labels:
+            own = SourceColumn(rel.schema, rel.name, c.name)
+            if c.labels or problem:
                 # A label on the view's own column counts too.
-                lin = lin | {SourceColumn(rel.schema, rel.name, c.name)}
-            if problem:
-                lin = lin | {SourceColumn(rel.schema, rel.name, c.name)}
+                lin = Exact(lin | {own}, lin.columns) if isinstance(lin, Exact) else lin | {own}
+            if isinstance(lin, Exact):
+                # A plain copy is a copy of the view's own column too: need-to-know keyed on
+                # the view (a materialized view's stored rows) finds its key.
+                lin = Exact(lin, lin.columns | {own})
             out.append((c.name, lin))
         return ViewExpansion(
             out,

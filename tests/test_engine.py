@@ -55,6 +55,16 @@ TABLE = [
     (ANALYST, "CREATE TABLE x AS SELECT email FROM customers", Action.BLOCK, "analytics-no-export"),
     (DBA, "SELECT * FROM customers", Action.ALLOW, None),
     (DBA, "COPY customers TO STDOUT", Action.ALLOW, None),
+    # Code and names: a subject with limits runs only what pgwarden analyses.
+    (AGENT, "CREATE TEMP VIEW pg_settings AS SELECT email AS name FROM customers", Action.BLOCK, "code-and-names"),
+    (AGENT, "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 1'", Action.BLOCK, "code-and-names"),
+    (AGENT, "CREATE RULE r AS ON INSERT TO products DO INSTEAD SELECT email FROM customers", Action.BLOCK, "code-and-names"),
+    (AGENT, "ALTER TABLE products RENAME TO products_old", Action.BLOCK, "code-and-names"),
+    (AGENT, "CREATE TEMP TABLE scratch (id int, note text DEFAULT now()::text)", Action.ALLOW, None),
+    (AGENT, "CREATE TEMP TABLE scratch (id int, note text DEFAULT public.my_own_function())", Action.BLOCK, "agent-statement-shapes"),
+    (AGENT, "SELECT set_config('x.y', email, false) FROM customers WHERE customer_id = 1", Action.BLOCK, "agent-statement-shapes"),
+    (AGENT, "SELECT word FROM ts_stat('SELECT to_tsvector(email) FROM customers')", Action.BLOCK, "agent-statement-shapes"),
+    (DBA, "CREATE TEMP VIEW v AS SELECT email FROM customers", Action.ALLOW, None),
 ]  # fmt: skip
 
 
