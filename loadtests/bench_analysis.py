@@ -3,7 +3,9 @@
 Run: ``python -m loadtests.bench_analysis`` (``make bench-analysis``). Measures the median
 time of a cached ``Analyzer.analyze`` (the common case: applications repeat their statements)
 and of an uncached one (cache cleared before each call), over every corpus statement.
-The last line is ``cached_us=<n> uncached_us=<n>``.
+Also the allow-list shape check (``policy.allowlist.AllowList.allows``: is this statement's
+shape on the list?) over the same statements, half of them listed.
+The last line is ``cached_us=<n> uncached_us=<n> shape_check_us=<n>``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from loadtests.cluster import schema_sql
+from policy.allowlist import AllowList
 from policy.analyze import Analyzer
 from policy.schema_sql import snapshot_from_sql
 from policy.search_path import parse_search_path
@@ -62,8 +65,18 @@ def main() -> None:
     print("slowest uncached:")
     for us, sql in worst:
         print(f"  {us:8.1f} us  {sql[:80]}")
+    facts = [f for sql, path in corpus for f in analyzer.analyze(sql, path)]
+    listed = AllowList("bench", frozenset(f.fingerprint for f in facts[::2]))
+    rounds = 2000
+    t0 = time.perf_counter_ns()
+    for _ in range(rounds):
+        for f in facts:
+            listed.allows(f)
+    shape_us = (time.perf_counter_ns() - t0) / 1000.0 / (rounds * len(facts))
+    print(f"shape check: {shape_us:.3f} us a statement ({len(facts)} statements)")
     print(
-        f"cached_us={statistics.median(cached):.2f} uncached_us={statistics.median(uncached):.1f}"
+        f"cached_us={statistics.median(cached):.2f} uncached_us={statistics.median(uncached):.1f} "
+        f"shape_check_us={shape_us:.3f}"
     )
 
 
