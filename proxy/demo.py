@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +177,7 @@ class Demo:
         self.canaries: list[Any] = []
         self.received: dict[str, set[int]] = {}  # end user -> customer ids their client got
         self.started = time.monotonic()
+        self.normal_day_end = ""  # ISO time: the end of act 2, what act 5 learns from
 
     # --- setup -------------------------------------------------------------------------------
 
@@ -570,6 +572,102 @@ class Demo:
 
     # --- act 4: the responder ------------------------------------------------------------------
 
+    # --- act 5: the helpdesk account learns its statements ----------------------------------
+
+    def act_allow_list(self) -> None:
+        """The helpdesk account's allow-list, learned from act 2's normal day; then an
+        insider on that account, under every volume limit, refused by shape."""
+        from loadtests.cluster import free_port
+
+        heading("5", "The helpdesk account learns what its application sends")
+        allow = self.workdir / "helpdesk-allow.yaml"
+        until = self.normal_day_end
+        learned = _pgwarden(
+            "policy", "learn", "--policy", str(POLICY), "--subject", "helpdesk",
+            "--db", str(self.audit_db), "--until", until, "--out", str(allow),
+        )  # fmt: skip
+        if learned.returncode != 0:
+            raise DemoFailed(f"act 5: pgwarden policy learn failed: {learned.stderr.strip()}")
+        console.print(f"[bold]$ pgwarden policy learn --subject helpdesk --until {until[11:19]}[/]")
+        console.print(f"  {learned.stdout.strip()}")
+        policy = yaml.safe_load(POLICY.read_text())
+        policy["rules"].append({
+            "id": "helpdesk-known-statements", "subjects": ["helpdesk"],
+            "allow_statements": str(allow), "action": "block",
+        })  # fmt: skip
+        policy_path = self.workdir / "policy-with-allow-list.yaml"
+        policy_path.write_text(yaml.safe_dump(policy, sort_keys=False))
+        config = yaml.safe_load((self.workdir / "pgwarden.yaml").read_text())
+        config.update(
+            policy_file=str(policy_path), listen=f"127.0.0.1:{(port := free_port())}",
+            admin_listen=f"127.0.0.1:{free_port()}",
+        )  # fmt: skip
+        config.pop("audit", None)
+        config_path = self.workdir / "pgwarden-allow-list.yaml"
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        failures: list[str] = []
+        table = _table("who", "sent", "what their client got")
+        with running_proxy(config_path, port, self.workdir / "pgwarden-allow-list.log"):
+            self.port, saved = port, self.port
+            try:
+                number = self.pg.psql(
+                    "select ticket_number from tickets where assigned_agent_id = 1 "
+                    "and status = 'open' order by ticket_id limit 1"
+                ).strip()
+                alice = self.agent("alice")
+                try:
+                    out = alice.read(
+                        "SELECT t.ticket_number, c.customer_id, c.full_name, c.email, c.phone "
+                        "FROM tickets t JOIN customers c USING (customer_id) WHERE t.ticket_number = %s",
+                        (number,), id_col=1,
+                    )  # fmt: skip
+                finally:
+                    alice.close()
+                table.add_row("alice", "her ticket's customer, as the tool asks",
+                              f"{_mark(not out.refused)} {out.rows} row")  # fmt: skip
+                if out.refused:
+                    failures.append(f"alice's learned lookup refused: {out.error_line()}")
+                refused = got = 0
+                first = ""
+                for i in range(6):
+                    # A new end-user name every two statements, 5 customers each: under the
+                    # row limit, every person's budget and the account's.
+                    who = self.agent(f"temp{i // 2}")
+                    try:
+                        out = who.read(
+                            "SELECT customer_id, full_name, email FROM customers "
+                            "WHERE customer_id BETWEEN %s AND %s", (100 + 5 * i, 104 + 5 * i),
+                        )  # fmt: skip
+                    finally:
+                        who.close()
+                    got += len(out.customers)
+                    refused += out.refused
+                    first = first or (out.message or "")
+                table.add_row(
+                    "an insider on the helpdesk account",
+                    "6 small customer reads, a new end-user name every 2",
+                    f"{_mark(refused == 6 and got == 0)} {refused} refused, {got} customers: "
+                    f"{first[:90]}",
+                )
+                if refused != 6 or got:
+                    failures.append(f"insider by shape: {refused}/6 refused, {got} customers")
+            finally:
+                self.port = saved
+        console.print(table)
+        drift = _pgwarden(
+            "policy", "drift", "--policy", str(policy_path), "--db", str(self.audit_db), "--json"
+        )
+        shapes = json.loads(drift.stdout) if drift.returncode == 0 else []
+        console.print(
+            f"[bold]$ pgwarden policy drift[/]: {len(shapes)} statement shapes the helpdesk "
+            "account sent after the normal day that its list does not hold (act 3's insiders), "
+            "for the weekly review"
+        )
+        if drift.returncode != 0 or not shapes:
+            failures.append(f"policy drift: {drift.stderr.strip() or 'no shapes'}")
+        if failures:
+            raise DemoFailed("act 5 (allow-list): " + "; ".join(failures))
+
     def act_responder(self) -> None:
         heading("4", "The responder's view (pgwarden audit ...)")
         db = ["--db", str(self.audit_db)]
@@ -750,6 +848,9 @@ def run_demo(serve: bool = False, workdir: Path | None = None) -> int:
                     return demo.serve_forever(proc)
                 demo.act_clients()
                 demo.act_normal_day()
+                # What the helpdesk's allow-list is learned from (act 5): the normal day.
+                time.sleep(1.0)
+                demo.normal_day_end = datetime.now(UTC).isoformat()
                 demo.act_insiders()
                 # Stop pgwarden first: the audit trail is flushed and a final signed
                 # checkpoint written, as a responder would find it.
@@ -758,6 +859,7 @@ def run_demo(serve: bool = False, workdir: Path | None = None) -> int:
                 if code != 0:
                     raise DemoFailed(f"pgwarden exited with {code} on SIGTERM")
             demo.act_responder()
+            demo.act_allow_list()
     except ClusterError as exc:
         console.print(f"[red]demo failed: setup: cannot start PostgreSQL:[/] {exc}")
         return 1
@@ -772,8 +874,9 @@ def run_demo(serve: bool = False, workdir: Path | None = None) -> int:
         return 130
     console.print(
         f"\n[green]demo complete in {time.monotonic() - demo.started:.0f} s:[/] normal work "
-        f"untouched, every insider attempt refused or cut, and the audit trail names exactly "
-        f"which customers left. Files kept in {work}"
+        f"untouched, every insider attempt refused or cut, the audit trail names exactly "
+        f"which customers left, and the helpdesk's learned statements refuse an insider by "
+        f"shape. Files kept in {work}"
     )
     return 0
 

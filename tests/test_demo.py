@@ -100,3 +100,20 @@ def test_the_responder_sees_exactly_what_left(
     assert seen["trudy"] == seen["eve"] == 200  # the hourly budget, not one more
     assert re.search(r"pgwarden audit verify ✓ chain \S+: intact", out)
     assert (work / "incident.html").stat().st_size > 0
+
+
+def test_the_helpdesk_account_refuses_an_insider_by_shape(
+    demo: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    """Act 5: the allow-list learned from the normal day lets the tool's own lookup through
+    and refuses an insider on the same account whatever names they make up."""
+    done, work = demo
+    out = done.stdout
+    m = re.search(r"helpdesk-allow\.yaml: (\d+) statement shapes from (\d+) statements", out)
+    assert m is not None and int(m.group(1)) >= 3, out[-3000:]
+    alice = next(ln for ln in out.splitlines() if ln.startswith("alice ") and "1 row" in ln)
+    assert "✓" in alice
+    insider = next(ln for ln in out.splitlines() if ln.startswith("an insider on the helpdesk"))
+    assert "6 refused, 0 customers" in insider and "helpdesk-known-statements" in insider
+    assert re.search(r"policy drift: [1-9]\d* statement shapes", out)
+    assert (work / "helpdesk-allow.yaml").read_text().startswith("# pgwarden allow-list")
