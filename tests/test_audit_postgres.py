@@ -292,3 +292,24 @@ def test_no_literal_reaches_the_postgresql_store(seeded: tuple[Path, str], pg: C
     assert "carol" not in dump[0].lower()
     assert "WHERE email = ?" in dump[0]
     assert "carol" not in ledger[0].lower()
+
+
+def test_policy_learn_reads_the_postgresql_store_as_it_reads_sqlite(
+    seeded: tuple[Path, str],
+) -> None:
+    """``pgwarden policy learn --dsn``: the same shapes, counts and times from either store."""
+    from audit.learn import learn
+    from policy.model import Policy
+
+    policy = Policy.model_validate({"subjects": {"helpdesk": {"users": ["support_app"]}}})
+
+    async def shapes(s: q.Store) -> dict[str, tuple[object, ...]]:
+        got, _n = await learn(s, policy, ["helpdesk"], None, None)
+        return {
+            fp: (e.text, sorted(e.labels), e.max_records, e.seen, e.first_seen, e.last_seen)
+            for fp, e in got.items()
+        }
+
+    lite, pgr = asyncio.run(_both(seeded, shapes))
+    assert lite == pgr
+    assert lite and any(seen > 1 for _t, _l, _m, seen, _f, _l2 in lite.values())
