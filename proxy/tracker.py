@@ -30,6 +30,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from policy.engine import (
     Finding,
@@ -42,7 +43,7 @@ from policy.engine import (
 )
 from policy.facts import DataCopy, SourceColumn
 from policy.lineage import SERVER_FILES_TARGET, names_record_by
-from policy.model import Action
+from policy.model import Action, Mode
 from proxy import commands as cmd
 from proxy.codec import FrameReader
 from proxy.copyrows import BinaryCopyRowReader, CopyRowReader, reader_for
@@ -1339,6 +1340,28 @@ class Tracker:
             self.guard.sql.end_transaction()
         return True, out
 
+    def _more_than_learned(
+        self, running: Running, decision: Decision, rows: int
+    ) -> list[cmd.Command]:
+        """An alert when a statement of a listed shape returned more rows than any statement
+        of that shape did while its allow-list was learned (the same lookup, now a sweep)."""
+        engine = self.guard.engine
+        out: list[cmd.Command] = []
+        fp = decision.facts.fingerprint
+        for rule in engine.rules_for(engine.subjects_of(decision.subject)):
+            allow = engine.allow_lists.get(rule.id)
+            if allow is None:
+                continue
+            most = allow.max_records.get(fp)
+            if most is not None and rows > max(most, 1):
+                out.append(cmd.PolicyAlert(
+                    self._who(running), rule.id,
+                    f"a statement of shape {fp} returned {rows} rows; at most {most} were "
+                    f"seen while {Path(allow.path).name} was learned",
+                    (rule.mode or engine.policy.mode) is Mode.MONITOR,
+                ))  # fmt: skip
+        return out
+
     def _finished(self, running: Running, tag: str, sqlstate: str | None, *, suspended: bool = False,
                   cut: bool | str = False) -> list[cmd.Command]:  # fmt: skip
         if (
@@ -1362,6 +1385,8 @@ class Tracker:
                 rows = int(last)
         out: list[cmd.Command] = []
         plan = decision.plan if decision is not None else None
+        if decision is not None and rows and self.guard.engine.allow_lists:
+            out += self._more_than_learned(running, decision, rows)
         if plan is not None and plan.labels and plan.window_rules and rows:
             who = self._who(running)
             records: set[str] = set()

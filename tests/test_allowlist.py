@@ -81,8 +81,10 @@ def test_statements_that_read_other_data_have_other_shapes(other: str) -> None:
 # --- the rule -----------------------------------------------------------------------------
 
 
-def write_list(path: Path, *sqls: str, vetoed: str | None = None) -> Path:
-    shapes: dict[str, Any] = {shape(s): {"text": s, "seen": 1} for s in sqls}
+def write_list(path: Path, *sqls: str, vetoed: str | None = None, max_records: int = 1) -> Path:
+    shapes: dict[str, Any] = {
+        shape(s): {"text": s, "seen": 1, "max_records": max_records} for s in sqls
+    }
     if vetoed is not None:
         shapes[shape(vetoed)] = {"text": vetoed, "allowed": False}
     path.write_text(yaml.safe_dump({"version": 1, "shapes": shapes}))
@@ -219,8 +221,10 @@ def test_drift_lists_what_the_account_sent_beyond_its_list(
     pg: Cluster, enforce_db: str, tmp_path: Path
 ) -> None:
     """``policy drift`` over a real trail: the shapes not on the list, per subject, counted
-    (the rule only alerts here, so the statements ran and are in the trail)."""
-    write_list(tmp_path / "allow.yaml", CARD)
+    (the rule only alerts here, so the statements ran and are in the trail); and a listed
+    shape returning more rows than were learned for it raises an alert."""
+    few = "SELECT email FROM customers WHERE customer_id < 3"
+    write_list(tmp_path / "allow.yaml", CARD, few, max_records=2)
     policy = yaml.safe_load(policy_with(tmp_path, allow_statements="allow.yaml").read_text())
     policy["rules"][0]["action"] = "alert"
     policy["rules"][0]["allow_statements"] = str(tmp_path / "allow.yaml")
@@ -230,8 +234,11 @@ def test_drift_lists_what_the_account_sent_beyond_its_list(
             c.execute(CARD).fetchall()
             for i in (1, 2):
                 c.execute("SELECT email FROM customers WHERE customer_id = %s", (i,)).fetchall()
+            # A listed shape, now a sweep: more rows than were ever learned for it.
+            assert len(c.execute(few.replace("3", "%s"), (12,)).fetchall()) == 11
     finally:
         assert proxy.stop() == 0, proxy.log()
+    assert "returned 11 rows; at most 2 were seen while allow.yaml was learned" in proxy.log()
     proc = subprocess.run(
         [*pgwarden_command(), "policy", "drift", "--policy", str(tmp_path / "run" / "policy.yaml"),
          "--db", str(tmp_path / "run" / "audit.db"), "--since", "1d", "--json"],
