@@ -50,11 +50,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def helpdesk_policy(out: Path, allow_list: Path | None) -> Path:
-    """The agents' policy with a subject for the helpdesk's shared account, and with
-    ``allow_list`` its allow_statements rule."""
+    """The agents' policy, and with ``allow_list`` an allow_statements rule for its
+    ``helpdesk`` subject (the shared account)."""
     agents.agent_policy(out)
     policy = yaml.safe_load(out.read_text())
-    policy["subjects"]["helpdesk"] = {"users": [agents.AGENT_USER]}
+    # The shipped policy's helpdesk subject: the shared account, which names its agents.
+    assert agents.AGENT_USER in policy["subjects"]["helpdesk"]["users"]
     if allow_list is not None:
         policy["rules"].append(
             {

@@ -10,6 +10,21 @@ from loadtests.cluster import Cluster, schema_sql
 
 DB = "enforce"
 POLICY = Path(__file__).resolve().parent.parent / "config" / "policy.yaml"
+
+
+def policy_naming_as_dba(directory: Path) -> Path:
+    """The shipped policy with the DBA's sessions trusted to name an end user (comment or
+    SET): the audit tests tag each scenario's statements with a name of its own that way.
+    (The shipped policy trusts names from the helpdesk account only.)"""
+    import yaml
+
+    policy = yaml.safe_load(POLICY.read_text())
+    policy["subjects"]["dba"]["end_user_from"] = ["comment", "set"]
+    path = directory / "policy-dba-names.yaml"
+    path.write_text(yaml.safe_dump(policy, sort_keys=False))
+    return path
+
+
 CUSTOMERS = 400
 
 DATA = f"""

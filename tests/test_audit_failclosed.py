@@ -26,7 +26,7 @@ import pytest
 
 from loadtests.cluster import Cluster
 from tests.proxyutil import ProxyProcess, audit_cli, audit_keys, wait_until
-from tests.support_data import DB, POLICY
+from tests.support_data import DB, policy_naming_as_dba
 
 DURABLE_TIMEOUT = 2.0
 # Slack for a busy shared 2-core machine on top of durable_timeout_s.
@@ -49,7 +49,9 @@ def start(
         "durable_timeout_s": DURABLE_TIMEOUT,
     }
     section.update(audit)
-    config = {"policy_file": str(POLICY), "catalog_user": "postgres", "audit": section}
+    # Scenarios tag their statements with an end-user name of their own, as the DBA.
+    policy = policy_naming_as_dba(tmp_path)
+    config = {"policy_file": str(policy), "catalog_user": "postgres", "audit": section}
     return ProxyProcess(pg, tmp_path / name, config=config), db
 
 

@@ -22,7 +22,7 @@ import pytest
 
 from loadtests.cluster import Cluster
 from tests.proxyutil import ProxyProcess, audit_cli, audit_keys
-from tests.support_data import DB, POLICY
+from tests.support_data import DB, policy_naming_as_dba
 
 
 @pytest.fixture
@@ -35,7 +35,8 @@ def start(
 ) -> tuple[ProxyProcess, Path]:
     db = tmp_path / f"{name}-audit.db"
     config = {
-        "policy_file": str(POLICY),
+        # Scenarios tag their statements with an end-user name of their own, as the DBA.
+        "policy_file": str(policy_naming_as_dba(tmp_path)),
         "catalog_user": "postgres",
         "audit": {
             "sinks": [{"type": "sqlite", "path": str(db)}],
