@@ -1997,10 +1997,10 @@ def t_large_object_stash(ctx: Ctx) -> None:
 
 @technique("rows")
 def t_budget_race(ctx: Ctx) -> None:
-    """The agent's own customers, 15 a statement, on 12 connections at once: does the hourly
+    """The agent's own customers, 15 a statement, on 24 connections at once: does the hourly
     budget hold when the statements are judged concurrently?"""
     mine = sorted(ctx.env.ds.need_to_know(ATTACKER))
-    conns = [ctx.connect() for _ in range(12)]
+    conns = [ctx.connect() for _ in range(24)]
     chunks = [mine[i : i + 15] for i in range(0, len(mine), 15)]
     barrier = threading.Barrier(len(conns))
 
@@ -2098,6 +2098,42 @@ def t_scs_off_allowlisted_shape(ctx: Ctx) -> None:
              f"UNION ALL SELECT 'x', {agg}, now() FROM customers WHERE customer_id BETWEEN 1 AND 1650 "
              f"UNION ALL SELECT 'y', {agg}, now() FROM customers WHERE customer_id > 1650 "
              "-- */ ORDER BY m.sent_at")  # fmt: skip
+
+
+@technique("rows")
+def t_client_encoding_differential(ctx: Ctx) -> None:
+    """Client encodings whose two-byte characters end in 0x5C (an ASCII backslash): GBK 乗,
+    BIG5 么, Shift-JIS 予, chosen in the startup packet. In E'乗' a byte-wise reading sees an
+    escaped quote; the server, converting first, sees a closed string and the columns after
+    it. Also LATIN1, whose bytes are no valid UTF-8."""
+    for enc, ch in (("GBK", "乗"), ("BIG5", "么"), ("SJIS", "予")):
+        c = ctx.connect(options=f"'-c statement_timeout=30000 -c client_encoding={enc}'")
+        ctx.q(c, f"SELECT E'{ch}', customer_id + 0 AS k, \"Email\" || '' AS e FROM customers "
+                 "WHERE customer_id BETWEEN 1 AND 700 -- '")  # fmt: skip
+
+
+@technique("rows")
+def t_honest_latin1_gbk_client(ctx: Ctx) -> None:
+    """Honest use from clients in LATIN1 (a European desktop) and GBK: the agent's own
+    customer, with a non-ASCII literal in the statement."""
+    k = min(ctx.env.ds.need_to_know(ATTACKER))
+    for enc, word in (("LATIN1", "José"), ("GBK", "北京"), ("BIG5", "台北"), ("WIN1252", "Müller")):
+        c = ctx.connect(options=f"'-c statement_timeout=30000 -c client_encoding={enc}'")
+        q = f"SELECT customer_id, \"Email\" FROM customers WHERE customer_id = {k} AND \"FullName\" <> '{word}'"
+        if ctx.q(c, q) is None:
+            ctx.out.notes.append(
+                f"{enc} refused: {q[-40:]} -> {ctx.out.error_samples[-1][:140] if ctx.out.error_samples else ''}"
+            )
+
+
+@technique("rows")
+def t_scs_off_set_config(ctx: Ctx) -> None:
+    """standard_conforming_strings switched off by set_config() inside a SELECT (no SET
+    statement for pgwarden to follow), then the differential statement with expressions."""
+    c = ctx.connect()
+    ctx.q(c, "SELECT set_config('standard_conforming_strings', 'off', false)")
+    ctx.q(c, "SELECT 'A\\' /* ', customer_id + 0 AS k, \"Email\" || '' AS e, \"FullName\" || '' AS n "
+             "FROM customers WHERE customer_id BETWEEN 1 AND 700 AND customer_id <> 777 -- */")  # fmt: skip
 
 
 # --- the honest agent ------------------------------------------------------------------------
