@@ -2136,6 +2136,117 @@ def t_scs_off_set_config(ctx: Ctx) -> None:
              "FROM customers WHERE customer_id BETWEEN 1 AND 700 AND customer_id <> 777 -- */")  # fmt: skip
 
 
+def _raw_exchange(ctx: Ctx, conn: psycopg.Connection, msg: bytes) -> str:
+    """Send raw protocol messages (ending in Sync) on an idle psycopg connection's socket and
+    read everything up to ReadyForQuery, counting data rows and errors as ``_fastpath_call``."""
+    import os
+    import socket
+    import struct
+
+    ctx.stmt += 1
+    ctx.out.statements += 1
+    ctx.last_refused = False
+    s = socket.socket(fileno=os.dup(conn.pgconn.socket))
+    s.settimeout(HANG_SECONDS)
+    buf = b""
+    texts: list[str] = []
+    try:
+        s.sendall(msg)
+        while True:
+            while len(buf) < 5:
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise ConnectionError("connection closed")
+                buf += chunk
+            n = struct.unpack("!I", buf[1:5])[0]
+            while len(buf) < 1 + n:
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise ConnectionError("connection closed")
+                buf += chunk
+            kind, payload, buf = buf[0:1], buf[5 : 1 + n], buf[1 + n :]
+            text = payload.decode(errors="replace")
+            if kind == b"E":
+                fields = dict((f[:1], f[1:]) for f in text.split("\0") if f)
+                ctx.seen("error", text)
+                ctx.out.errors += 1
+                if len(ctx.out.error_samples) < 4:
+                    ctx.out.error_samples.append(f"{fields.get('C')}: {fields.get('M', '')[:200]}")
+                if fields.get("C") == "42501" and "pgwarden" in text:
+                    ctx.out.refused += 1
+                    ctx.last_refused = True
+                elif fields.get("C", "").startswith("XX"):
+                    ctx.out.internal_errors.append(text[:200])
+            elif kind == b"D":
+                ctx.seen("rows", text)
+            texts.append(kind.decode() + ":" + text)
+            if kind == b"Z":
+                break
+    except (OSError, ConnectionError) as exc:
+        ctx.out.internal_errors.append(f"connection lost: {exc}")
+    finally:
+        s.close()
+    return "\n".join(texts)
+
+
+def _msg(kind: bytes, body: bytes) -> bytes:
+    import struct
+
+    return kind + struct.pack("!I", len(body) + 4) + body
+
+
+def _execute_portal(portal: str, max_rows: int = 0) -> bytes:
+    import struct
+
+    return _msg(b"E", portal.encode() + b"\0" + struct.pack("!I", max_rows))
+
+
+def _bind(portal: str, stmt: str) -> bytes:
+    return _msg(b"B", portal.encode() + b"\0" + stmt.encode() + b"\0" + b"\0\0" + b"\0\0" + b"\0\0")
+
+
+SYNC = b"S\0\0\0\4"
+
+
+@technique("rows")
+def t_protocol_execute_sql_cursor(ctx: Ctx) -> None:
+    """A SQL cursor is a portal: DECLARE it (no rows come back), then fetch it with the
+    protocol's Execute message naming the cursor, with no Bind before it and no FETCH
+    statement for pgwarden to judge."""
+    c = ctx.connect()
+    ctx.q(c, "BEGIN")
+    ctx.q(c, "DECLARE rt3c CURSOR FOR SELECT customer_id + 0 AS k, \"Email\" || ' ' || \"FullName\" AS e "
+             "FROM customers WHERE customer_id BETWEEN 1 AND 700")  # fmt: skip
+    r = _raw_exchange(ctx, c, _execute_portal("rt3c") + SYNC)
+    ctx.out.notes.append(f"Execute 'rt3c': {r[:100]!r}")
+    ctx.q(c, "ROLLBACK")
+    ctx.q(c, "DECLARE rt3h CURSOR WITH HOLD FOR SELECT customer_id, \"Email\", \"FullName\" "
+             "FROM customers WHERE customer_id > 700")  # fmt: skip
+    r = _raw_exchange(ctx, c, _execute_portal("rt3h", 2000) + SYNC)
+    ctx.out.notes.append(f"Execute 'rt3h': {r[:100]!r}")
+    ctx.q(c, "CLOSE rt3h")
+
+
+@technique("rows")
+def t_protocol_bind_sql_prepared(ctx: Ctx) -> None:
+    """SQL PREPARE and the protocol's Parse share one namespace: a statement prepared with
+    PREPARE is bound and executed with protocol Bind/Execute messages (no EXECUTE
+    statement); and a protocol-level statement pgwarden saw parsed harmless is DEALLOCATEd
+    and re-PREPAREd under the same name before its Bind."""
+    c = ctx.connect()
+    ctx.q(c, "PREPARE rt3p AS SELECT customer_id + 0 AS k, \"Email\" || ' ' || \"FullName\" AS e "
+             "FROM customers WHERE customer_id BETWEEN 1 AND 700")  # fmt: skip
+    r = _raw_exchange(ctx, c, _bind("", "rt3p") + _execute_portal("") + SYNC)
+    ctx.out.notes.append(f"Bind rt3p: {r[:100]!r}")
+    res = c.pgconn.prepare(b"rt3q", b"SELECT 1::bigint AS k, 'x'::text AS e")
+    ctx.out.notes.append(f"Parse rt3q: {res.status}")
+    ctx.q(c, "DEALLOCATE rt3q")
+    ctx.q(c, "PREPARE rt3q AS SELECT customer_id + 0 AS k, \"Email\" || ' ' || \"FullName\" AS e "
+             "FROM customers WHERE customer_id BETWEEN 701 AND 1400")  # fmt: skip
+    r = _raw_exchange(ctx, c, _bind("", "rt3q") + _execute_portal("") + SYNC)
+    ctx.out.notes.append(f"Bind rt3q: {r[:100]!r}")
+
+
 # --- the honest agent ------------------------------------------------------------------------
 
 
