@@ -2247,6 +2247,61 @@ def t_protocol_bind_sql_prepared(ctx: Ctx) -> None:
     ctx.out.notes.append(f"Bind rt3q: {r[:100]!r}")
 
 
+@technique("rows")
+def t_honest_shapes_rt3(ctx: Ctx) -> None:
+    """Honest use: the agent's own customers read in shapes application code writes -- an
+    ANY(array) parameter, FETCH FIRST, an EXISTS over the agent's open tickets, COALESCE over
+    a LEFT JOIN, a JOIN ... USING, a CASE on the tier, a named psycopg cursor over three of
+    them, an ORDER BY of a labelled column. Which are refused, and why?"""
+    mine = sorted(ctx.env.ds.need_to_know(ATTACKER))[:3]
+    k = mine[0]
+    aid = ctx.env.ds.agent_id(ATTACKER)
+    c = ctx.connect()
+    for q, p in ((f'SELECT customer_id, "FullName", "Email" FROM customers WHERE customer_id = ANY(%s)', (mine,)),
+                 (f'SELECT customer_id, "Email" FROM customers WHERE customer_id = {k} FETCH FIRST 1 ROW ONLY', None),
+                 ('SELECT c.customer_id, c."FullName" FROM customers c WHERE EXISTS (SELECT 1 FROM "Tickets" t '
+                  f"WHERE t.customer_id = c.customer_id AND t.assigned_agent_id = {aid} AND t.status <> 'closed') "
+                  "ORDER BY c.customer_id LIMIT 10", None),
+                 ("SELECT c.customer_id, c.\"FullName\", COALESCE(p.phone, '') AS phone FROM customers c "
+                  f"LEFT JOIN customer_phones p ON p.customer_id = c.customer_id AND p.kind = 'mobile' WHERE c.customer_id = {k}", None),
+                 ('SELECT t."TicketNo", customer_id, c."Email" FROM "Tickets" t JOIN customers c USING (customer_id) '
+                  f"WHERE t.assigned_agent_id = {aid} AND t.status = 'open' ORDER BY t.ticket_id LIMIT 5", None),
+                 (f"SELECT customer_id, CASE WHEN tier = 'vip' THEN \"FullName\" ELSE '' END FROM customers WHERE customer_id = {k}", None),
+                 (f'SELECT customer_id, "FullName" FROM customers WHERE customer_id IN ({",".join(map(str, mine))}) ORDER BY "FullName"', None),
+                 (f"SELECT customer_id, \"FullName\", profile->'contact'->>'email' FROM customers WHERE customer_id = %s", (k,))):  # fmt: skip
+        if ctx.q(c, q, p) is None:
+            ctx.out.notes.append(
+                f"refused: {q[:80]} -> {ctx.out.error_samples[-1][:160] if ctx.out.error_samples else ''}"
+            )
+    t = ctx.connect(autocommit=False)
+    ctx.stmt += 1
+    ctx.out.statements += 1
+    try:
+        with t.cursor(name="rt3honest") as cur:
+            cur.execute(ctx.sql(f'SELECT customer_id, "Email" FROM customers WHERE customer_id IN ({",".join(map(str, mine))})'))
+            ctx.seen("rows", sdb.dump_io(cur.fetchall()))
+    except psycopg.Error as exc:
+        ctx._error(exc)
+        ctx.out.notes.append(f"named cursor refused: {str(exc)[:160]}")
+    t.rollback()
+
+
+@technique("rows")
+def t_analyst_protocol_portals(ctx: Ctx) -> None:
+    """The analyst: a SQL cursor fetched by the protocol's Execute message, and a SQL-prepared
+    statement bound by the protocol's Bind message; are the masked columns masked?"""
+    ctx.out.analyst = True
+    c = ctx.connect(sdb.ANALYST)
+    ctx.q(c, "BEGIN")
+    ctx.q(c, "DECLARE rt3c CURSOR FOR SELECT customer_id, \"Email\", \"FullName\", profile::text "
+             "FROM customers WHERE tier = 'vip' AND customer_id <> 3111")  # fmt: skip
+    _raw_exchange(ctx, c, _execute_portal("rt3c") + SYNC)
+    ctx.q(c, "ROLLBACK")
+    ctx.q(c, "PREPARE rt3p AS SELECT customer_id, \"Email\", phone FROM customers JOIN customer_phones "
+             "USING (customer_id) WHERE tier = 'vip' AND customer_id <> 3111")  # fmt: skip
+    _raw_exchange(ctx, c, _bind("", "rt3p") + _execute_portal("") + SYNC)
+
+
 # --- the honest agent ------------------------------------------------------------------------
 
 
