@@ -2257,7 +2257,7 @@ def t_honest_shapes_rt3(ctx: Ctx) -> None:
     k = mine[0]
     aid = ctx.env.ds.agent_id(ATTACKER)
     c = ctx.connect()
-    for q, p in ((f'SELECT customer_id, "FullName", "Email" FROM customers WHERE customer_id = ANY(%s)', (mine,)),
+    for q, p in (('SELECT customer_id, "FullName", "Email" FROM customers WHERE customer_id = ANY(%s)', (mine,)),
                  (f'SELECT customer_id, "Email" FROM customers WHERE customer_id = {k} FETCH FIRST 1 ROW ONLY', None),
                  ('SELECT c.customer_id, c."FullName" FROM customers c WHERE EXISTS (SELECT 1 FROM "Tickets" t '
                   f"WHERE t.customer_id = c.customer_id AND t.assigned_agent_id = {aid} AND t.status <> 'closed') "
@@ -2268,7 +2268,7 @@ def t_honest_shapes_rt3(ctx: Ctx) -> None:
                   f"WHERE t.assigned_agent_id = {aid} AND t.status = 'open' ORDER BY t.ticket_id LIMIT 5", None),
                  (f"SELECT customer_id, CASE WHEN tier = 'vip' THEN \"FullName\" ELSE '' END FROM customers WHERE customer_id = {k}", None),
                  (f'SELECT customer_id, "FullName" FROM customers WHERE customer_id IN ({",".join(map(str, mine))}) ORDER BY "FullName"', None),
-                 (f"SELECT customer_id, \"FullName\", profile->'contact'->>'email' FROM customers WHERE customer_id = %s", (k,))):  # fmt: skip
+                 ("SELECT customer_id, \"FullName\", profile->'contact'->>'email' FROM customers WHERE customer_id = %s", (k,))):  # fmt: skip
         if ctx.q(c, q, p) is None:
             ctx.out.notes.append(
                 f"refused: {q[:80]} -> {ctx.out.error_samples[-1][:160] if ctx.out.error_samples else ''}"
