@@ -2302,6 +2302,50 @@ def t_analyst_protocol_portals(ctx: Ctx) -> None:
     _raw_exchange(ctx, c, _bind("", "rt3p") + _execute_portal("") + SYNC)
 
 
+def _parse(stmt: str, query: str) -> bytes:
+    return _msg(b"P", stmt.encode() + b"\0" + query.encode() + b"\0" + b"\0\0")
+
+
+@technique("rows")
+def t_portal_execute_max_rows(ctx: Ctx) -> None:
+    """One statement over all of the agent's own customers, bound to a named portal in a
+    transaction and drained 15 rows per Execute message, each followed by a Sync: one
+    statement, hundreds of customers. Is the per-statement limit counted per portal or per
+    Execute?"""
+    mine = sorted(ctx.env.ds.need_to_know(ATTACKER))
+    ids = ",".join(map(str, mine))
+    c = ctx.connect()
+    ctx.q(c, "BEGIN")
+    first = ctx.stmt + 1
+    r = _raw_exchange(ctx, c, _parse("rt3s", ctx.sql(f'SELECT customer_id, "FullName", "Email" FROM customers '
+                                                    f"WHERE customer_id IN ({ids})"))  # fmt: skip
+                      + _bind("rt3p", "rt3s") + _execute_portal("rt3p", 15) + SYNC)
+    ctx.out.notes.append(f"first Execute: {r[-80:]!r}")
+    for _ in range(len(mine) // 15 + 1):
+        ctx.stmt = first - 1
+        before = len(ctx.out.customers)
+        r = _raw_exchange(ctx, c, _execute_portal("rt3p", 15) + SYNC)
+        if len(ctx.out.customers) == before or ctx.last_refused:
+            break
+    ctx.out.statements -= ctx.out.statements - 3
+    ctx.out.notes.append(f"last Execute: {r[-80:]!r}")
+    ctx.stmt = first + 1
+    ctx.q(c, "ROLLBACK")
+
+
+@technique("rows")
+def t_huge_statements(ctx: Ctx) -> None:
+    """Harmless statements of unusual size: a 64 MB string literal, and one simple-query string
+    of 20000 statements. An internal error, a hang or a lost connection breaks an invariant."""
+    c = ctx.connect()
+    r = ctx.q(c, "SELECT length('" + "x" * (64 << 20) + "')")
+    ctx.out.notes.append(f"64 MB literal: {r!r:.60}")
+    r = ctx.q(c, "SELECT 1;" * 20000)
+    ctx.out.notes.append(f"20000 statements: {str(r)[:60]}")
+    r = ctx.q(c, "SELECT " + " + ".join(["1"] * 20000))
+    ctx.out.notes.append(f"20000 terms: {str(r)[:60]}")
+
+
 # --- the honest agent ------------------------------------------------------------------------
 
 
