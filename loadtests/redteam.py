@@ -2388,6 +2388,50 @@ def t_writable_ctes(ctx: Ctx) -> None:
     ctx.q(c, "ROLLBACK")
 
 
+@technique("rows")
+def t_budget_two_doors(ctx: Ctx) -> None:
+    """The hourly budget, spent twice: the agent reads her own customers logged in as herself
+    until refused, then (app variant only) the rest through the helpdesk account with her
+    signed name, one ticket card at a time by the application's own allow-listed statement.
+    Is the budget one per person, or one per door?"""
+    tickets = ctx.env.ds.open_tickets(ATTACKER)
+    mine = sorted({t.customer_id for t in tickets})
+    direct = psycopg.connect(ctx.proxy.dsn(ATTACKER, database=sdb.DBNAME, password=sdb.PASSWORD),
+                             autocommit=True)  # fmt: skip
+    ctx._conns.append(direct)
+    streak = [0]
+    for i in range(0, len(mine), 15):
+        ids = ",".join(map(str, mine[i : i + 15]))
+        ctx.stmt += 1
+        ctx.out.statements += 1
+        ctx.last_refused = False
+        try:
+            rows = direct.execute('SELECT customer_id, "FullName", "Email" FROM customers '
+                                  f"WHERE customer_id IN ({ids})").fetchall()  # fmt: skip
+            ctx.seen("rows", sdb.dump_io(rows))
+        except psycopg.Error as exc:
+            ctx._error(exc)
+        if _stop_after(ctx, streak, limit=2):
+            break
+    ctx.out.notes.append(f"as herself: {len(ctx.out.customers)} customers")
+    if not ctx.app:
+        return
+    c = ctx.connect()  # the helpdesk account, her signed name on every statement
+    got = set(ctx.out.customers)
+    streak = [0]
+    for t in tickets:
+        if t.customer_id in got:
+            continue
+        got.add(t.customer_id)
+        ctx.q(c, 'SELECT t."TicketNo", c.customer_id, c."FullName", c."Email", p.phone FROM "Tickets" t '
+                 "JOIN customers c ON c.customer_id = t.customer_id LEFT JOIN customer_phones p "
+                 "ON p.customer_id = c.customer_id AND p.kind = %s WHERE t.\"TicketNo\" = %s",
+              ("mobile", t.ticket_no))  # fmt: skip
+        if _stop_after(ctx, streak, limit=3):
+            break
+    ctx.out.notes.append(f"both doors: {len(ctx.out.customers)} customers")
+
+
 # --- the honest agent ------------------------------------------------------------------------
 
 
