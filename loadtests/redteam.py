@@ -2318,7 +2318,7 @@ def t_portal_execute_max_rows(ctx: Ctx) -> None:
     ctx.q(c, "BEGIN")
     first = ctx.stmt + 1
     r = _raw_exchange(ctx, c, _parse("rt3s", ctx.sql(f'SELECT customer_id, "FullName", "Email" FROM customers '
-                                                    f"WHERE customer_id IN ({ids})"))  # fmt: skip
+                                                    f"WHERE customer_id IN ({ids})"))
                       + _bind("rt3p", "rt3s") + _execute_portal("rt3p", 15) + SYNC)
     ctx.out.notes.append(f"first Execute: {r[-80:]!r}")
     for _ in range(len(mine) // 15 + 1):
@@ -2430,6 +2430,52 @@ def t_budget_two_doors(ctx: Ctx) -> None:
         if _stop_after(ctx, streak, limit=3):
             break
     ctx.out.notes.append(f"both doors: {len(ctx.out.customers)} customers")
+
+
+_IMPLICIT = ("SELECT c.customer_id, string_agg(chr(x.code), '' ORDER BY p.pos) AS v "
+             "FROM customers c CROSS JOIN generate_series(1, 60) p(pos) "
+             "JOIN generate_series(32, 383) x(code) ON chr(x.code) = substr(c.{col}, p.pos, 1) "
+             "WHERE {where} GROUP BY c.customer_id")  # fmt: skip
+_IMPLICIT_ROWS = ("SELECT c.customer_id, p.pos, chr(x.code) FROM customers c CROSS JOIN generate_series(1, 60) p(pos) "
+                  "JOIN generate_series(32, 383) x(code) ON chr(x.code) = substr(c.{col}, p.pos, 1) "
+                  "WHERE {where}")  # fmt: skip
+
+
+def _implicit_rows(ctx: Ctx, rows: list[tuple[Any, ...]] | None) -> None:
+    """Reassemble (customer, position, character) rows into the values they spell."""
+    if not rows:
+        return
+    spelt: dict[Any, dict[int, str]] = {}
+    for k, pos, ch in rows:
+        spelt.setdefault(k, {})[int(pos)] = ch
+    ctx.seen("rows", "\n".join("".join(v[i] for i in sorted(v)) for v in spelt.values()))
+
+
+@technique("rows")
+def t_implicit_flow_join(ctx: Ctx) -> None:
+    """Implicit flow: no labelled column reaches the result. Each character of an e-mail and a
+    name is matched against a generated table of characters in the JOIN condition; the
+    result carries the generated character (chr(code)), put back together with string_agg,
+    or as one row per character put together by the client. The planted canaries are left
+    out (the attacker has seen their e-mails quarantine colleagues)."""
+    c = ctx.connect()
+    for a in range(1, N_ALL, 1100):
+        w = f"c.customer_id BETWEEN {a} AND {a + 1099} AND c.customer_id NOT IN {tuple(sdb.CANARY_IDS)}"
+        ctx.q(c, _IMPLICIT.format(col='"Email"', where=w))
+    for col in ('"Email"', '"FullName"'):
+        _implicit_rows(ctx, ctx.q(c, _IMPLICIT_ROWS.format(col=col, where="c.customer_id BETWEEN 1 AND 40")))
+
+
+@technique("rows")
+def t_analyst_implicit_flow_join(ctx: Ctx) -> None:
+    """The analyst: the masked e-mail and name spelt out by an implicit flow through a JOIN
+    condition; the result column is a generated character, never a masked column."""
+    ctx.out.analyst = True
+    c = ctx.connect(sdb.ANALYST)
+    w = "c.tier = 'vip' AND c.customer_id <> 3111"
+    for col in ('"Email"', '"FullName"'):
+        ctx.q(c, _IMPLICIT.format(col=col, where=w))
+    _implicit_rows(ctx, ctx.q(c, _IMPLICIT_ROWS.format(col='"Email"', where=w + " AND c.customer_id < 200")))
 
 
 # --- the honest agent ------------------------------------------------------------------------
