@@ -2520,6 +2520,27 @@ def t_scs_reverse(ctx: Ctx) -> None:
         ctx.out.notes.append(f"{back}: {r!r:.80}")
 
 
+@technique("rows")
+def t_implicit_flow_generated_key(ctx: Ctx) -> None:
+    """Implicit flow where the customer's number in the result is a generated one joined to
+    the key (k.id = d.customer_id), not the table's key column: for crm.customers, the
+    materialized directory, the phone partitions and the legacy table, customers outside the
+    agent's tickets, one row per character."""
+    c = ctx.connect()
+    ntk = ctx.env.ds.need_to_know(ATTACKER)
+    others = [k for k in range(1, N_ALL + 1) if k not in ntk and k not in sdb.CANARY_IDS]
+    for n, (tbl, col) in enumerate((("customers", '"Email"'), ("customer_directory", "email"),
+                                    ("customer_phones", "phone"), ("legacy_customers", '"FullName"'))):  # fmt: skip
+        ids = others[n * 60 : n * 60 + 60] if tbl != "legacy_customers" else [
+            k for k in others if k > sdb.CUSTOMERS][:60]
+        ids_s = ",".join(map(str, ids))
+        rows = ctx.q(c, f"SELECT k.id, p.pos, chr(x.code) FROM unnest(ARRAY[{ids_s}]::bigint[]) k(id) "
+                        f"JOIN {tbl} d ON d.customer_id = k.id CROSS JOIN generate_series(1, 40) p(pos) "
+                        f"JOIN generate_series(32, 126) x(code) ON chr(x.code) = substr(d.{col}, p.pos, 1)")  # fmt: skip
+        _implicit_rows(ctx, rows)
+        ctx.out.notes.append(f"{tbl}: {ctx.out.error_samples[-1][:150] if rows is None and ctx.out.error_samples else len(rows or [])}")
+
+
 # --- the honest agent ------------------------------------------------------------------------
 
 
