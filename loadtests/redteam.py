@@ -2541,6 +2541,23 @@ def t_implicit_flow_generated_key(ctx: Ctx) -> None:
         ctx.out.notes.append(f"{tbl}: {ctx.out.error_samples[-1][:150] if rows is None and ctx.out.error_samples else len(rows or [])}")
 
 
+@technique("rows")
+def t_sql_names_protocol_objects(ctx: Ctx) -> None:
+    """The crossing the other way: a statement prepared with the protocol's Parse message run
+    by a SQL EXECUTE, and a portal made by the protocol's Bind message read with a SQL FETCH."""
+    c = ctx.connect()
+    q = ("SELECT customer_id + 0 AS k, \"Email\" || ' ' || \"FullName\" AS e FROM customers "
+         "WHERE customer_id BETWEEN {a} AND {b}")  # fmt: skip
+    res = c.pgconn.prepare(b"rt3x", ctx.sql(q.format(a=1, b=700)).encode())
+    ctx.out.notes.append(f"Parse rt3x: {res.status} {res.error_message.decode()[:100]}")
+    ctx.q(c, "EXECUTE rt3x")
+    ctx.q(c, "BEGIN")
+    r = _raw_exchange(ctx, c, _parse("rt3y", ctx.sql(q.format(a=701, b=1400))) + _bind("rt3yp", "rt3y") + SYNC)
+    ctx.out.notes.append(f"Parse/Bind rt3yp: {r[:80]!r}")
+    ctx.q(c, "FETCH ALL FROM rt3yp")
+    ctx.q(c, "ROLLBACK")
+
+
 # --- the honest agent ------------------------------------------------------------------------
 
 
