@@ -2558,6 +2558,31 @@ def t_sql_names_protocol_objects(ctx: Ctx) -> None:
     ctx.q(c, "ROLLBACK")
 
 
+@technique("rows")
+def t_honest_psql_describe(ctx: Ctx) -> None:
+    """Honest use at a psql console: the agent looks at the tables' structure (\\d, \\dt, \\dv,
+    \\df, \\dT) before writing a query; psql sends its catalog queries. Which are refused?"""
+    psql = str(ctx.env.pg.bindir / "psql")
+    env = {"PGPASSWORD": sdb.PASSWORD, "PGSSLMODE": "disable", "PATH": "/usr/bin:/bin"}
+    for cmd in ("\\d customers", "\\dt crm.*", "\\dv crm.*", "\\df crm.*", "\\dT crm.*", "\\d+ \"Tickets\"",
+                "\\dn", "\\l"):  # fmt: skip
+        ctx.stmt += 1
+        ctx.out.statements += 1
+        p = subprocess.run(
+            [psql, "-X", "-h", ctx.proxy.host, "-p", str(ctx.proxy.port), "-U", ATTACKER, "-d", sdb.DBNAME,
+             "-c", cmd],
+            capture_output=True, text=True, env=env, timeout=60, check=False,
+        )  # fmt: skip
+        ctx.seen("rows", p.stdout)
+        ctx.seen("error", p.stderr)
+        n = p.stderr.count("pgwarden: blocked")
+        ctx.out.refused += n
+        if n or p.returncode:
+            ctx.out.notes.append(f"{cmd}: {p.stderr.strip()[:160]}")
+        if "XX000" in p.stderr or "server closed the connection" in p.stderr:
+            ctx.out.internal_errors.append(p.stderr.strip()[:200])
+
+
 # --- the honest agent ------------------------------------------------------------------------
 
 
