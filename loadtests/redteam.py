@@ -2583,6 +2583,23 @@ def t_honest_psql_describe(ctx: Ctx) -> None:
             ctx.out.internal_errors.append(p.stderr.strip()[:200])
 
 
+@technique("rows")
+def t_client_encoding_set_config(ctx: Ctx) -> None:
+    """client_encoding switched to a backslash-trailing multibyte encoding by set_config() (or
+    SET LOCAL) rather than SET or the startup packet, then E'予' hides the columns from a
+    reader that takes the bytes as UTF-8 or Latin-1."""
+    for enc, ch, how in (("SJIS", "予", "set_config"), ("GBK", "乗", "set_config"), ("BIG5", "么", "local")):
+        c = ctx.connect()
+        if how == "local":
+            ctx.q(c, "BEGIN")
+            ctx.q(c, f"SET LOCAL client_encoding = '{enc}'")
+        else:
+            ctx.q(c, f"SELECT set_config('client_encoding', '{enc}', false)")
+        r = ctx.q(c, f"SELECT E'{ch}', customer_id + 0 AS k, \"Email\" || '' AS e FROM customers "
+                     "WHERE customer_id BETWEEN 1 AND 700 AND customer_id <> 777 -- '")  # fmt: skip
+        ctx.out.notes.append(f"{enc} by {how}: {r!r:.80}")
+
+
 # --- the honest agent ------------------------------------------------------------------------
 
 
