@@ -2600,6 +2600,21 @@ def t_client_encoding_set_config(ctx: Ctx) -> None:
         ctx.out.notes.append(f"{enc} by {how}: {r!r:.80}")
 
 
+@technique("rows")
+def t_honest_legacy_scs_off(ctx: Ctx) -> None:
+    """Honest use from a legacy client that connects with standard_conforming_strings=off
+    (old PHP and Perl stacks do) and escapes quotes with a backslash: the agent's own
+    customer, excluding a name with an apostrophe."""
+    k = min(ctx.env.ds.need_to_know(ATTACKER))
+    c = ctx.connect(options="'-c statement_timeout=30000 -c standard_conforming_strings=off'")
+    for q in (f"SELECT customer_id, \"Email\" FROM customers WHERE customer_id = {k} AND \"FullName\" <> 'O\\'Brien'",
+              f"SELECT customer_id, \"Email\" FROM customers WHERE customer_id = {k} AND region <> 'a\\\\b'"):  # fmt: skip
+        if ctx.q(c, q) is None:
+            ctx.out.notes.append(
+                f"refused: {q[-45:]} -> {ctx.out.error_samples[-1][:150] if ctx.out.error_samples else ''}"
+            )
+
+
 # --- the honest agent ------------------------------------------------------------------------
 
 
