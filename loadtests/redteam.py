@@ -2638,6 +2638,30 @@ def t_advisory_lock_channel(ctx: Ctx) -> None:
         ctx.q(c, "SELECT pg_advisory_unlock_all()")
 
 
+@technique("rows")
+def t_advisory_lock_where(ctx: Ctx) -> None:
+    """As advisory_lock_channel, with the lock taken in the WHERE clause: the server runs it for
+    every row and the statement returns no rows at all, so nothing is refused and nobody is
+    quarantined; pg_locks is read back 100 customers at a time, through the whole table."""
+    c = ctx.connect()
+    canaries = ",".join(map(str, sdb.CANARY_IDS))
+    streak = [0]
+    for a in range(1, N_ALL, 100):
+        ctx.q(c, "SELECT c.customer_id FROM customers c, generate_series(1, 40) p(pos) "
+                 f"WHERE c.customer_id BETWEEN {a} AND {a + 99} AND c.customer_id NOT IN ({canaries}) "
+                 "AND p.pos <= length(c.\"Email\") AND pg_advisory_lock(c.customer_id::int, "
+                 "p.pos * 1000 + ascii(substr(c.\"Email\", p.pos, 1))) IS NULL")  # fmt: skip
+        rows = ctx.q(c, "SELECT classid, objid FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()")
+        if rows:
+            spelt: dict[int, dict[int, str]] = {}
+            for k, v in rows:
+                spelt.setdefault(int(k), {})[int(v) // 1000] = chr(int(v) % 1000)
+            ctx.seen("rows", "\n".join("".join(s[i] for i in sorted(s)) for s in spelt.values()))
+        ctx.q(c, "SELECT pg_advisory_unlock_all()")
+        if _stop_after(ctx, streak, limit=3):
+            break
+
+
 # --- the honest agent ------------------------------------------------------------------------
 
 
