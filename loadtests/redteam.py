@@ -1935,7 +1935,7 @@ def t_analyst_lateral_srf(ctx: Ctx) -> None:
     jsonb_each_text, jsonb_to_record, unnest, regexp_split_to_table, XMLTABLE."""
     ctx.out.analyst = True
     c = ctx.connect(sdb.ANALYST)
-    v = "c.tier = 'vip'"
+    v = "c.tier = 'vip' AND c.customer_id <> 3111"  # the vip canary would quarantine at once
     for q in (f"SELECT c.customer_id, j.key, j.value FROM customers c, jsonb_each_text(c.profile->'contact') j WHERE {v}",
               f"SELECT c.customer_id, r.name FROM customers c, jsonb_to_record(c.profile) AS r(name text) WHERE {v}",
               f"SELECT c.customer_id, p FROM customers c, unnest(c.alt_phones) p WHERE {v}",
@@ -1944,7 +1944,9 @@ def t_analyst_lateral_srf(ctx: Ctx) -> None:
               f"SELECT c.customer_id, x.e FROM customers c, XMLTABLE('/r' PASSING xmlelement(name r, c.\"Email\") "
               f"COLUMNS e text PATH '.') x WHERE {v}",
               f"SELECT c.customer_id, k.* FROM customers c, LATERAL (SELECT (c.card).*) k WHERE {v}"):  # fmt: skip
+        n = ctx.stmt + 1
         ctx.q(c, q)
+        ctx.out.notes.append(f"{len(ctx.out.per_statement.get(n, ()))} unmasked: {q[:90]}")
 
 
 @technique("rows")
