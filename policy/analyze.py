@@ -291,6 +291,15 @@ def analyze_text(
     """Uncached analysis of every statement in ``sql``."""
     try:
         tree = parse_json(sql)
+    except UnicodeEncodeError:
+        norm, shape_text = normalize_and_shape(sql)
+        return (
+            QueryFacts(
+                kind="unknown", normalized=norm, fingerprint=fingerprint(sql, shape_text),
+                unanalysable="the statement's bytes are not UTF-8 (pgwarden reads SQL as "
+                "UTF-8: set client_encoding to UTF8)",
+            ),
+        )  # fmt: skip
     except ValueError:
         # The parser's tree nests deeper than the JSON decoder goes (~150 levels of
         # subqueries): refused as what it is, not as an internal error.
@@ -727,6 +736,14 @@ def _copy_columns(w: StatementWalker, n: Node, f: dict[str, Any], is_from: bool)
 def _variable_set(n: Node, f: dict[str, Any]) -> None:
     name = n.get("name")
     vkind = n.get("kind")
+    if name == "standard_conforming_strings" and vkind == "VAR_SET_VALUE":
+        args = n.get("args") or []
+        value = (const_str(args[0]) or "") if args else ""
+        if value.lower() not in ("on", "true", "yes", "1"):
+            raise Unanalysable(
+                "standard_conforming_strings off: PostgreSQL would read backslashes in string "
+                "literals as escapes, and pgwarden's reading of the SQL would differ"
+            )
     if name in ("role", "session_authorization"):
         args = n.get("args") or []
         role = const_str(args[0]) if args and vkind == "VAR_SET_VALUE" else "none"
@@ -771,6 +788,8 @@ def _set_config_calls(n: Node, f: dict[str, Any]) -> None:
         if not fname or fname[-1] != "set_config":
             continue
         args = call.get("args") or []
+        if args and const_str(args[0]) in ("standard_conforming_strings", "client_encoding"):
+            raise Unanalysable(f"set_config() of {const_str(args[0])}")
         if len(args) < 2 or const_str(args[0]) != "search_path":
             if args and const_str(args[0]) is None:
                 raise Unanalysable("set_config() with a setting name chosen at run time")

@@ -59,8 +59,10 @@ class Subject:
 
     @property
     def key(self) -> str:
-        """The identity window counters and quarantine are kept under."""
-        return f"end_user:{self.end_user}" if self.end_user else f"user:{self.user}"
+        """The identity window counters and quarantine are kept under: the person, named
+        by the application or logged in as themselves (agent_ann through the helpdesk
+        account and agent_ann with her own role are one budget, one quarantine)."""
+        return f"person:{self.end_user or self.user}"
 
 
 class CountersView(Protocol):
@@ -567,8 +569,11 @@ class Engine:
             *(cp.labels for cp in facts.copies if cp.target == "pg_catalog.pg_notify")
         )
         settings = frozenset().union(
-            *(cp.labels for cp in facts.copies if cp.target == "pg_catalog.set_config")
-        )
+            *(
+                cp.labels for cp in facts.copies
+                if cp.target in ("pg_catalog.set_config", "pg_catalog.pg_locks")
+            )
+        )  # fmt: skip
         for labels, rule_id, reason, hint in (
             (
                 packed_copies, "one-record-per-row",
@@ -584,8 +589,8 @@ class Engine:
             ),
             (
                 settings, "one-record-per-row",
-                f"it would keep {', '.join(sorted(settings))} in a setting (set_config), to "
-                "be read back past every limit",
+                f"it would keep {', '.join(sorted(settings))} in a setting (set_config) or "
+                "the keys of advisory locks, to be read back past every limit",
                 "read labelled columns with SELECT, where pgwarden applies the rules",
             ),
         ):  # fmt: skip

@@ -153,6 +153,9 @@ NOTIFY_TARGET = "pg_catalog.pg_notify"
 # set_config(name, value): a value kept in the session, read back with current_setting()
 # past every row limit (accumulated over a table's rows in a WHERE clause).
 SETTINGS_TARGET = "pg_catalog.set_config"
+# pg_advisory_lock(key) and its kin: a key taken is read back from pg_locks by anyone (the
+# lock is taken while the rows are read, before any limit can refuse the result).
+LOCKS_TARGET = "pg_catalog.pg_locks"
 # Files on the database server (COPY ... TO 'file' / PROGRAM, then pg_read_file).
 SERVER_FILES = SourceColumn("pg_catalog", "server_files", "data")
 SERVER_FILES_TARGET = "pg_catalog.server_files"
@@ -709,6 +712,7 @@ class StatementWalker:
                 else ([], [])
             )  # fmt: skip
             star = _swapped(star, self._equate(quals, *preserved))
+            star = _swapped(star, self._compared(quals, rels))
         for c in using:
             for lin in (dict(lstar).get(c, EMPTY), dict(rstar).get(c, EMPTY)):
                 self.filters |= lin
@@ -815,6 +819,48 @@ class StatementWalker:
         alias_node = n.get("alias")
         alias = alias_node["aliasname"] if alias_node else fname[-1]
         return _rename(Rel(alias, cols), alias_node)
+
+    def _compared(self, node: Any, rels: list[Rel]) -> dict[int, tuple[Lineage, Lineage]]:
+        """A comparison in a WHERE or ON between labelled values and columns of another of
+        ``rels`` (``chr(x.code) = substr(c."Email", p.pos, 1)`` over generate_series rows):
+        which rows of that relation come out spells the labelled values, so its columns
+        carry them (combined: a row so chosen stands for a value of any record compared).
+        Returns what was replaced, for the FROM list's ``*``."""
+        replaced: dict[int, tuple[Lineage, Lineage]] = {}
+        if not node or len(rels) < 2:
+            return replaced
+        labels_of = self.shared.lineage_labels
+        for conj in _conjuncts(node):
+            kind, e = node_type(conj)
+            if kind != "A_Expr":
+                continue
+            sides = [e.get("lexpr"), e.get("rexpr")]
+            lins = [_side_lineage(side, rels) for side in sides]
+            plain = all(node_type(side or {})[0] == "ColumnRef" for side in sides)
+            for side, other in ((0, 1), (1, 0)):
+                labelled = frozenset(s for s in lins[other] if labels_of((s,)))
+                if not labelled:
+                    continue
+                sources = {id(r) for r in _side_rels(sides[other], rels)}
+                for ref in iter_nodes(sides[side], "ColumnRef"):
+                    fields = ref.get("fields") or []
+                    if any("String" not in f for f in fields):
+                        continue
+                    hit = _rel_column(names(fields), rels)
+                    if hit is None or id(hit[0]) in sources:
+                        continue
+                    rel = hit[0]
+                    # Equal to a plain labelled column: a copy of its value; chosen by an
+                    # expression of it: standing for any of the values compared.
+                    tainted = labelled if plain else combined(labelled)
+                    new_cols = []
+                    for c, lin in rel.columns:
+                        new = frozenset(lin | tainted)
+                        replaced[id(lin)] = (lin, new)
+                        new_cols.append((c, new))
+                    rel.columns = new_cols
+                    rel.colmap = {c: lin for c, lin in new_cols}
+        return replaced
 
     def _equate(
         self, node: Any, keepers: list[Rel], others: list[Rel]
@@ -970,6 +1016,7 @@ class StatementWalker:
         local.star = _swapped(
             local.star, self._equate(n.get("whereClause"), local.rels, local.rels)
         )
+        local.star = _swapped(local.star, self._compared(n.get("whereClause"), local.rels))
         out = self.target_list(n.get("targetList") or (), local)
         for key in ("whereClause", "havingClause"):
             self.filters |= self.filter_expr(n.get(key), local)
@@ -1400,6 +1447,8 @@ class StatementWalker:
             self.record_copy(NOTIFY_TARGET, [("", frozenset(inner))])
         elif builtin and name == "set_config":
             self.record_copy(SETTINGS_TARGET, [("", frozenset(inner))])
+        elif builtin and name.startswith(("pg_advisory", "pg_try_advisory")):
+            self.record_copy(LOCKS_TARGET, [("", frozenset(inner))])
         found = self.user_function(fname, inner)
         builtins = self.snapshot.builtin_functions
         if not found and builtins and name not in builtins:
@@ -1610,6 +1659,32 @@ def _rel_column(fields: list[str], rels: list[Rel]) -> tuple[Rel, str] | None:
         ]  # fmt: skip
         hits = [r for r in hits if name in r.colmap]
     return (hits[0], name) if len(hits) == 1 else None
+
+
+def _side_rels(node: Any, rels: list[Rel]) -> list[Rel]:
+    """The ones of ``rels`` whose columns one side of a comparison names."""
+    out = []
+    for ref in iter_nodes(node, "ColumnRef"):
+        fields = ref.get("fields") or []
+        if any("String" not in f for f in fields):
+            continue
+        hit = _rel_column(names(fields), rels)
+        if hit is not None:
+            out.append(hit[0])
+    return out
+
+
+def _side_lineage(node: Any, rels: list[Rel]) -> Lineage:
+    """What the columns of ``rels`` named in one side of a comparison carry."""
+    out: set[SourceColumn] = set()
+    for ref in iter_nodes(node, "ColumnRef"):
+        fields = ref.get("fields") or []
+        if any("String" not in f for f in fields):
+            continue
+        hit = _rel_column(names(fields), rels)
+        if hit is not None:
+            out |= hit[0].colmap.get(hit[1], EMPTY)
+    return frozenset(out)
 
 
 def _swapped(columns: Columns, replaced: dict[int, tuple[Lineage, Lineage]]) -> Columns:

@@ -166,6 +166,9 @@ class Guard:
     record_key: bytes
     audit: bool = False  # an audit trail records every statement (and the record ledger)
     end_user_key: bytes | None = None  # checks signed end-user names (policy.enduser)
+    # The server reports standard_conforming_strings off: it reads backslashes in string
+    # literals as escapes, pgwarden's parser does not, so the two would read different SQL.
+    nonstandard_strings: bool = False
     shared_counts: bool = False  # window counters live in a store other processes write too
     # Need-to-know lookups: (rule id, person) -> (valid until, keys the person may see).
     allowed: dict[tuple[str, str], tuple[float, frozenset[bytes]]] = field(default_factory=dict)
@@ -291,6 +294,17 @@ class Guard:
         out: list[Decision] = []
         if self._forged is not None:
             return self._unvouched(sql)
+        if self.nonstandard_strings and self.watchful:
+            return self._refused_all(
+                sql,
+                refusal(
+                    "fail-closed",
+                    "this session has standard_conforming_strings off, so PostgreSQL reads "
+                    "backslashes in string literals as escapes and pgwarden cannot read the "
+                    "statement as the server will",
+                    hint="connect with standard_conforming_strings on (the default)",
+                ),
+            )
         text = self.upstream(sql)
         for f in self.sql.analyze(sql):
             subject = s
@@ -320,17 +334,19 @@ class Guard:
         """The refusal of a FunctionCall message (the protocol's fast path: a function
         called by its number, with arguments and no SQL), or None when no rule applies to
         this session: whatever the function reads or returns cannot be followed."""
+        return self.unfollowed(
+            "<FunctionCall message>",
+            "a FunctionCall message calls a function by number, with no SQL pgwarden can follow",
+            "call the function in a SELECT",
+        )
+
+    def unfollowed(self, what: str, reason: str, hint: str) -> Decision | None:
+        """The refusal of a protocol message pgwarden cannot judge (``what``), or None when
+        no rule applies to this session."""
         if not self.watchful:
             return None
-        facts = QueryFacts(
-            kind="function_call", normalized="<FunctionCall message>", fingerprint="fastpath"
-        )
-        verdict = refusal(
-            "fail-closed",
-            "a FunctionCall message calls a function by number, with no SQL pgwarden can follow",
-            hint="call the function in a SELECT",
-        )
-        return Decision(facts, verdict, self.subject, "<FunctionCall message>")
+        facts = QueryFacts(kind="protocol", normalized=what, fingerprint="protocol")
+        return Decision(facts, refusal("fail-closed", reason, hint=hint), self.subject, what)
 
     def _unvouched(self, sql: str) -> list[Decision]:
         """Every statement of ``sql`` refused: it names an end user without the signature
@@ -342,6 +358,11 @@ class Guard:
             hint="name the end user with a token from the application (pgwarden policy "
             "sign-end-user)",
         )
+        return self._refused_all(sql, verdict)
+
+    def _refused_all(self, sql: str, verdict: Verdict) -> list[Decision]:
+        """Every statement of ``sql`` refused with ``verdict``, not analysed as the session's
+        SQL (a SET in it does not happen)."""
         facts = self.analyzer.analyze(sql, self.sql.search_path, self.subject.user)
         return [Decision(f, verdict, self.subject, sql) for f in facts]
 
@@ -468,6 +489,12 @@ class Guard:
                 for i, o in enumerate(outputs)
             ]
         out: list[ColumnInfo] = []
+        if outputs and len(outputs) != len(shape.columns):
+            # The server returns columns the analysis did not account for one by one
+            # ((c.card).* of a composite inside a subquery): each may hold any of them.
+            every = frozenset().union(*(o.labels for o in outputs))
+            outputs = tuple(replace(o, labels=every, sources=frozenset(o.sources)) for o in outputs)
+            outputs = outputs[:1] * len(shape.columns)
         for i, (labels, binary, pk_of, type_oid) in enumerate(shape.columns):
             derived = False
             if i < len(outputs):

@@ -699,5 +699,5 @@ class PolicyRuntime:
 
 
 def _who(subject_key: str) -> str:
-    """'end_user:alice' -> 'alice', 'user:bob' -> 'bob' (the key window counters use)."""
+    """'person:alice' -> 'alice' (the key window counters use)."""
     return subject_key.split(":", 1)[-1]

@@ -647,6 +647,8 @@ class Session:
 
     def _parameter(self, name: str, value: str) -> None:
         self.server_params[name] = value
+        if name == "standard_conforming_strings" and self.tracker is not None:
+            self.tracker.guard.nonstandard_strings = value != "on"
         if name == "application_name":
             self.subject.application_name = value
             if self.tracker is not None:
@@ -658,6 +660,8 @@ class Session:
         guard = self.make_guard(self.subject)
         if guard is None:
             return
+        # Set by a startup option or ALTER ROLE ... SET: the server reads '\'' as a quote.
+        guard.nonstandard_strings = self.server_params.get("standard_conforming_strings") == "off"
         assert self._client_reader is not None
         tracker = Tracker(guard, self.stats, self.settings.max_message, self._parameter)
         tracker.ledger = tracker.durable = guard.audit

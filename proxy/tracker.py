@@ -236,6 +236,7 @@ class Tracker:
                     return self._refresh_first(refresh, out, parts, raw, fwd, head)
                 self.stats.statements += 1
                 self.cycles.append(time.perf_counter())
+                self._forget_renamed(decisions)
                 blocked = self.guard.blocked(decisions)
                 self.fifo.append(Entry(QUERY, statements=decisions))
                 if blocked is not None:
@@ -285,6 +286,17 @@ class Tracker:
             elif t == _B:
                 portal_name, statement, formats = bind_head(raw[start:end])
                 refused = self.prepared.get(statement) if statement in self.refused else None
+                if refused is None and statement not in self.prepared:
+                    # Prepared by SQL PREPARE (the protocol and SQL share one namespace):
+                    # its text was judged as a PREPARE, never as what a portal of it runs.
+                    refused = self.guard.unfollowed(
+                        f"<Bind of statement {statement!r}>",
+                        "a Bind of a statement this session did not Parse (one made with SQL "
+                        "PREPARE) runs SQL pgwarden did not judge for it",
+                        "run it with EXECUTE, or Parse the statement",
+                    )
+                    if refused is not None:
+                        out.append(self._block_command(refused))
                 if refused is not None:
                     # A portal of a refused statement runs the refusal instead: a statement
                     # of pgwarden's that raises it, made anew for each such Bind (its
@@ -300,8 +312,10 @@ class Tracker:
                     )
                     fwd = end
                     self.fifo += (Entry(HIDDEN), Entry(HIDDEN))
-                    formats = ()
-                elif len(formats) > 1 and (hidden := _hidden(self.prepared.get(statement))):
+                    self.portals[portal_name] = Portal(refused, None, ())
+                    self.fifo.append(Entry(BIND))
+                    continue
+                if len(formats) > 1 and (hidden := _hidden(self.prepared.get(statement))):
                     # One format code per column: the server's result has the appended ones.
                     parts += (raw[fwd:head], bind_with_keys(raw[start:end], formats, hidden))
                     fwd = end
@@ -321,6 +335,24 @@ class Tracker:
             elif t == _E:
                 portal_name, _max_rows = execute_head(raw[start:end])
                 portal = self.portals.get(portal_name)
+                if portal is None and (unseen := self._unbound(portal_name)) is not None:
+                    # A portal this session did not Bind: a SQL cursor (DECLARE), whose rows
+                    # pgwarden judges at FETCH.  Its refusal runs in a portal of its own.
+                    v = unseen.verdict
+                    sub = raise_statement(v.message, v.hint, v.sqlstate)
+                    parts += (
+                        raw[fwd:head],
+                        Close("S", REFUSAL_STATEMENT).encode(),
+                        Parse(REFUSAL_STATEMENT, sub).encode(),
+                        Bind(REFUSAL_STATEMENT, REFUSAL_STATEMENT).encode(),
+                        Execute(REFUSAL_STATEMENT).encode(),
+                    )
+                    fwd = end
+                    self.fifo += (Entry(HIDDEN), Entry(HIDDEN), Entry(HIDDEN))
+                    out.append(self._block_command(unseen))
+                    self.stats.statements += 1
+                    self.fifo.append(Entry(EXECUTE, running=self._running(unseen)))
+                    continue
                 decision = portal.decision if portal is not None else None
                 plan = decision.plan if decision is not None else None
                 if (
@@ -1339,6 +1371,28 @@ class Tracker:
         if status == "I":
             self.guard.sql.end_transaction()
         return True, out
+
+    def _forget_renamed(self, decisions: list[Decision]) -> None:
+        """SQL PREPARE, DEALLOCATE and DISCARD reach the statements the protocol names too
+        (one namespace): a name pgwarden saw Parsed may now be another statement, which a
+        Bind must not run as the one judged."""
+        for d in decisions:
+            kind = d.facts.kind
+            if kind in ("prepare", "deallocate"):
+                if d.facts.prepared_name is None:
+                    self.prepared.clear()  # DEALLOCATE ALL
+                else:
+                    self.prepared.pop(d.facts.prepared_name, None)
+            elif kind == "discard":
+                self.prepared.clear()
+
+    def _unbound(self, portal_name: str) -> Decision | None:
+        return self.guard.unfollowed(
+            f"<Execute of portal {portal_name!r}>",
+            "an Execute of a portal this session did not Bind (a SQL cursor) reads rows "
+            "pgwarden judges only at FETCH",
+            "read the cursor with FETCH",
+        )
 
     def _more_than_learned(
         self, running: Running, decision: Decision, rows: int

@@ -30,7 +30,13 @@ from tests.seconddb import data as sdb
 # `python -m loadtests.redteam`), marked xfail; remove an entry when it stops leaking.
 # Empty: the last two, impersonation through the shared account by comment and by SET,
 # stopped when the policy asked for signed end-user names (end_user_signed).
-LEAKS: dict[str, str] = {}
+LEAKS: dict[str, str] = {
+    # Windows are exact to a statement per connection; statements that start on other
+    # connections before a connection's usage has landed pass on the total without it
+    # (README). 24 connections at once, 15 of her own customers each, passed the 200.
+    "budget_race/search_path": "about 260-375 distinct customers of her own over 24 concurrent connections (hourly budget 200)",
+    "budget_race/qualified": "about 260-375 distinct customers of her own over 24 concurrent connections (hourly budget 200)",
+}
 
 # Honest work refused today, per variant (false positives).  Empty: the honest agent's day
 # runs without a refusal in both variants.
@@ -94,7 +100,16 @@ def test_technique(env: redteam.Env, name: str, variant: str) -> None:
     assert not out.violations(), f"{name}: {out.violations()} ({out.summary()})"
 
 
-@pytest.mark.parametrize("name", list(redteam.TECHNIQUES))
+# Every technique runs through the application account in ``python -m loadtests.redteam``;
+# ``make test`` takes every sixth (a pgwarden process each, and the suite has a time budget).
+APP_SAMPLE = (
+    list(redteam.TECHNIQUES)
+    if os.environ.get("PGWARDEN_REDTEAM_APP") == "all"
+    else list(redteam.TECHNIQUES)[::6]
+)
+
+
+@pytest.mark.parametrize("name", APP_SAMPLE)
 def test_technique_through_the_application_account_is_refused_by_shape(
     env: redteam.Env, name: str
 ) -> None:
