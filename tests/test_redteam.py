@@ -78,7 +78,9 @@ def test_counter_sees_everyone_through_the_dba(env: redteam.Env) -> None:
 
 def _param(name: str, variant: str) -> object:
     key = f"{name}/{variant}"
-    marks = [pytest.mark.xfail(strict=True, reason=LEAKS[key])] if key in LEAKS else []
+    # A race may or may not pass the budget in a given run: not strict.
+    strict = not name.startswith("budget_race")
+    marks = [pytest.mark.xfail(strict=strict, reason=LEAKS[key])] if key in LEAKS else []
     return pytest.param(name, variant, marks=marks, id=key)
 
 
