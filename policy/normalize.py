@@ -107,7 +107,8 @@ def normalize_and_shape(sql: str) -> tuple[str, str]:
         elif t.kind != "NO_KEYWORD":
             text = text.lower()  # an unreserved keyword may be a name: folded like one
         shape.append(text)
-        _collapse(shape)
+        if text == ")":
+            _collapse(shape)
     return "".join(out).strip(), " ".join(shape)
 
 
