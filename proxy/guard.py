@@ -543,7 +543,12 @@ class Guard:
     def redecide(self, decision: Decision, missed: frozenset[str]) -> Decision:
         """Decide again, knowing the result carries labels the analysis did not see."""
         extra = OutputColumn("(unanalysed)", frozenset(), missed)
-        facts = replace(decision.facts, output=(*decision.facts.output, extra))
+        # What the analysis said of the statement's filters cannot be trusted either: the
+        # labelled rows it missed are judged as an unfiltered read.
+        facts = replace(
+            decision.facts, output=(*decision.facts.output, extra), has_where=False,
+            has_limit=False, limit=None,
+        )  # fmt: skip
         return replace(decision, facts=facts, verdict=self.engine.decide(decision.subject, facts))
 
     @property
