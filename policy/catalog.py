@@ -347,9 +347,10 @@ class CatalogRows:
             self.relations, self.columns, self.primary_keys, self.inherits, self.functions,
             self.schemas, self.builtin_functions, self.aggregate_functions,
         ):  # fmt: skip
-            # repr, not orjson.dumps: orjson makes each output in a 1 KiB buffer it then
-            # shrinks, and thousands of those held for the sort spiked RSS by ~10 MB at
-            # every reload (seen as VmHWM in make soak's slow reader part).  repr of these
+            # repr, not orjson.dumps: with one orjson output per row held for the sort, RSS
+            # spiked 6-10 MB for a moment at every load and reload (VmHWM in make soak's
+            # slow reader part; why is not established: allocator behaviour of orjson's
+            # output buffers is the likely cause).  With repr it did not.  repr of these
             # values (str, int, bool, None, lists of str) is as deterministic.
             for row in sorted(map(repr, part)):
                 data = row.encode()
