@@ -767,14 +767,7 @@ class StatementWalker:
         if kind != "FuncCall" or any(call.get(k) for k in (*_AGG_SYNTAX, "over")):
             return None
         fname = names(call.get("funcname"))
-        if len(fname) > 1:
-            candidates = self._function_candidates(fname[-2], fname[-1])
-        else:
-            candidates = ()
-            for s in self.search_path:
-                candidates = self._function_candidates(s, fname[0])
-                if candidates:
-                    break
+        candidates = self._resolve_function(fname)
         if len(candidates) != 1:
             return None
         f = candidates[0]
@@ -1496,18 +1489,22 @@ class StatementWalker:
         pending = self.shared.pending_functions.get((schema, name))
         return found + pending if pending else found
 
+    def _resolve_function(self, fname: list[str]) -> tuple[CatalogFunction, ...]:
+        """The user functions a call's name reaches: by its schema, else the first schema
+        of the search_path that has one by that name."""
+        if len(fname) > 1:
+            return self._function_candidates(fname[-2], fname[-1])
+        for s in self.search_path:
+            candidates = self._function_candidates(s, fname[0])
+            if candidates:
+                return candidates
+        return ()
+
     def user_function(self, fname: list[str], acc: set[SourceColumn]) -> bool:
         """Follow a call into a user-defined function; False if there is none by that name."""
         if not self.snapshot.functions and not self.shared.pending_functions:
             return False
-        if len(fname) > 1:
-            candidates = self._function_candidates(fname[-2], fname[-1])
-        else:
-            candidates = ()
-            for s in self.search_path:
-                candidates = self._function_candidates(s, fname[0])
-                if candidates:
-                    break
+        candidates = self._resolve_function(fname)
         for f in candidates:
             self.user_functions.add(f.qualified)
             if f.qualified in self.function_stack:

@@ -302,14 +302,7 @@ class Tracker:
                     # of pgwarden's that raises it, made anew for each such Bind (its
                     # CloseComplete and ParseComplete are not the client's), bound without
                     # the client's parameters (it takes none).
-                    v = refused.verdict
-                    sub = raise_statement(v.message, v.hint, v.sqlstate)
-                    parts += (
-                        raw[fwd:head],
-                        Close("S", REFUSAL_STATEMENT).encode(),
-                        Parse(REFUSAL_STATEMENT, sub).encode(),
-                        Bind(portal_name, REFUSAL_STATEMENT).encode(),
-                    )
+                    parts += (raw[fwd:head], _refusal_portal(refused.verdict, portal_name))
                     fwd = end
                     self.fifo += (Entry(HIDDEN), Entry(HIDDEN))
                     self.portals[portal_name] = Portal(refused, None, ())
@@ -338,13 +331,9 @@ class Tracker:
                 if portal is None and (unseen := self._unbound(portal_name)) is not None:
                     # A portal this session did not Bind: a SQL cursor (DECLARE), whose rows
                     # pgwarden judges at FETCH.  Its refusal runs in a portal of its own.
-                    v = unseen.verdict
-                    sub = raise_statement(v.message, v.hint, v.sqlstate)
                     parts += (
                         raw[fwd:head],
-                        Close("S", REFUSAL_STATEMENT).encode(),
-                        Parse(REFUSAL_STATEMENT, sub).encode(),
-                        Bind(REFUSAL_STATEMENT, REFUSAL_STATEMENT).encode(),
+                        _refusal_portal(unseen.verdict, REFUSAL_STATEMENT),
                         Execute(REFUSAL_STATEMENT).encode(),
                     )
                     fwd = end
@@ -1557,6 +1546,17 @@ def _refused_at_first_row(decision: Decision, verdict: Verdict, plan: ResultPlan
         verdict=Verdict(Action.ALLOW, findings=verdict.findings,
                         plan=replace(plan, limits=(stop, *plan.limits))),
     )  # fmt: skip
+
+
+def _refusal_portal(verdict: Verdict, portal: str) -> bytes:
+    """Close, Parse and Bind that make ``portal`` a portal of pgwarden's refusal statement
+    (made anew each time; their CloseComplete and ParseComplete are not the client's)."""
+    sub = raise_statement(verdict.message, verdict.hint, verdict.sqlstate)
+    return (
+        Close("S", REFUSAL_STATEMENT).encode()
+        + Parse(REFUSAL_STATEMENT, sub).encode()
+        + Bind(portal, REFUSAL_STATEMENT).encode()
+    )
 
 
 def _failing_extended() -> bytes:
