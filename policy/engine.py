@@ -31,6 +31,7 @@ from typing import Protocol
 from policy.allowlist import AllowList, AllowListError
 from policy.allowlist import load as load_allow_list
 from policy.facts import QueryFacts
+from policy.inflight import InFlight
 from policy.model import (
     DANGEROUS_FUNCTIONS,
     Action,
@@ -81,9 +82,16 @@ class CountersView(Protocol):
         """False while the shared counter store cannot be reached: windows fail closed."""
         ...
 
+    @property
+    def in_flight(self) -> InFlight | None:
+        """What statements still running hold of each window (counted in ``cached_totals``),
+        or None where nothing is counted."""
+        ...
+
 
 class NoCounters:
     available = True
+    in_flight = None
 
     def cached_totals(self, subject: str, label: str, window: float) -> tuple[int, int] | None:
         return None

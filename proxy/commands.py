@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from policy.inflight import Hold
 from proxy.messages import StartupMessage
 
 
@@ -110,6 +111,9 @@ class RecordUsage:
     rows: int
     records: frozenset[str]
     windows: tuple[float, ...]
+    # The statement's hold on this counter (policy.inflight), given back once the usage is
+    # recorded: until then other statements are judged as if the hold were spent.
+    hold: Hold | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ from audit.pipeline import AuditTrail, AuditUnavailable, Receipt
 from policy.analyze import Analyzer
 from policy.catalog import DEFAULT_MAX_DELAY, DEFAULT_SETTLE, Catalog
 from policy.engine import Engine, Subject
+from policy.inflight import InFlight
 from policy.model import Action, Policy, PolicyError, load_policy
 from policy.ownconn import DEFAULT_IDLE_TIMEOUT, IdleConnection
 from policy.state import StoreUnavailable, WindowStore, open_window_store
@@ -53,6 +54,7 @@ class _Counters:
         self.store = store
         self.quarantined: dict[str, float] = {}
         self.unavailable = False
+        self.in_flight = InFlight()
 
     @property
     def available(self) -> bool:
@@ -60,7 +62,10 @@ class _Counters:
 
     def cached_totals(self, subject: str, label: str, window: float) -> tuple[int, int] | None:
         totals = self.store.cached_totals(subject, label, window)
-        return None if totals is None else (totals.rows, totals.records)
+        held = self.in_flight.held(subject, label, window)
+        if totals is None:
+            return (held, held) if held else None
+        return (totals.rows + held, totals.records + held)
 
     def cached_quarantine(self, subject: str) -> float | None:
         return self.quarantined.get(subject)
@@ -539,9 +544,13 @@ class PolicyRuntime:
                 if not await self._store_call(self.store.totals(c.subject, label, windows)):
                     break
         elif isinstance(c, cmd.RecordUsage):
-            await self._store_call(
-                self.store.record(c.subject, c.label, c.rows, c.records, c.windows)
-            )
+            try:
+                await self._store_call(
+                    self.store.record(c.subject, c.label, c.rows, c.records, c.windows)
+                )
+            finally:
+                if c.hold is not None:
+                    c.hold.release()
         elif isinstance(c, cmd.NoteEndUser):
             await self._note_end_user(c, log_)
         elif isinstance(c, cmd.PolicyBlock):

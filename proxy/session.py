@@ -398,6 +398,8 @@ class Session:
             return [cmd.CloseServer()]
         was_busy = self.busy and self.phase is Phase.READY
         self.phase = Phase.CLOSED
+        if self.tracker is not None:
+            self.tracker.abandon()
         out: list[cmd.Command] = []
         if was_busy:
             # The backend may be deep in a long statement and will not notice the closed

@@ -42,6 +42,7 @@ from policy.engine import (
     window_rule_key,
 )
 from policy.facts import DataCopy, SourceColumn
+from policy.inflight import Hold
 from policy.lineage import SERVER_FILES_TARGET, names_record_by
 from policy.model import Action, Mode
 from proxy import commands as cmd
@@ -131,6 +132,7 @@ class Running:
     key_list: list[bytes] | None = None  # set: each row's key (at key_upto) goes here, no more
     # False: not audited yet; True: persisted (or not needed); None: the audit trail failed.
     durable_done: bool | None = False
+    hold: Hold | None = None  # the window budget this statement holds while it runs
 
 
 @dataclass(slots=True)
@@ -141,6 +143,7 @@ class Entry:
     index: int = 0  # QUERY: the statement producing output now
     name: str = ""  # DESCRIBE: 'S' or 'P' followed by the name
     hidden: int = 0  # DESCRIBE: columns pgwarden appended, kept from the client
+    holds: list[Hold | None] | None = None  # QUERY: each statement's hold, until it runs
 
 
 @dataclass(slots=True)
@@ -238,7 +241,8 @@ class Tracker:
                 self.cycles.append(time.perf_counter())
                 self._forget_renamed(decisions)
                 blocked = self.guard.blocked(decisions)
-                self.fifo.append(Entry(QUERY, statements=decisions))
+                entry = Entry(QUERY, statements=decisions)
+                self.fifo.append(entry)
                 if blocked is not None:
                     # Instead of the client's text (never beside it).
                     parts += (raw[fwd:head], Query(self._substitute(sql, blocked)).encode())
@@ -250,6 +254,7 @@ class Tracker:
                     # a signed end-user name's token replaced by the name.
                     parts += (raw[fwd:head], Query(sent).encode())
                     fwd = end
+                entry.holds = self._holds(decisions)
                 if any(d.limited for d in decisions):
                     return self._hold_after(out, parts, raw, fwd, end)
             elif t == _P:
@@ -359,6 +364,7 @@ class Tracker:
                         decision = self._rejudged(decision)
                 self.stats.statements += 1
                 running = self._running(decision)
+                running.hold = self._hold(decision)
                 running.portal = portal_name
                 running.fields = portal.fields if portal is not None else None
                 self.fifo.append(Entry(EXECUTE, running=running))
@@ -515,6 +521,43 @@ class Tracker:
         if not verdict.blocks:
             return decision
         return _refused_at_first_row(decision, verdict, plan)
+
+    def _holds(self, decisions: list[Decision]) -> list[Hold | None] | None:
+        """The holds of a string's statements.  All of them were judged before any ran, so
+        one after an earlier statement's hold is judged again with it (two statements in
+        one string each read what was left of the hour)."""
+        holds: list[Hold | None] = []
+        for i, d in enumerate(decisions):
+            if any(holds) and d.plan is not None and d.plan.window_rules:
+                d = decisions[i] = self._rejudged(d)
+            holds.append(self._hold(d))
+        return holds if any(holds) else None
+
+    def _hold(self, decision: Decision | None) -> Hold | None:
+        """What this statement holds of its windows while it runs (``policy.inflight``):
+        as many records as it may read."""
+        plan = decision.plan if decision is not None else None
+        if plan is None or not plan.window_rules or not plan.labels or decision is None:
+            return None
+        in_flight = self.guard.engine.counters.in_flight
+        if in_flight is None:
+            return None
+        caps = [lim.max_rows for lim in plan.limits if lim.max_rows is not None and lim.labels]
+        if not caps:
+            return None
+        n = min(caps) * max(1, decision.facts.records_per_row)
+        slots = [
+            ((key, window_rule_key(lim.rule_id), lim.window), n)
+            for lim in plan.limits
+            if lim.window is not None and not lim.monitored
+            for key in dict.fromkeys(budget_key(per, decision.subject) for per in lim.per)
+        ]
+        return in_flight.hold(slots) if slots and n else None
+
+    def abandon(self) -> None:
+        """The session ended: every statement still in flight gives back its hold."""
+        for entry in self.fifo:
+            _let_go(entry)
 
     def _running(self, decision: Decision | None) -> Running:
         running = Running(decision)
@@ -799,6 +842,8 @@ class Tracker:
             if entry.statements:
                 decision = entry.statements[min(entry.index, len(entry.statements) - 1)]
             entry.running = self._running(decision)
+            if entry.holds is not None and entry.index < len(entry.holds):
+                entry.running.hold, entry.holds[entry.index] = entry.holds[entry.index], None
         return entry.running
 
     def _row_description(self, body: bytes) -> int:
@@ -983,7 +1028,10 @@ class Tracker:
                 out.append(cmd.Log("analysis_miss", "warning", {
                     "labels": sorted(missed), "statement": decision.facts.normalized[:200],
                 }))  # fmt: skip
+                if running.hold is not None:  # judged again without its own hold
+                    running.hold.release()
                 decision = self.guard.redecide(decision, missed)
+                running.hold = self._hold(decision)
                 if decision.plan is None:
                     # Judged again with those labels, the statement is refused: it is
                     # already running, so its result is cut off at the first row.
@@ -1295,7 +1343,7 @@ class Tracker:
     def _skip_to_sync(self) -> None:
         fifo = self.fifo
         while fifo and fifo[0].kind not in _SYNC_POINTS:
-            fifo.popleft()
+            _let_go(fifo.popleft())
 
     def _error(self, err: ErrorResponse, out: list[cmd.Command]) -> None:
         self.cycle_failed = True
@@ -1338,6 +1386,8 @@ class Tracker:
             return True, out + self._release()
         if entry is not None and entry.running is not None:
             out += self._finished(entry.running, "", None)
+        if entry is not None:
+            _let_go(entry)  # statements of the string that never ran
         if self.cycles:
             self.stats.observe_latency(time.perf_counter() - self.cycles.popleft())
         if self.discarding:
@@ -1473,11 +1523,14 @@ class Tracker:
                     seen = by_row if loose.intersection(covered) else keyed
                     for key in dict.fromkeys(budget_key(per, decision.subject) for per in r.per):
                         self.pending_counts += 1
-                        out.append(
-                            cmd.RecordUsage(
-                                key, window_rule_key(r.id), rows, seen, (r.window,),
-                            )
-                        )  # fmt: skip
+                        slot = (key, window_rule_key(r.id), r.window)
+                        out.append(cmd.RecordUsage(
+                            *slot[:2], rows, seen, (r.window,),
+                            running.hold.take(slot) if running.hold is not None else None,
+                        ))  # fmt: skip
+        if running.hold is not None:
+            running.hold.release()  # what was not read (the usage above gives back the rest)
+            running.hold = None
         if not (self.ledger or (decision is not None and decision.facts.is_ddl)):
             return out  # nobody consumes the event (no audit trail, catalog unchanged)
         out.append(
@@ -1532,6 +1585,15 @@ class Tracker:
             cmd.CanaryHit(self._who(running), f.rule_id, f.action.value, f.monitored)
             for f in plan.canary_rules
         ]
+
+
+def _let_go(entry: Entry) -> None:
+    """Give back what an entry's statements still hold of their windows."""
+    if entry.running is not None and entry.running.hold is not None:
+        entry.running.hold.release()
+    for hold in entry.holds or ():
+        if hold is not None:
+            hold.release()
 
 
 def _refused_at_first_row(decision: Decision, verdict: Verdict, plan: ResultPlan) -> Decision:

@@ -10,8 +10,11 @@ of names on one connection (or one account) raises an alert.
 from __future__ import annotations
 
 import sqlite3
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import psycopg
 import pytest
@@ -155,3 +158,68 @@ def test_the_account_ceiling_and_name_churn_hold_across_proxies_sharing_redis(
         assert events and events[0]["scope"] == "db_user", a.log()[-3000:]
     finally:
         assert a.stop() == 0 and b.stop() == 0
+
+
+# --- statements judged at the same time (policy.inflight) ----------------------------------
+
+SLOW_PAGE = (
+    "WITH pause AS MATERIALIZED (SELECT pg_sleep({secs})) "
+    "SELECT c.customer_id, c.email FROM customers c, pause "
+    "WHERE c.customer_id BETWEEN {lo} AND {hi} ORDER BY 1 /* end_user='{who}' */"
+)
+
+
+def test_a_statement_running_on_another_connection_holds_its_share_of_the_budget(
+    memory_proxy: ProxyProcess,
+) -> None:
+    """The red team's budget_race, made deterministic: while one connection's statement
+    that may read 20 of a person's 40-record hour runs, a second connection of the same
+    person is judged as if those 20 were spent; once the first has finished, what it did
+    not read is free again and what it read is counted."""
+    p = memory_proxy
+    result: dict[str, object] = {}
+
+    def slow() -> None:
+        with _connect(p) as conn:
+            sql = SLOW_PAGE.format(secs=1.5, lo=1, hi=5, who="alice")
+            result["rows"] = conn.execute(sql).fetchall()
+
+    with _connect(p) as warm:
+        assert len(_page(warm, "alice", 101)) == 10  # 30 left of alice's 40
+        first = threading.Thread(target=slow)
+        first.start()
+        time.sleep(0.5)  # judged and running: it holds 20 (its cap) of the 30
+        try:
+            # 20 more customers, judged now: only 10 are left beside the hold, so the
+            # statement is cut off after 10 rows (which count: they reached the client).
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="person-hourly"):
+                warm.execute(SLOW_PAGE.format(secs=0, lo=21, hi=40, who="alice")).fetchall()
+        finally:
+            first.join()
+        assert len(cast(list[object], result["rows"])) == 5
+        # The first statement read 5 of its 20 and gave the hold back: 10 + 10 + 5 are
+        # spent, 15 left for alice, and nobody else's budget was touched.
+        assert len(_page(warm, "alice", 201)) == 10
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="person-hourly"):
+            _page(warm, "alice", 211)
+        assert len(_page(warm, "bob", 301)) == 10
+
+
+def test_two_statements_of_one_string_share_what_is_left(memory_proxy: ProxyProcess) -> None:
+    """Both statements of a simple-query string are judged before either runs: the second
+    is judged again with the first's hold, or each would read what was left of the hour."""
+    p = memory_proxy
+    with _connect(p) as conn:
+        assert len(_page(conn, "carol", 1)) == 10  # 30 left
+        two = (
+            "SELECT customer_id, email FROM customers WHERE customer_id BETWEEN 11 AND 15; "
+            "SELECT customer_id, email FROM customers WHERE customer_id BETWEEN 31 AND 50 "
+            "/* end_user='carol' */"
+        )
+        # The first may read 20 (it reads 5): the second is left 10 of its 20.
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="person-hourly"):
+            conn.execute(two)
+        # 10 + 5 + the 10 rows sent before the cut-off are spent; the holds are given back.
+        assert len(_page(conn, "carol", 51)) == 10
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="person-hourly"):
+            _page(conn, "carol", 61)

@@ -28,15 +28,9 @@ from tests.seconddb import data as sdb
 
 # What each technique leaks today (client-side counts; see the report printed by
 # `python -m loadtests.redteam`), marked xfail; remove an entry when it stops leaking.
-# Empty: the last two, impersonation through the shared account by comment and by SET,
-# stopped when the policy asked for signed end-user names (end_user_signed).
-LEAKS: dict[str, str] = {
-    # Windows are exact to a statement per connection; statements that start on other
-    # connections before a connection's usage has landed pass on the total without it
-    # (README). 24 connections at once, 15 of her own customers each, passed the 200.
-    "budget_race/search_path": "about 260-375 distinct customers of her own over 24 concurrent connections (hourly budget 200)",
-    "budget_race/qualified": "about 260-375 distinct customers of her own over 24 concurrent connections (hourly budget 200)",
-}
+# Empty: the last one, 24 connections at once passing the hourly budget (budget_race),
+# stopped when a running statement held its share of the window (policy.inflight).
+LEAKS: dict[str, str] = {}
 
 # Honest work refused today, per variant (false positives).  Empty: the honest agent's day
 # runs without a refusal in both variants.
@@ -78,9 +72,7 @@ def test_counter_sees_everyone_through_the_dba(env: redteam.Env) -> None:
 
 def _param(name: str, variant: str) -> object:
     key = f"{name}/{variant}"
-    # A race may or may not pass the budget in a given run: not strict.
-    strict = not name.startswith("budget_race")
-    marks = [pytest.mark.xfail(strict=strict, reason=LEAKS[key])] if key in LEAKS else []
+    marks = [pytest.mark.xfail(strict=True, reason=LEAKS[key])] if key in LEAKS else []
     return pytest.param(name, variant, marks=marks, id=key)
 
 
