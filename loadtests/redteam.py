@@ -1781,7 +1781,9 @@ def t_analyst_scs_off(ctx: Ctx) -> None:
     """The analyst: the standard_conforming_strings parser differential; the mask is applied
     to the statement pgwarden parsed (a constant), not to the one the server ran."""
     ctx.out.analyst = True
-    c = ctx.connect(sdb.ANALYST, options="'-c statement_timeout=30000 -c standard_conforming_strings=off'")
+    c = ctx.connect(
+        sdb.ANALYST, options="'-c statement_timeout=30000 -c standard_conforming_strings=off'"
+    )
     ctx.q(c, "SELECT 'A\\' /* ', customer_id, \"Email\", \"FullName\" FROM customers "
              "WHERE tier = 'vip' -- */")  # fmt: skip
     c2 = ctx.connect(sdb.ANALYST)
@@ -1832,7 +1834,9 @@ def t_table_to_xml(ctx: Ctx) -> None:
     query text: table_to_xml('crm.customers'), schema_to_xml('crm'), database_to_xml()."""
     c = ctx.connect()
     ctx.q(c, "SELECT table_to_xml('crm.customers'::regclass, true, false, '')::text")
-    ctx.q(c, "SELECT table_to_xml_and_xmlschema('crm.customer_phones_mobile', true, false, '')::text")
+    ctx.q(
+        c, "SELECT table_to_xml_and_xmlschema('crm.customer_phones_mobile', true, false, '')::text"
+    )
     ctx.q(c, "SELECT schema_to_xml('crm', true, false, '')::text")
     ctx.q(c, "SELECT database_to_xml(true, false, '')::text")
 
@@ -1851,7 +1855,10 @@ def t_cursor_to_xml(ctx: Ctx) -> None:
     """A cursor declared over the customers (DECLARE returns no rows); cursor_to_xml() then
     fetches 5000 rows of it inside one SELECT that names no table."""
     c = ctx.connect(autocommit=False)
-    ctx.q(c, f'DECLARE cx CURSOR FOR SELECT customer_id, "Email", "FullName" FROM customers WHERE {ALL}')
+    ctx.q(
+        c,
+        f'DECLARE cx CURSOR FOR SELECT customer_id, "Email", "FullName" FROM customers WHERE {ALL}',
+    )
     ctx.q(c, "SELECT cursor_to_xml('cx', 5000, false, false, '')::text")
     c.rollback()
     ctx.q(c, "DECLARE cy CURSOR WITH HOLD FOR SELECT customer_id, phone FROM customer_phones "
@@ -1881,7 +1888,10 @@ def t_analyst_error_cast(ctx: Ctx) -> None:
     ctx.q(c, "SELECT (SELECT string_agg(\"Email\" || ' ' || \"FullName\", ',') FROM customers "
              "WHERE tier = 'vip')::int")  # fmt: skip
     for k in range(1, 40):
-        ctx.q(c, f'SELECT ("Email" || \' \' || "FullName")::int FROM customers WHERE customer_id = {k}')
+        ctx.q(
+            c,
+            f'SELECT ("Email" || \' \' || "FullName")::int FROM customers WHERE customer_id = {k}',
+        )
 
 
 @technique("notice")
@@ -2062,7 +2072,9 @@ def t_analyst_scs_off_expressions(ctx: Ctx) -> None:
     ctx.out.analyst = True
     leak = ("SELECT 'A\\' /* ', customer_id + 0 AS k, \"Email\" || '' AS e, \"FullName\" || '' AS n "
             "FROM customers WHERE tier = 'vip' AND customer_id <> 3111 -- */")  # fmt: skip
-    c = ctx.connect(sdb.ANALYST, options="'-c statement_timeout=30000 -c standard_conforming_strings=off'")
+    c = ctx.connect(
+        sdb.ANALYST, options="'-c statement_timeout=30000 -c standard_conforming_strings=off'"
+    )
     r = ctx.q(c, leak)
     ctx.out.notes.append(f"startup option: {r!r:.100}")
     c2 = ctx.connect(sdb.ANALYST)
@@ -2121,7 +2133,7 @@ def t_honest_latin1_gbk_client(ctx: Ctx) -> None:
     k = min(ctx.env.ds.need_to_know(ATTACKER))
     for enc, word in (("LATIN1", "José"), ("GBK", "北京"), ("BIG5", "台北"), ("WIN1252", "Müller")):
         c = ctx.connect(options=f"'-c statement_timeout=30000 -c client_encoding={enc}'")
-        q = f"SELECT customer_id, \"Email\" FROM customers WHERE customer_id = {k} AND \"FullName\" <> '{word}'"
+        q = f'SELECT customer_id, "Email" FROM customers WHERE customer_id = {k} AND "FullName" <> \'{word}\''
         if ctx.q(c, q) is None:
             ctx.out.notes.append(
                 f"{enc} refused: {q[-40:]} -> {ctx.out.error_samples[-1][:140] if ctx.out.error_samples else ''}"
@@ -2280,7 +2292,11 @@ def t_honest_shapes_rt3(ctx: Ctx) -> None:
     ctx.out.statements += 1
     try:
         with t.cursor(name="rt3honest") as cur:
-            cur.execute(ctx.sql(f'SELECT customer_id, "Email" FROM customers WHERE customer_id IN ({",".join(map(str, mine))})'))
+            cur.execute(
+                ctx.sql(
+                    f'SELECT customer_id, "Email" FROM customers WHERE customer_id IN ({",".join(map(str, mine))})'
+                )
+            )
             ctx.seen("rows", sdb.dump_io(cur.fetchall()))
     except psycopg.Error as exc:
         ctx._error(exc)
@@ -2319,9 +2335,20 @@ def t_portal_execute_max_rows(ctx: Ctx) -> None:
     c = ctx.connect()
     ctx.q(c, "BEGIN")
     first = ctx.stmt + 1
-    r = _raw_exchange(ctx, c, _parse("rt3s", ctx.sql(f'SELECT customer_id, "FullName", "Email" FROM customers '
-                                                    f"WHERE customer_id IN ({ids})"))
-                      + _bind("rt3p", "rt3s") + _execute_portal("rt3p", 15) + SYNC)
+    r = _raw_exchange(
+        ctx,
+        c,
+        _parse(
+            "rt3s",
+            ctx.sql(
+                f'SELECT customer_id, "FullName", "Email" FROM customers '
+                f"WHERE customer_id IN ({ids})"
+            ),
+        )
+        + _bind("rt3p", "rt3s")
+        + _execute_portal("rt3p", 15)
+        + SYNC,
+    )
     ctx.out.notes.append(f"first Execute: {r[-80:]!r}")
     for _ in range(len(mine) // 15 + 1):
         ctx.stmt = first - 1
@@ -2465,7 +2492,9 @@ def t_implicit_flow_join(ctx: Ctx) -> None:
         w = f"c.customer_id BETWEEN {a} AND {a + 1099} AND c.customer_id NOT IN {tuple(sdb.CANARY_IDS)}"
         ctx.q(c, _IMPLICIT.format(col='"Email"', where=w))
     for col in ('"Email"', '"FullName"'):
-        _implicit_rows(ctx, ctx.q(c, _IMPLICIT_ROWS.format(col=col, where="c.customer_id BETWEEN 1 AND 40")))
+        _implicit_rows(
+            ctx, ctx.q(c, _IMPLICIT_ROWS.format(col=col, where="c.customer_id BETWEEN 1 AND 40"))
+        )
 
 
 @technique("rows")
@@ -2477,7 +2506,9 @@ def t_analyst_implicit_flow_join(ctx: Ctx) -> None:
     w = "c.tier = 'vip' AND c.customer_id <> 3111"
     for col in ('"Email"', '"FullName"'):
         ctx.q(c, _IMPLICIT.format(col=col, where=w))
-    _implicit_rows(ctx, ctx.q(c, _IMPLICIT_ROWS.format(col='"Email"', where=w + " AND c.customer_id < 200")))
+    _implicit_rows(
+        ctx, ctx.q(c, _IMPLICIT_ROWS.format(col='"Email"', where=w + " AND c.customer_id < 200"))
+    )
 
 
 @technique("rows")
@@ -2533,14 +2564,19 @@ def t_implicit_flow_generated_key(ctx: Ctx) -> None:
     others = [k for k in range(1, N_ALL + 1) if k not in ntk and k not in sdb.CANARY_IDS]
     for n, (tbl, col) in enumerate((("customers", '"Email"'), ("customer_directory", "email"),
                                     ("customer_phones", "phone"), ("legacy_customers", '"FullName"'))):  # fmt: skip
-        ids = others[n * 60 : n * 60 + 60] if tbl != "legacy_customers" else [
-            k for k in others if k > sdb.CUSTOMERS][:60]
+        ids = (
+            others[n * 60 : n * 60 + 60]
+            if tbl != "legacy_customers"
+            else [k for k in others if k > sdb.CUSTOMERS][:60]
+        )
         ids_s = ",".join(map(str, ids))
         rows = ctx.q(c, f"SELECT k.id, p.pos, chr(x.code) FROM unnest(ARRAY[{ids_s}]::bigint[]) k(id) "
                         f"JOIN {tbl} d ON d.customer_id = k.id CROSS JOIN generate_series(1, 40) p(pos) "
                         f"JOIN generate_series(32, 126) x(code) ON chr(x.code) = substr(d.{col}, p.pos, 1)")  # fmt: skip
         _implicit_rows(ctx, rows)
-        ctx.out.notes.append(f"{tbl}: {ctx.out.error_samples[-1][:150] if rows is None and ctx.out.error_samples else len(rows or [])}")
+        ctx.out.notes.append(
+            f"{tbl}: {ctx.out.error_samples[-1][:150] if rows is None and ctx.out.error_samples else len(rows or [])}"
+        )
 
 
 @technique("rows")
@@ -2554,7 +2590,9 @@ def t_sql_names_protocol_objects(ctx: Ctx) -> None:
     ctx.out.notes.append(f"Parse rt3x: {res.status} {res.error_message.decode()[:100]}")
     ctx.q(c, "EXECUTE rt3x")
     ctx.q(c, "BEGIN")
-    r = _raw_exchange(ctx, c, _parse("rt3y", ctx.sql(q.format(a=701, b=1400))) + _bind("rt3yp", "rt3y") + SYNC)
+    r = _raw_exchange(
+        ctx, c, _parse("rt3y", ctx.sql(q.format(a=701, b=1400))) + _bind("rt3yp", "rt3y") + SYNC
+    )
     ctx.out.notes.append(f"Parse/Bind rt3yp: {r[:80]!r}")
     ctx.q(c, "FETCH ALL FROM rt3yp")
     ctx.q(c, "ROLLBACK")
@@ -2590,7 +2628,11 @@ def t_client_encoding_set_config(ctx: Ctx) -> None:
     """client_encoding switched to a backslash-trailing multibyte encoding by set_config() (or
     SET LOCAL) rather than SET or the startup packet, then E'予' hides the columns from a
     reader that takes the bytes as UTF-8 or Latin-1."""
-    for enc, ch, how in (("SJIS", "予", "set_config"), ("GBK", "乗", "set_config"), ("BIG5", "么", "local")):
+    for enc, ch, how in (
+        ("SJIS", "予", "set_config"),
+        ("GBK", "乗", "set_config"),
+        ("BIG5", "么", "local"),
+    ):
         c = ctx.connect()
         if how == "local":
             ctx.q(c, "BEGIN")
@@ -2631,7 +2673,10 @@ def t_advisory_lock_channel(ctx: Ctx) -> None:
                      "FROM customers c, generate_series(1, 40) p(pos) "
                      f"WHERE c.customer_id BETWEEN {a} AND {a + 99} AND c.customer_id NOT IN ({canaries}) "
                      "AND p.pos <= length(c.\"Email\")")  # fmt: skip
-        rows = ctx.q(c, "SELECT classid, objid FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()")
+        rows = ctx.q(
+            c,
+            "SELECT classid, objid FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()",
+        )
         if rows:
             spelt: dict[int, dict[int, str]] = {}
             for k, v in rows:
@@ -2653,7 +2698,10 @@ def t_advisory_lock_where(ctx: Ctx) -> None:
                  f"WHERE c.customer_id BETWEEN {a} AND {a + 99} AND c.customer_id NOT IN ({canaries}) "
                  "AND p.pos <= length(c.\"Email\") AND pg_advisory_lock(c.customer_id::int, "
                  "p.pos * 1000 + ascii(substr(c.\"Email\", p.pos, 1))) IS NULL")  # fmt: skip
-        rows = ctx.q(c, "SELECT classid, objid FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()")
+        rows = ctx.q(
+            c,
+            "SELECT classid, objid FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()",
+        )
         if rows:
             spelt: dict[int, dict[int, str]] = {}
             for k, v in rows:
@@ -2676,12 +2724,17 @@ def t_analyst_advisory_lock(ctx: Ctx) -> None:
                      f"WHERE c.tier = 'vip' AND c.customer_id <> 3111 AND c.customer_id BETWEEN {a} AND {a + 849} "
                      f"AND p.pos <= length(c.{col}) AND pg_advisory_lock(c.customer_id::int, "
                      f"p.pos * 1000 + ascii(substr(c.{col}, p.pos, 1))) IS NULL")  # fmt: skip
-            rows = ctx.q(c, "SELECT classid, objid FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()")
+            rows = ctx.q(
+                c,
+                "SELECT classid, objid FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()",
+            )
             if rows:
                 spelt: dict[int, dict[int, str]] = {}
                 for k, v in rows:
                     spelt.setdefault(int(k), {})[int(v) // 1000] = chr(int(v) % 1000)
-                ctx.seen("rows", "\n".join("".join(s[i] for i in sorted(s)) for s in spelt.values()))
+                ctx.seen(
+                    "rows", "\n".join("".join(s[i] for i in sorted(s)) for s in spelt.values())
+                )
             ctx.q(c, "SELECT pg_advisory_unlock_all()")
 
 

@@ -241,7 +241,10 @@ class Analyzer:
             if shape is not None and shape_reusable(result):
                 shapes = self._shapes
                 shapes[(search_path, user, shape)] = tuple(
-                    replace(f, limit=None, offset=None, fetch_count=None) for f in result
+                    f
+                    if f.limit is None and f.offset is None and f.fetch_count is None
+                    else replace(f, limit=None, offset=None, fetch_count=None)
+                    for f in result
                 )
                 if len(shapes) > self._cache_size:
                     shapes.pop(next(iter(shapes)))
@@ -377,7 +380,8 @@ def analyze_statement(
                 if n.get("intoClause"):
                     f["kind"] = "select_into"
                     output = []
-                _set_config_calls(n, f)
+                if _may_name_set_config(text):
+                    _set_config_calls(n, f)
         elif kind == "CopyStmt":
             output = _copy(w, n, f)
         elif kind == "CreateTableAsStmt":
@@ -780,6 +784,14 @@ def _own_code(n: Node, shared: Shared) -> None:
         name = fname[-1].lower() if fname else ""
         if (len(fname) > 1 and fname[0] != "pg_catalog") or (builtins and name not in builtins):
             raise Unanalysable(f"CREATE TABLE calls function {'.'.join(fname)}")
+
+
+def _may_name_set_config(text: str) -> bool:
+    """Whether a statement's text can call set_config: it names it, plainly, quoted, or in a
+    Unicode-escaped identifier (``U&"set\\005fconfig"``).  Most statements do not, and the
+    walk of their whole tree looking for the call was a tenth of an analysis."""
+    low = text.lower()
+    return "set_config" in low or "u&" in low
 
 
 def _set_config_calls(n: Node, f: dict[str, Any]) -> None:

@@ -355,6 +355,7 @@ class Shared:
         self.views: dict[int, ViewExpansion] = {}
         self.labels: dict[SourceColumn, frozenset[str]] = {}
         self.rel_columns: dict[int, Columns] = {}
+        self.rel_labelled: dict[int, bool] = {}  # relation oid -> any column labelled
 
     def labels_of(self, src: SourceColumn) -> frozenset[str]:
         hit = self.labels.get(src)
@@ -635,7 +636,10 @@ class StatementWalker:
             self.reads.update(a.qualified for a in ancestors)
             self._instance({r.qualified: 1 for r in (rel, *ancestors)})
         cols = self.relation_columns(rel)
-        labelled = any(self.shared.lineage_labels(lin) for _n, lin in cols)
+        labelled = self.shared.rel_labelled.get(rel.oid)
+        if labelled is None:
+            labelled = any(self.shared.lineage_labels(lin) for _n, lin in cols)
+            self.shared.rel_labelled[rel.oid] = labelled
         return _rename(Rel(alias, cols, relation=rel.qualified, labelled=labelled), alias_node)
 
     def from_item(

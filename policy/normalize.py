@@ -60,28 +60,31 @@ def normalize_and_shape(sql: str) -> tuple[str, str]:
         norm = _fallback(sql)
         return norm, "x " + norm
     next_param = 1
-    for t in tokens:
-        if t.name == "PARAM":
-            with contextlib.suppress(ValueError):
-                next_param = max(next_param, int(sql[t.start + 1 : t.end + 1]) + 1)
+    if "$" in sql:
+        for t in tokens:
+            if t.name == "PARAM":
+                with contextlib.suppress(ValueError):
+                    next_param = max(next_param, int(sql[t.start + 1 : t.end + 1]) + 1)
     out: list[str] = []
     shape: list[str] = []
+    put = out.append
     prev_end = -1
     cast = _NOT_A_TYPE  # after '::' of a constant: the type name is skipped
     for t in tokens:
         name = t.name
         if name in _COMMENT_TOKENS:
             continue
-        text = sql[t.start : t.end + 1]
-        if out and t.start > prev_end + 1:
-            out.append(" ")
+        start = t.start
+        text = sql[start : t.end + 1]
+        if start > prev_end + 1 and out:
+            put(" ")
         prev_end = t.end
         constant = name in _LITERAL_TOKENS
         if constant:
-            out.append(f"${next_param}")
+            put(f"${next_param}")
             next_param += 1
         else:
-            out.append(text)
+            put(text)
         # --- the shape ---
         if cast is not _NOT_A_TYPE:
             cast = _type_part(cast, name, t.kind, text)

@@ -130,6 +130,15 @@ def test_set_config_search_path_is_tracked(analyzer: Analyzer) -> None:
     assert f.search_path_local
 
 
+@pytest.mark.parametrize(
+    "call",
+    ['"set_config"', "pg_catalog.SET_CONFIG", 'U&"set\\005fconfig"', 'u&"\\0073et_config"'],
+)
+def test_set_config_is_followed_however_its_name_is_spelled(analyzer: Analyzer, call: str) -> None:
+    (f,) = analyzer.analyze(f"SELECT {call}('search_path', 'shadow', false)")
+    assert f.search_path == ("shadow",)
+
+
 def test_search_path_set_from_a_runtime_value_is_unanalysable(analyzer: Analyzer) -> None:
     (f,) = analyzer.analyze("SELECT set_config('search_path', current_user, false)")
     assert f.unanalysable
