@@ -748,6 +748,14 @@ def _variable_set(n: Node, f: dict[str, Any]) -> None:
                 "standard_conforming_strings off: PostgreSQL would read backslashes in string "
                 "literals as escapes, and pgwarden's reading of the SQL would differ"
             )
+    if name == "client_encoding" and vkind == "VAR_SET_VALUE":
+        args = n.get("args") or []
+        value = (const_str(args[0]) or "") if args else ""
+        if value.upper().replace("-", "").replace("_", "") not in ("UTF8", "UNICODE"):
+            raise Unanalysable(
+                f"client_encoding {value or '(not a constant)'}: PostgreSQL would read the "
+                "statements after it in that encoding, and pgwarden reads them as UTF-8"
+            )
     if name in ("role", "session_authorization"):
         args = n.get("args") or []
         role = const_str(args[0]) if args and vkind == "VAR_SET_VALUE" else "none"

@@ -337,3 +337,29 @@ def test_the_planner_s_sample_values_are_labelled_data_too(proxy: ProxyProcess) 
             "SELECT n_distinct FROM pg_stats WHERE tablename = 'customers' AND attname = 'email'"
         ).fetchone()
         assert n == -1
+
+
+def test_a_session_whose_client_encoding_is_not_utf8_is_refused_labelled_data(
+    proxy: ProxyProcess,
+) -> None:
+    """PostgreSQL reads a client's SQL in its client_encoding; pgwarden reads it as UTF-8.
+    In SJIS, BIG5 or GBK the second byte of a character can be a backslash, so text that is
+    valid UTF-8 can end a string literal for one and not for the other: the analysis would
+    judge other SQL than the server runs.  Such a session is refused for subjects with
+    limits, however the encoding was chosen."""
+    dsn = proxy.pg.dsn(user="agent_rs", port=proxy.port, dbname=DB, sslmode="disable")
+    with psycopg.connect(dsn, password="agent-pw", autocommit=True, client_encoding="SJIS") as c:
+        err = refusal(c, "SELECT email FROM customers WHERE id <= 5")
+        assert err.sqlstate == "42501" and "client_encoding is SJIS" in str(err)
+    with connect(proxy, "agent_rs") as conn:
+        for switch in ("SET client_encoding TO 'SJIS'", "SET NAMES 'BIG5'",
+                       "SELECT set_config('client_encoding', 'GBK', false)"):  # fmt: skip
+            err = refusal(conn, switch)
+            assert err.sqlstate == "42501" and "client_encoding" in str(err), switch
+        # Refused, the switch never reached the server: the session reads as before.
+        assert conn.execute("SHOW client_encoding").fetchone() == ("UTF8",)
+        assert len(conn.execute("SELECT email FROM customers WHERE id <= 5").fetchall()) == 5
+        conn.execute("SET client_encoding TO 'UTF8'")  # no change of reading: allowed
+    with connect(proxy, "postgres") as dba:  # nobody's limits: the DBA may use LATIN1
+        dba.execute("SET client_encoding TO 'LATIN1'")
+        assert len(dba.execute("SELECT email FROM crm.customers").fetchall()) == CUSTOMERS
