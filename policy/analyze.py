@@ -40,6 +40,7 @@ from typing import Any
 from pglast import parser as _pg
 
 from policy.catalog import Catalog, CatalogColumn, CatalogFunction, CatalogSnapshot
+from policy.encoding import foreign_encoding
 from policy.facts import DataCopy, OutputColumn, QueryFacts, RecordKey
 from policy.labels import LabelRules
 from policy.lineage import (
@@ -751,10 +752,11 @@ def _variable_set(n: Node, f: dict[str, Any]) -> None:
     if name == "client_encoding" and vkind == "VAR_SET_VALUE":
         args = n.get("args") or []
         value = (const_str(args[0]) or "") if args else ""
-        if value.upper().replace("-", "").replace("_", "") not in ("UTF8", "UNICODE"):
+        if not value or foreign_encoding(value) is not None:
             raise Unanalysable(
-                f"client_encoding {value or '(not a constant)'}: PostgreSQL would read the "
-                "statements after it in that encoding, and pgwarden reads them as UTF-8"
+                f"client_encoding {value or '(not a constant)'}: not an encoding known to keep "
+                "quotes and backslashes whole characters, so PostgreSQL and pgwarden could read "
+                "the statements after it differently"
             )
     if name in ("role", "session_authorization"):
         args = n.get("args") or []

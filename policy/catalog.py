@@ -152,6 +152,9 @@ class CatalogSnapshot:
     # Names of aggregate and window functions in every schema (pg_proc.prokind 'a' or 'w'),
     # user-defined ones included. Empty means "not known": PostgreSQL's own are assumed.
     aggregate_functions: frozenset[str] = frozenset()
+    # (schema, name) of every type (pg_type: PostgreSQL's, users', tables' row types).
+    # Empty means "not known" (a snapshot built from a schema file): no type is unknown.
+    types: frozenset[tuple[str, str]] = frozenset()
     version: int = field(default_factory=lambda: next(_versions))
     _by_oid: Mapping[int, CatalogRelation] = field(init=False, repr=False)
     _by_name: Mapping[str, tuple[CatalogRelation, ...]] = field(init=False, repr=False)
@@ -174,6 +177,7 @@ class CatalogSnapshot:
         functions: Iterable[CatalogFunction] = (),
         builtin_functions: Iterable[str] = (),
         aggregate_functions: Iterable[str] = (),
+        types: Iterable[tuple[str, str]] = (),
     ) -> CatalogSnapshot:
         """A snapshot from Python values (unit tests, schema files)."""
         rels = inherit_labels({(r.schema, r.name): r for r in relations})
@@ -187,6 +191,7 @@ class CatalogSnapshot:
             functions=MappingProxyType({k: tuple(v) for k, v in funcs.items()}),
             builtin_functions=frozenset(builtin_functions),
             aggregate_functions=frozenset(aggregate_functions),
+            types=frozenset(types),
         )
 
     def relation(self, schema: str, name: str) -> CatalogRelation | None:
@@ -236,6 +241,7 @@ class CatalogSnapshot:
             functions=self.functions,
             builtin_functions=self.builtin_functions,
             aggregate_functions=self.aggregate_functions,
+            types=self.types,
             version=self.version,
         )
 
@@ -323,6 +329,15 @@ WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
 """
 
 
+# Other sessions' temporary schemas and TOAST are left out: no statement names their types.
+_TYPES_SQL = """
+SELECT n.nspname AS schema, t.typname AS name
+FROM pg_catalog.pg_type t JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
+WHERE n.nspname <> 'pg_toast' AND n.nspname NOT LIKE 'pg\\_temp\\_%'
+  AND n.nspname NOT LIKE 'pg\\_toast\\_temp\\_%'
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class CatalogRows:
     """What the catalog queries returned, as plain values: the input of a snapshot."""
@@ -335,6 +350,7 @@ class CatalogRows:
     schemas: list[str]
     builtin_functions: list[str]
     aggregate_functions: list[str]
+    types: list[tuple[str, str]]
 
     def digest(self) -> bytes:
         """A hash of every value, equal for two loads of an unchanged catalog.
@@ -345,7 +361,7 @@ class CatalogRows:
         h = hashlib.blake2b(digest_size=32)
         for part in (
             self.relations, self.columns, self.primary_keys, self.inherits, self.functions,
-            self.schemas, self.builtin_functions, self.aggregate_functions,
+            self.schemas, self.builtin_functions, self.aggregate_functions, self.types,
         ):  # fmt: skip
             # repr, not orjson.dumps: with one orjson output per row held for the sort, RSS
             # spiked 6-10 MB for a moment at every load and reload (VmHWM in make soak's
@@ -362,7 +378,7 @@ class CatalogRows:
     def snapshot(self) -> CatalogSnapshot:
         return snapshot_from_rows(
             self.relations, self.columns, self.primary_keys, self.inherits, self.functions,
-            self.schemas, self.builtin_functions, self.aggregate_functions,
+            self.schemas, self.builtin_functions, self.aggregate_functions, self.types,
         )  # fmt: skip
 
 
@@ -392,6 +408,7 @@ async def fetch_catalog_rows(conn: Any) -> CatalogRows:
         agg_rows = await conn.fetch(
             "SELECT DISTINCT p.proname FROM pg_catalog.pg_proc p WHERE p.prokind IN ('a', 'w')"
         )
+        type_rows = await conn.fetch(_TYPES_SQL)
     return CatalogRows(
         [dict(r) for r in rel_rows],
         [dict(r) for r in col_rows],
@@ -401,6 +418,7 @@ async def fetch_catalog_rows(conn: Any) -> CatalogRows:
         [str(r["nspname"]) for r in schema_rows],
         [str(r["proname"]) for r in builtin_rows],
         [str(r["proname"]) for r in agg_rows],
+        [(str(r["schema"]), str(r["name"])) for r in type_rows],
     )
 
 
@@ -428,6 +446,7 @@ def snapshot_from_rows(
     schemas: Iterable[str] = (),
     builtin_functions: Iterable[str] = (),
     aggregate_functions: Iterable[str] = (),
+    types: Iterable[tuple[str, str]] = (),
 ) -> CatalogSnapshot:
     """Assemble a snapshot from catalog query rows (any driver)."""
     rel_meta = {int(r["oid"]): r for r in rel_rows}
@@ -480,7 +499,7 @@ def snapshot_from_rows(
         for f in fn_rows
     ]
     return CatalogSnapshot.build(
-        relations, schemas, functions, builtin_functions, aggregate_functions
+        relations, schemas, functions, builtin_functions, aggregate_functions, types
     )
 
 

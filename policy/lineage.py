@@ -1366,11 +1366,30 @@ class StatementWalker:
                 acc |= combined(inner) if kind in _COMBINING_NODES else inner
             elif kind in ("A_Const", "ParamRef", "TypeName", "location"):
                 continue
+            elif kind == "typeName":  # a cast's, a JSON function's RETURNING, XMLSERIALIZE's
+                self.type_name(v)
             elif kind in ("SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt"):
                 for _n, lin in self.query(node, scope, scope.ctes if scope else {}):
                     acc |= lin
             elif isinstance(v, (dict, list)):
                 self._expr(v, scope, acc)
+
+    def type_name(self, v: Node) -> None:
+        """A type named in an expression must be one the catalog knows, found as the server
+        finds it (pg_catalog, then the path); one it does not know is unknown, like a
+        relation or a function (fail closed)."""
+        types = self.snapshot.types
+        parts = [sval(n) for n in v.get("names") or ()]
+        if not types or not parts:
+            return
+        if len(parts) == 2:
+            known = (parts[0], parts[1]) in types
+        elif len(parts) == 1:
+            known = any((s, parts[0]) in types for s in self.effective_path())
+        else:
+            known = False  # database.schema.type: another database's names are not followed
+        if not known:
+            self.unknown.append(f"type {'.'.join(parts)}")
 
     def indirection(self, v: Node, scope: Scope | None, acc: set[SourceColumn]) -> None:
         arg = v["arg"]

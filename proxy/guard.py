@@ -37,18 +37,6 @@ _SET_END_USER = re.compile(
 _RESET_END_USER = re.compile(r"^\s*reset\s+pgwarden\.end_user\s*;?\s*$", re.IGNORECASE)
 
 
-def foreign_encoding(client: str | None, server: str | None) -> str | None:
-    """The client_encoding, when PostgreSQL reads a client's SQL otherwise than as UTF-8.
-    SQL_ASCII is no conversion: the server reads the bytes in its own encoding, so it is
-    UTF-8 where the server's is."""
-    name = (client or "UTF8").upper().replace("-", "").replace("_", "")
-    if name in ("UTF8", "UNICODE"):
-        return None
-    if name == "SQLASCII" and (server or "").upper().replace("-", "") in ("UTF8", "UNICODE"):
-        return None
-    return client
-
-
 def raise_statement(message: str, hint: str | None, sqlstate: str) -> str:
     """SQL that makes PostgreSQL itself raise our refusal.
 
@@ -181,9 +169,9 @@ class Guard:
     # The server reports standard_conforming_strings off: it reads backslashes in string
     # literals as escapes, pgwarden's parser does not, so the two would read different SQL.
     nonstandard_strings: bool = False
-    # The session's client_encoding, when it is not one pgwarden reads SQL in (UTF-8): the
-    # server reads the bytes in that encoding, where a byte pgwarden takes for part of a
-    # character can be a quote or a backslash (SJIS, BIG5, GBK), so the two read different SQL.
+    # The session's client_encoding, when it is one whose characters can end in an ASCII
+    # byte (SJIS, BIG5, GBK ...): the server reads a quote or a backslash as half of a
+    # character where pgwarden, reading UTF-8, sees it, so the two read different SQL.
     foreign_encoding: str | None = None
     shared_counts: bool = False  # window counters live in a store other processes write too
     # Need-to-know lookups: (rule id, person) -> (valid until, keys the person may see).
@@ -326,10 +314,11 @@ class Guard:
                 sql,
                 refusal(
                     "fail-closed",
-                    f"this session's client_encoding is {self.foreign_encoding}: PostgreSQL "
-                    "reads the statement's bytes in that encoding and pgwarden reads them as "
-                    "UTF-8, so the two could read different SQL",
-                    hint="connect with client_encoding UTF8",
+                    f"this session's client_encoding is {self.foreign_encoding}, in which a "
+                    "quote or a backslash can be half of a character: PostgreSQL and pgwarden "
+                    "could read different SQL",
+                    hint="connect with client_encoding UTF8 (or another encoding a database "
+                    "can have: LATIN1, WIN1252, EUC_JP ...)",
                 ),
             )
         text = self.upstream(sql)

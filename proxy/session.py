@@ -19,9 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from policy.encoding import foreign_encoding
 from proxy import commands as cmd
 from proxy.codec import FrameReader, FrameScanner, StartupReader
-from proxy.guard import foreign_encoding
 from proxy.messages import (
     AUTH_OK,
     AUTH_SASL,
@@ -652,9 +652,9 @@ class Session:
         self.server_params[name] = value
         if name == "standard_conforming_strings" and self.tracker is not None:
             self.tracker.guard.nonstandard_strings = value != "on"
-        if name in ("client_encoding", "server_encoding") and self.tracker is not None:
+        if name == "client_encoding" and self.tracker is not None:
             self.tracker.guard.foreign_encoding = foreign_encoding(
-                self.server_params.get("client_encoding"), self.server_params.get("server_encoding")
+                self.server_params.get("client_encoding")
             )
         if name == "application_name":
             self.subject.application_name = value
@@ -669,9 +669,7 @@ class Session:
             return
         # Set by a startup option or ALTER ROLE ... SET: the server reads '\'' as a quote.
         guard.nonstandard_strings = self.server_params.get("standard_conforming_strings") == "off"
-        guard.foreign_encoding = foreign_encoding(
-            self.server_params.get("client_encoding"), self.server_params.get("server_encoding")
-        )
+        guard.foreign_encoding = foreign_encoding(self.server_params.get("client_encoding"))
         assert self._client_reader is not None
         tracker = Tracker(guard, self.stats, self.settings.max_message, self._parameter)
         tracker.ledger = tracker.durable = guard.audit

@@ -35,6 +35,7 @@ FROM generate_series(1, {CUSTOMERS}) i;
 INSERT INTO crm.tickets SELECT i, i, CASE WHEN i % 2 = 0 THEN 'agent_rs' ELSE 'agent_db' END,
        'subject ' || i FROM generate_series(1, {CUSTOMERS}) i;
 CREATE VIEW crm.contact_list AS SELECT id, email FROM crm.customers;
+CREATE TYPE crm.ticket_state AS ENUM ('open', 'closed');
 ANALYZE crm.customers;
 """
 
@@ -339,27 +340,55 @@ def test_the_planner_s_sample_values_are_labelled_data_too(proxy: ProxyProcess) 
         assert n == -1
 
 
-def test_a_session_whose_client_encoding_is_not_utf8_is_refused_labelled_data(
+def test_a_session_in_an_encoding_where_a_quote_can_be_half_a_character_is_refused(
     proxy: ProxyProcess,
 ) -> None:
     """PostgreSQL reads a client's SQL in its client_encoding; pgwarden reads it as UTF-8.
     In SJIS, BIG5 or GBK the second byte of a character can be a backslash, so text that is
     valid UTF-8 can end a string literal for one and not for the other: the analysis would
     judge other SQL than the server runs.  Such a session is refused for subjects with
-    limits, however the encoding was chosen."""
+    limits, however the encoding was chosen; an encoding that keeps ASCII bytes ASCII
+    (LATIN1) reads alike and is not."""
     dsn = proxy.pg.dsn(user="agent_rs", port=proxy.port, dbname=DB, sslmode="disable")
     with psycopg.connect(dsn, password="agent-pw", autocommit=True, client_encoding="SJIS") as c:
         err = refusal(c, "SELECT email FROM customers WHERE id <= 5")
         assert err.sqlstate == "42501" and "client_encoding is SJIS" in str(err)
+    with psycopg.connect(dsn, password="agent-pw", autocommit=True, client_encoding="LATIN1") as c:
+        assert len(c.execute("SELECT email FROM customers WHERE id <= 5").fetchall()) == 5
     with connect(proxy, "agent_rs") as conn:
         for switch in ("SET client_encoding TO 'SJIS'", "SET NAMES 'BIG5'",
+                       "SET client_encoding = 'win936'",
                        "SELECT set_config('client_encoding', 'GBK', false)"):  # fmt: skip
             err = refusal(conn, switch)
             assert err.sqlstate == "42501" and "client_encoding" in str(err), switch
         # Refused, the switch never reached the server: the session reads as before.
         assert conn.execute("SHOW client_encoding").fetchone() == ("UTF8",)
         assert len(conn.execute("SELECT email FROM customers WHERE id <= 5").fetchall()) == 5
-        conn.execute("SET client_encoding TO 'UTF8'")  # no change of reading: allowed
-    with connect(proxy, "postgres") as dba:  # nobody's limits: the DBA may use LATIN1
-        dba.execute("SET client_encoding TO 'LATIN1'")
+        conn.execute("SET client_encoding TO 'LATIN1'")  # reads alike: allowed
+        assert conn.execute("SHOW client_encoding").fetchone() == ("LATIN1",)
+        assert len(conn.execute("SELECT email FROM customers WHERE id <= 5").fetchall()) == 5
+    with connect(proxy, "postgres") as dba:  # nobody's limits: the DBA may use SJIS
+        dba.execute("SET client_encoding TO 'SJIS'")
         assert len(dba.execute("SELECT email FROM crm.customers").fetchall()) == CUSTOMERS
+
+
+def test_a_type_pgwarden_cannot_resolve_is_refused_and_known_types_are_not(
+    proxy: ProxyProcess,
+) -> None:
+    """Types resolve as the server resolves them (pg_catalog, then the role's path), like
+    relations and functions; one missing from the catalog pgwarden read is unknown."""
+    with connect(proxy, "agent_rs") as conn:
+        for sql in ("SELECT email::crm.no_such_type FROM customers WHERE id = 1",
+                    "SELECT CAST(email AS no_such_type) FROM customers WHERE id = 1",
+                    "SELECT email::otherdb.crm.t FROM customers WHERE id = 1"):  # fmt: skip
+            err = refusal(conn, sql)
+            assert err.sqlstate == "42501", sql
+            assert "type " in str(err) and ("no_such_type" in str(err) or "otherdb" in str(err))
+        # PostgreSQL's types, a type of the schema on the role's path, a table's row type.
+        row = conn.execute(
+            "SELECT id::text, email::varchar(80), 'open'::ticket_state, "
+            "'closed'::crm.ticket_state, interval '1 day', now()::date, "
+            "row(id, email)::text, (c)::customers IS NOT NULL "
+            "FROM customers c WHERE id = 1"
+        ).fetchone()
+        assert row is not None and row[0] == "1" and row[2] == "open"

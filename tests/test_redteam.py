@@ -114,7 +114,21 @@ def test_technique_through_the_application_account_is_refused_by_shape(
     out = redteam.run_technique(env, name, "app")
     assert not out.violations(), f"{name}: {out.violations()} ({out.summary()})"
     if out.through_app:
-        assert out.first_refusal == "helpdesk-known-statements", out.summary()
+        # A session pgwarden cannot read as the server does (an encoding where a quote can
+        # be half a character, standard_conforming_strings off) has every statement refused
+        # before any shape is judged.
+        first = (
+            ("helpdesk-known-statements", "fail-closed")
+            if name in SESSION_UNREADABLE
+            else ("helpdesk-known-statements",)
+        )
+        assert out.first_refusal in first, out.summary()
+
+
+SESSION_UNREADABLE = frozenset((
+    "client_encoding_differential", "honest_latin1_gbk_client", "scs_off_startup",
+    "scs_off_expressions", "scs_off_allowlisted_shape", "honest_legacy_scs_off",
+))  # fmt: skip
 
 
 @pytest.mark.parametrize(
