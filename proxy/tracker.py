@@ -1523,11 +1523,9 @@ class Tracker:
                     seen = by_row if loose.intersection(covered) else keyed
                     for key in dict.fromkeys(budget_key(per, decision.subject) for per in r.per):
                         self.pending_counts += 1
-                        slot = (key, window_rule_key(r.id), r.window)
-                        out.append(cmd.RecordUsage(
-                            *slot[:2], rows, seen, (r.window,),
-                            running.hold.take(slot) if running.hold is not None else None,
-                        ))  # fmt: skip
+                        label = window_rule_key(r.id)
+                        hold = running.hold.take((key, label, r.window)) if running.hold else None
+                        out.append(cmd.RecordUsage(key, label, rows, seen, (r.window,), hold))
         if running.hold is not None:
             running.hold.release()  # what was not read (the usage above gives back the rest)
             running.hold = None
