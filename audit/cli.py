@@ -639,24 +639,30 @@ def ledger_key_option(fn: F) -> F:
 @store_options
 @ledger_key_option
 @click.option("--table", help="Labelled table (schema.table; public. assumed).")
-@click.option("--key", help="Primary key as text (composite keys: a JSON array of texts).")
+@click.option(
+    "--key",
+    multiple=True,
+    help="Primary key as text; a composite key as one --key per column, in key order "
+    '(or a JSON array such as \'["1","x,y"]\').',
+)
 @click.option("--value", help="A labelled value, e.g. an e-mail address.")
 @click.option("--label", help="Label of --value (default: every label in the ledger).")
 @click.option("--since", help=_SINCE_HELP)
 @click.option("--until", help=_UNTIL_HELP)
 def who_saw_cmd(
     db: Path | None, dsn: str | None, schema: str, as_json: bool, ledger_key: Path,
-    table: str | None, key: str | None, value: str | None, label: str | None,
+    table: str | None, key: tuple[str, ...], value: str | None, label: str | None,
     since: str | None, until: str | None,
 ) -> None:  # fmt: skip
     """Which sessions and people received a given record (or labelled value)."""
     hasher = _hasher(ledger_key)
     s_t, u_t = _window(since, until)
+    key_arg: str | tuple[str, ...] | None = (key[0] if len(key) == 1 else key) or None
     rows = _run(
         _with_store(
             db, dsn, schema,
             functools.partial(
-                q.who_saw, hasher=hasher, table=table, key=key, value=value, label=label,
+                q.who_saw, hasher=hasher, table=table, key=key_arg, value=value, label=label,
                 since=s_t, until=u_t,
             ),
         )

@@ -9,6 +9,7 @@ snippet table in :class:`Dialect`.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -588,7 +589,7 @@ async def who_saw(
     hasher: RecordHasher,
     *,
     table: str | None = None,
-    key: str | None = None,
+    key: str | Sequence[str] | None = None,
     value: str | None = None,
     label: str | None = None,
     since: datetime | None = None,
@@ -599,10 +600,12 @@ async def who_saw(
         if table is None:
             raise QueryError("--key needs --table: a primary key only means something in its table")
         rel = qualify(table)
-        targets = [
-            (KIND_KEY, rel, hasher.key(table, key)),
-            (LEGACY_KIND_KEY, rel, hasher.legacy_key(table, key)),
-        ]
+        targets = []
+        for text in key_spellings(key):
+            targets += [
+                (KIND_KEY, rel, hasher.key(table, text)),
+                (LEGACY_KIND_KEY, rel, hasher.legacy_key(table, text)),
+            ]
     elif value is not None:
         labels = (
             [label]
@@ -645,6 +648,35 @@ async def who_saw(
         elif not targets:
             raise QueryError("the record ledger holds no labelled values at all")
     out.sort(key=lambda r: r["ts"])
+    return out
+
+
+def key_spellings(key: str | Sequence[str]) -> list[str]:
+    """The ledger texts a responder's ``--key`` may stand for: the columns of a composite
+    key given one by one (``--key 1 --key x,y``) spelled as the ledger spells them
+    (:func:`audit.ledger.pk_text`), and a JSON array typed by hand (``[1, "x,y"]``: spaces,
+    a number unquoted) respelled that way too, besides the text as typed (a one-column key
+    may look like anything); and each composite key as older proxies spelled it."""
+    if not isinstance(key, str):
+        parts: list[Any] = list(key)
+        out = []
+    else:
+        out = [key]
+        try:
+            parts = orjson.loads(key)
+        except orjson.JSONDecodeError:
+            return out
+        if not (
+            isinstance(parts, list)
+            and len(parts) > 1
+            and all(isinstance(v, str | int) and not isinstance(v, bool) for v in parts)
+        ):
+            return out
+    texts = [str(v) for v in parts]
+    # and as proxies before 2026-12-07 spelled it (json.dumps: spaces, ASCII escapes)
+    for spelling in (pk_text(texts), json.dumps(texts)):
+        if spelling not in out:
+            out.append(spelling)
     return out
 
 
