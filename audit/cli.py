@@ -100,11 +100,35 @@ _SINCE_HELP = (
 _UNTIL_HELP = "Before this time (same forms as --since)."
 
 
+_PERSON_HELP = (
+    "Person: the end user the application named, otherwise the database user "
+    "(staff logged in as their own role)."
+)
+
+
+def person_options(fn: F) -> F:
+    """--person / --end-user / --db-user for the commands about one person."""
+    fn = click.option("--db-user", help="Database user (every end user it named, and none).")(fn)
+    fn = click.option("--end-user", help="End user named by the application.")(fn)
+    return click.option("--person", help=_PERSON_HELP)(fn)
+
+
+def _who(person: str | None, end_user: str | None, db_user: str | None) -> q.Who:
+    try:
+        return q.Who(end_user=end_user, db_user=db_user, person=person)
+    except q.QueryError as exc:
+        raise click.UsageError(
+            "name exactly one person: --person NAME (the end user, else the database user), "
+            "--end-user NAME or --db-user NAME"
+        ) from exc
+
+
 def filter_options(fn: F) -> F:
     """The filters shared by search, sessions and export."""
     for opt in reversed(
         [
-            click.option("--user", "db_user", help="Database user."),
+            click.option("--person", help=_PERSON_HELP),
+            click.option("--db-user", "--user", "db_user", help="Database user."),
             click.option("--end-user", help="End user named by the application."),
             click.option("--application", help="application_name."),
             click.option("--client", "client_addr", help="Client address."),
@@ -129,6 +153,7 @@ def _filters(kw: dict[str, Any]) -> q.Filters:
     return q.Filters(
         db_user=kw.pop("db_user", None),
         end_user=kw.pop("end_user", None),
+        person=kw.pop("person", None),
         application=kw.pop("application", None),
         client_addr=kw.pop("client_addr", None),
         since=since,
@@ -422,7 +447,7 @@ def _readable(records: Iterator[Any], path: Path) -> Iterator[Any]:
 _SEARCH_COLS = [
     "ts",
     "kind",
-    "end_user",
+    "person",
     "db_user",
     "client_addr",
     "statement",
@@ -461,7 +486,7 @@ def sessions_cmd(
         "session_id",
         "started",
         "last_seen",
-        "end_users",
+        "persons",
         "db_user",
         "application",
         "client_addr",
@@ -475,26 +500,22 @@ def sessions_cmd(
 
 @audit_group.command("timeline")
 @store_options
-@click.option("--end-user", required=True)
+@person_options
 @click.option("--since", help=_SINCE_HELP)
 @click.option("--until", help=_UNTIL_HELP)
 def timeline_cmd(
-    db: Path | None,
-    dsn: str | None,
-    schema: str,
-    as_json: bool,
-    end_user: str,
-    since: str | None,
-    until: str | None,
-) -> None:
+    db: Path | None, dsn: str | None, schema: str, as_json: bool, person: str | None,
+    end_user: str | None, db_user: str | None, since: str | None, until: str | None,
+) -> None:  # fmt: skip
     """Per hour for one person: statements, labelled rows, blocks."""
+    who = _who(person, end_user, db_user)
     s_t, u_t = _window(since, until)
-    rows = _run(_with_store(db, dsn, schema, lambda s: q.timeline(s, end_user, s_t, u_t)))
+    rows = _run(_with_store(db, dsn, schema, lambda s: q.timeline(s, who, s_t, u_t)))
     _emit(
         rows,
         ["hour", "statements", "labelled_rows", "blocks", "sessions"],
         as_json,
-        f"timeline of {_visible(end_user)}, per hour in UTC",
+        f"timeline of {_visible(who.name)}, per hour in UTC",
         headers={"hour": "hour (UTC)"},
     )
 
@@ -671,7 +692,7 @@ def who_saw_cmd(
         rows,
         [
             "ts",
-            "end_user",
+            "person",
             "db_user",
             "client_addr",
             "application",
@@ -694,7 +715,7 @@ def who_saw_cmd(
 @audit_group.command("records-seen")
 @store_options
 @ledger_key_option
-@click.option("--end-user", required=True)
+@person_options
 @click.option("--table", required=True)
 @click.option("--since", help=_SINCE_HELP)
 @click.option("--until", help=_UNTIL_HELP)
@@ -709,15 +730,19 @@ def who_saw_cmd(
 )
 def records_seen_cmd(
     db: Path | None, dsn: str | None, schema: str, as_json: bool, ledger_key: Path,
-    end_user: str, table: str, since: str | None, until: str | None, out: Path | None,
-    resolve_dsn: str | None,
+    person: str | None, end_user: str | None, db_user: str | None, table: str,
+    since: str | None, until: str | None, out: Path | None, resolve_dsn: str | None,
 ) -> None:  # fmt: skip
     """Count and export the distinct records one person received: the notification list."""
+    who = _who(person, end_user, db_user)
     hasher = _hasher(ledger_key)
     s_t, u_t = _window(since, until)
 
     async def go(store: q.Store) -> q.RecordsSeen:
-        res = await q.records_seen(store, end_user=end_user, table=table, since=s_t, until=u_t)
+        res = await q.records_seen(
+            store, end_user=who.end_user, db_user=who.db_user, person=who.person,
+            table=table, since=s_t, until=u_t,
+        )  # fmt: skip
         if resolve_dsn:
             res = await q.resolve_keys(res, hasher, resolve_dsn)
         return res
@@ -747,7 +772,7 @@ def records_seen_cmd(
         sys.stdout.buffer.write(orjson.dumps(res.as_dict(), option=orjson.OPT_INDENT_2) + b"\n")
         return
     _console().print(
-        f"{_safe(end_user)} received {len(res.records)} distinct record(s) of {_safe(res.table)}"
+        f"{_safe(who.name)} received {len(res.records)} distinct record(s) of {_safe(res.table)}"
         + (f"; {res.resolved} resolved to keys" if resolve_dsn else "")
     )
     unplaced = [v for v in res.values if "key" not in v]

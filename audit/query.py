@@ -78,6 +78,8 @@ class Dialect:
     holds_digest: str
     # The distinct end users of a group of events, as a JSON array (SQLite) or text[].
     end_users: str
+    # The distinct persons (end user, else database user) of a group of events, likewise.
+    persons: str
 
 
 SQLITE = Dialect(
@@ -88,6 +90,7 @@ SQLITE = Dialect(
     has_label="EXISTS (SELECT 1 FROM json_each(e.labels) WHERE value = ?)",
     holds_digest="instr(l.digests, ?) % 16 = 1",
     end_users="json_group_array(DISTINCT e.end_user) FILTER (WHERE e.end_user IS NOT NULL)",
+    persons="json_group_array(DISTINCT COALESCE(e.end_user, e.db_user))",
 )
 POSTGRES = Dialect(
     name="postgres",
@@ -97,6 +100,7 @@ POSTGRES = Dialect(
     has_label="? = ANY(e.labels)",
     holds_digest="position(? in l.digests) % 16 = 1",
     end_users="array_agg(DISTINCT e.end_user) FILTER (WHERE e.end_user IS NOT NULL)",
+    persons="array_agg(DISTINCT COALESCE(e.end_user, e.db_user))",
 )
 
 
@@ -282,6 +286,42 @@ def clean(row: Row) -> Row:
 
 # --- filters ---------------------------------------------------------------------------------
 
+# The person an event is about: the end user the application named, else the database user
+# (staff logged in as their own role name nobody else).
+PERSON = "COALESCE(e.end_user, e.db_user)"
+
+
+@dataclass(frozen=True, slots=True)
+class Who:
+    """Whose events a question is about: one of an end user, a database user, or a person
+    (the end user where one was named, otherwise the database user)."""
+
+    end_user: str | None = None
+    db_user: str | None = None
+    person: str | None = None
+
+    def __post_init__(self) -> None:
+        if sum(v is not None for v in (self.end_user, self.db_user, self.person)) != 1:
+            raise QueryError("name one person: --person, --end-user or --db-user")
+
+    @property
+    def name(self) -> str:
+        return str(self.person if self.person is not None else self.end_user or self.db_user)
+
+    @property
+    def what(self) -> str:
+        if self.person is not None:
+            return "person"
+        return "end user" if self.end_user is not None else "database user"
+
+    def condition(self) -> tuple[str, str]:
+        """(SQL condition on events ``e``, its parameter)."""
+        if self.person is not None:
+            return f"{PERSON} = ?", self.person
+        if self.end_user is not None:
+            return "e.end_user = ?", self.end_user
+        return "e.db_user = ?", str(self.db_user)
+
 
 @dataclass
 class Filters:
@@ -299,6 +339,7 @@ class Filters:
     min_rows: int | None = None
     session_id: str | None = None
     kinds: Sequence[str] = field(default_factory=tuple)
+    person: str | None = None  # the end user, else the database user
 
     def where(self, d: Dialect) -> tuple[str, list[Any]]:
         conds: list[str] = []
@@ -308,6 +349,9 @@ class Filters:
             if val is not None:
                 conds.append(f"e.{col} = ?")
                 args.append(val)
+        if self.person is not None:
+            conds.append(f"{PERSON} = ?")
+            args.append(self.person)
         if self.since is not None:
             conds.append("e.ts >= ?")
             args.append(self.since)
@@ -340,7 +384,11 @@ async def search(store: Store, f: Filters, limit: int = 200) -> list[Row]:
         *args,
         limit,
     )
-    return [clean(r) for r in rows]
+    return [_with_person(clean(r)) for r in rows]
+
+
+def _with_person(row: Row) -> Row:
+    return {**row, "person": row.get("end_user") or row.get("db_user")}
 
 
 async def export(store: Store, f: Filters) -> AsyncIterator[Row]:
@@ -361,7 +409,7 @@ async def sessions(store: Store, f: Filters, limit: int = 200) -> list[Row]:
         SELECT e.session_id,
                MIN(e.ts) AS started, MAX(e.ts) AS last_seen,
                MAX(e.db_user) AS db_user, MAX(e.end_user) AS end_user,
-               {d.end_users} AS end_users,
+               {d.end_users} AS end_users, {d.persons} AS persons,
                MAX(e.application) AS application, MAX(e.client_addr) AS client_addr,
                COUNT(*) FILTER (WHERE e.kind = 'statement') AS statements,
                COALESCE(SUM(CASE WHEN e.kind = 'statement' AND {d.labelled}
@@ -378,13 +426,16 @@ async def sessions(store: Store, f: Filters, limit: int = 200) -> list[Row]:
         limit,
     )
     # An application's pooled connection serves many people: one session, several end users.
-    return [{**_plain(r), "end_users": _names(r["end_users"])} for r in rows]
+    return [
+        {**_plain(r), "end_users": _names(r["end_users"]), "persons": _names(r["persons"])}
+        for r in rows
+    ]
 
 
 def _names(v: Any) -> list[str]:
     if v is None:
         return []
-    return sorted(orjson.loads(v) if isinstance(v, str) else v)
+    return sorted(n for n in (orjson.loads(v) if isinstance(v, str) else v) if n is not None)
 
 
 def _scalar(v: Any) -> Any:
@@ -400,11 +451,14 @@ def _plain(r: Row) -> Row:
 
 
 async def timeline(
-    store: Store, end_user: str, since: datetime | None = None, until: datetime | None = None
+    store: Store, who: Who, since: datetime | None = None, until: datetime | None = None
 ) -> list[Row]:
     """Per hour for one person: statements, labelled rows, blocks."""
     d = store.dialect
-    f = Filters(end_user=end_user, since=since, until=until, kinds=("statement",))
+    f = Filters(
+        end_user=who.end_user, db_user=who.db_user, person=who.person,
+        since=since, until=until, kinds=("statement",),
+    )  # fmt: skip
     where, args = f.where(d)
     rows = await store.fetch(
         f"""
@@ -419,26 +473,35 @@ async def timeline(
         *args,
     )
     if not rows:
-        await _check_person(store, end_user)
+        await _check_person(store, who)
     return [{**_plain(r), "hour": f"{r['hour']}:00Z"} for r in rows]
 
 
-async def _check_person(store: Store, end_user: str) -> None:
-    """Raise when the trail never names ``end_user``: "Bob" for "bob" would otherwise read as
+async def _check_person(store: Store, who: Who) -> None:
+    """Raise when the trail never names the person: "Bob" for "bob" would otherwise read as
     "bob did nothing"."""
-    if await store.fetch("SELECT 1 AS x FROM {events} e WHERE e.end_user = ? LIMIT 1", end_user):
+    cond, arg = who.condition()
+    if await store.fetch(f"SELECT 1 AS x FROM {{events}} e WHERE {cond} LIMIT 1", arg):
         return
+    column = {"person": PERSON, "end user": "e.end_user"}.get(who.what, "e.db_user")
     alike = [
-        r["end_user"]
+        r["name"]
         for r in await store.fetch(
-            "SELECT DISTINCT e.end_user FROM {events} e "
-            "WHERE lower(e.end_user) = lower(?) ORDER BY 1 LIMIT 5",
-            end_user.strip(),
+            f"SELECT DISTINCT {column} AS name FROM {{events}} e "
+            f"WHERE lower({column}) = lower(?) ORDER BY 1 LIMIT 5",
+            arg.strip(),
         )
     ]
+    hint = ""
+    if (
+        who.end_user is not None
+        and not alike
+        and await store.fetch("SELECT 1 AS x FROM {events} e WHERE e.db_user = ? LIMIT 1", arg)
+    ):
+        hint = f"; it is a database user: ask with --person {arg} or --db-user {arg}"
     raise QueryError(
-        f"the trail never names the end user {end_user!r} (names match exactly, case "
-        "included)" + (f"; did you mean {', '.join(map(repr, alike))}?" if alike else "")
+        f"the trail never names the {who.what} {arg!r} (names match exactly, case included)"
+        + (f"; did you mean {', '.join(map(repr, alike))}?" if alike else hint)
     )
 
 
@@ -639,7 +702,7 @@ async def who_saw(
             """,
             *args,
         )
-        out.extend({**clean(r), "matched": rel} for r in rows)
+        out.extend({**_with_person(clean(r)), "matched": rel} for r in rows)
     if not out:
         if key is not None:
             await _check_known(store, (KIND_KEY, LEGACY_KIND_KEY), qualify(str(table)), "table")
@@ -707,7 +770,7 @@ async def _check_known(store: Store, kinds: tuple[str, str], name: str, what: st
 class RecordsSeen:
     """The distinct records one person received: the breach-notification list."""
 
-    end_user: str
+    who: Who
     table: str
     records: list[Row]  # digest (hex), first_seen, last_seen, times, and key when resolved
     resolved: int = 0
@@ -718,7 +781,9 @@ class RecordsSeen:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "end_user": self.end_user,
+            "end_user": self.who.end_user,
+            "db_user": self.who.db_user,
+            "person": self.who.person,
             "table": self.table,
             "distinct_records": len(self.records),
             "resolved": self.resolved,
@@ -740,14 +805,19 @@ def _tally(seen: dict[Any, list[Any]], key: Any, ts: Any) -> None:
 async def records_seen(
     store: Store,
     *,
-    end_user: str,
+    end_user: str | None = None,
     table: str,
     since: datetime | None = None,
     until: datetime | None = None,
+    person: str | None = None,
+    db_user: str | None = None,
 ) -> RecordsSeen:
-    """Distinct records of ``table`` that ``end_user`` received in the window, and the
+    """Distinct records of ``table`` that one person (``end_user``, ``person`` or
+    ``db_user``: see :class:`Who`) received in the window, and the
     labelled values they received in rows without a usable key (which may be of any table
     carrying those labels until :func:`resolve_keys` ties them to rows of ``table``)."""
+    who = Who(end_user=end_user, db_user=db_user, person=person)
+    cond, person_arg = who.condition()
     rel = qualify(table)
     window: list[str] = []
     args: list[Any] = []
@@ -764,11 +834,11 @@ async def records_seen(
         f"""
         SELECT e.ts, l.kind, l.relation, l.digests
         FROM {{events}} e JOIN {{ledger}} l ON l.chain_id = e.chain_id AND l.seq = e.seq
-        WHERE e.end_user = ? {" ".join(window)}
+        WHERE {cond} {" ".join(window)}
           AND ((l.kind IN ('k2', 'k') AND l.relation = ?) OR l.kind IN ('v2', 'v'))
         ORDER BY e.ts
         """,
-        end_user,
+        person_arg,
         *args,
         rel,
     ):
@@ -786,7 +856,7 @@ async def records_seen(
                 _tally(values, (label, d), ts)
     if not seen and not values:
         await _check_known(store, (KIND_KEY, LEGACY_KIND_KEY), rel, "table")
-        await _check_person(store, end_user)
+        await _check_person(store, who)
     recs = [
         {"digest": d.hex(), "first_seen": f, "last_seen": la, "times": n}
         | ({"legacy": True} if d in legacy else {})
@@ -797,7 +867,7 @@ async def records_seen(
         | ({"legacy": True} if d in legacy else {})
         for (label, d), (f, la, n) in sorted(values.items(), key=lambda kv: (kv[1][0], kv[0]))
     ]
-    return RecordsSeen(end_user, rel, recs, values=vals)
+    return RecordsSeen(who, rel, recs, values=vals)
 
 
 async def resolve_keys(

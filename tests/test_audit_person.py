@@ -1,0 +1,174 @@
+"""The responder asks about a person, whoever they logged in as: a trail written by the real
+proxy with the shipped policy, where one agent logs in as her own role (no end-user name)
+and the helpdesk's pooled connection names its agents per statement.
+
+Expected answers are what the clients below sent, never what the code under test computes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg
+import pytest
+
+from loadtests.cluster import Cluster
+from tests.proxyutil import ProxyProcess, pgwarden_command
+from tests.support_data import DB, POLICY
+
+MALLORY_READS = [1, 2, 3, 4, 5]  # one customer a statement, as agent_mallory's own role
+# The helpdesk's pooled connection: (end user, customer read or None for a blocked SELECT *)
+POOLED = [("alice", 10), ("alice", 11), ("bob", 12), ("bob", None), ("carol", 13)]
+
+ROLE = """
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'agent_mallory') THEN
+    CREATE ROLE agent_mallory LOGIN;
+  END IF;
+END $$;
+SET password_encryption = 'scram-sha-256';
+ALTER ROLE agent_mallory PASSWORD 'mallory-pw';
+GRANT USAGE ON SCHEMA public TO agent_mallory;
+GRANT SELECT ON ALL TABLES IN SCHEMA public TO agent_mallory;
+"""
+
+
+@dataclass
+class Trail:
+    db: Path
+    ledger_key: Path
+    monitored: str  # URL of the monitored database (for --resolve-dsn)
+
+    def args(self, *more: str) -> list[str]:
+        return ["--db", str(self.db), *more]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*pgwarden_command(), "audit", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=dict(os.environ),
+    )
+
+
+def ok(*args: str) -> str:
+    res = cli(*args)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def js(*args: str) -> Any:
+    return orjson.loads(ok(*args, "--json"))
+
+
+def refused(*args: str) -> str:
+    res = cli(*args)
+    assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr and "Error:" in res.stderr, res.stderr
+    return res.stderr
+
+
+def read_customer(conn: psycopg.Connection[Any], i: int, end_user: str | None = None) -> None:
+    tag = f"/* end_user='{end_user}' */ " if end_user else ""
+    conn.execute(
+        f"{tag}SELECT customer_id, full_name, email FROM customers WHERE customer_id = {i}"
+    ).fetchall()
+
+
+@pytest.fixture(scope="module")
+def trail(
+    pg: Cluster, enforce_db: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Trail]:
+    tmp = tmp_path_factory.mktemp("person")
+    pg.psql(ROLE, database=DB)
+    ledger = tmp / "ledger.key"
+    assert cli("keygen", "--ledger", "--out", str(ledger)).returncode == 0
+    db = tmp / "audit.db"
+    config = {
+        "policy_file": str(POLICY),
+        "catalog_user": "postgres",
+        "audit": {"sinks": [{"type": "sqlite", "path": str(db)}], "ledger_key": str(ledger)},
+    }
+    p = ProxyProcess(pg, tmp / "proxy", config=config)
+    try:
+        own = p.pg.dsn(user="agent_mallory", port=p.port, dbname=DB, sslmode="disable")
+        with psycopg.connect(own + " password=mallory-pw", autocommit=True) as conn:
+            for i in MALLORY_READS:
+                read_customer(conn, i)
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("SELECT * FROM customers")
+        helpdesk = p.pg.dsn(user="support_app", port=p.port, dbname=DB, sslmode="disable")
+        with psycopg.connect(helpdesk, autocommit=True) as conn:
+            for who, i in POOLED:
+                if i is None:
+                    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                        conn.execute(f"/* end_user='{who}' */ SELECT * FROM customers")
+                else:
+                    read_customer(conn, i, who)
+    finally:
+        p.stop()
+    yield Trail(db, ledger, pg.url(database=DB))
+
+
+# --- the person ------------------------------------------------------------------------------
+
+
+def test_records_seen_by_person_names_an_agent_on_her_own_role(trail: Trail) -> None:
+    common = trail.args("--ledger-key", str(trail.ledger_key), "--table", "customers")
+    seen = js("records-seen", *common, "--person", "agent_mallory",
+              "--resolve-dsn", trail.monitored)  # fmt: skip
+    assert sorted(int(r["key"]) for r in seen["records"]) == MALLORY_READS
+    assert seen["person"] == "agent_mallory"
+    # the end users of the pooled account are persons too, each with their own records
+    seen = js("records-seen", *common, "--person", "alice", "--resolve-dsn", trail.monitored)
+    assert sorted(int(r["key"]) for r in seen["records"]) == [10, 11]
+    # --db-user: everything the account served, whoever it named
+    seen = js("records-seen", *common, "--db-user", "support_app",
+              "--resolve-dsn", trail.monitored)  # fmt: skip
+    assert sorted(int(r["key"]) for r in seen["records"]) == [10, 11, 12, 13]
+    # asked as an end user, she is not one: the refusal says how to ask
+    err = refused("records-seen", *common, "--end-user", "agent_mallory")
+    assert "never names the end user 'agent_mallory'" in err and "--person agent_mallory" in err
+    err = refused("records-seen", *common, "--person", "Agent_Mallory")
+    assert "never names the person 'Agent_Mallory'" in err and "'agent_mallory'" in err
+    err = refused("records-seen", *common)
+    assert "name exactly one person" in err
+    err = refused("records-seen", *common, "--person", "alice", "--end-user", "alice")
+    assert "name exactly one person" in err
+
+
+def test_timeline_search_sessions_and_who_saw_know_the_person(trail: Trail) -> None:
+    statements = len(MALLORY_READS) + 1  # and the refused SELECT *
+    tl = js("timeline", *trail.args("--person", "agent_mallory"))
+    assert sum(r["statements"] for r in tl) == statements
+    assert sum(r["labelled_rows"] for r in tl) == len(MALLORY_READS)
+    assert sum(r["blocks"] for r in tl) == 1
+    assert "agent_mallory" in ok("timeline", *trail.args("--person", "agent_mallory"))
+
+    found = js("search", *trail.args("--person", "agent_mallory", "--kind", "statement"))
+    assert len(found) == statements
+    assert {(r["person"], r["db_user"], r["end_user"]) for r in found} == {
+        ("agent_mallory", "agent_mallory", None)
+    }
+    bob = js("search", *trail.args("--person", "bob", "--kind", "statement"))
+    assert [(r["person"], r["db_user"]) for r in bob] == [("bob", "support_app")] * 2
+    assert "agent_mallory" in ok("search", *trail.args("--person", "agent_mallory"))
+
+    (session,) = js("sessions", *trail.args("--person", "agent_mallory"))
+    assert session["persons"] == ["agent_mallory"] and session["db_user"] == "agent_mallory"
+    top = {r["person"]: r for r in js("top", *trail.args())}
+    assert top["agent_mallory"]["distinct_records"] == len(MALLORY_READS)
+
+    who = trail.args("--ledger-key", str(trail.ledger_key), "--table", "customers", "--key", "3")
+    assert [r["person"] for r in js("who-saw", *who)] == ["agent_mallory"]
+    shown = ok("who-saw", *who)
+    assert "by: agent_mallory" in shown
+    assert [line for line in shown.splitlines() if line.startswith("│") and "agent_mallory" in line]
