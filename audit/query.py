@@ -414,7 +414,7 @@ async def sessions(store: Store, f: Filters, limit: int = 200) -> list[Row]:
                COUNT(*) FILTER (WHERE e.kind = 'statement') AS statements,
                COALESCE(SUM(CASE WHEN e.kind = 'statement' AND {d.labelled}
                                  THEN e.rows ELSE 0 END), 0) AS labelled_rows,
-               COUNT(*) FILTER (WHERE e.verdict = 'block') AS blocks,
+               COUNT(*) FILTER (WHERE e.kind = 'statement' AND e.verdict = 'block') AS blocks,
                COUNT(*) FILTER (WHERE e.kind = 'session_end') AS ended
         FROM {{events}} e
         WHERE e.session_id IS NOT NULL AND {where}

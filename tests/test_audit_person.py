@@ -172,3 +172,25 @@ def test_timeline_search_sessions_and_who_saw_know_the_person(trail: Trail) -> N
     shown = ok("who-saw", *who)
     assert "by: agent_mallory" in shown
     assert [line for line in shown.splitlines() if line.startswith("│") and "agent_mallory" in line]
+
+
+# --- alerts ----------------------------------------------------------------------------------
+
+
+def test_alerts_carry_the_database_user_end_user_and_session(trail: Trail) -> None:
+    # agent_mallory's refused SELECT * on her own role: the alert is hers, in her session
+    (alert,) = js("search", *trail.args("--person", "agent_mallory", "--kind", "alert"))
+    (statement,) = js("search", *trail.args("--person", "agent_mallory", "--verdict", "block",
+                                            "--kind", "statement"))  # fmt: skip
+    assert alert["verdict"] == "block"
+    assert (alert["db_user"], alert["end_user"]) == ("agent_mallory", None)
+    assert alert["session_id"] == statement["session_id"]
+    assert alert["details"]["subject"] == "person:agent_mallory"
+    # bob's, named by the helpdesk's pooled connection: found by --end-user
+    (alert,) = js("search", *trail.args("--end-user", "bob", "--kind", "alert"))
+    assert (alert["db_user"], alert["end_user"], alert["person"]) == ("support_app", "bob", "bob")
+    bob = js("search", *trail.args("--end-user", "bob", "--kind", "statement"))
+    assert alert["session_id"] == bob[0]["session_id"]
+    # a session counts a refused statement once, not again for its alert
+    (session,) = js("sessions", *trail.args("--person", "agent_mallory"))
+    assert session["blocks"] == 1
