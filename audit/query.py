@@ -401,9 +401,18 @@ async def export(store: Store, f: Filters) -> AsyncIterator[Row]:
 
 
 async def sessions(store: Store, f: Filters, limit: int = 200) -> list[Row]:
-    """One row per session: who, from where, when, how much labelled data, how many blocks."""
+    """One row per session: who, from where, when, how much labelled data, how many blocks.
+
+    The filters choose which sessions are listed (those with an event that matches); the
+    totals are always the whole session's: a pooled connection that served ten people is
+    not shown as the share of the one asked about."""
     d = store.dialect
     where, args = f.where(d)
+    if where != "TRUE":
+        where = (
+            "e.session_id IN (SELECT DISTINCT e.session_id FROM {events} e "
+            f"WHERE e.session_id IS NOT NULL AND {where})"
+        )
     rows = await store.fetch(
         f"""
         SELECT e.session_id,

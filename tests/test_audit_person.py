@@ -194,3 +194,23 @@ def test_alerts_carry_the_database_user_end_user_and_session(trail: Trail) -> No
     # a session counts a refused statement once, not again for its alert
     (session,) = js("sessions", *trail.args("--person", "agent_mallory"))
     assert session["blocks"] == 1
+
+
+# --- sessions --------------------------------------------------------------------------------
+
+
+def test_sessions_of_a_person_show_the_whole_sessions_totals(trail: Trail) -> None:
+    # The helpdesk's pooled connection served alice, bob and carol: asked about alice, the
+    # session is listed with everything it did, not alice's share of it.
+    reads = [i for _, i in POOLED if i is not None]
+    for ask in (["--end-user", "alice"], ["--person", "carol"], ["--db-user", "support_app"]):
+        (session,) = js("sessions", *trail.args(*ask))
+        assert session["statements"] == len(POOLED), ask
+        assert session["labelled_rows"] == len(reads), ask
+        assert session["blocks"] == 1, ask
+        assert session["end_users"] == ["alice", "bob", "carol"], ask
+    # the filter still chooses which sessions are listed
+    assert [s["db_user"] for s in js("sessions", *trail.args("--person", "agent_mallory"))] == [
+        "agent_mallory"
+    ]
+    assert len(js("sessions", *trail.args())) == 2
