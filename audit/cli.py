@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import functools
 import os
 import re
 import signal
@@ -656,6 +655,26 @@ def ledger_key_option(fn: F) -> F:
     )(fn)
 
 
+async def _check_key(store: q.Store, hasher: RecordHasher, path: Path) -> None:
+    """Refuse a ledger key that did not write this trail's ledger: every digest it makes
+    would be missing, and "nobody" would read as an answer."""
+    check = await q.check_ledger_key(store, hasher)
+    if check.other and not check.matching:
+        raise q.QueryError(
+            f"the ledger key {path} is not the key this trail's ledger was written with (its "
+            "check value matches none recorded in the trail): every record would be reported "
+            "as seen by nobody; use the file that audit.ledger_key named in the pgwarden that "
+            "wrote this trail"
+        )
+    if check.other:
+        click.echo(
+            f"warning: part of this trail's ledger was written with another key than {path} "
+            "(a key rotation, or several deployments in one store): records written with it "
+            f"are not found with this one (writers: {', '.join(map(_visible, check.other))})",
+            err=True,
+        )
+
+
 @audit_group.command("who-saw")
 @store_options
 @ledger_key_option
@@ -679,15 +698,15 @@ def who_saw_cmd(
     hasher = _hasher(ledger_key)
     s_t, u_t = _window(since, until)
     key_arg: str | tuple[str, ...] | None = (key[0] if len(key) == 1 else key) or None
-    rows = _run(
-        _with_store(
-            db, dsn, schema,
-            functools.partial(
-                q.who_saw, hasher=hasher, table=table, key=key_arg, value=value, label=label,
-                since=s_t, until=u_t,
-            ),
-        )
-    )  # fmt: skip
+
+    async def go(store: q.Store) -> list[dict[str, Any]]:
+        await _check_key(store, hasher, ledger_key)
+        return await q.who_saw(
+            store, hasher, table=table, key=key_arg, value=value, label=label,
+            since=s_t, until=u_t,
+        )  # fmt: skip
+
+    rows = _run(_with_store(db, dsn, schema, go))
     _emit(
         rows,
         [
@@ -739,6 +758,7 @@ def records_seen_cmd(
     s_t, u_t = _window(since, until)
 
     async def go(store: q.Store) -> q.RecordsSeen:
+        await _check_key(store, hasher, ledger_key)
         res = await q.records_seen(
             store, end_user=who.end_user, db_user=who.db_user, person=who.person,
             table=table, since=s_t, until=u_t,

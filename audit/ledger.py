@@ -209,6 +209,13 @@ class RecordHasher:
                     out.append((KIND_VALUE, label, self._packed(KIND_VALUE, label, norm)))
         return tuple(out)
 
+    def check_value(self) -> str:
+        """A keyed check value of the ledger key (hex): the writer records it on each event
+        that has ledger rows (``details.ledger_key_check``), so a responder holding another
+        deployment's key is told so instead of "nobody saw it".  It tells nothing about the
+        key itself (HMAC-SHA256 of a fixed text under it, 128 bits)."""
+        return self._hmac(b"pgwarden ledger key check").hex()
+
     # --- the HMAC digests of trails written before CMAC (kinds "k" and "v") ----------------
 
     def legacy_key(self, table: str, pk: str | bytes) -> bytes:

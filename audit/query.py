@@ -776,6 +776,48 @@ async def _check_known(store: Store, kinds: tuple[str, str], name: str, what: st
 
 
 @dataclass
+class KeyCheck:
+    """How a responder's ledger key compares with the keys that wrote the trail's ledger:
+    the writers (chains) whose ledger events carry the key's check value, those with events
+    carrying another one (a chain may be in both), and those from before check values were
+    recorded."""
+
+    matching: list[str] = field(default_factory=list)
+    other: list[str] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)
+
+
+async def check_ledger_key(store: Store, hasher: RecordHasher) -> KeyCheck:
+    """Compare ``hasher``'s key with the check value recorded on the first and last event
+    with ledger rows of each chain (found through the ledger's index, not a scan)."""
+    mine = hasher.check_value()
+    out = KeyCheck()
+    for c in await store.fetch(
+        "SELECT chain_id, MIN(seq) AS first, MAX(seq) AS last FROM {ledger} GROUP BY chain_id"
+    ):
+        found: set[str] = set()
+        for r in await store.fetch(
+            "SELECT e.details FROM {events} e WHERE e.chain_id = ? AND e.seq IN (?, ?)",
+            c["chain_id"],
+            c["first"],
+            c["last"],
+        ):
+            details = r["details"]
+            if isinstance(details, str | bytes):
+                details = orjson.loads(details)
+            if isinstance(details, dict) and isinstance(details.get("ledger_key_check"), str):
+                found.add(details["ledger_key_check"])
+        chain = str(c["chain_id"])
+        if mine in found:
+            out.matching.append(chain)
+        if found - {mine}:  # (a chain continued after a key rotation has both)
+            out.other.append(chain)
+        if not found:
+            out.unknown.append(chain)
+    return out
+
+
+@dataclass
 class RecordsSeen:
     """The distinct records one person received: the breach-notification list."""
 

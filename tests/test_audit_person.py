@@ -214,3 +214,59 @@ def test_sessions_of_a_person_show_the_whole_sessions_totals(trail: Trail) -> No
         "agent_mallory"
     ]
     assert len(js("sessions", *trail.args())) == 2
+
+
+# --- the ledger key --------------------------------------------------------------------------
+
+
+def test_another_deployments_ledger_key_is_refused(trail: Trail, tmp_path: Path) -> None:
+    other = tmp_path / "other.key"
+    assert cli("keygen", "--ledger", "--out", str(other)).returncode == 0
+    for ask in (
+        ["who-saw", "--table", "customers", "--key", "3"],
+        ["records-seen", "--table", "customers", "--person", "agent_mallory"],
+    ):
+        err = refused(*ask[:1], *trail.args("--ledger-key", str(other), *ask[1:]))
+        assert f"the ledger key {other} is not the key this trail's ledger was written with" in err
+        assert "Traceback" not in err
+    # the right key still answers, without a warning
+    res = cli("who-saw", *trail.args("--ledger-key", str(trail.ledger_key), "--table",
+                                     "customers", "--key", "3"))  # fmt: skip
+    assert res.returncode == 0 and "agent_mallory" in res.stdout and res.stderr == ""
+
+
+def test_a_trail_written_under_two_keys_warns_about_the_other(tmp_path: Path) -> None:
+    import asyncio
+
+    from audit.events import AuditEvent, Subject
+    from audit.ledger import generate_key_file
+    from audit.pipeline import AuditConfig, AuditTrail, SQLiteSinkConfig
+
+    db = tmp_path / "audit.db"
+    who = Subject("support_app", DB, "helpdesk", "10.0.0.5", False, "bob")
+
+    async def write(key: Path, customer: str) -> None:
+        generate_key_file(key)
+        trail = AuditTrail(AuditConfig(sinks=[SQLiteSinkConfig(path=db)], ledger_key=key))
+        await trail.start()
+        await trail.submit(
+            AuditEvent.statement_event(
+                "s", who, fingerprint="f", statement="SELECT email FROM customers",
+                relations=["public.customers"], labels=["pii.email"], rows=1,
+                ledger_keys={"customers": [customer]},
+            )
+        )  # fmt: skip
+        await trail.close()
+
+    asyncio.run(write(tmp_path / "old.key", "7"))  # before a key rotation
+    asyncio.run(write(tmp_path / "new.key", "8"))
+    res = cli("who-saw", "--db", str(db), "--ledger-key", str(tmp_path / "new.key"),
+              "--table", "customers", "--key", "8", "--json")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert [r["person"] for r in orjson.loads(res.stdout)] == ["bob"]
+    assert "part of this trail's ledger was written with another key" in res.stderr
+    # the old key finds the record it wrote, with the same warning
+    res = cli("who-saw", "--db", str(db), "--ledger-key", str(tmp_path / "old.key"),
+              "--table", "customers", "--key", "7", "--json")  # fmt: skip
+    assert res.returncode == 0 and len(orjson.loads(res.stdout)) == 1
+    assert "another key" in res.stderr
