@@ -502,20 +502,29 @@ def sessions_cmd(
 @person_options
 @click.option("--since", help=_SINCE_HELP)
 @click.option("--until", help=_UNTIL_HELP)
+@click.option(
+    "--bucket",
+    type=click.Choice(list(q.BUCKETS)),
+    default="1h",
+    show_default=True,
+    help="One row per UTC minute, hour or day.",
+)
 def timeline_cmd(
     db: Path | None, dsn: str | None, schema: str, as_json: bool, person: str | None,
     end_user: str | None, db_user: str | None, since: str | None, until: str | None,
+    bucket: str,
 ) -> None:  # fmt: skip
-    """Per hour for one person: statements, labelled rows, blocks."""
+    """Per minute, hour or day for one person: statements, labelled rows, blocks."""
     who = _who(person, end_user, db_user)
     s_t, u_t = _window(since, until)
-    rows = _run(_with_store(db, dsn, schema, lambda s: q.timeline(s, who, s_t, u_t)))
+    rows = _run(_with_store(db, dsn, schema, lambda s: q.timeline(s, who, s_t, u_t, bucket)))
+    unit = q.BUCKETS[bucket][0]
     _emit(
         rows,
-        ["hour", "statements", "labelled_rows", "blocks", "sessions"],
+        ["bucket", "statements", "labelled_rows", "blocks", "sessions"],
         as_json,
-        f"timeline of {_visible(who.name)}, per hour in UTC",
-        headers={"hour": "hour (UTC)"},
+        f"timeline of {_visible(who.name)}, per {unit} in UTC",
+        headers={"bucket": f"{unit} (UTC)"},
     )
 
 
@@ -533,14 +542,22 @@ def top_cmd(
     until: str | None,
     limit: int,
 ) -> None:
-    """Who read the most labelled records in a window."""
+    """Who received the most distinct labelled records in a window (bytes beside)."""
     s_t, u_t = _window(since, until)
     rows = _run(_with_store(db, dsn, schema, lambda s: q.top(s, s_t, u_t, limit)))
     _emit(
         rows,
-        ["person", "labelled_rows", "distinct_records", "statements", "blocks", "sessions"],
+        [
+            "person",
+            "distinct_records",
+            "labelled_bytes",
+            "labelled_rows",
+            "statements",
+            "blocks",
+            "sessions",
+        ],
         as_json,
-        "top readers of labelled data",
+        "top readers of labelled data, by distinct records",
     )
 
 

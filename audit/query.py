@@ -70,6 +70,8 @@ def parse_time(text: str, *, now: datetime | None = None) -> datetime:
 class Dialect:
     name: str
     hour: str
+    minute: str
+    day: str
     labelled: str
     has_relation: str
     has_label: str
@@ -85,6 +87,8 @@ class Dialect:
 SQLITE = Dialect(
     name="sqlite",
     hour="substr(e.ts, 1, 13)",
+    minute="substr(e.ts, 1, 16)",
+    day="substr(e.ts, 1, 10)",
     labelled="(e.labels IS NOT NULL AND e.labels <> '[]')",
     has_relation="EXISTS (SELECT 1 FROM json_each(e.relations) WHERE value = ?)",
     has_label="EXISTS (SELECT 1 FROM json_each(e.labels) WHERE value = ?)",
@@ -95,6 +99,8 @@ SQLITE = Dialect(
 POSTGRES = Dialect(
     name="postgres",
     hour="to_char(e.ts AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24')",
+    minute="to_char(e.ts AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI')",
+    day="to_char(e.ts AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
     labelled="(cardinality(e.labels) > 0)",
     has_relation="? = ANY(e.relations)",
     has_label="? = ANY(e.labels)",
@@ -459,11 +465,26 @@ def _plain(r: Row) -> Row:
     return {k: _scalar(v) for k, v in r.items()}
 
 
+# timeline --bucket: the SQL snippet (a Dialect field) and how its text is completed.
+BUCKETS = {"1m": ("minute", "Z"), "1h": ("hour", ":00Z"), "1d": ("day", "")}
+
+
 async def timeline(
-    store: Store, who: Who, since: datetime | None = None, until: datetime | None = None
+    store: Store,
+    who: Who,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    bucket: str = "1h",
 ) -> list[Row]:
-    """Per hour for one person: statements, labelled rows, blocks."""
+    """Per UTC minute, hour or day (``bucket``: 1m, 1h, 1d) for one person: statements,
+    labelled rows, blocks, sessions.  Each row's ``bucket`` is the start of its period
+    (``2026-11-02T09:01Z``, ``2026-11-02T09:00Z``, ``2026-11-02``); hourly rows also keep
+    the name ``hour`` for older scripts."""
+    if bucket not in BUCKETS:
+        raise QueryError(f"--bucket must be one of {', '.join(BUCKETS)}, not {bucket!r}")
     d = store.dialect
+    field_, suffix = BUCKETS[bucket]
+    period = getattr(d, field_)
     f = Filters(
         end_user=who.end_user, db_user=who.db_user, person=who.person,
         since=since, until=until, kinds=("statement",),
@@ -471,19 +492,22 @@ async def timeline(
     where, args = f.where(d)
     rows = await store.fetch(
         f"""
-        SELECT {d.hour} AS hour,
+        SELECT {period} AS bucket,
                COUNT(*) AS statements,
                COALESCE(SUM(CASE WHEN {d.labelled} THEN e.rows ELSE 0 END), 0) AS labelled_rows,
                COUNT(*) FILTER (WHERE e.verdict = 'block') AS blocks,
                COUNT(DISTINCT e.session_id) AS sessions
         FROM {{events}} e WHERE {where}
-        GROUP BY {d.hour} ORDER BY {d.hour}
+        GROUP BY {period} ORDER BY {period}
         """,
         *args,
     )
     if not rows:
         await _check_person(store, who)
-    return [{**_plain(r), "hour": f"{r['hour']}:00Z"} for r in rows]
+    out = [{**_plain(r), "bucket": f"{r['bucket']}{suffix}"} for r in rows]
+    if bucket == "1h":
+        out = [{"hour": r["bucket"], **r} for r in out]
+    return out
 
 
 async def _check_person(store: Store, who: Who) -> None:
@@ -517,31 +541,32 @@ async def _check_person(store: Store, who: Who) -> None:
 async def top(
     store: Store, since: datetime | None = None, until: datetime | None = None, limit: int = 20
 ) -> list[Row]:
-    """Who read the most labelled rows (and distinct ledger records) in a window."""
+    """Who received the most distinct labelled records in a window, with the bytes of their
+    labelled results beside: a whole table packed into two rows is few rows but many bytes.
+    Ranked by distinct records, then labelled bytes, then labelled rows."""
     d = store.dialect
     f = Filters(since=since, until=until, kinds=("statement",))
     where, args = f.where(d)
     rows = await store.fetch(
         f"""
-        SELECT COALESCE(e.end_user, e.db_user) AS person,
+        SELECT {PERSON} AS person,
                COUNT(*) AS statements,
                COALESCE(SUM(CASE WHEN {d.labelled} THEN e.rows ELSE 0 END), 0) AS labelled_rows,
+               COALESCE(SUM(CASE WHEN {d.labelled} THEN e.bytes ELSE 0 END), 0)
+                   AS labelled_bytes,
                COUNT(*) FILTER (WHERE e.verdict = 'block') AS blocks,
                COUNT(DISTINCT e.session_id) AS sessions
         FROM {{events}} e WHERE {where}
-        GROUP BY COALESCE(e.end_user, e.db_user)
-        ORDER BY labelled_rows DESC, statements DESC
-        LIMIT ?
+        GROUP BY {PERSON}
         """,
         *args,
-        limit,
     )
-    # Distinct records only for the people listed: on a large store most ledger rows belong
-    # to people below the cut, and a set per (person, table) is the expensive part.
+    # Distinct records per person and table (k2 and k digests counted apart); every person
+    # needs theirs, since they decide the ranking.
     people: dict[str, dict[str, set[bytes]]] = {r["person"]: {} for r in rows}
     async for r in store.stream(
         f"""
-        SELECT COALESCE(e.end_user, e.db_user) AS person, l.relation, l.digests
+        SELECT {PERSON} AS person, l.relation, l.digests
         FROM {{events}} e JOIN {{ledger}} l ON l.chain_id = e.chain_id AND l.seq = e.seq
         WHERE {where} AND l.kind IN ('k2', 'k')
         """,
@@ -554,9 +579,16 @@ async def top(
         if recs is None:
             recs = tables[r["relation"]] = set()
         recs.update(split(bytes(r["digests"])))
-    return [
+    out = [
         {**_plain(r), "distinct_records": sum(map(len, people[r["person"]].values()))} for r in rows
     ]
+    out.sort(
+        key=lambda r: (
+            -r["distinct_records"], -r["labelled_bytes"], -r["labelled_rows"],
+            -r["statements"], str(r["person"]),
+        )
+    )  # fmt: skip
+    return out[:limit]
 
 
 async def blocked(store: Store, f: Filters, limit: int = 500) -> list[Row]:

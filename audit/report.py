@@ -83,7 +83,10 @@ def svg_plot(
     return "".join(out)
 
 
-_TOP_COLS = ["person", "labelled_rows", "distinct_records", "statements", "blocks", "sessions"]
+_TOP_COLS = [
+    "person", "distinct_records", "labelled_bytes", "labelled_rows", "statements", "blocks",
+    "sessions",
+]  # fmt: skip
 _BLOCKED_COLS = [
     "ts", "person", "db_user", "client_addr", "application", "statement", "rule_ids", "message",
     "sqlstate",

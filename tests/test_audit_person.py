@@ -25,6 +25,10 @@ from tests.support_data import DB, POLICY
 MALLORY_READS = [1, 2, 3, 4, 5]  # one customer a statement, as agent_mallory's own role
 # The helpdesk's pooled connection: (end user, customer read or None for a blocked SELECT *)
 POOLED = [("alice", 10), ("alice", 11), ("bob", 12), ("bob", None), ("carol", 13)]
+# A second helpdesk connection: rex reads 20 customers in one statement, dot one customer
+# 25 times (more rows than rex, one record).
+REX = list(range(30, 50))
+DOT = [50] * 25
 
 ROLE = """
 DO $$ BEGIN
@@ -113,6 +117,13 @@ def trail(
                         conn.execute(f"/* end_user='{who}' */ SELECT * FROM customers")
                 else:
                     read_customer(conn, i, who)
+        with psycopg.connect(helpdesk, autocommit=True) as conn:
+            conn.execute(
+                f"/* end_user='rex' */ SELECT customer_id, full_name, email FROM customers "
+                f"WHERE customer_id BETWEEN {REX[0]} AND {REX[-1]}"
+            ).fetchall()
+            for i in DOT:
+                read_customer(conn, i, "dot")
     finally:
         p.stop()
     yield Trail(db, ledger, pg.url(database=DB))
@@ -133,7 +144,8 @@ def test_records_seen_by_person_names_an_agent_on_her_own_role(trail: Trail) -> 
     # --db-user: everything the account served, whoever it named
     seen = js("records-seen", *common, "--db-user", "support_app",
               "--resolve-dsn", trail.monitored)  # fmt: skip
-    assert sorted(int(r["key"]) for r in seen["records"]) == [10, 11, 12, 13]
+    helpdesk = {i for _, i in POOLED if i is not None} | set(REX) | set(DOT)
+    assert sorted(int(r["key"]) for r in seen["records"]) == sorted(helpdesk)
     # asked as an end user, she is not one: the refusal says how to ask
     err = refused("records-seen", *common, "--end-user", "agent_mallory")
     assert "never names the end user 'agent_mallory'" in err and "--person agent_mallory" in err
@@ -204,7 +216,9 @@ def test_sessions_of_a_person_show_the_whole_sessions_totals(trail: Trail) -> No
     # session is listed with everything it did, not alice's share of it.
     reads = [i for _, i in POOLED if i is not None]
     for ask in (["--end-user", "alice"], ["--person", "carol"], ["--db-user", "support_app"]):
-        (session,) = js("sessions", *trail.args(*ask))
+        listed = js("sessions", *trail.args(*ask))
+        (session,) = [s for s in listed if "alice" in s["end_users"]]
+        assert len(listed) == (2 if ask[0] == "--db-user" else 1), ask
         assert session["statements"] == len(POOLED), ask
         assert session["labelled_rows"] == len(reads), ask
         assert session["blocks"] == 1, ask
@@ -213,7 +227,8 @@ def test_sessions_of_a_person_show_the_whole_sessions_totals(trail: Trail) -> No
     assert [s["db_user"] for s in js("sessions", *trail.args("--person", "agent_mallory"))] == [
         "agent_mallory"
     ]
-    assert len(js("sessions", *trail.args())) == 2
+    assert len(js("sessions", *trail.args("--db-user", "support_app"))) == 2
+    assert len(js("sessions", *trail.args())) == 3
 
 
 # --- the ledger key --------------------------------------------------------------------------
@@ -270,3 +285,54 @@ def test_a_trail_written_under_two_keys_warns_about_the_other(tmp_path: Path) ->
               "--table", "customers", "--key", "7", "--json")  # fmt: skip
     assert res.returncode == 0 and len(orjson.loads(res.stdout)) == 1
     assert "another key" in res.stderr
+
+
+# --- timeline buckets and top ----------------------------------------------------------------
+
+
+def test_top_ranks_by_distinct_records_with_bytes_beside(trail: Trail) -> None:
+    top = js("top", *trail.args())
+    order = [r["person"] for r in top]
+    # rex: 20 customers; agent_mallory 5; alice 2; dot read more rows (25) than rex, but
+    # one customer: by rows dot came first
+    assert order[:3] == ["rex", "agent_mallory", "alice"]
+    by = {r["person"]: r for r in top}
+    assert by["dot"]["labelled_rows"] == len(DOT) > by["rex"]["labelled_rows"] == len(REX)
+    assert by["dot"]["distinct_records"] == 1
+    # among people with one record each, more labelled bytes rank higher
+    assert order.index("dot") < min(order.index("bob"), order.index("carol"))
+    assert by["dot"]["labelled_bytes"] > by["bob"]["labelled_bytes"] > 0
+    shown = ok("top", *trail.args())
+    assert "by distinct records" in shown and "labelled_bytes" in shown
+
+
+def test_timeline_buckets_and_top_bytes_on_the_seeded_scenario(tmp_path: Path) -> None:
+    import asyncio
+
+    from tests.audit_scenario import scenario_events, seed
+
+    asyncio.run(seed(tmp_path))
+    db = ["--db", str(tmp_path / "audit.db")]
+    # bob's two statements: 09:01 and 09:02 UTC on 2 November
+    minutes = js("timeline", *db, "--person", "bob", "--bucket", "1m")
+    assert [(r["bucket"], r["statements"]) for r in minutes] == [
+        ("2026-11-02T09:01Z", 1),
+        ("2026-11-02T09:02Z", 1),
+    ]
+    assert "minute (UTC)" in ok("timeline", *db, "--person", "bob", "--bucket", "1m")
+    days = js("timeline", *db, "--person", "bob", "--bucket", "1d")
+    assert [(r["bucket"], r["statements"], r["labelled_rows"]) for r in days] == [
+        ("2026-11-02", 2, 201)
+    ]
+    hours = js("timeline", *db, "--person", "bob")  # the default, as before
+    assert [(r["hour"], r["bucket"]) for r in hours] == [("2026-11-02T09:00Z",) * 2]
+    err = refused("timeline", *db, "--person", "bob", "--bucket", "5m")
+    assert "--bucket" in err
+    labelled_bytes: dict[str, int] = {}
+    for e in scenario_events():
+        if e.kind == "statement" and e.labels and e.subject is not None:
+            who = str(e.subject.end_user)
+            labelled_bytes[who] = labelled_bytes.get(who, 0) + (e.bytes or 0)
+    top = js("top", *db)
+    assert {r["person"]: r["labelled_bytes"] for r in top} == labelled_bytes
+    assert [r["person"] for r in top] == ["mallory", "bob", "alice"]
