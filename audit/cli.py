@@ -628,7 +628,7 @@ def report_cmd(
     s_t, u_t = _window(since, until)
 
     async def go(store: q.Store) -> str:
-        points = await q.labelled_rows_by_person_hour(store, s_t, u_t)
+        points = await q.labelled_rows_by_person_minute(store, s_t, u_t)
         top_rows = await q.top(store, s_t, u_t, 20)
         blocked_rows = await q.blocked(store, q.Filters(since=s_t, until=u_t))
         reports = await q.verify(store)

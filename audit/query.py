@@ -592,8 +592,10 @@ async def top(
 
 
 async def blocked(store: Store, f: Filters, limit: int = 500) -> list[Row]:
-    """Blocked statements (and auth failures), newest first."""
-    f2 = Filters(**{**f.__dict__, "verdict": "block"})
+    """Blocked statements (and auth failures), newest first.  Not the ``block`` alerts: each
+    refused statement raises one, and the report listed every refusal twice."""
+    kinds = f.kinds or ("statement", "auth_failure")
+    f2 = Filters(**{**f.__dict__, "verdict": "block", "kinds": kinds})
     where, args = f2.where(store.dialect)
     rows = await store.fetch(
         f"SELECT {_EVENT_COLS} FROM {{events}} e WHERE {where} ORDER BY e.ts DESC LIMIT ?",
@@ -603,18 +605,19 @@ async def blocked(store: Store, f: Filters, limit: int = 500) -> list[Row]:
     return [clean(r) for r in rows]
 
 
-async def labelled_rows_by_person_hour(
+async def labelled_rows_by_person_minute(
     store: Store, since: datetime | None, until: datetime | None
 ) -> list[Row]:
-    """(person, hour, labelled_rows) for the report's plot."""
+    """(person, minute, labelled_rows) for the report's plot (``minute``: UTC,
+    ``2026-11-02T09:01``)."""
     d = store.dialect
     where, args = Filters(since=since, until=until, kinds=("statement",)).where(d)
     rows = await store.fetch(
         f"""
-        SELECT COALESCE(e.end_user, e.db_user) AS person, {d.hour} AS hour,
+        SELECT {PERSON} AS person, {d.minute} AS minute,
                COALESCE(SUM(e.rows), 0) AS labelled_rows
         FROM {{events}} e WHERE {where} AND {d.labelled}
-        GROUP BY COALESCE(e.end_user, e.db_user), {d.hour}
+        GROUP BY {PERSON}, {d.minute}
         ORDER BY 2
         """,
         *args,
