@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import functools
 import os
 import re
 import signal
@@ -100,11 +99,35 @@ _SINCE_HELP = (
 _UNTIL_HELP = "Before this time (same forms as --since)."
 
 
+_PERSON_HELP = (
+    "Person: the end user the application named, otherwise the database user "
+    "(staff logged in as their own role)."
+)
+
+
+def person_options(fn: F) -> F:
+    """--person / --end-user / --db-user for the commands about one person."""
+    fn = click.option("--db-user", help="Database user (every end user it named, and none).")(fn)
+    fn = click.option("--end-user", help="End user named by the application.")(fn)
+    return click.option("--person", help=_PERSON_HELP)(fn)
+
+
+def _who(person: str | None, end_user: str | None, db_user: str | None) -> q.Who:
+    try:
+        return q.Who(end_user=end_user, db_user=db_user, person=person)
+    except q.QueryError as exc:
+        raise click.UsageError(
+            "name exactly one person: --person NAME (the end user, else the database user), "
+            "--end-user NAME or --db-user NAME"
+        ) from exc
+
+
 def filter_options(fn: F) -> F:
     """The filters shared by search, sessions and export."""
     for opt in reversed(
         [
-            click.option("--user", "db_user", help="Database user."),
+            click.option("--person", help=_PERSON_HELP),
+            click.option("--db-user", "--user", "db_user", help="Database user."),
             click.option("--end-user", help="End user named by the application."),
             click.option("--application", help="application_name."),
             click.option("--client", "client_addr", help="Client address."),
@@ -129,6 +152,7 @@ def _filters(kw: dict[str, Any]) -> q.Filters:
     return q.Filters(
         db_user=kw.pop("db_user", None),
         end_user=kw.pop("end_user", None),
+        person=kw.pop("person", None),
         application=kw.pop("application", None),
         client_addr=kw.pop("client_addr", None),
         since=since,
@@ -422,7 +446,7 @@ def _readable(records: Iterator[Any], path: Path) -> Iterator[Any]:
 _SEARCH_COLS = [
     "ts",
     "kind",
-    "end_user",
+    "person",
     "db_user",
     "client_addr",
     "statement",
@@ -461,7 +485,7 @@ def sessions_cmd(
         "session_id",
         "started",
         "last_seen",
-        "end_users",
+        "persons",
         "db_user",
         "application",
         "client_addr",
@@ -475,27 +499,32 @@ def sessions_cmd(
 
 @audit_group.command("timeline")
 @store_options
-@click.option("--end-user", required=True)
+@person_options
 @click.option("--since", help=_SINCE_HELP)
 @click.option("--until", help=_UNTIL_HELP)
+@click.option(
+    "--bucket",
+    type=click.Choice(list(q.BUCKETS)),
+    default="1h",
+    show_default=True,
+    help="One row per UTC minute, hour or day.",
+)
 def timeline_cmd(
-    db: Path | None,
-    dsn: str | None,
-    schema: str,
-    as_json: bool,
-    end_user: str,
-    since: str | None,
-    until: str | None,
-) -> None:
-    """Per hour for one person: statements, labelled rows, blocks."""
+    db: Path | None, dsn: str | None, schema: str, as_json: bool, person: str | None,
+    end_user: str | None, db_user: str | None, since: str | None, until: str | None,
+    bucket: str,
+) -> None:  # fmt: skip
+    """Per minute, hour or day for one person: statements, labelled rows, blocks."""
+    who = _who(person, end_user, db_user)
     s_t, u_t = _window(since, until)
-    rows = _run(_with_store(db, dsn, schema, lambda s: q.timeline(s, end_user, s_t, u_t)))
+    rows = _run(_with_store(db, dsn, schema, lambda s: q.timeline(s, who, s_t, u_t, bucket)))
+    unit = q.BUCKETS[bucket][0]
     _emit(
         rows,
-        ["hour", "statements", "labelled_rows", "blocks", "sessions"],
+        ["bucket", "statements", "labelled_rows", "blocks", "sessions"],
         as_json,
-        f"timeline of {_visible(end_user)}, per hour in UTC",
-        headers={"hour": "hour (UTC)"},
+        f"timeline of {_visible(who.name)}, per {unit} in UTC",
+        headers={"bucket": f"{unit} (UTC)"},
     )
 
 
@@ -513,14 +542,22 @@ def top_cmd(
     until: str | None,
     limit: int,
 ) -> None:
-    """Who read the most labelled records in a window."""
+    """Who received the most distinct labelled records in a window (bytes beside)."""
     s_t, u_t = _window(since, until)
     rows = _run(_with_store(db, dsn, schema, lambda s: q.top(s, s_t, u_t, limit)))
     _emit(
         rows,
-        ["person", "labelled_rows", "distinct_records", "statements", "blocks", "sessions"],
+        [
+            "person",
+            "distinct_records",
+            "labelled_bytes",
+            "labelled_rows",
+            "statements",
+            "blocks",
+            "sessions",
+        ],
         as_json,
-        "top readers of labelled data",
+        "top readers of labelled data, by distinct records",
     )
 
 
@@ -591,7 +628,7 @@ def report_cmd(
     s_t, u_t = _window(since, until)
 
     async def go(store: q.Store) -> str:
-        points = await q.labelled_rows_by_person_hour(store, s_t, u_t)
+        points = await q.labelled_rows_by_person_minute(store, s_t, u_t)
         top_rows = await q.top(store, s_t, u_t, 20)
         blocked_rows = await q.blocked(store, q.Filters(since=s_t, until=u_t))
         reports = await q.verify(store)
@@ -635,37 +672,63 @@ def ledger_key_option(fn: F) -> F:
     )(fn)
 
 
+async def _check_key(store: q.Store, hasher: RecordHasher, path: Path) -> None:
+    """Refuse a ledger key that did not write this trail's ledger: every digest it makes
+    would be missing, and "nobody" would read as an answer."""
+    check = await q.check_ledger_key(store, hasher)
+    if check.other and not check.matching:
+        raise q.QueryError(
+            f"the ledger key {path} is not the key this trail's ledger was written with (its "
+            "check value matches none recorded in the trail): every record would be reported "
+            "as seen by nobody; use the file that audit.ledger_key named in the pgwarden that "
+            "wrote this trail"
+        )
+    if check.other:
+        click.echo(
+            f"warning: part of this trail's ledger was written with another key than {path} "
+            "(a key rotation, or several deployments in one store): records written with it "
+            f"are not found with this one (writers: {', '.join(map(_visible, check.other))})",
+            err=True,
+        )
+
+
 @audit_group.command("who-saw")
 @store_options
 @ledger_key_option
 @click.option("--table", help="Labelled table (schema.table; public. assumed).")
-@click.option("--key", help="Primary key as text (composite keys: a JSON array of texts).")
+@click.option(
+    "--key",
+    multiple=True,
+    help="Primary key as text; a composite key as one --key per column, in key order "
+    '(or a JSON array such as \'["1","x,y"]\').',
+)
 @click.option("--value", help="A labelled value, e.g. an e-mail address.")
 @click.option("--label", help="Label of --value (default: every label in the ledger).")
 @click.option("--since", help=_SINCE_HELP)
 @click.option("--until", help=_UNTIL_HELP)
 def who_saw_cmd(
     db: Path | None, dsn: str | None, schema: str, as_json: bool, ledger_key: Path,
-    table: str | None, key: str | None, value: str | None, label: str | None,
+    table: str | None, key: tuple[str, ...], value: str | None, label: str | None,
     since: str | None, until: str | None,
 ) -> None:  # fmt: skip
     """Which sessions and people received a given record (or labelled value)."""
     hasher = _hasher(ledger_key)
     s_t, u_t = _window(since, until)
-    rows = _run(
-        _with_store(
-            db, dsn, schema,
-            functools.partial(
-                q.who_saw, hasher=hasher, table=table, key=key, value=value, label=label,
-                since=s_t, until=u_t,
-            ),
-        )
-    )  # fmt: skip
+    key_arg: str | tuple[str, ...] | None = (key[0] if len(key) == 1 else key) or None
+
+    async def go(store: q.Store) -> list[dict[str, Any]]:
+        await _check_key(store, hasher, ledger_key)
+        return await q.who_saw(
+            store, hasher, table=table, key=key_arg, value=value, label=label,
+            since=s_t, until=u_t,
+        )  # fmt: skip
+
+    rows = _run(_with_store(db, dsn, schema, go))
     _emit(
         rows,
         [
             "ts",
-            "end_user",
+            "person",
             "db_user",
             "client_addr",
             "application",
@@ -688,7 +751,7 @@ def who_saw_cmd(
 @audit_group.command("records-seen")
 @store_options
 @ledger_key_option
-@click.option("--end-user", required=True)
+@person_options
 @click.option("--table", required=True)
 @click.option("--since", help=_SINCE_HELP)
 @click.option("--until", help=_UNTIL_HELP)
@@ -703,15 +766,20 @@ def who_saw_cmd(
 )
 def records_seen_cmd(
     db: Path | None, dsn: str | None, schema: str, as_json: bool, ledger_key: Path,
-    end_user: str, table: str, since: str | None, until: str | None, out: Path | None,
-    resolve_dsn: str | None,
+    person: str | None, end_user: str | None, db_user: str | None, table: str,
+    since: str | None, until: str | None, out: Path | None, resolve_dsn: str | None,
 ) -> None:  # fmt: skip
     """Count and export the distinct records one person received: the notification list."""
+    who = _who(person, end_user, db_user)
     hasher = _hasher(ledger_key)
     s_t, u_t = _window(since, until)
 
     async def go(store: q.Store) -> q.RecordsSeen:
-        res = await q.records_seen(store, end_user=end_user, table=table, since=s_t, until=u_t)
+        await _check_key(store, hasher, ledger_key)
+        res = await q.records_seen(
+            store, end_user=who.end_user, db_user=who.db_user, person=who.person,
+            table=table, since=s_t, until=u_t,
+        )  # fmt: skip
         if resolve_dsn:
             res = await q.resolve_keys(res, hasher, resolve_dsn)
         return res
@@ -741,7 +809,7 @@ def records_seen_cmd(
         sys.stdout.buffer.write(orjson.dumps(res.as_dict(), option=orjson.OPT_INDENT_2) + b"\n")
         return
     _console().print(
-        f"{_safe(end_user)} received {len(res.records)} distinct record(s) of {_safe(res.table)}"
+        f"{_safe(who.name)} received {len(res.records)} distinct record(s) of {_safe(res.table)}"
         + (f"; {res.resolved} resolved to keys" if resolve_dsn else "")
     )
     unplaced = [v for v in res.values if "key" not in v]

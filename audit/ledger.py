@@ -49,12 +49,32 @@ def qualify(table: str) -> str:
     return table if "." in table else f"public.{table}"
 
 
+def pk_bytes(parts: Sequence[bytes | None]) -> bytes | None:
+    """The one spelling of a primary key, shared by the proxy (which reads it from a result
+    row) and the responder's commands: the column's text for a one-column key; for a
+    composite key a compact JSON array of the columns' texts (``["1","x,y"]``: no spaces,
+    UTF-8, so a comma inside a value cannot shift columns).  None when a column is NULL: a
+    key column cannot be NULL in its table, so the table's row is absent (an outer join) and
+    the result row carries none of its data."""
+    if len(parts) == 1:
+        return parts[0]
+    texts = []
+    for p in parts:
+        if p is None:
+            return None
+        # "replace": a key that is not UTF-8 (a client_encoding other than the server's)
+        # still gets a digest, as its one-column form does.
+        texts.append(p.decode("utf-8", "replace"))
+    return orjson.dumps(texts)
+
+
 def pk_text(values: Sequence[object]) -> str:
-    """The text form of a primary key: the value's text for one column, a JSON array of the
-    columns' texts for a composite key (so a comma inside a value cannot shift columns)."""
-    if len(values) == 1:
-        return str(values[0])
-    return orjson.dumps([str(v) for v in values]).decode()
+    """:func:`pk_bytes` for key values as text (or anything with a text form, such as the
+    ints of a test), for the responder's side."""
+    text = pk_bytes([None if v is None else str(v).encode() for v in values])
+    if text is None:
+        raise ValueError("a primary key column is NULL: such a row has no record to name")
+    return text.decode()
 
 
 def normalise_value(value: str) -> str:
@@ -188,6 +208,13 @@ class RecordHasher:
                     norm = map(normalise_value, vals)
                     out.append((KIND_VALUE, label, self._packed(KIND_VALUE, label, norm)))
         return tuple(out)
+
+    def check_value(self) -> str:
+        """A keyed check value of the ledger key (hex): the writer records it on each event
+        that has ledger rows (``details.ledger_key_check``), so a responder holding another
+        deployment's key is told so instead of "nobody saw it".  It tells nothing about the
+        key itself (HMAC-SHA256 of a fixed text under it, 128 bits)."""
+        return self._hmac(b"pgwarden ledger key check").hex()
 
     # --- the HMAC digests of trails written before CMAC (kinds "k" and "v") ----------------
 

@@ -359,6 +359,7 @@ class AuditTrail:
         self.hasher: RecordHasher | None = (
             RecordHasher(load_key(config.ledger_key)) if config.ledger_key else None
         )
+        self._key_check = self.hasher.check_value() if self.hasher else None
         self._signer = load_signing_key(config.signing_key) if config.signing_key else None
         self._key_id = key_id(self._signer.public_key()) if self._signer else None
         self.chain = Chain(config.chain_id or _default_chain_id())
@@ -783,6 +784,8 @@ class AuditTrail:
             if entries:
                 rec["ledger_count"] = ledger_count(entries)
                 rec["ledger_digest"] = ledger_digest(entries)
+                # Which key wrote these digests, so a responder's key can be checked.
+                rec["details"] = {**(rec["details"] or {}), "ledger_key_check": self._key_check}
         return rec, entries, self.chain.seal_canonical(rec, presorted=True)
 
     def _checkpoint(self, out: list[Sealed]) -> dict[str, Any]:

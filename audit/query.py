@@ -9,6 +9,7 @@ snippet table in :class:`Dialect`.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -69,6 +70,8 @@ def parse_time(text: str, *, now: datetime | None = None) -> datetime:
 class Dialect:
     name: str
     hour: str
+    minute: str
+    day: str
     labelled: str
     has_relation: str
     has_label: str
@@ -77,25 +80,33 @@ class Dialect:
     holds_digest: str
     # The distinct end users of a group of events, as a JSON array (SQLite) or text[].
     end_users: str
+    # The distinct persons (end user, else database user) of a group of events, likewise.
+    persons: str
 
 
 SQLITE = Dialect(
     name="sqlite",
     hour="substr(e.ts, 1, 13)",
+    minute="substr(e.ts, 1, 16)",
+    day="substr(e.ts, 1, 10)",
     labelled="(e.labels IS NOT NULL AND e.labels <> '[]')",
     has_relation="EXISTS (SELECT 1 FROM json_each(e.relations) WHERE value = ?)",
     has_label="EXISTS (SELECT 1 FROM json_each(e.labels) WHERE value = ?)",
     holds_digest="instr(l.digests, ?) % 16 = 1",
     end_users="json_group_array(DISTINCT e.end_user) FILTER (WHERE e.end_user IS NOT NULL)",
+    persons="json_group_array(DISTINCT COALESCE(e.end_user, e.db_user))",
 )
 POSTGRES = Dialect(
     name="postgres",
     hour="to_char(e.ts AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24')",
+    minute="to_char(e.ts AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI')",
+    day="to_char(e.ts AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
     labelled="(cardinality(e.labels) > 0)",
     has_relation="? = ANY(e.relations)",
     has_label="? = ANY(e.labels)",
     holds_digest="position(? in l.digests) % 16 = 1",
     end_users="array_agg(DISTINCT e.end_user) FILTER (WHERE e.end_user IS NOT NULL)",
+    persons="array_agg(DISTINCT COALESCE(e.end_user, e.db_user))",
 )
 
 
@@ -281,6 +292,42 @@ def clean(row: Row) -> Row:
 
 # --- filters ---------------------------------------------------------------------------------
 
+# The person an event is about: the end user the application named, else the database user
+# (staff logged in as their own role name nobody else).
+PERSON = "COALESCE(e.end_user, e.db_user)"
+
+
+@dataclass(frozen=True, slots=True)
+class Who:
+    """Whose events a question is about: one of an end user, a database user, or a person
+    (the end user where one was named, otherwise the database user)."""
+
+    end_user: str | None = None
+    db_user: str | None = None
+    person: str | None = None
+
+    def __post_init__(self) -> None:
+        if sum(v is not None for v in (self.end_user, self.db_user, self.person)) != 1:
+            raise QueryError("name one person: --person, --end-user or --db-user")
+
+    @property
+    def name(self) -> str:
+        return str(self.person if self.person is not None else self.end_user or self.db_user)
+
+    @property
+    def what(self) -> str:
+        if self.person is not None:
+            return "person"
+        return "end user" if self.end_user is not None else "database user"
+
+    def condition(self) -> tuple[str, str]:
+        """(SQL condition on events ``e``, its parameter)."""
+        if self.person is not None:
+            return f"{PERSON} = ?", self.person
+        if self.end_user is not None:
+            return "e.end_user = ?", self.end_user
+        return "e.db_user = ?", str(self.db_user)
+
 
 @dataclass
 class Filters:
@@ -298,6 +345,7 @@ class Filters:
     min_rows: int | None = None
     session_id: str | None = None
     kinds: Sequence[str] = field(default_factory=tuple)
+    person: str | None = None  # the end user, else the database user
 
     def where(self, d: Dialect) -> tuple[str, list[Any]]:
         conds: list[str] = []
@@ -307,6 +355,9 @@ class Filters:
             if val is not None:
                 conds.append(f"e.{col} = ?")
                 args.append(val)
+        if self.person is not None:
+            conds.append(f"{PERSON} = ?")
+            args.append(self.person)
         if self.since is not None:
             conds.append("e.ts >= ?")
             args.append(self.since)
@@ -339,7 +390,11 @@ async def search(store: Store, f: Filters, limit: int = 200) -> list[Row]:
         *args,
         limit,
     )
-    return [clean(r) for r in rows]
+    return [_with_person(clean(r)) for r in rows]
+
+
+def _with_person(row: Row) -> Row:
+    return {**row, "person": row.get("end_user") or row.get("db_user")}
 
 
 async def export(store: Store, f: Filters) -> AsyncIterator[Row]:
@@ -352,20 +407,29 @@ async def export(store: Store, f: Filters) -> AsyncIterator[Row]:
 
 
 async def sessions(store: Store, f: Filters, limit: int = 200) -> list[Row]:
-    """One row per session: who, from where, when, how much labelled data, how many blocks."""
+    """One row per session: who, from where, when, how much labelled data, how many blocks.
+
+    The filters choose which sessions are listed (those with an event that matches); the
+    totals are always the whole session's: a pooled connection that served ten people is
+    not shown as the share of the one asked about."""
     d = store.dialect
     where, args = f.where(d)
+    if where != "TRUE":
+        where = (
+            "e.session_id IN (SELECT DISTINCT e.session_id FROM {events} e "
+            f"WHERE e.session_id IS NOT NULL AND {where})"
+        )
     rows = await store.fetch(
         f"""
         SELECT e.session_id,
                MIN(e.ts) AS started, MAX(e.ts) AS last_seen,
                MAX(e.db_user) AS db_user, MAX(e.end_user) AS end_user,
-               {d.end_users} AS end_users,
+               {d.end_users} AS end_users, {d.persons} AS persons,
                MAX(e.application) AS application, MAX(e.client_addr) AS client_addr,
                COUNT(*) FILTER (WHERE e.kind = 'statement') AS statements,
                COALESCE(SUM(CASE WHEN e.kind = 'statement' AND {d.labelled}
                                  THEN e.rows ELSE 0 END), 0) AS labelled_rows,
-               COUNT(*) FILTER (WHERE e.verdict = 'block') AS blocks,
+               COUNT(*) FILTER (WHERE e.kind = 'statement' AND e.verdict = 'block') AS blocks,
                COUNT(*) FILTER (WHERE e.kind = 'session_end') AS ended
         FROM {{events}} e
         WHERE e.session_id IS NOT NULL AND {where}
@@ -377,13 +441,16 @@ async def sessions(store: Store, f: Filters, limit: int = 200) -> list[Row]:
         limit,
     )
     # An application's pooled connection serves many people: one session, several end users.
-    return [{**_plain(r), "end_users": _names(r["end_users"])} for r in rows]
+    return [
+        {**_plain(r), "end_users": _names(r["end_users"]), "persons": _names(r["persons"])}
+        for r in rows
+    ]
 
 
 def _names(v: Any) -> list[str]:
     if v is None:
         return []
-    return sorted(orjson.loads(v) if isinstance(v, str) else v)
+    return sorted(n for n in (orjson.loads(v) if isinstance(v, str) else v) if n is not None)
 
 
 def _scalar(v: Any) -> Any:
@@ -398,77 +465,108 @@ def _plain(r: Row) -> Row:
     return {k: _scalar(v) for k, v in r.items()}
 
 
+# timeline --bucket: the SQL snippet (a Dialect field) and how its text is completed.
+BUCKETS = {"1m": ("minute", "Z"), "1h": ("hour", ":00Z"), "1d": ("day", "")}
+
+
 async def timeline(
-    store: Store, end_user: str, since: datetime | None = None, until: datetime | None = None
+    store: Store,
+    who: Who,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    bucket: str = "1h",
 ) -> list[Row]:
-    """Per hour for one person: statements, labelled rows, blocks."""
+    """Per UTC minute, hour or day (``bucket``: 1m, 1h, 1d) for one person: statements,
+    labelled rows, blocks, sessions.  Each row's ``bucket`` is the start of its period
+    (``2026-11-02T09:01Z``, ``2026-11-02T09:00Z``, ``2026-11-02``); hourly rows also keep
+    the name ``hour`` for older scripts."""
+    if bucket not in BUCKETS:
+        raise QueryError(f"--bucket must be one of {', '.join(BUCKETS)}, not {bucket!r}")
     d = store.dialect
-    f = Filters(end_user=end_user, since=since, until=until, kinds=("statement",))
+    field_, suffix = BUCKETS[bucket]
+    period = getattr(d, field_)
+    f = Filters(
+        end_user=who.end_user, db_user=who.db_user, person=who.person,
+        since=since, until=until, kinds=("statement",),
+    )  # fmt: skip
     where, args = f.where(d)
     rows = await store.fetch(
         f"""
-        SELECT {d.hour} AS hour,
+        SELECT {period} AS bucket,
                COUNT(*) AS statements,
                COALESCE(SUM(CASE WHEN {d.labelled} THEN e.rows ELSE 0 END), 0) AS labelled_rows,
                COUNT(*) FILTER (WHERE e.verdict = 'block') AS blocks,
                COUNT(DISTINCT e.session_id) AS sessions
         FROM {{events}} e WHERE {where}
-        GROUP BY {d.hour} ORDER BY {d.hour}
+        GROUP BY {period} ORDER BY {period}
         """,
         *args,
     )
     if not rows:
-        await _check_person(store, end_user)
-    return [{**_plain(r), "hour": f"{r['hour']}:00Z"} for r in rows]
+        await _check_person(store, who)
+    out = [{**_plain(r), "bucket": f"{r['bucket']}{suffix}"} for r in rows]
+    if bucket == "1h":
+        out = [{"hour": r["bucket"], **r} for r in out]
+    return out
 
 
-async def _check_person(store: Store, end_user: str) -> None:
-    """Raise when the trail never names ``end_user``: "Bob" for "bob" would otherwise read as
+async def _check_person(store: Store, who: Who) -> None:
+    """Raise when the trail never names the person: "Bob" for "bob" would otherwise read as
     "bob did nothing"."""
-    if await store.fetch("SELECT 1 AS x FROM {events} e WHERE e.end_user = ? LIMIT 1", end_user):
+    cond, arg = who.condition()
+    if await store.fetch(f"SELECT 1 AS x FROM {{events}} e WHERE {cond} LIMIT 1", arg):
         return
+    column = {"person": PERSON, "end user": "e.end_user"}.get(who.what, "e.db_user")
     alike = [
-        r["end_user"]
+        r["name"]
         for r in await store.fetch(
-            "SELECT DISTINCT e.end_user FROM {events} e "
-            "WHERE lower(e.end_user) = lower(?) ORDER BY 1 LIMIT 5",
-            end_user.strip(),
+            f"SELECT DISTINCT {column} AS name FROM {{events}} e "
+            f"WHERE lower({column}) = lower(?) ORDER BY 1 LIMIT 5",
+            arg.strip(),
         )
     ]
+    hint = ""
+    if (
+        who.end_user is not None
+        and not alike
+        and await store.fetch("SELECT 1 AS x FROM {events} e WHERE e.db_user = ? LIMIT 1", arg)
+    ):
+        hint = f"; it is a database user: ask with --person {arg} or --db-user {arg}"
     raise QueryError(
-        f"the trail never names the end user {end_user!r} (names match exactly, case "
-        "included)" + (f"; did you mean {', '.join(map(repr, alike))}?" if alike else "")
+        f"the trail never names the {who.what} {arg!r} (names match exactly, case included)"
+        + (f"; did you mean {', '.join(map(repr, alike))}?" if alike else hint)
     )
 
 
 async def top(
     store: Store, since: datetime | None = None, until: datetime | None = None, limit: int = 20
 ) -> list[Row]:
-    """Who read the most labelled rows (and distinct ledger records) in a window."""
+    """Who received the most distinct labelled records in a window, with the bytes of their
+    labelled results beside: a whole table packed into two rows is few rows but many bytes.
+    Ranked by distinct records, then labelled bytes, then labelled rows."""
     d = store.dialect
     f = Filters(since=since, until=until, kinds=("statement",))
     where, args = f.where(d)
     rows = await store.fetch(
         f"""
-        SELECT COALESCE(e.end_user, e.db_user) AS person,
+        SELECT {PERSON} AS person,
                COUNT(*) AS statements,
                COALESCE(SUM(CASE WHEN {d.labelled} THEN e.rows ELSE 0 END), 0) AS labelled_rows,
+               COALESCE(SUM(CASE WHEN {d.labelled} THEN e.bytes ELSE 0 END), 0)
+                   AS labelled_bytes,
                COUNT(*) FILTER (WHERE e.verdict = 'block') AS blocks,
                COUNT(DISTINCT e.session_id) AS sessions
         FROM {{events}} e WHERE {where}
-        GROUP BY COALESCE(e.end_user, e.db_user)
-        ORDER BY labelled_rows DESC, statements DESC
-        LIMIT ?
+        GROUP BY {PERSON}
         """,
         *args,
-        limit,
     )
-    # Distinct records only for the people listed: on a large store most ledger rows belong
-    # to people below the cut, and a set per (person, table) is the expensive part.
+    # Distinct records per person and table (k2 and k digests counted apart); every person
+    # needs theirs, since they decide the ranking.
     people: dict[str, dict[str, set[bytes]]] = {r["person"]: {} for r in rows}
     async for r in store.stream(
         f"""
-        SELECT COALESCE(e.end_user, e.db_user) AS person, l.relation, l.digests
+        SELECT {PERSON} AS person, l.relation, l.digests
         FROM {{events}} e JOIN {{ledger}} l ON l.chain_id = e.chain_id AND l.seq = e.seq
         WHERE {where} AND l.kind IN ('k2', 'k')
         """,
@@ -481,14 +579,23 @@ async def top(
         if recs is None:
             recs = tables[r["relation"]] = set()
         recs.update(split(bytes(r["digests"])))
-    return [
+    out = [
         {**_plain(r), "distinct_records": sum(map(len, people[r["person"]].values()))} for r in rows
     ]
+    out.sort(
+        key=lambda r: (
+            -r["distinct_records"], -r["labelled_bytes"], -r["labelled_rows"],
+            -r["statements"], str(r["person"]),
+        )
+    )  # fmt: skip
+    return out[:limit]
 
 
 async def blocked(store: Store, f: Filters, limit: int = 500) -> list[Row]:
-    """Blocked statements (and auth failures), newest first."""
-    f2 = Filters(**{**f.__dict__, "verdict": "block"})
+    """Blocked statements (and auth failures), newest first.  Not the ``block`` alerts: each
+    refused statement raises one, and the report listed every refusal twice."""
+    kinds = f.kinds or ("statement", "auth_failure")
+    f2 = Filters(**{**f.__dict__, "verdict": "block", "kinds": kinds})
     where, args = f2.where(store.dialect)
     rows = await store.fetch(
         f"SELECT {_EVENT_COLS} FROM {{events}} e WHERE {where} ORDER BY e.ts DESC LIMIT ?",
@@ -498,18 +605,19 @@ async def blocked(store: Store, f: Filters, limit: int = 500) -> list[Row]:
     return [clean(r) for r in rows]
 
 
-async def labelled_rows_by_person_hour(
+async def labelled_rows_by_person_minute(
     store: Store, since: datetime | None, until: datetime | None
 ) -> list[Row]:
-    """(person, hour, labelled_rows) for the report's plot."""
+    """(person, minute, labelled_rows) for the report's plot (``minute``: UTC,
+    ``2026-11-02T09:01``)."""
     d = store.dialect
     where, args = Filters(since=since, until=until, kinds=("statement",)).where(d)
     rows = await store.fetch(
         f"""
-        SELECT COALESCE(e.end_user, e.db_user) AS person, {d.hour} AS hour,
+        SELECT {PERSON} AS person, {d.minute} AS minute,
                COALESCE(SUM(e.rows), 0) AS labelled_rows
         FROM {{events}} e WHERE {where} AND {d.labelled}
-        GROUP BY COALESCE(e.end_user, e.db_user), {d.hour}
+        GROUP BY {PERSON}, {d.minute}
         ORDER BY 2
         """,
         *args,
@@ -588,7 +696,7 @@ async def who_saw(
     hasher: RecordHasher,
     *,
     table: str | None = None,
-    key: str | None = None,
+    key: str | Sequence[str] | None = None,
     value: str | None = None,
     label: str | None = None,
     since: datetime | None = None,
@@ -599,10 +707,12 @@ async def who_saw(
         if table is None:
             raise QueryError("--key needs --table: a primary key only means something in its table")
         rel = qualify(table)
-        targets = [
-            (KIND_KEY, rel, hasher.key(table, key)),
-            (LEGACY_KIND_KEY, rel, hasher.legacy_key(table, key)),
-        ]
+        targets = []
+        for text in key_spellings(key):
+            targets += [
+                (KIND_KEY, rel, hasher.key(table, text)),
+                (LEGACY_KIND_KEY, rel, hasher.legacy_key(table, text)),
+            ]
     elif value is not None:
         labels = (
             [label]
@@ -636,7 +746,7 @@ async def who_saw(
             """,
             *args,
         )
-        out.extend({**clean(r), "matched": rel} for r in rows)
+        out.extend({**_with_person(clean(r)), "matched": rel} for r in rows)
     if not out:
         if key is not None:
             await _check_known(store, (KIND_KEY, LEGACY_KIND_KEY), qualify(str(table)), "table")
@@ -645,6 +755,35 @@ async def who_saw(
         elif not targets:
             raise QueryError("the record ledger holds no labelled values at all")
     out.sort(key=lambda r: r["ts"])
+    return out
+
+
+def key_spellings(key: str | Sequence[str]) -> list[str]:
+    """The ledger texts a responder's ``--key`` may stand for: the columns of a composite
+    key given one by one (``--key 1 --key x,y``) spelled as the ledger spells them
+    (:func:`audit.ledger.pk_text`), and a JSON array typed by hand (``[1, "x,y"]``: spaces,
+    a number unquoted) respelled that way too, besides the text as typed (a one-column key
+    may look like anything); and each composite key as older proxies spelled it."""
+    if not isinstance(key, str):
+        parts: list[Any] = list(key)
+        out = []
+    else:
+        out = [key]
+        try:
+            parts = orjson.loads(key)
+        except orjson.JSONDecodeError:
+            return out
+        if not (
+            isinstance(parts, list)
+            and len(parts) > 1
+            and all(isinstance(v, str | int) and not isinstance(v, bool) for v in parts)
+        ):
+            return out
+    texts = [str(v) for v in parts]
+    # and as proxies before 2026-12-07 spelled it (json.dumps: spaces, ASCII escapes)
+    for spelling in (pk_text(texts), json.dumps(texts)):
+        if spelling not in out:
+            out.append(spelling)
     return out
 
 
@@ -672,10 +811,52 @@ async def _check_known(store: Store, kinds: tuple[str, str], name: str, what: st
 
 
 @dataclass
+class KeyCheck:
+    """How a responder's ledger key compares with the keys that wrote the trail's ledger:
+    the writers (chains) whose ledger events carry the key's check value, those with events
+    carrying another one (a chain may be in both), and those from before check values were
+    recorded."""
+
+    matching: list[str] = field(default_factory=list)
+    other: list[str] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)
+
+
+async def check_ledger_key(store: Store, hasher: RecordHasher) -> KeyCheck:
+    """Compare ``hasher``'s key with the check value recorded on the first and last event
+    with ledger rows of each chain (found through the ledger's index, not a scan)."""
+    mine = hasher.check_value()
+    out = KeyCheck()
+    for c in await store.fetch(
+        "SELECT chain_id, MIN(seq) AS first, MAX(seq) AS last FROM {ledger} GROUP BY chain_id"
+    ):
+        found: set[str] = set()
+        for r in await store.fetch(
+            "SELECT e.details FROM {events} e WHERE e.chain_id = ? AND e.seq IN (?, ?)",
+            c["chain_id"],
+            c["first"],
+            c["last"],
+        ):
+            details = r["details"]
+            if isinstance(details, str | bytes):
+                details = orjson.loads(details)
+            if isinstance(details, dict) and isinstance(details.get("ledger_key_check"), str):
+                found.add(details["ledger_key_check"])
+        chain = str(c["chain_id"])
+        if mine in found:
+            out.matching.append(chain)
+        if found - {mine}:  # (a chain continued after a key rotation has both)
+            out.other.append(chain)
+        if not found:
+            out.unknown.append(chain)
+    return out
+
+
+@dataclass
 class RecordsSeen:
     """The distinct records one person received: the breach-notification list."""
 
-    end_user: str
+    who: Who
     table: str
     records: list[Row]  # digest (hex), first_seen, last_seen, times, and key when resolved
     resolved: int = 0
@@ -686,7 +867,9 @@ class RecordsSeen:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "end_user": self.end_user,
+            "end_user": self.who.end_user,
+            "db_user": self.who.db_user,
+            "person": self.who.person,
             "table": self.table,
             "distinct_records": len(self.records),
             "resolved": self.resolved,
@@ -708,14 +891,19 @@ def _tally(seen: dict[Any, list[Any]], key: Any, ts: Any) -> None:
 async def records_seen(
     store: Store,
     *,
-    end_user: str,
+    end_user: str | None = None,
     table: str,
     since: datetime | None = None,
     until: datetime | None = None,
+    person: str | None = None,
+    db_user: str | None = None,
 ) -> RecordsSeen:
-    """Distinct records of ``table`` that ``end_user`` received in the window, and the
+    """Distinct records of ``table`` that one person (``end_user``, ``person`` or
+    ``db_user``: see :class:`Who`) received in the window, and the
     labelled values they received in rows without a usable key (which may be of any table
     carrying those labels until :func:`resolve_keys` ties them to rows of ``table``)."""
+    who = Who(end_user=end_user, db_user=db_user, person=person)
+    cond, person_arg = who.condition()
     rel = qualify(table)
     window: list[str] = []
     args: list[Any] = []
@@ -732,11 +920,11 @@ async def records_seen(
         f"""
         SELECT e.ts, l.kind, l.relation, l.digests
         FROM {{events}} e JOIN {{ledger}} l ON l.chain_id = e.chain_id AND l.seq = e.seq
-        WHERE e.end_user = ? {" ".join(window)}
+        WHERE {cond} {" ".join(window)}
           AND ((l.kind IN ('k2', 'k') AND l.relation = ?) OR l.kind IN ('v2', 'v'))
         ORDER BY e.ts
         """,
-        end_user,
+        person_arg,
         *args,
         rel,
     ):
@@ -754,7 +942,7 @@ async def records_seen(
                 _tally(values, (label, d), ts)
     if not seen and not values:
         await _check_known(store, (KIND_KEY, LEGACY_KIND_KEY), rel, "table")
-        await _check_person(store, end_user)
+        await _check_person(store, who)
     recs = [
         {"digest": d.hex(), "first_seen": f, "last_seen": la, "times": n}
         | ({"legacy": True} if d in legacy else {})
@@ -765,7 +953,7 @@ async def records_seen(
         | ({"legacy": True} if d in legacy else {})
         for (label, d), (f, la, n) in sorted(values.items(), key=lambda kv: (kv[1][0], kv[0]))
     ]
-    return RecordsSeen(end_user, rel, recs, values=vals)
+    return RecordsSeen(who, rel, recs, values=vals)
 
 
 async def resolve_keys(

@@ -35,6 +35,9 @@ from proxy.guard import Guard
 from proxy.metrics import Stats
 from proxy.session import Subject as SessionSubject
 
+# The session a policy command came from, and its audit session id (alerts carry both).
+Origin = tuple[SessionSubject, str]
+
 log = structlog.get_logger("pgwarden.policy")
 
 _ROLES_SQL = """
@@ -526,19 +529,31 @@ class PolicyRuntime:
         return False
 
     def alert(self, kind: str, message: str, severity: str, subject: str, rule_id: str,
-              session_id: str | None = None) -> None:  # fmt: skip
+              origin: Origin | None = None) -> None:  # fmt: skip
+        """Record and send an alert; ``origin`` (the session it arose in, and its audit id)
+        gives the event its database user, end user and session, so a responder finds it by
+        person like the statement that caused it."""
         if self.trail is None:
             return
+        audit_subject, session_id = None, None
+        if origin is not None:
+            session, session_id = origin
+            kind_, _, name = subject.partition(":")
+            # The subject key names the person (policy.engine.Subject.key): the end user, or
+            # the database user when none was named; "user:" keys name the account.
+            end_user = name if kind_ == "person" and name != session.user else None
+            audit_subject = self.audit_subject(session, end_user)
         try:
             self.trail.alert(
-                kind, message, severity=severity, session_id=session_id, rule_ids=(rule_id,),
-                details={"subject": subject},
+                kind, message, severity=severity, session_id=session_id, subject=audit_subject,
+                rule_ids=(rule_id,), details={"subject": subject},
             )  # fmt: skip
         except AuditUnavailable as exc:
             log.error("alert_not_recorded", error=str(exc))
 
-    async def handle(self, c: cmd.Command, log_: Any) -> None:
-        """Carry out a policy command from a session (counters, quarantine, alerts)."""
+    async def handle(self, c: cmd.Command, log_: Any, origin: Origin | None = None) -> None:
+        """Carry out a policy command from a session (counters, quarantine, alerts);
+        ``origin``: that session's subject and audit id, for the alerts."""
         if isinstance(c, cmd.RefreshCounts):
             for label, windows in c.labels:
                 if not await self._store_call(self.store.totals(c.subject, label, windows)):
@@ -552,7 +567,7 @@ class PolicyRuntime:
                 if c.hold is not None:
                     c.hold.release()
         elif isinstance(c, cmd.NoteEndUser):
-            await self._note_end_user(c, log_)
+            await self._note_end_user(c, log_, origin)
         elif isinstance(c, cmd.PolicyBlock):
             self.stats.policy_blocks += 1
             log_.warning(
@@ -563,14 +578,20 @@ class PolicyRuntime:
                 message=c.message,
             )
             # Responders and alert channels hear of every refusal, not only of quarantines.
-            self.alert("block", f"{_who(c.subject)}: {c.message}", "warning", c.subject, c.rule_id)
+            self.alert(
+                "block", f"{_who(c.subject)}: {c.message}", "warning", c.subject, c.rule_id, origin
+            )
             if c.rule_id != "quarantine" and c.offence:
                 # A refusal because the subject is already quarantined is no new offence:
                 # counting it would re-quarantine (and re-alert) on every statement.  Nor is
                 # one because the counter store was unreachable: a Redis outage (with the
                 # refusals decided before pgwarden saw it back) quarantined every busy agent.
                 await self._maybe_quarantine(
-                    c.subject, c.action == Action.QUARANTINE.value, log_, f"rule {c.rule_id}"
+                    c.subject,
+                    c.action == Action.QUARANTINE.value,
+                    log_,
+                    f"rule {c.rule_id}",
+                    origin,
                 )
         elif isinstance(c, cmd.PolicyAlert):
             self.stats.policy_alerts += 1
@@ -597,18 +618,20 @@ class PolicyRuntime:
             )  # fmt: skip
             self.alert(
                 "canary", f"{_who(c.subject)} {what} (rule {c.rule_id})",
-                "critical", c.subject, c.rule_id,
+                "critical", c.subject, c.rule_id, origin,
             )  # fmt: skip
             if c.blocked:
                 # The refusal is a block like any other (it counts towards a quarantine).
                 self.stats.policy_blocks += 1
                 await self._maybe_quarantine(
-                    c.subject, c.action == Action.QUARANTINE.value, log_, "a canary read"
+                    c.subject, c.action == Action.QUARANTINE.value, log_, "a canary read", origin
                 )
             elif not c.monitored and c.action == Action.QUARANTINE.value:
-                await self._maybe_quarantine(c.subject, True, log_, "a canary read")
+                await self._maybe_quarantine(c.subject, True, log_, "a canary read", origin)
 
-    async def _note_end_user(self, c: cmd.NoteEndUser, log_: Any) -> None:
+    async def _note_end_user(
+        self, c: cmd.NoteEndUser, log_: Any, origin: Origin | None = None
+    ) -> None:
         """Count an end-user name among its scope's distinct names (the window store's
         distinct records, so workers sharing Redis count one set); alert when there are more
         than the rule allows, once per window and scope (per worker)."""
@@ -639,11 +662,12 @@ class PolicyRuntime:
             "end_user_churn", subject=c.subject, rule=c.rule_id, names=names,
             limit=c.max_names, scope=c.scope.split(":", 1)[0], monitor=c.monitored,
         )  # fmt: skip
-        self.alert("end_user_churn", message, "warning", c.subject, c.rule_id)
+        self.alert("end_user_churn", message, "warning", c.subject, c.rule_id, origin)
 
     async def _maybe_quarantine(
-        self, subject: str, now_: bool, log_: Any, cause: str = "a block"
-    ) -> None:
+        self, subject: str, now_: bool, log_: Any, cause: str = "a block",
+        origin: Origin | None = None,
+    ) -> None:  # fmt: skip
         q = self.policy.quarantine
         if q is None:
             return
@@ -657,7 +681,7 @@ class PolicyRuntime:
                 why = cause if now_ else f"{blocks} blocks in {int(q.window)} s"
                 self.alert(
                     "quarantine", f"{_who(subject)} quarantined for {int(q.duration)} s after {why}",
-                    "critical", subject, "quarantine",
+                    "critical", subject, "quarantine", origin,
                 )  # fmt: skip
         except StoreUnavailable as exc:
             self._store_down(exc)

@@ -451,7 +451,8 @@ class ClientConnection(asyncio.Protocol):
             elif type(c) is cmd.LookupAllowed:
                 self._spawn(self._lookup_allowed(c))
             elif self.proxy.runtime is not None:
-                self._spawn(self.proxy.runtime.handle(c, self.log))
+                origin = (self.session.subject, self.audit_id)
+                self._spawn(self.proxy.runtime.handle(c, self.log, origin))
 
     def react(self, event: Callable[[], list[cmd.Command]]) -> None:
         """Run one session event and what it commands, outside ``data_received``.
@@ -486,7 +487,7 @@ class ClientConnection(asyncio.Protocol):
         runtime = self.proxy.runtime
         try:
             if runtime is not None:
-                await runtime.handle(c, self.log)
+                await runtime.handle(c, self.log, (self.session.subject, self.audit_id))
         finally:
             if not self._closed:
                 self.react(self.session.counts_recorded)

@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from audit.ledger import pk_bytes
 from policy.engine import (
     Finding,
     KnowCheck,
@@ -944,7 +945,7 @@ class Tracker:
                 parts = [_read_key(readers, i, values[i]) for i in positions]
             else:
                 parts = [values[i] for i in positions]
-            key = parts[0] if len(parts) == 1 else pk_text(parts)
+            key = parts[0] if len(parts) == 1 else pk_bytes(parts)
             if key is None:
                 continue
             running.keys.setdefault(table, []).append(key)
@@ -965,7 +966,7 @@ class Tracker:
             if readers and any(i in readers and readers[i] is None for i in positions):
                 continue
             parts = [_read_key(readers, i, values[i]) for i in positions]
-            key = parts[0] if len(parts) == 1 else pk_text(parts)
+            key = parts[0] if len(parts) == 1 else pk_bytes(parts)
             if key is not None and key.decode("utf-8", "replace") in wanted:
                 return True
         return False
@@ -1786,15 +1787,6 @@ def _read_key(
 ) -> bytes | None:
     reader = readers.get(i)
     return value if value is None or reader is None else reader(value)
-
-
-def pk_text(values: list[bytes | None]) -> bytes:
-    """A composite key as one text: a JSON array of the columns' texts (as the ledger wants)."""
-    import json
-
-    return json.dumps(
-        [None if v is None else v.decode("utf-8", "replace") for v in values]
-    ).encode()
 
 
 def _rule_ids(decision: Decision | None, cut: bool | str) -> tuple[str, ...]:

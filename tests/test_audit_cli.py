@@ -64,6 +64,7 @@ def test_sessions_timeline_top(tmp: Path) -> None:
     assert tl == [
         {
             "hour": "2026-11-02T09:00Z",
+            "bucket": "2026-11-02T09:00Z",
             "statements": 2,
             "labelled_rows": 201,
             "blocks": 0,

@@ -69,10 +69,13 @@ def test_postgres_store_verifies_and_matches_sqlite(seeded: tuple[Path, str]) ->
         lambda s: q.search(s, q.Filters(end_user="mallory")),
         lambda s: q.search(s, q.Filters(relation="customers", min_rows=100, label="pii.email")),
         lambda s: q.sessions(s, q.Filters()),
-        lambda s: q.timeline(s, "bob"),
+        lambda s: q.sessions(s, q.Filters(person="mallory")),
+        lambda s: q.timeline(s, q.Who(end_user="bob")),
+        lambda s: q.timeline(s, q.Who(person="bob"), bucket="1m"),
+        lambda s: q.timeline(s, q.Who(db_user="support_app"), bucket="1d"),
         lambda s: q.top(s),
         lambda s: q.blocked(s, q.Filters()),
-        lambda s: q.labelled_rows_by_person_hour(s, None, None),
+        lambda s: q.labelled_rows_by_person_minute(s, None, None),
     ],
 )
 def test_postgres_and_sqlite_answer_the_same(seeded: tuple[Path, str], question: Any) -> None:
