@@ -22,7 +22,6 @@ COPY pyproject.toml README.md LICENSE ./
 COPY proxy ./proxy
 COPY policy ./policy
 COPY audit ./audit
-COPY loadtests ./loadtests
 RUN pip install --no-cache-dir --disable-pip-version-check . \
  && pgwarden --help >/dev/null
 

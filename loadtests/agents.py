@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from loadtests.supportdb import counts_for
+from proxy.sandbox.supportdb import counts_for
 
 TEMPLATE = Path(__file__).resolve().parent / "support_agent_workload.sql"
 POLICY = Path(__file__).resolve().parent.parent / "config" / "policy.yaml"

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import yaml
 
-from loadtests.cluster import schema_sql
 from policy.allowlist import AllowList
 from policy.analyze import Analyzer
 from policy.schema_sql import snapshot_from_sql
 from policy.search_path import parse_search_path
+from proxy.sandbox.cluster import schema_sql
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "tests" / "corpus"

@@ -40,8 +40,8 @@ import asyncpg
 
 from audit.ledger import generate_key_file
 from loadtests import harness
-from loadtests.cluster import Cluster, running_cluster
 from loadtests.harness import Target, TargetUnavailable, progress
+from proxy.sandbox.cluster import Cluster, running_cluster
 
 QUERY = "SELECT customer_id, full_name, email, phone FROM customers"
 TARGETS = ("direct", "pgwarden", "pgwarden-ledger")

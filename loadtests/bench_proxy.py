@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from loadtests import harness
-from loadtests.cluster import running_cluster
 from loadtests.harness import PgbenchResult, Target, TargetUnavailable, progress
+from proxy.sandbox.cluster import running_cluster
 
 ALL_TARGETS = ("direct", "pgbouncer", "pgwarden", "bare", "pgwarden-policy", "pgwarden-audit")
 DEFAULT_TARGETS = ("direct", "pgbouncer", "pgwarden", "bare", "pgwarden-policy", "pgwarden-audit")

@@ -26,8 +26,8 @@ from collections.abc import Iterator
 
 import redis.asyncio as aioredis
 
-from loadtests.cluster import free_port
 from policy.state import MemoryWindowStore, RedisWindowStore, WindowStore
+from proxy.sandbox.cluster import free_port
 
 WINDOWS = (3600.0, 86400.0)
 LABEL = "pii.email"

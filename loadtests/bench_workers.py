@@ -43,10 +43,10 @@ from pathlib import Path
 from typing import Any
 
 from loadtests import agents, harness
-from loadtests.cluster import Cluster, running_cluster
 from loadtests.harness import PgbenchResult, Target, TargetUnavailable, progress
 from loadtests.redis_server import RedisServer, RedisUnavailable
-from loadtests.supportdb import generate
+from proxy.sandbox.cluster import Cluster, running_cluster
+from proxy.sandbox.supportdb import generate
 
 ALL_SETUPS = ("plain", "full")
 ALL_WORKLOADS = ("select_only", "agents")

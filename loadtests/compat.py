@@ -50,8 +50,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loadtests import harness
-from loadtests.cluster import Cluster, running_cluster
 from loadtests.harness import progress
+from proxy.sandbox.cluster import Cluster, running_cluster
 
 REPO = Path(__file__).resolve().parent.parent
 POLICY = REPO / "config" / "policy.yaml"

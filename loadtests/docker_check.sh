@@ -6,7 +6,7 @@
 #
 # Not part of `make test` (CI has no Docker).  Needs: docker (a daemon that can build the
 # Dockerfile: its base image python:3.11-slim-bookworm, Debian and PyPI reachable from the
-# build), psql, curl, the repo's .venv (for loadtests.cluster).  Optional: redis-server
+# build), psql, curl, the repo's .venv (for proxy.sandbox.cluster).  Optional: redis-server
 # for the compose-service step; docker-compose or `docker compose` for the parse step.
 #
 # Containers run with --network host (the cluster listens on 127.0.0.1), so this checks
@@ -47,7 +47,7 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-free_port() { "$PYTHON" -c 'from loadtests.cluster import free_port; print(free_port())'; }
+free_port() { "$PYTHON" -c 'from proxy.sandbox.cluster import free_port; print(free_port())'; }
 port_free() {  # nothing accepts connections on 127.0.0.1:$1
     "$PYTHON" -c "import socket,sys; sys.exit(1 if socket.socket().connect_ex(('127.0.0.1', $1)) == 0 else 0)"
 }
@@ -87,7 +87,7 @@ start_cluster() {  # name kind; sets $WORK/name.port
     "$PYTHON" - "$WORK" "$1" "$2" >"$WORK/$1.log" 2>&1 <<'EOF' &
 import os, shutil, sys, tempfile, time
 from pathlib import Path
-from loadtests.cluster import Cluster, find_bindir, free_port, running_cluster
+from proxy.sandbox.cluster import Cluster, find_bindir, free_port, running_cluster
 work, name, kind = sys.argv[1:4]
 def hold(c):
     with open(os.path.join(work, name + ".port.tmp"), "w") as f:

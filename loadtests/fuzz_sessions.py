@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loadtests.cluster import Cluster, schema_sql
+from proxy.sandbox.cluster import Cluster, schema_sql
 
 SSL_REQUEST, GSSENC_REQUEST, CANCEL_REQUEST = 80877103, 80877104, 80877102
 _LEN = struct.Struct("!i")
@@ -1001,7 +1001,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from loadtests.cluster import running_cluster
+    from proxy.sandbox.cluster import running_cluster
 
     args = parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="pgwarden-fuzz-"))

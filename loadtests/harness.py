@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtests.cluster import Cluster, find_bindir, free_port, free_ports, wait_for_port
+from proxy.sandbox.cluster import Cluster, find_bindir, free_port, free_ports, wait_for_port
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

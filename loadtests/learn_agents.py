@@ -30,8 +30,8 @@ from pathlib import Path
 import yaml
 
 from loadtests import agents, harness
-from loadtests.cluster import running_cluster
-from loadtests.supportdb import generate
+from proxy.sandbox.cluster import running_cluster
+from proxy.sandbox.supportdb import generate
 
 RULE_ID = "helpdesk-known-statements"
 

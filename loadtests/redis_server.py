@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from loadtests.cluster import free_port
+from proxy.sandbox.cluster import free_port
 
 
 class RedisUnavailable(RuntimeError):

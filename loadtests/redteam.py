@@ -38,8 +38,8 @@ import psycopg
 import yaml
 from psycopg import sql as _sql  # noqa: F401 (kept for techniques written by hand)
 
-from loadtests.cluster import Cluster, running_cluster
 from policy import enduser
+from proxy.sandbox.cluster import Cluster, running_cluster
 from tests.proxyutil import ProxyProcess, pgwarden_command
 from tests.seconddb import data as sdb
 

@@ -68,12 +68,12 @@ from typing import Any
 import yaml
 
 from loadtests import agents, harness
-from loadtests.cluster import Cluster, find_bindir, free_port
 from loadtests.harness import Target, progress
 from loadtests.redis_server import RedisServer
 from loadtests.support_load import create_bulk_table
-from loadtests.supportdb import generate
 from loadtests.wire import Hung, ServerError, WireClient, WireError, slow_read
+from proxy.sandbox.cluster import Cluster, find_bindir, free_port
+from proxy.sandbox.supportdb import generate
 
 RESULTS = harness.RESULTS_DIR / "soak.json"
 AGENT_APP = "soak-agent-{}"

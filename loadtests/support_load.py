@@ -57,9 +57,9 @@ from typing import Any
 import asyncpg
 
 from loadtests import agents, harness
-from loadtests.cluster import Cluster, running_cluster
 from loadtests.harness import PgbenchResult, Target, TargetUnavailable, progress
-from loadtests.supportdb import generate
+from proxy.sandbox.cluster import Cluster, running_cluster
+from proxy.sandbox.supportdb import generate
 
 SCRIPT = Path(__file__).resolve().parent / "support_workload.sql"
 # passthrough: pgwarden with no policy and no audit trail (what the relay alone costs).

@@ -73,7 +73,7 @@ def _pgwarden(*args: str) -> subprocess.CompletedProcess[str]:
 @contextmanager
 def running_proxy(config: Path, listen_port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
     """``pgwarden serve -c CONFIG`` until the block ends (SIGTERM, then wait)."""
-    from loadtests.cluster import wait_for_port
+    from proxy.sandbox.cluster import wait_for_port
 
     with open(log, "ab") as logf:
         proc = subprocess.Popen(
@@ -182,7 +182,7 @@ class Demo:
     # --- setup -------------------------------------------------------------------------------
 
     def build_database(self) -> None:
-        from loadtests.supportdb import generate
+        from proxy.sandbox.supportdb import generate
 
         t0 = time.monotonic()
         report = asyncio.run(generate(self.pg.url(), customers=CUSTOMERS, seed=SEED))
@@ -203,7 +203,7 @@ class Demo:
         )
 
     def write_config(self) -> Path:
-        from loadtests.cluster import free_port
+        from proxy.sandbox.cluster import free_port
 
         for args in (("--ledger", "--out", "ledger.key"), ("--out", "audit-sign.key")):
             done = _pgwarden("audit", "keygen", *args[:-1], str(self.workdir / args[-1]))
@@ -577,7 +577,7 @@ class Demo:
     def act_allow_list(self) -> None:
         """The helpdesk account's allow-list, learned from act 2's normal day; then an
         insider on that account, under every volume limit, refused by shape."""
-        from loadtests.cluster import free_port
+        from proxy.sandbox.cluster import free_port
 
         heading("5", "The helpdesk account learns what its application sends")
         allow = self.workdir / "helpdesk-allow.yaml"
@@ -822,7 +822,7 @@ def _stop_on_signals() -> None:
 
 
 def run_demo(serve: bool = False, workdir: Path | None = None) -> int:
-    from loadtests.cluster import ClusterError, running_cluster
+    from proxy.sandbox.cluster import ClusterError, running_cluster
 
     _stop_on_signals()
 

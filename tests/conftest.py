@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from loadtests.cluster import Cluster, running_cluster
 from loadtests.redis_server import RedisServer, RedisUnavailable
+from proxy.sandbox.cluster import Cluster, running_cluster
 from tests.proxyutil import ProxyProcess
 from tests.support_data import enforce_db  # noqa: F401 (a fixture)
 

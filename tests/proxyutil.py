@@ -26,8 +26,8 @@ from typing import Any
 
 import yaml
 
-from loadtests.cluster import Cluster, free_port, free_ports
 from proxy.messages import PROTOCOL_3_0, ErrorResponse, SSLRequest, StartupMessage
+from proxy.sandbox.cluster import Cluster, free_port, free_ports
 
 _HEADER = struct.Struct("!BI")
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtests.cluster import Cluster, schema_sql
+from proxy.sandbox.cluster import Cluster, schema_sql
 
 DB = "enforce"
 POLICY = Path(__file__).resolve().parent.parent / "config" / "policy.yaml"

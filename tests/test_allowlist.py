@@ -17,13 +17,13 @@ import psycopg
 import pytest
 import yaml
 
-from loadtests.cluster import Cluster, schema_sql
 from policy import allowlist
 from policy.analyze import Analyzer
 from policy.engine import Engine, Subject
 from policy.model import Action, PolicyError, load_policy
 from policy.schema_sql import snapshot_from_sql
 from policy.session_sql import SqlSession
+from proxy.sandbox.cluster import Cluster, schema_sql
 from tests.proxyutil import pgwarden_command, start_with_policy
 
 ANALYZER = Analyzer(snapshot_from_sql(schema_sql()))

@@ -18,12 +18,12 @@ import psycopg
 import pytest
 import yaml
 
-from loadtests.cluster import Cluster, schema_sql
 from policy.analyze import Analyzer
 from policy.catalog import CatalogSnapshot, load_catalog
 from policy.facts import QueryFacts, SourceColumn
 from policy.schema_sql import snapshot_from_sql
 from policy.search_path import parse_search_path
+from proxy.sandbox.cluster import Cluster, schema_sql
 
 CORPUS_DIR = Path(__file__).parent / "corpus"
 CASES: list[dict[str, Any]] = yaml.safe_load((CORPUS_DIR / "statements.yaml").read_text())

@@ -16,9 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loadtests.cluster import Cluster, schema_sql
 from policy.analyze import Analyzer
 from policy.schema_sql import snapshot_from_sql
+from proxy.sandbox.cluster import Cluster, schema_sql
 
 EXTRA_SQL = (Path(__file__).parent / "corpus" / "extra_schema.sql").read_text()
 ANALYZER = Analyzer(snapshot_from_sql(schema_sql() + "\n" + EXTRA_SQL))

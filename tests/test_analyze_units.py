@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from loadtests.cluster import schema_sql
 from policy.analyze import Analyzer
 from policy.catalog import CatalogColumn, CatalogRelation, CatalogSnapshot
 from policy.facts import SourceColumn
@@ -15,6 +14,7 @@ from policy.normalize import fingerprint, normalize
 from policy.schema_sql import snapshot_from_sql
 from policy.search_path import expand_user, parse_search_path, search_path_from_options
 from policy.session_sql import SqlSession
+from proxy.sandbox.cluster import schema_sql
 
 EXTRA_SQL = (Path(__file__).parent / "corpus" / "extra_schema.sql").read_text()
 SNAPSHOT = snapshot_from_sql(schema_sql() + "\n" + EXTRA_SQL)

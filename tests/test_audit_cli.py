@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from audit.cli import audit_group
 from audit.pipeline import PostgresSinkConfig
-from loadtests.cluster import Cluster
+from proxy.sandbox.cluster import Cluster
 from tests.audit_scenario import seed
 
 

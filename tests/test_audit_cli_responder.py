@@ -27,7 +27,7 @@ import psycopg
 import pytest
 
 from audit.pipeline import AuditConfig, AuditTrail, PostgresSinkConfig, SQLiteSinkConfig
-from loadtests.cluster import Cluster
+from proxy.sandbox.cluster import Cluster
 from tests.audit_scenario import EXPECTED_DISTINCT, scenario_events, seed
 from tests.proxyutil import ProxyProcess, pgwarden_command
 from tests.support_data import DB, POLICY

@@ -13,8 +13,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from loadtests.cluster import Cluster
 from loadtests.harness import process_stats
+from proxy.sandbox.cluster import Cluster
 from tests.proxyutil import ProxyProcess
 from tests.support_data import DB, POLICY
 

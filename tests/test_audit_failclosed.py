@@ -24,7 +24,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from loadtests.cluster import Cluster
+from proxy.sandbox.cluster import Cluster
 from tests.proxyutil import ProxyProcess, audit_cli, audit_keys, wait_until
 from tests.support_data import DB, policy_naming_as_dba
 

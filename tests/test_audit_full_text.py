@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psycopg
 
-from loadtests.cluster import Cluster
+from proxy.sandbox.cluster import Cluster
 from tests.proxyutil import ProxyProcess
 from tests.support_data import DB, POLICY
 

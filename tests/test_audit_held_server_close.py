@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from loadtests.cluster import Cluster
 from loadtests.wire import ServerError, WireClient
+from proxy.sandbox.cluster import Cluster
 from tests.proxyutil import ProxyProcess
 from tests.support_data import DB, POLICY
 

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from audit import query as q
 from audit.cli import audit_group
 from audit.ledger import RecordHasher, load_key, pk_text
-from loadtests.cluster import Cluster
+from proxy.sandbox.cluster import Cluster
 from tests.audit_scenario import EXPECTED_DISTINCT, seed
 
 

@@ -24,7 +24,7 @@ from audit.pipeline import (
     PostgresSinkConfig,
     SQLiteSinkConfig,
 )
-from loadtests.cluster import free_port
+from proxy.sandbox.cluster import free_port
 
 SUBJ = Subject("app", "support", "helpdesk", "10.1.1.1", False, "frank")
 

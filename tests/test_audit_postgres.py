@@ -24,7 +24,7 @@ from audit.pipeline import (
     PostgresSinkConfig,
     SQLiteSinkConfig,
 )
-from loadtests.cluster import Cluster
+from proxy.sandbox.cluster import Cluster
 from tests.audit_scenario import EXPECTED_DISTINCT, seed
 from tests.test_audit_chain import events as any_event
 

@@ -20,7 +20,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from loadtests.cluster import Cluster
+from proxy.sandbox.cluster import Cluster
 from tests.proxyutil import ProxyProcess, audit_cli, audit_keys
 from tests.support_data import DB, policy_naming_as_dba
 

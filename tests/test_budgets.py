@@ -19,7 +19,7 @@ from typing import cast
 import psycopg
 import pytest
 
-from loadtests.cluster import Cluster
+from proxy.sandbox.cluster import Cluster
 from tests.conftest import RedisServer
 from tests.proxyutil import ProxyProcess, start_with_policy
 from tests.support_data import DB

@@ -11,10 +11,10 @@ import asyncpg
 import psycopg
 import pytest
 
-from loadtests.cluster import Cluster, schema_sql
 from policy.analyze import Analyzer
 from policy.catalog import Catalog, CatalogSnapshot, load_catalog
 from policy.labels import LabelRules, parse_comment_labels
+from proxy.sandbox.cluster import Cluster, schema_sql
 
 DB = "analysis_catalog"
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from loadtests.cluster import Cluster, schema_sql
 from policy.classify import classify_values, detect, luhn_ok, mask
 from policy.labels import LabelRules
 from proxy.cli import main
+from proxy.sandbox.cluster import Cluster, schema_sql
 
 DB = "analysis_classify"
 

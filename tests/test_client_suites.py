@@ -11,8 +11,8 @@ import psycopg
 import pytest
 import yaml
 
-from loadtests.cluster import Cluster
 from proxy.messages import Bind, Execute, Parse, Query, Sync
+from proxy.sandbox.cluster import Cluster
 from tests.conftest import ProxyFactory
 from tests.proxyutil import ProxyProcess, RawClient, audited_config, error_of, wait_until
 from tests.support_data import POLICY

@@ -1,6 +1,6 @@
 import psycopg
 
-from loadtests.cluster import Cluster
+from proxy.sandbox.cluster import Cluster
 
 
 def test_each_auth_method_logs_in_directly(pg: Cluster) -> None:

@@ -9,10 +9,10 @@ import psycopg
 import pytest
 from pglast.parser import parse_sql_json
 
-from loadtests.cluster import Cluster
 from policy.analyze import _copy_options
 from proxy.copyrows import reader_for
 from proxy.messages import ProtocolError
+from proxy.sandbox.cluster import Cluster
 
 TRICKY = [
     "plain",

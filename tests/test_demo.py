@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtests.cluster import ClusterError, find_bindir
+from proxy.sandbox.cluster import ClusterError, find_bindir
 from tests.proxyutil import pgwarden_command
 
 pytestmark = pytest.mark.slow

@@ -16,7 +16,7 @@ from pathlib import Path
 import psycopg
 import yaml
 
-from loadtests.cluster import Cluster
+from proxy.sandbox.cluster import Cluster
 from tests.proxyutil import ProxyProcess
 from tests.support_data import DB
 from tests.test_need_to_know import LOOKUP

@@ -19,9 +19,9 @@ import pytest
 import yaml
 
 from loadtests import redteam
-from loadtests.cluster import Cluster
 from policy import enduser
 from policy.model import PolicyError, load_policy
+from proxy.sandbox.cluster import Cluster
 from tests.proxyutil import ProxyProcess, pgwarden_command
 from tests.seconddb import data as sdb
 

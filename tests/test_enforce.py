@@ -24,7 +24,6 @@ import psycopg
 import pytest
 import yaml
 
-from loadtests.cluster import Cluster
 from proxy.messages import (
     Bind,
     DataRow,
@@ -34,6 +33,7 @@ from proxy.messages import (
     Query,
     Sync,
 )
+from proxy.sandbox.cluster import Cluster
 from tests.proxyutil import (
     ProxyProcess,
     RawClient,

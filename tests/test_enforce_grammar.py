@@ -21,9 +21,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loadtests.cluster import Cluster, schema_sql
 from policy.analyze import Analyzer
 from policy.schema_sql import snapshot_from_sql
+from proxy.sandbox.cluster import Cluster, schema_sql
 from tests.proxyutil import ProxyProcess
 from tests.support_data import DB as SUPPORT_DB
 from tests.support_data import POLICY as SUPPORT_POLICY

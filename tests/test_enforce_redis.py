@@ -9,7 +9,7 @@ import psycopg
 import pytest
 import yaml
 
-from loadtests.cluster import Cluster
+from proxy.sandbox.cluster import Cluster
 from tests.conftest import RedisServer
 from tests.proxyutil import ProxyProcess
 from tests.support_data import DB

@@ -18,7 +18,7 @@ import psycopg
 import pytest
 import yaml
 
-from loadtests.cluster import Cluster
+from proxy.sandbox.cluster import Cluster
 from tests.proxyutil import ProxyProcess
 
 DB = "crmsound"

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loadtests.cluster import schema_sql
 from policy.analyze import Analyzer
 from policy.engine import Engine, Subject, Verdict
 from policy.model import Action, load_policy_text
 from policy.schema_sql import snapshot_from_sql
 from policy.state import MemoryWindowStore
 from proxy.policyrt import _Counters
+from proxy.sandbox.cluster import schema_sql
 
 POLICY_TEXT = (Path(__file__).resolve().parent.parent / "config" / "policy.yaml").read_text()
 SNAPSHOT = snapshot_from_sql(schema_sql())

@@ -5,7 +5,7 @@ the subject object -- hits when a person comes back instead of filling with dead
 
 from __future__ import annotations
 
-from loadtests.cluster import Cluster
+from proxy.sandbox.cluster import Cluster
 from tests.trackerutil import audited_tracker
 
 POLICY = {

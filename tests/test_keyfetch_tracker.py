@@ -11,7 +11,6 @@ import time
 import asyncpg
 import pytest
 
-from loadtests.cluster import Cluster
 from proxy import commands as cmd
 from proxy.messages import (
     Bind,
@@ -28,6 +27,7 @@ from proxy.messages import (
     RowDescription,
     Sync,
 )
+from proxy.sandbox.cluster import Cluster
 from proxy.tracker import Tracker
 from tests.support_data import DB
 from tests.trackerutil import audited_tracker

@@ -21,7 +21,7 @@ import psycopg
 import pytest
 
 from audit.ledger import RecordHasher, load_key, split
-from loadtests.cluster import Cluster
+from proxy.sandbox.cluster import Cluster
 from tests.proxyutil import ProxyProcess
 from tests.support_data import CUSTOMERS, DB
 from tests.test_audit_proxy import audit_cli, keys, start

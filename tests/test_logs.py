@@ -10,7 +10,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from loadtests.cluster import Cluster
+from proxy.sandbox.cluster import Cluster
 from tests.conftest import ProxyFactory
 from tests.proxyutil import wait_until
 from tests.support_data import POLICY

@@ -8,7 +8,7 @@ import psycopg
 import pytest
 import yaml
 
-from loadtests.cluster import Cluster
+from proxy.sandbox.cluster import Cluster
 from tests.proxyutil import ProxyProcess
 from tests.support_data import DB
 

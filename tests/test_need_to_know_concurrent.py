@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from loadtests.cluster import Cluster
+from proxy.sandbox.cluster import Cluster
 from tests.test_need_to_know import agent, start
 
 

@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from loadtests import redteam
-from loadtests.cluster import Cluster
+from proxy.sandbox.cluster import Cluster
 from tests.proxyutil import ProxyProcess
 from tests.seconddb import data as sdb
 

@@ -17,7 +17,6 @@ import psycopg
 import pytest
 import yaml
 
-from loadtests.cluster import Cluster
 from proxy.messages import (
     Bind,
     CommandComplete,
@@ -30,6 +29,7 @@ from proxy.messages import (
     RowDescription,
     Sync,
 )
+from proxy.sandbox.cluster import Cluster
 from tests.proxyutil import ProxyProcess, RawClient
 from tests.support_data import DB
 from tests.test_need_to_know import LOOKUP

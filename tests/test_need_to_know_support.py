@@ -11,7 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from loadtests.cluster import Cluster
+from proxy.sandbox.cluster import Cluster
 from tests.support_data import DB
 from tests.test_need_to_know_rewrite import agent, start
 

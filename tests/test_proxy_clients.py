@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from psycopg import errors
 
-from loadtests.cluster import ROLES, Cluster
+from proxy.sandbox.cluster import ROLES, Cluster
 from tests.proxyutil import ProxyProcess, wait_until
 
 USERS = ["trust_user", "md5_user", "scram_user"]

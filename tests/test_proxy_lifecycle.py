@@ -16,8 +16,8 @@ import psycopg
 import pytest
 from psycopg import errors
 
-from loadtests.cluster import Cluster, free_port
 from proxy.messages import Query
+from proxy.sandbox.cluster import Cluster, free_port
 from tests.conftest import ProxyFactory
 from tests.proxyutil import (
     ProxyProcess,

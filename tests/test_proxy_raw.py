@@ -16,7 +16,6 @@ import asyncpg
 import psycopg
 import pytest
 
-from loadtests.cluster import Cluster
 from proxy.messages import (
     PROTOCOL_3_0,
     Bind,
@@ -31,6 +30,7 @@ from proxy.messages import (
     Sync,
     Terminate,
 )
+from proxy.sandbox.cluster import Cluster
 from tests.conftest import ProxyFactory
 from tests.proxyutil import ProxyProcess, RawClient, error_of, messages_until_eof, wait_until
 

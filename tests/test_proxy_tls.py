@@ -13,8 +13,8 @@ import asyncpg
 import psycopg
 import pytest
 
-from loadtests.cluster import Cluster
 from proxy.messages import PROTOCOL_3_0, SSLRequest, StartupMessage
+from proxy.sandbox.cluster import Cluster
 from tests.conftest import ProxyFactory
 from tests.proxyutil import ProxyProcess, RawClient, error_of, messages_until_eof, wait_until
 

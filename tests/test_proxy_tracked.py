@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from loadtests.cluster import Cluster
+from proxy.sandbox.cluster import Cluster
 from tests.proxyutil import ProxyProcess
 from tests.test_proxy_clients import *  # noqa: F403 (the same tests, collected here again)
 from tests.test_proxy_raw import *  # noqa: F403

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import pytest
 
 from loadtests import redteam
-from loadtests.cluster import Cluster
+from proxy.sandbox.cluster import Cluster
 from tests.proxyutil import pgwarden_command
 from tests.seconddb import data as sdb
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtests.cluster import Cluster, ClusterError, find_bindir
+from proxy.sandbox.cluster import Cluster, ClusterError, find_bindir
 from tests.proxyutil import ProxyProcess, pgwarden_command, wait_until
 
 # --- /proc ---------------------------------------------------------------------------------

@@ -204,7 +204,7 @@ def test_unreachable_redis_raises_store_unavailable_then_recovers(own_redis_serv
 
 
 def test_nothing_listening_is_store_unavailable() -> None:
-    from loadtests.cluster import free_port
+    from proxy.sandbox.cluster import free_port
 
     async def body() -> None:
         store = RedisWindowStore(f"redis://127.0.0.1:{free_port()}/0", timeout=1.0)

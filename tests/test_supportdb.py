@@ -11,8 +11,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from loadtests.cluster import Cluster
-from loadtests.supportdb import CANARY_DOMAIN, GenerationReport, build_rows, counts_for, generate
+from proxy.sandbox.cluster import Cluster
+from proxy.sandbox.supportdb import (
+    CANARY_DOMAIN,
+    GenerationReport,
+    build_rows,
+    counts_for,
+    generate,
+)
 
 CUSTOMERS = 3_000
 E164 = re.compile(r"^\+[1-9]\d{7,14}$")
@@ -156,7 +162,7 @@ def test_same_seed_gives_same_database(
 def test_command_line_prints_manifest(pg: Cluster) -> None:
     _fresh_database(pg, "gen_cli")
     proc = subprocess.run(
-        [sys.executable, "-m", "loadtests.supportdb", "--dsn", pg.dsn(database="gen_cli"),
+        [sys.executable, "-m", "proxy.sandbox.supportdb", "--dsn", pg.dsn(database="gen_cli"),
          "--customers", "400", "--seed", "5"],
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip

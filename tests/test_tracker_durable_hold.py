@@ -5,7 +5,6 @@ an error in place of the CommandComplete)."""
 
 from __future__ import annotations
 
-from loadtests.cluster import Cluster
 from proxy import commands as cmd
 from proxy.messages import (
     CommandComplete,
@@ -14,6 +13,7 @@ from proxy.messages import (
     Query,
     ReadyForQuery,
 )
+from proxy.sandbox.cluster import Cluster
 from proxy.tracker import Tracker
 from tests.trackerutil import audited_tracker, customers_head
 

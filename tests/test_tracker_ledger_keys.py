@@ -10,7 +10,6 @@ import struct
 
 import pytest
 
-from loadtests.cluster import Cluster
 from proxy import commands as cmd
 from proxy.messages import (
     CommandComplete,
@@ -22,6 +21,7 @@ from proxy.messages import (
     Query,
     ReadyForQuery,
 )
+from proxy.sandbox.cluster import Cluster
 from proxy.tracker import Tracker
 from tests.trackerutil import audited_tracker, customers_head
 

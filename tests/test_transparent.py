@@ -11,7 +11,7 @@ import psycopg
 import pytest
 import yaml
 
-from loadtests.cluster import Cluster
+from proxy.sandbox.cluster import Cluster
 from tests.conftest import ProxyFactory
 from tests.proxyutil import ProxyProcess, audited_config, wait_until
 from tests.support_data import POLICY

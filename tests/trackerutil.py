@@ -8,11 +8,11 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from loadtests.cluster import Cluster
 from policy.model import Policy
 from proxy.messages import Field, RowDescription
 from proxy.metrics import Stats
 from proxy.policyrt import PolicyRuntime
+from proxy.sandbox.cluster import Cluster
 from proxy.session import Subject
 from proxy.tracker import Tracker
 from tests.support_data import DB

@@ -17,7 +17,7 @@ is a real person's mailbox.
 
 Usage::
 
-    python -m loadtests.supportdb --dsn postgresql://postgres@127.0.0.1:5432/support \
+    python -m proxy.sandbox.supportdb --dsn postgresql://postgres@127.0.0.1:5432/support \
         --customers 100000 --seed 7
 """
 
@@ -36,7 +36,7 @@ from typing import Any
 
 import asyncpg
 
-from loadtests.cluster import schema_sql
+from proxy.sandbox.cluster import schema_sql
 
 # Every timestamp is an offset from this fixed instant: using now() would break determinism.
 EPOCH = datetime(2021, 1, 1, tzinfo=UTC)
@@ -490,7 +490,7 @@ async def generate(
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: generate, then print the report (with the canary manifest) as JSON."""
     parser = argparse.ArgumentParser(
-        prog="python -m loadtests.supportdb",
+        prog="python -m proxy.sandbox.supportdb",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

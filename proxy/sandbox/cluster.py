@@ -272,7 +272,7 @@ class Cluster:
 
 
 def schema_sql() -> str:
-    return (Path(__file__).resolve().parent.parent / "config" / "support_schema.sql").read_text()
+    return (Path(__file__).resolve().parents[2] / "config" / "support_schema.sql").read_text()
 
 
 @contextlib.contextmanager
