@@ -18,7 +18,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from loadtests.cluster import Cluster
+from proxy.sandbox.cluster import Cluster
 from tests.proxyutil import audit_cli
 from tests.support_data import DB
 from tests.test_audit_proxy import keys, start

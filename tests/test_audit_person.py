@@ -18,7 +18,7 @@ import orjson
 import psycopg
 import pytest
 
-from loadtests.cluster import Cluster
+from proxy.sandbox.cluster import Cluster
 from tests.proxyutil import ProxyProcess, pgwarden_command
 from tests.support_data import DB, POLICY
 
