@@ -38,7 +38,7 @@ serve: $(STAMP) sysdeps
 	@$(BIN)/pgwarden demo --serve
 
 test: $(STAMP) sysdeps
-	@$(BIN)/python -m pytest -q -p no:cacheprovider
+	@$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
 
 lint: $(STAMP)
 	@$(BIN)/ruff check proxy policy audit loadtests tests
