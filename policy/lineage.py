@@ -1681,29 +1681,27 @@ def _rel_column(fields: list[str], rels: list[Rel]) -> tuple[Rel, str] | None:
     return (hits[0], name) if len(hits) == 1 else None
 
 
-def _side_rels(node: Any, rels: list[Rel]) -> list[Rel]:
-    """The ones of ``rels`` whose columns one side of a comparison names."""
-    out = []
+def _side_columns(node: Any, rels: list[Rel]) -> Iterator[tuple[Rel, str]]:
+    """The columns of ``rels`` that one side of a comparison names: (relation, column)."""
     for ref in iter_nodes(node, "ColumnRef"):
         fields = ref.get("fields") or []
         if any("String" not in f for f in fields):
             continue
         hit = _rel_column(names(fields), rels)
         if hit is not None:
-            out.append(hit[0])
-    return out
+            yield hit
+
+
+def _side_rels(node: Any, rels: list[Rel]) -> list[Rel]:
+    """The ones of ``rels`` whose columns one side of a comparison names."""
+    return [rel for rel, _column in _side_columns(node, rels)]
 
 
 def _side_lineage(node: Any, rels: list[Rel]) -> Lineage:
     """What the columns of ``rels`` named in one side of a comparison carry."""
     out: set[SourceColumn] = set()
-    for ref in iter_nodes(node, "ColumnRef"):
-        fields = ref.get("fields") or []
-        if any("String" not in f for f in fields):
-            continue
-        hit = _rel_column(names(fields), rels)
-        if hit is not None:
-            out |= hit[0].colmap.get(hit[1], EMPTY)
+    for rel, column in _side_columns(node, rels):
+        out |= rel.colmap.get(column, EMPTY)
     return frozenset(out)
 
 
