@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
-import os
 import sqlite3
 import subprocess
 import sys
@@ -20,7 +19,6 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import orjson
 import psycopg
@@ -29,37 +27,9 @@ import pytest
 from audit.pipeline import AuditConfig, AuditTrail, PostgresSinkConfig, SQLiteSinkConfig
 from proxy.sandbox.cluster import Cluster
 from tests.audit_scenario import EXPECTED_DISTINCT, scenario_events, seed
+from tests.auditcli import cli, js, ok, refused
 from tests.proxyutil import ProxyProcess, pgwarden_command
 from tests.support_data import DB, POLICY
-
-
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*pgwarden_command(), "audit", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, **(env or {})},
-    )
-
-
-def ok(*args: str) -> str:
-    res = cli(*args)
-    assert res.returncode == 0, res.stderr
-    assert "Traceback" not in res.stderr
-    return res.stdout
-
-
-def js(*args: str) -> Any:
-    return orjson.loads(ok(*args, "--json"))
-
-
-def refused(*args: str) -> str:
-    """A command that cannot answer: exit 2 and one sentence, never a traceback."""
-    res = cli(*args)
-    assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
-    assert "Traceback" not in res.stderr and "Error:" in res.stderr, res.stderr
-    return res.stderr
 
 
 def table_rows(text: str) -> list[list[str]]:

@@ -7,8 +7,6 @@ Expected answers are what the clients below sent, never what the code under test
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +17,8 @@ import psycopg
 import pytest
 
 from proxy.sandbox.cluster import Cluster
-from tests.proxyutil import ProxyProcess, pgwarden_command
+from tests.auditcli import cli, js, ok, refused
+from tests.proxyutil import ProxyProcess
 from tests.support_data import DB, POLICY
 
 MALLORY_READS = [1, 2, 3, 4, 5]  # one customer a statement, as agent_mallory's own role
@@ -51,33 +50,6 @@ class Trail:
 
     def args(self, *more: str) -> list[str]:
         return ["--db", str(self.db), *more]
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*pgwarden_command(), "audit", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        env=dict(os.environ),
-    )
-
-
-def ok(*args: str) -> str:
-    res = cli(*args)
-    assert res.returncode == 0, res.stderr
-    return res.stdout
-
-
-def js(*args: str) -> Any:
-    return orjson.loads(ok(*args, "--json"))
-
-
-def refused(*args: str) -> str:
-    res = cli(*args)
-    assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
-    assert "Traceback" not in res.stderr and "Error:" in res.stderr, res.stderr
-    return res.stderr
 
 
 def read_customer(conn: psycopg.Connection[Any], i: int, end_user: str | None = None) -> None:
