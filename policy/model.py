@@ -367,6 +367,25 @@ class StoreConfig(_Strict):
         return self
 
 
+class ValueMatching(_Strict):
+    """Value matching (``policy.valueindex``): the labelled values of the protected tables,
+    indexed by pgwarden's catalog role, are looked for in everything a watched client
+    receives, so the ledger and the windows name the records a packed result carried."""
+
+    enabled: bool = Field(True, description="index labelled values and scan what clients receive")
+    refresh: Seconds = Field(
+        60.0, description="how often rows added or changed since the last build are indexed"
+    )
+    max_entries: int = Field(
+        20_000_000, ge=1, description="entries the index may hold (about 12 bytes each)"
+    )
+
+    @field_validator("refresh", mode="before")
+    @classmethod
+    def _refresh(cls, v: object) -> object:
+        return parse_duration(v)
+
+
 class LabelEntry(_Strict):
     column: str = Field(description="schema.table.column glob (table.column matches any schema)")
     label: str | None = None
@@ -430,6 +449,7 @@ class Policy(_Strict):
     rules: list[Rule] = Field(default_factory=list)
     quarantine: Quarantine | None = None
     store: StoreConfig = StoreConfig(backend="memory", url=None)
+    value_matching: ValueMatching = ValueMatching(enabled=True, refresh=60.0, max_entries=20_000_000)
     tests: list[PolicyTest] = Field(default_factory=list)
 
     @model_validator(mode="after")

@@ -14,6 +14,7 @@ import hmac
 import re
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from policy import enduser
@@ -25,6 +26,7 @@ from policy.lineage import Exact
 from policy.model import Mode, Rule
 from policy.search_path import parse_search_path
 from policy.session_sql import SqlSession
+from policy.valueindex import ValueIndex
 from proxy import commands as cmd
 from proxy.messages import RowDescription, result_format
 
@@ -174,6 +176,8 @@ class Guard:
     # character where pgwarden, reading UTF-8, sees it, so the two read different SQL.
     foreign_encoding: str | None = None
     shared_counts: bool = False  # window counters live in a store other processes write too
+    # Value indexes by database (PolicyRuntime.value_indexes; see policy.valueindex).
+    values: Mapping[str, ValueIndex] = field(default_factory=dict)
     # Need-to-know lookups: (rule id, person) -> (valid until, keys the person may see).
     allowed: dict[tuple[str, str], tuple[float, frozenset[bytes]]] = field(default_factory=dict)
     sql: SqlSession = field(init=False)
@@ -530,6 +534,14 @@ class Guard:
         return hmac.new(self.record_key, table.encode() + b":" + key, hashlib.sha256).hexdigest()[
             :24
         ]
+
+    @property
+    def value_index(self) -> ValueIndex | None:
+        """The database's value index, when what this session receives is scanned: it is
+        audited, or a rule applies to it."""
+        if not self.values or not (self.audit or self.watchful):
+            return None
+        return self.values.get(self.subject.database)
 
     @property
     def watchful(self) -> bool:

@@ -34,6 +34,7 @@ from proxy import commands as cmd
 from proxy.guard import Guard
 from proxy.metrics import Stats
 from proxy.session import Subject as SessionSubject
+from proxy.valueload import ValueIndexes
 
 # The session a policy command came from, and its audit session id (alerts carry both).
 Origin = tuple[SessionSubject, str]
@@ -133,6 +134,19 @@ class PolicyRuntime:
         engine = Engine(policy, self.counters)
         self.end_user_key = end_user_key
         self.policy = policy
+        matching = policy.value_matching
+        if not hasattr(self, "values"):
+            self.values = ValueIndexes(
+                lambda database: self._connect(database, "pgwarden-values"),
+                lambda database: (c.snapshot if (c := self.catalogs.get(database)) else None),
+                refresh=matching.refresh,
+                max_entries=matching.max_entries,
+            )
+        else:
+            # The labels may have changed: every index is built anew.
+            self.values.refresh_every = matching.refresh
+            self.values.max_entries = matching.max_entries
+            self.values.rebuild_all()
         self.label_rules = policy.label_rules()
         self.engine = engine
         for catalog in self.catalogs.values():
@@ -245,6 +259,8 @@ class PolicyRuntime:
             self.analyzers.pop(database, None)
             if old is not None:
                 await old.close()
+        if self.policy.value_matching.enabled:
+            await self.values.ensure(database)
         # The catalog and the parser's structures live as long as the process: keep them out
         # of the collector's way, or every full collection walks them again (measured with
         # pgbench -S as an agent: 60 -> 54 us of proxy CPU per statement).
@@ -396,6 +412,8 @@ class PolicyRuntime:
             end_user_key=self.end_user_key,
         )  # fmt: skip
         guard.shared_counts = self.policy.store.backend == "redis"
+        if self.policy.value_matching.enabled:
+            guard.values = self.values.indexes
         guard.set_options(s.options)
         self.guards.add(guard)
         return guard
@@ -722,6 +740,7 @@ class PolicyRuntime:
     async def close(self) -> None:
         if self._probe is not None:
             self._probe.cancel()
+        await self.values.close()
         for conn in self._lookup_conns.values():
             await conn.close()
         for catalog in self.catalogs.values():

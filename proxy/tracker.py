@@ -46,6 +46,7 @@ from policy.facts import DataCopy, SourceColumn
 from policy.inflight import Hold
 from policy.lineage import SERVER_FILES_TARGET, names_record_by
 from policy.model import Action, Mode
+from policy.valueindex import ValueIndex
 from proxy import commands as cmd
 from proxy.codec import FrameReader
 from proxy.copyrows import BinaryCopyRowReader, CopyRowReader, reader_for
@@ -79,6 +80,7 @@ _ONE, _TWO, _THREE, _n, _T, _I, _s, _Z = (ord(c) for c in "123nTIsZ")
 _COPY_OUT = ord("H")  # from the server, 'H' is CopyOutResponse
 _PS = ord("S")  # from the server, 'S' is ParameterStatus
 _NOTICE = ord("N")
+_NOTIFY = ord("A")  # NotificationResponse
 _FRONTEND = frozenset((_Q, _P, _B, _D, _E, _C, _S, _H, _F, _X, _d, _c, _f))
 
 SERVER_MESSAGE_LIMIT = 2**30 + 2**20
@@ -134,6 +136,11 @@ class Running:
     # False: not audited yet; True: persisted (or not needed); None: the audit trail failed.
     durable_done: bool | None = False
     hold: Hold | None = None  # the window budget this statement holds while it runs
+    # Value matching (policy.valueindex): the index while this result is scanned, and the
+    # records (table -> keys) whose labelled values its rows, COPY data, error and notice
+    # text carried to the client.
+    scan: ValueIndex | None = None
+    matched: dict[str, set[bytes]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -206,6 +213,9 @@ class Tracker:
         self.cycle_failed = False
         self.server_pending = b""  # server bytes that arrived while a CommandComplete is held
         self.client_pending = b""  # bytes for the client held with that CommandComplete
+        # Records named by text that reached the client outside any statement's result (a
+        # notification between statements): they go with the next statement that finishes.
+        self.loose_matched: dict[str, set[bytes]] = {}
 
     @property
     def busy(self) -> bool:
@@ -642,11 +652,15 @@ class Tracker:
                     if not r.watch:
                         r.rows += n if t == _D else _copy_rows(raw, head, end, r.copy_binary)
                         r.nbytes += end - start - 5 * (n - 1)
+                        if r.scan is not None:
+                            _scan_run(r.scan, raw, head, end, t == _d, r.matched)
                         continue
                     if t == _D and r.key_list is not None:
                         r.rows += n
                         r.nbytes += end - start - 5 * (n - 1)
                         _collect_keys(raw, head, end, r.key_upto, r.key_list)
+                        if r.scan is not None:
+                            _scan_run(r.scan, raw, head, end, False, r.matched)
                         continue
                     if t == _d and r.copy_bulk:
                         # COPY output read for keys with no limit to apply: the run's
@@ -659,6 +673,8 @@ class Tracker:
                         )  # fmt: skip
                         r.nbytes += end - start - 5 * (n - 1)
                         self._inspect_copy(r, block, out)
+                        if r.scan is not None:
+                            r.scan.scan(block, r.matched)
                         continue
                 pos = head
                 while pos < end:
@@ -677,6 +693,15 @@ class Tracker:
                     ):  # fmt: skip
                         row = raw[pos:row_end] if replacement is None else replacement
                         replacement = strip_row(row, hidden)
+                    if running.scan is not None and replacement != b"" and not self.discarding:
+                        # What the client receives of this row (masked, keys pgwarden
+                        # appended taken out) is looked for labelled values.
+                        _scan_run(
+                            running.scan, raw if replacement is None else replacement,
+                            pos if replacement is None else 0,
+                            row_end if replacement is None else len(replacement),
+                            t == _d, running.matched,
+                        )  # fmt: skip
                     if replacement is not None:
                         parts += (raw[fwd:pos], replacement)
                         fwd = row_end
@@ -748,12 +773,18 @@ class Tracker:
                     parts += (raw[fwd:head], _withheld(err, ErrorResponse))
                     fwd = end
                     out.append(cmd.Log("server_text_withheld", "info", {"sqlstate": err.sqlstate}))
+                else:
+                    self._scan_text(raw[start:end], 0)
                 self._error(err, out)
             elif t == _NOTICE:
                 if self._withholds_text():
                     notice = NoticeResponse.decode(raw[start:end])
                     parts += (raw[fwd:head], _withheld(notice, NoticeResponse))
                     fwd = end
+                else:
+                    self._scan_text(raw[start:end], 0)
+            elif t == _NOTIFY:
+                self._scan_text(raw[start:end], 4)
             elif t == _PS:
                 if self.on_parameter is not None:
                     p = ParameterStatus.decode(raw[start:end])
@@ -782,6 +813,23 @@ class Tracker:
             data_out = self.client_pending + data_out
             self.client_pending = b""
         return [cmd.SendToClient(data_out), *out] if data_out else out
+
+    def _scan_text(self, body: bytes, skip: int) -> None:
+        """An error, notice or notification the client receives: its text fields (after
+        ``skip`` bytes) are looked for labelled values.  Each field is a code byte (a
+        channel name for a notification) and a NUL-terminated string."""
+        index = self.guard.value_index
+        if index is None:
+            return
+        texts = [f[1:] if skip == 0 else f for f in body[skip:].split(b"\x00") if f]
+        entry = self.fifo[0] if self.fifo else None
+        if entry is not None and entry.kind == QUERY:
+            matched = self._current(entry).matched
+        elif entry is not None and entry.kind == EXECUTE and entry.running is not None:
+            matched = entry.running.matched
+        else:
+            matched = self.loose_matched
+        index.scan_values(texts, matched)
 
     def _withholds_text(self) -> bool:
         """Whether the statement the server is answering may not show its error or notice
@@ -1016,6 +1064,7 @@ class Tracker:
         out what must be watched."""
         running.prepared = True
         decision = running.decision
+        running.scan = self.guard.value_index
         # Appended columns (proxy.keyfetch) are removed from every row: none skips the walk.
         running.watch = _hidden(decision) > 0
         if decision is None or decision.plan is None:
@@ -1479,6 +1528,9 @@ class Tracker:
                 rows = int(last)
         out: list[cmd.Command] = []
         plan = decision.plan if decision is not None else None
+        keyed_by_capture = bool(running.keys)
+        if running.matched or self.loose_matched:
+            self._merge_matched(running, plan, out)
         if decision is not None and rows and self.guard.engine.allow_lists:
             out += self._more_than_learned(running, decision, rows)
         if plan is not None and plan.labels and plan.window_rules and rows:
@@ -1504,6 +1556,12 @@ class Tracker:
                 per_row = facts.records_per_row if facts is not None else 1
                 by_row = frozenset(f"row:{uniq}:{i}" for i in range(rows * per_row))
             keyed = frozenset(records) if records else by_row
+            if records and not keyed_by_capture:
+                # Records only value matching found (a packed result): counted, and each
+                # row as well, as when none were found, should a value have escaped it.
+                uniq = uuid.uuid4().hex
+                per_row = facts.records_per_row if facts is not None else 1
+                keyed |= frozenset(f"row:{uniq}:{i}" for i in range(rows * per_row))
             for label in plan.labels:
                 windows = tuple(
                     r.window for r in plan.window_rules if r.window and r.covers_label(label)
@@ -1551,6 +1609,30 @@ class Tracker:
             )
         )
         return out
+
+    def _merge_matched(
+        self, running: Running, plan: ResultPlan | None, out: list[cmd.Command]
+    ) -> None:
+        """Records value matching found in what the statement sent the client join the keys
+        its rows carried (the ledger and the windows count them alike), and a canary's
+        record among them raises the canary rules."""
+        matched = running.matched
+        if self.loose_matched:
+            for table, loose in self.loose_matched.items():
+                matched.setdefault(table, set()).update(loose)
+            self.loose_matched = {}
+        canary = False
+        for table, found in matched.items():
+            keys = running.keys.setdefault(table, [])
+            have = set(keys)
+            new = sorted(k for k in found if k not in have)
+            keys.extend(new)
+            wanted = plan.canary_keys.get(table) if plan is not None else None
+            if wanted and any(k.decode("utf-8", "replace") in wanted for k in new):
+                canary = True
+        running.matched = {}
+        if canary and plan is not None:
+            out += self._canary(running, plan)
 
     def _copies_done(self, copies: Sequence[DataCopy], tag: str) -> None:
         """A statement succeeded: labelled data it copied into tables counts once its
@@ -1741,6 +1823,21 @@ def _lead_key_rows_at(
                 continue
         break
     return pos, len(keys) - had
+
+
+def _scan_run(
+    index: ValueIndex, raw: bytes, pos: int, end: int, copy: bool, found: dict[str, set[bytes]]
+) -> None:
+    """Look for labelled values in a run of DataRow (or CopyData) messages ``raw[pos:end]``
+    that goes to the client whole."""
+    if copy:
+        index.scan_values(_copy_payloads(raw, pos, end), found)
+        return
+    while pos < end:
+        (length,) = _LENGTH.unpack_from(raw, pos + 1)
+        row_end = pos + 1 + length
+        index.scan_values(row_values(raw, pos + 5, row_end), found)
+        pos = row_end
 
 
 def _collect_keys(raw: bytes, pos: int, end: int, column: int, keys: list[bytes]) -> None:

@@ -198,8 +198,9 @@ def test_records_seen_is_exactly_what_each_person_received(
 def test_records_seen_names_customers_read_without_their_key(
     pg: Cluster, audited: tuple[ProxyProcess, Path], keys: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    """A lookup by e-mail returns no key column: the breach list must still name the customer
-    (through --resolve-dsn), and without it say that such values were received."""
+    """A lookup by e-mail returns no key column: the breach list must still name the customer.
+    pgwarden's value matching names it as the row leaves (so without --resolve-dsn too);
+    the values themselves are kept as well, and --resolve-dsn ties them to their rows."""
     p, db = audited
     with psycopg.connect(dsn(p, "support_app"), autocommit=True) as conn:
         conn.execute("SET pgwarden.end_user = 'dave'")
@@ -213,7 +214,7 @@ def test_records_seen_names_customers_read_without_their_key(
     plain = audit_cli(*base, "--json")
     assert plain.returncode == 0, plain.stderr
     got = json.loads(plain.stdout)
-    assert got["distinct_records"] == 1  # customer 5, by key
+    assert got["distinct_records"] == 2  # customer 5 by its key, 7 by its e-mail address
     assert sorted(v["label"] for v in got["values"]) == ["pii.email", "pii.name"]
     text = audit_cli(*base)
     assert "2 labelled value(s) in rows without a key" in text.stdout
@@ -228,7 +229,7 @@ def test_records_seen_names_customers_read_without_their_key(
     assert {v["column"] for v in got["values"]} == {"email", "full_name"}
     with open(out, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert sorted((r["key"], r["via"]) for r in rows) == [("5", "key"), ("7", "pii.email")]
+    assert sorted((r["key"], r["via"]) for r in rows) == [("5", "key"), ("7", "key")]
 
 
 def test_copy_output_is_in_the_ledger(

@@ -1,0 +1,235 @@
+"""Value matching: whatever SQL packed the customers into, the audit trail names each one.
+
+The second test database's policy in monitor mode lets every statement through; an insider
+reads customers by packing them into one value (JSON, XML, arrays, delimited strings),
+through temporary tables, error and notice text, notifications and COPY.  Each statement
+reads its own range of customer ids, so a customer missing from the answer tells which
+packing was missed.  The expected list is what the client received, recognised by the
+second database's own client-side matcher (``tests/seconddb/data.py``), never by
+pgwarden's code; ``records-seen --person`` must list exactly those customers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import yaml
+
+from loadtests import redteam
+from policy.valueindex import IndexBuilder
+from proxy.sandbox.cluster import Cluster
+from tests.auditcli import cli, js
+from tests.proxyutil import ProxyProcess
+from tests.seconddb import data as sdb
+
+INSIDER = redteam.ATTACKER
+# The DBA is audited, not limited: error and notice text reach it (an agent's is withheld
+# whenever the statement reads labelled data, in monitor mode too).
+DBA = "postgres"
+
+
+def _range(lo: int, hi: int) -> str:
+    return f"customer_id BETWEEN {lo} AND {hi}"
+
+
+# (person, packing, statements); each packing reads only customers 1000 + 20*i .. +9.
+def _packings() -> list[tuple[str, str, list[str]]]:
+    out: list[tuple[str, str, list[str]]] = []
+
+    def add(name: str, *sql: str, person: str = INSIDER) -> None:
+        lo = 1000 + 20 * len(out)
+        out.append((person, name, [s.format(r=_range(lo, lo + 9)) for s in sql]))
+
+    add("json_agg", "SELECT json_agg(c) FROM crm.customers c WHERE {r}")
+    add("string_agg", "SELECT string_agg(\"Email\", ',') FROM crm.customers WHERE {r}")
+    add("array_agg_names", 'SELECT array_agg("FullName") FROM crm.customers WHERE {r}')
+    add(
+        "xmlagg",
+        'SELECT xmlagg(xmlelement(name e, "Email")) FROM crm.customers WHERE {r}',
+    )
+    add("array_sublink", 'SELECT ARRAY(SELECT "Email" FROM crm.customers WHERE {r})')
+    add(
+        "query_to_xml",
+        'SELECT query_to_xml(\'SELECT "FullName", "Email" FROM crm.customers '
+        "WHERE {r}', true, false, '')",
+    )
+    add("row_to_json", "SELECT row_to_json(c) FROM crm.customers c WHERE {r}")
+    add("jsonb_leaves", "SELECT profile::text FROM crm.customers WHERE {r}")
+    add("composite_text", "SELECT card::text, alt_phones FROM crm.customers WHERE {r}")
+    add(
+        "temp_table",
+        'CREATE TEMP TABLE vm_t AS SELECT "Email" AS e FROM crm.customers WHERE {r}',
+        "SELECT e FROM vm_t",
+    )
+    add(
+        "select_into_temp",
+        'SELECT "FullName" AS n INTO TEMP vm_t2 FROM crm.customers WHERE {r}',
+        "SELECT n FROM vm_t2",
+    )
+    add(
+        "error_text",
+        "SELECT (SELECT string_agg(\"Email\", ' ') FROM crm.customers WHERE {r})::int",
+        person=DBA,
+    )
+    add(
+        "notice_text",
+        "DO $$ BEGIN RAISE NOTICE '%', (SELECT string_agg(\"Email\", ';') "
+        "FROM crm.customers WHERE {r}); END $$",
+        person=DBA,
+    )
+    add(
+        "notification",
+        "LISTEN vm",
+        "SELECT pg_notify('vm', string_agg(\"FullName\", '|')) FROM crm.customers WHERE {r}",
+    )
+    return out
+
+
+@dataclass
+class Replay:
+    trail: Path
+    ledger_key: Path
+    direct: str
+    # (person, packing) -> customers the client received by it (rows, errors, notices,
+    # notifications)
+    received: dict[tuple[str, str], set[int]] = field(default_factory=dict)
+
+    def of(self, person: str) -> dict[str, set[int]]:
+        return {name: c for (p, name), c in self.received.items() if p == person}
+
+
+@pytest.fixture(scope="module")
+def replay(pg: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replay]:
+    tmp = tmp_path_factory.mktemp("valuematch")
+    env = redteam.Env.build(pg, tmp)
+    policy_file = redteam.policy_without_allow_lists(tmp / "monitor.yaml")
+    policy = yaml.safe_load(policy_file.read_text())
+    policy["mode"] = "monitor"
+    policy_file.write_text(yaml.safe_dump(policy, sort_keys=False))
+    ledger = tmp / "ledger.key"
+    assert cli("keygen", "--ledger", "--out", str(ledger)).returncode == 0
+    trail = tmp / "audit.db"
+    config = {
+        "policy_file": str(policy_file),
+        "catalog_user": "postgres",
+        "audit": {"sinks": [{"type": "sqlite", "path": str(trail)}], "ledger_key": str(ledger)},
+    }
+    proxy = ProxyProcess(pg, tmp / "proxy", config=config)
+    result = Replay(trail, ledger, pg.url(database=sdb.DBNAME))
+    try:
+        for person in (INSIDER, DBA):
+            dsn = proxy.dsn(person, database=sdb.DBNAME, password=sdb.PASSWORD)
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                _replay(conn, env.matcher, person, result)
+    finally:
+        assert proxy.stop() == 0
+    yield result
+
+
+def _replay(conn: psycopg.Connection[Any], matcher: sdb.Matcher, person: str, r: Replay) -> None:
+    current: list[set[int]] = [set()]
+
+    def seen(text: str | None) -> None:
+        current[0] |= matcher.customers_in(text or "")
+
+    conn.add_notice_handler(
+        lambda d: seen("\n".join(p for p in (d.message_primary, d.message_detail) if p))
+    )
+    conn.add_notify_handler(lambda n: seen(n.payload))
+    for who, name, statements in _packings():
+        if who != person:
+            continue
+        current[0] = set()
+        for sql in statements:
+            try:
+                cur = conn.execute(sql)
+                if cur.description is not None:
+                    for row in cur.fetchall():
+                        seen(json.dumps(row, default=str))
+            except psycopg.Error as exc:
+                diag = exc.diag
+                seen(" ".join(p for p in (diag.message_primary, diag.message_detail) if p))
+        conn.execute("SELECT 1")  # a notification arrives with the next answer
+        r.received[person, name] = current[0]
+    if person == INSIDER:
+        copy_sql = (
+            'COPY (SELECT "Email", alt_phones FROM crm.customers WHERE '
+            f"{_range(1900, 1909)}) TO STDOUT"
+        )
+        with conn.cursor().copy(copy_sql) as copy:
+            text = b"".join(bytes(b) for b in copy).decode()
+        r.received[person, "copy"] = matcher.customers_in(text)
+
+
+def _records_seen(r: Replay, person: str) -> set[int]:
+    out: dict[str, Any] = js(
+        "records-seen", "--db", str(r.trail), "--ledger-key", str(r.ledger_key),
+        "--person", person, "--table", "crm.customers", "--resolve-dsn", r.direct,
+    )  # fmt: skip
+    return {int(rec["key"]) for rec in out["records"] if rec.get("key") is not None}
+
+
+def test_every_packing_reached_the_client(replay: Replay) -> None:
+    """Calibration: each packing delivered its ten customers (so an empty ledger below
+    would be a miss, not an empty result)."""
+    short = {key: len(c) for key, c in replay.received.items() if len(c) < 10}
+    assert not short, short
+
+
+@pytest.mark.parametrize("person", [INSIDER, DBA])
+def test_records_seen_lists_exactly_the_customers_the_client_received(
+    replay: Replay, person: str
+) -> None:
+    got = replay.of(person)
+    received = set().union(*got.values())
+    listed = _records_seen(replay, person)
+    missed = {name: sorted(c - listed) for name, c in got.items() if c - listed}
+    assert not missed, f"customers received but not in records-seen, by packing: {missed}"
+    assert listed - received == set(), "records-seen names customers the client never received"
+
+
+def _index(rows: dict[str, list[str]]) -> Any:
+    b = IndexBuilder()
+    t = b.table("crm.customers")
+    for key, values in rows.items():
+        b.add_row(t, key.encode(), [v.encode() for v in values])
+    return b.build()
+
+
+def _scan(index: Any, text: str) -> set[str]:
+    found: dict[str, set[bytes]] = {}
+    index.scan(text.encode(), found)
+    return {k.decode() for k in found.get("crm.customers", set())}
+
+
+def test_a_value_several_records_share_names_none_of_them() -> None:
+    index = _index(
+        {
+            "1": ["Ada Lovelace", "ada@example.com", '{"city": "London"}'],
+            "2": ["Alan Turing", "alan@example.com", '{"city": "London"}'],
+        }
+    )
+    assert _scan(index, "London calling") == set()
+    assert _scan(index, '[{"name":"Ada Lovelace"},{"mail":"alan@example.com"}]') == {"1", "2"}
+
+
+def test_values_are_found_through_packings_and_case() -> None:
+    index = _index({"7": ["O'Brien, Ann", "+1 555 0100"], "8": ["Bo Li", "li@x.org"]})
+    assert _scan(index, "<n>o'brien, ann</n>") == {"7"}
+    assert _scan(index, '{"+1 555 0100","LI@X.ORG"}') == {"7", "8"}
+    assert _scan(index, "(Bo Li,)") == {"8"}
+    # a part of a value is not the value
+    assert _scan(index, "ann and bo") == set()
+
+
+def test_rows_added_after_the_build_are_found_and_a_shared_one_is_dropped() -> None:
+    index = _index({"1": ["ada@example.com"]})
+    index.add("crm.customers", b"2", [b"grace@example.com"])
+    index.add("crm.customers", b"3", [b"ada@example.com"])  # now two customers share it
+    assert _scan(index, "grace@example.com, ada@example.com") == {"2"}
