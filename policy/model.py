@@ -449,7 +449,9 @@ class Policy(_Strict):
     rules: list[Rule] = Field(default_factory=list)
     quarantine: Quarantine | None = None
     store: StoreConfig = StoreConfig(backend="memory", url=None)
-    value_matching: ValueMatching = ValueMatching(enabled=True, refresh=60.0, max_entries=20_000_000)
+    value_matching: ValueMatching = ValueMatching(
+        enabled=True, refresh=60.0, max_entries=20_000_000
+    )
     tests: list[PolicyTest] = Field(default_factory=list)
 
     @model_validator(mode="after")

@@ -137,7 +137,9 @@ class IndexBuilder:
             self._rec_table.append(table_id)
             self._keys += key
             self._key_off.append(len(self._keys))
-        self.stats.tables[self.tables[table_id]] = self.stats.tables.get(self.tables[table_id], 0) + 1
+        self.stats.tables[self.tables[table_id]] = (
+            self.stats.tables.get(self.tables[table_id], 0) + 1
+        )
 
     def build(self) -> ValueIndex:
         packed, self._packed = self._packed, []

@@ -138,7 +138,7 @@ class PolicyRuntime:
         if not hasattr(self, "values"):
             self.values = ValueIndexes(
                 lambda database: self._connect(database, "pgwarden-values"),
-                lambda database: (c.snapshot if (c := self.catalogs.get(database)) else None),
+                lambda database: c.snapshot if (c := self.catalogs.get(database)) else None,
                 refresh=matching.refresh,
                 max_entries=matching.max_entries,
             )
