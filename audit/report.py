@@ -130,7 +130,8 @@ def svg_plot(
         series[str(p["person"])][t - t % step] += int(p["labelled_rows"])
     totals = sorted(series, key=lambda k: -sum(series[k].values()))[:top_n]
     slots = sorted({t for s in totals for t in series[s]})
-    yticks = _nice_ticks(max(v for s in totals for v in series[s].values()))
+    # headroom above the highest point, which would otherwise sit on the frame
+    yticks = _nice_ticks(max(v for s in totals for v in series[s].values()) * 1.08)
     ymax = yticks[-1]
     ml, mr, mt, mb = 70, 190, 20, 50
     pw, ph = width - ml - mr, height - mt - mb
@@ -482,8 +483,10 @@ def _table(rows: Sequence[dict[str, Any]], cols: Sequence[str], cls: str = "") -
                 v = _when(v)
             if isinstance(v, list):
                 v = ", ".join(map(str, v))
-            num = ' class="num"' if isinstance(v, int | float) and not isinstance(v, bool) else ""
-            cells.append(f"<td{num}>{escape('' if v is None else str(v))}</td>")
+            if isinstance(v, int) and not isinstance(v, bool):
+                cells.append(f'<td class="num">{_n(v)}</td>')
+                continue
+            cells.append(f"<td>{escape('' if v is None else str(v))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     attr = f' class="{cls}"' if cls else ""
     return f"<table{attr}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
@@ -634,19 +637,22 @@ def render_html(*, title: str, window: str, data: ReportData, verify_summary: st
 <h1>{escape(title)}</h1>
 <p>Window: {escape(window)}. Generated {escape(generated)}.</p>
 <p>Chain verification: {escape(verify_summary)}</p>
+<p class="nav"><a href="#ranking">ranking</a> · <a href="#overview">over time</a> ·
+{" ".join(f'<a href="#{p.anchor}">{p.rank}</a>' for p in data.people) or "nobody"} ·
+<a href="#blocked">all blocked statements ({len(data.blocked)})</a></p>
 <h2 id="ranking">People ranked by distinct records received</h2>
 <p class="note">A person is the end user the application named, else the database user.
 Distinct records are the labelled rows' primary keys in the record ledger; bytes are the
 labelled results' size. Each name leads to that person's section.</p>
 {_ranking(data)}
-<h2>Labelled rows read per person over time (UTC)</h2>
+<h2 id="overview">Labelled rows read per person over time (UTC)</h2>
 {svg_plot(data.overview, anchors=anchors)}
-<h2>Blocked statements (times in UTC)</h2>
-{_table(data.blocked, _BLOCKED_COLS)}
 <p class="note">Channels are read from each statement's first word (the trail records the
 statement, not the protocol messages that carried its answer): query rows, cursor FETCH,
 COPY, DML RETURNING, EXECUTE / CALL. Server error and notice text and NOTIFY payloads are
 not recorded per statement.</p>
 {"".join(_person_section(p) for p in data.people)}
+<h2 id="blocked">Blocked statements (everyone's, newest first, times in UTC)</h2>
+{_table(data.blocked, _BLOCKED_COLS)}
 </body></html>
 """
