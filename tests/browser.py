@@ -103,7 +103,10 @@ def render(url: str, question: str = "null", *, screenshot: bool = False,
     # Above 4, so that the redirections cannot overwrite one with the other (and bash, not
     # sh: dash takes only one-digit descriptors).
     cmd_r, ans_w = _high(cmd_r), _high(ans_w)
-    with tempfile.TemporaryDirectory(prefix="pgwarden-chromium-") as profile:
+    with (
+        tempfile.TemporaryDirectory(prefix="pgwarden-chromium-") as profile,
+        tempfile.TemporaryFile() as log,
+    ):
         args = [
             "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
             "--disable-extensions", "--hide-scrollbars", f"--user-data-dir={profile}",
@@ -114,13 +117,17 @@ def render(url: str, question: str = "null", *, screenshot: bool = False,
             pass_fds=(cmd_r, ans_w),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=log,
         )
         os.close(cmd_r)
         os.close(ans_w)
         pipe = _Pipe(proc, cmd_w, ans_r)
         try:
             return _render(pipe, url, question, screenshot)
+        except (RuntimeError, TimeoutError) as exc:
+            log.seek(0)
+            said = log.read().decode(errors="replace").strip().splitlines()[-15:]
+            raise RuntimeError(f"{exc}; chromium's last words:\n" + "\n".join(said)) from exc
         finally:
             with contextlib.suppress(RuntimeError, TimeoutError, OSError):
                 pipe.send("Browser.close", timeout=5)
