@@ -75,11 +75,17 @@ class ReportData:
     blocked: list[Row]  # everyone's, newest first
 
 
+def _of(people: Sequence[str]) -> str:
+    """The condition that an event ``e`` is about one of ``people`` (one parameter each)."""
+    return f"{q.PERSON} IN ({', '.join('?' * len(people))})" if people else "FALSE"
+
+
 async def received_by_minute(
-    store: q.Store, since: datetime | None, until: datetime | None
+    store: q.Store, people: Sequence[str], since: datetime | None, until: datetime | None
 ) -> list[Row]:
-    """Labelled statements per person, UTC minute and the first word of their text (not the
-    refused ones: they received nothing, and the report shows them as blocked attempts)."""
+    """Labelled statements per person of ``people``, UTC minute and the first word of their
+    text (not the refused ones: they received nothing, and the report shows them as blocked
+    attempts)."""
     d = store.dialect
     where, args = q.Filters(since=since, until=until, kinds=("statement",)).where(d)
     rows = await store.fetch(
@@ -92,12 +98,14 @@ async def received_by_minute(
                      upper(substr(ltrim(e.statement, ?), 1, 12)) AS head,
                      e.rows, e.bytes, e.sqlstate
               FROM {{events}} e
-              WHERE {where} AND {d.labelled} AND (e.verdict IS NULL OR e.verdict <> 'block')) s
+              WHERE {where} AND {_of(people)} AND {d.labelled}
+                AND (e.verdict IS NULL OR e.verdict <> 'block')) s
         GROUP BY person, minute, head
         ORDER BY minute
         """,
         _LEAD,
         *args,
+        *people,
     )
     return [q._plain(r) for r in rows]
 
@@ -115,10 +123,11 @@ async def new_records_by_minute(
         f"""
         SELECT {q.PERSON} AS person, {d.minute} AS minute, l.relation, l.digests
         FROM {{events}} e JOIN {{ledger}} l ON l.chain_id = e.chain_id AND l.seq = e.seq
-        WHERE {where} AND l.kind IN ('k2', 'k')
+        WHERE {where} AND {_of(people)} AND l.kind IN ('k2', 'k')
         ORDER BY e.ts, e.id
         """,
         *args,
+        *people,
     ):
         mine = seen.get(r["person"])
         if mine is None:
@@ -139,7 +148,7 @@ async def gather(
     ranking = await q.top(store, since, until, people + 1)
     shown = [PersonReport(str(r["person"]), rank, r) for rank, r in enumerate(ranking[:people], 1)]
     by_name = {p.name: p for p in shown}
-    for r in await received_by_minute(store, since, until):
+    for r in await received_by_minute(store, list(by_name), since, until):
         p = by_name.get(r["person"])
         if p is None:
             continue

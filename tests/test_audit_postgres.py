@@ -88,7 +88,7 @@ async def _report(s: q.Store) -> list[Any]:
         lambda s: q.top(s),
         lambda s: q.blocked(s, q.Filters()),
         lambda s: q.labelled_rows_by_person_minute(s, None, None),
-        lambda s: report_data.received_by_minute(s, None, None),
+        lambda s: report_data.received_by_minute(s, list(EXPECTED_DISTINCT), None, None),
         lambda s: report_data.new_records_by_minute(s, list(EXPECTED_DISTINCT), None, None),
         lambda s: _report(s),
     ],
