@@ -114,13 +114,15 @@ def svg_plot(
     height: int = 320,
     top_n: int = 8,
     anchors: dict[str, str] | None = None,
+    people: Sequence[str] | None = None,
 ) -> str:
     """Labelled rows per person over time as an SVG line chart (top ``top_n`` people).
 
     ``points`` are per person and UTC minute (``minute``: ``2026-11-02T09:01``); they are
     added up per step (minute, 10 minutes, hour or day, whichever keeps the plot readable)
     and placed on the x axis by their time, so three reads in one hour are three columns.
-    ``anchors`` links a legend entry to that person's section."""
+    ``anchors`` links a legend entry to that person's section; ``people``, when given, are
+    the people to draw, in the order of the report's ranking (else the most rows first)."""
     if not points:
         return '<p class="empty">No labelled rows were read in this window.</p>'
     times = [_minute_key(str(p["minute"])) for p in points]
@@ -128,7 +130,8 @@ def svg_plot(
     series: dict[str, dict[float, int]] = defaultdict(lambda: defaultdict(int))
     for p, t in zip(points, times, strict=True):
         series[str(p["person"])][t - t % step] += int(p["labelled_rows"])
-    totals = sorted(series, key=lambda k: -sum(series[k].values()))[:top_n]
+    ranked = [p for p in people if p in series] if people is not None else []
+    totals = (ranked or sorted(series, key=lambda k: -sum(series[k].values())))[:top_n]
     slots = sorted({t for s in totals for t in series[s]})
     # headroom above the highest point, which would otherwise sit on the frame
     yticks = _nice_ticks(max(v for s in totals for v in series[s].values()) * 1.08)
@@ -646,7 +649,8 @@ Distinct records are the labelled rows' primary keys in the record ledger; bytes
 labelled results' size. Each name leads to that person's section.</p>
 {_ranking(data)}
 <h2 id="overview">Labelled rows read per person over time (UTC)</h2>
-{svg_plot(data.overview, anchors=anchors)}
+<p class="note">The first eight of the ranking.</p>
+{svg_plot(data.overview, anchors=anchors, people=list(anchors))}
 <p class="note">Channels are read from each statement's first word (the trail records the
 statement, not the protocol messages that carried its answer): query rows, cursor FETCH,
 COPY, DML RETURNING, EXECUTE / CALL. Server error and notice text and NOTIFY payloads are

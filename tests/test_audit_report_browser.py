@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,8 @@ IVY_PER_MINUTE = 10  # 09:00 .. 09:09, customers 1..100
 IVY_FETCH = (12, range(101, 151))  # minute, customers
 IVY_COPY = (15, range(151, 551))
 IVY_DISTINCT = 550
-JON = [(5, range(1, 21)), (20, range(1, 21))]  # the same 20 customers twice
+# the same 20 customers, then 40 times over: more rows than ivy, far fewer records
+JON = [(5, list(range(1, 21))), (20, list(range(1, 21)) * 40)]
 SAM_COPY = (30, range(1, 2001))
 
 
@@ -49,7 +50,9 @@ def at(minute: float) -> float:
     return T0 + minute * 60
 
 
-def read(sid: str, who: Subject, minute: float, keys: range, statement: str = SELECT) -> AuditEvent:
+def read(
+    sid: str, who: Subject, minute: float, keys: Sequence[int], statement: str = SELECT
+) -> AuditEvent:
     return AuditEvent.statement_event(
         sid, who, fingerprint=statement[:8], statement=statement,
         relations=["public.customers"], labels=["pii.email"], rows=len(keys),
@@ -127,7 +130,7 @@ QUESTION = r"""
   const ranking = [...table.querySelectorAll('tbody tr')].map(tr => {
     const a = tr.querySelector('a');
     const target = document.getElementById(decodeURIComponent(a.hash.slice(1)));
-    return {cells: [...tr.cells].map(text), link: text(a),
+    return {cells: [...tr.cells].map(text), link: text(a), href: a.getAttribute('href'),
             leadsTo: target ? text(target.querySelector('h2')) : null};
   });
   const sections = [...document.querySelectorAll('section')].map(s => {
@@ -151,7 +154,10 @@ QUESTION = r"""
       tables,
     };
   });
-  return {ranking, sections, images: document.images.length,
+  // the overview plot's legend, each entry a link
+  const overview = [...document.querySelectorAll('svg a')]
+    .filter(a => !a.closest('section')).map(a => a.getAttribute('href'));
+  return {ranking, sections, overview, images: document.images.length,
           scripts: document.scripts.length,
           wide: document.documentElement.scrollWidth, view: window.innerWidth};
 })()
@@ -190,12 +196,14 @@ def test_people_are_ranked_by_distinct_records_and_link_to_their_sections(
 ) -> None:
     ranking = page[0].answer["ranking"]
     assert [r["link"] for r in ranking] == ["sam", "ivy", "jon", HOSTILE]
-    distinct = [len(SAM_COPY[1]), IVY_DISTINCT, len(JON[0][1]), 1]
+    distinct = [len(SAM_COPY[1]), IVY_DISTINCT, len(set(JON[1][1])), 1]
     for row, n in zip(ranking, distinct, strict=True):
         assert f"{n:,}" in row["cells"], row
         assert row["leadsTo"] is not None and row["link"] in row["leadsTo"], row
     # bytes are shown beside the records, in a unit a person reads (sam: 80,000 bytes)
     assert any(re.fullmatch(r"78\.1 KiB", c) for c in ranking[0]["cells"]), ranking[0]
+    # the overview plot draws the same people, in the same order, its legend linking alike
+    assert page[0].answer["overview"] == [r["href"] for r in ranking]
 
 
 def test_a_persons_reads_sit_on_a_minute_axis_by_channel(page: tuple[Rendered, Path]) -> None:
