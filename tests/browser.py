@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,13 @@ def render(url: str, question: str = "null", *, screenshot: bool = False,
            width: int = 1200, height: int = 900) -> Rendered:  # fmt: skip
     """Open ``url``; once loaded, evaluate the JavaScript expression ``question`` against
     its DOM (from outside the page: the page's own policy forbids scripts)."""
+    (out,) = render_pages([url], question, screenshot=screenshot, width=width, height=height)
+    return out
+
+
+def render_pages(urls: Sequence[str], question: str = "null", *, screenshot: bool = False,
+                 width: int = 1200, height: int = 900) -> list[Rendered]:  # fmt: skip
+    """:func:`render` for several pages, each in a tab of its own, in one browser."""
     exe = chromium()
     cmd_r, cmd_w = os.pipe()  # we write commands, chromium reads them on fd 3
     ans_r, ans_w = os.pipe()  # chromium writes answers on fd 4
@@ -123,7 +131,7 @@ def render(url: str, question: str = "null", *, screenshot: bool = False,
         os.close(ans_w)
         pipe = _Pipe(proc, cmd_w, ans_r)
         try:
-            return _render(pipe, url, question, screenshot)
+            return [_render(pipe, url, question, screenshot) for url in urls]
         except (RuntimeError, TimeoutError) as exc:
             log.seek(0)
             said = log.read().decode(errors="replace").strip().splitlines()[-15:]
@@ -169,6 +177,8 @@ def _render(pipe: _Pipe, url: str, question: str, screenshot: bool) -> Rendered:
         shot = base64.b64decode(data)
     out = Rendered(answer=answer["result"].get("value"), screenshot=shot)
     for ev in pipe.events:
+        if ev.get("sessionId") != session:
+            continue
         p = ev.get("params", {})
         if ev["method"] == "Runtime.exceptionThrown":
             d = p["exceptionDetails"]

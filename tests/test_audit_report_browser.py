@@ -23,7 +23,7 @@ from audit.events import AuditEvent, Subject
 from audit.ledger import generate_key_file
 from audit.pipeline import AuditConfig, AuditTrail, SQLiteSinkConfig
 from tests.auditcli import ok
-from tests.browser import Rendered, chromium, file_url, render
+from tests.browser import Rendered, chromium, file_url, render, render_pages
 
 T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC).timestamp()
 HOSTILE = "<img src=x onerror=alert(1)>"
@@ -289,10 +289,11 @@ def test_an_uncaught_script_error_and_a_refused_load_are_caught(
     broken.write_text(
         "<!DOCTYPE html><html><body><p>x</p><script>undefinedFunction();</script></body></html>"
     )
-    assert any("undefinedFunction" in e for e in render(file_url(broken)).errors)
     # what an unescaped name would do to the report: its policy refuses the load, and says so
     report = tmp_path / "report.html"
     html = (page[1] / "report.html").read_text()
     report.write_text(html.replace("</body>", f"{HOSTILE}</body>"))
-    refused = render(file_url(report))
+    thrown, refused = render_pages([file_url(broken), file_url(report)])
+    assert any("undefinedFunction" in e for e in thrown.errors), thrown
     assert any("Content Security Policy" in c for c in refused.console), refused.console
+    assert not refused.errors and not thrown.console  # each page's own, not the other's
