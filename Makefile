@@ -12,8 +12,9 @@ $(STAMP): pyproject.toml
 	@$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
 	@touch $@
 
-# PostgreSQL server, client tools, pgbench, PgBouncer and Redis: installed through apt when
-# we are root, otherwise we say exactly what is missing.
+# PostgreSQL server, client tools, pgbench, PgBouncer, Redis and Chromium (the HTML report is
+# rendered in it by the tests): installed through apt when we are root, otherwise we say
+# exactly what is missing.
 sysdeps:
 	@missing=""; \
 	ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || command -v postgres >/dev/null || missing="$$missing postgresql"; \
@@ -21,6 +22,7 @@ sysdeps:
 	command -v pgbench >/dev/null || ls /usr/lib/postgresql/*/bin/pgbench >/dev/null 2>&1 || missing="$$missing postgresql-contrib"; \
 	command -v pgbouncer >/dev/null || test -x /usr/sbin/pgbouncer || missing="$$missing pgbouncer"; \
 	command -v redis-server >/dev/null || test -x /usr/bin/redis-server || missing="$$missing redis-server"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing system packages:$$missing"; \
@@ -37,8 +39,10 @@ demo: $(STAMP) sysdeps
 serve: $(STAMP) sysdeps
 	@$(BIN)/pgwarden demo --serve
 
+# PGWARDEN_REQUIRE_BROWSER: sysdeps installed chromium, so a report test that cannot find it
+# fails instead of skipping.
 test: $(STAMP) sysdeps
-	@$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
+	@PGWARDEN_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
 
 lint: $(STAMP)
 	@$(BIN)/ruff check proxy policy audit loadtests tests

@@ -613,24 +613,26 @@ def export_cmd(
 @click.option("--html", "html_out", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @click.option("--since", help=_SINCE_HELP)
 @click.option("--until", help=_UNTIL_HELP)
+@click.option(
+    "--people",
+    type=click.IntRange(min=1),
+    default=25,
+    show_default=True,
+    help="A section for each of this many people, by distinct records received.",
+)
 def report_cmd(
-    db: Path | None,
-    dsn: str | None,
-    schema: str,
-    as_json: bool,
-    html_out: Path,
-    since: str | None,
-    until: str | None,
-) -> None:
-    """Write a self-contained HTML report: labelled rows per person, blocked statements."""
+    db: Path | None, dsn: str | None, schema: str, as_json: bool, html_out: Path,
+    since: str | None, until: str | None, people: int,
+) -> None:  # fmt: skip
+    """Write a self-contained HTML report: people ranked by distinct records received, and per
+    person their reads by minute and channel, sessions, blocks, canary hits and quarantines."""
     from audit.report import render_html
+    from audit.report_data import gather
 
     s_t, u_t = _window(since, until)
 
     async def go(store: q.Store) -> str:
-        points = await q.labelled_rows_by_person_minute(store, s_t, u_t)
-        top_rows = await q.top(store, s_t, u_t, 20)
-        blocked_rows = await q.blocked(store, q.Filters(since=s_t, until=u_t))
+        data = await gather(store, s_t, u_t, people)
         reports = await q.verify(store)
         bad = [r for r in reports if not r.intact]
         summary = (
@@ -640,12 +642,7 @@ def report_cmd(
         )
         window = f"{since or 'beginning'} to {until or 'now'}"
         return render_html(
-            title="pgwarden audit report",
-            window=window,
-            plot_points=points,
-            top_rows=top_rows,
-            blocked_rows=blocked_rows,
-            verify_summary=summary,
+            title="pgwarden audit report", window=window, data=data, verify_summary=summary
         )
 
     _check_out(html_out)

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from audit import query as q
+from audit import report_data
 from audit.events import AuditEvent, Subject
 from audit.ledger import RecordHasher, load_key
 from audit.pipeline import (
@@ -63,6 +64,17 @@ def test_postgres_store_verifies_and_matches_sqlite(seeded: tuple[Path, str]) ->
     assert all(r.intact for r in pgr)
 
 
+async def _report(s: q.Store) -> list[Any]:
+    """What the HTML report is drawn from, as JSON-able values."""
+    d = await report_data.gather(s, None, None, 10)
+    people = [
+        [p.name, p.totals, sorted(p.received.items()), p.new_records, p.blocked, p.canaries,
+         p.quarantines, p.sessions]
+        for p in d.people
+    ]  # fmt: skip
+    return [people, d.more_people, d.overview, d.blocked]
+
+
 @pytest.mark.parametrize(
     "question",
     [
@@ -76,6 +88,9 @@ def test_postgres_store_verifies_and_matches_sqlite(seeded: tuple[Path, str]) ->
         lambda s: q.top(s),
         lambda s: q.blocked(s, q.Filters()),
         lambda s: q.labelled_rows_by_person_minute(s, None, None),
+        lambda s: report_data.received_by_minute(s, list(EXPECTED_DISTINCT), None, None),
+        lambda s: report_data.new_records_by_minute(s, list(EXPECTED_DISTINCT), None, None),
+        lambda s: _report(s),
     ],
 )
 def test_postgres_and_sqlite_answer_the_same(seeded: tuple[Path, str], question: Any) -> None:

@@ -30,15 +30,19 @@ class Page(HTMLParser):
         self.tables: dict[str, list[list[str]]] = {}
         self.points: list[tuple[float, str]] = []  # (cx, tooltip)
         self.area: tuple[float, float] | None = None  # the plot's left and right edge
+        self.sections: list[str] = []  # the people with a section, by the heading's name
         self._heading = ""
         self._in: str | None = None
         self._text = ""
         self._row: list[str] | None = None
         self._cx: float | None = None
+        self._section = False
         self.feed(html)
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = dict(attrs)
+        if tag == "section":
+            self._section = True
         if tag in ("h2", "td", "th", "title"):
             self._in, self._text = tag, ""
         elif tag == "tr":
@@ -56,6 +60,10 @@ class Page(HTMLParser):
     def handle_endtag(self, tag: str) -> None:
         if tag == "h2" and self._in == "h2":
             self._heading = self._text.strip()
+            if self._section:
+                # "2. ivy ranking ↑": the name between the rank and the link back
+                self.sections.append(self._heading.split(". ", 1)[1].rsplit(" ", 2)[0])
+                self._section = False
         elif tag == "td" and self._row is not None:
             self._row.append(self._text)
         elif tag == "tr" and self._row:
@@ -129,3 +137,20 @@ def test_one_moment_is_drawn_inside_the_plot_not_on_its_edge(tmp_path: Path) -> 
     assert page.area is not None
     left, right = page.area
     assert abs(cx - (left + right) / 2) < 1 and tip == "kim 2026-11-02 09:01: 4 rows"
+
+
+def test_people_beyond_the_asked_number_get_no_section_and_the_page_says_so(
+    tmp_path: Path,
+) -> None:
+    from tests.test_audit_report_browser import write_trail
+
+    db = write_trail(tmp_path)  # sam, ivy, jon and one more read labelled records
+    out = tmp_path / "two.html"
+    ok("report", "--db", str(db), "--html", str(out), "--people", "2")
+    html = out.read_text()
+    assert Page(html).sections == ["sam", "ivy"]
+    assert "raise --people" in html
+    out = tmp_path / "all.html"
+    ok("report", "--db", str(db), "--html", str(out))
+    assert len(Page(out.read_text()).sections) == 4
+    assert "raise --people" not in out.read_text()
