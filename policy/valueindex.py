@@ -48,7 +48,10 @@ _TOKEN = re.compile(rb"[^\x00-\x20\"'`,;:|{}()\[\]<>\\=]+")
 _PART = re.compile(rb"[^\x00-\x1f\"`,;|{}()\[\]<>\\=]+")
 MIN_BYTES = 5  # an entry shorter than this names nobody for certain (and would match noise)
 MAX_TOKENS = 6  # longer values are indexed by their parts only
-_BITMAP_BITS = 1 << 26  # 8 MB: with 3M entries about 1 token in 20 passes to the lookup
+# Two bitmaps of 4 MB: the hashes of entries' first tokens (most tokens of a text are turned
+# away by one lookup there) and of whole entries (most runs of tokens that start like one
+# are not one); with 3M entries about 1 in 11 false hashes passes each.
+_BITMAP_BITS = 1 << 25
 _MASK64 = (1 << 64) - 1
 _REC_BITS = 32
 
@@ -102,6 +105,7 @@ class IndexBuilder:
         self._keys = bytearray()
         self._packed: list[int] = []  # hash << 32 | record number
         self._starts = bytearray(_BITMAP_BITS >> 3)
+        self._whole = bytearray(_BITMAP_BITS >> 3)
         self._max_tokens = 1
         self.stats = IndexStats()
 
@@ -130,6 +134,7 @@ class IndexBuilder:
                 seen.add(h)
                 first = _h(toks[0])
                 self._starts[(first >> 3) & (len(self._starts) - 1)] |= 1 << (first & 7)
+                self._whole[(h >> 3) & (len(self._whole) - 1)] |= 1 << (h & 7)
                 self._packed.append(h << _REC_BITS | rec)
                 if len(toks) > self._max_tokens:
                     self._max_tokens = len(toks)
@@ -183,6 +188,7 @@ class IndexBuilder:
             key_off=self._key_off,
             keys=bytes(self._keys),
             starts=self._starts,
+            whole=self._whole,
             max_tokens=self._max_tokens,
             stats=self.stats,
         )
@@ -201,6 +207,7 @@ class ValueIndex:
         key_off: array.array[int],
         keys: bytes,
         starts: bytearray,
+        whole: bytearray,
         max_tokens: int,
         stats: IndexStats,
     ) -> None:
@@ -211,6 +218,7 @@ class ValueIndex:
         self._key_off = key_off
         self._keys = keys
         self._starts = starts
+        self._whole = whole
         self._smask = len(starts) - 1
         self.max_tokens = max_tokens
         self.stats = stats
@@ -229,6 +237,7 @@ class ValueIndex:
             + self._key_off.itemsize * len(self._key_off)
             + len(self._keys)
             + len(self._starts)
+            + len(self._whole)
             + 120 * len(self._extra)
         )
 
@@ -278,6 +287,7 @@ class ValueIndex:
                     continue  # already known for this record
                 first = _h(toks[0])
                 self._starts[(first >> 3) & self._smask] |= 1 << (first & 7)
+                self._whole[(h >> 3) & self._smask] |= 1 << (h & 7)
                 self._extra.setdefault(h, []).append((tid, key))
                 if len(toks) > self.max_tokens:
                     self.max_tokens = len(toks)
@@ -288,15 +298,20 @@ class ValueIndex:
             return
         tokens = _TOKEN.findall(text.lower())
         starts = self._starts
+        whole = self._whole
         smask = self._smask
         maxn = self.max_tokens
+        ntok = len(tokens)
         for i, tok in enumerate(tokens):
             h = hash(tok) & _MASK64
             if not starts[(h >> 3) & smask] >> (h & 7) & 1:
                 continue
-            self._found(h, found)
-            for n in range(2, min(maxn, len(tokens) - i) + 1):
-                self._found(hash(b" ".join(tokens[i : i + n])) & _MASK64, found)
+            if whole[(h >> 3) & smask] >> (h & 7) & 1:
+                self._found(h, found)
+            for n in range(2, min(maxn, ntok - i) + 1):
+                h = hash(b" ".join(tokens[i : i + n])) & _MASK64
+                if whole[(h >> 3) & smask] >> (h & 7) & 1:
+                    self._found(h, found)
 
     def _found(self, h: int, found: dict[str, set[bytes]]) -> None:
         for tid, key in self.lookup(h):

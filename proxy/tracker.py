@@ -140,6 +140,7 @@ class Running:
     # records (table -> keys) whose labelled values its rows, COPY data, error and notice
     # text carried to the client.
     scan: ValueIndex | None = None
+    scan_skip: frozenset[int] = frozenset()  # columns not scanned (see _prepare)
     matched: dict[str, set[bytes]] = field(default_factory=dict)
 
 
@@ -653,14 +654,14 @@ class Tracker:
                         r.rows += n if t == _D else _copy_rows(raw, head, end, r.copy_binary)
                         r.nbytes += end - start - 5 * (n - 1)
                         if r.scan is not None:
-                            _scan_run(r.scan, raw, head, end, t == _d, r.matched)
+                            _scan_run(r.scan, raw, head, end, t == _d, r.matched, r.scan_skip)
                         continue
                     if t == _D and r.key_list is not None:
                         r.rows += n
                         r.nbytes += end - start - 5 * (n - 1)
                         _collect_keys(raw, head, end, r.key_upto, r.key_list)
                         if r.scan is not None:
-                            _scan_run(r.scan, raw, head, end, False, r.matched)
+                            _scan_run(r.scan, raw, head, end, False, r.matched, r.scan_skip)
                         continue
                     if t == _d and r.copy_bulk:
                         # COPY output read for keys with no limit to apply: the run's
@@ -700,7 +701,7 @@ class Tracker:
                             running.scan, raw if replacement is None else replacement,
                             pos if replacement is None else 0,
                             row_end if replacement is None else len(replacement),
-                            t == _d, running.matched,
+                            t == _d, running.matched, running.scan_skip,
                         )  # fmt: skip
                     if replacement is not None:
                         parts += (raw[fwd:pos], replacement)
@@ -1156,6 +1157,18 @@ class Tracker:
         running.know = tuple(know)
         if running.capture:
             self._key_readers(running, out)
+            if running.scan is not None:
+                # Rows that carry their record's key: its labelled columns are that
+                # record's own (the key names it already); the key columns, and the rest
+                # (unlabelled columns, labelled ones no key accounts for), are scanned.
+                skip = {
+                    i for i, col in enumerate(facts.output)
+                    if col.labels and i not in facts.value_positions
+                } | {i for _table, positions in running.capture for i in positions}  # fmt: skip
+                if len(skip) >= len(facts.output):
+                    running.scan = None
+                else:
+                    running.scan_skip = frozenset(skip)
         running.watch = bool(
             plan.limits or plan.needs_rows or running.capture or running.value_capture
             or decision.hidden  # every row passes through strip_row
@@ -1826,17 +1839,21 @@ def _lead_key_rows_at(
 
 
 def _scan_run(
-    index: ValueIndex, raw: bytes, pos: int, end: int, copy: bool, found: dict[str, set[bytes]]
-) -> None:
+    index: ValueIndex, raw: bytes, pos: int, end: int, copy: bool, found: dict[str, set[bytes]],
+    skip: frozenset[int] = frozenset(),
+) -> None:  # fmt: skip
     """Look for labelled values in a run of DataRow (or CopyData) messages ``raw[pos:end]``
-    that goes to the client whole."""
+    that goes to the client whole, but for the columns in ``skip``."""
     if copy:
         index.scan_values(_copy_payloads(raw, pos, end), found)
         return
     while pos < end:
         (length,) = _LENGTH.unpack_from(raw, pos + 1)
         row_end = pos + 1 + length
-        index.scan_values(row_values(raw, pos + 5, row_end), found)
+        values = row_values(raw, pos + 5, row_end)
+        if skip:
+            values = tuple(v for i, v in enumerate(values) if i not in skip)
+        index.scan_values(values, found)
         pos = row_end
 
 
