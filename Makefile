@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo serve test lint typecheck check bench bench-analysis bench-audit bench-ledger bench-workers loadtest fuzz compat soak sysdeps clean
+.PHONY: demo serve test lint typecheck check bench bench-analysis bench-audit bench-ledger bench-values bench-workers loadtest fuzz compat soak sysdeps clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -64,6 +64,9 @@ bench-audit: $(STAMP)
 
 bench-ledger: $(STAMP) sysdeps
 	@$(BIN)/python -m loadtests.bench_ledger
+
+bench-values: $(STAMP) sysdeps
+	@$(BIN)/python -m loadtests.bench_values
 
 bench-workers: $(STAMP) sysdeps
 	@$(BIN)/python -m loadtests.bench_workers

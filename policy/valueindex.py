@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 _TOKEN = re.compile(rb"[^\x00-\x20\"'`,;:|{}()\[\]<>\\=]+")
 # The parts of a structured value (JSON leaves, composite fields, array elements).
 _PART = re.compile(rb"[^\x00-\x1f\"`,;|{}()\[\]<>\\=]+")
+_PACKING = re.compile(rb"[\x00-\x1f\"`,;|{}()\[\]<>\\=]")
 MIN_BYTES = 5  # an entry shorter than this names nobody for certain (and would match noise)
 MAX_TOKENS = 6  # longer values are indexed by their parts only
 # Two bitmaps of 4 MB: the hashes of entries' first tokens (most tokens of a text are turned
@@ -60,21 +61,26 @@ def _h(token: bytes) -> int:
     return hash(token) & _MASK64
 
 
-def entries(value: bytes) -> list[tuple[bytes, ...]]:
-    """The token sequences an indexed value is found by: the whole value, and each part of
-    it between packing punctuation when there are several (distinct, in order)."""
+def entries(value: bytes) -> list[tuple[bytes, bytes, int]]:
+    """What an indexed value is found by: for the whole value, and for each part of it
+    between packing punctuation when there are several, the tokens joined by a space, the
+    first token and the number of tokens (distinct, in order)."""
     low = value.lower()
-    whole = tuple(_TOKEN.findall(low))
-    out: list[tuple[bytes, ...]] = []
+    whole = _TOKEN.findall(low)
+    out: list[tuple[bytes, bytes, int]] = []
     if whole and len(whole) <= MAX_TOKENS:
-        out.append(whole)
-    parts = _PART.findall(low)
-    if len(parts) > 1:
-        for part in parts:
-            toks = tuple(_TOKEN.findall(part))
-            if toks and len(toks) <= MAX_TOKENS and toks != whole and toks not in out:
-                out.append(toks)
-    return [t for t in out if len(b" ".join(t)) >= MIN_BYTES]
+        joined = b" ".join(whole)
+        if len(joined) >= MIN_BYTES:
+            out.append((joined, whole[0], len(whole)))
+    if _PACKING.search(low) is None:
+        return out  # one part: the whole value (most values)
+    for part in _PART.findall(low):
+        toks = _TOKEN.findall(part)
+        if toks and len(toks) <= MAX_TOKENS:
+            joined = b" ".join(toks)
+            if len(joined) >= MIN_BYTES and all(joined != e[0] for e in out):
+                out.append((joined, toks[0], len(toks)))
+    return out
 
 
 @dataclass
@@ -107,6 +113,7 @@ class IndexBuilder:
         self._starts = bytearray(_BITMAP_BITS >> 3)
         self._whole = bytearray(_BITMAP_BITS >> 3)
         self._max_tokens = 1
+        self._rows: list[int] = []  # rows read, by table id
         self.stats = IndexStats()
 
     @property
@@ -119,32 +126,34 @@ class IndexBuilder:
         if tid is None:
             tid = self._table_ids[name] = len(self.tables)
             self.tables.append(name)
+            self._rows.append(0)
         return tid
 
     def add_row(self, table_id: int, key: bytes, values: Iterable[bytes | None]) -> None:
         rec = len(self._rec_table)
-        seen: set[int] = set()
+        seen: list[bytes] = []
+        packed = self._packed
+        starts, whole = self._starts, self._whole
+        smask = len(starts) - 1
         for value in values:
             if not value:
                 continue
-            for toks in entries(value):
-                h = _h(b" ".join(toks))
-                if h in seen:
+            for joined, first, ntok in entries(value):
+                if joined in seen:
                     continue
-                seen.add(h)
-                first = _h(toks[0])
-                self._starts[(first >> 3) & (len(self._starts) - 1)] |= 1 << (first & 7)
-                self._whole[(h >> 3) & (len(self._whole) - 1)] |= 1 << (h & 7)
-                self._packed.append(h << _REC_BITS | rec)
-                if len(toks) > self._max_tokens:
-                    self._max_tokens = len(toks)
+                seen.append(joined)
+                h = hash(joined) & _MASK64
+                f = hash(first) & _MASK64
+                starts[(f >> 3) & smask] |= 1 << (f & 7)
+                whole[(h >> 3) & smask] |= 1 << (h & 7)
+                packed.append(h << _REC_BITS | rec)
+                if ntok > self._max_tokens:
+                    self._max_tokens = ntok
         if seen:
             self._rec_table.append(table_id)
             self._keys += key
             self._key_off.append(len(self._keys))
-        self.stats.tables[self.tables[table_id]] = (
-            self.stats.tables.get(self.tables[table_id], 0) + 1
-        )
+        self._rows[table_id] += 1
 
     def build(self) -> ValueIndex:
         packed, self._packed = self._packed, []
@@ -177,6 +186,7 @@ class IndexBuilder:
                     hashes.append(h)
                     recs.append(rec_or_none)
             i = j
+        self.stats.tables = dict(zip(self.tables, self._rows, strict=True))
         self.stats.entries = len(hashes)
         self.stats.dropped_shared = dropped
         self.stats.records = len(rec_table)
@@ -274,8 +284,8 @@ class ValueIndex:
         for value in values:
             if not value:
                 continue
-            for toks in entries(value):
-                h = _h(b" ".join(toks))
+            for joined, first_token, ntok in entries(value):
+                h = _h(joined)
                 if h in seen:
                     continue
                 seen.add(h)
@@ -285,12 +295,11 @@ class ValueIndex:
                     continue
                 if others:
                     continue  # already known for this record
-                first = _h(toks[0])
+                first = _h(first_token)
                 self._starts[(first >> 3) & self._smask] |= 1 << (first & 7)
                 self._whole[(h >> 3) & self._smask] |= 1 << (h & 7)
                 self._extra.setdefault(h, []).append((tid, key))
-                if len(toks) > self.max_tokens:
-                    self.max_tokens = len(toks)
+                self.max_tokens = max(self.max_tokens, ntok)
 
     def scan(self, text: bytes, found: dict[str, set[bytes]]) -> None:
         """Add to ``found`` (table -> keys) every record a labelled value in ``text`` names."""

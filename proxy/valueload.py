@@ -83,15 +83,21 @@ async def build(
         for p in protected_tables(snapshot):
             tid = builder.table(p.table)
             async for batch in _batches(conn, p.sql):
-                for key, values in _rows(batch, p.nkey):
-                    builder.add_row(tid, key, values)
+                # Hashing is pure Python: in a thread, a batch at a time, the event loop
+                # keeps serving sessions while a big table is indexed.
+                await asyncio.to_thread(_add_rows, builder, tid, batch, p.nkey)
                 if builder.pending > max_entries:
                     raise IndexTooLarge(
                         f"the protected tables hold more than {max_entries:,} labelled "
                         "values (value_matching.max_entries)"
                     )
-    index = builder.build()
+    index = await asyncio.to_thread(builder.build)
     return index, xmin, time.perf_counter() - t0
+
+
+def _add_rows(builder: IndexBuilder, tid: int, batch: list[Any], nkey: int) -> None:
+    for key, values in _rows(batch, nkey):
+        builder.add_row(tid, key, values)
 
 
 async def _batches(conn: Any, sql: str, *args: Any) -> Any:
