@@ -864,6 +864,11 @@ class RecordsSeen:
     # digests, any table): digest, label, first_seen, last_seen, times; resolving names the
     # row of ``table`` that holds one (key, column) and adds that row to ``records``.
     values: list[Row] = field(default_factory=list)
+    # Statements that returned labelled rows of ``table`` and left no key of it in the
+    # ledger (keys unreadable, values pgwarden could not match): ts, session_id, seq,
+    # rows, statement.  Their records cannot be listed; each is reported with its bound.
+    unitemised: list[Row] = field(default_factory=list)
+    table_rows: int | None = None  # the table's size now (with --resolve-dsn): the bound
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -876,6 +881,8 @@ class RecordsSeen:
             "records": self.records,
             "values_without_key": len(self.values),
             "values": self.values,
+            "unitemised_statements": self.unitemised,
+            "table_rows": self.table_rows,
         }
 
 
@@ -953,7 +960,26 @@ async def records_seen(
         | ({"legacy": True} if d in legacy else {})
         for (label, d), (f, la, n) in sorted(values.items(), key=lambda kv: (kv[1][0], kv[0]))
     ]
-    return RecordsSeen(who, rel, recs, values=vals)
+    unitemised = [
+        clean(r)
+        for r in await store.fetch(
+            f"""
+            SELECT e.ts, e.session_id, e.chain_id, e.seq, e.rows, e.statement
+            FROM {{events}} e
+            WHERE {cond} {" ".join(window)} AND e.kind = 'statement' AND e.rows > 0
+              AND {store.dialect.labelled} AND {store.dialect.has_relation}
+              AND NOT EXISTS (
+                SELECT 1 FROM {{ledger}} l WHERE l.chain_id = e.chain_id AND l.seq = e.seq
+                  AND l.kind IN ('k2', 'k') AND l.relation = ?)
+            ORDER BY e.ts
+            """,
+            person_arg,
+            *args,
+            rel,
+            rel,
+        )
+    ]
+    return RecordsSeen(who, rel, recs, values=vals, unitemised=unitemised)
 
 
 async def resolve_keys(
@@ -1053,6 +1079,10 @@ async def _resolve(conn: Any, result: RecordsSeen, hasher: RecordHasher) -> Reco
         return hit
 
     async with conn.transaction(readonly=True):
+        if result.unitemised:
+            result.table_rows = int(
+                await conn.fetchval(f'SELECT count(*) FROM "{schema}"."{name}"')
+            )
         batch: list[list[str | None]] = []
         async for row in conn.cursor(f'SELECT {idents} FROM "{schema}"."{name}"', prefetch=5000):
             batch.append(list(row.values()))

@@ -24,7 +24,7 @@ import yaml
 from loadtests import redteam
 from policy.valueindex import IndexBuilder
 from proxy.sandbox.cluster import Cluster
-from tests.auditcli import cli, js
+from tests.auditcli import cli, js, ok
 from tests.proxyutil import ProxyProcess
 from tests.seconddb import data as sdb
 
@@ -32,6 +32,9 @@ INSIDER = redteam.ATTACKER
 # The DBA is audited, not limited: error and notice text reach it (an agent's is withheld
 # whenever the statement reads labelled data, in monitor mode too).
 DBA = "postgres"
+# Reads values pgwarden cannot match (reversed): what records-seen cannot list it must
+# still report, by statement.
+OTHER = "agent_bob"
 
 
 def _range(lo: int, hi: int) -> str:
@@ -84,6 +87,11 @@ def _packings() -> list[tuple[str, str, list[str]]]:
         person=DBA,
     )
     add(
+        "reversed",
+        "SELECT string_agg(reverse(\"Email\"), ',') FROM crm.customers WHERE {r}",
+        person=OTHER,
+    )
+    add(
         "notification",
         "LISTEN vm",
         "SELECT pg_notify('vm', string_agg(\"FullName\", '|')) FROM crm.customers WHERE {r}",
@@ -123,7 +131,7 @@ def replay(pg: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Re
     proxy = ProxyProcess(pg, tmp / "proxy", config=config)
     result = Replay(trail, ledger, pg.url(database=sdb.DBNAME))
     try:
-        for person in (INSIDER, DBA):
+        for person in (INSIDER, DBA, OTHER):
             dsn = proxy.dsn(person, database=sdb.DBNAME, password=sdb.PASSWORD)
             with psycopg.connect(dsn, autocommit=True) as conn:
                 _replay(conn, env.matcher, person, result)
@@ -233,3 +241,23 @@ def test_rows_added_after_the_build_are_found_and_a_shared_one_is_dropped() -> N
     index.add("crm.customers", b"2", [b"grace@example.com"])
     index.add("crm.customers", b"3", [b"ada@example.com"])  # now two customers share it
     assert _scan(index, "grace@example.com, ada@example.com") == {"2"}
+
+
+def test_what_records_seen_cannot_list_is_reported_by_statement_with_its_bound(
+    replay: Replay,
+) -> None:
+    assert len(replay.received[OTHER, "reversed"]) == 10  # the client read them reversed
+    out: dict[str, Any] = js(
+        "records-seen", "--db", str(replay.trail), "--ledger-key", str(replay.ledger_key),
+        "--person", OTHER, "--table", "crm.customers", "--resolve-dsn", replay.direct,
+    )  # fmt: skip
+    assert out["distinct_records"] == 0
+    [statement] = out["unitemised_statements"]
+    assert "reverse" in statement["statement"] and statement["rows"] == 1
+    assert out["table_rows"] == sdb.CUSTOMERS + sdb.LEGACY
+    text = ok(
+        "records-seen", "--db", str(replay.trail), "--ledger-key", str(replay.ledger_key),
+        "--person", OTHER, "--table", "crm.customers",
+    )  # fmt: skip
+    assert "1 statement(s) returned labelled rows of crm.customers" in text
+    assert "up to every record" in text
