@@ -703,10 +703,15 @@ async def _check_key(store: q.Store, hasher: RecordHasher, path: Path) -> None:
 @click.option("--label", help="Label of --value (default: every label in the ledger).")
 @click.option("--since", help=_SINCE_HELP)
 @click.option("--until", help=_UNTIL_HELP)
+@click.option(
+    "--resolve-dsn",
+    help="DSN of the monitored database: also find reads of the record's values (--key), or "
+    "of the records holding the value (--value; in --table, else every table with a key).",
+)
 def who_saw_cmd(
     db: Path | None, dsn: str | None, schema: str, as_json: bool, ledger_key: Path,
     table: str | None, key: tuple[str, ...], value: str | None, label: str | None,
-    since: str | None, until: str | None,
+    since: str | None, until: str | None, resolve_dsn: str | None,
 ) -> None:  # fmt: skip
     """Which sessions and people received a given record (or labelled value)."""
     hasher = _hasher(ledger_key)
@@ -715,9 +720,16 @@ def who_saw_cmd(
 
     async def go(store: q.Store) -> list[dict[str, Any]]:
         await _check_key(store, hasher, ledger_key)
+        resolved = (
+            await q.resolve_who_saw(
+                hasher, resolve_dsn, store, table=table, key=key_arg, value=value
+            )
+            if resolve_dsn
+            else []
+        )
         return await q.who_saw(
             store, hasher, table=table, key=key_arg, value=value, label=label,
-            since=s_t, until=u_t,
+            since=s_t, until=u_t, resolved=resolved,
         )  # fmt: skip
 
     rows = _run(_with_store(db, dsn, schema, go))

@@ -701,8 +701,13 @@ async def who_saw(
     label: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
+    resolved: Sequence[tuple[str, str, bytes]] = (),
 ) -> list[Row]:
-    """Statements (with session and person) that returned a given record or labelled value."""
+    """Statements (with session and person) that returned a given record or labelled value.
+
+    ``resolved`` adds more ledger entries to look for, as (kind, relation or label,
+    digest), from :func:`resolve_who_saw` (the record's values for a key, the records
+    holding a value)."""
     if key is not None:
         if table is None:
             raise QueryError("--key needs --table: a primary key only means something in its table")
@@ -728,6 +733,7 @@ async def who_saw(
         targets += [(LEGACY_KIND_VALUE, lb, hasher.legacy_value(lb, value)) for lb in labels]
     else:
         raise QueryError("say what to look for: --key (with --table) or --value")
+    targets += list(resolved)
     out: list[Row] = []
     for kind, rel, digest in targets:
         conds: list[str] = ["l.kind = ?", "l.relation = ?", store.dialect.holds_digest]
@@ -746,7 +752,7 @@ async def who_saw(
             """,
             *args,
         )
-        out.extend({**_with_person(clean(r)), "matched": rel} for r in rows)
+        out.extend({**_with_person(clean(r)), "matched": rel, "by": kind} for r in rows)
     if not out:
         if key is not None:
             await _check_known(store, (KIND_KEY, LEGACY_KIND_KEY), qualify(str(table)), "table")
@@ -754,8 +760,137 @@ async def who_saw(
             await _check_known(store, (KIND_VALUE, LEGACY_KIND_VALUE), label, "label")
         elif not targets:
             raise QueryError("the record ledger holds no labelled values at all")
+    # One line per statement, though it may be found by its key and by a value.
+    out = list({(r["chain_id"], r["seq"]): r for r in reversed(out)}.values())
     out.sort(key=lambda r: r["ts"])
     return out
+
+
+async def resolve_who_saw(
+    hasher: RecordHasher,
+    monitored_dsn: str,
+    store: Store,
+    *,
+    table: str | None,
+    key: str | Sequence[str] | None,
+    value: str | None,
+) -> list[tuple[str, str, bytes]]:
+    """More ledger entries for ``who-saw``, read from the monitored database: for a key, its
+    row's values (as ``v2`` digests under every label the ledger holds), so a read that
+    carried the customer's e-mail without the key is found; for a value, the keys of the
+    rows holding it (``--table``, else every table with a primary key), so a read that
+    carried the key, or that pgwarden's value matching named, is found."""
+    import asyncpg
+
+    try:
+        conn = await asyncpg.connect(monitored_dsn, timeout=10)
+    except (OSError, TimeoutError, ValueError, asyncpg.PostgresError) as exc:
+        raise QueryError(f"cannot connect to the monitored database: {exc}") from exc
+    try:
+        async with conn.transaction(readonly=True):
+            if key is not None and table is not None:
+                labels = [
+                    str(r["relation"])
+                    for r in await store.fetch(
+                        "SELECT DISTINCT relation FROM {ledger} WHERE kind = 'v2'"
+                    )
+                ]
+                texts = await _record_texts(conn, qualify(table), key)
+                return [(KIND_VALUE, lb, hasher.value(lb, t)) for lb in labels for t in texts]
+            if value is not None:
+                return [
+                    (KIND_KEY, rel, hasher.key(rel, pk))
+                    for rel, pk in await _records_holding(conn, table, value)
+                ]
+            return []
+    except asyncpg.PostgresError as exc:
+        raise QueryError(f"cannot read the monitored database: {exc}") from exc
+    finally:
+        await conn.close()
+
+
+async def _primary_keys(conn: Any, table: str | None) -> dict[str, list[str]]:
+    """``schema.table`` -> its primary key's columns: ``table`` alone, or every table of
+    the database's own schemas that has one."""
+    rows = await conn.fetch(
+        """
+        SELECT n.nspname || '.' || c.relname AS rel, a.attname
+        FROM pg_index i
+        JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+        JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON true
+        JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
+        WHERE i.indisprimary AND c.relkind IN ('r', 'p')
+          AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+          AND n.nspname NOT LIKE 'pg\\_%'
+          AND ($1::text IS NULL OR n.nspname || '.' || c.relname = $1)
+        ORDER BY 1, k.ord
+        """,
+        None if table is None else qualify(table),
+    )
+    out: dict[str, list[str]] = {}
+    for r in rows:
+        out.setdefault(str(r["rel"]), []).append(str(r["attname"]))
+    if table is not None and not out:
+        raise QueryError(f"{qualify(table)} has no primary key in the monitored database")
+    return out
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _rel_sql(rel: str) -> str:
+    schema, name = rel.split(".", 1)
+    return f"{_ident(schema)}.{_ident(name)}"
+
+
+async def _record_texts(conn: Any, rel: str, key: str | Sequence[str]) -> list[str]:
+    """The text of every non-NULL column of the record with this key (none if it is gone)."""
+    pk = (await _primary_keys(conn, rel))[rel]
+    wanted = set(key_spellings(key))
+    cond = " AND ".join(f"{_ident(c)}::text = ${i}" for i, c in enumerate(pk, start=1))
+    for spelling in wanted:
+        parts = orjson.loads(spelling) if len(pk) > 1 and spelling.startswith("[") else [spelling]
+        if len(parts) != len(pk):
+            continue
+        row = await conn.fetchrow(
+            f"SELECT to_jsonb(t) AS j FROM {_rel_sql(rel)} t WHERE {cond}", *map(str, parts)
+        )
+        if row is not None:
+            doc = orjson.loads(row["j"])
+            return [
+                v if isinstance(v, str) else orjson.dumps(v).decode()
+                for v in doc.values()
+                if v is not None
+            ]
+    return []
+
+
+async def _records_holding(conn: Any, table: str | None, value: str) -> list[tuple[str, str]]:
+    """(table, key) of the rows whose text holds ``value`` as a whole run of tokens (as
+    pgwarden's value matching finds it: ``policy.valueindex``)."""
+    from policy.valueindex import tokens
+
+    want = tokens(value.encode())
+    if not want:
+        return []
+    out: list[tuple[str, str]] = []
+    for rel, pk in (await _primary_keys(conn, table)).items():
+        keys = ", ".join(f"{_ident(c)}::text" for c in pk)
+        async for r in conn.cursor(
+            f"SELECT {keys}, t::text AS row_text FROM {_rel_sql(rel)} t "
+            "WHERE strpos(lower(t::text), lower($1)) > 0",
+            value,
+        ):
+            vals = list(r.values())
+            if _holds_run(tokens(str(vals[-1]).encode()), want):
+                out.append((rel, pk_text(vals[:-1])))
+    return out
+
+
+def _holds_run(have: list[bytes], want: list[bytes]) -> bool:
+    n = len(want)
+    return any(have[i : i + n] == want for i in range(len(have) - n + 1))
 
 
 def key_spellings(key: str | Sequence[str]) -> list[str]:

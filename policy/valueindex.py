@@ -61,6 +61,11 @@ def _h(token: bytes) -> int:
     return hash(token) & _MASK64
 
 
+def tokens(text: bytes) -> list[bytes]:
+    """The tokens of a text, as the index and the scanner cut it (lower-cased)."""
+    return list(_TOKEN.findall(text.lower()))
+
+
 def entries(value: bytes) -> list[tuple[bytes, bytes, int]]:
     """What an indexed value is found by: for the whole value, and for each part of it
     between packing punctuation when there are several, the tokens joined by a space, the

@@ -107,6 +107,7 @@ class Replay:
     # (person, packing) -> customers the client received by it (rows, errors, notices,
     # notifications)
     received: dict[tuple[str, str], set[int]] = field(default_factory=dict)
+    emails: dict[int, str] = field(default_factory=dict)
 
     def of(self, person: str) -> dict[str, set[int]]:
         return {name: c for (p, name), c in self.received.items() if p == person}
@@ -130,6 +131,7 @@ def replay(pg: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Re
     }
     proxy = ProxyProcess(pg, tmp / "proxy", config=config)
     result = Replay(trail, ledger, pg.url(database=sdb.DBNAME))
+    result.emails = {cid: c.email for cid, c in env.ds.customers.items()}
     try:
         for person in (INSIDER, DBA, OTHER):
             dsn = proxy.dsn(person, database=sdb.DBNAME, password=sdb.PASSWORD)
@@ -261,3 +263,19 @@ def test_what_records_seen_cannot_list_is_reported_by_statement_with_its_bound(
     )  # fmt: skip
     assert "1 statement(s) returned labelled rows of crm.customers" in text
     assert "up to every record" in text
+
+
+def test_who_saw_finds_a_packed_read_by_key_and_by_value(replay: Replay) -> None:
+    """json_agg carried customer 1003 without a row of its own: who-saw finds the read by
+    the customer's key, and (through the monitored database) by its e-mail address."""
+    base = ["who-saw", "--db", str(replay.trail), "--ledger-key", str(replay.ledger_key)]
+    by_key = js(*base, "--table", "crm.customers", "--key", "1003")
+    assert {r["person"] for r in by_key} == {INSIDER}
+    assert any("json_agg" in r["statement"] for r in by_key)
+    email = replay.emails[1003]
+    assert js(*base, "--value", email) == []  # the ledger holds its key, not the value
+    by_value = js(*base, "--value", email, "--resolve-dsn", replay.direct)
+    assert [r["statement"] for r in by_value] == [r["statement"] for r in by_key]
+    # A value no customer holds names nobody, and a part of one is not the value.
+    local_part = email.split("@")[0]
+    assert js(*base, "--value", local_part, "--resolve-dsn", replay.direct) == []
