@@ -487,6 +487,12 @@ class Guard:
             shape = self._shapes[fields] = _result_shape(snapshot, fields)
         return shape
 
+    def table_labels(self, relation: str) -> frozenset[str]:
+        """The labels of ``schema.table``'s columns, as the catalog knows them."""
+        schema, _, name = relation.partition(".")
+        rel = self.analyzer.snapshot.relation(schema, name)
+        return rel.labels if rel is not None else frozenset()
+
     def column_type(self, relation: str, column: str) -> str | None:
         """The catalog's type name (``format_type``) of ``schema.table.column``, if known."""
         schema, _, name = relation.partition(".")

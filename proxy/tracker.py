@@ -1542,11 +1542,14 @@ class Tracker:
         out: list[cmd.Command] = []
         plan = decision.plan if decision is not None else None
         keyed_by_capture = bool(running.keys)
+        labels = plan.labels if plan is not None else frozenset()
         if running.matched or self.loose_matched:
-            self._merge_matched(running, plan, out)
+            # Records in a result the analysis found no label in (a temporary table read
+            # back, say) count in the windows under their table's labels.
+            labels = labels | self._merge_matched(running, plan, out)
         if decision is not None and rows and self.guard.engine.allow_lists:
             out += self._more_than_learned(running, decision, rows)
-        if plan is not None and plan.labels and plan.window_rules and rows:
+        if plan is not None and labels and plan.window_rules and rows:
             who = self._who(running)
             records: set[str] = set()
             for table, keys in running.keys.items():
@@ -1569,13 +1572,13 @@ class Tracker:
                 per_row = facts.records_per_row if facts is not None else 1
                 by_row = frozenset(f"row:{uniq}:{i}" for i in range(rows * per_row))
             keyed = frozenset(records) if records else by_row
-            if records and not keyed_by_capture:
+            if records and not keyed_by_capture and plan.labels:
                 # Records only value matching found (a packed result): counted, and each
                 # row as well, as when none were found, should a value have escaped it.
                 uniq = uuid.uuid4().hex
                 per_row = facts.records_per_row if facts is not None else 1
                 keyed |= frozenset(f"row:{uniq}:{i}" for i in range(rows * per_row))
-            for label in plan.labels:
+            for label in labels:
                 windows = tuple(
                     r.window for r in plan.window_rules if r.window and r.covers_label(label)
                 )
@@ -1590,7 +1593,7 @@ class Tracker:
             # user together, so a new end-user name per statement starts no new budget.
             assert decision is not None
             for r in plan.window_rules:
-                covered = [label for label in plan.labels if r.covers_label(label)]
+                covered = [label for label in labels if r.covers_label(label)]
                 if r.window and covered:
                     seen = by_row if loose.intersection(covered) else keyed
                     for key in dict.fromkeys(budget_key(per, decision.subject) for per in r.per):
@@ -1625,27 +1628,32 @@ class Tracker:
 
     def _merge_matched(
         self, running: Running, plan: ResultPlan | None, out: list[cmd.Command]
-    ) -> None:
+    ) -> frozenset[str]:
         """Records value matching found in what the statement sent the client join the keys
         its rows carried (the ledger and the windows count them alike), and a canary's
-        record among them raises the canary rules."""
+        record among them raises the canary rules.  Returns the labels of the tables of
+        records the rows did not carry the keys of."""
         matched = running.matched
         if self.loose_matched:
             for table, loose in self.loose_matched.items():
                 matched.setdefault(table, set()).update(loose)
             self.loose_matched = {}
         canary = False
+        labels: set[str] = set()
         for table, found in matched.items():
             keys = running.keys.setdefault(table, [])
             have = set(keys)
             new = sorted(k for k in found if k not in have)
             keys.extend(new)
+            if new:
+                labels |= self.guard.table_labels(table)
             wanted = plan.canary_keys.get(table) if plan is not None else None
             if wanted and any(k.decode("utf-8", "replace") in wanted for k in new):
                 canary = True
         running.matched = {}
         if canary and plan is not None:
             out += self._canary(running, plan)
+        return frozenset(labels)
 
     def _copies_done(self, copies: Sequence[DataCopy], tag: str) -> None:
         """A statement succeeded: labelled data it copied into tables counts once its
