@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import yaml
 
 from loadtests import agents, harness
 from loadtests.harness import PgbenchResult, Target, TargetUnavailable, progress
@@ -64,6 +65,7 @@ from proxy.sandbox.supportdb import generate
 SCRIPT = Path(__file__).resolve().parent / "support_workload.sql"
 # passthrough: pgwarden with no policy and no audit trail (what the relay alone costs).
 ALL_TARGETS = ("direct", "pgwarden", "bare", "pgbouncer", "passthrough")
+NOVALUES = "pgwarden_novalues"  # --compare-values: pgwarden's setup, value matching off
 ALL_WORKLOADS = ("support", "agents", "select_only")
 BULK_OPS = ("select", "select_psql", "copy", "copy_asyncpg")
 SYNC_SETTINGS = ("FULL", "NORMAL")
@@ -120,6 +122,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--agent-queue", type=int, default=20,
         help="open tickets each agent works on in the agents workload",
     )  # fmt: skip
+    p.add_argument(
+        "--compare-values", action="store_true",
+        help="beside pgwarden, the same pgwarden with value matching off (pgwarden_novalues): "
+        "what scanning every result for labelled values costs, run by run",
+    )  # fmt: skip
     p.add_argument("--pgwarden-args", default="", help="more arguments for 'pgwarden serve'")
     p.add_argument("--skip-bulk", action="store_true")
     p.add_argument("--skip-pgbench", action="store_true")
@@ -146,6 +153,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         at = args.targets.index("pgwarden") + 1
         extra = [f"pgwarden_{v.lower()}" for v in args.audit_sync[1:]]
         args.targets[at:at] = extra
+    if args.compare_values:
+        if "pgwarden" not in args.targets or not (args.enforce or args.policy is not None):
+            p.error(
+                "--compare-values needs the pgwarden target and a policy (--enforce or --policy)"
+            )
+        args.targets.insert(args.targets.index("pgwarden") + 1, NOVALUES)
     if set(args.modes) - {"simple", "extended", "prepared"}:
         p.error("modes are among simple, extended, prepared")
     if args.policy is not None and not args.policy.is_file():
@@ -257,15 +270,30 @@ def pgwarden_setups(args: argparse.Namespace, workdir: Path) -> dict[str, list[s
         common = ["--policy", str(policy), "--catalog-user", "postgres", *common]
     elif args.policy is not None:
         common = ["--policy", str(args.policy.resolve()), *common]
-    names = [t for t in args.targets if t.startswith("pgwarden")]
-    if not args.audit_sync:
-        return {name: common for name in names}
+    names = [t for t in args.targets if t.startswith("pgwarden") and t != NOVALUES]
     setups = {}
-    for name, sync in zip(names, args.audit_sync, strict=False):
-        config = agents.sqlite_audit_config(
-            workdir / f"{name}.yaml", workdir / f"{name}-audit.db", sync
-        )
-        setups[name] = ["-c", str(config), *common]
+    for i, name in enumerate(names):
+        setups[name] = common
+        if i < len(args.audit_sync):
+            config = agents.sqlite_audit_config(
+                workdir / f"{name}.yaml", workdir / f"{name}-audit.db", args.audit_sync[i]
+            )
+            setups[name] = ["-c", str(config), *common]
+    if NOVALUES in args.targets:
+        # pgwarden's own arguments, its policy with value matching off, its own trail.
+        own = list(setups["pgwarden"])
+        at = own.index("--policy") + 1
+        policy = yaml.safe_load(Path(own[at]).read_text())
+        policy["value_matching"] = {"enabled": False}
+        novalues = workdir / "policy-novalues.yaml"
+        novalues.write_text(yaml.safe_dump(policy, sort_keys=False))
+        own[at] = str(novalues)
+        if "-c" in own:
+            sync = args.audit_sync[0]
+            own[own.index("-c") + 1] = str(agents.sqlite_audit_config(
+                workdir / f"{NOVALUES}.yaml", workdir / f"{NOVALUES}-audit.db", sync
+            ))  # fmt: skip
+        setups[NOVALUES] = own
     return setups
 
 
@@ -278,6 +306,9 @@ def describe_setup(args: argparse.Namespace, name: str) -> str:
     else:
         policy = "none (pass-through)"
     names = [t for t in args.targets if t.startswith("pgwarden")]
+    if name == NOVALUES:
+        return describe_setup(args, "pgwarden") + "; value matching off"
+    names = [n for n in names if n != NOVALUES]
     if args.audit_sync:
         audit = f"SQLite, synchronous={args.audit_sync[names.index(name)]}"
     else:
@@ -408,7 +439,9 @@ def summarise(
             )
     pairs = [(o, "direct") for o in others]
     # The audit settings side by side: pgwarden_normal / pgwarden, run by run.
-    pairs += [(o, "pgwarden") for o in others if o.startswith("pgwarden_")]
+    pairs += [(o, "pgwarden") for o in others if o.startswith("pgwarden_") and o != NOVALUES]
+    # What value matching costs: pgwarden / pgwarden_novalues, run by run.
+    pairs += [("pgwarden", NOVALUES)] if NOVALUES in others else []
     # What enforcement and the audit trail cost over pgwarden's relay alone.
     pairs += [
         (o, "passthrough") for o in others if o.startswith("pgwarden") and "passthrough" in others
@@ -433,6 +466,10 @@ def summarise(
         refused = [v for k, v in figures.items() if k.startswith(f"refused_agents_{variant}_")]
         if refused:
             figures[f"agent_refusals{suffix}"] = sum(refused)
+    for workload in ("support", "agents"):
+        on, off = figures.get(f"{workload}_ratio"), figures.get(f"{workload}_ratio_novalues")
+        if on is not None and off is not None:
+            figures[f"{workload}_values_vs_off"] = harness.ratio(on, off)
     figures["support_ratio"] = lower("ratio_support_pgwarden_vs_direct")
     figures["bulk_select_ratio"] = fig("ratio_bulk_select_pgwarden_vs_direct")
     figures["bulk_copy_ratio"] = fig("ratio_bulk_copy_pgwarden_vs_direct")

@@ -114,9 +114,15 @@ class Replay:
 
 
 @pytest.fixture(scope="module")
-def replay(pg: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replay]:
+def env(pg: Cluster, tmp_path_factory: pytest.TempPathFactory) -> redteam.Env:
+    return redteam.Env.build(pg, tmp_path_factory.mktemp("valuematch-db"))
+
+
+@pytest.fixture(scope="module")
+def replay(
+    pg: Cluster, env: redteam.Env, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Replay]:
     tmp = tmp_path_factory.mktemp("valuematch")
-    env = redteam.Env.build(pg, tmp)
     policy_file = redteam.policy_without_allow_lists(tmp / "monitor.yaml")
     policy = yaml.safe_load(policy_file.read_text())
     policy["mode"] = "monitor"
@@ -279,3 +285,49 @@ def test_who_saw_finds_a_packed_read_by_key_and_by_value(replay: Replay) -> None
     # A value no customer holds names nobody, and a part of one is not the value.
     local_part = email.split("@")[0]
     assert js(*base, "--value", local_part, "--resolve-dsn", replay.direct) == []
+
+
+def test_customers_quoted_in_unlabelled_text_count_in_the_window(
+    pg: Cluster, env: redteam.Env, tmp_path: Path
+) -> None:
+    """A ticket message (a column with no label) quoting four customers' e-mail addresses is
+    four customers read: with a budget of three an hour, the agent's next read of labelled
+    data is refused.  Without value matching the window would stand at zero."""
+    policy = {
+        "version": 1,
+        "mode": "enforce",
+        "catalog_user": "postgres",
+        "labels": [{"column": "crm.customers.Email", "label": "pii.email"}],
+        "subjects": {"agents": {"users": ["agent_cat"]}},
+        "rules": [
+            {"id": "three-an-hour", "subjects": ["agents"], "labels": ["pii.*"],
+             "window": "1h", "max_records": 3, "action": "block"},
+        ],
+    }  # fmt: skip
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(yaml.safe_dump(policy))
+    quoted = ", ".join(env.ds.customers[i].email for i in (2001, 2002, 2003, 2004))
+    message_id = 20_000_000
+    with psycopg.connect(pg.dsn(database=sdb.DBNAME), autocommit=True) as direct:
+        direct.execute(
+            "INSERT INTO crm.ticket_messages (message_id, ticket_id, author, body) "
+            "SELECT %s, min(ticket_id), 'customer', %s FROM crm.\"Tickets\"",
+            (message_id, f"Please write to all of us: {quoted}"),
+        )
+    proxy = ProxyProcess(
+        pg, tmp_path / "proxy", ["--policy", str(policy_file), "--catalog-user", "postgres"]
+    )
+    try:
+        dsn = proxy.dsn("agent_cat", database=sdb.DBNAME, password=sdb.PASSWORD)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            [(body,)] = conn.execute(
+                "SELECT body FROM crm.ticket_messages WHERE message_id = %s", (message_id,)
+            ).fetchall()
+            assert quoted in body  # unlabelled: it reaches the agent
+            with pytest.raises(psycopg.Error) as refused:
+                conn.execute('SELECT "Email" FROM crm.customers WHERE customer_id = 1').fetchall()
+            assert "three-an-hour" in str(refused.value) or "window" in str(refused.value)
+    finally:
+        assert proxy.stop() == 0
+        with psycopg.connect(pg.dsn(database=sdb.DBNAME), autocommit=True) as direct:
+            direct.execute("DELETE FROM crm.ticket_messages WHERE message_id = %s", (message_id,))
