@@ -1066,6 +1066,14 @@ class Tracker:
         running.prepared = True
         decision = running.decision
         running.scan = self.guard.value_index
+        if running.scan is not None:
+            shape, _formats = self._shape(running)
+            if shape is not None:
+                # Numbers, times, booleans and uuids cannot spell a name or an address.
+                typed = frozenset(i for i, c in enumerate(shape.columns) if c[3] in _NO_TEXT_TYPES)
+                running.scan_skip = typed
+                if len(typed) == len(shape.columns):
+                    running.scan = None
         # Appended columns (proxy.keyfetch) are removed from every row: none skips the walk.
         running.watch = _hidden(decision) > 0
         if decision is None or decision.plan is None:
@@ -1165,6 +1173,7 @@ class Tracker:
                     i for i, col in enumerate(facts.output)
                     if col.labels and i not in facts.value_positions
                 } | {i for _table, positions in running.capture for i in positions}  # fmt: skip
+                skip |= running.scan_skip
                 if len(skip) >= len(facts.output):
                     running.scan = None
                 else:
@@ -1731,6 +1740,10 @@ def _failing_extended() -> bytes:
 # Types whose text form a mask may take ('****', 'a***@example.com'): text, varchar, bpchar,
 # name, and columns whose type is not known (0).
 _TEXT_TYPES = frozenset({0, 19, 25, 705, 1042, 1043})
+# Types whose text form is a number, a time, a boolean or a uuid: value matching skips them.
+_NO_TEXT_TYPES = frozenset(
+    {16, 20, 21, 23, 26, 700, 701, 790, 1082, 1083, 1114, 1184, 1186, 1266, 1700, 2950}
+)
 
 # Fields of a server error or notice that say what kind of failure, never a value: kept.
 # Not the schema, table, column, data type and constraint names (s t c d n): a function's
