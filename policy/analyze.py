@@ -43,23 +43,12 @@ from policy.catalog import Catalog, CatalogColumn, CatalogFunction, CatalogSnaps
 from policy.encoding import foreign_encoding
 from policy.facts import DataCopy, OutputColumn, QueryFacts, RecordKey
 from policy.labels import LabelRules
-from policy.lineage import (
-    SERVER_FILES,
-    SERVER_FILES_TARGET,
-    Columns,
-    Exact,
-    Node,
-    Shared,
-    StatementWalker,
-    Unanalysable,
-    const_int,
-    const_str,
-    iter_nodes,
-    names,
-    node_type,
-    sval,
-    tainted_labels,
-)
+from policy.lineage.base import Unanalysable
+from policy.lineage.builtin import SERVER_FILES, SERVER_FILES_TARGET
+from policy.lineage.model import Columns, Exact
+from policy.lineage.shared import Shared, tainted_labels
+from policy.lineage.tree import Node, const_int, const_str, iter_nodes, names, node_type, sval
+from policy.lineage.walker import StatementWalker
 from policy.normalize import fingerprint, normalize, normalize_and_shape
 from policy.parse import parse_json
 from policy.search_path import DEFAULT_SEARCH_PATH, expand_user, parse_search_path

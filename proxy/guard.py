@@ -21,7 +21,7 @@ from policy.analyze import Analyzer
 from policy.catalog import CatalogSnapshot
 from policy.engine import DB_USER_KEY, Engine, ResultPlan, Subject, Verdict, refusal
 from policy.facts import OutputColumn, QueryFacts
-from policy.lineage import Exact
+from policy.lineage.model import Exact
 from policy.model import Mode, Rule
 from policy.search_path import parse_search_path
 from policy.session_sql import SqlSession

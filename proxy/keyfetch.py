@@ -23,7 +23,8 @@ from dataclasses import replace
 
 from policy.catalog import CatalogSnapshot
 from policy.facts import QueryFacts, SourceColumn
-from policy.lineage import BUILTIN_AGGREGATES, Exact, names_record_by
+from policy.lineage.builtin import BUILTIN_AGGREGATES
+from policy.lineage.model import Exact, names_record_by
 from policy.rewrite import KeyRef, NotRewritten, append_keys
 from proxy.guard import Decision, Guard
 from proxy.messages import ProtocolError, RowDescription, row_values

@@ -44,7 +44,8 @@ from policy.engine import (
 )
 from policy.facts import DataCopy, SourceColumn
 from policy.inflight import Hold
-from policy.lineage import SERVER_FILES_TARGET, names_record_by
+from policy.lineage.builtin import SERVER_FILES_TARGET
+from policy.lineage.model import names_record_by
 from policy.model import Action, Mode
 from proxy import commands as cmd
 from proxy.codec import FrameReader
