@@ -3,7 +3,7 @@ and the layers below it.  Queries and their set operations, VALUES, WITH (recurs
 fixpoint), target lists and ``*``, and the data-modifying statements with their targets,
 assignments, ON CONFLICT and RETURNING; SELECT INTO and writes record the copies they make.
 A walker is one-shot: it analyses one statement and fills the accumulators that
-``policy.analyze`` turns into a ``QueryFacts``.
+``policy.statement_facts`` turns into a ``QueryFacts``.
 """
 
 from __future__ import annotations
