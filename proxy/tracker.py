@@ -33,20 +33,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from audit.ledger import pk_bytes
-from policy.engine import (
-    Finding,
-    KnowCheck,
-    ResultPlan,
-    RowLimit,
-    Verdict,
-    budget_key,
-    window_rule_key,
-)
 from policy.facts import DataCopy, SourceColumn
 from policy.inflight import Hold
 from policy.lineage.builtin import SERVER_FILES_TARGET
 from policy.lineage.model import names_record_by
 from policy.model import Action, Mode
+from policy.subject import budget_key, window_rule_key
+from policy.verdict import Finding, KnowCheck, ResultPlan, RowLimit, Verdict
 from proxy import commands as cmd
 from proxy.codec import FrameReader
 from proxy.copyrows import BinaryCopyRowReader, CopyRowReader, reader_for
