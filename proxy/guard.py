@@ -28,7 +28,8 @@ from policy.session_sql import SqlSession
 from policy.subject import DB_USER_KEY, Subject
 from policy.verdict import ResultPlan, Verdict, refusal
 from proxy import commands as cmd
-from proxy.messages import RowDescription, result_format
+from proxy.messages.backend import RowDescription
+from proxy.messages.heads import result_format
 
 # sqlcommenter puts key='value' pairs in a trailing /* */ comment; values are URL-encoded.
 _COMMENT_END_USER = re.compile(r"/\*[^*]*?\bend_user\s*=\s*'([^']{1,300})'[^*]*\*/")

@@ -27,7 +27,8 @@ from policy.lineage.builtin import BUILTIN_AGGREGATES
 from policy.lineage.model import Exact, names_record_by
 from policy.rewrite import KeyRef, NotRewritten, append_keys
 from proxy.guard import Decision, Guard
-from proxy.messages import ProtocolError, RowDescription, row_values
+from proxy.messages.backend import RowDescription, row_values
+from proxy.messages.errors import ProtocolError
 
 _STATELESS = frozenset(("select", "transaction", "variable_set", "variable_show"))
 _I16 = struct.Struct("!h")

@@ -46,25 +46,17 @@ from proxy.copyrows import BinaryCopyRowReader, CopyRowReader, reader_for
 from proxy.guard import ColumnInfo, Decision, Guard, ResultShape, raise_statement
 from proxy.keyfetch import bind_with_keys, strip_description, strip_row, with_keys
 from proxy.masking import mask_value
-from proxy.messages import (
-    Bind,
-    ClientProtocolError,
-    Close,
+from proxy.messages.backend import (
     CommandComplete,
     DataRow,
     ErrorResponse,
-    Execute,
     NoticeResponse,
     ParameterStatus,
-    Parse,
-    ProtocolError,
-    Query,
-    bind_head,
-    execute_head,
-    parse_head,
     row_values,
-    target_head,
 )
+from proxy.messages.errors import ClientProtocolError, ProtocolError
+from proxy.messages.frontend import Bind, Close, Execute, Parse, Query
+from proxy.messages.heads import bind_head, execute_head, parse_head, target_head
 from proxy.metrics import Stats
 
 _Q, _P, _B, _D, _E, _C, _S, _H, _F, _X = (ord(c) for c in "QPBDECSHFX")

@@ -11,7 +11,7 @@ from pglast.parser import parse_sql_json
 
 from policy.utility_facts import copy_options
 from proxy.copyrows import reader_for
-from proxy.messages import ProtocolError
+from proxy.messages.errors import ProtocolError
 from proxy.sandbox.cluster import Cluster
 
 TRICKY = [
