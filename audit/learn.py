@@ -28,8 +28,9 @@ from rich.table import Table
 
 from audit.query import Filters, QueryError, Store, export, open_store, parse_time
 from policy import allowlist
-from policy.engine import Engine, Subject
+from policy.engine import Engine
 from policy.model import Policy, PolicyError, load_policy
+from policy.subject import Subject
 
 T = TypeVar("T")
 

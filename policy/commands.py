@@ -12,8 +12,10 @@ from rich.table import Table
 
 from policy.analyze import Analyzer
 from policy.catalog import CatalogSnapshot
-from policy.engine import Engine, Subject, Verdict
+from policy.engine import Engine
 from policy.model import Action, Policy, PolicyError, PolicyTest, json_schema, load_policy
+from policy.subject import Subject
+from policy.verdict import Verdict
 
 DEFAULT_SCHEMA = Path(__file__).resolve().parent.parent / "config" / "support_schema.sql"
 

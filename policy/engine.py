@@ -13,16 +13,16 @@ Order of evaluation for one statement, first refusal wins:
 4. window limits already used up (refused before execution);
 then the statement runs with a ``ResultPlan``: per-statement and remaining-window row limits,
 masking, canaries.  Rules in monitor mode are evaluated the same way but only reported.
+
+This module owns that order, the caches that make a repeated statement cheap, and the plan
+outline with its window limits filled in.  The values it returns are in ``policy.verdict``,
+who the subject is in ``policy.subject``, and the checks that refuse a statement on its facts
+alone (deny rules, soundness) in ``policy.statement_checks``.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import functools
-import ipaddress
-import re
 import time
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,38 +32,10 @@ from policy.allowlist import AllowList, AllowListError
 from policy.allowlist import load as load_allow_list
 from policy.facts import QueryFacts
 from policy.inflight import InFlight
-from policy.model import (
-    DANGEROUS_FUNCTIONS,
-    Action,
-    Check,
-    Mode,
-    Policy,
-    PolicyError,
-    Rule,
-    SubjectMatch,
-    parse_hours,
-)
-
-BLOCK_SQLSTATE = "42501"  # insufficient_privilege: what PostgreSQL itself uses for "not allowed"
-
-
-@dataclass(frozen=True, slots=True)
-class Subject:
-    """Who sent a statement, as the proxy knows it."""
-
-    user: str
-    database: str = ""
-    application: str = ""
-    client_addr: str = ""
-    end_user: str | None = None
-    roles: frozenset[str] = frozenset()
-
-    @property
-    def key(self) -> str:
-        """The identity window counters and quarantine are kept under: the person, named
-        by the application or logged in as themselves (agent_ann through the helpdesk
-        account and agent_ann with her own role are one budget, one quarantine)."""
-        return f"person:{self.end_user or self.user}"
+from policy.model import Action, Check, Mode, Policy, PolicyError, Rule
+from policy.statement_checks import beyond_analysis, deny_reason, know_table
+from policy.subject import DB_USER_KEY, Subject, budget_key, subject_matches, window_rule_key
+from policy.verdict import ALLOW, Finding, KnowCheck, ResultPlan, RowLimit, Verdict, refusal
 
 
 class CountersView(Protocol):
@@ -98,153 +70,6 @@ class NoCounters:
 
     def cached_quarantine(self, subject: str) -> float | None:
         return None
-
-
-@dataclass(frozen=True, slots=True)
-class Finding:
-    """One rule that fired."""
-
-    rule_id: str
-    action: Action
-    reason: str
-    monitored: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class RowLimit:
-    """A cap on labelled rows/bytes for one statement's result."""
-
-    rule_id: str
-    max_rows: int | None
-    max_bytes: int | None
-    labels: frozenset[str]
-    reason: str
-    action: Action
-    monitored: bool
-    window: float | None = None  # set when the cap is what is left of a window
-    per: tuple[str, ...] = ()  # whose counters the window is kept in (see ``budget_key``)
-
-
-@dataclass(frozen=True, slots=True)
-class KnowCheck:
-    """Rows of ``table`` may reach the subject only if their key is in the rule's lookup."""
-
-    rule_id: str
-    table: str  # schema.table
-    key_column: str
-    withhold: bool  # True: drop the row; False: refuse the statement (or mask it)
-    monitored: bool
-    mask_style: str | None = None  # set: the row passes with its labelled values masked
-
-
-@functools.lru_cache(maxsize=64)
-def _canary_search(
-    values: tuple[bytes, ...],
-) -> Callable[[bytes, int, int], re.Match[bytes] | None]:
-    """One search for all canary values (built once per set of values: a plan is made for
-    every statement of a subject with windows)."""
-    return re.compile(b"|".join(re.escape(v) for v in values)).search
-
-
-@dataclass(frozen=True, slots=True)
-class ResultPlan:
-    """How the session watches one statement's result."""
-
-    labels: frozenset[str]
-    limits: tuple[RowLimit, ...] = ()
-    mask: dict[str, str] = field(default_factory=dict)  # label -> style
-    canary_values: tuple[bytes, ...] = ()
-    canary_keys: dict[str, frozenset[str]] = field(default_factory=dict)  # table -> keys
-    canary_rules: tuple[Finding, ...] = ()
-    # The canary rule that refuses a result holding a canary (its action blocks, it is not
-    # monitored): the result is cut off before that row reaches the client.
-    canary_cut: Finding | None = None
-    window_rules: tuple[Rule, ...] = ()
-    need_to_know: tuple[KnowCheck, ...] = ()
-    # One search for all canary values: a row is scanned once, not once per value.
-    canary_search: Callable[[bytes, int, int], re.Match[bytes] | None] | None = field(
-        default=None, compare=False
-    )
-
-    # Whether the result may be cut off part-way (see proxy.guard.Decision.limited).
-    may_cut: bool = field(default=False, init=False, compare=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(
-            self,
-            "may_cut",
-            bool(
-                self.limits
-                or self.mask
-                or self.canary_cut
-                or any(not k.withhold for k in self.need_to_know)
-            ),
-        )
-        if self.canary_values and self.canary_search is None:
-            object.__setattr__(self, "canary_search", _canary_search(self.canary_values))
-
-    @property
-    def needs_rows(self) -> bool:
-        """Whether the session must look at rows at all (beyond counting them)."""
-        return bool(self.mask or self.canary_values or self.canary_keys or self.need_to_know)
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    action: Action
-    rule_id: str | None = None
-    message: str = ""
-    hint: str | None = None
-    sqlstate: str = BLOCK_SQLSTATE
-    findings: tuple[Finding, ...] = ()
-    plan: ResultPlan | None = None
-    # False when the refusal is pgwarden failing closed (its counter store is unreachable),
-    # not something the subject did: it must not count towards a quarantine.
-    offence: bool = True
-
-    @property
-    def blocks(self) -> bool:
-        return self.action in (Action.BLOCK, Action.END_SESSION, Action.QUARANTINE)
-
-
-ALLOW = Verdict(Action.ALLOW)
-
-
-def refusal(rule_id: str, reason: str, action: Action = Action.BLOCK, hint: str | None = None,
-            findings: tuple[Finding, ...] = (), offence: bool = True) -> Verdict:  # fmt: skip
-    return Verdict(
-        action, rule_id, f"pgwarden: blocked by rule {rule_id}: {reason}", hint, BLOCK_SQLSTATE,
-        findings, offence=offence,
-    )  # fmt: skip
-
-
-def _glob_any(value: str | None, patterns: Iterable[str]) -> bool:
-    return value is not None and any(fnmatch.fnmatchcase(value, p) for p in patterns)
-
-
-def subject_matches(match: SubjectMatch, s: Subject, now: datetime) -> bool:
-    if match.users is not None and not _glob_any(s.user, match.users):
-        return False
-    if match.roles is not None and not (set(match.roles) & (s.roles | {s.user})):
-        return False
-    if match.applications is not None and not _glob_any(s.application, match.applications):
-        return False
-    if match.end_users is not None and not _glob_any(s.end_user, match.end_users):
-        return False
-    if match.client_cidrs is not None:
-        try:
-            addr = ipaddress.ip_address(s.client_addr)
-        except ValueError:
-            return False
-        if not any(addr in ipaddress.ip_network(c, strict=False) for c in match.client_cidrs):
-            return False
-    if match.hours is not None:
-        start, end = parse_hours(match.hours)
-        t = now.time()
-        inside = start <= t <= end if start <= end else (t >= start or t <= end)
-        if not inside:
-            return False
-    return True
 
 
 class Engine:
@@ -495,7 +320,7 @@ class Engine:
         for rule in rules:
             if rule.deny is None:
                 continue
-            denied = self._deny_reason(rule, facts)
+            denied = deny_reason(rule, facts)
             if denied is None:
                 continue
             reason = denied
@@ -513,7 +338,7 @@ class Engine:
                     )
                 )
 
-        unsound = self._beyond_analysis(facts, rules, findings)
+        unsound = beyond_analysis(facts, rules, findings, self._monitored, self.policy.fail_closed)
         if unsound is not None:
             return _Static(unsound)
 
@@ -522,154 +347,6 @@ class Engine:
         if facts.copy_direction == "to" and facts.copy_target == "stdout":
             st.copy_unmasked = self._copy_unmasked(rules, st.mask, st.need_to_know)
         return st
-
-    def _beyond_analysis(
-        self, facts: QueryFacts, rules: list[Rule], findings: list[Finding]
-    ) -> Verdict | None:
-        """The refusals that keep enforcement sound whatever the SQL (DESIGN.md, "How
-        enforcement stays sound"), for subjects with limits:
-
-        * a relation name resolution could not find is *unknown*, never "unlabelled";
-        * a labelled value may leave only in a column fed by one record per output row: an
-          aggregate, an ARRAY sublink, a window function reading other rows or a recursive
-          CTE that combines labelled values of many records is refused, whatever its shape;
-          so is a write that stores such a value (to be read back as one later) and a
-          labelled notification payload (which nothing counts or masks).
-
-        Readable deny rules (``packing_aggregates`` ...) are judged first and name the
-        refusal when they match; these two hold where no rule names the shape. A refusal
-        under a monitored rule is a monitored finding instead. None: nothing to refuse.
-        """
-        limiting = [
-            r for r in rules if r.kind in ("statement_limit", "window", "deny", "need_to_know")
-        ]
-        if not limiting:
-            return None
-        checks: list[tuple[str, str, str, list[Rule]]] = []
-        if facts.kind not in LIMITED_KINDS:
-            checks.append((
-                "code-and-names",
-                f"a subject with limits cannot run {_statement_words(facts.normalized)}: "
-                "views, rules, triggers, functions, operators, casts, types, indexes and "
-                "ALTER or RENAME define code or change what a name means, and that code would "
-                "run where pgwarden does not see it",
-                "ask someone the rules do not limit (a DBA) to change the schema",
-                limiting,
-            ))  # fmt: skip
-        if facts.unknown and self.policy.fail_closed:
-            checks.append((
-                "fail-closed",
-                f"relation {', '.join(facts.unknown)} is not in pgwarden's catalog, so what it "
-                "holds cannot be known",
-                "check the name and the session's search_path; a table created moments ago is "
-                "known once pgwarden's catalog has been refreshed",
-                limiting,
-            ))  # fmt: skip
-        packed = facts.combined_labels
-        if packed:
-            covering = [
-                r for r in limiting
-                if (r.kind == "need_to_know" and _know_table(r) in facts.relations_read)
-                or any(r.covers_label(lb) for lb in packed)
-            ]  # fmt: skip
-            if covering:
-                checks.append((
-                    "one-record-per-row",
-                    f"{', '.join(sorted(packed))} of many records would reach the client "
-                    "combined in one value (an aggregate, an ARRAY subquery, a window function "
-                    "or a recursive query)",
-                    "read labelled columns row by row: one customer's values per row",
-                    covering,
-                ))  # fmt: skip
-        packed_copies = frozenset().union(*(cp.combined_labels for cp in facts.copies))
-        notified = frozenset().union(
-            *(cp.labels for cp in facts.copies if cp.target == "pg_catalog.pg_notify")
-        )
-        settings = frozenset().union(
-            *(
-                cp.labels for cp in facts.copies
-                if cp.target in ("pg_catalog.set_config", "pg_catalog.pg_locks")
-            )
-        )  # fmt: skip
-        for labels, rule_id, reason, hint in (
-            (
-                packed_copies, "one-record-per-row",
-                f"it would store {', '.join(sorted(packed_copies))} of many records combined "
-                "in one value, to be read back as one",
-                "copy labelled columns row by row: one customer's values per row",
-            ),
-            (
-                notified, "one-record-per-row",
-                f"it would send {', '.join(sorted(notified))} in notification payloads, which "
-                "pgwarden cannot count or mask",
-                "read labelled columns with SELECT, where pgwarden applies the rules",
-            ),
-            (
-                settings, "one-record-per-row",
-                f"it would keep {', '.join(sorted(settings))} in a setting (set_config) or "
-                "the keys of advisory locks, to be read back past every limit",
-                "read labelled columns with SELECT, where pgwarden applies the rules",
-            ),
-        ):  # fmt: skip
-            if labels:
-                covering = [r for r in limiting if any(r.covers_label(lb) for lb in labels)]
-                if covering:
-                    checks.append((rule_id, reason, hint, covering))
-        for rule_id, reason, hint, covering in checks:
-            if all(self._monitored(r) for r in covering):
-                findings.append(Finding(rule_id, Action.BLOCK, reason, monitored=True))
-                continue
-            return refusal(
-                rule_id, reason, hint=hint,
-                findings=(*findings, Finding(rule_id, Action.BLOCK, reason)),
-            )  # fmt: skip
-        return None
-
-    def _deny_reason(self, rule: Rule, f: QueryFacts) -> str | None:
-        assert rule.deny is not None
-        labelled = frozenset(
-            lb for lb in f.output_labels | f.copied_labels if rule.covers_label(lb)
-        )
-        for check in rule.deny:
-            if check is Check.COPY_PROGRAM and f.copy_program:
-                return "COPY ... PROGRAM runs commands on the database server"
-            if (
-                check is Check.COPY_OUT
-                and f.copy_direction == "to"
-                and (labelled or f.copy_program)
-            ):
-                return (
-                    f"COPY ... TO of labelled data ({', '.join(sorted(labelled))}) is not allowed"
-                )
-            if check is Check.SELECT_STAR and f.star_tables and labelled:
-                return f"SELECT * or a whole-row read of {', '.join(sorted(f.star_tables))} returns labelled columns"
-            if (
-                check is Check.UNBOUNDED_SCAN
-                and labelled
-                and not f.has_where
-                and not f.has_limit
-                and f.kind in ("select", "copy", "declare_cursor", "execute")
-            ):
-                return "reading labelled data needs a WHERE clause or a LIMIT"
-            if check is Check.DANGEROUS_FUNCTIONS:
-                bad = sorted(
-                    fn for fn in f.functions if fn.rsplit(".", 1)[-1] in DANGEROUS_FUNCTIONS
-                )
-                if bad:
-                    return f"function {', '.join(bad)} reads server files or other databases"
-            if check is Check.PACKING_AGGREGATES:
-                for p in f.packing:
-                    packed = frozenset(lb for lb in p.labels if rule.covers_label(lb))
-                    if packed:
-                        return f"{p.function}() packs many rows of {', '.join(sorted(packed))} into one value"
-            if check is Check.COPY_INTO_TABLES:
-                for c in f.copies:
-                    copied = frozenset(lb for lb in c.labels if rule.covers_label(lb))
-                    if copied:
-                        return f"copying {', '.join(sorted(copied))} into {c.target} is not allowed"
-            if check is Check.UNANALYSABLE and f.unanalysable:
-                return f"the statement cannot be analysed ({f.unanalysable})"
-        return None
 
     def _window_used(self, s: Subject, rule: Rule, labels: frozenset[str]) -> int:
         return self._window_spent(s, rule, labels)[0]
@@ -732,7 +409,7 @@ class Engine:
             elif kind == "need_to_know":
                 ntk = rule.need_to_know
                 assert ntk is not None
-                table = _know_table(rule)
+                table = know_table(rule)
                 if table in facts.relations_read and facts.output:
                     know.append(KnowCheck(
                         rule.id, table, ntk.key_column, ntk.on_violation == "withhold",
@@ -849,13 +526,6 @@ def _per_row(max_rows: int | None, facts: QueryFacts) -> int | None:
     return max_rows // facts.records_per_row
 
 
-def _know_table(rule: Rule) -> str:
-    """The schema-qualified table of a need-to-know rule."""
-    assert rule.need_to_know is not None
-    table = rule.need_to_know.table
-    return table if "." in table else f"public.{table}"
-
-
 # Statements that return rows though the analysis lists no output column of their own.
 _ROWS_WITHOUT_OUTPUT = frozenset(("copy", "fetch", "execute", "call", "explain"))
 
@@ -879,47 +549,10 @@ def _canary_cut(facts: QueryFacts, canary_rules: list[Finding]) -> Finding | Non
     )  # fmt: skip
 
 
-DB_USER_KEY = "db_user:"
-
-
-def budget_key(per: str, s: Subject) -> str:
-    """The subject key a window's counters are kept under for one of its budgets (a rule's
-    ``per``): the person's (``end_user:alice``, or ``user:support_app`` for a statement
-    naming no end user) or the database user's, all its end users together
-    (``db_user:support_app``: apart from ``user:``, which is that user's own statements)."""
-    return DB_USER_KEY + s.user if per == "db_user" else s.key
-
-
-def window_rule_key(rule_id: str) -> str:
-    """The window-store 'label' under which a window rule counts everything it covers."""
-    return f"rule:{rule_id}"
-
-
-# What a subject with limits may run: statements pgwarden analyses, and DDL that defines no
-# code and changes what no name means (CREATE TABLE is checked for functions it would call).
-# Everything else (views, rules, triggers, functions, operators, casts, types, indexes,
-# ALTER, RENAME, COMMENT, GRANT ...) is refused: a positive list, not a list of bad shapes.
-LIMITED_KINDS = frozenset({
-    "select", "select_into", "insert", "update", "delete", "merge", "copy", "explain", "call",
-    "transaction", "variable_set", "variable_show", "discard", "prepare", "execute",
-    "deallocate", "declare_cursor", "fetch", "move", "close_portal", "listen", "unlisten",
-    "notify", "lock", "vacuum", "create", "create_table_as", "create_seq", "drop",
-    "truncate", "do", "unknown",
-})  # fmt: skip
-
-
 # What a quarantined subject may still run: statements that end or let go of something
 # and read nothing (a ROLLBACK refused would leave the session stuck in a failed
 # transaction, holding its locks).
 _ENDINGS = frozenset({"transaction", "close_portal", "deallocate", "discard", "unlisten"})
-
-
-def _statement_words(normalized: str) -> str:
-    """``CREATE VIEW``, ``CREATE OR REPLACE FUNCTION``, ``ALTER TABLE``: what a statement is."""
-    words = normalized.split()[:4]
-    n = 4 if len(words) > 1 and words[1].lower() == "or" else 2
-    picked = [w.upper() for w in words[:n] if w.isalpha()]
-    return " ".join(picked) or "this statement"
 
 
 def _short(text: str, most: int = 80) -> str:

@@ -16,7 +16,9 @@ from pglast import parser as _pg
 
 from policy.catalog import CatalogColumn, CatalogRelation, CatalogSnapshot
 from policy.labels import parse_comment_labels
-from policy.lineage import Shared, StatementWalker, names, node_type
+from policy.lineage.shared import Shared
+from policy.lineage.tree import names, node_type
+from policy.lineage.walker import StatementWalker
 from policy.parse import parse_json
 from policy.search_path import DEFAULT_SEARCH_PATH
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 
-from proxy.messages import ClientProtocolError, ProtocolError, ServerProtocolError
+from proxy.messages.errors import ClientProtocolError, ProtocolError, ServerProtocolError
 
 _HEADER = struct.Struct("!Bi")  # type byte, length (which counts itself)
 _LEN = struct.Struct("!i")

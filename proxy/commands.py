@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from policy.inflight import Hold
-from proxy.messages import StartupMessage
+from proxy.messages.startup import StartupMessage
 
 
 @dataclass(frozen=True, slots=True)

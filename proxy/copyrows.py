@@ -18,7 +18,7 @@ import re
 import struct
 from collections.abc import Iterator
 
-from proxy.messages import ProtocolError
+from proxy.messages.errors import ProtocolError
 
 # A COPY field can be as big as a PostgreSQL value (1 GB); the csv module stops at 128 KB
 # unless told otherwise, which would end the session of whoever copies a long text.

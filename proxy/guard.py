@@ -20,15 +20,18 @@ from dataclasses import dataclass, field, replace
 from policy import enduser
 from policy.analyze import Analyzer
 from policy.catalog import CatalogSnapshot
-from policy.engine import DB_USER_KEY, Engine, ResultPlan, Subject, Verdict, refusal
+from policy.engine import Engine
 from policy.facts import OutputColumn, QueryFacts
-from policy.lineage import Exact
+from policy.lineage.model import Exact
 from policy.model import Mode, Rule
 from policy.search_path import parse_search_path
 from policy.session_sql import SqlSession
+from policy.subject import DB_USER_KEY, Subject
 from policy.valueindex import ValueIndex
+from policy.verdict import ResultPlan, Verdict, refusal
 from proxy import commands as cmd
-from proxy.messages import RowDescription, result_format
+from proxy.messages.backend import RowDescription
+from proxy.messages.heads import result_format
 
 # sqlcommenter puts key='value' pairs in a trailing /* */ comment; values are URL-encoded.
 _COMMENT_END_USER = re.compile(r"/\*[^*]*?\bend_user\s*=\s*'([^']{1,300})'[^*]*\*/")

@@ -23,10 +23,12 @@ from dataclasses import replace
 
 from policy.catalog import CatalogSnapshot
 from policy.facts import QueryFacts, SourceColumn
-from policy.lineage import BUILTIN_AGGREGATES, Exact, names_record_by
+from policy.lineage.builtin import BUILTIN_AGGREGATES
+from policy.lineage.model import Exact, names_record_by
 from policy.rewrite import KeyRef, NotRewritten, append_keys
 from proxy.guard import Decision, Guard
-from proxy.messages import ProtocolError, RowDescription, row_values
+from proxy.messages.backend import RowDescription, row_values
+from proxy.messages.errors import ProtocolError
 
 _STATELESS = frozenset(("select", "transaction", "variable_set", "variable_show"))
 _I16 = struct.Struct("!h")

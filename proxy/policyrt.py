@@ -25,11 +25,12 @@ from audit.events import Subject as AuditSubject
 from audit.pipeline import AuditTrail, AuditUnavailable, Receipt
 from policy.analyze import Analyzer
 from policy.catalog import DEFAULT_MAX_DELAY, DEFAULT_SETTLE, Catalog
-from policy.engine import Engine, Subject
+from policy.engine import Engine
 from policy.inflight import InFlight
 from policy.model import Action, Policy, PolicyError, load_policy
 from policy.ownconn import DEFAULT_IDLE_TIMEOUT, IdleConnection
 from policy.state import StoreUnavailable, WindowStore, open_window_store
+from policy.subject import Subject
 from proxy import commands as cmd
 from proxy.guard import Guard
 from proxy.metrics import Stats

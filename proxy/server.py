@@ -29,7 +29,8 @@ import structlog
 
 from proxy import commands as cmd
 from proxy.config import ProxyConfig, UpstreamTLSMode
-from proxy.messages import CancelRequest, ProtocolError, SSLRequest, StartupMessage, decode_startup
+from proxy.messages.errors import ProtocolError
+from proxy.messages.startup import CancelRequest, SSLRequest, StartupMessage, decode_startup
 from proxy.metrics import Stats
 from proxy.session import Session, SessionSettings, error_bytes
 

@@ -22,21 +22,20 @@ from typing import TYPE_CHECKING
 from policy.encoding import foreign_encoding
 from proxy import commands as cmd
 from proxy.codec import FrameReader, FrameScanner, StartupReader
-from proxy.messages import (
+from proxy.messages.backend import (
     AUTH_OK,
     AUTH_SASL,
     Authentication,
     BackendKeyData,
-    CancelRequest,
-    ClientProtocolError,
     DataRow,
     ErrorResponse,
-    GSSENCRequest,
     ParameterStatus,
-    ProtocolError,
-    Query,
-    SASLInitialResponse,
-    ServerProtocolError,
+)
+from proxy.messages.errors import ClientProtocolError, ProtocolError, ServerProtocolError
+from proxy.messages.frontend import Query, SASLInitialResponse
+from proxy.messages.startup import (
+    CancelRequest,
+    GSSENCRequest,
     SSLRequest,
     StartupMessage,
     decode_startup,

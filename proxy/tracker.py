@@ -33,45 +33,31 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from audit.ledger import pk_bytes
-from policy.engine import (
-    Finding,
-    KnowCheck,
-    ResultPlan,
-    RowLimit,
-    Verdict,
-    budget_key,
-    window_rule_key,
-)
 from policy.facts import DataCopy, SourceColumn
 from policy.inflight import Hold
-from policy.lineage import SERVER_FILES_TARGET, names_record_by
+from policy.lineage.builtin import SERVER_FILES_TARGET
+from policy.lineage.model import names_record_by
 from policy.model import Action, Mode
+from policy.subject import budget_key, window_rule_key
 from policy.valueindex import ValueIndex
+from policy.verdict import Finding, KnowCheck, ResultPlan, RowLimit, Verdict
 from proxy import commands as cmd
 from proxy.codec import FrameReader
 from proxy.copyrows import BinaryCopyRowReader, CopyRowReader, reader_for
 from proxy.guard import ColumnInfo, Decision, Guard, ResultShape, raise_statement
 from proxy.keyfetch import bind_with_keys, strip_description, strip_row, with_keys
 from proxy.masking import mask_value
-from proxy.messages import (
-    Bind,
-    ClientProtocolError,
-    Close,
+from proxy.messages.backend import (
     CommandComplete,
     DataRow,
     ErrorResponse,
-    Execute,
     NoticeResponse,
     ParameterStatus,
-    Parse,
-    ProtocolError,
-    Query,
-    bind_head,
-    execute_head,
-    parse_head,
     row_values,
-    target_head,
 )
+from proxy.messages.errors import ClientProtocolError, ProtocolError
+from proxy.messages.frontend import Bind, Close, Execute, Parse, Query
+from proxy.messages.heads import bind_head, execute_head, parse_head, target_head
 from proxy.metrics import Stats
 
 _Q, _P, _B, _D, _E, _C, _S, _H, _F, _X = (ord(c) for c in "QPBDECSHFX")

@@ -26,7 +26,8 @@ from typing import Any
 
 import yaml
 
-from proxy.messages import PROTOCOL_3_0, ErrorResponse, SSLRequest, StartupMessage
+from proxy.messages.backend import ErrorResponse
+from proxy.messages.startup import PROTOCOL_3_0, SSLRequest, StartupMessage
 from proxy.sandbox.cluster import Cluster, free_port, free_ports
 
 _HEADER = struct.Struct("!BI")

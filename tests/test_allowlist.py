@@ -19,10 +19,11 @@ import yaml
 
 from policy import allowlist
 from policy.analyze import Analyzer
-from policy.engine import Engine, Subject
+from policy.engine import Engine
 from policy.model import Action, PolicyError, load_policy
 from policy.schema_sql import snapshot_from_sql
 from policy.session_sql import SqlSession
+from policy.subject import Subject
 from proxy.sandbox.cluster import Cluster, schema_sql
 from tests.proxyutil import pgwarden_command, start_with_policy
 

@@ -19,7 +19,8 @@ import psycopg
 import pytest
 import yaml
 
-from proxy.messages import Bind, DataRow, Describe, ErrorResponse, Execute, Parse, Query, Sync
+from proxy.messages.backend import DataRow, ErrorResponse
+from proxy.messages.frontend import Bind, Describe, Execute, Parse, Query, Sync
 from proxy.sandbox.cluster import Cluster
 from tests.proxyutil import ProxyProcess, RawClient, start_with_policy
 from tests.support_data import DB, POLICY

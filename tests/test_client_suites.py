@@ -11,7 +11,7 @@ import psycopg
 import pytest
 import yaml
 
-from proxy.messages import Bind, Execute, Parse, Query, Sync
+from proxy.messages.frontend import Bind, Execute, Parse, Query, Sync
 from proxy.sandbox.cluster import Cluster
 from tests.conftest import ProxyFactory
 from tests.proxyutil import ProxyProcess, RawClient, audited_config, error_of, wait_until

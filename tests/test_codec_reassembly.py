@@ -7,7 +7,9 @@ import random
 import pytest
 
 from proxy.codec import FrameReader, FrameScanner
-from proxy.messages import Bind, DataRow, ErrorResponse, ProtocolError, Query, ReadyForQuery, Sync
+from proxy.messages.backend import DataRow, ErrorResponse, ReadyForQuery
+from proxy.messages.errors import ProtocolError
+from proxy.messages.frontend import Bind, Query, Sync
 
 
 def test_frames_split_anywhere_are_reassembled() -> None:

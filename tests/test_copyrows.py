@@ -9,9 +9,9 @@ import psycopg
 import pytest
 from pglast.parser import parse_sql_json
 
-from policy.analyze import _copy_options
+from policy.utility_facts import copy_options
 from proxy.copyrows import reader_for
-from proxy.messages import ProtocolError
+from proxy.messages.errors import ProtocolError
 from proxy.sandbox.cluster import Cluster
 
 TRICKY = [
@@ -58,7 +58,7 @@ def test_fields_come_back_as_postgresql_wrote_them(pg: Cluster, table: str, opti
             messages = [bytes(m) for m in copy]  # one CopyData message each, as sent
     # the options as the analyser records them for the statement
     node = json.loads(parse_sql_json(sql))["stmts"][0]["stmt"]["CopyStmt"]
-    reader = reader_for(_copy_options(node), binary=False)
+    reader = reader_for(copy_options(node), binary=False)
     assert reader is not None
     rows = [fields for m in messages for fields in reader.rows(m)]
     want = [[str(i).encode(), None if v is None else v.encode()] for i, v in enumerate(TRICKY)]

@@ -24,15 +24,8 @@ import psycopg
 import pytest
 import yaml
 
-from proxy.messages import (
-    Bind,
-    DataRow,
-    ErrorResponse,
-    Execute,
-    Parse,
-    Query,
-    Sync,
-)
+from proxy.messages.backend import DataRow, ErrorResponse
+from proxy.messages.frontend import Bind, Execute, Parse, Query, Sync
 from proxy.sandbox.cluster import Cluster
 from tests.proxyutil import (
     ProxyProcess,

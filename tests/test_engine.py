@@ -10,10 +10,12 @@ import pytest
 import yaml
 
 from policy.analyze import Analyzer
-from policy.engine import Engine, Subject, Verdict
+from policy.engine import Engine
 from policy.model import Action, load_policy_text
 from policy.schema_sql import snapshot_from_sql
 from policy.state import MemoryWindowStore
+from policy.subject import Subject
+from policy.verdict import Verdict
 from proxy.policyrt import _Counters
 from proxy.sandbox.cluster import schema_sql
 

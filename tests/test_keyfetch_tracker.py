@@ -12,21 +12,16 @@ import asyncpg
 import pytest
 
 from proxy import commands as cmd
-from proxy.messages import (
-    Bind,
+from proxy.messages.backend import (
     BindComplete,
     CommandComplete,
     DataRow,
-    Describe,
-    Execute,
     Field,
-    Parse,
     ParseComplete,
-    Query,
     ReadyForQuery,
     RowDescription,
-    Sync,
 )
+from proxy.messages.frontend import Bind, Describe, Execute, Parse, Query, Sync
 from proxy.sandbox.cluster import Cluster
 from proxy.tracker import Tracker
 from tests.support_data import DB

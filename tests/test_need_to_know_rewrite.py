@@ -17,18 +17,8 @@ import psycopg
 import pytest
 import yaml
 
-from proxy.messages import (
-    Bind,
-    CommandComplete,
-    DataRow,
-    Describe,
-    ErrorResponse,
-    Execute,
-    Parse,
-    Query,
-    RowDescription,
-    Sync,
-)
+from proxy.messages.backend import CommandComplete, DataRow, ErrorResponse, RowDescription
+from proxy.messages.frontend import Bind, Describe, Execute, Parse, Query, Sync
 from proxy.sandbox.cluster import Cluster
 from tests.proxyutil import ProxyProcess, RawClient
 from tests.support_data import DB

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from loadtests import fuzz_sessions as fz
-from proxy.messages import PROTOCOL_3_0, Query, StartupMessage, frame
+from proxy.messages.frontend import Query
+from proxy.messages.startup import PROTOCOL_3_0, StartupMessage
+from proxy.messages.wire import frame
 from proxy.sandbox.cluster import Cluster
 from tests.proxyutil import ProxyProcess, RawClient, error_of, messages_until_eof, wait_until
 from tests.support_data import POLICY

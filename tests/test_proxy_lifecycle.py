@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from psycopg import errors
 
-from proxy.messages import Query
+from proxy.messages.frontend import Query
 from proxy.sandbox.cluster import Cluster, free_port
 from tests.conftest import ProxyFactory
 from tests.proxyutil import (

@@ -16,20 +16,9 @@ import asyncpg
 import psycopg
 import pytest
 
-from proxy.messages import (
-    PROTOCOL_3_0,
-    Bind,
-    CancelRequest,
-    CopyData,
-    ErrorResponse,
-    Execute,
-    GSSENCRequest,
-    Parse,
-    Query,
-    StartupMessage,
-    Sync,
-    Terminate,
-)
+from proxy.messages.backend import ErrorResponse
+from proxy.messages.frontend import Bind, CopyData, Execute, Parse, Query, Sync, Terminate
+from proxy.messages.startup import PROTOCOL_3_0, CancelRequest, GSSENCRequest, StartupMessage
 from proxy.sandbox.cluster import Cluster
 from tests.conftest import ProxyFactory
 from tests.proxyutil import ProxyProcess, RawClient, error_of, messages_until_eof, wait_until

@@ -13,7 +13,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from proxy.messages import PROTOCOL_3_0, SSLRequest, StartupMessage
+from proxy.messages.startup import PROTOCOL_3_0, SSLRequest, StartupMessage
 from proxy.sandbox.cluster import Cluster
 from tests.conftest import ProxyFactory
 from tests.proxyutil import ProxyProcess, RawClient, error_of, messages_until_eof, wait_until

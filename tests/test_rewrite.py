@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pglast import parse_sql
 
-from policy.lineage import BUILTIN_AGGREGATES
+from policy.lineage.builtin import BUILTIN_AGGREGATES
 from policy.rewrite import KeyRef, NotRewritten, append_keys
 
 KEY = KeyRef("public", "customers", "customer_id")

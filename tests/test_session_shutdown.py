@@ -4,17 +4,16 @@ session ends on shutdown, and which SASL mechanisms reach a TLS client."""
 from __future__ import annotations
 
 from proxy import commands as cmd
-from proxy.messages import (
+from proxy.messages.backend import (
     AUTH_OK,
-    PROTOCOL_3_0,
     Authentication,
     BackendKeyData,
     CommandComplete,
     ErrorResponse,
-    Query,
     ReadyForQuery,
-    StartupMessage,
 )
+from proxy.messages.frontend import Query
+from proxy.messages.startup import PROTOCOL_3_0, StartupMessage
 from proxy.metrics import Stats
 from proxy.session import Phase, Session, SessionSettings
 

@@ -6,13 +6,8 @@ an error in place of the CommandComplete)."""
 from __future__ import annotations
 
 from proxy import commands as cmd
-from proxy.messages import (
-    CommandComplete,
-    DataRow,
-    ErrorResponse,
-    Query,
-    ReadyForQuery,
-)
+from proxy.messages.backend import CommandComplete, DataRow, ErrorResponse, ReadyForQuery
+from proxy.messages.frontend import Query
 from proxy.sandbox.cluster import Cluster
 from proxy.tracker import Tracker
 from tests.trackerutil import audited_tracker, customers_head

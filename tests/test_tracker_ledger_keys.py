@@ -11,16 +11,9 @@ import struct
 import pytest
 
 from proxy import commands as cmd
-from proxy.messages import (
-    CommandComplete,
-    CopyData,
-    CopyDone,
-    CopyOutResponse,
-    DataRow,
-    ProtocolError,
-    Query,
-    ReadyForQuery,
-)
+from proxy.messages.backend import CommandComplete, CopyOutResponse, DataRow, ReadyForQuery
+from proxy.messages.errors import ProtocolError
+from proxy.messages.frontend import CopyData, CopyDone, Query
 from proxy.sandbox.cluster import Cluster
 from proxy.tracker import Tracker
 from tests.trackerutil import audited_tracker, customers_head

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import asyncpg
 
 from policy.model import Policy
-from proxy.messages import Field, RowDescription
+from proxy.messages.backend import Field, RowDescription
 from proxy.metrics import Stats
 from proxy.policyrt import PolicyRuntime
 from proxy.sandbox.cluster import Cluster
