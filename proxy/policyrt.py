@@ -558,7 +558,7 @@ class PolicyRuntime:
         if origin is not None:
             session, session_id = origin
             kind_, _, name = subject.partition(":")
-            # The subject key names the person (policy.engine.Subject.key): the end user, or
+            # The subject key names the person (policy.subject.Subject.key): the end user, or
             # the database user when none was named; "user:" keys name the account.
             end_user = name if kind_ == "person" and name != session.user else None
             audit_subject = self.audit_subject(session, end_user)
