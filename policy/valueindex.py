@@ -160,6 +160,9 @@ class IndexBuilder:
             self._key_off.append(len(self._keys))
         self._rows[table_id] += 1
 
+    def _key(self, rec: int) -> bytes:
+        return bytes(self._keys[self._key_off[rec] : self._key_off[rec + 1]])
+
     def build(self) -> ValueIndex:
         packed, self._packed = self._packed, []
         packed.sort()
@@ -182,8 +185,8 @@ class IndexBuilder:
                 prev = by_table.get(tid, -1)
                 if prev == -1:
                     by_table[tid] = rec
-                elif prev is not None and prev != rec:
-                    by_table[tid] = None
+                elif prev is not None and prev != rec and self._key(prev) != self._key(rec):
+                    by_table[tid] = None  # two records (a record added twice is one)
             for rec_or_none in by_table.values():
                 if rec_or_none is None:
                     dropped += 1

@@ -41,16 +41,46 @@ class Protected:
     table: str  # schema.name, as the ledger spells it
     sql: str  # key columns then labelled columns, as text
     nkey: int  # how many of them are the key
+    # Other protected tables whose record a row of this one belongs to, and the position of
+    # that record's key in this table's key: crm.customer_phones (customer_id, kind) holds
+    # phone numbers of the crm.customers record customer_id.
+    owners: tuple[tuple[str, int], ...] = ()
 
 
 def protected_tables(snapshot: CatalogSnapshot) -> list[Protected]:
+    """The tables value matching indexes: tables and partitioned tables with a primary key
+    and labelled columns.  A table whose primary key includes the one-column primary key
+    of another such table in its schema (by name) names that table's record as well."""
+    rels = [
+        rel
+        for rel in sorted(snapshot.relations.values(), key=lambda r: r.qualified)
+        if rel.kind in ("r", "p")
+        and rel.primary_key
+        and any(c.labels and c.name not in rel.primary_key for c in rel.columns)
+    ]
+    # (schema, key column) -> the table keyed by it alone; where several are (a table and
+    # its inheritance children), the one the others descend from; none if that is unclear.
+    keyed: dict[tuple[str, str], list[CatalogRelation]] = {}
+    for r in rels:
+        if len(r.primary_key) == 1:
+            keyed.setdefault((r.schema, r.primary_key[0]), []).append(r)
+    single: dict[tuple[str, str], str] = {}
+    for where, cands in keyed.items():
+        oids = {c.oid for c in cands}
+        roots = [c for c in cands if not oids.intersection(c.parents)]
+        if len(roots) == 1:
+            single[where] = roots[0].qualified
     out = []
-    for rel in sorted(snapshot.relations.values(), key=lambda r: r.qualified):
-        if rel.kind not in ("r", "p") or not rel.primary_key:
-            continue
+    for rel in rels:
         labelled = [c.name for c in rel.columns if c.labels and c.name not in rel.primary_key]
-        if labelled:
-            out.append(Protected(rel.qualified, _select(rel, labelled), len(rel.primary_key)))
+        owners = tuple(
+            (owner, i)
+            for i, col in enumerate(rel.primary_key)
+            if len(rel.primary_key) > 1
+            and (owner := single.get((rel.schema, col))) is not None
+            and owner != rel.qualified
+        )
+        out.append(Protected(rel.qualified, _select(rel, labelled), len(rel.primary_key), owners))
     return out
 
 
@@ -63,12 +93,15 @@ def _select(rel: CatalogRelation, labelled: list[str]) -> str:
     return f"SELECT {cols} FROM {_ident(rel.schema)}.{_ident(rel.name)}"
 
 
-def _rows(records: list[Any], nkey: int) -> Iterator[tuple[bytes, list[bytes | None]]]:
+def _rows(
+    records: list[Any], nkey: int
+) -> Iterator[tuple[list[bytes | None], bytes, list[bytes | None]]]:
+    """Each row's key columns, its key as the ledger spells it, and its labelled values."""
     for r in records:
         parts = [None if v is None else v.encode() for v in r.values()]
         key = pk_bytes(parts[:nkey])
         if key is not None:
-            yield key, parts[nkey:]
+            yield parts[:nkey], key, parts[nkey:]
 
 
 async def build(
@@ -85,7 +118,8 @@ async def build(
             async for batch in _batches(conn, p.sql):
                 # Hashing is pure Python: in a thread, a batch at a time, the event loop
                 # keeps serving sessions while a big table is indexed.
-                await asyncio.to_thread(_add_rows, builder, tid, batch, p.nkey)
+                owners = [(builder.table(t), i) for t, i in p.owners]
+                await asyncio.to_thread(_add_rows, builder, tid, batch, p.nkey, owners)
                 if builder.pending > max_entries:
                     raise IndexTooLarge(
                         f"the protected tables hold more than {max_entries:,} labelled "
@@ -95,9 +129,14 @@ async def build(
     return index, xmin, time.perf_counter() - t0
 
 
-def _add_rows(builder: IndexBuilder, tid: int, batch: list[Any], nkey: int) -> None:
-    for key, values in _rows(batch, nkey):
+def _add_rows(
+    builder: IndexBuilder, tid: int, batch: list[Any], nkey: int, owners: list[tuple[int, int]]
+) -> None:
+    for parts, key, values in _rows(batch, nkey):
         builder.add_row(tid, key, values)
+        for owner, i in owners:
+            if (owner_key := parts[i]) is not None:
+                builder.add_row(owner, owner_key, values)
 
 
 async def _batches(conn: Any, sql: str, *args: Any) -> Any:
@@ -119,8 +158,11 @@ async def refresh(
         for p in protected_tables(snapshot):
             sql = f"{p.sql} WHERE xmin::text::bigint >= $1"
             async for batch in _batches(conn, sql, since):
-                for key, values in _rows(batch, p.nkey):
+                for parts, key, values in _rows(batch, p.nkey):
                     index.add(p.table, key, values)
+                    for owner, i in p.owners:
+                        if (owner_key := parts[i]) is not None:
+                            index.add(owner, owner_key, values)
                     rows += 1
     return xmin, rows
 
