@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from loadtests import replay
+from loadtests import redteam, replay
 from proxy.sandbox.cluster import Cluster
 
 TECHNIQUES = ("plain_columns", "copy_to_stdout", "notify_payload")
@@ -25,7 +25,7 @@ def env(pg: Cluster, tmp_path_factory: pytest.TempPathFactory) -> replay.ReplayE
 def test_records_seen_is_exactly_what_the_client_received(env: replay.ReplayEnv, name: str) -> None:
     r = replay.replay_technique(env, name)
     assert r.received, f"{name}: calibration: nothing reached the client ({r.notes})"
-    assert r.persons == [replay.redteam.ATTACKER], r.persons
+    assert r.persons == [redteam.ATTACKER], r.persons
     assert not r.missed, (
         f"{name}: {len(r.missed)} customers received but not listed, e.g. "
         f"{list(r.samples.items())[:2]}"
