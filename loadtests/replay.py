@@ -31,6 +31,7 @@ techniques_with_extra=N``.  Nothing of pgwarden's matching code is used here.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -50,6 +51,10 @@ from tests.seconddb import data as sdb
 
 RESULTS = Path(__file__).resolve().parent / "results" / "replay.json"
 TABLE = "crm.customers"
+# Other tables whose records are a customer's (their key starts with customer_id): a miss
+# under TABLE is looked up there, to tell a value attributed to another table's record from
+# one the trail never noticed.
+OTHER_TABLES = ("crm.customer_phones",)
 VARIANTS = ("search_path", "app")
 
 
@@ -161,12 +166,24 @@ def persons_in(trail: Path) -> list[str]:
     return sorted(out)
 
 
-def records_seen(env: ReplayEnv, trail: Path, person: str) -> tuple[set[int], int]:
+def _customer_id(key: Any) -> int:
+    """A resolved key as a customer id: ``"12"``, or a composite key (``["12", "mobile"]``,
+    or the same as JSON text) whose first column is the customer id."""
+    if isinstance(key, str) and key.startswith("["):
+        key = json.loads(key)
+    if isinstance(key, list):
+        key = key[0]
+    return int(key)
+
+
+def records_seen(
+    env: ReplayEnv, trail: Path, person: str, table: str = TABLE
+) -> tuple[set[int], int]:
     """The customers records-seen resolves for ``person``, and how many records (or values
     without a key) it could not resolve to a customer id."""
     out = _audit_json(
         "records-seen", "--db", str(trail), "--ledger-key", str(env.ledger_key),
-        "--person", person, "--table", TABLE, "--resolve-dsn", env.direct,
+        "--person", person, "--table", table, "--resolve-dsn", env.direct,
     )  # fmt: skip
     keys: set[int] = set()
     unresolved = 0
@@ -179,8 +196,8 @@ def records_seen(env: ReplayEnv, trail: Path, person: str) -> tuple[set[int], in
             unresolved += 1
             continue
         try:
-            keys.add(int(key if not isinstance(key, list) else key[0]))
-        except (TypeError, ValueError):
+            keys.add(_customer_id(key))
+        except (TypeError, ValueError, IndexError):
             unresolved += 1
     return keys, unresolved
 
@@ -200,6 +217,8 @@ class Result:
     per_person: dict[str, set[int]]
     unresolved: int = 0
     samples: dict[int, str] = field(default_factory=dict)  # missed customer -> excerpt
+    # missed customers that records-seen lists under another of OTHER_TABLES
+    elsewhere: dict[str, set[int]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -234,6 +253,7 @@ class Result:
             "missed_by_channel": {k: v for k, v in self.missed_channels().items() if v},
             "listed_by_person": {p: len(v) for p, v in sorted(self.per_person.items())},
             "unresolved_records": self.unresolved,
+            "missed_listed_under": {t: len(v) for t, v in sorted(self.elsewhere.items()) if v},
             "missed_samples": {str(k): v for k, v in sorted(self.samples.items())[:5]},
             "notes": self.notes,
             "seconds": round(self.seconds, 1),
@@ -246,12 +266,17 @@ def replay_technique(env: ReplayEnv, name: str, variant: str = "search_path") ->
     t0 = time.monotonic()
     out = redteam.run_technique(env, name, variant)
     trail = env.trails[f"{name}-{variant}"]
-    persons = persons_in(trail) if trail.exists() else []
+    persons: list[str] = []
     per_person: dict[str, set[int]] = {}
     unresolved = 0
-    for p in persons:
-        per_person[p], u = records_seen(env, trail, p)
-        unresolved += u
+    trouble: list[str] = []
+    try:
+        persons = persons_in(trail) if trail.exists() else []
+        for p in persons:
+            per_person[p], u = records_seen(env, trail, p)
+            unresolved += u
+    except RuntimeError as exc:  # the trail could not answer: every customer counts missed
+        trouble.append(f"audit CLI: {str(exc)[:300]}")
     listed: set[int] = set().union(*per_person.values()) if per_person else set()
     res = Result(
         technique=name,
@@ -263,9 +288,16 @@ def replay_technique(env: ReplayEnv, name: str, variant: str = "search_path") ->
         by_channel={k: set(v) for k, v in out.per_channel.items() if v},
         per_person=per_person,
         unresolved=unresolved,
-        notes=[*out.notes, *out.internal_errors],
+        notes=[*out.notes, *out.internal_errors, *trouble],
     )
     res.samples = {cid: env.matcher.samples.get(cid, "?") for cid in sorted(res.missed)}
+    if res.missed:
+        for other in OTHER_TABLES:
+            there: set[int] = set()
+            for p in persons:
+                with contextlib.suppress(RuntimeError):
+                    there |= records_seen(env, trail, p, other)[0]
+            res.elsewhere[other] = res.missed & there
     res.seconds = time.monotonic() - t0
     return res
 
@@ -366,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in inexact:
         union = " (union of persons: " + ", ".join(r.persons) + ")" if len(r.persons) > 1 else ""
         print(f"  {r.technique} [{r.variant}]{union}")
+        for other, there in r.elsewhere.items():
+            if there:
+                print(f"    {len(there)} of the missed are listed under {other}")
         for cid, text in list(r.samples.items())[:3]:
             print(f"    missed {cid}: {text[:200]}")
         if r.extra:
