@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo serve test lint typecheck check bench bench-analysis bench-audit bench-ledger bench-values bench-workers loadtest fuzz compat soak sysdeps clean
+.PHONY: demo serve test lint typecheck check bench bench-analysis bench-audit bench-ledger bench-values bench-workers loadtest fuzz compat soak replay sysdeps clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -100,6 +100,15 @@ compat: $(STAMP) sysdeps
 # the agents' workload with faults injected (SOAK_ARGS=--quick checks the script in ~3 min).
 soak: $(STAMP) sysdeps
 	@$(BIN)/python -m loadtests.soak $(SOAK_ARGS)
+
+# Issue 13's insider replay: every red-team technique through pgwarden in monitor mode, then
+# `pgwarden audit records-seen --person` compared with what each client received (counted
+# client-side).  REPLAY_VARIANT=search_path,app runs both; results in loadtests/results/.
+REPLAY_VARIANT ?= search_path
+REPLAY_ARGS ?=
+
+replay: $(STAMP) sysdeps
+	@$(BIN)/python -m loadtests.replay --variant $(REPLAY_VARIANT) $(REPLAY_ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-compat .pytest_cache .mypy_cache .ruff_cache .hypothesis
