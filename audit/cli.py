@@ -835,17 +835,22 @@ def records_seen_cmd(
                 else f"; --resolve-dsn finds the rows of {_safe(res.table)} that hold them"
             )
         )
-    if res.unitemised:
-        bound = (
-            f"up to {res.table_rows:,} records (the table's size now)"
-            if res.table_rows is not None
-            else "up to every record of the table (--resolve-dsn gives its size)"
-        )
+    bound = (
+        f"up to {res.table_rows:,} records (the table's size now)"
+        if res.table_rows is not None
+        else "up to every record of the table (--resolve-dsn gives its size)"
+    )
+    for rows, what in (
+        (res.unitemised, "returned labelled rows of"),
+        (res.computed, "read, and returned rows computed from,"),
+    ):
+        if not rows:
+            continue
         _console().print(
-            f"[bold]{len(res.unitemised)} statement(s) returned labelled rows of "
-            f"{_safe(res.table)} whose records could not be listed[/bold]; each may hold {bound}:"
+            f"[bold]{len(rows)} statement(s) {what} {_safe(res.table)} without naming "
+            f"its records[/bold]; each may hold {bound}:"
         )
-        for u in res.unitemised[:50]:
+        for u in rows[:50]:
             _console().print(
                 f"  statement {u['seq']} at {u['ts']} (session {_safe(str(u['session_id']))}, "
                 f"{u['rows']} row(s)): {_safe(str(u['statement'])[:120])}"

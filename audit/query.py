@@ -1003,6 +1003,10 @@ class RecordsSeen:
     # ledger (keys unreadable, values pgwarden could not match): ts, session_id, seq,
     # rows, statement.  Their records cannot be listed; each is reported with its bound.
     unitemised: list[Row] = field(default_factory=list)
+    # Statements that read ``table`` and returned rows with no labelled column and no key of
+    # it: counts, comparisons, values computed from it (an implicit flow can spell a
+    # customer out one character a row).  Same fields; listed with the same bound.
+    computed: list[Row] = field(default_factory=list)
     table_rows: int | None = None  # the table's size now (with --resolve-dsn): the bound
 
     def as_dict(self) -> dict[str, Any]:
@@ -1017,6 +1021,7 @@ class RecordsSeen:
             "values_without_key": len(self.values),
             "values": self.values,
             "unitemised_statements": self.unitemised,
+            "computed_statements": self.computed,
             "table_rows": self.table_rows,
         }
 
@@ -1095,26 +1100,29 @@ async def records_seen(
         | ({"legacy": True} if d in legacy else {})
         for (label, d), (f, la, n) in sorted(values.items(), key=lambda kv: (kv[1][0], kv[0]))
     ]
-    unitemised = [
-        clean(r)
-        for r in await store.fetch(
-            f"""
-            SELECT e.ts, e.session_id, e.chain_id, e.seq, e.rows, e.statement
-            FROM {{events}} e
-            WHERE {cond} {" ".join(window)} AND e.kind = 'statement' AND e.rows > 0
-              AND {store.dialect.labelled} AND {store.dialect.has_relation}
-              AND NOT EXISTS (
-                SELECT 1 FROM {{ledger}} l WHERE l.chain_id = e.chain_id AND l.seq = e.seq
-                  AND l.kind IN ('k2', 'k') AND l.relation = ?)
-            ORDER BY e.ts
-            """,
-            person_arg,
-            *args,
-            rel,
-            rel,
-        )
-    ]
-    return RecordsSeen(who, rel, recs, values=vals, unitemised=unitemised)
+    unitemised: list[Row] = []
+    computed: list[Row] = []
+    for r in await store.fetch(
+        f"""
+        SELECT e.ts, e.session_id, e.chain_id, e.seq, e.rows, e.statement,
+               {store.dialect.labelled} AS labelled
+        FROM {{events}} e
+        WHERE {cond} {" ".join(window)} AND e.kind = 'statement' AND e.rows > 0
+          AND {store.dialect.has_relation}
+          AND NOT EXISTS (
+            SELECT 1 FROM {{ledger}} l WHERE l.chain_id = e.chain_id AND l.seq = e.seq
+              AND l.kind IN ('k2', 'k') AND l.relation = ?)
+        ORDER BY e.ts
+        """,
+        person_arg,
+        *args,
+        rel,
+        rel,
+    ):
+        row = {k: _scalar(r[k]) for k in ("ts", "session_id", "chain_id", "seq", "rows")}
+        row["statement"] = r["statement"]
+        (unitemised if r["labelled"] else computed).append(row)
+    return RecordsSeen(who, rel, recs, values=vals, unitemised=unitemised, computed=computed)
 
 
 async def resolve_keys(
@@ -1214,7 +1222,7 @@ async def _resolve(conn: Any, result: RecordsSeen, hasher: RecordHasher) -> Reco
         return hit
 
     async with conn.transaction(readonly=True):
-        if result.unitemised:
+        if result.unitemised or result.computed:
             result.table_rows = int(
                 await conn.fetchval(f'SELECT count(*) FROM "{schema}"."{name}"')
             )

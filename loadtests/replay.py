@@ -178,9 +178,10 @@ def _customer_id(key: Any) -> int:
 
 def records_seen(
     env: ReplayEnv, trail: Path, person: str, table: str = TABLE
-) -> tuple[set[int], int]:
-    """The customers records-seen resolves for ``person``, and how many records (or values
-    without a key) it could not resolve to a customer id."""
+) -> tuple[set[int], int, int]:
+    """The customers records-seen resolves for ``person``, how many records (or values
+    without a key) it could not resolve to a customer id, and how many statements it lists
+    as returning records it cannot name (reported with their bound)."""
     out = _audit_json(
         "records-seen", "--db", str(trail), "--ledger-key", str(env.ledger_key),
         "--person", person, "--table", table, "--resolve-dsn", env.direct,
@@ -188,7 +189,7 @@ def records_seen(
     keys: set[int] = set()
     unresolved = 0
     if out is None:
-        return keys, unresolved
+        return keys, unresolved, 0
     values = out.get("values")
     for rec in [*out.get("records", []), *(values if isinstance(values, list) else [])]:
         key = rec.get("key")
@@ -199,7 +200,8 @@ def records_seen(
             keys.add(_customer_id(key))
         except (TypeError, ValueError, IndexError):
             unresolved += 1
-    return keys, unresolved
+    unlisted = [*(out.get("unitemised_statements") or ()), *(out.get("computed_statements") or ())]
+    return keys, unresolved, len(unlisted)
 
 
 # --- one technique -------------------------------------------------------------------------
@@ -216,6 +218,7 @@ class Result:
     by_channel: dict[str, set[int]]
     per_person: dict[str, set[int]]
     unresolved: int = 0
+    unitemised: int = 0  # statements records-seen reports as unlisted, with their bound
     samples: dict[int, str] = field(default_factory=dict)  # missed customer -> excerpt
     # missed customers that records-seen lists under another of OTHER_TABLES
     elsewhere: dict[str, set[int]] = field(default_factory=dict)
@@ -253,6 +256,7 @@ class Result:
             "missed_by_channel": {k: v for k, v in self.missed_channels().items() if v},
             "listed_by_person": {p: len(v) for p, v in sorted(self.per_person.items())},
             "unresolved_records": self.unresolved,
+            "unitemised_statements": self.unitemised,
             "missed_listed_under": {t: len(v) for t, v in sorted(self.elsewhere.items()) if v},
             "missed_samples": {str(k): v for k, v in sorted(self.samples.items())[:5]},
             "notes": self.notes,
@@ -268,13 +272,14 @@ def replay_technique(env: ReplayEnv, name: str, variant: str = "search_path") ->
     trail = env.trails[f"{name}-{variant}"]
     persons: list[str] = []
     per_person: dict[str, set[int]] = {}
-    unresolved = 0
+    unresolved = unitemised = 0
     trouble: list[str] = []
     try:
         persons = persons_in(trail) if trail.exists() else []
         for p in persons:
-            per_person[p], u = records_seen(env, trail, p)
+            per_person[p], u, n = records_seen(env, trail, p)
             unresolved += u
+            unitemised += n
     except RuntimeError as exc:  # the trail could not answer: every customer counts missed
         trouble.append(f"audit CLI: {str(exc)[:300]}")
     listed: set[int] = set().union(*per_person.values()) if per_person else set()
@@ -288,6 +293,7 @@ def replay_technique(env: ReplayEnv, name: str, variant: str = "search_path") ->
         by_channel={k: set(v) for k, v in out.per_channel.items() if v},
         per_person=per_person,
         unresolved=unresolved,
+        unitemised=unitemised,
         notes=[*out.notes, *out.internal_errors, *trouble],
     )
     res.samples = {cid: env.matcher.samples.get(cid, "?") for cid in sorted(res.missed)}
@@ -308,14 +314,14 @@ def replay_technique(env: ReplayEnv, name: str, variant: str = "search_path") ->
 def table(results: list[Result]) -> str:
     head = (
         f"{'technique':36} {'variant':11} {'received':>8} {'listed':>6} {'missed':>6} "
-        f"{'extra':>5} {'persons':>7}  missed by channel"
+        f"{'extra':>5} {'persons':>7} {'unlisted':>8}  missed by channel"
     )
     lines = [head]
     for r in results:
         chans = ",".join(f"{k}:{v}" for k, v in r.missed_channels().items() if v) or "-"
         lines.append(
             f"{r.technique:36} {r.variant:11} {len(r.received):>8} {len(r.listed):>6} "
-            f"{len(r.missed):>6} {len(r.extra):>5} {len(r.persons):>7}  {chans}"
+            f"{len(r.missed):>6} {len(r.extra):>5} {len(r.persons):>7} {r.unitemised:>8}  {chans}"
         )
     return "\n".join(lines)
 
@@ -328,6 +334,8 @@ def summary(results: list[Result]) -> dict[str, int]:
         "extra_customers": sum(len(r.extra) for r in results),
         "techniques_with_missed": sum(1 for r in results if r.missed),
         "techniques_with_extra": sum(1 for r in results if r.extra),
+        # missed customers with no statement records-seen reports as unlisted: lost silently
+        "techniques_with_silent_misses": sum(1 for r in results if r.missed and not r.unitemised),
     }
 
 

@@ -96,6 +96,15 @@ def _packings() -> list[tuple[str, str, list[str]]]:
         person=OTHER,
     )
     add(
+        "implicit_flow",  # one character a row, chosen by a comparison with the e-mail
+        "SELECT k.id, p.pos, chr(x.code) FROM generate_series(1000, 2000) k(id), "
+        "generate_series(1, 40) p(pos), generate_series(32, 126) x(code) "
+        "WHERE (k.id, p.pos, x.code) IN (SELECT o.customer_id, q.pos, "
+        'ascii(substr(o."Email", q.pos, 1)) FROM crm.customers o, generate_series(1, 40) q(pos) '
+        "WHERE o.{r})",
+        person=OTHER,
+    )
+    add(
         "notification",
         "LISTEN vm",
         "SELECT pg_notify('vm', string_agg(\"FullName\", '|')) FROM crm.customers WHERE {r}",
@@ -198,12 +207,11 @@ def _records_seen(r: Replay, person: str) -> set[int]:
 def test_every_packing_reached_the_client(replay: Replay) -> None:
     """Calibration: each packing delivered its ten customers (so an empty ledger below
     would be a miss, not an empty result)."""
-    # four customers in ten have a landline
-    short = {
-        key: len(c)
-        for key, c in replay.received.items()
-        if len(c) < (4 if key[1] == "landlines" else 10)
-    }
+    # Four customers in ten have a landline; the implicit flow spells e-mails one character
+    # a row, which this test's client does not put together (records-seen lists the
+    # statement, see below).
+    fewer = {"landlines": 4, "implicit_flow": 0}
+    short = {key: len(c) for key, c in replay.received.items() if len(c) < fewer.get(key[1], 10)}
     assert not short, short
 
 
@@ -285,12 +293,16 @@ def test_what_records_seen_cannot_list_is_reported_by_statement_with_its_bound(
     [statement] = out["unitemised_statements"]
     assert "reverse" in statement["statement"] and statement["rows"] == 1
     assert out["table_rows"] == sdb.CUSTOMERS + sdb.LEGACY
+    # The implicit flow returned no labelled column: listed apart, with the same bound.
+    [computed] = out["computed_statements"]
+    assert "ascii(substr" in computed["statement"] and computed["rows"] > 0
     text = ok(
         "records-seen", "--db", str(replay.trail), "--ledger-key", str(replay.ledger_key),
         "--person", OTHER, "--table", "crm.customers",
     )  # fmt: skip
     assert "1 statement(s) returned labelled rows of crm.customers" in text
     assert "up to every record" in text
+    assert "1 statement(s) read, and returned rows computed from, crm.customers" in text
 
 
 def test_who_saw_finds_a_packed_read_by_key_and_by_value(replay: Replay) -> None:
