@@ -1087,9 +1087,6 @@ async def records_seen(
             label = str(r["relation"])
             for d in digests:
                 _tally(values, (label, d), ts)
-    if not seen and not values:
-        await _check_known(store, (KIND_KEY, LEGACY_KIND_KEY), rel, "table")
-        await _check_person(store, who)
     recs = [
         {"digest": d.hex(), "first_seen": f, "last_seen": la, "times": n}
         | ({"legacy": True} if d in legacy else {})
@@ -1122,6 +1119,10 @@ async def records_seen(
         row = {k: _scalar(r[k]) for k in ("ts", "session_id", "chain_id", "seq", "rows")}
         row["statement"] = r["statement"]
         (unitemised if r["labelled"] else computed).append(row)
+    if not seen and not values and not unitemised and not computed:
+        # Nothing at all: a misspelt table or person must not read as "nobody saw anything".
+        await _check_known(store, (KIND_KEY, LEGACY_KIND_KEY), rel, "table")
+        await _check_person(store, who)
     return RecordsSeen(who, rel, recs, values=vals, unitemised=unitemised, computed=computed)
 
 
