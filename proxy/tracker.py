@@ -1151,19 +1151,6 @@ class Tracker:
         running.know = tuple(know)
         if running.capture:
             self._key_readers(running, out)
-            if running.scan is not None:
-                # Rows that carry their record's key: its labelled columns are that
-                # record's own (the key names it already); the key columns, and the rest
-                # (unlabelled columns, labelled ones no key accounts for), are scanned.
-                skip = {
-                    i for i, col in enumerate(facts.output)
-                    if col.labels and i not in facts.value_positions
-                } | {i for _table, positions in running.capture for i in positions}  # fmt: skip
-                skip |= running.scan_skip
-                if len(skip) >= len(facts.output):
-                    running.scan = None
-                else:
-                    running.scan_skip = frozenset(skip)
         running.watch = bool(
             plan.limits or plan.needs_rows or running.capture or running.value_capture
             or decision.hidden  # every row passes through strip_row
