@@ -2889,14 +2889,15 @@ class Env:
     ds: sdb.Dataset
     matcher: sdb.Matcher
     workdir: Path
-    # The next technique's pgwarden, already starting (see ``proxy``).
+    # Start the next technique's pgwarden ahead (see ``proxy``); whoever sets it calls close().
+    prestart: bool = False
     _spare: ProxyProcess | None = field(default=None, repr=False)
     _started: int = field(default=0, repr=False)
 
     @classmethod
-    def build(cls, pg: Cluster, workdir: Path) -> Env:
+    def build(cls, pg: Cluster, workdir: Path, prestart: bool = False) -> Env:
         ds = sdb.build(pg.psql, pg.dsn(database=sdb.DBNAME))
-        return cls(pg, ds, sdb.Matcher(ds), workdir)
+        return cls(pg, ds, sdb.Matcher(ds), workdir, prestart)
 
     def proxy(
         self, tag: str, audit_db: Path | None = None, policy: Path | None = None
@@ -2905,14 +2906,15 @@ class Env:
         database's by default).
 
         Every technique still gets a fresh process -- no window, budget, quarantine or
-        cache carries over from the one before -- but the next one with the default
-        policy is started as this one is handed out: its start-up (a second of interpreter
-        and imports, nothing that reads the database: the catalog is loaded when its first
-        client connects) overlaps the technique that runs meanwhile."""
-        if audit_db is not None or policy is not None:
-            return self._start(tag, audit_db, policy)
-        proxy = self._spare or self._start(tag, wait=False)
-        self._spare = self._start("spare", wait=False)
+        cache carries over from the one before -- but with ``prestart`` the next one with
+        the default policy is started as this one is handed out: its start-up (a second of
+        interpreter and imports, nothing that reads the database: the catalog is loaded
+        when its first client connects) overlaps the technique that runs meanwhile."""
+        if audit_db is not None or policy is not None or not self.prestart:
+            return self._start(self.workdir / tag, audit_db, policy)
+        proxy = self._spare or self._start(self.workdir / tag, wait=False)
+        self._started += 1
+        self._spare = self._start(self.workdir / f"prestarted-{self._started:03d}", wait=False)
         proxy.wait_ready()
         link = self.workdir / tag  # where a reader of the logs looks for this technique
         if proxy.workdir != link and not link.exists():
@@ -2921,7 +2923,7 @@ class Env:
 
     def _start(
         self,
-        tag: str,
+        workdir: Path,
         audit_db: Path | None = None,
         policy: Path | None = None,
         wait: bool = True,
@@ -2929,12 +2931,10 @@ class Env:
         args = ["--policy", str(policy or sdb.POLICY), "--catalog-user", "postgres"]
         if audit_db is not None:
             args += ["--audit-db", str(audit_db)]
-        self._started += 1
-        workdir = self.workdir / f"pgwarden-{self._started:03d}-{tag}"
         return ProxyProcess(self.pg, workdir, args, admin=False, wait=wait)
 
     def close(self) -> None:
-        """Stop the spare pgwarden nobody took."""
+        """Stop the prestarted pgwarden nobody took."""
         spare, self._spare = self._spare, None
         if spare is not None:
             spare.stop()
@@ -3065,7 +3065,7 @@ def main(argv: list[str] | None = None) -> int:
         tempfile.TemporaryDirectory(prefix="pgwarden-redteam-") as tmp,
         running_cluster(tls=False, schema=False) as pg,
     ):
-        env = Env.build(pg, Path(tmp))
+        env = Env.build(pg, Path(tmp), prestart=True)
         try:
             for variant in variants:
                 for name in names:
