@@ -4,34 +4,69 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from audit.cli import audit_group
-from audit.learn import drift_command, learn_command
-from policy.cli import classify_command, policy_group
-from policy.commands import check_command, schema_command, test_command
-from proxy.config import ConfigError, ProxyConfig, load_config
-from proxy.demo import demo_command
+if TYPE_CHECKING:
+    from proxy.config import ProxyConfig
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _policy_group() -> click.Command:
+    from audit.learn import drift_command, learn_command
+    from policy.cli import policy_group
+    from policy.commands import check_command, schema_command, test_command
+
+    for command in (check_command, test_command, schema_command, learn_command, drift_command):
+        policy_group.add_command(command)
+    return policy_group
+
+
+def _audit_group() -> click.Command:
+    from audit.cli import audit_group
+
+    return audit_group
+
+
+def _classify_command() -> click.Command:
+    from policy.cli import classify_command
+
+    return classify_command
+
+
+def _demo_command() -> click.Command:
+    from proxy.demo import demo_command
+
+    return demo_command
+
+
+class _LazyGroup(click.Group):
+    """Subcommands defined elsewhere are imported when named, so ``pgwarden serve`` does not
+    load the audit, policy and demo command lines (with pglast, rich and the policy
+    analysis behind them) before it can accept a client, nor ``pgwarden audit`` the proxy's."""
+
+    lazy: dict[str, Callable[[], click.Command]] = {
+        "audit": _audit_group,
+        "classify": _classify_command,
+        "demo": _demo_command,
+        "policy": _policy_group,
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy and cmd_name not in self.commands:
+            self.add_command(self.lazy[cmd_name](), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="pgwarden")
 def main() -> None:
     """pgwarden: a PostgreSQL proxy that watches for bulk reads of customer data."""
-
-
-policy_group.add_command(check_command)
-policy_group.add_command(test_command)
-policy_group.add_command(schema_command)
-policy_group.add_command(learn_command)
-policy_group.add_command(drift_command)
-main.add_command(policy_group)
-main.add_command(audit_group)
-main.add_command(classify_command)
-main.add_command(demo_command)
 
 
 def _overrides(**flags: Any) -> dict[str, Any]:
@@ -89,6 +124,7 @@ def _overrides(**flags: Any) -> dict[str, Any]:
 @click.option("--log-format", type=click.Choice(["json", "console"]))
 def serve(config_file: str | None, **flags: Any) -> None:
     """Run the proxy in the foreground (SIGTERM stops it gracefully, SIGHUP reloads)."""
+    from proxy.config import ConfigError, load_config
     from proxy.logs import configure_logging
     from proxy.server import install_uvloop
     from proxy.server import serve as run_server

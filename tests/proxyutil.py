@@ -113,7 +113,10 @@ class ProxyProcess:
         config: dict[str, Any] | None = None,
         admin: bool = True,
         admin_ports: int = 1,
+        wait: bool = True,
     ) -> None:
+        """Start ``pgwarden serve`` and, when ``wait``, return once it accepts clients
+        (otherwise the caller calls ``wait_ready`` before using it)."""
         self.pg = pg
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
@@ -140,11 +143,12 @@ class ProxyProcess:
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.DEVNULL, stderr=self._log_file, cwd=workdir
         )
-        self._wait_ready()
+        if wait:
+            self.wait_ready()
 
     # --- life cycle ---------------------------------------------------------------------
 
-    def _wait_ready(self, timeout: float = 20.0) -> None:
+    def wait_ready(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:

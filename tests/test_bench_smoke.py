@@ -21,7 +21,7 @@ def test_bench_proxy_smoke(tmp_path: Path) -> None:
     targets = ["direct", "pgbouncer", "bare"]
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "loadtests.bench_proxy", "--duration", "2", "--rounds", "1",
+        [sys.executable, "-m", "loadtests.bench_proxy", "--duration", "1", "--rounds", "1",
          "--targets", ",".join(targets), "--modes", "simple,extended", "--scale", "1",
          "--warmup", "0", "--output", str(out)],
         capture_output=True, text=True, timeout=240,
@@ -102,7 +102,7 @@ def test_support_load_smoke(tmp_path: Path) -> None:
 def test_bench_proxy_smoke_with_pgwarden(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "loadtests.bench_proxy", "--duration", "2", "--rounds", "1",
+        [sys.executable, "-m", "loadtests.bench_proxy", "--duration", "1", "--rounds", "1",
          "--targets", "pgbouncer,pgwarden", "--modes", "simple,extended", "--scale", "1",
          "--warmup", "0", "--output", str(out)],
         capture_output=True, text=True, timeout=240,

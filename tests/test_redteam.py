@@ -39,7 +39,11 @@ HONEST: dict[str, str] = {}
 
 @pytest.fixture(scope="module")
 def env(pg: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[redteam.Env]:
-    yield redteam.Env.build(pg, tmp_path_factory.mktemp("redteam"))
+    env = redteam.Env.build(pg, tmp_path_factory.mktemp("redteam"), prestart=True)
+    try:
+        yield env
+    finally:
+        env.close()
 
 
 def test_policy_file_checks() -> None:
