@@ -11,19 +11,24 @@ pgwarden's code; ``records-seen --person`` must list exactly those customers.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import psycopg
 import pytest
 import yaml
 
 from loadtests import redteam
+from policy.catalog import load_catalog
+from policy.model import load_policy
 from policy.valueindex import IndexBuilder
 from proxy.sandbox.cluster import Cluster
+from proxy.valueload import build, refresh
 from tests.auditcli import cli, js, ok
 from tests.proxyutil import ProxyProcess
 from tests.seconddb import data as sdb
@@ -365,3 +370,44 @@ def test_customers_quoted_in_unlabelled_text_count_in_the_window(
         assert proxy.stop() == 0
         with psycopg.connect(pg.dsn(database=sdb.DBNAME), autocommit=True) as direct:
             direct.execute("DELETE FROM crm.ticket_messages WHERE message_id = %s", (message_id,))
+
+
+def test_a_refresh_indexes_rows_added_since_the_build_in_every_protected_table(
+    pg: Cluster, env: redteam.Env
+) -> None:
+    """The index is built once, then refreshed from xmin: a customer added afterwards, and
+    a phone number added to the partitioned phone table, are found after a refresh (and
+    the phone names its customer), not before."""
+    rules = load_policy(redteam.policy_without_allow_lists(Path(env.workdir) / "p.yaml"))
+    email, phone = "late.arrival9999@post.example", "+44 20 9999 0001"
+
+    async def go() -> tuple[dict[str, set[bytes]], dict[str, set[bytes]]]:
+        conn = await asyncpg.connect(pg.url(database=sdb.DBNAME))
+        try:
+            snapshot = (await load_catalog(conn)).with_rules(rules.label_rules())
+            index, xmin, _s = await build(conn, snapshot, max_entries=10_000_000)
+            await conn.execute(
+                'INSERT INTO crm.customers (customer_id, "FullName", "Email", region) '
+                "VALUES (9999, 'Late Arrival', $1, 'north')",
+                email,
+            )
+            await conn.execute(
+                "INSERT INTO crm.customer_phones VALUES (9999, 'landline', $1)", phone
+            )
+            before: dict[str, set[bytes]] = {}
+            index.scan(f"{email} {phone}".encode(), before)
+            done = await refresh(conn, snapshot, index, xmin)
+            assert done is not None and done[1] >= 2
+            after: dict[str, set[bytes]] = {}
+            index.scan(f"[{email!r}]".encode(), after)
+            index.scan(f'{{"{phone}"}}'.encode(), after)
+            return before, after
+        finally:
+            await conn.execute("DELETE FROM crm.customer_phones WHERE customer_id = 9999")
+            await conn.execute("DELETE FROM crm.customers WHERE customer_id = 9999")
+            await conn.close()
+
+    before, after = asyncio.run(go())
+    assert before == {}
+    assert after["crm.customers"] == {b"9999"}
+    assert after["crm.customer_phones"] == {b'["9999","landline"]'}
