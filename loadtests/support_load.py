@@ -463,7 +463,14 @@ def summarise(
             value = lower(f"ratio_{workload}_{variant}_vs_direct")
             if not math.isnan(value):
                 figures[f"{workload}_ratio{suffix}"] = value
-        refused = [v for k, v in figures.items() if k.startswith(f"refused_agents_{variant}_")]
+        longer = [o for o in others if o != variant and o.startswith(variant)]
+        refused = [
+            v
+            for k, v in figures.items()
+            if k.startswith(f"refused_agents_{variant}_")
+            # pgwarden's count is not pgwarden_novalues' as well
+            and not any(k.startswith(f"refused_agents_{o}_") for o in longer)
+        ]
         if refused:
             figures[f"agent_refusals{suffix}"] = sum(refused)
     for workload in ("support", "agents"):
