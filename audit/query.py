@@ -835,20 +835,20 @@ async def _primary_keys(conn: Any, table: str | None) -> dict[str, list[str]]:
     return out
 
 
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def _rel_sql(rel: str) -> str:
+    from policy.rewrite import quote_ident
+
     schema, name = rel.split(".", 1)
-    return f"{_ident(schema)}.{_ident(name)}"
+    return f"{quote_ident(schema)}.{quote_ident(name)}"
 
 
 async def _record_texts(conn: Any, rel: str, key: str | Sequence[str]) -> list[str]:
     """The text of every non-NULL column of the record with this key (none if it is gone)."""
+    from policy.rewrite import quote_ident
+
     pk = (await _primary_keys(conn, rel))[rel]
     wanted = set(key_spellings(key))
-    cond = " AND ".join(f"{_ident(c)}::text = ${i}" for i, c in enumerate(pk, start=1))
+    cond = " AND ".join(f"{quote_ident(c)}::text = ${i}" for i, c in enumerate(pk, start=1))
     for spelling in wanted:
         parts = orjson.loads(spelling) if len(pk) > 1 and spelling.startswith("[") else [spelling]
         if len(parts) != len(pk):
@@ -869,6 +869,7 @@ async def _record_texts(conn: Any, rel: str, key: str | Sequence[str]) -> list[s
 async def _records_holding(conn: Any, table: str | None, value: str) -> list[tuple[str, str]]:
     """(table, key) of the rows whose text holds ``value`` as a whole run of tokens (as
     pgwarden's value matching finds it: ``policy.valueindex``)."""
+    from policy.rewrite import quote_ident
     from policy.valueindex import tokens
 
     want = tokens(value.encode())
@@ -876,7 +877,7 @@ async def _records_holding(conn: Any, table: str | None, value: str) -> list[tup
         return []
     out: list[tuple[str, str]] = []
     for rel, pk in (await _primary_keys(conn, table)).items():
-        keys = ", ".join(f"{_ident(c)}::text" for c in pk)
+        keys = ", ".join(f"{quote_ident(c)}::text" for c in pk)
         async for r in conn.cursor(
             f"SELECT {keys}, t::text AS row_text FROM {_rel_sql(rel)} t "
             "WHERE strpos(lower(t::text), lower($1)) > 0",
@@ -1149,21 +1150,7 @@ async def resolve_keys(
 
 async def _resolve(conn: Any, result: RecordsSeen, hasher: RecordHasher) -> RecordsSeen:
     schema, name = result.table.split(".", 1)
-    cols = await conn.fetch(
-        """
-        SELECT a.attname FROM pg_index i
-        JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-        JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON true
-        JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
-        WHERE i.indisprimary AND n.nspname = $1 AND c.relname = $2
-        ORDER BY k.ord
-        """,
-        schema,
-        name,
-    )
-    if not cols:
-        raise QueryError(f"{result.table} has no primary key in the monitored database")
-    pk_names = [str(c["attname"]) for c in cols]
+    pk_names = (await _primary_keys(conn, result.table))[result.table]
     # Values received without a key are looked for in every column of the table: the
     # ledger knows their label, not their column, and hashing a column costs little.
     others: list[str] = []

@@ -24,6 +24,7 @@ import structlog
 
 from audit.ledger import pk_bytes
 from policy.catalog import CatalogRelation, CatalogSnapshot
+from policy.rewrite import quote_ident
 from policy.valueindex import IndexBuilder, ValueIndex
 
 log = structlog.get_logger("pgwarden.values")
@@ -84,13 +85,9 @@ def protected_tables(snapshot: CatalogSnapshot) -> list[Protected]:
     return out
 
 
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def _select(rel: CatalogRelation, labelled: list[str]) -> str:
-    cols = ", ".join(f"{_ident(c)}::text" for c in [*rel.primary_key, *labelled])
-    return f"SELECT {cols} FROM {_ident(rel.schema)}.{_ident(rel.name)}"
+    cols = ", ".join(f"{quote_ident(c)}::text" for c in [*rel.primary_key, *labelled])
+    return f"SELECT {cols} FROM {quote_ident(rel.schema)}.{quote_ident(rel.name)}"
 
 
 def _rows(
