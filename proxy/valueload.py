@@ -90,15 +90,19 @@ def _select(rel: CatalogRelation, labelled: list[str]) -> str:
     return f"SELECT {cols} FROM {quote_ident(rel.schema)}.{quote_ident(rel.name)}"
 
 
-def _rows(
-    records: list[Any], nkey: int
-) -> Iterator[tuple[list[bytes | None], bytes, list[bytes | None]]]:
-    """Each row's key columns, its key as the ledger spells it, and its labelled values."""
+def _rows(records: list[Any], p: Protected) -> Iterator[tuple[str, bytes, list[bytes | None]]]:
+    """(table, key as the ledger spells it, labelled values) for each row: under its own
+    table, and under each owner whose key is part of it."""
     for r in records:
         parts = [None if v is None else v.encode() for v in r.values()]
-        key = pk_bytes(parts[:nkey])
-        if key is not None:
-            yield parts[:nkey], key, parts[nkey:]
+        key = pk_bytes(parts[: p.nkey])
+        if key is None:
+            continue
+        values = parts[p.nkey :]
+        yield p.table, key, values
+        for owner, i in p.owners:
+            if (owner_key := parts[i]) is not None:
+                yield owner, owner_key, values
 
 
 async def build(
@@ -111,12 +115,11 @@ async def build(
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         xmin = int(await conn.fetchval(_XMIN_SQL))
         for p in protected_tables(snapshot):
-            tid = builder.table(p.table)
+            builder.table(p.table)  # in the build's figures even when empty
             async for batch in _batches(conn, p.sql):
                 # Hashing is pure Python: in a thread, a batch at a time, the event loop
                 # keeps serving sessions while a big table is indexed.
-                owners = [(builder.table(t), i) for t, i in p.owners]
-                await asyncio.to_thread(_add_rows, builder, tid, batch, p.nkey, owners)
+                await asyncio.to_thread(_add_rows, builder, batch, p)
                 if builder.pending > max_entries:
                     raise IndexTooLarge(
                         f"the protected tables hold more than {max_entries:,} labelled "
@@ -126,14 +129,9 @@ async def build(
     return index, xmin, time.perf_counter() - t0
 
 
-def _add_rows(
-    builder: IndexBuilder, tid: int, batch: list[Any], nkey: int, owners: list[tuple[int, int]]
-) -> None:
-    for parts, key, values in _rows(batch, nkey):
-        builder.add_row(tid, key, values)
-        for owner, i in owners:
-            if (owner_key := parts[i]) is not None:
-                builder.add_row(owner, owner_key, values)
+def _add_rows(builder: IndexBuilder, batch: list[Any], p: Protected) -> None:
+    for table, key, values in _rows(batch, p):
+        builder.add_row(builder.table(table), key, values)
 
 
 async def _batches(conn: Any, sql: str, *args: Any) -> Any:
@@ -155,12 +153,9 @@ async def refresh(
         for p in protected_tables(snapshot):
             sql = f"{p.sql} WHERE xmin::text::bigint >= $1"
             async for batch in _batches(conn, sql, since):
-                for parts, key, values in _rows(batch, p.nkey):
-                    index.add(p.table, key, values)
-                    for owner, i in p.owners:
-                        if (owner_key := parts[i]) is not None:
-                            index.add(owner, owner_key, values)
-                    rows += 1
+                for table, key, values in _rows(batch, p):
+                    index.add(table, key, values)
+                    rows += table == p.table
     return xmin, rows
 
 
