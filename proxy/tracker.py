@@ -1546,20 +1546,19 @@ class Tracker:
             if records and facts is not None:
                 for i in facts.value_positions:
                     loose |= facts.output[i].labels
+            # Records only value matching found (a packed result): counted, and each row as
+            # well, as when none were found, should a value have escaped it.
+            matched_only = bool(records) and not keyed_by_capture and bool(plan.labels)
             by_row: frozenset[str] = frozenset()
-            if loose or not records:  # made only when used: most results carry their key
+            if loose or not records or matched_only:  # most results carry their key
                 uniq = uuid.uuid4().hex
                 # A row of a self-join (or of two subqueries over the table) carries as
                 # many records as the statement reads the table.
                 per_row = facts.records_per_row if facts is not None else 1
                 by_row = frozenset(f"row:{uniq}:{i}" for i in range(rows * per_row))
             keyed = frozenset(records) if records else by_row
-            if records and not keyed_by_capture and plan.labels:
-                # Records only value matching found (a packed result): counted, and each
-                # row as well, as when none were found, should a value have escaped it.
-                uniq = uuid.uuid4().hex
-                per_row = facts.records_per_row if facts is not None else 1
-                keyed |= frozenset(f"row:{uniq}:{i}" for i in range(rows * per_row))
+            if matched_only:
+                keyed |= by_row
             for label in labels:
                 windows = tuple(
                     r.window for r in plan.window_rules if r.window and r.covers_label(label)
