@@ -801,6 +801,16 @@ class Tracker:
             self.client_pending = b""
         return [cmd.SendToClient(data_out), *out] if data_out else out
 
+    def _answering(self) -> Running | None:
+        """The statement whose output the server is sending, if it is one that reads data
+        (not a Parse, Bind or Describe)."""
+        entry = self.fifo[0] if self.fifo else None
+        if entry is not None and entry.kind == QUERY:
+            return self._current(entry)
+        if entry is not None and entry.kind == EXECUTE:
+            return entry.running
+        return None
+
     def _scan_text(self, body: bytes, skip: int) -> None:
         """An error, notice or notification the client receives: its text fields (after
         ``skip`` bytes) are looked for labelled values.  Each field is a code byte (a
@@ -809,28 +819,16 @@ class Tracker:
         if index is None:
             return
         texts = [f[1:] if skip == 0 else f for f in body[skip:].split(b"\x00") if f]
-        entry = self.fifo[0] if self.fifo else None
-        if entry is not None and entry.kind == QUERY:
-            matched = self._current(entry).matched
-        elif entry is not None and entry.kind == EXECUTE and entry.running is not None:
-            matched = entry.running.matched
-        else:
-            matched = self.loose_matched
-        index.scan_values(texts, matched)
+        running = self._answering()
+        index.scan_values(texts, running.matched if running is not None else self.loose_matched)
 
     def _withholds_text(self) -> bool:
         """Whether the statement the server is answering may not show its error or notice
         text to this client (``Guard.withholds_server_text``)."""
-        entry = self.fifo[0] if self.fifo else None
-        if entry is None:
-            return False
-        if entry.kind == QUERY:
-            decision = self._current(entry).decision
-        elif entry.kind == EXECUTE and entry.running is not None:
-            decision = entry.running.decision
-        else:
+        running = self._answering()
+        if running is None:
             return False  # Parse, Bind, Describe: no data has been read yet
-        return self.guard.withholds_server_text(decision)
+        return self.guard.withholds_server_text(running.decision)
 
     def _labelled(self, running: Running) -> bool:
         d = running.decision
